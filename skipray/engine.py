@@ -1,0 +1,202 @@
+"""The skip-decoding engine: batched, KV-cached generation over token ids.
+
+Contract: the engine knows nothing about tokenization, Ray or HTTP. It takes prompts as lists of
+token ids and returns generated token ids, a finish reason per row (``"stop"`` or ``"length"``) and
+the number of layers computed for each generated token. The prompt runs at full depth (``prefill``);
+each later token runs the schedule's layers for its step (``decode_one_token``). Rows that finish
+are compacted out of the batch, so they stop costing compute. One preallocated KV cache is reused
+across calls and grows only when a call needs more rows or slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from skipray.model import SkipModel, forward, full_plan, step_plan
+from skipray.sampling import sample, validate
+from skipray.schedule import SkipSchedule
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop_fn: Callable[[list[int]], bool] | None = None  # e.g. stop strings, checked at the edges
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        validate(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class Completion:
+    prompt_len: int
+    token_ids: list[int] = field(default_factory=list)
+    layers_per_token: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def avg_layers(self) -> float:
+        return sum(self.layers_per_token) / max(len(self.layers_per_token), 1)
+
+
+@dataclass
+class TokenEvent:
+    row: int
+    token_id: int
+    layers: int
+    finish_reason: str | None  # set on the row's last token
+
+
+class Engine:
+    def __init__(
+        self,
+        model: SkipModel,
+        schedule: SkipSchedule | None = None,
+        max_batch: int = 32,
+        max_len: int = 512,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
+        self.model = model.eval()
+        self.schedule = schedule or SkipSchedule.full(model.num_layers)
+        self.check_schedule(self.schedule)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(max_batch, max_len)
+
+    def check_schedule(self, schedule: SkipSchedule) -> None:
+        if schedule.num_layers != self.model.num_layers:
+            raise ValueError(f"schedule is for {schedule.num_layers} layers, model has {self.model.num_layers}")
+
+    # -- public API --------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        schedule: SkipSchedule | None = None,
+    ) -> list[Completion]:
+        """Generate for a batch of token-id prompts; one ``Completion`` per prompt, in order."""
+        out = [Completion(prompt_len=len(p)) for p in prompts]
+        for ev in self.stream(prompts, params, schedule):
+            c = out[ev.row]
+            c.token_ids.append(ev.token_id)
+            c.layers_per_token.append(ev.layers)
+            c.finish_reason = ev.finish_reason
+        return out
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        schedule: SkipSchedule | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Yield one ``TokenEvent`` per generated token as soon as it is sampled."""
+        schedule = schedule or self.schedule
+        self.check_schedule(schedule)
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        self._validate(prompts, plist)
+        if not prompts:
+            return
+        B, P = len(prompts), max(len(p) for p in prompts)
+        max_new = max(p.max_new_tokens for p in plist)
+        self._ensure_cache(B, P + max_new)
+        gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in plist]
+
+        logits = self.prefill(prompts)
+        row_of = list(range(B))  # cache row i holds request row_of[i]
+        generated: list[list[int]] = [[] for _ in range(B)]
+        positions = torch.tensor([len(p) for p in prompts], device=self.device)
+        layers = self.model.num_layers
+        step = 0
+        while row_of:
+            tokens, keep = [], []
+            for i, r in enumerate(row_of):
+                p = plist[r]
+                tok = sample(logits[i], p.temperature, p.top_k, p.top_p, gens[r])
+                generated[r].append(tok)
+                reason = self._finish_reason(generated[r], p)
+                yield TokenEvent(r, tok, layers, reason)
+                if reason is None:
+                    keep.append(i)
+                    tokens.append(tok)
+            if not keep:
+                return
+            if len(keep) < len(row_of):  # compact: finished rows stop costing compute
+                idx = torch.tensor(keep, device=self.device)
+                self.cache.move_rows(idx, torch.arange(len(keep), device=self.device))
+                positions = positions[idx]
+                row_of = [row_of[i] for i in keep]
+            tok_t = torch.tensor(tokens, device=self.device)[:, None]
+            active = schedule.active_layers(step)
+            logits = self.decode_one_token(tok_t, positions, P + step, active)
+            layers = len(active)
+            positions = positions + 1
+            step += 1
+
+    # -- phases ------------------------------------------------------------------------------------
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Full-depth pass over left-padded prompts into cache rows ``0..B-1``; last-token logits (B, V)."""
+        B, P = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.zeros(B, P, dtype=torch.long)
+        real = torch.zeros(B, P, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            tokens[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            real[b, P - len(p) :] = True
+        tokens, real = tokens.to(self.device), real.to(self.device)
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        self.cache.reset_rows(slice(0, B))
+        logits = forward(
+            self.model, tokens, positions, full_plan(self.model.num_layers), real,
+            cache=self.cache, cache_rows=slice(0, B), start=0, logits_at=slice(P - 1, P),
+        )
+        return logits[:, 0].float()
+
+    def decode_one_token(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, active: Sequence[int]
+    ) -> torch.Tensor:
+        """One step for the live rows (cache rows ``0..n-1``), running only ``active`` layers."""
+        n = tokens.shape[0]
+        logits = forward(
+            self.model, tokens, positions[:, None], step_plan(active, self.model.num_layers), 
+            torch.ones_like(tokens, dtype=torch.bool), cache=self.cache, cache_rows=slice(0, n), start=slot,
+        )
+        return logits[:, 0].float()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _finish_reason(self, generated: list[int], p: SamplingParams) -> str | None:
+        if generated[-1] in p.stop_token_ids or generated[-1] in self.eos_token_ids:
+            return "stop"
+        if p.stop_fn is not None and p.stop_fn(generated):
+            return "stop"
+        if len(generated) >= p.max_new_tokens:
+            return "length"
+        return None
+
+    def _validate(self, prompts: Sequence[Sequence[int]], plist: list[SamplingParams]) -> None:
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if any((not isinstance(t, int)) or t < 0 or t >= self.model.vocab_size for t in p):
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.model.vocab_size})")
+            sp.validate()
+            if len(p) + sp.max_new_tokens > self.model.max_positions:
+                raise ValueError(
+                    f"prompt {i}: {len(p)} prompt tokens + {sp.max_new_tokens} new tokens exceed the "
+                    f"model's context of {self.model.max_positions}"
+                )
+
+    def _ensure_cache(self, rows: int, slots: int) -> None:
+        c = self.cache
+        if rows > c.max_batch or slots > c.max_len:
+            self.cache = self.model.new_cache(max(rows, c.max_batch), max(slots, c.max_len))

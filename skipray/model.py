@@ -1,0 +1,225 @@
+"""One forward pass over a chosen set of layers, for prefill, decode steps and training.
+
+Contract: ``forward(model, tokens, positions, plan, ...)`` runs an embedded batch through the decoder
+layers that ``plan`` names, then the final norm and lm_head. ``plan[l]`` is ``None`` (layer ``l``
+skipped: it neither writes nor reads the cache) or ``(rows, cols)``: the layer runs on
+``hidden[rows, :cols]`` (``cols=None``: all columns). Entries it does not run keep their hidden state,
+which is exactly what skipping a residual block means.
+
+* prefill: every layer on every row and column, writing the cache;
+* decode step: one column, the schedule's layers, on the live rows;
+* training: no cache; layer ``l`` runs on the column prefix that the decoder would have run it on
+  (the prompt plus the generation steps whose schedule includes ``l``), so the parallel forward
+  computes what cached decoding computes.
+
+``SkipModel`` adapts a Hugging Face causal LM (Llama family: Llama, SmolLM2, Mistral, Qwen2/3; OPT)
+by calling its own submodules, so LoRA adapters and ``save_pretrained`` keep working on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skipray.cache import KVCache
+
+LayerRun = tuple[slice | torch.Tensor, int | None] | None
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class SkipModel(nn.Module):
+    """A Hugging Face causal LM viewed as embed -> decoder layers -> final norm -> lm_head."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf_model
+        cfg = hf_model.config
+        self.arch = cfg.model_type
+        if self.arch in LLAMA_LIKE:
+            self.body = hf_model.model
+            self.num_heads = cfg.num_attention_heads
+            self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+                self.sliding_window = cfg.sliding_window  # reported, not applied: see README limitations
+        elif self.arch == "opt":
+            self.body = hf_model.model.decoder
+            if not cfg.do_layer_norm_before:
+                raise ValueError("OPT variants with post-layer-norm (opt-350m) are not supported")
+            self.num_heads = self.kv_heads = cfg.num_attention_heads
+            self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        else:
+            raise ValueError(
+                f"unsupported architecture {self.arch!r}; supported: {sorted(LLAMA_LIKE | {'opt'})}"
+            )
+        self.layers = self.body.layers
+        self.num_layers = len(self.layers)
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
+        self.vocab_size = cfg.vocab_size
+
+    # -- architecture adapters -----------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.body.embed_tokens(tokens)
+        if self.arch == "opt":
+            if self.body.project_in is not None:
+                h = self.body.project_in(h)
+            pos = self.body.embed_positions
+            h = h + F.embedding(positions.clamp(min=0) + pos.offset, pos.weight)
+        return h
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.arch == "opt":
+            return None
+        cos, sin = self.body.rotary_emb(x, positions)
+        return cos[:, None], sin[:, None]
+
+    def qkv(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Normed input -> q, k, v as (b, heads, t, head_dim), plus the attention scale to use."""
+        attn = layer.self_attn
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, -1, self.head_dim)
+        k = attn.k_proj(x).view(b, t, -1, self.head_dim)
+        v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.arch == "opt":  # OPT scales q before the product, as Hugging Face does
+            return (q * attn.scaling).transpose(1, 2), k.transpose(1, 2), v, 1.0
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v, attn.scaling
+
+    def attn_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer.self_attn_layer_norm(x) if self.arch == "opt" else layer.input_layernorm(x)
+
+    def attn_out(self, layer: nn.Module, o: torch.Tensor) -> torch.Tensor:
+        attn = layer.self_attn
+        return attn.out_proj(o) if self.arch == "opt" else attn.o_proj(o)
+
+    def mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.arch == "opt":
+            return layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
+        return layer.mlp(layer.post_attention_layernorm(x))
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        if self.arch == "opt":
+            if self.body.final_layer_norm is not None:
+                h = self.body.final_layer_norm(h)
+            if self.body.project_out is not None:
+                h = self.body.project_out(h)
+        else:
+            h = self.body.norm(h)
+        return self.hf.lm_head(h)
+
+    # -- sizes -----------------------------------------------------------------------------------
+    def cost_model(self):
+        from skipray.schedule import CostModel
+
+        layer_params = sum(p.numel() for p in self.layers[0].parameters())
+        head = self.hf.lm_head.weight.numel()
+        return CostModel(layer_params, self.num_heads * self.head_dim, head, self.body.embed_tokens.weight.numel())
+
+    def new_cache(self, max_batch: int, max_len: int) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.num_layers, max_batch, self.kv_heads, max_len, self.head_dim, p.dtype, p.device)
+
+
+def full_plan(num_layers: int, rows: slice | torch.Tensor = slice(None)) -> list[LayerRun]:
+    return [(rows, None)] * num_layers
+
+
+def step_plan(active: Sequence[int], num_layers: int, rows: slice | torch.Tensor = slice(None)) -> list[LayerRun]:
+    on = set(active)
+    return [(rows, None) if l in on else None for l in range(num_layers)]
+
+
+def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun]:
+    """Columns ``[0, prompt_len)`` hold the (left-padded) prompt, column ``prompt_len + i`` the token
+    consumed at generation step ``i``. Layer ``l`` runs on the prompt plus the steps that include it."""
+    horizon = max(total_len - prompt_len, 0)
+    return [
+        (slice(None), prompt_len + schedule.steps_running(l, horizon)) for l in range(schedule.num_layers)
+    ]
+
+
+def _compose(outer: slice | torch.Tensor, inner: slice | torch.Tensor, n: int, dev) -> slice | torch.Tensor:
+    """Cache rows of forward rows ``inner`` when forward row ``i`` is cache row ``outer[i]``."""
+    if isinstance(outer, slice) and isinstance(inner, slice) and outer.step is None and inner.step is None:
+        o0, (i0, i1, _) = outer.start or 0, inner.indices(n)
+        return slice(o0 + i0, o0 + i1)
+    outer_t = torch.arange(n, device=dev) + (outer.start or 0) if isinstance(outer, slice) else outer
+    return outer_t[inner]
+
+
+def forward(
+    model: SkipModel,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    plan: Sequence[LayerRun],
+    real: torch.Tensor,
+    cache: KVCache | None = None,
+    cache_rows: slice | torch.Tensor = slice(None),
+    start: int | torch.Tensor = 0,
+    logits_at: slice | None = None,
+) -> torch.Tensor:
+    """Logits ``(b, t', vocab)`` for ``tokens`` ``(b, t)`` at ``positions`` (RoPE/learned positions).
+
+    ``real`` (b, t) marks real tokens (False: padding). With a cache, batch row ``i`` is cache row
+    ``cache_rows[i]`` and the tokens occupy slots ``start .. start+t-1`` (``start`` an int, or one
+    slot per row when ``t == 1``). ``logits_at`` selects the columns to project (default: all).
+    """
+    if len(plan) != model.num_layers:
+        raise ValueError(f"plan has {len(plan)} entries for {model.num_layers} layers")
+    b, t = tokens.shape
+    h = model.embed(tokens, positions)
+    rope = model.rope(h, positions)
+    dev = tokens.device
+    if cache is not None:
+        cache.mark_valid(cache_rows, start, real)
+        qslots = (start if isinstance(start, int) else start[:, None]) + torch.arange(t, device=dev)
+        qslots = qslots.expand(b, t)
+        end = start + t if isinstance(start, int) else int(start.max()) + 1
+        span = torch.arange(end, device=dev)
+        causal = (span[None, None, :] <= qslots[:, :, None])  # (b, t, end)
+        diag = span[None, None, :] == qslots[:, :, None]
+    for l, run in enumerate(plan):
+        if run is None:
+            continue
+        rows, cols = run
+        cols = t if cols is None else min(cols, t)
+        if cols <= 0:
+            continue
+        layer = model.layers[l]
+        x = h[rows, :cols]
+        q, k, v, scale = model.qkv(layer, model.attn_norm(layer, x))
+        if rope is not None:
+            cos, sin = rope[0][rows, :, :cols], rope[1][rows, :, :cols]
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            if cols != t:
+                raise ValueError("column-limited layers are for training; the cache path takes whole columns")
+            cr = _compose(cache_rows, rows, b, dev)
+            st = start if isinstance(start, int) else start[rows]
+            cache.write(l, cr, st, k, v)
+            k, v, readable = cache.keys(l, cr, end)
+            mask = (readable[:, None, :] & causal[rows]) | diag[rows]
+        else:
+            idx = torch.arange(cols, device=dev)
+            causal_t = idx[None, :, None] >= idx[None, None, :]
+            mask = (real[rows, None, :cols] & causal_t) | torch.eye(cols, dtype=torch.bool, device=dev)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
+        x = x + model.attn_out(layer, o.transpose(1, 2).reshape(x.shape[0], cols, -1))
+        x = x + model.mlp(layer, x)
+        if torch.is_grad_enabled():
+            h = h.clone()  # keep autograd's saved views of the old h intact
+        h[rows, :cols] = x
+    if logits_at is not None:
+        h = h[:, logits_at]
+    return model.final(h)

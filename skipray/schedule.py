@@ -1,0 +1,167 @@
+"""The SkipDecode schedule: which layers run at each generation step.
+
+Pure Python (no torch). Contract:
+
+* The prompt always runs at full depth. Generation step ``i`` is the forward pass that consumes the
+  ``i``-th generated token (``i = 0, 1, ...``) and produces the logits of token ``i + 1``; the first
+  generated token comes from the prompt's full-depth pass.
+* At step ``i`` the model runs ``n(i)`` layers in total: the ``warmup_layers`` lowest layers (always)
+  plus the top ``n(i) - warmup_layers`` layers. The block in between is skipped.
+* ``n(i)`` falls monotonically from ``max_layers`` (step 0) to ``min_layers`` (step ``decay_tokens``
+  and later). Hence ``active_layers(i + 1)`` is a subset of ``active_layers(i)``: every layer a later
+  token computes was computed by all earlier tokens, so the KV cache never needs recomputing.
+* Every row of a batch at the same step shares the same layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+SHAPES = ("linear", "power")
+
+
+@dataclass(frozen=True)
+class SkipSchedule:
+    """A monotone skip schedule over a model with ``num_layers`` decoder layers."""
+
+    num_layers: int
+    max_layers: int
+    min_layers: int
+    decay_tokens: int
+    warmup_layers: int = 1
+    shape: str = "linear"
+    power: float = 2.0  # only for shape="power": n(i) = max - (max-min) * (i/decay)^power
+
+    def __post_init__(self) -> None:
+        L, W = self.num_layers, self.warmup_layers
+        if L < 1:
+            raise ValueError(f"num_layers must be >= 1, got {L}")
+        if not 0 <= W <= L:
+            raise ValueError(f"warmup_layers must be in [0, {L}], got {W}")
+        if not (self.min_layers <= self.max_layers <= L):
+            raise ValueError(
+                f"need min_layers <= max_layers <= num_layers, got min={self.min_layers} "
+                f"max={self.max_layers} num_layers={L}"
+            )
+        if self.min_layers < max(W + 1, 1) and self.min_layers < L:
+            raise ValueError(
+                f"min_layers={self.min_layers} leaves no top layer after {W} warm-up layers; "
+                f"need min_layers >= warmup_layers + 1 = {W + 1}"
+            )
+        if self.decay_tokens < 0:
+            raise ValueError(f"decay_tokens must be >= 0, got {self.decay_tokens}")
+        if self.shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
+        if self.shape == "power" and not self.power > 0:
+            raise ValueError(f"power must be > 0, got {self.power}")
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def full(cls, num_layers: int) -> SkipSchedule:
+        """Full depth at every step (no skipping)."""
+        return cls(num_layers, num_layers, num_layers, 0, warmup_layers=min(1, num_layers))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SkipSchedule:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_full(self) -> bool:
+        return self.min_layers == self.num_layers
+
+    # -- queries ------------------------------------------------------------------------------
+    def num_active(self, step: int) -> int:
+        """n(step): how many layers run at generation step ``step`` (warm-up included)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if self.decay_tokens == 0:
+            return self.min_layers
+        frac = min(step, self.decay_tokens) / self.decay_tokens
+        if self.shape == "power":
+            frac = frac**self.power
+        # floor(x + 0.5) is monotone in x, so n is non-increasing in step.
+        return self.max_layers - math.floor((self.max_layers - self.min_layers) * frac + 0.5)
+
+    def active_layers(self, step: int) -> tuple[int, ...]:
+        """Indices of the layers that run at ``step``, ascending: warm-up block + top block."""
+        n = self.num_active(step)
+        if n >= self.num_layers:
+            return tuple(range(self.num_layers))
+        top = n - self.warmup_layers
+        return tuple(range(self.warmup_layers)) + tuple(range(self.num_layers - top, self.num_layers))
+
+    def steps_running(self, layer: int, horizon: int) -> int:
+        """How many of the steps ``0 .. horizon-1`` run ``layer``; by monotonicity they are the first ones."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if layer < self.warmup_layers:
+            return horizon
+        need = self.warmup_layers + (self.num_layers - layer)  # n(i) >= need  <=>  layer runs
+        count = 0
+        while count < horizon and self.num_active(count) >= need:
+            count += 1
+            if count > self.decay_tokens:  # n is constant from here on
+                return horizon
+        return count
+
+    def layers_per_token(self, new_tokens: int) -> list[int]:
+        """Layers computed to produce each of ``new_tokens`` generated tokens (token 0: full depth)."""
+        if new_tokens <= 0:
+            return []
+        return [self.num_layers] + [self.num_active(i) for i in range(new_tokens - 1)]
+
+    def average_layers(self, new_tokens: int) -> float:
+        """Mean layers per generated token over a generation of ``new_tokens`` tokens."""
+        per = self.layers_per_token(new_tokens)
+        return sum(per) / len(per) if per else float(self.num_layers)
+
+    def describe(self) -> str:
+        if self.is_full:
+            return f"full depth ({self.num_layers} layers)"
+        return (
+            f"{self.shape} {self.max_layers}->{self.min_layers} of {self.num_layers} layers over "
+            f"{self.decay_tokens} tokens, warm-up {self.warmup_layers}"
+        )
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-token FLOP model of a decoder (2 FLOPs per multiply-add).
+
+    ``layer_params``: weights in one decoder layer; ``attn_dim``: query heads x head_dim;
+    ``head_params``: lm_head weights; ``embed_params``: the embedding (a lookup: counted as 0 FLOPs,
+    kept for reporting).
+    """
+
+    layer_params: int
+    attn_dim: int
+    head_params: int
+    embed_params: int = 0
+
+    def layer_flops(self, context: int) -> float:
+        return 2.0 * self.layer_params + 4.0 * self.attn_dim * context
+
+    def token_flops(self, num_layers_run: int, context: int) -> float:
+        return num_layers_run * self.layer_flops(context) + 2.0 * self.head_params
+
+
+def theoretical_speedup(
+    schedule: SkipSchedule, cost: CostModel, prompt_len: int, new_tokens: int
+) -> float:
+    """FLOP ratio full depth / schedule for decoding ``new_tokens`` after a ``prompt_len`` prompt.
+
+    Counts every decode step (steps 0..new_tokens-2; the prompt pass is identical under both and
+    excluded), each layer's matmuls and attention over its context, and the lm_head.
+    """
+    if new_tokens < 2:
+        return 1.0
+    full = skip = 0.0
+    for i in range(new_tokens - 1):
+        ctx = prompt_len + i + 1
+        full += cost.token_flops(schedule.num_layers, ctx)
+        skip += cost.token_flops(schedule.num_active(i), ctx)
+    return full / skip
