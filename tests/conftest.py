@@ -41,3 +41,30 @@ def hf_model(request):
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The real default model (SmolLM2-135M-Instruct, base weights, fp32 CPU), loaded once."""
+    from skipray.loading import load
+
+    return load("smollm2-base", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test session: 2 CPUs, capped object store, loopback only.
+
+    Tests that need a Ray of their own (``ray start --head``, ``ray.cluster_utils.Cluster``) run it in
+    a subprocess, so they do not fight this one.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind every Ray process to 127.0.0.1
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
+            log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+        )
+    yield ray
+    ray.shutdown()
