@@ -1,0 +1,383 @@
+"""Offline batch generation on Ray Data: Parquet in (local or S3), skip-decoded generations out.
+
+Contract:
+
+* ``check_input`` / ``done_ids`` run in the driver before any actor starts. ``check_input`` lists the
+  input (file, directory or glob; local or ``s3://``), reads its schema and its id column only, and
+  raises ``InputError`` with a clear message for an unreadable input or a missing prompt/id column.
+  It also finds ids that occur more than once. ``done_ids`` reads the id column of an existing output
+  (resume); Parquet files there that cannot be read (a write cut short) are deleted and redone.
+* ``build_pipeline`` streams: ``read_parquet`` -> ``repartition(target_num_rows_per_block=W)`` (streaming,
+  no shuffle) -> ``prepare_block`` (a task per block: tokenize, add ``num_prompt_tokens``, mark bad rows,
+  drop ids already done) -> ``Generator`` (a callable class on an autoscaling ``ActorPoolStrategy``; one
+  ``Engine`` per actor, its KV cache reused across calls) -> ``write_parquet``. Each actor call gets one
+  window of ``W = batch_size * bucket_window`` rows, sorts *that window* by prompt length and runs it in
+  length-homogeneous micro-batches of ``batch_size`` (position-aligned: little left padding). There is
+  no global sort, so memory is bounded by the windows in flight, whatever the corpus size.
+* Bad rows (null/empty/non-string prompt, null id, prompt too long for the context, an id that occurs
+  more than once in the input: every occurrence) become output rows with ``error`` set and no text.
+* Exactly once: Ray Data hands a window's rows to the writer only after the actor call returned, and
+  retries a call whose actor died on a restarted actor (``max_restarts``/``max_task_retries``), so a
+  killed actor loses no rows and duplicates none; each write is a new file named by Ray's write id, and
+  a re-run skips every id already in the output.
+* ``summarize`` reads back the files this run wrote and returns the counts for the final summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+OUTPUT_COLUMNS = ("id", "prompt", "generated_text", "num_prompt_tokens", "num_generated_tokens",
+                  "avg_layers", "finish_reason", "error")
+TOKENS = "__skipray_token_ids"
+
+
+class InputError(ValueError):
+    """The input cannot be used at all (unreadable, no such column): the job stops before any actor."""
+
+
+@dataclass
+class JobConfig:
+    model: str = "default"
+    prompt_column: str = "prompt"
+    id_column: str = "id"
+    chat: bool = False
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    schedule: dict | None = None  # SkipSchedule.to_dict(), resolved in the driver
+    max_positions: int = 2048
+    batch_size: int = 32
+    bucket_window: int = 4  # batches per window sorted by length; 1 = arrival order
+    bucket: bool = True
+    actors: tuple[int, int] = (1, 1)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    threads_per_actor: int = 0  # 0: the node's cores / max actors
+    device: str | None = None
+    crash_marker: str | None = None  # tests only: the first actor to see this path missing creates it and dies
+
+    @property
+    def window(self) -> int:
+        return self.batch_size * max(1, self.bucket_window)
+
+
+# -- file systems and paths (driver) -------------------------------------------------------------------
+def filesystem_for(path: str, s3_endpoint: str | None = None) -> tuple[Any, str]:
+    """-> (pyarrow filesystem or None for local, path as that filesystem spells it)."""
+    if not path.startswith("s3://"):
+        return None, os.path.abspath(os.path.expanduser(path))
+    from pyarrow import fs
+
+    kw: dict[str, Any] = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if os.environ.get("AWS_ACCESS_KEY_ID"):  # pass the driver's credentials on to the workers explicitly
+        kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+                  session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    if s3_endpoint:
+        scheme, _, host = s3_endpoint.rpartition("://")
+        kw.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+    return fs.S3FileSystem(**kw), path[len("s3://"):].rstrip("/")
+
+
+def _list(fs, path: str) -> list[str]:
+    from pyarrow import fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    if any(ch in path for ch in "*?["):
+        base = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rpartition("/")[0] or "/"
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                      and not any(part.startswith((".", "_")) for part in i.path[len(path):].split("/")))
+    return []
+
+
+@dataclass
+class InputCheck:
+    files: list[str]
+    ids: pa.ChunkedArray  # the id column (only it is read in the driver)
+    duplicate_ids: pa.Array  # ids that occur more than once
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+
+def check_input(path: str, fs, prompt_column: str, id_column: str) -> InputCheck:
+    """Validate the input in the driver: readable Parquet with the prompt and id columns."""
+    import pyarrow.dataset as pads
+
+    try:
+        files = _list(fs, path)
+    except Exception as e:  # noqa: BLE001 - any listing failure is an unusable input
+        raise InputError(f"cannot list input {path!r}: {e}") from e
+    if not files:
+        raise InputError(f"no Parquet files found at {path!r}")
+    try:
+        ds = pads.dataset(files, format="parquet", filesystem=fs)
+        names = ds.schema.names
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"cannot read input {path!r} as Parquet: {e}") from e
+    for col, flag in ((prompt_column, "--prompt-column"), (id_column, "--id-column")):
+        if col not in names:
+            raise InputError(f"input {path!r} has no column {col!r} (columns: {names}); pass {flag}")
+    try:
+        ids = ds.to_table(columns=[id_column]).column(id_column)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"cannot read input {path!r}: {e}") from e
+    counts = pc.value_counts(ids.drop_null()) if len(ids) else pa.array([], pa.struct([("values", ids.type)]))
+    dups = counts.filter(pc.greater(counts.field("counts"), 1)).field("values") if len(counts) else pa.array([], ids.type)
+    return InputCheck(files, ids, dups)
+
+
+def done_ids(path: str, fs) -> tuple[pa.Array | None, list[str]]:
+    """Ids already written under an output directory (resume); -> (ids or None, files read)."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    files = _list(fs, path)
+    ids, good = [], []
+    for f in files:
+        try:
+            ids.append(pq.read_table(f, columns=["id"], filesystem=fs).column("id").combine_chunks())
+            good.append(f)
+        except Exception as e:  # noqa: BLE001 - a file cut short by a crash: its rows are redone
+            print(f"[skipray] resume: removing unreadable output file {f} ({e})", file=sys.stderr)
+            (fs or pafs.LocalFileSystem()).delete_file(f)
+    if not ids:
+        return None, good
+    return pa.chunked_array(ids).combine_chunks(), good
+
+
+# -- model facts without loading weights (driver) ------------------------------------------------------
+def model_facts(spec: str, schedule_args: argparse.Namespace) -> tuple[Any, Any, int]:
+    """-> (SkipSchedule for the flags, CostModel, max positions); builds the model on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from skipray.loading import read_meta, resolve
+    from skipray.model import SkipModel
+    from skipray.options import schedule_from_args
+    from skipray.schedule import SkipSchedule
+
+    base, adapter = resolve(spec)
+    meta = (read_meta(adapter) if adapter else {}) or read_meta(base)
+    with torch.device("meta"):
+        sm = SkipModel(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)))
+    trained = SkipSchedule.from_dict(meta["schedule"]) if meta.get("schedule") else None
+    return schedule_from_args(schedule_args, sm.num_layers, trained), sm.cost_model(), sm.max_positions
+
+
+# -- tokenize step (a Ray task per block) --------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _tokenizer(spec: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    from skipray.loading import resolve
+
+    return AutoTokenizer.from_pretrained(resolve(spec)[0])
+
+
+def prepare_block(block: pa.Table, cfg: JobConfig, duplicate_ids: pa.Array, done: pa.Array | None) -> pa.Table:
+    """Rename to ``id``/``prompt``, drop ids already done, tokenize, and set ``error`` on bad rows."""
+    from skipray.text import encode_prompt
+
+    rename = {}
+    for c in block.column_names:
+        if c == cfg.prompt_column:
+            rename[c] = "prompt"
+        elif c == cfg.id_column:
+            rename[c] = "id"
+        elif c in OUTPUT_COLUMNS or c == TOKENS:
+            rename[c] = f"input_{c}"  # an input column that clashes with an output column is kept, renamed
+    block = block.rename_columns([rename.get(c, c) for c in block.column_names])
+    if done is not None and len(done):
+        done_here = pc.is_in(block.column("id"), value_set=done.cast(block.column("id").type))
+        block = block.filter(pc.invert(pc.fill_null(done_here, False)))
+    tok = _tokenizer(cfg.model)
+    dup = set(duplicate_ids.to_pylist())
+    ids, prompts = block.column("id").to_pylist(), block.column("prompt").to_pylist()
+    token_ids, lengths, errors = [], [], []
+    for i, p in zip(ids, prompts):
+        ids_i, err = [], None
+        if i is None:
+            err = "id is null"
+        elif i in dup:
+            err = f"duplicate id {i!r}: it occurs more than once in the input"
+        elif p is None:
+            err = "prompt is null"
+        elif not isinstance(p, str):
+            err = f"prompt is not a string (got {type(p).__name__})"
+        elif not p.strip():
+            err = "prompt is empty"
+        else:
+            try:
+                ids_i = encode_prompt(tok, p, chat=cfg.chat)
+            except Exception as e:  # noqa: BLE001 - a row the tokenizer rejects is a bad row
+                err = f"cannot tokenize prompt: {e}"
+            if not err and len(ids_i) + cfg.max_new_tokens > cfg.max_positions:
+                err = (f"prompt too long: {len(ids_i)} tokens + max_new_tokens {cfg.max_new_tokens} exceed the "
+                       f"model's context of {cfg.max_positions}")
+        token_ids.append([] if err else ids_i)
+        lengths.append(len(ids_i) if ids_i else 0)
+        errors.append(err)
+    if not isinstance(block.column("prompt").type, (pa.StringType, pa.LargeStringType)):
+        block = block.set_column(block.column_names.index("prompt"), "prompt",
+                                 pa.array([p if isinstance(p, str) else None for p in prompts], pa.string()))
+    return (block.append_column("num_prompt_tokens", pa.array(lengths, pa.int32()))
+                 .append_column("error", pa.array(errors, pa.string()))
+                 .append_column(TOKENS, pa.array(token_ids, pa.list_(pa.int32()))))
+
+
+def plan_batches(lengths: list[int], batch_size: int, bucket: bool) -> list[list[int]]:
+    """Row indices of each micro-batch: sorted by length within the window when ``bucket``."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__) if bucket else list(range(len(lengths)))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
+    """Fraction of prompt positions in the padded prefill tensors that are padding."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    return 1.0 - sum(lengths[i] for b in batches for i in b) / padded if padded else 0.0
+
+
+# -- the actor ---------------------------------------------------------------------------------------
+class Generator:
+    """One model and one ``Engine`` per actor, built once; ``__call__`` generates for one window."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        import torch
+
+        from skipray.engine import Engine
+        from skipray.loading import load
+        from skipray.schedule import SkipSchedule
+
+        threads = cfg.threads_per_actor or max(1, (os.cpu_count() or 1) // max(1, cfg.actors[1]))
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.m = load(cfg.model, device=cfg.device)
+        schedule = SkipSchedule.from_dict(cfg.schedule) if cfg.schedule else None
+        self.engine = Engine(self.m.model, schedule, max_batch=cfg.batch_size, max_len=256 + cfg.max_new_tokens,
+                             eos_token_ids=self.m.eos_token_ids)
+        self.calls = 0
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        from skipray.engine import SamplingParams
+        from skipray.text import decode, stop_checker
+
+        cfg, self.calls = self.cfg, self.calls + 1
+        n = block.num_rows
+        text: list[str | None] = [None] * n
+        gen = [0] * n
+        avg: list[float | None] = [None] * n
+        reason: list[str | None] = [None] * n
+        errors = block.column("error").to_pylist()
+        toks = block.column(TOKENS).to_pylist()
+        ok = [i for i in range(n) if errors[i] is None]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                top_k=cfg.top_k, seed=cfg.seed, stop_fn=stop_checker(self.m.tokenizer, cfg.stop))
+        for k, mb in enumerate(plan_batches([len(toks[i]) for i in ok], cfg.batch_size, cfg.bucket)):
+            if cfg.crash_marker and self.calls == 2 and k == 1 and not os.path.exists(cfg.crash_marker):
+                open(cfg.crash_marker, "w").close()
+                os._exit(1)  # fault injection for tests: the actor process dies mid-call
+            rows = [ok[j] for j in mb]
+            for r, c in zip(rows, self.engine.generate([toks[r] for r in rows], params)):
+                text[r] = decode(self.m.tokenizer, c.token_ids, cfg.stop)
+                gen[r], avg[r], reason[r] = len(c.token_ids), round(c.avg_layers, 3), c.finish_reason
+        out = block.drop_columns([TOKENS])
+        for name, values, typ in (("generated_text", text, pa.string()), ("num_generated_tokens", gen, pa.int32()),
+                                  ("avg_layers", avg, pa.float32()), ("finish_reason", reason, pa.string())):
+            out = out.append_column(name, pa.array(values, typ))
+        first = list(OUTPUT_COLUMNS)
+        return out.select(first + [c for c in out.column_names if c not in first])
+
+
+# -- the pipeline --------------------------------------------------------------------------------------
+def build_pipeline(files: list[str], fs, cfg: JobConfig, duplicate_ids: pa.Array, done: pa.Array | None):
+    """The lazy Ray Data dataset of output rows (nothing runs until it is written or consumed)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.read_parquet(files, filesystem=fs)
+    ds = ds.repartition(target_num_rows_per_block=cfg.window)
+    ds = ds.map_batches(prepare_block, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
+                        fn_kwargs={"cfg": cfg, "duplicate_ids": duplicate_ids, "done": done})
+    lo, hi = cfg.actors
+    return ds.map_batches(
+        Generator, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=cfg.window,
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor or None, max_restarts=3, max_task_retries=3, scheduling_strategy="SPREAD",
+    )
+
+
+@dataclass
+class Summary:
+    rows: int = 0
+    errors: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    avg_layers: float = 0.0
+    seconds: float = 0.0
+    skipped: int = 0
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def summarize(output: str, fs, before: list[str], seconds: float, skipped: int) -> Summary:
+    """Counts over the output files this run added (those not in ``before``)."""
+    import pyarrow.parquet as pq
+
+    new = [f for f in _list(fs, output) if f not in set(before)]
+    s = Summary(seconds=seconds, skipped=skipped, files=new)
+    layer_tokens = 0.0
+    for f in new:
+        t = pq.read_table(f, columns=["error", "num_prompt_tokens", "num_generated_tokens", "avg_layers"], filesystem=fs)
+        ok = pc.is_null(t.column("error"))
+        s.rows += t.num_rows
+        s.errors += t.num_rows - pc.sum(ok.cast(pa.int64())).as_py() if t.num_rows else 0
+        g = pc.filter(t.column("num_generated_tokens"), ok).cast(pa.float64())
+        s.generated_tokens += int(pc.sum(g).as_py() or 0)
+        s.prompt_tokens += int(pc.sum(pc.filter(t.column("num_prompt_tokens"), ok)).as_py() or 0)
+        layer_tokens += pc.sum(pc.multiply(g, pc.filter(t.column("avg_layers"), ok).cast(pa.float64()))).as_py() or 0.0
+    s.avg_layers = layer_tokens / s.generated_tokens if s.generated_tokens else 0.0
+    return s
+
+
+def run(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None) -> Summary:
+    """Validate in the driver, then run the pipeline and write; Ray must be initialized by the caller."""
+    in_fs, in_path = filesystem_for(input_path, s3_endpoint)
+    out_fs, out_path = filesystem_for(output, s3_endpoint)
+    check = check_input(in_path, in_fs, cfg.prompt_column, cfg.id_column)
+    done, before = done_ids(out_path, out_fs)
+    pending = check.num_rows
+    if done is not None:
+        done = done.cast(check.ids.type)
+        present = pc.fill_null(pc.is_in(check.ids, value_set=done), False)
+        pending = check.num_rows - int(pc.sum(present.cast(pa.int64())).as_py() or 0)
+    t0 = time.perf_counter()
+    if pending:
+        build_pipeline(check.files, in_fs, cfg, check.duplicate_ids, done).write_parquet(out_path, filesystem=out_fs)
+    return summarize(out_path, out_fs, before, time.perf_counter() - t0, check.num_rows - pending)
+

@@ -1,0 +1,316 @@
+"""`skipray train`: fine-tune a causal LM to generate well under a skip schedule.
+
+Contract: the student's forward is ``skipray.model.forward`` with ``training_plan``: every position
+runs exactly the layers the cached decoder runs for it (tests prove the two equal). Data is Parquet
+with ``prompt_ids``/``response_ids`` (from ``skipray distill-data``), or ``prompt``+``response`` text,
+or ``text``; the loss covers response tokens only (all tokens for ``text``). Loss: ``kl_weight`` x
+KL(teacher || student), the teacher being the frozen full-depth original (LoRA disabled, or a frozen
+copy for full fine-tuning), plus ``ce_weight`` x cross-entropy on the data. LoRA (peft) or full
+fine-tuning; AdamW, linear warm-up + cosine decay, gradient clipping and accumulation, periodic
+checkpoints with ``--resume``. The output directory holds safetensors weights (a LoRA adapter or a
+full model) plus ``skipray.json`` recording the schedule, so ``skipray generate --model DIR`` uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"]
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "smollm2-base"
+    schedule: dict = field(default_factory=dict)
+    lora_r: int = 32
+    lora_alpha: int = 64
+    full_finetune: bool = False
+    lr: float = 4e-4
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 30
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    clip: float = 1.0
+    max_len: int = 256
+    save_every: int = 50
+    seed: int = 0
+    device: str | None = None
+
+
+# -- data -----------------------------------------------------------------------------------------
+def load_examples(path: str, tokenizer, chat: bool = True, max_len: int = 256) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids) pairs; for ``text`` rows the prompt is the first token."""
+    from skipray.io import read_table
+    from skipray.text import encode_prompt
+
+    t = read_table(path)
+    cols = t.column_names
+    if "prompt_ids" in cols and "response_ids" in cols:
+        pairs = zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist())
+    elif "prompt" in cols and "response" in cols:
+        pairs = ((encode_prompt(tokenizer, p, chat=chat), tokenizer(r, add_special_tokens=False)["input_ids"])
+                 for p, r in zip(t.column("prompt").to_pylist(), t.column("response").to_pylist()))
+    elif "text" in cols:
+        pairs = ((ids[:1], ids[1:]) for ids in (tokenizer(x)["input_ids"] for x in t.column("text").to_pylist()))
+    else:
+        raise ValueError(f"{path}: need prompt_ids+response_ids, prompt+response, or text columns; got {cols}")
+    out = [(list(p), list(r)[: max_len - len(p)]) for p, r in pairs if p and r and len(p) < max_len - 1]
+    if not out:
+        raise ValueError(f"{path}: no usable training examples")
+    return out
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Left-pad prompts to a shared length P, right-pad responses; column P+i holds response token i."""
+    P = max(len(p) for p, _ in batch)
+    R = max(len(r) for _, r in batch)
+    B = len(batch)
+    tokens = torch.full((B, P + R), pad_id, dtype=torch.long)
+    real = torch.zeros(B, P + R, dtype=torch.bool)
+    loss_mask = torch.zeros(B, P + R - 1, dtype=torch.bool)  # column c predicts token c+1
+    for b, (p, r) in enumerate(batch):
+        tokens[b, P - len(p) : P] = torch.tensor(p)
+        tokens[b, P : P + len(r)] = torch.tensor(r)
+        real[b, P - len(p) : P + len(r)] = True
+        loss_mask[b, P - 1 : P + len(r) - 1] = True
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    return {"tokens": tokens, "real": real, "positions": positions, "prompt_len": P, "loss_mask": loss_mask}
+
+
+def batches(examples: list, batch_size: int, seed: int):
+    """Endless length-bucketed batches: shuffle, sort windows of 32 batches by length, shuffle batches."""
+    rng = random.Random(seed)
+    while True:
+        idx = list(range(len(examples)))
+        rng.shuffle(idx)
+        window = batch_size * 32
+        chunks = []
+        for s in range(0, len(idx), window):
+            w = sorted(idx[s : s + window], key=lambda i: len(examples[i][0]) + len(examples[i][1]))
+            chunks += [w[j : j + batch_size] for j in range(0, len(w), batch_size)]
+        rng.shuffle(chunks)
+        yield from ([examples[i] for i in c] for c in chunks)
+
+
+# -- loss -----------------------------------------------------------------------------------------
+def skip_loss(model, teacher, batch: dict, schedule, kl_weight: float, ce_weight: float) -> tuple[torch.Tensor, dict]:
+    """Distillation (+ optional CE) loss of the skip student against the full-depth teacher."""
+    from skipray.model import forward, full_plan, training_plan
+
+    tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
+    T = tokens.shape[1]
+    mask = batch["loss_mask"][:, P - 1 :]
+    cols = slice(P - 1, T - 1)
+    plan = training_plan(schedule, P, T)
+    student = forward(model, tokens, positions, plan, real, logits_at=cols).float()
+    logp = F.log_softmax(student, -1)
+    n = mask.sum().clamp(min=1)
+    stats = {}
+    loss = torch.zeros((), device=student.device)
+    if kl_weight > 0:
+        with torch.no_grad(), teacher() as tmodel:
+            t_logits = forward(tmodel, tokens, positions, full_plan(model.num_layers), real, logits_at=cols).float()
+        t_logp = F.log_softmax(t_logits, -1)
+        kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
+        kl = (kl * mask).sum() / n
+        agree = ((student.argmax(-1) == t_logits.argmax(-1)) & mask).sum() / n
+        loss = loss + kl_weight * kl
+        stats.update(kl=float(kl), agree=float(agree))
+    if ce_weight > 0:
+        targets = tokens[:, P:]
+        ce = F.cross_entropy(logp.transpose(1, 2), targets, reduction="none")
+        ce = (ce * mask).sum() / n
+        loss = loss + ce_weight * ce
+        stats["ce"] = float(ce)
+    stats["loss"] = float(loss)
+    return loss, stats
+
+
+# -- model setup ----------------------------------------------------------------------------------
+def prepare(cfg: TrainConfig):
+    """-> (loaded, SkipModel to train, teacher context factory, trainable parameters)."""
+    import contextlib
+    import copy
+
+    from skipray.loading import load
+    from skipray.model import SkipModel
+
+    loaded = load(cfg.model, device=cfg.device, dtype=torch.float32)
+    hf = loaded.model.hf
+    if cfg.full_finetune:
+        frozen = SkipModel(copy.deepcopy(hf).requires_grad_(False))
+        teacher = lambda: contextlib.nullcontext(frozen)  # noqa: E731
+        model = SkipModel(hf)
+        params = list(hf.parameters())
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.split(".")[-1] for n, _ in hf.named_modules()}
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=[t for t in LORA_TARGETS if t in names])
+        peft_model = get_peft_model(hf, lcfg)
+        model = SkipModel(hf)  # peft injected LoRA layers into hf in place
+
+        @contextlib.contextmanager
+        def teacher():
+            with peft_model.disable_adapter():
+                yield model
+
+        model.peft = peft_model
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+    model.train()
+    return loaded, model, teacher, params
+
+
+def save(model, loaded, cfg: TrainConfig, out: Path, schedule, step: int, extra: dict | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"schedule": schedule.to_dict(), "base_model": cfg.model, "trained_steps": step,
+            "train_config": asdict(cfg), "command": " ".join(sys.argv), **(extra or {})}
+    if hasattr(model, "peft"):
+        model.peft.save_pretrained(out, safe_serialization=True)
+        cfg_path = out / "adapter_config.json"
+        ac = json.loads(cfg_path.read_text())
+        ac["base_model_name_or_path"] = cfg.model
+        cfg_path.write_text(json.dumps(ac, indent=2))
+    else:
+        model.hf.save_pretrained(out, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(out)
+    (out / "skipray.json").write_text(json.dumps(meta, indent=2))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, rank: int = 0, world: int = 1,
+          wrap=None) -> Path:
+    """Run training; returns the output directory. ``wrap``: optional DDP wrapper hook (Ray Train)."""
+    from tqdm import tqdm
+
+    from skipray.schedule import SkipSchedule
+
+    torch.manual_seed(cfg.seed)
+    loaded, model, teacher, params = prepare(cfg)
+    schedule = SkipSchedule.from_dict({**cfg.schedule, "num_layers": model.num_layers})
+    examples = load_examples(cfg.data, loaded.tokenizer, max_len=cfg.max_len)
+    examples = examples[rank::world]
+    pad = loaded.tokenizer.pad_token_id or 0
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sync = wrap(params) if wrap else (lambda: None)
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    step = 0
+    if resume and (ckpt / "trainer_state.pt").exists():
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        from safetensors.torch import load_file
+
+        weights = load_file(ckpt / "trainable.safetensors")
+        named = dict(_trainable(model))
+        for k, v in weights.items():
+            named[k].data.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    data = batches(examples, cfg.batch_size, cfg.seed + step)
+    log = (out / "log.jsonl").open("a") if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress or rank != 0)
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        stats_acc: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            batch = collate(next(data), pad)
+            batch = {k: v.to(model.hf.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss, stats = skip_loss(model, teacher, batch, schedule, cfg.kl_weight, cfg.ce_weight)
+            (loss / cfg.grad_accum).backward()
+            for k, v in stats.items():
+                stats_acc[k] = stats_acc.get(k, 0.0) + v / cfg.grad_accum
+        sync()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in stats_acc.items()})
+        if log:
+            log.write(json.dumps({"step": step, "lr": lr_at(step - 1, cfg), "time": time.perf_counter() - t0, **stats_acc}) + "\n")
+            log.flush()
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+            _checkpoint(model, opt, ckpt, step)
+            save(model, loaded, cfg, out, schedule, step)
+    bar.close()
+    return out
+
+
+def _trainable(model):
+    root = model.peft if hasattr(model, "peft") else model.hf
+    return [(n, p) for n, p in root.named_parameters() if p.requires_grad]
+
+
+def _checkpoint(model, opt, ckpt: Path, step: int) -> None:
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().contiguous() for n, p in _trainable(model)}, ckpt / "trainable.safetensors")
+    torch.save({"optimizer": opt.state_dict(), "step": step}, ckpt / "trainer_state.pt.tmp")
+    (ckpt / "trainer_state.pt.tmp").replace(ckpt / "trainer_state.pt")
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    sched = {"max_layers": args.max_layers, "min_layers": args.min_layers, "decay_tokens": args.decay_tokens,
+             "warmup_layers": args.warmup_layers, "shape": args.shape}
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return TrainConfig(schedule=sched, **kw)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.workers > 1:
+        from skipray.train_ray import train_distributed
+
+        train_distributed(cfg, workers=args.workers, resume=args.resume, use_gpu=args.use_gpu)
+    else:
+        train(cfg, resume=args.resume)
+    print(f"[skipray] saved to {cfg.out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="skip-aware fine-tuning (distillation from the full-depth model)")
+    p.add_argument("--data", required=True, help="Parquet: prompt_ids+response_ids, prompt+response, or text")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="smollm2-base")
+    p.add_argument("--max-layers", type=int, required=True)
+    p.add_argument("--min-layers", type=int, required=True)
+    p.add_argument("--decay-tokens", type=int, default=64)
+    p.add_argument("--warmup-layers", type=int, default=1)
+    p.add_argument("--shape", choices=["linear", "power"], default="linear")
+    p.add_argument("--full-finetune", action="store_true", help="train all weights instead of a LoRA adapter")
+    for name, typ in (("lora-r", int), ("lora-alpha", int), ("lr", float), ("steps", int), ("batch-size", int),
+                      ("grad-accum", int), ("warmup-steps", int), ("kl-weight", float), ("ce-weight", float),
+                      ("clip", float), ("max-len", int), ("save-every", int), ("seed", int)):
+        p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel workers on Ray Train")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (nccl)")
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,179 @@
+"""Engine on tiny random models: parity with Hugging Face, skip decode == training forward,
+padding invariance, cache discipline, sampling determinism, stop handling and bad arguments."""
+
+import pytest
+import torch
+
+from skipray.engine import Engine, SamplingParams
+from skipray.model import SkipModel, forward, training_plan
+from skipray.schedule import SkipSchedule
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
+
+
+def hf_greedy(hf, prompts, n):
+    B, P = len(prompts), max(map(len, prompts))
+    ids = torch.zeros(B, P, dtype=torch.long)
+    am = torch.zeros(B, P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p) :] = torch.tensor(p)
+        am[b, P - len(p) :] = 1
+    out = hf.generate(ids, attention_mask=am, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return [row[P:].tolist() for row in out]
+
+
+def schedule_for(model):
+    L = model.num_layers
+    return SkipSchedule(L, L - 1, 2, decay_tokens=6, warmup_layers=1)
+
+
+def test_full_depth_matches_hf_generate(hf_model):
+    model = SkipModel(hf_model)
+    engine = Engine(model, max_batch=4, max_len=64)
+    batched = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10))
+    assert [c.token_ids for c in batched] == hf_greedy(hf_model, PROMPTS, 10)
+    for p, c in zip(PROMPTS, batched):  # and one by one
+        assert engine.generate([p], SamplingParams(max_new_tokens=10))[0].token_ids == hf_greedy(hf_model, [p], 10)[0]
+        assert c.finish_reason == "length" and c.layers_per_token == [model.num_layers] * 10
+
+
+def decode_logits(engine, prompts, schedule, n):
+    """Greedy decode through the engine's phases, returning generated ids and per-step logits."""
+    logits = engine.prefill(prompts)
+    P = max(map(len, prompts))
+    positions = torch.tensor([len(p) for p in prompts])
+    steps, toks = [logits], []
+    for i in range(n):
+        tok = logits.argmax(-1)
+        toks.append(tok)
+        logits = engine.decode_one_token(tok[:, None], positions + i, P + i, schedule.active_layers(i))
+        steps.append(logits)
+    return torch.stack(toks, 1), torch.stack(steps, 1)
+
+
+def test_cached_skip_decode_equals_training_forward(hf_model):
+    model = SkipModel(hf_model)
+    sched = schedule_for(model)
+    engine = Engine(model, sched, max_batch=4, max_len=64)
+    n = 12
+    gen, step_logits = decode_logits(engine, PROMPTS, sched, n)
+    P = max(map(len, PROMPTS))
+    tokens = torch.zeros(len(PROMPTS), P + n, dtype=torch.long)
+    real = torch.zeros_like(tokens, dtype=torch.bool)
+    for b, p in enumerate(PROMPTS):
+        tokens[b, P - len(p) : P] = torch.tensor(p)
+        real[b, P - len(p) :] = True
+    tokens[:, P:] = gen
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        par = forward(model, tokens, positions, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n))
+    torch.testing.assert_close(par, step_logits, atol=1e-4, rtol=1e-4)
+    # and the same with gradients on (the training path clones hidden states)
+    par_grad = forward(model, tokens, positions, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n))
+    torch.testing.assert_close(par_grad.detach(), step_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_equals_unbatched_under_skipping(hf_model):
+    model = SkipModel(hf_model)
+    sched = schedule_for(model)
+    engine = Engine(model, sched, max_batch=4, max_len=64)
+    batched = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    for p, c in zip(PROMPTS, batched):
+        alone = engine.generate([p], SamplingParams(max_new_tokens=12))[0]
+        assert alone.token_ids == c.token_ids
+        assert c.layers_per_token == sched.layers_per_token(12)
+
+
+def test_skipped_layers_leave_cache_untouched(llama):
+    model = SkipModel(llama)
+    sched = SkipSchedule(model.num_layers, 4, 2, decay_tokens=3, warmup_layers=1)
+    engine = Engine(model, sched, max_batch=2, max_len=32)
+    prompts = [[4, 5, 6], [7, 8]]
+    logits = engine.prefill(prompts)
+    cache = engine.cache
+    assert cache.filled[:, :2].eq(3).all()
+    positions = torch.tensor([3, 2])
+    for i in range(5):
+        before_k, before_v, before_f = cache.k.clone(), cache.v.clone(), cache.filled.clone()
+        active = sched.active_layers(i)
+        logits = engine.decode_one_token(logits.argmax(-1)[:, None], positions + i, 3 + i, active)
+        for l in range(model.num_layers):
+            if l in active:
+                assert cache.filled[l, :2].eq(3 + i + 1).all()
+                assert not torch.equal(cache.k[l, :2, :, 3 + i], before_k[l, :2, :, 3 + i])
+            else:
+                assert torch.equal(cache.k[l], before_k[l]) and torch.equal(cache.v[l], before_v[l])
+                assert torch.equal(cache.filled[l], before_f[l])
+    # a layer holds exactly the slots its row computed: warm-up all, top layer all, skipped block the prompt
+    assert cache.filled[0, 0] == 8 and cache.filled[model.num_layers - 1, 0] == 8
+    assert cache.filled[1, 0] == 3
+
+
+def test_seeded_sampling_is_reproducible(llama):
+    engine = Engine(SkipModel(llama), max_batch=2, max_len=64)
+    p = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    a = engine.generate([[5, 6, 7]], p)[0].token_ids
+    b = engine.generate([[5, 6, 7]], p)[0].token_ids
+    c = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=16, temperature=1.0, seed=8))[0].token_ids
+    assert a == b and a != c
+    # a row's sample does not depend on its batch neighbours
+    both = engine.generate([[5, 6, 7], [9, 9]], [p, SamplingParams(max_new_tokens=4, temperature=1.0, seed=1)])
+    assert both[0].token_ids == a
+
+
+def test_stop_tokens_and_compaction(llama):
+    model = SkipModel(llama)
+    sched = schedule_for(model)
+    engine = Engine(model, sched, max_batch=4, max_len=64)
+    free = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    stop_tok = free[1].token_ids[3]  # row 1 stops at its 4th token; the others run on
+    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, stop_token_ids=(stop_tok,)))
+    for f, o in zip(free, outs):
+        k = f.token_ids.index(stop_tok) + 1 if stop_tok in f.token_ids else len(f.token_ids)
+        assert o.token_ids == f.token_ids[:k]
+        assert o.finish_reason == ("stop" if stop_tok in f.token_ids else "length")
+    stopper = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=12, stop_fn=lambda ids: len(ids) == 5))
+    assert len(stopper[0].token_ids) == 5 and stopper[0].finish_reason == "stop"
+
+
+def test_stream_yields_tokens_in_order(llama):
+    engine = Engine(SkipModel(llama), max_batch=2, max_len=64)
+    events = list(engine.stream([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=5)))
+    assert len(events) == 10
+    per_row = {0: [e.token_id for e in events if e.row == 0], 1: [e.token_id for e in events if e.row == 1]}
+    ref = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=5))
+    assert per_row[0] == ref[0].token_ids and per_row[1] == ref[1].token_ids
+    assert [e.finish_reason for e in events if e.row == 0][-1] == "length"
+
+
+@pytest.mark.parametrize(
+    "prompts, params, match",
+    [
+        ([[]], SamplingParams(), "empty"),
+        ([[1, 2, 10_000]], SamplingParams(), "token ids outside"),
+        ([[1, 2]], SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        ([[1, 2]], SamplingParams(temperature=-1), "temperature"),
+        ([[1, 2]], SamplingParams(top_p=0), "top_p"),
+        ([[1, 2]], SamplingParams(top_k=-3), "top_k"),
+        ([[1] * 250], SamplingParams(max_new_tokens=10), "context"),
+    ],
+)
+def test_bad_arguments(llama, prompts, params, match):
+    engine = Engine(SkipModel(llama), max_batch=2, max_len=16)
+    with pytest.raises(ValueError, match=match):
+        engine.generate(prompts, params)
+
+
+def test_schedule_must_fit_model(llama):
+    with pytest.raises(ValueError, match="layers"):
+        Engine(SkipModel(llama), SkipSchedule(30, 20, 8, 10))
+
+
+def test_cache_grows_and_reports_memory(llama):
+    model = SkipModel(llama)
+    engine = Engine(model, max_batch=1, max_len=8)
+    small = engine.cache.nbytes
+    engine.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(max_new_tokens=10))
+    assert engine.cache.max_batch == 2 and engine.cache.max_len >= 13 and engine.cache.nbytes > small
+    L, H, D = model.num_layers, model.kv_heads, model.head_dim
+    assert engine.cache.nbytes >= 2 * L * 2 * H * 13 * D * 4

@@ -1,0 +1,78 @@
+"""The skip schedule: monotone, bounded, warm-up kept, nested active sets, clear errors."""
+
+import pytest
+
+from skipray.schedule import CostModel, SkipSchedule, theoretical_speedup
+
+SCHEDULES = [
+    SkipSchedule(30, 22, 8, 64),
+    SkipSchedule(30, 16, 6, 64, warmup_layers=4),
+    SkipSchedule(30, 20, 5, 40, warmup_layers=2, shape="power", power=0.5),
+    SkipSchedule(12, 12, 3, 7),
+    SkipSchedule.full(30),
+]
+
+
+@pytest.mark.parametrize("s", SCHEDULES, ids=lambda s: s.describe())
+def test_monotone_nested_bounded(s):
+    prev = None
+    for step in range(s.decay_tokens + 20):
+        n = s.num_active(step)
+        act = s.active_layers(step)
+        assert s.min_layers <= n <= s.max_layers
+        assert len(act) == n and list(act) == sorted(set(act))
+        assert set(range(s.warmup_layers)) <= set(act)  # warm-up always runs
+        assert act[-1] == s.num_layers - 1  # the top layer always runs
+        if prev is not None:
+            assert set(act) <= set(prev)  # later steps only skip more
+        prev = act
+    assert s.num_active(0) == s.max_layers
+    assert s.num_active(s.decay_tokens + 5) == s.min_layers
+
+
+def test_skipped_block_is_contiguous_above_warmup():
+    s = SkipSchedule(30, 16, 6, 64, warmup_layers=4)
+    act = s.active_layers(10)
+    top = [l for l in act if l >= 4]
+    assert top == list(range(30 - len(top), 30))
+
+
+def test_steps_running_matches_active_layers():
+    s = SkipSchedule(30, 20, 6, 50, warmup_layers=2)
+    for layer in range(30):
+        count = s.steps_running(layer, 80)
+        runs = [layer in s.active_layers(i) for i in range(80)]
+        assert runs == [True] * count + [False] * (80 - count)
+
+
+def test_average_layers_and_speedup():
+    s = SkipSchedule(30, 22, 8, 64)
+    per = s.layers_per_token(64)
+    assert per[0] == 30 and len(per) == 64
+    assert s.average_layers(64) == pytest.approx(sum(per) / 64)
+    cost = CostModel(layer_params=3_538_944, attn_dim=576, head_params=28_311_552)
+    sp = theoretical_speedup(s, cost, prompt_len=32, new_tokens=64)
+    layer_ratio = 30 / (sum(per[1:]) / 63)
+    assert 1.0 < sp < layer_ratio  # the lm_head does not shrink, so FLOPs gain less than layers
+    assert theoretical_speedup(SkipSchedule.full(30), cost, 32, 64) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_layers=30, max_layers=31, min_layers=8, decay_tokens=64), "max_layers"),
+        (dict(num_layers=30, max_layers=8, min_layers=10, decay_tokens=64), "min_layers <= max_layers"),
+        (dict(num_layers=30, max_layers=20, min_layers=4, decay_tokens=64, warmup_layers=4), "no top layer"),
+        (dict(num_layers=30, max_layers=20, min_layers=8, decay_tokens=-1), "decay_tokens"),
+        (dict(num_layers=30, max_layers=20, min_layers=8, decay_tokens=5, shape="cubic"), "shape"),
+        (dict(num_layers=0, max_layers=0, min_layers=0, decay_tokens=5), "num_layers"),
+    ],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SkipSchedule(**kwargs)
+
+
+def test_roundtrip_dict():
+    s = SkipSchedule(30, 16, 6, 64, warmup_layers=4, shape="power", power=1.5)
+    assert SkipSchedule.from_dict(s.to_dict()) == s
