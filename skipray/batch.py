@@ -17,7 +17,8 @@ Contract:
 * Bad rows (null/empty/non-string prompt, null id, prompt too long for the context, an id that occurs
   more than once in the input: every occurrence) become output rows with ``error`` set and no text.
 * Exactly once: Ray Data hands a window's rows to the writer only after the actor call returned, and
-  retries a call whose actor died on a restarted actor (``max_restarts``/``max_task_retries``), so a
+  retries a call whose actor died on a restarted actor (the pool's defaults: ``max_restarts=-1``,
+  ``max_task_retries=-1``; an actor that dies in ``__init__`` is replaced by the autoscaler), so a
   killed actor loses no rows and duplicates none; each write is a new file named by Ray's write id, and
   a re-run skips every id already in the output.
 * ``summarize`` reads back the files this run wrote and returns the counts for the final summary line.
@@ -240,7 +241,8 @@ def prepare_block(block: pa.Table, cfg: JobConfig, duplicate_ids: pa.Array, done
         token_ids.append([] if err else ids_i)
         lengths.append(len(ids_i) if ids_i else 0)
         errors.append(err)
-    if not isinstance(block.column("prompt").type, (pa.StringType, pa.LargeStringType)):
+    ptype = block.column("prompt").type
+    if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype)):
         block = block.set_column(block.column_names.index("prompt"), "prompt",
                                  pa.array([p if isinstance(p, str) else None for p in prompts], pa.string()))
     return (block.append_column("num_prompt_tokens", pa.array(lengths, pa.int32()))
@@ -325,8 +327,8 @@ def build_pipeline(files: list[str], fs, cfg: JobConfig, duplicate_ids: pa.Array
     return ds.map_batches(
         Generator, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=cfg.window,
         compute=ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor or None, max_restarts=3, max_task_retries=3, scheduling_strategy="SPREAD",
-    )
+        num_gpus=cfg.gpus_per_actor or None,
+    )  # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: dead actors are replaced
 
 
 @dataclass
@@ -365,8 +367,22 @@ def summarize(output: str, fs, before: list[str], seconds: float, skipped: int) 
     return s
 
 
-def run(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None) -> Summary:
-    """Validate in the driver, then run the pipeline and write; Ray must be initialized by the caller."""
+@dataclass
+class Plan:
+    """What the driver found before any Ray work: the input, the output, what is left to do."""
+
+    cfg: JobConfig
+    in_fs: Any
+    out_fs: Any
+    out_path: str
+    check: InputCheck
+    done: pa.Array | None
+    before: list[str]  # output files present before this run
+    pending: int
+
+
+def plan(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None) -> Plan:
+    """Driver-side checks (no Ray needed): raises ``InputError`` for an unusable input."""
     in_fs, in_path = filesystem_for(input_path, s3_endpoint)
     out_fs, out_path = filesystem_for(output, s3_endpoint)
     check = check_input(in_path, in_fs, cfg.prompt_column, cfg.id_column)
@@ -376,8 +392,18 @@ def run(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = 
         done = done.cast(check.ids.type)
         present = pc.fill_null(pc.is_in(check.ids, value_set=done), False)
         pending = check.num_rows - int(pc.sum(present.cast(pa.int64())).as_py() or 0)
-    t0 = time.perf_counter()
-    if pending:
-        build_pipeline(check.files, in_fs, cfg, check.duplicate_ids, done).write_parquet(out_path, filesystem=out_fs)
-    return summarize(out_path, out_fs, before, time.perf_counter() - t0, check.num_rows - pending)
+    return Plan(cfg, in_fs, out_fs, out_path, check, done, before, pending)
 
+
+def execute(p: Plan) -> Summary:
+    """Run the pipeline and write; Ray must be initialized by the caller."""
+    t0 = time.perf_counter()
+    if p.pending:
+        ds = build_pipeline(p.check.files, p.in_fs, p.cfg, p.check.duplicate_ids, p.done)
+        ds.write_parquet(p.out_path, filesystem=p.out_fs)
+    return summarize(p.out_path, p.out_fs, p.before, time.perf_counter() - t0, p.check.num_rows - p.pending)
+
+
+def run(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None) -> Summary:
+    """``plan`` then ``execute``."""
+    return execute(plan(input_path, output, cfg, s3_endpoint))

@@ -17,13 +17,17 @@ Recorded series (names as defined here):
 ``skipray_requests``           Counter    requests (a Serve request, or one row of a batch job)
 ``skipray_prompt_tokens``      Counter    prompt tokens of finished requests
 ``skipray_generated_tokens``   Counter    generated tokens of finished requests
-``skipray_layers_computed``    Counter    decoder-layer evaluations run (one per layer per row per step)
-``skipray_layers_skipped``     Counter    decoder-layer evaluations skipped by the schedule
+``skipray_layers_computed``    Counter    decoder layers run for generated tokens (per layer, per token)
+``skipray_layers_skipped``     Counter    decoder layers the schedule skipped for generated tokens
 ``skipray_decode_steps``       Counter    engine steps (one token for every live row)
 ``skipray_request_latency_s``  Histogram  request latency, seconds
 ``skipray_ttft_s``             Histogram  time to first token, seconds (streaming)
 ``skipray_batch_occupancy``    Gauge      live rows / batch capacity of the last step
 =============================  =========  ==================================================
+
+Layer counters cover generated tokens only (the first token comes from the full-depth prefill and
+counts ``num_layers``); prompt tokens are counted, not their layers. The skip ratio is
+``skipped / (computed + skipped)``.
 """
 
 from __future__ import annotations
@@ -100,11 +104,18 @@ class EngineMetrics:
         if m is None or batch_rows <= 0:
             return
         t = self._tags
-        m["skipray_decode_steps"].inc(1, tags=t)
         m["skipray_layers_computed"].inc(batch_rows * layers_run, tags=t)
         if num_layers > layers_run:
             m["skipray_layers_skipped"].inc(batch_rows * (num_layers - layers_run), tags=t)
-        m["skipray_batch_occupancy"].set(batch_rows / max(max_rows, 1), tags=t)
+        self.record_occupancy(batch_rows, max_rows)
+
+    def record_occupancy(self, batch_rows: int, max_rows: int) -> None:
+        """One engine step over ``batch_rows`` of ``max_rows`` cache rows (no layer counts)."""
+        m = self._m()
+        if m is None or batch_rows <= 0:
+            return
+        m["skipray_decode_steps"].inc(1, tags=self._tags)
+        m["skipray_batch_occupancy"].set(batch_rows / max(max_rows, 1), tags=self._tags)
 
     def record_layers(self, layers_per_token: Iterable[int], num_layers: int) -> None:
         """Layers computed/skipped for generated tokens (e.g. ``Completion.layers_per_token``)."""

@@ -215,6 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, rank: i
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sync = wrap(params) if wrap else (lambda: None)
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     step = 0
     if resume and (ckpt / "trainer_state.pt").exists():

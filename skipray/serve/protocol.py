@@ -35,7 +35,7 @@ class _Common(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: StrictInt | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
     stream: StrictBool = False
     n: StrictInt = Field(1, ge=1, le=1)
     skip: SkipOptions | None = None

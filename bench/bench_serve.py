@@ -1,0 +1,175 @@
+"""Serve throughput benchmark: continuous batching on Ray Serve vs the direct engine and vs @serve.batch.
+
+Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max-tokens 64]`` measures
+
+* ``direct``: the static-batch ``Engine.generate`` over 16 prompts in this process (no Ray, no HTTP);
+* ``continuous``: the skipray Serve app (``skipray.serve.app``) at 1, 4 and 16 concurrent clients;
+* ``static``: a Serve deployment that groups requests with ``@serve.batch`` (max 16) and runs each
+  group through ``Engine.generate`` to completion (a new request waits for the running batch);
+
+prints a table of generated tokens/s and p50 latency, and writes ``bench/results/serve.json``. Clients
+are HTTP (``requests``), non-streaming, on loopback; Ray runs locally with 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+PROMPTS = [f"Write a short story about a {w} who learns to fly." for w in
+           ("cat", "dog", "robot", "fish", "tree", "teacher", "river", "child",
+            "lamp", "cloud", "horse", "baker", "clock", "stone", "king", "bird")]
+
+
+def direct(model_spec: str, max_tokens: int, threads: int) -> dict:
+    import torch
+
+    from skipray.engine import Engine, SamplingParams
+    from skipray.loading import load
+    from skipray.text import encode_prompt
+
+    torch.set_num_threads(threads)
+    m = load(model_spec, device="cpu")
+    ids = [encode_prompt(m.tokenizer, p, chat=False) for p in PROMPTS]
+    eng = Engine(m.model, m.schedule, max_batch=16, max_len=256, eos_token_ids=m.eos_token_ids)
+    eng.generate(ids[:2], SamplingParams(max_new_tokens=4))  # warm-up
+    t0 = time.perf_counter()
+    outs = eng.generate(ids, SamplingParams(max_new_tokens=max_tokens))
+    dt = time.perf_counter() - t0
+    n = sum(len(o.token_ids) for o in outs)
+    return {"mode": "direct", "clients": 16, "tokens": n, "seconds": dt, "tok_s": n / dt, "p50_s": dt}
+
+
+def static_app(model_spec: str, max_tokens_cap: int):
+    from ray import serve
+    from starlette.requests import Request
+
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+    class StaticServer:
+        def __init__(self) -> None:
+            import torch
+
+            from skipray.engine import Engine
+            from skipray.loading import load
+
+            torch.set_num_threads(2)
+            self.m = load(model_spec, device="cpu")
+            self.engine = Engine(self.m.model, self.m.schedule, max_batch=16, max_len=256,
+                                 eos_token_ids=self.m.eos_token_ids)
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+        async def run(self, items: list[tuple[list[int], int]]) -> list[dict]:
+            from skipray.engine import SamplingParams
+
+            outs = self.engine.generate([i for i, _ in items], [SamplingParams(max_new_tokens=n) for _, n in items])
+            return [{"usage": {"completion_tokens": len(o.token_ids), "avg_layers": o.avg_layers}} for o in outs]
+
+        async def __call__(self, request: Request) -> dict:
+            from skipray.text import encode_prompt
+
+            body = await request.json()
+            ids = encode_prompt(self.m.tokenizer, body["prompt"])
+            return await self.run((ids, min(int(body["max_tokens"]), max_tokens_cap)))
+
+    return StaticServer.bind()
+
+
+def load_run(url: str, clients: int, duration: float, max_tokens: int, model: str) -> dict:
+    import requests
+
+    lat, toks, errors = [], [], []
+    lock = threading.Lock()
+    stop_at = time.time() + duration
+
+    def worker(k: int) -> None:
+        with requests.Session() as s:
+            i = 0
+            while time.time() < stop_at:
+                body = {"model": model, "prompt": PROMPTS[(k + i) % 16], "max_tokens": max_tokens, "temperature": 0}
+                t0 = time.perf_counter()
+                r = s.post(url, json=body, timeout=600)
+                with lock:
+                    if r.status_code != 200:
+                        errors.append(r.status_code)
+                    else:
+                        lat.append(time.perf_counter() - t0)
+                        toks.append(r.json()["usage"]["completion_tokens"])
+                i += 1
+
+    t0 = time.time()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.time() - t0
+    return {"clients": clients, "requests": len(lat), "errors": len(errors), "tokens": sum(toks),
+            "seconds": wall, "tok_s": sum(toks) / wall, "p50_s": statistics.median(lat) if lat else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of load per level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    args = ap.parse_args()
+    levels = [int(x) for x in args.clients.split(",")]
+
+    rows = [direct(args.model, args.max_tokens, threads=2)]
+    print(f"direct engine, batch 16: {rows[0]['tok_s']:.1f} tok/s", flush=True)
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    from skipray.serve.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        base = f"http://127.0.0.1:{port}"
+        app_args = {"model": args.model, "model_name": "m", "max_batch": 16, "max_len": 256, "max_waiting": 64,
+                    "torch_threads": 2}
+        serve.run(build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
+                  name="continuous", route_prefix="/c")
+        for n in levels:
+            r = load_run(f"{base}/c/v1/completions", n, args.duration, args.max_tokens, "m")
+            rows.append(dict(r, mode="continuous"))
+            print(f"continuous, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s", flush=True)
+        serve.delete("continuous")
+        serve.run(static_app(args.model, 256), name="static", route_prefix="/s")
+        for n in levels:
+            r = load_run(f"{base}/s", n, args.duration, args.max_tokens, "m")
+            rows.append(dict(r, mode="static"))
+            print(f"static,     {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    d = rows[0]["tok_s"]
+    print(f"\n{'mode':<11}{'clients':>8}{'tok/s':>9}{'vs direct':>11}{'p50 s':>8}{'errors':>8}")
+    for r in rows:
+        print(f"{r['mode']:<11}{r['clients']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / d:>10.2f}x"
+              f"{(r['p50_s'] or 0):>8.2f}{r.get('errors', 0):>8}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "max_tokens": args.max_tokens, "duration_s": args.duration,
+                               "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

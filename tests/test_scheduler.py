@@ -1,0 +1,145 @@
+"""ContinuousEngine: staggered requests equal the same request run alone (greedy), per-row skip depth."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import tiny_llama, tiny_opt
+from skipray.engine import Engine, SamplingParams
+from skipray.model import SkipModel
+from skipray.scheduler import ContinuousEngine, QueueFull
+from skipray.schedule import SkipSchedule
+
+
+def run_staggered(engine: ContinuousEngine, jobs: list[tuple[int, list[int], SamplingParams, SkipSchedule | None]]):
+    """Submit job k at iteration ``jobs[k][0]``; run to completion. -> {rid: (tokens, layers, reason)}."""
+    out: dict[str, tuple[list[int], list[int], str | None]] = {}
+    order = []
+    pending = sorted(enumerate(jobs), key=lambda x: x[1][0])
+    it = 0
+    while pending or engine.has_work():
+        while pending and pending[0][1][0] <= it:
+            k, (_, prompt, params, sched) = pending.pop(0)
+            rid = engine.add_request(prompt, params, sched, request_id=f"r{k}")
+            out[rid] = ([], [], None)
+            order.append(rid)
+        for ev in engine.step():
+            toks, layers, _ = out[ev.request_id]
+            toks.append(ev.token_id)
+            layers.append(ev.layers)
+            out[ev.request_id] = (toks, layers, ev.finish_reason)
+        it += 1
+        assert it < 10_000
+    return out
+
+
+def alone(model: SkipModel, prompt, params, schedule, eos=()):
+    c = Engine(model, schedule, max_batch=1, max_len=256, eos_token_ids=eos).generate([prompt], params)[0]
+    return c.token_ids, c.layers_per_token, c.finish_reason
+
+
+def make_jobs(vocab: int, n: int, seed: int = 0, max_new=(4, 20)):
+    rng = random.Random(seed)
+    jobs = []
+    for k in range(n):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 12))]
+        jobs.append((rng.randint(0, 15), prompt, SamplingParams(max_new_tokens=rng.randint(*max_new)), None))
+    return jobs
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_staggered_equals_alone(arch):
+    hf = tiny_llama(num_layers=8) if arch == "llama" else tiny_opt(num_layers=7)
+    model = SkipModel(hf)
+    L = model.num_layers
+    sched = SkipSchedule(L, max_layers=L, min_layers=3, decay_tokens=10, warmup_layers=1)
+    other = SkipSchedule(L, max_layers=L - 1, min_layers=2, decay_tokens=5, warmup_layers=1)
+    jobs = make_jobs(model.vocab_size, 10, seed=1)
+    # a few requests with their own schedule (non-contiguous rows) and full depth
+    jobs[3] = (jobs[3][0], jobs[3][1], jobs[3][2], other)
+    jobs[6] = (jobs[6][0], jobs[6][1], jobs[6][2], SkipSchedule.full(L))
+    eng = ContinuousEngine(model, sched, max_batch=4, max_len=64, eos_token_ids=(2,))
+    got = run_staggered(eng, jobs)
+    for k, (_, prompt, params, s) in enumerate(jobs):
+        want = alone(model, prompt, params, s or sched, eos=(2,))
+        assert got[f"r{k}"] == want, f"request {k}"
+    assert not eng.live and eng.num_waiting == 0
+
+
+def test_rows_at_different_steps_run_different_layers():
+    model = SkipModel(tiny_llama(num_layers=8))
+    sched = SkipSchedule(8, max_layers=8, min_layers=2, decay_tokens=6, warmup_layers=1)
+    eng = ContinuousEngine(model, sched, max_batch=4, max_len=64)
+    a = eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=12))
+    eng.step(), eng.step(), eng.step()  # a is at step 3 now
+    b = eng.add_request([8, 9], SamplingParams(max_new_tokens=12))
+    evs = eng.step()
+    plan, layers = eng.row_plan()
+    assert [r.rid for r in eng.live] == [a, b]
+    # a (older) runs fewer layers than b; every layer's active rows are a contiguous suffix
+    assert layers == [sched.num_active(eng.live[0].step), sched.num_active(eng.live[1].step)]
+    assert layers[0] < layers[1]
+    for run in plan:
+        assert run is None or (isinstance(run[0], slice) and run[0].stop == 2)
+    by = {}
+    for ev in evs:
+        by.setdefault(ev.request_id, []).append(ev.layers)
+    assert by[a] == [sched.num_active(3)]  # a's decode step 3
+    assert by[b] == [8, sched.num_active(0)]  # b's prefill token, then its step 0
+    # per-token layers recorded by the engine match the schedule for each request
+    eng2 = ContinuousEngine(model, sched, max_batch=4, max_len=64)
+    got = run_staggered(eng2, [(0, [5, 6, 7], SamplingParams(max_new_tokens=12), None),
+                               (4, [8, 9], SamplingParams(max_new_tokens=12), None)])
+    for rid in ("r0", "r1"):
+        assert got[rid][1] == sched.layers_per_token(12)
+
+
+def test_seeded_sampling_equals_alone():
+    model = SkipModel(tiny_llama())
+    sched = SkipSchedule(6, max_layers=6, min_layers=3, decay_tokens=8)
+    jobs = [(k * 2, [4 + k, 9, 11], SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=k), None)
+            for k in range(4)]
+    got = run_staggered(ContinuousEngine(model, sched, max_batch=3, max_len=64), jobs)
+    for k, (_, prompt, params, _) in enumerate(jobs):
+        assert got[f"r{k}"] == alone(model, prompt, params, sched)
+
+
+def test_abort_frees_row_and_queue_bound():
+    model = SkipModel(tiny_llama())
+    eng = ContinuousEngine(model, max_batch=2, max_len=64, max_waiting=1)
+    a = eng.add_request([3, 4], SamplingParams(max_new_tokens=50))
+    eng.step()
+    b = eng.add_request([5, 6], SamplingParams(max_new_tokens=50))
+    eng.step()
+    c = eng.add_request([7, 8], SamplingParams(max_new_tokens=3))
+    with pytest.raises(QueueFull):
+        eng.add_request([7, 8], SamplingParams(max_new_tokens=3))
+    eng.step()
+    assert eng.num_waiting == 1  # no free row for c yet
+    eng.abort(a)
+    evs = eng.step()
+    assert any(e.request_id == a and e.finish_reason == "abort" for e in evs)
+    assert [r.rid for r in eng.live] == [b, c]
+    with pytest.raises(ValueError):
+        eng.add_request([3] * 60, SamplingParams(max_new_tokens=10))  # over the context
+    with pytest.raises(ValueError):
+        eng.add_request([], SamplingParams())
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_model_staggered_equals_alone(smol):
+    from skipray.text import encode_prompt
+
+    model = smol.model
+    L = model.num_layers
+    sched = smol.schedule or SkipSchedule(L, max_layers=L, min_layers=L // 2, decay_tokens=12, warmup_layers=2)
+    prompts = [encode_prompt(smol.tokenizer, p, chat=True) for p in
+               ("What is the capital of France?", "Name three colors.", "Write a haiku about rain.")]
+    params = SamplingParams(max_new_tokens=16)
+    jobs = [(0, prompts[0], params, None), (3, prompts[1], params, None), (7, prompts[2], params, None)]
+    eng = ContinuousEngine(model, sched, max_batch=4, max_len=128, eos_token_ids=smol.eos_token_ids)
+    got = run_staggered(eng, jobs)
+    for k, (_, prompt, p, _) in enumerate(jobs):
+        assert got[f"r{k}"] == alone(model, prompt, p, sched, smol.eos_token_ids)

@@ -1,0 +1,114 @@
+"""Skip-aware training on a tiny model: loss falls, save/load round trip, resume, data formats."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from skipray.train import TrainConfig, collate, load_examples, train
+
+SCHED = {"max_layers": 5, "min_layers": 3, "decay_tokens": 8, "warmup_layers": 1, "shape": "linear"}
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    rng = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(16):
+        p = torch.randint(3, 2000, (int(torch.randint(3, 9, (1,), generator=rng)),), generator=rng).tolist()
+        r = torch.randint(3, 2000, (int(torch.randint(4, 14, (1,), generator=rng)),), generator=rng).tolist()
+        rows.append({"prompt_ids": p, "response_ids": r})
+    path = tmp_path_factory.mktemp("data") / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def strong_model_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny Llama with large random weights, so that skipping layers changes its output a lot."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    c = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    initializer_range=0.25, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    out = tmp_path_factory.mktemp("strong")
+    LlamaForCausalLM(c).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def cfg(tmp_path, data_path, model_dir, **kw):
+    base = dict(data=data_path, out=str(tmp_path / "out"), model=str(model_dir), schedule=SCHED, steps=12,
+                batch_size=4, lr=3e-3, warmup_steps=2, save_every=4, kl_weight=1.0, ce_weight=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_collate_layout():
+    b = collate([([5, 6, 7], [8, 9]), ([1], [2, 3, 4])], pad_id=0)
+    assert b["prompt_len"] == 3
+    assert b["tokens"].tolist() == [[5, 6, 7, 8, 9, 0], [0, 0, 1, 2, 3, 4]]
+    assert b["loss_mask"].tolist() == [[False, False, True, True, False], [False, False, True, True, True]]
+    assert b["positions"][1].tolist()[2:] == [0, 1, 2, 3]
+
+
+def test_lora_distillation_lowers_loss_and_roundtrips(tmp_path, data_path, strong_model_dir, tiny_model_dir):
+    sched = {"max_layers": 4, "min_layers": 2, "decay_tokens": 6, "warmup_layers": 1, "shape": "linear"}
+    out = train(cfg(tmp_path, data_path, strong_model_dir, schedule=sched, steps=15, lr=1e-2), progress=False)
+    log = losses(out)
+    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
+    assert last < first * 0.8, (first, last)
+    meta = json.loads((out / "skipray.json").read_text())
+    assert meta["schedule"]["max_layers"] == 4 and meta["trained_steps"] == 15
+    assert (out / "adapter_model.safetensors").exists()
+
+    from skipray.loading import load
+
+    loaded = load(str(out), device="cpu")
+    assert loaded.schedule.max_layers == 4 and loaded.schedule.num_layers == 6  # trained schedule is the default
+    base = load(str(strong_model_dir), device="cpu")
+    assert base.schedule is None
+    w_trained = loaded.model.layers[5].self_attn.q_proj.weight
+    w_base = base.model.layers[5].self_attn.q_proj.weight
+    assert not torch.allclose(w_trained, w_base)  # the adapter was merged into the weights
+
+
+def test_resume_continues_from_checkpoint(tmp_path, data_path, tiny_model_dir):
+    c = cfg(tmp_path, data_path, tiny_model_dir, steps=8)
+    train(c, progress=False)
+    c2 = cfg(tmp_path, data_path, tiny_model_dir, steps=12)
+    train(c2, resume=True, progress=False)
+    steps = [r["step"] for r in losses(tmp_path / "out")]
+    assert steps == list(range(1, 9)) + list(range(9, 13))  # picked up at step 9, not from scratch
+
+
+def test_full_finetune_with_ce(tmp_path, data_path, tiny_model_dir):
+    out = train(cfg(tmp_path, data_path, tiny_model_dir, full_finetune=True, ce_weight=0.5, lr=1e-3, steps=6),
+                progress=False)
+    assert (out / "model.safetensors").exists() and (out / "skipray.json").exists()
+    assert "ce" in losses(out)[0]
+
+
+def test_text_and_prompt_response_formats(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    p1 = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"prompt": ["Hi there", "What is 2+2?"], "response": ["Hello!", "4"]}), p1)
+    ex = load_examples(str(p1), tok)
+    assert len(ex) == 2 and ex[1][1] == tok("4", add_special_tokens=False)["input_ids"]
+    p2 = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"text": ["one two three four"]}), p2)
+    assert len(load_examples(str(p2), tok)[0][1]) >= 3
+    p3 = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"foo": [1]}), p3)
+    with pytest.raises(ValueError, match="columns"):
+        load_examples(str(p3), tok)
