@@ -77,9 +77,17 @@ class KVCache:
         readable = self.valid[rows, :length] & (span[None, :] < self.filled[layer, rows][:, None])
         return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length], readable
 
-    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy rows ``src`` to rows ``dst`` (compaction when rows finish or are retired)."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int | None = None) -> None:
+        """Copy rows ``src`` to rows ``dst`` (compaction when rows finish or are retired).
+
+        Only rows that actually move are copied, and only slots ``[0, upto)`` when given.
+        """
+        moved = src != dst
+        if not bool(moved.any()):
+            return
+        src, dst = src[moved], dst[moved]
+        end = self.max_len if upto is None else upto
+        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
+        self.v[:, dst, :, :end] = self.v[:, src, :, :end]
         self.filled[:, dst] = self.filled[:, src]
         self.valid[dst] = self.valid[src]

@@ -56,6 +56,28 @@ class TokenEvent:
     finish_reason: str | None  # set on the row's last token
 
 
+def finish_reason(generated: list[int], p: SamplingParams, eos_token_ids: Sequence[int]) -> str | None:
+    """Stop token, EOS or ``stop_fn`` -> ``"stop"``; ``max_new_tokens`` reached -> ``"length"``."""
+    if generated[-1] in p.stop_token_ids or generated[-1] in eos_token_ids:
+        return "stop"
+    if p.stop_fn is not None and p.stop_fn(generated):
+        return "stop"
+    if len(generated) >= p.max_new_tokens:
+        return "length"
+    return None
+
+
+def validate_request(prompt: Sequence[int], p: SamplingParams, vocab_size: int, context: int) -> None:
+    """Raise ``ValueError`` for a request no engine can serve."""
+    if len(prompt) == 0:
+        raise ValueError("prompt is empty")
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt):
+        raise ValueError(f"prompt has token ids outside [0, {vocab_size})")
+    p.validate()
+    if len(prompt) + p.max_new_tokens > context:
+        raise ValueError(f"{len(prompt)} prompt tokens + {p.max_new_tokens} new tokens exceed the context of {context}")
+
+
 class Engine:
     def __init__(
         self,
@@ -132,7 +154,7 @@ class Engine:
                 return
             if len(keep) < len(row_of):  # compact: finished rows stop costing compute
                 idx = torch.tensor(keep, device=self.device)
-                self.cache.move_rows(idx, torch.arange(len(keep), device=self.device))
+                self.cache.move_rows(idx, torch.arange(len(keep), device=self.device), upto=P + step)
                 positions = positions[idx]
                 row_of = [row_of[i] for i in keep]
             tok_t = torch.tensor(tokens, device=self.device)[:, None]
@@ -173,28 +195,16 @@ class Engine:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _finish_reason(self, generated: list[int], p: SamplingParams) -> str | None:
-        if generated[-1] in p.stop_token_ids or generated[-1] in self.eos_token_ids:
-            return "stop"
-        if p.stop_fn is not None and p.stop_fn(generated):
-            return "stop"
-        if len(generated) >= p.max_new_tokens:
-            return "length"
-        return None
+        return finish_reason(generated, p, self.eos_token_ids)
 
     def _validate(self, prompts: Sequence[Sequence[int]], plist: list[SamplingParams]) -> None:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
         for i, (p, sp) in enumerate(zip(prompts, plist)):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty")
-            if any((not isinstance(t, int)) or t < 0 or t >= self.model.vocab_size for t in p):
-                raise ValueError(f"prompt {i} has token ids outside [0, {self.model.vocab_size})")
-            sp.validate()
-            if len(p) + sp.max_new_tokens > self.model.max_positions:
-                raise ValueError(
-                    f"prompt {i}: {len(p)} prompt tokens + {sp.max_new_tokens} new tokens exceed the "
-                    f"model's context of {self.model.max_positions}"
-                )
+            try:
+                validate_request(p, sp, self.model.vocab_size, self.model.max_positions)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
 
     def _ensure_cache(self, rows: int, slots: int) -> None:
         c = self.cache

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from skipray.engine import SamplingParams
+from skipray.engine import SamplingParams, finish_reason, validate_request
 from skipray.model import SkipModel, forward, full_plan
 from skipray.sampling import sample
 from skipray.schedule import SkipSchedule
@@ -66,17 +66,6 @@ class _Request:
         return len(self.generated) - 1
 
 
-def finish_reason(generated: list[int], p: SamplingParams, eos_token_ids: Sequence[int]) -> str | None:
-    """The ``Engine`` finish rules: stop token / eos / stop_fn -> "stop"; max_new_tokens -> "length"."""
-    if generated[-1] in p.stop_token_ids or generated[-1] in eos_token_ids:
-        return "stop"
-    if p.stop_fn is not None and p.stop_fn(generated):
-        return "stop"
-    if len(generated) >= p.max_new_tokens:
-        return "length"
-    return None
-
-
 class ContinuousEngine:
     def __init__(
         self,
@@ -108,16 +97,7 @@ class ContinuousEngine:
     # -- thread-safe API -------------------------------------------------------------------------
     def validate(self, prompt: Sequence[int], params: SamplingParams) -> None:
         """Raise ``ValueError`` for a request this engine can never serve."""
-        if len(prompt) == 0:
-            raise ValueError("prompt is empty")
-        if any((not isinstance(t, int)) or t < 0 or t >= self.model.vocab_size for t in prompt):
-            raise ValueError(f"prompt has token ids outside [0, {self.model.vocab_size})")
-        params.validate()
-        limit = min(self.max_len, self.model.max_positions)
-        if len(prompt) + params.max_new_tokens > limit:
-            raise ValueError(
-                f"{len(prompt)} prompt tokens + {params.max_new_tokens} new tokens exceed the context of {limit}"
-            )
+        validate_request(prompt, params, self.model.vocab_size, min(self.max_len, self.model.max_positions))
 
     def add_request(
         self,
@@ -249,5 +229,6 @@ class ContinuousEngine:
         keep = [i for i in range(len(self.live)) if i not in gone]
         if keep and keep != list(range(len(keep))):
             src = torch.tensor(keep, device=self.device)
-            self.cache.move_rows(src, torch.arange(len(keep), device=self.device))
+            upto = max(len(self.live[i].prompt) + len(self.live[i].generated) for i in keep)
+            self.cache.move_rows(src, torch.arange(len(keep), device=self.device), upto=upto)
         self.live = [self.live[i] for i in keep]

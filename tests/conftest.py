@@ -63,6 +63,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a cluster some other process left running
             num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
         )

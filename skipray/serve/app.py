@@ -136,6 +136,9 @@ class SkipServer:
             m.model, self.schedule, max_batch=int(args.get("max_batch", 16)), max_len=max_len,
             eos_token_ids=m.eos_token_ids, max_waiting=int(args.get("max_waiting", 32)),
         )
+        from skipray.metrics import EngineMetrics
+
+        self.metrics = EngineMetrics("serve")
         self._sinks: dict[str, _Sink] = {}
         self._wake = threading.Event()
         self._stop = False
@@ -154,6 +157,10 @@ class SkipServer:
             except Exception as e:  # a bug, not a client mistake: fail every live request, keep serving
                 events = [(r.rid, e) for r in self.engine.live]
                 self.engine.live.clear()
+            toks = [e for e in events if not isinstance(e, tuple) and e.token_id is not None]
+            if toks:
+                self.metrics.record_layers([e.layers for e in toks], self.num_layers)
+                self.metrics.record_occupancy(len({e.request_id for e in toks}), self.engine.max_batch)
             for ev in events:
                 rid = ev[0] if isinstance(ev, tuple) else ev.request_id
                 sink = self._sinks.get(rid)
@@ -264,6 +271,7 @@ class SkipServer:
     async def _handle(self, request: Request, chat: bool):
         from skipray.text import encode_messages, encode_prompt
 
+        t0 = time.perf_counter()
         try:
             req = await self._parse(request, P.ChatRequest if chat else P.CompletionRequest)
             try:
@@ -289,10 +297,11 @@ class SkipServer:
         except BaseException:  # cancelled (client gone) while waiting: free the row
             await events.aclose()
             raise
+        ttft = time.perf_counter() - t0
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         texts = _TextStream(self.tokenizer, req.stop)
         if req.stream:
-            return StreamingResponse(self._sse(rid, req, chat, len(ids), first, events, texts),
+            return StreamingResponse(self._sse(rid, req, chat, len(ids), first, events, texts, t0, ttft),
                                      media_type="text/event-stream")
         layers, finish = [], None
         ev = first
@@ -307,10 +316,11 @@ class SkipServer:
         finally:
             await events.aclose()
         use = P.usage(len(ids), layers)
+        self.metrics.record_request(time.perf_counter() - t0, len(ids), len(layers), ttft)
         build = P.chat_response if chat else P.completion_response
         return JSONResponse(build(rid, self.model_name, texts.final_text(), finish, use))
 
-    async def _sse(self, rid, req, chat, prompt_len, first, events, texts) -> AsyncIterator[str]:
+    async def _sse(self, rid, req, chat, prompt_len, first, events, texts, t0, ttft) -> AsyncIterator[str]:
         def pack(obj: dict) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
@@ -331,6 +341,7 @@ class SkipServer:
                     else:
                         yield pack(P.completion_chunk(rid, self.model_name, delta, finish, use))
                 if finish is not None:
+                    self.metrics.record_request(time.perf_counter() - t0, prompt_len, len(layers), ttft)
                     break
                 ev = await anext(events)
             yield "data: [DONE]\n\n"

@@ -1,0 +1,117 @@
+"""Benchmark the offline batch job: job tokens/s vs the direct engine, bucketed vs unbucketed batches.
+
+Contract: a script, not a test. Same prompts (examples/prompts.parquet, first ``--limit``), same model,
+schedule, batch size and window for all four runs; greedy. Prints a table and writes
+bench/results/batch.json. Job tokens/s is wall time of the whole Ray Data run (actor start and model
+load included); direct engine tokens/s is generation time only (load excluded).
+Run: ``.venv/bin/python bench/bench_batch.py [--limit 128 --max-new-tokens 32]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def direct(m, schedule, prompts: list[list[int]], args, bucket: bool) -> dict:
+    from skipray.batch import padding_waste, plan_batches
+    from skipray.engine import Engine, SamplingParams
+
+    engine = Engine(m.model, schedule, max_batch=args.batch_size, max_len=256, eos_token_ids=m.eos_token_ids)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    window = args.batch_size * args.bucket_window
+    tokens, batches_all, t0 = 0, [], time.perf_counter()
+    for w in range(0, len(prompts), window):  # the same windows the job's actor sees
+        chunk = prompts[w : w + window]
+        for b in plan_batches([len(p) for p in chunk], args.batch_size, bucket):
+            tokens += sum(len(c.token_ids) for c in engine.generate([chunk[i] for i in b], params))
+            batches_all.append([w + i for i in b])
+    dt = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 1),
+            "padding_waste": round(padding_waste([len(p) for p in prompts], batches_all), 3)}
+
+
+def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
+    from skipray.batch import JobConfig, run
+
+    out = Path(tempfile.mkdtemp(prefix="skipray-bench-"))
+    try:
+        cfg = JobConfig(model=args.model, schedule=schedule.to_dict(), max_positions=max_positions,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        bucket_window=args.bucket_window if bucket else 1, bucket=bucket, actors=(1, 1))
+        s = run(str(inp), str(out / "gen"), cfg)
+        return {"tokens": s.generated_tokens, "seconds": round(s.seconds, 2),
+                "tokens_per_s": round(s.tokens_per_s, 1), "rows": s.rows, "errors": s.errors}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="default")
+    p.add_argument("--input", default=str(ROOT / "examples" / "prompts.parquet"))
+    p.add_argument("--limit", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--bucket-window", type=int, default=4)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "batch.json"))
+    args = p.parse_args()
+
+    import pyarrow.parquet as pq
+
+    from skipray.loading import load
+    from skipray.options import SCHEDULE_FLAGS, schedule_from_args
+    from skipray.text import encode_prompt
+
+    table = pq.read_table(args.input).slice(0, args.limit)
+    tmp = Path(tempfile.mkdtemp(prefix="skipray-bench-in-"))
+    pq.write_table(table, tmp / "in.parquet")
+    t0 = time.perf_counter()
+    m = load(args.model, device="cpu")
+    load_s = time.perf_counter() - t0
+    schedule = schedule_from_args(argparse.Namespace(full=False, **{k: None for k in SCHEDULE_FLAGS}),
+                                  m.model.num_layers, m.schedule)
+    prompts = [encode_prompt(m.tokenizer, t) for t in table.column("prompt").to_pylist()]
+    res = {"direct_bucketed": direct(m, schedule, prompts, args, True),
+           "direct_unbucketed": direct(m, schedule, prompts, args, False)}
+    del m
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        res["job_bucketed"] = job(tmp / "in.parquet", schedule, 8192, args, True)
+        res["job_unbucketed"] = job(tmp / "in.parquet", schedule, 8192, args, False)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    for k in ("bucketed", "unbucketed"):
+        res[f"job_{k}"]["padding_waste"] = res[f"direct_{k}"]["padding_waste"]
+    ratio = res["job_bucketed"]["tokens_per_s"] / res["direct_bucketed"]["tokens_per_s"]
+    meta = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "bucket_window": args.bucket_window, "model": args.model, "schedule": schedule.describe(),
+            "model_load_s": round(load_s, 1), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "job_vs_direct": round(ratio, 3)}
+    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
+          f"window {args.batch_size * args.bucket_window}, {schedule.describe()}, {os.cpu_count()} cores")
+    print(f"{'run':<20}{'tokens':>8}{'seconds':>9}{'tok/s':>9}{'pad waste':>11}")
+    for name, r in res.items():
+        print(f"{name:<20}{r['tokens']:>8}{r['seconds']:>9}{r['tokens_per_s']:>9}{r['padding_waste']:>11.1%}")
+    print(f"job / direct (bucketed): {ratio:.2f}x (target >= 0.85x; job time includes actor start and model load)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "runs": res}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
