@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One torch thread per process: the Ray tests run several processes on a 2-core box, and oversubscribed
+# OpenMP threads slow everything down many times over (measured: 6 s vs 115 s for tests/test_engine.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def tiny_llama(num_layers: int = 6, seed: int = 0):
@@ -33,9 +37,25 @@ def tiny_opt(num_layers: int = 5, seed: int = 0):
     return OPTForCausalLM(cfg).eval()
 
 
-@pytest.fixture(params=["llama", "opt"])
+def tiny_other(kind: str, num_layers: int = 5, seed: int = 0):
+    """Tiny Qwen2 (attention biases) or Mistral, built from the same sizes as the tiny Llama."""
+    import transformers
+
+    torch.manual_seed(seed)
+    name = {"qwen2": "Qwen2", "mistral": "Mistral"}[kind]
+    cfg = getattr(transformers, f"{name}Config")(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    return getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
+
+
+@pytest.fixture(params=["llama", "opt", "qwen2", "mistral"])
 def hf_model(request):
-    return tiny_llama() if request.param == "llama" else tiny_opt()
+    if request.param == "llama":
+        return tiny_llama()
+    return tiny_opt() if request.param == "opt" else tiny_other(request.param)
 
 
 @pytest.fixture
