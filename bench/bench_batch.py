@@ -48,7 +48,8 @@ def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
     try:
         cfg = JobConfig(model=args.model, schedule=schedule.to_dict(), max_positions=max_positions,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        bucket_window=args.bucket_window if bucket else 1, bucket=bucket, actors=(1, 1))
+                        bucket_window=args.bucket_window if bucket else 1, bucket=bucket, actors=(1, 1),
+                        threads_per_actor=args.threads)
         s = run(str(inp), str(out / "gen"), cfg)
         return {"tokens": s.generated_tokens, "seconds": round(s.seconds, 2),
                 "tokens_per_s": round(s.tokens_per_s, 1), "rows": s.rows, "errors": s.errors}
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bucket-window", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, same for both (on a loaded 2-core box 2 threads ran ~10x slower than 1)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "batch.json"))
     args = p.parse_args()
 
@@ -73,6 +76,9 @@ def main() -> None:
     from skipray.options import SCHEDULE_FLAGS, schedule_from_args
     from skipray.text import encode_prompt
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     table = pq.read_table(args.input).slice(0, args.limit)
     tmp = Path(tempfile.mkdtemp(prefix="skipray-bench-in-"))
     pq.write_table(table, tmp / "in.parquet")
@@ -102,7 +108,7 @@ def main() -> None:
     meta = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
             "bucket_window": args.bucket_window, "model": args.model, "schedule": schedule.describe(),
             "model_load_s": round(load_s, 1), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "job_vs_direct": round(ratio, 3)}
+            "cores": os.cpu_count(), "threads": args.threads, "job_vs_direct": round(ratio, 3)}
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"window {args.batch_size * args.bucket_window}, {schedule.describe()}, {os.cpu_count()} cores")
     print(f"{'run':<20}{'tokens':>8}{'seconds':>9}{'tok/s':>9}{'pad waste':>11}")
