@@ -271,8 +271,10 @@ class Generator:
 
         from skipray.engine import Engine
         from skipray.loading import load
+        from skipray.metrics import EngineMetrics
         from skipray.schedule import SkipSchedule
 
+        self.metrics = EngineMetrics("batch")
         threads = cfg.threads_per_actor or max(1, (os.cpu_count() or 1) // max(1, cfg.actors[1]))
         torch.set_num_threads(threads)
         self.cfg = cfg
@@ -302,7 +304,10 @@ class Generator:
                 open(cfg.crash_marker, "w").close()
                 os._exit(1)  # fault injection for tests: the actor process dies mid-call
             rows = [ok[j] for j in mb]
-            for r, c in zip(rows, self.engine.generate([toks[r] for r in rows], params)):
+            t0 = time.perf_counter()
+            comps = self.engine.generate([toks[r] for r in rows], params)
+            self.metrics.record_batch(comps, self.m.model.num_layers, cfg.batch_size, time.perf_counter() - t0)
+            for r, c in zip(rows, comps):
                 text[r] = decode(self.m.tokenizer, c.token_ids, cfg.stop)
                 gen[r], avg[r], reason[r] = len(c.token_ids), round(c.avg_layers, 3), c.finish_reason
         out = block.drop_columns([TOKENS])
