@@ -115,10 +115,14 @@ def test_ray_job_submit_to_head_on_loopback(tmp_path, tiny_dir):  # noqa: F811
             if ok.returncode == 0:
                 break
             time.sleep(2)
-        r = run_group([str(Path(PY).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-                       "--", "python", "jobs/generate.py", "--input", str(tmp_path / "in.parquet"), "--output",
-                       str(tmp_path / "out"), "--model", str(tiny_dir), "--max-new-tokens", "4",
-                       "--cpus-per-actor", "0.5"], 300, env)
+        submit = [str(Path(PY).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+                  "--", "python", "jobs/generate.py", "--input", str(tmp_path / "in.parquet"), "--output",
+                  str(tmp_path / "out"), "--model", str(tiny_dir), "--max-new-tokens", "4", "--cpus-per-actor", "0.5"]
+        for _ in range(6):  # the job server answers before its agent is up: "No available agent", retry (bounded)
+            r = run_group(submit, 300, env)
+            if "No available agent" not in r.stdout + r.stderr:
+                break
+            time.sleep(5)
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
         assert "rows 6 | errors 0" in r.stdout + r.stderr
         assert sorted(read_out(tmp_path / "out").column("id").to_pylist()) == [f"r{i:03d}" for i in range(6)]
