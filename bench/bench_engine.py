@@ -83,16 +83,21 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=n)  # no EOS: every row makes n tokens
     engine = Engine(m.model, max_batch=max(args.batches), max_len=256)
     results: dict = {"device": "cpu", "threads": torch.get_num_threads(), "new_tokens": n, "p1": [], "p2": []}
+    bf16 = load("smollm2-base", device="cpu", dtype=torch.bfloat16)  # outside P1's fp32 rule, for reference
+    engine16 = Engine(bf16.model, max_batch=max(args.batches), max_len=256)
 
-    print(f"P1: full depth, {n} new tokens, fp32, {torch.get_num_threads()} threads")
-    print(f"{'batch':>5} {'HF tok/s':>10} {'skipray tok/s':>14} {'ratio':>6}")
+    print(f"P1: full depth, {n} new tokens, fp32, {torch.get_num_threads()} threads (last column: skipray in bf16)")
+    print(f"{'batch':>5} {'HF tok/s':>10} {'skipray tok/s':>14} {'ratio':>6} {'bf16 tok/s':>11}")
     for b in args.batches:
         ps = prompts_for(m.tokenizer, b)
         t_hf = time_it(lambda: hf_generate(m.model.hf, ps, n, m.tokenizer.pad_token_id), args.repeats)
         t_us = time_it(lambda: engine.generate(ps, params), args.repeats)
-        row = {"batch": b, "hf_tok_s": b * n / t_hf, "skipray_tok_s": b * n / t_us, "ratio": t_hf / t_us}
+        t_16 = time_it(lambda: engine16.generate(ps, params), args.repeats)
+        row = {"batch": b, "hf_tok_s": b * n / t_hf, "skipray_tok_s": b * n / t_us, "ratio": t_hf / t_us,
+               "skipray_bf16_tok_s": b * n / t_16}
         results["p1"].append(row)
-        print(f"{b:>5} {row['hf_tok_s']:>10.1f} {row['skipray_tok_s']:>14.1f} {row['ratio']:>6.2f}")
+        print(f"{b:>5} {row['hf_tok_s']:>10.1f} {row['skipray_tok_s']:>14.1f} {row['ratio']:>6.2f} "
+              f"{row['skipray_bf16_tok_s']:>11.1f}")
 
     schedules = {
         "~2x": SkipSchedule(30, 16, 6, 64, warmup_layers=4),
