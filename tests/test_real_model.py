@@ -105,3 +105,16 @@ def test_converted_model_is_cached_and_pickles_refused(tmp_path):
         load(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         load(str(tmp_path / "nope"))
+
+
+def test_default_model_is_the_shipped_skip_trained_adapter():
+    from skipray.loading import DEFAULT_ADAPTER, load
+
+    m = load("default", device="cpu")
+    assert m.source == str(DEFAULT_ADAPTER)
+    assert m.schedule is not None and not m.schedule.is_full and m.schedule.num_layers == 30
+    ids = encode_prompt(m.tokenizer, QUESTIONS[0], chat=True)
+    out = Engine(m.model, m.schedule, max_batch=1, max_len=128, eos_token_ids=m.eos_token_ids).generate(
+        [ids], SamplingParams(max_new_tokens=24))[0]
+    assert out.layers_per_token == m.schedule.layers_per_token(len(out.token_ids))
+    assert decode(m.tokenizer, out.token_ids).strip()  # it says something; quality is measured by `skipray eval`

@@ -231,7 +231,7 @@ def test_real_model_chat_and_disconnect_frees_row(server):
     from skipray.serve.app import build_app
 
     opts = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 8}
-    serve.run(build_app({"model": "default", "model_name": "smol", "max_len": 512, "max_batch": 4}, opts),
+    serve.run(build_app({"model": "smollm2-base", "model_name": "smol", "max_len": 512, "max_batch": 4}, opts),
               name="real", route_prefix="/real")
     base = f"{server['base']}/real"
     try:
