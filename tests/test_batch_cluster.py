@@ -105,7 +105,11 @@ def test_ray_job_submit_to_head_on_loopback(tmp_path, tiny_dir):  # noqa: F811
     head = subprocess.Popen(
         [str(Path(PY).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(free_port()),
          "--object-store-memory", str(256 * 1024**2), "--temp-dir", str(temp), "--include-dashboard", "true",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
+         # the session's shared Ray already holds the agents' default ports (52365...): a second agent
+         # that cannot bind them never registers, and job submission answers "No available agent"
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=ROOT)
     try:
         address = f"http://127.0.0.1:{dash}"
