@@ -50,12 +50,10 @@ def decode_time(engine, prompts, params, schedule=None) -> float:
 
 
 def hf_generate(hf, prompts, n, pad):
-    P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), pad)
-    am = torch.zeros(len(prompts), P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.tensor(p)
-        am[b, P - len(p):] = 1
+    from skipray.engine import left_pad
+
+    ids, real = left_pad(prompts, pad)
+    am = real.long()
     with torch.inference_mode():
         hf.generate(ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
 

@@ -80,16 +80,14 @@ def model_facts(spec: str, schedule_args: argparse.Namespace) -> tuple[Any, Any,
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from skipray.loading import read_meta, resolve
+    from skipray.loading import resolve, trained_schedule
     from skipray.model import SkipModel
     from skipray.options import schedule_from_args
-    from skipray.schedule import SkipSchedule
 
     base, adapter = resolve(spec)
-    meta = (read_meta(adapter) if adapter else {}) or read_meta(base)
     with torch.device("meta"):
         sm = SkipModel(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)))
-    trained = SkipSchedule.from_dict(meta["schedule"]) if meta.get("schedule") else None
+    trained = trained_schedule(base, adapter)
     return schedule_from_args(schedule_args, sm.num_layers, trained), sm.cost_model(), sm.max_positions
 
 

@@ -67,6 +67,23 @@ def finish_reason(generated: list[int], p: SamplingParams, eos_token_ids: Sequen
     return None
 
 
+def check_schedule(schedule: SkipSchedule, num_layers: int) -> None:
+    """Raise ``ValueError`` when ``schedule`` was made for a model of another depth."""
+    if schedule.num_layers != num_layers:
+        raise ValueError(f"schedule is for {schedule.num_layers} layers, model has {num_layers}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, real)`` of shape (B, P): prompts right-aligned to the longest, ``real`` marks tokens."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, P), pad_id, dtype=torch.long)
+    real = torch.zeros(B, P, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        real[b, P - len(p) :] = True
+    return tokens, real
+
+
 def validate_request(prompt: Sequence[int], p: SamplingParams, vocab_size: int, context: int) -> None:
     """Raise ``ValueError`` for a request no engine can serve."""
     if len(prompt) == 0:
@@ -89,14 +106,10 @@ class Engine:
     ) -> None:
         self.model = model.eval()
         self.schedule = schedule or SkipSchedule.full(model.num_layers)
-        self.check_schedule(self.schedule)
+        check_schedule(self.schedule, model.num_layers)
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(max_batch, max_len)
-
-    def check_schedule(self, schedule: SkipSchedule) -> None:
-        if schedule.num_layers != self.model.num_layers:
-            raise ValueError(f"schedule is for {schedule.num_layers} layers, model has {self.model.num_layers}")
 
     # -- public API --------------------------------------------------------------------------------
     def generate(
@@ -123,7 +136,7 @@ class Engine:
     ) -> Iterator[TokenEvent]:
         """Yield one ``TokenEvent`` per generated token as soon as it is sampled."""
         schedule = schedule or self.schedule
-        self.check_schedule(schedule)
+        check_schedule(schedule, self.model.num_layers)
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         self._validate(prompts, plist)
         if not prompts:
@@ -145,7 +158,7 @@ class Engine:
                 p = plist[r]
                 tok = sample(logits[i], p.temperature, p.top_k, p.top_p, gens[r])
                 generated[r].append(tok)
-                reason = self._finish_reason(generated[r], p)
+                reason = finish_reason(generated[r], p, self.eos_token_ids)
                 yield TokenEvent(r, tok, layers, reason)
                 if reason is None:
                     keep.append(i)
@@ -167,13 +180,8 @@ class Engine:
     # -- phases ------------------------------------------------------------------------------------
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Full-depth pass over left-padded prompts into cache rows ``0..B-1``; last-token logits (B, V)."""
-        B, P = len(prompts), max(len(p) for p in prompts)
-        tokens = torch.zeros(B, P, dtype=torch.long)
-        real = torch.zeros(B, P, dtype=torch.bool)
-        for b, p in enumerate(prompts):
-            tokens[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            real[b, P - len(p) :] = True
-        tokens, real = tokens.to(self.device), real.to(self.device)
+        tokens, real = (t.to(self.device) for t in left_pad(prompts))
+        B, P = tokens.shape
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
         self.cache.reset_rows(slice(0, B))
         logits = forward(
@@ -194,9 +202,6 @@ class Engine:
         return logits[:, 0].float()
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _finish_reason(self, generated: list[int], p: SamplingParams) -> str | None:
-        return finish_reason(generated, p, self.eos_token_ids)
-
     def _validate(self, prompts: Sequence[Sequence[int]], plist: list[SamplingParams]) -> None:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")

@@ -100,6 +100,12 @@ def read_meta(path: Path) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
+def trained_schedule(base: Path, adapter: Path | None) -> SkipSchedule | None:
+    """The schedule recorded next to the adapter (else the base model); ``None``: not trained to skip."""
+    meta = (read_meta(adapter) if adapter is not None else {}) or read_meta(base)
+    return SkipSchedule.from_dict(meta["schedule"]) if meta.get("schedule") else None
+
+
 def load_hf(path: Path, dtype: torch.dtype, device: torch.device):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,19 +144,14 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
     dev, default_dtype = pick_device(device)
     base, adapter = resolve(spec)
     hf, tok = load_hf(base, dtype or default_dtype, dev)
-    meta = read_meta(base)
     if adapter is not None:
         from peft import PeftModel
 
         _refuse_pickles(adapter)
         hf = PeftModel.from_pretrained(hf, adapter).merge_and_unload()
-        meta = read_meta(adapter) or meta
     hf.eval()
-    sched = meta.get("schedule")
     eos = hf.generation_config.eos_token_id
     eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tok.pad_token_id is None and eos_ids:
         tok.pad_token_id = eos_ids[0]
-    return Loaded(
-        SkipModel(hf), tok, SkipSchedule.from_dict(sched) if sched else None, str(adapter or base), eos_ids
-    )
+    return Loaded(SkipModel(hf), tok, trained_schedule(base, adapter), str(adapter or base), eos_ids)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from skipray.engine import SamplingParams, finish_reason, validate_request
+from skipray.engine import SamplingParams, check_schedule, finish_reason, validate_request
 from skipray.model import SkipModel, forward, full_plan
 from skipray.sampling import sample
 from skipray.schedule import SkipSchedule
@@ -78,7 +78,7 @@ class ContinuousEngine:
     ) -> None:
         self.model = model.eval()
         self.schedule = schedule or SkipSchedule.full(model.num_layers)
-        self.check_schedule(self.schedule)
+        check_schedule(self.schedule, model.num_layers)
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = next(model.parameters()).device
         self.max_batch, self.max_len, self.max_waiting = max_batch, max_len, max_waiting
@@ -89,10 +89,6 @@ class ContinuousEngine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.steps = 0  # decode iterations run (for tests and metrics)
-
-    def check_schedule(self, schedule: SkipSchedule) -> None:
-        if schedule.num_layers != self.model.num_layers:
-            raise ValueError(f"schedule is for {schedule.num_layers} layers, model has {self.model.num_layers}")
 
     # -- thread-safe API -------------------------------------------------------------------------
     def validate(self, prompt: Sequence[int], params: SamplingParams) -> None:
@@ -111,7 +107,7 @@ class ContinuousEngine:
         Raises ``ValueError`` for invalid input and ``QueueFull`` when ``max_waiting`` are waiting.
         """
         schedule = schedule or self.schedule
-        self.check_schedule(schedule)
+        check_schedule(schedule, self.model.num_layers)
         self.validate(prompt, params)
         rid = request_id or f"req-{next(self._ids)}"
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None

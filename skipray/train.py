@@ -150,11 +150,10 @@ def prepare(cfg: TrainConfig):
     from skipray.model import SkipModel
 
     loaded = load(cfg.model, device=cfg.device, dtype=torch.float32)
-    hf = loaded.model.hf
+    model, hf = loaded.model, loaded.model.hf  # SkipModel reaches hf's submodules at call time
     if cfg.full_finetune:
         frozen = SkipModel(copy.deepcopy(hf).requires_grad_(False))
         teacher = lambda: contextlib.nullcontext(frozen)  # noqa: E731
-        model = SkipModel(hf)
         params = list(hf.parameters())
     else:
         from peft import LoraConfig, get_peft_model
@@ -162,8 +161,7 @@ def prepare(cfg: TrainConfig):
         names = {n.split(".")[-1] for n, _ in hf.named_modules()}
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                           target_modules=[t for t in LORA_TARGETS if t in names])
-        peft_model = get_peft_model(hf, lcfg)
-        model = SkipModel(hf)  # peft injected LoRA layers into hf in place
+        peft_model = get_peft_model(hf, lcfg)  # injects LoRA layers into hf in place
 
         @contextlib.contextmanager
         def teacher():

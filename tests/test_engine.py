@@ -4,7 +4,7 @@ padding invariance, cache discipline, sampling determinism, stop handling and ba
 import pytest
 import torch
 
-from skipray.engine import Engine, SamplingParams
+from skipray.engine import Engine, SamplingParams, left_pad
 from skipray.model import SkipModel, forward, training_plan
 from skipray.schedule import SkipSchedule
 
@@ -12,13 +12,10 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
 
 
 def hf_greedy(hf, prompts, n):
-    B, P = len(prompts), max(map(len, prompts))
-    ids = torch.zeros(B, P, dtype=torch.long)
-    am = torch.zeros(B, P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p) :] = torch.tensor(p)
-        am[b, P - len(p) :] = 1
-    out = hf.generate(ids, attention_mask=am, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ids, real = left_pad(prompts)
+    P = ids.shape[1]
+    out = hf.generate(ids, attention_mask=real.long(), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
     return [row[P:].tolist() for row in out]
 
 
@@ -57,13 +54,10 @@ def test_cached_skip_decode_equals_training_forward(hf_model):
     engine = Engine(model, sched, max_batch=4, max_len=64)
     n = 12
     gen, step_logits = decode_logits(engine, PROMPTS, sched, n)
-    P = max(map(len, PROMPTS))
-    tokens = torch.zeros(len(PROMPTS), P + n, dtype=torch.long)
-    real = torch.zeros_like(tokens, dtype=torch.bool)
-    for b, p in enumerate(PROMPTS):
-        tokens[b, P - len(p) : P] = torch.tensor(p)
-        real[b, P - len(p) :] = True
-    tokens[:, P:] = gen
+    prompt, prompt_real = left_pad(PROMPTS)
+    P = prompt.shape[1]
+    tokens = torch.cat([prompt, gen], 1)
+    real = torch.cat([prompt_real, torch.ones_like(gen, dtype=torch.bool)], 1)
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         par = forward(model, tokens, positions, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from skipray.engine import Engine, SamplingParams
+from skipray.engine import left_pad as engine_left_pad
 from skipray.model import forward, training_plan
 from skipray.schedule import SkipSchedule
 from skipray.text import decode, encode_prompt
@@ -18,13 +19,8 @@ QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbo
 
 
 def left_pad(prompts, pad):
-    P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), pad)
-    am = torch.zeros(len(prompts), P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p) :] = torch.tensor(p)
-        am[b, P - len(p) :] = 1
-    return ids, am, P
+    ids, real = engine_left_pad(prompts, pad)
+    return ids, real.long(), ids.shape[1]
 
 
 def test_full_depth_equals_hf_generate_batched_and_single(smol):
