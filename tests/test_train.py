@@ -60,7 +60,9 @@ def test_collate_layout():
     assert b["positions"][1].tolist()[2:] == [0, 1, 2, 3]
 
 
-def test_lora_distillation_lowers_loss_and_roundtrips(tmp_path, data_path, strong_model_dir, tiny_model_dir):
+def test_lora_distillation_lowers_loss_and_roundtrips(tmp_path, data_path, strong_model_dir, tiny_model_dir,
+                                                      monkeypatch):
+    monkeypatch.setenv("SKIPRAY_CACHE", str(tmp_path / "cache"))
     sched = {"max_layers": 4, "min_layers": 2, "decay_tokens": 6, "warmup_layers": 1, "shape": "linear"}
     out = train(cfg(tmp_path, data_path, strong_model_dir, schedule=sched, steps=15, lr=1e-2), progress=False)
     log = losses(out)
@@ -79,6 +81,16 @@ def test_lora_distillation_lowers_loss_and_roundtrips(tmp_path, data_path, stron
     w_trained = loaded.model.layers[5].self_attn.q_proj.weight
     w_base = base.model.layers[5].self_attn.q_proj.weight
     assert not torch.allclose(w_trained, w_base)  # the adapter was merged into the weights
+    merged = list((tmp_path / "cache").glob("merged-*"))
+    assert len(merged) == 1 and (merged[0] / "model.safetensors").exists()  # merged once, cached
+    again = load(str(out), device="cpu")
+    assert list((tmp_path / "cache").glob("merged-*")) == merged
+    assert torch.equal(again.model.layers[5].self_attn.q_proj.weight, w_trained)
+
+    from peft import PeftModel  # the cached merge equals merging on the fly
+
+    fresh = PeftModel.from_pretrained(base.model.hf, str(out)).merge_and_unload()
+    assert torch.allclose(fresh.model.layers[5].self_attn.q_proj.weight, w_trained, atol=1e-6)
 
 
 def test_resume_continues_from_checkpoint(tmp_path, data_path, tiny_model_dir):
