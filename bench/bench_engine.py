@@ -4,7 +4,12 @@ P1: full-depth engine vs Hugging Face ``generate`` tokens/s at batch 1, 8, 32 (g
     EOS ignored so both produce exactly the same number of tokens).
 P2: schedules of ~2x and ~3x theoretical FLOP speedup: realized speedup of the decode steps vs
     theoretical (both exclude the full-depth prompt pass, which skipping does not change).
-Also: cold vs warm model load time. Every ratio is measured side by side in one run.
+Roofline for P1: at small batches a decode step reads every weight once, so its time is bounded below by
+    weight bytes / the memory bandwidth one core can stream. The bench measures that bandwidth
+    (``torch.sum`` over 1 GiB) and the decode-step time of both engines ((time for n tokens - time for
+    1 token) / (n - 1): the prompt pass cancels out), and prints the most any fp32 engine could gain
+    over Hugging Face's decode step on this machine.
+Also: warm model load time. Every ratio is measured side by side in one run.
 
 Run: .venv/bin/python bench/bench_engine.py [--batches 1 8 32] [--new-tokens 64] [--repeats 2]
 """
@@ -49,6 +54,16 @@ def decode_time(engine, prompts, params, schedule=None) -> float:
     return time.perf_counter() - first
 
 
+def read_bandwidth_gbs(nbytes: int = 2**30, repeats: int = 3) -> float:
+    x = torch.ones(nbytes // 4)
+    return nbytes / time_it(lambda: x.sum(), repeats) / 1e9
+
+
+def step_seconds(run, n: int, repeats: int) -> float:
+    """One decode step: (time for n new tokens - time for 1) / (n - 1); the prompt pass cancels out."""
+    return (time_it(lambda: run(n), repeats) - time_it(lambda: run(1), repeats)) / (n - 1)
+
+
 def hf_generate(hf, prompts, n, pad):
     from skipray.engine import left_pad
 
@@ -59,9 +74,18 @@ def hf_generate(hf, prompts, n, pad):
 
 
 def load_times() -> dict:
-    code = "import time;t=time.perf_counter();from skipray.loading import load;load('smollm2-base');print(time.perf_counter()-t)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return {"warm_load_s": float(out.stdout.strip().splitlines()[-1])}
+    """A second load in a new process: the ``load()`` call, and the process total with ``import torch``."""
+    code = ("import time;t=time.perf_counter();from skipray.loading import load;u=time.perf_counter();"
+            "load(SPEC);print(time.perf_counter()-u,time.perf_counter()-t)")
+    res = {}
+    for spec in ("smollm2-base", "default"):
+        load_s = []
+        for _ in range(2):  # the first may convert or merge into the cache; the second is the warm load
+            out = subprocess.run([sys.executable, "-c", code.replace("SPEC", repr(spec))], capture_output=True,
+                                 text=True, check=True)
+            load_s = [float(x) for x in out.stdout.strip().splitlines()[-1].split()]
+        res[spec] = {"load_call_s": load_s[0], "with_imports_s": load_s[1]}
+    return {"warm_load": res}
 
 
 def main() -> None:
@@ -97,6 +121,24 @@ def main() -> None:
         print(f"{b:>5} {row['hf_tok_s']:>10.1f} {row['skipray_tok_s']:>14.1f} {row['ratio']:>6.2f} "
               f"{row['skipray_bf16_tok_s']:>11.1f}")
 
+    bw = read_bandwidth_gbs()
+    weight_bytes = sum(p.numel() * p.element_size() for p in m.model.hf.parameters())  # tied lm_head once
+    floor = weight_bytes / (bw * 1e9)
+    results["roofline"] = {"read_bandwidth_gbs": bw, "weight_mb": weight_bytes / 1e6, "step_floor_ms": floor * 1e3,
+                           "rows": []}
+    print(f"\nRoofline: one core streams {bw:.1f} GB/s; a full-depth step reads {weight_bytes / 1e6:.0f} MB of fp32 "
+          f"weights, so no step can take less than {floor * 1e3:.1f} ms")
+    print(f"{'batch':>5} {'HF ms/step':>11} {'skipray ms/step':>16} {'HF GB/s':>8} {'max gain over HF':>17}")
+    for b in [x for x in args.batches if x <= 8]:
+        ps = prompts_for(m.tokenizer, b)
+        t_hf = step_seconds(lambda k: hf_generate(m.model.hf, ps, k, m.tokenizer.pad_token_id), n, args.repeats)
+        t_us = step_seconds(lambda k: engine.generate(ps, SamplingParams(max_new_tokens=k)), n, args.repeats)
+        row = {"batch": b, "hf_step_ms": t_hf * 1e3, "skipray_step_ms": t_us * 1e3,
+               "hf_gbs": weight_bytes / t_hf / 1e9, "max_gain": t_hf / floor}
+        results["roofline"]["rows"].append(row)
+        print(f"{b:>5} {row['hf_step_ms']:>11.1f} {row['skipray_step_ms']:>16.1f} {row['hf_gbs']:>8.1f} "
+              f"{row['max_gain']:>16.2f}x")
+
     schedules = {
         "~2x": SkipSchedule(30, 16, 6, 64, warmup_layers=4),
         "~3x": SkipSchedule(30, 10, 4, 32, warmup_layers=2),
@@ -118,8 +160,10 @@ def main() -> None:
 
     results.update(load_times())
     results["kv_cache_mib"] = engine.cache.nbytes / 2**20
-    print(f"\nwarm model load (converted weights cached): {results['warm_load_s']:.2f}s; "
-          f"KV cache for {engine.cache.max_batch} x {engine.cache.max_len}: {results['kv_cache_mib']:.1f} MiB")
+    for spec, r in results["warm_load"].items():
+        print(f"\nwarm load of {spec!r} in a new process: load() {r['load_call_s']:.2f}s, "
+              f"{r['with_imports_s']:.2f}s with importing torch", end="")
+    print(f"\nKV cache for {engine.cache.max_batch} x {engine.cache.max_len}: {results['kv_cache_mib']:.1f} MiB")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -165,13 +165,14 @@ def forward(
     cache: KVCache | None = None,
     cache_rows: slice | torch.Tensor = slice(None),
     start: int | torch.Tensor = 0,
-    logits_at: slice | None = None,
+    logits_at: slice | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits ``(b, t', vocab)`` for ``tokens`` ``(b, t)`` at ``positions`` (RoPE/learned positions).
 
     ``real`` (b, t) marks real tokens (False: padding). With a cache, batch row ``i`` is cache row
     ``cache_rows[i]`` and the tokens occupy slots ``start .. start+t-1`` (``start`` an int, or one
-    slot per row when ``t == 1``). ``logits_at`` selects the columns to project (default: all).
+    slot per row when ``t == 1``). ``logits_at`` selects the columns to project (default: all): a slice,
+    or a tensor of one column per row (right-padded prompts of different lengths) giving ``(b, 1, vocab)``.
     """
     if len(plan) != model.num_layers:
         raise ValueError(f"plan has {len(plan)} entries for {model.num_layers} layers")
@@ -220,6 +221,8 @@ def forward(
         if torch.is_grad_enabled():
             h = h.clone()  # keep autograd's saved views of the old h intact
         h[rows, :cols] = x
-    if logits_at is not None:
+    if isinstance(logits_at, torch.Tensor):
+        h = h[torch.arange(b, device=dev), logits_at][:, None]
+    elif logits_at is not None:
         h = h[:, logits_at]
     return model.final(h)

@@ -6,8 +6,10 @@ Contract: pure torch over token ids (no Ray, no HTTP, no tokenizer). ``Continuou
 does one iteration:
 
 1. apply aborts (their rows are dropped and compacted away);
-2. admit waiting requests into free rows, appended after the live rows, each prefilled alone at full
-   depth (slots ``0..p-1``; its first token comes from that pass, at full depth);
+2. admit waiting requests into free rows, appended after the live rows, and prefill them together at
+   full depth in one pass, right-padded: request ``i`` fills slots ``0..p_i-1`` of its row and the
+   padding slots after it are marked not ``valid``, so each row computes what it would alone; its
+   first token comes from that pass;
 3. one decode step for every live row, each row running its *own* step's layers: live rows are kept
    in admission order (oldest first = largest step = fewest layers), so for a shared schedule the
    rows that run layer ``l`` are a contiguous suffix and ``plan[l] = (slice(first, n), None)``;
@@ -151,15 +153,16 @@ class ContinuousEngine:
             while self._waiting and len(self.live) + len(admit) < self.max_batch:
                 admit.append(self._waiting.popleft())
 
-        finished = []
-        for req in admit:  # prefill each newcomer alone into the next free row
-            row = len(self.live)
-            self.live.append(req)
-            logits = self._prefill(req.prompt, row)
-            events.append(self._emit(req, logits, self.model.num_layers))
-            if events[-1].finish_reason is not None:
-                finished.append(row)
-        self._retire(finished)
+        if admit:  # one full-depth pass for all newcomers, in the next free rows
+            first = len(self.live)
+            self.live += admit
+            logits = self._prefill([r.prompt for r in admit], first)
+            finished = []
+            for i, req in enumerate(admit):
+                events.append(self._emit(req, logits[i], self.model.num_layers))
+                if events[-1].finish_reason is not None:
+                    finished.append(first + i)
+            self._retire(finished)
 
         if self.live:
             logits, layers = self._decode()
@@ -173,16 +176,21 @@ class ContinuousEngine:
         return events
 
     # -- phases -----------------------------------------------------------------------------------
-    def _prefill(self, prompt: list[int], row: int) -> torch.Tensor:
-        rows = slice(row, row + 1)
-        tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        positions = torch.arange(len(prompt), device=self.device)[None]
+    def _prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
+        """Right-padded prompts into cache rows ``first_row..``; -> last-prompt-token logits ``(k, vocab)``."""
+        k, width = len(prompts), max(map(len, prompts))
+        rows = slice(first_row, first_row + k)
+        tokens = torch.zeros(k, width, dtype=torch.long, device=self.device)
+        real = torch.zeros(k, width, dtype=torch.bool, device=self.device)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, device=self.device)
+            real[i, : len(p)] = True
+        positions = torch.arange(width, device=self.device)[None].expand(k, width)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         self.cache.reset_rows(rows)
-        logits = forward(
-            self.model, tokens, positions, full_plan(self.model.num_layers), torch.ones_like(tokens, dtype=torch.bool),
-            cache=self.cache, cache_rows=rows, start=0, logits_at=slice(len(prompt) - 1, len(prompt)),
-        )
-        return logits[0, 0].float()
+        logits = forward(self.model, tokens, positions, full_plan(self.model.num_layers), real,
+                         cache=self.cache, cache_rows=rows, start=0, logits_at=last)
+        return logits[:, 0].float()
 
     def row_plan(self) -> tuple[list, list[int]]:
         """The decode plan for the live rows and the layer count of each row."""

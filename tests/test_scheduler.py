@@ -95,6 +95,21 @@ def test_rows_at_different_steps_run_different_layers():
         assert got[rid][1] == sched.layers_per_token(12)
 
 
+def test_simultaneous_arrivals_share_one_prefill(monkeypatch):
+    model = SkipModel(tiny_llama(num_layers=6))
+    sched = SkipSchedule(6, max_layers=6, min_layers=2, decay_tokens=8, warmup_layers=1)
+    eng = ContinuousEngine(model, sched, max_batch=8, max_len=64, eos_token_ids=(2,))
+    passes = []
+    real_prefill = eng._prefill
+    monkeypatch.setattr(eng, "_prefill", lambda prompts, row: passes.append(len(prompts)) or real_prefill(prompts, row))
+    jobs = [(0, [3 + k] * (2 + 3 * k), SamplingParams(max_new_tokens=6 + k), None) for k in range(5)]
+    jobs.append((3, [9, 8, 7], SamplingParams(max_new_tokens=5), None))  # joins rows already decoding
+    got = run_staggered(eng, jobs)
+    assert passes == [5, 1]  # five prompts of lengths 2..14 in one right-padded pass, then the late one
+    for k, (_, prompt, params, _) in enumerate(jobs):
+        assert got[f"r{k}"] == alone(model, prompt, params, sched, eos=(2,)), f"request {k}"
+
+
 def test_seeded_sampling_equals_alone():
     model = SkipModel(tiny_llama())
     sched = SkipSchedule(6, max_layers=6, min_layers=3, decay_tokens=8)
