@@ -1,10 +1,15 @@
-"""Why P1 is flat: the default model's linear layers on this CPU, one torch thread.
+"""The default model's linear layers on this CPU, one torch thread: which fp32 kernel to use.
 
-Times (a) the five projections of one SmolLM2-135M layer as separate matmuls vs fused QKV and gate/up
-matmuls, and (b) one 576x1536 linear in fp32 vs bf16, at batch 1, 8 and 32. Prints a table and writes
-bench/results/linear.json.
+Times every matmul of one SmolLM2-135M decode step (30 layers of q, k, v, o, gate, up, down, each layer
+with its own weights so they stream from memory as in a real step, then the 49152x576 lm_head) at
+batch 1, 8, 32 and 320 (a prefill), with
 
-Run: .venv/bin/python bench/bench_linear.py
+* ``F.linear`` in fp32 (what Hugging Face models call; MKL sgemm in this torch build),
+* ``skipray.kernels.PackedLinears`` in fp32 (oneDNN, weights prepacked once; what skipray's forward uses),
+* ``F.linear`` in bf16 (for reference: another precision).
+
+Checks that the packed results equal ``F.linear``'s, prints a table and writes bench/results/linear.json.
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python bench/bench_linear.py``
 """
 
 from __future__ import annotations
@@ -15,36 +20,53 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-D, I, KV = 576, 1536, 192  # SmolLM2-135M: hidden, MLP, key/value width
+D, I, KV, L, VOCAB = 576, 1536, 192, 30, 49152  # SmolLM2-135M
+SHAPES = [(D, D), (D, KV), (D, KV), (D, D), (D, I), (D, I), (I, D)]  # (in, out) per layer
 
 
-def per_call_ms(fn, n: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t) * 1e3 / n
+def step_ms(fn, x_d, x_i, layers, head, repeats: int = 4) -> float:
+    def step():
+        for mods in layers:
+            for m in mods:
+                fn(m, x_i if m.in_features == I else x_d)
+        fn(head, x_d)
+
+    step()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
 
 
 def main() -> None:
+    from skipray.kernels import PackedLinears
+
     torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layers = [[nn.Linear(i, o, bias=False) for i, o in SHAPES] for _ in range(L)]
+    head = nn.Linear(D, VOCAB, bias=False)
+    layers16 = [[nn.Linear(i, o, bias=False).bfloat16() for i, o in SHAPES] for _ in range(L)]
+    head16 = nn.Linear(D, VOCAB, bias=False).bfloat16()
+    packed = PackedLinears()
     rows = []
-    print(f"{'batch':>5} {'separate ms':>12} {'fused ms':>9} {'fused gain':>10} {'fp32 ms':>8} {'bf16 ms':>8} {'bf16 gain':>9}")
-    for b in (1, 8, 32):
-        x = torch.randn(b, D)
-        wq, wk, wv, wg, wu = (torch.randn(n, D) for n in (D, KV, KV, I, I))
-        wqkv, wgu = torch.cat([wq, wk, wv]), torch.cat([wg, wu])
-        sep = per_call_ms(lambda: [F.linear(x, w) for w in (wq, wk, wv, wg, wu)])
-        fused = per_call_ms(lambda: (F.linear(x, wqkv), F.linear(x, wgu)))
-        x16, wg16 = x.bfloat16(), wg.bfloat16()
-        fp32 = per_call_ms(lambda: F.linear(x, wg), 500)
-        bf16 = per_call_ms(lambda: F.linear(x16, wg16), 500)
-        row = {"batch": b, "separate_ms": sep, "fused_ms": fused, "fused_gain": sep / fused,
-               "fp32_ms": fp32, "bf16_ms": bf16, "bf16_gain": fp32 / bf16}
-        rows.append(row)
-        print(f"{b:>5} {sep:>12.3f} {fused:>9.3f} {sep / fused:>10.2f} {fp32:>8.3f} {bf16:>8.3f} {fp32 / bf16:>9.2f}")
+    print(f"one decode step's matmuls (30 layers + lm_head), one thread; packed = oneDNN prepacked, fp32")
+    print(f"{'batch':>5} {'F.linear fp32 ms':>17} {'packed fp32 ms':>15} {'gain':>6} {'max |diff|':>11} {'bf16 ms':>8}")
+    with torch.inference_mode():
+        for b in (1, 8, 32, 320):
+            x_d, x_i = torch.randn(b, D), torch.randn(b, I)
+            diff = max(float((packed(m, x) - F.linear(x, m.weight)).abs().max())
+                       for m, x in ((layers[0][0], x_d), (layers[0][6], x_i), (head, x_d)))
+            plain = step_ms(lambda m, x: F.linear(x, m.weight), x_d, x_i, layers, head)
+            fast = step_ms(packed, x_d, x_i, layers, head)
+            bf16 = step_ms(lambda m, x: F.linear(x, m.weight), x_d.bfloat16(), x_i.bfloat16(), layers16, head16)
+            row = {"batch": b, "f_linear_fp32_ms": plain, "packed_fp32_ms": fast, "gain": plain / fast,
+                   "max_abs_diff": diff, "f_linear_bf16_ms": bf16}
+            rows.append(row)
+            print(f"{b:>5} {plain:>17.1f} {fast:>15.1f} {plain / fast:>5.2f}x {diff:>11.1e} {bf16:>8.1f}")
     out = Path(__file__).parent / "results" / "linear.json"
     out.write_text(json.dumps({"threads": 1, "rows": rows}, indent=2))
     print(f"wrote {out}")

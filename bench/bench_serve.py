@@ -1,6 +1,6 @@
 """Serve throughput benchmark: continuous batching on Ray Serve vs the direct engine and vs @serve.batch.
 
-Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max-tokens 64]`` measures
+Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max-tokens 64 | 8,128]`` measures
 
 * ``direct``: the static-batch ``Engine.generate`` over 16 prompts in this process (no Ray, no HTTP);
 * ``continuous``: the skipray Serve app (``skipray.serve.app``) at 1, 4 and 16 concurrent clients;
@@ -29,7 +29,7 @@ PROMPTS = [f"Write a short story about a {w} who learns to fly." for w in
             "lamp", "cloud", "horse", "baker", "clock", "stone", "king", "bird")]
 
 
-def direct(model_spec: str, max_tokens: int, threads: int) -> dict:
+def direct(model_spec: str, max_tokens: list[int], threads: int) -> dict:
     import torch
 
     from skipray.engine import Engine, SamplingParams
@@ -44,7 +44,8 @@ def direct(model_spec: str, max_tokens: int, threads: int) -> dict:
     n, calls, t0 = 0, [], time.perf_counter()
     while time.perf_counter() - t0 < 20 or len(calls) < 2:  # whole batches, >= 20 s, like a load level
         t = time.perf_counter()
-        n += sum(len(o.token_ids) for o in eng.generate(ids, SamplingParams(max_new_tokens=max_tokens)))
+        params = [SamplingParams(max_new_tokens=max_tokens[k % len(max_tokens)]) for k in range(len(ids))]
+        n += sum(len(o.token_ids) for o in eng.generate(ids, params))
         calls.append(time.perf_counter() - t)
     dt = time.perf_counter() - t0
     return {"mode": "direct", "clients": 16, "tokens": n, "seconds": dt, "tok_s": n / dt,
@@ -85,7 +86,7 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
     return StaticServer.bind()
 
 
-def load_run(url: str, clients: int, duration: float, max_tokens: int, model: str) -> dict:
+def load_run(url: str, clients: int, duration: float, max_tokens: list[int], model: str) -> dict:
     import requests
 
     lat, toks, errors = [], [], []
@@ -96,7 +97,8 @@ def load_run(url: str, clients: int, duration: float, max_tokens: int, model: st
         with requests.Session() as s:
             i = 0
             while time.time() < stop_at:
-                body = {"model": model, "prompt": PROMPTS[(k + i) % 16], "max_tokens": max_tokens, "temperature": 0}
+                body = {"model": model, "prompt": PROMPTS[(k + i) % 16], "temperature": 0,
+                        "max_tokens": max_tokens[(k + i) % len(max_tokens)]}
                 t0 = time.perf_counter()
                 r = s.post(url, json=body, timeout=600)
                 with lock:
@@ -122,14 +124,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of load per level")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", default="64",
+                    help="max_tokens per request; a comma list (e.g. 8,128) cycles through mixed lengths")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the direct engine and each replica")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
+    max_tokens = [int(x) for x in args.max_tokens.split(",")]
 
-    rows = [direct(args.model, args.max_tokens, threads=args.threads)]
+    rows = [direct(args.model, max_tokens, threads=args.threads)]
     print(f"direct engine, batch 16: {rows[0]['tok_s']:.1f} tok/s", flush=True)
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -151,13 +155,13 @@ def main() -> int:
         serve.run(build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
                   name="continuous", route_prefix="/c")
         for n in levels:
-            r = load_run(f"{base}/c/v1/completions", n, args.duration, args.max_tokens, "m")
+            r = load_run(f"{base}/c/v1/completions", n, args.duration, max_tokens, "m")
             rows.append(dict(r, mode="continuous"))
             print(f"continuous, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s", flush=True)
         serve.delete("continuous")
         serve.run(static_app(args.model, 256, args.threads), name="static", route_prefix="/s")
         for n in levels:
-            r = load_run(f"{base}/s", n, args.duration, args.max_tokens, "m")
+            r = load_run(f"{base}/s", n, args.duration, max_tokens, "m")
             rows.append(dict(r, mode="static"))
             print(f"static,     {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s", flush=True)
     finally:
@@ -171,7 +175,7 @@ def main() -> int:
               f"{(r['p50_s'] or 0):>8.2f}{r.get('errors', 0):>8}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "max_tokens": args.max_tokens, "duration_s": args.duration,
+    out.write_text(json.dumps({"model": args.model, "max_tokens": max_tokens, "duration_s": args.duration,
                                "threads": args.threads,
                                "rows": rows}, indent=2))
     print(f"wrote {out}")

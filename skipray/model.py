@@ -13,7 +13,9 @@ which is exactly what skipping a residual block means.
   computes what cached decoding computes.
 
 ``SkipModel`` adapts a Hugging Face causal LM (Llama family: Llama, SmolLM2, Mistral, Qwen2/3; OPT)
-by calling its own submodules, so LoRA adapters and ``save_pretrained`` keep working on it.
+by calling its own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its linear
+layers run through ``skipray.kernels.PackedLinears`` (prepacked oneDNN weights for fp32 inference on
+CPU; the module itself otherwise).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipray.cache import KVCache
+from skipray.kernels import PackedLinears
 
 LayerRun = tuple[slice | torch.Tensor, int | None] | None
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
@@ -38,9 +41,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class SkipModel(nn.Module):
     """A Hugging Face causal LM viewed as embed -> decoder layers -> final norm -> lm_head."""
 
-    def __init__(self, hf_model: nn.Module) -> None:
+    def __init__(self, hf_model: nn.Module, packed_linears: bool = True) -> None:
         super().__init__()
         self.hf = hf_model
+        self.linear = PackedLinears(packed_linears)  # linear(module, x) == module(x)
         cfg = hf_model.config
         self.arch = cfg.model_type
         if self.arch in LLAMA_LIKE:
@@ -85,9 +89,9 @@ class SkipModel(nn.Module):
         """Normed input -> q, k, v as (b, heads, t, head_dim), plus the attention scale to use."""
         attn = layer.self_attn
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, -1, self.head_dim)
-        k = attn.k_proj(x).view(b, t, -1, self.head_dim)
-        v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = self.linear(attn.q_proj, x).view(b, t, -1, self.head_dim)
+        k = self.linear(attn.k_proj, x).view(b, t, -1, self.head_dim)
+        v = self.linear(attn.v_proj, x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if self.arch == "opt":  # OPT scales q before the product, as Hugging Face does
             return (q * attn.scaling).transpose(1, 2), k.transpose(1, 2), v, 1.0
         if hasattr(attn, "q_norm"):  # Qwen3
@@ -99,12 +103,13 @@ class SkipModel(nn.Module):
 
     def attn_out(self, layer: nn.Module, o: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
-        return attn.out_proj(o) if self.arch == "opt" else attn.o_proj(o)
+        return self.linear(attn.out_proj if self.arch == "opt" else attn.o_proj, o)
 
     def mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.arch == "opt":
-            return layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
-        return layer.mlp(layer.post_attention_layernorm(x))
+            return self.linear(layer.fc2, layer.activation_fn(self.linear(layer.fc1, layer.final_layer_norm(x))))
+        mlp, x = layer.mlp, layer.post_attention_layernorm(x)  # gated MLP, as the Llama family defines it
+        return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         if self.arch == "opt":
@@ -114,7 +119,7 @@ class SkipModel(nn.Module):
                 h = self.body.project_out(h)
         else:
             h = self.body.norm(h)
-        return self.hf.lm_head(h)
+        return self.linear(self.hf.lm_head, h)
 
     # -- sizes -----------------------------------------------------------------------------------
     def cost_model(self):

@@ -1,0 +1,73 @@
+"""PackedLinears: prepacked oneDNN fp32 linears equal the module they stand for, and never go stale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from skipray.engine import Engine, SamplingParams
+from skipray.kernels import PackedLinears, onednn_available
+from skipray.model import SkipModel
+from skipray.schedule import SkipSchedule
+from torch import nn
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN (the module path is used)")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_equals_module(bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80, bias=bias)
+    packed = PackedLinears()
+    for x in (torch.randn(1, 48), torch.randn(3, 7, 48), torch.randn(4, 9, 48)[:, 2:5]):  # 2-D, 3-D, strided
+        with torch.inference_mode():
+            got, want = packed(lin, x), lin(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(packed._packs) == 1 and packed.nbytes > 0  # one pack, reused
+
+
+@needs_onednn
+def test_repacks_after_weight_changes_and_skips_autograd():
+    lin, packed = nn.Linear(16, 16), PackedLinears()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        before = packed(lin, x)
+        lin.weight.add_(1.0)  # an optimizer step, in place
+        after = packed(lin, x)
+    torch.testing.assert_close(after, lin(x).detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
+    y = packed(lin, x)  # grad enabled: the module itself, so training gets gradients
+    assert y.requires_grad
+    y.sum().backward()
+    assert lin.weight.grad is not None
+
+
+def test_falls_back_to_the_module():
+    class Doubling(nn.Linear):  # a subclass (like a LoRA layer) is not plain nn.Linear: called as is
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    lin = Doubling(8, 8)
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinears()(lin, x), lin(x))
+        off = PackedLinears(enabled=False)
+        assert off(nn.Linear(8, 4), x).shape == (2, 4) and not off._packs
+        half = nn.Linear(8, 8).to(torch.bfloat16)
+        assert PackedLinears()(half, x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_engine_with_and_without_packing_agree():
+    hf = tiny_llama(num_layers=6)
+    sched = SkipSchedule(6, max_layers=6, min_layers=2, decay_tokens=8, warmup_layers=1)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(max_new_tokens=12)
+    packed, plain = SkipModel(hf), SkipModel(hf, packed_linears=False)
+    a = Engine(packed, sched, max_batch=2, max_len=64).generate(prompts, params)
+    b = Engine(plain, sched, max_batch=2, max_len=64).generate(prompts, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert not plain.linear._packs
+    if onednn_available():
+        assert len(packed.linear._packs) == 6 * 7 + 1  # every projection of every layer, and the lm_head
