@@ -68,7 +68,7 @@ def convert_gguf(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_dir() / f"{gguf.stem}-{key}"
-    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+    if cached(out):
         return out
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,10 +78,19 @@ def convert_gguf(gguf: Path) -> Path:
     model.hf_quantizer = None  # weights are de-quantized fp32 now; let save_pretrained write them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return save_to_cache(model, tok, out)
+
+
+def cached(out: Path) -> bool:
+    return (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
+
+
+def save_to_cache(model, tok, out: Path) -> Path:
+    """Write a model directory under a temporary name, then rename it into place (atomic for readers)."""
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists():  # another process converted it meanwhile
+    if out.exists():  # another process wrote it meanwhile
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,22 +157,12 @@ def merge_adapter(base: Path, adapter: Path) -> Path:
         if f.is_file():
             h.update(f.name.encode() + f.read_bytes())
     out = cache_dir() / f"merged-{adapter.name}-{h.hexdigest()[:12]}"
-    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+    if cached(out):
         return out
     from peft import PeftModel
 
     hf, tok = load_hf(base, torch.float32, torch.device("cpu"))
-    hf = PeftModel.from_pretrained(hf, adapter).merge_and_unload()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    hf.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():  # another process merged it meanwhile
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.replace(out)
-    return out
+    return save_to_cache(PeftModel.from_pretrained(hf, adapter).merge_and_unload(), tok, out)
 
 
 def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> Loaded:
