@@ -89,7 +89,7 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
 def load_run(url: str, clients: int, duration: float, max_tokens: list[int], model: str) -> dict:
     import requests
 
-    lat, toks, errors = [], [], []
+    lat, toks, errors, by_len = [], [], [], {}
     lock = threading.Lock()
     stop_at = time.time() + duration
 
@@ -97,8 +97,8 @@ def load_run(url: str, clients: int, duration: float, max_tokens: list[int], mod
         with requests.Session() as s:
             i = 0
             while time.time() < stop_at:
-                body = {"model": model, "prompt": PROMPTS[(k + i) % 16], "temperature": 0,
-                        "max_tokens": max_tokens[(k + i) % len(max_tokens)]}
+                n = max_tokens[(k + i) % len(max_tokens)]
+                body = {"model": model, "prompt": PROMPTS[(k + i) % 16], "temperature": 0, "max_tokens": n}
                 t0 = time.perf_counter()
                 r = s.post(url, json=body, timeout=600)
                 with lock:
@@ -106,6 +106,7 @@ def load_run(url: str, clients: int, duration: float, max_tokens: list[int], mod
                         errors.append(r.status_code)
                     else:
                         lat.append(time.perf_counter() - t0)
+                        by_len.setdefault(n, []).append(lat[-1])
                         toks.append(r.json()["usage"]["completion_tokens"])
                 i += 1
 
@@ -117,7 +118,12 @@ def load_run(url: str, clients: int, duration: float, max_tokens: list[int], mod
         t.join()
     wall = time.time() - t0
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "tokens": sum(toks),
-            "seconds": wall, "tok_s": sum(toks) / wall, "p50_s": statistics.median(lat) if lat else None}
+            "seconds": wall, "tok_s": sum(toks) / wall, "p50_s": statistics.median(lat) if lat else None,
+            "p50_by_max_tokens": {n: statistics.median(v) for n, v in sorted(by_len.items())}}
+
+
+def fmt(r: dict) -> str:
+    return ", ".join(f"{n}: {v:.2f}s" for n, v in r["p50_by_max_tokens"].items())
 
 
 def main() -> int:
@@ -157,13 +163,15 @@ def main() -> int:
         for n in levels:
             r = load_run(f"{base}/c/v1/completions", n, args.duration, max_tokens, "m")
             rows.append(dict(r, mode="continuous"))
-            print(f"continuous, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s", flush=True)
+            print(f"continuous, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
+                  f"p50 by max_tokens {fmt(r)}", flush=True)
         serve.delete("continuous")
         serve.run(static_app(args.model, 256, args.threads), name="static", route_prefix="/s")
         for n in levels:
             r = load_run(f"{base}/s", n, args.duration, max_tokens, "m")
             rows.append(dict(r, mode="static"))
-            print(f"static,     {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s", flush=True)
+            print(f"static,     {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
+                  f"p50 by max_tokens {fmt(r)}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
