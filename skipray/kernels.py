@@ -1,17 +1,18 @@
 """fp32 linear layers on CPU through oneDNN, with each weight prepacked once (inference only).
 
-Contract: ``PackedLinears()(module, x)`` returns ``module(x)``. When that is both exact and faster it
-computes it with oneDNN from a copy of the weight prepacked into oneDNN's blocked layout: a plain
+Contract: ``PackedLinears()(module, x)`` returns ``module(x)``. Where it can, it computes the same
+product with oneDNN from a copy of the weight prepacked into oneDNN's blocked layout: a plain
 ``nn.Linear``, fp32 input and weight on the CPU, no autograd (training and LoRA layers go through the
-module as usual), and a torch built with oneDNN. Otherwise it calls the module. A pack is remade when
-its weight changes (an optimizer step bumps the tensor's version; ``.to()`` moves its storage), so a
-model that is trained and then decoded never reads a stale pack. Results equal ``F.linear`` up to
-summation order (about 1e-6 relative).
+module as usual), a torch built with oneDNN. Otherwise, or if packing fails on this CPU, it calls the
+module. A pack is remade when its weight changes (an optimizer step bumps the tensor's version;
+``.to()`` moves its storage), so a model that is trained and then decoded never reads a stale pack.
+Results equal ``F.linear``'s up to summation order (about 1e-6 relative).
 
-Why: on this project's CPU (AVX-512, one thread) ``F.linear`` in fp32 goes through MKL's sgemm, and
-the prepacked oneDNN kernel ran the default model's layer shapes 1.8x faster at batch 1 and 2.2-2.3x
-at batch 8 to 320 (``bench/bench_linear.py``). Hugging Face models call ``F.linear``. The price is memory: one packed copy
-of each weight used (538 MB for the default model in fp32). ``PackedLinears(enabled=False)`` opts out.
+Why: on this project's CPU (AVX-512, one thread) ``F.linear`` in fp32 runs MKL's sgemm, and the
+prepacked oneDNN kernel ran the default model's matmuls 1.8x faster at batch 1 and 2.3x at batch 8 to
+320 (``bench/bench_linear.py``); Hugging Face models call ``F.linear``. The price is memory: one packed
+copy of each weight used (538 MB for the default model in fp32). ``PackedLinears(enabled=False)`` opts
+out.
 """
 
 from __future__ import annotations
@@ -52,7 +53,13 @@ class PackedLinears:
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.usable(module, x):
             return module(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.pack(module), module.bias, "none", [], "")
+        try:
+            packed = self.pack(module)
+        except RuntimeError:  # a oneDNN build that cannot pack for this CPU: use the modules from now on
+            self.enabled = False
+            self._packs.clear()
+            return module(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
     def clear(self) -> None:
         """Drop every pack (frees their memory; they are remade on next use)."""

@@ -71,3 +71,16 @@ def test_engine_with_and_without_packing_agree():
     assert not plain.linear._packs
     if onednn_available():
         assert len(packed.linear._packs) == 6 * 7 + 1  # every projection of every layer, and the lm_head
+
+
+def test_a_cpu_that_cannot_pack_falls_back(monkeypatch):
+    packed, lin, x = PackedLinears(), nn.Linear(8, 8), torch.randn(2, 8)
+
+    def refuse(module):
+        raise RuntimeError("oneDNN cannot pack here")
+
+    monkeypatch.setattr(packed, "pack", refuse)
+    packed.enabled = True  # as on a build that has the op but cannot use it
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(lin, x), lin(x))
+    assert not packed.enabled

@@ -63,6 +63,13 @@ def test_skip_decode_equals_training_forward(smol):
     # logits of magnitude ~20 (the tiny-model tests hold the 1e-4 bound).
     torch.testing.assert_close(par, cached, atol=1e-3, rtol=0)
     assert torch.equal(par.argmax(-1), cached.argmax(-1))
+    # training runs this forward with autograd on, where the linears are the modules' own (F.linear),
+    # not the prepacked inference kernels: the same function up to summation order
+    with torch.enable_grad():
+        trained = forward(model, tokens, pos, training_plan(sched, P, P + 20), real, logits_at=slice(P - 1, P + 20))
+    assert trained.requires_grad
+    torch.testing.assert_close(trained.detach(), cached, atol=1e-3, rtol=0)
+    assert torch.equal(trained.argmax(-1), cached.argmax(-1))
 
 
 def run_cli(*args, timeout=180):
