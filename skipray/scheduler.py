@@ -6,10 +6,12 @@ Contract: pure torch over token ids (no Ray, no HTTP, no tokenizer). ``Continuou
 does one iteration:
 
 1. apply aborts (their rows are dropped and compacted away);
-2. admit waiting requests into free rows, appended after the live rows, and prefill them together at
-   full depth in one pass, right-padded: request ``i`` fills slots ``0..p_i-1`` of its row and the
-   padding slots after it are marked not ``valid``, so each row computes what it would alone; its
-   first token comes from that pass;
+2. admit waiting requests (first come, first served) into free rows, appended after the live rows,
+   while their padded prompt tokens fit ``max_prefill_tokens`` (at least one request is admitted, so
+   a long prompt is never starved; the budget bounds how long one admission pass stalls the rows that
+   are decoding), and prefill them together at full depth in one pass, right-padded: request ``i``
+   fills slots ``0..p_i-1`` of its row and the padding slots after it are marked not ``valid``, so
+   each row computes what it would alone; its first token comes from that pass;
 3. one decode step for every live row, each row running its *own* step's layers: live rows are kept
    in admission order (oldest first = largest step = fewest layers), so for a shared schedule the
    rows that run layer ``l`` are a contiguous suffix and ``plan[l] = (slice(first, n), None)``;
@@ -77,6 +79,7 @@ class ContinuousEngine:
         max_len: int = 512,
         eos_token_ids: Sequence[int] = (),
         max_waiting: int = 64,
+        max_prefill_tokens: int = 2048,
     ) -> None:
         self.model = model.eval()
         self.schedule = schedule or SkipSchedule.full(model.num_layers)
@@ -84,6 +87,9 @@ class ContinuousEngine:
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = next(model.parameters()).device
         self.max_batch, self.max_len, self.max_waiting = max_batch, max_len, max_waiting
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens
         self.cache = model.new_cache(max_batch, max_len)
         self.live: list[_Request] = []  # cache row i holds live[i]; admission order
         self._waiting: deque[_Request] = deque()
@@ -151,6 +157,9 @@ class ContinuousEngine:
         with self._lock:
             admit = []
             while self._waiting and len(self.live) + len(admit) < self.max_batch:
+                padded = (len(admit) + 1) * max(len(r.prompt) for r in [*admit, self._waiting[0]])
+                if admit and padded > self.max_prefill_tokens:
+                    break  # the rest wait for the next iteration
                 admit.append(self._waiting.popleft())
 
         if admit:  # one full-depth pass for all newcomers, in the next free rows

@@ -110,6 +110,23 @@ def test_simultaneous_arrivals_share_one_prefill(monkeypatch):
         assert got[f"r{k}"] == alone(model, prompt, params, sched, eos=(2,)), f"request {k}"
 
 
+def test_prefill_token_budget_splits_admission(monkeypatch):
+    model = SkipModel(tiny_llama(num_layers=4))
+    eng = ContinuousEngine(model, max_batch=8, max_len=64, max_prefill_tokens=20)
+    passes = []
+    real_prefill = eng._prefill
+    monkeypatch.setattr(eng, "_prefill", lambda prompts, row: passes.append([len(p) for p in prompts])
+                        or real_prefill(prompts, row))
+    jobs = [(0, [4 + k] * n, SamplingParams(max_new_tokens=3), None) for k, n in enumerate([4, 6, 30, 5, 5])]
+    got = run_staggered(eng, jobs)
+    # 2 x 6 padded tokens fit 20, a third would not; the 30-token prompt goes alone (never starved)
+    assert passes == [[4, 6], [30], [5, 5]]
+    for k, (_, prompt, params, _) in enumerate(jobs):
+        assert got[f"r{k}"] == alone(model, prompt, params, SkipSchedule.full(4)), f"request {k}"
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        ContinuousEngine(model, max_prefill_tokens=0)
+
+
 def test_seeded_sampling_equals_alone():
     model = SkipModel(tiny_llama())
     sched = SkipSchedule(6, max_layers=6, min_layers=3, decay_tokens=8)

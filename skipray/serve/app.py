@@ -6,7 +6,8 @@ Contract:
   ``args`` (all optional): ``model`` (a ``skipray.loading.load`` spec, default ``"default"``),
   ``model_name`` (the id served in ``model``; default ``"skipray"``), ``schedule`` (schedule flags as
   in ``skipray.options``: ``full``, ``max_layers``, ...), ``max_batch`` (cache rows), ``max_len``
-  (cache slots), ``max_waiting`` (bounded waiting queue in the replica), ``max_tokens_limit``,
+  (cache slots), ``max_waiting`` (bounded waiting queue in the replica), ``max_prefill_tokens``
+  (padded prompt tokens admitted per engine iteration), ``max_tokens_limit``,
   ``default_max_tokens``, ``torch_threads``, ``device``. ``deployment_options`` (Python callers
   only) are passed to ``SkipServer.options``; with ``serve run`` the YAML's ``deployments`` do that.
 * Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` gives OpenAI
@@ -135,6 +136,7 @@ class SkipServer:
         self.engine = ContinuousEngine(
             m.model, self.schedule, max_batch=int(args.get("max_batch", 16)), max_len=max_len,
             eos_token_ids=m.eos_token_ids, max_waiting=int(args.get("max_waiting", 32)),
+            max_prefill_tokens=int(args.get("max_prefill_tokens", 2048)),
         )
         from skipray.metrics import EngineMetrics
 
