@@ -6,7 +6,7 @@ batch 1, 8, 32 and 320 (a prefill), with
 
 * ``F.linear`` in fp32 (what Hugging Face models call; MKL sgemm in this torch build),
 * ``skipray.kernels.PackedLinears`` in fp32 (oneDNN, weights prepacked once; what skipray's forward uses),
-* ``F.linear`` in bf16 (for reference: another precision).
+* ``F.linear`` and ``PackedLinears`` in bf16 (for reference: another precision).
 
 Checks that the packed results equal ``F.linear``'s, prints a table and writes bench/results/linear.json.
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python bench/bench_linear.py``
@@ -54,7 +54,8 @@ def main() -> None:
     packed = PackedLinears()
     rows = []
     print(f"one decode step's matmuls (30 layers + lm_head), one thread; packed = oneDNN prepacked, fp32")
-    print(f"{'batch':>5} {'F.linear fp32 ms':>17} {'packed fp32 ms':>15} {'gain':>6} {'max |diff|':>11} {'bf16 ms':>8}")
+    print(f"{'batch':>5} {'F.linear fp32 ms':>17} {'packed fp32 ms':>15} {'gain':>6} {'max |diff|':>11} "
+          f"{'F.linear bf16 ms':>17} {'packed bf16 ms':>15}")
     with torch.inference_mode():
         for b in (1, 8, 32, 320):
             x_d, x_i = torch.randn(b, D), torch.randn(b, I)
@@ -63,10 +64,12 @@ def main() -> None:
             plain = step_ms(lambda m, x: F.linear(x, m.weight), x_d, x_i, layers, head)
             fast = step_ms(packed, x_d, x_i, layers, head)
             bf16 = step_ms(lambda m, x: F.linear(x, m.weight), x_d.bfloat16(), x_i.bfloat16(), layers16, head16)
+            bf16_packed = step_ms(packed, x_d.bfloat16(), x_i.bfloat16(), layers16, head16)
             row = {"batch": b, "f_linear_fp32_ms": plain, "packed_fp32_ms": fast, "gain": plain / fast,
-                   "max_abs_diff": diff, "f_linear_bf16_ms": bf16}
+                   "max_abs_diff": diff, "f_linear_bf16_ms": bf16, "packed_bf16_ms": bf16_packed}
             rows.append(row)
-            print(f"{b:>5} {plain:>17.1f} {fast:>15.1f} {plain / fast:>5.2f}x {diff:>11.1e} {bf16:>8.1f}")
+            print(f"{b:>5} {plain:>17.1f} {fast:>15.1f} {plain / fast:>5.2f}x {diff:>11.1e} {bf16:>17.1f} "
+                  f"{bf16_packed:>15.1f}")
     out = Path(__file__).parent / "results" / "linear.json"
     out.write_text(json.dumps({"threads": 1, "rows": rows}, indent=2))
     print(f"wrote {out}")

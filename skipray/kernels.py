@@ -1,18 +1,18 @@
-"""fp32 linear layers on CPU through oneDNN, with each weight prepacked once (inference only).
+"""Linear layers on CPU through oneDNN, with each weight prepacked once (fp32/bf16 inference only).
 
 Contract: ``PackedLinears()(module, x)`` returns ``module(x)``. Where it can, it computes the same
 product with oneDNN from a copy of the weight prepacked into oneDNN's blocked layout: a plain
-``nn.Linear``, fp32 input and weight on the CPU, no autograd (training and LoRA layers go through the
-module as usual), a torch built with oneDNN. Otherwise, or if packing fails on this CPU, it calls the
-module. A pack is remade when its weight changes (an optimizer step bumps the tensor's version;
-``.to()`` moves its storage), so a model that is trained and then decoded never reads a stale pack.
-Results equal ``F.linear``'s up to summation order (about 1e-6 relative).
+``nn.Linear``, fp32 or bf16 input and weight (one dtype) on the CPU, no autograd (training and LoRA
+layers go through the module as usual), a torch built with oneDNN. Otherwise, or if oneDNN fails on
+this CPU, it calls the module. A pack is remade when its weight changes (an optimizer step bumps the
+tensor's version; ``.to()`` moves its storage), so a model that is trained and then decoded never
+reads a stale pack. Results equal ``F.linear``'s up to summation order (about 1e-6 relative in fp32).
 
 Why: on this project's CPU (AVX-512, one thread) ``F.linear`` in fp32 runs MKL's sgemm, and the
 prepacked oneDNN kernel ran the default model's matmuls 1.8x faster at batch 1 and 2.3x at batch 8 to
-320 (``bench/bench_linear.py``); Hugging Face models call ``F.linear``. The price is memory: one packed
-copy of each weight used (538 MB for the default model in fp32). ``PackedLinears(enabled=False)`` opts
-out.
+320; in bf16 1.8x at batch 1 and 1.5x at batch 8 (``bench/bench_linear.py``). Hugging Face models
+call ``F.linear``. The price is memory: one packed copy of each weight used (538 MB for the default
+model in fp32). ``PackedLinears(enabled=False)`` opts out.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ class PackedLinears:
             self.enabled
             and type(module) is nn.Linear
             and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and module.weight.dtype == torch.float32
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and module.weight.dtype == x.dtype
             and not torch.is_grad_enabled()
         )
 
@@ -54,12 +54,11 @@ class PackedLinears:
         if not self.usable(module, x):
             return module(x)
         try:
-            packed = self.pack(module)
-        except RuntimeError:  # a oneDNN build that cannot pack for this CPU: use the modules from now on
+            return torch.ops.mkldnn._linear_pointwise(x, self.pack(module), module.bias, "none", [], "")
+        except RuntimeError:  # a oneDNN build that cannot run this on this CPU: the modules from now on
             self.enabled = False
             self._packs.clear()
             return module(x)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
     def clear(self) -> None:
         """Drop every pack (frees their memory; they are remade on next use)."""

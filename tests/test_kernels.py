@@ -29,6 +29,17 @@ def test_packed_equals_module(bias):
 
 
 @needs_onednn
+def test_packed_bf16_close_to_module():
+    torch.manual_seed(0)
+    lin, packed = nn.Linear(64, 96).to(torch.bfloat16), PackedLinears()
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got, want = packed(lin, x), lin(x)
+    assert got.dtype == torch.bfloat16 and len(packed._packs) == 1
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
+
+
+@needs_onednn
 def test_repacks_after_weight_changes_and_skips_autograd():
     lin, packed = nn.Linear(16, 16), PackedLinears()
     x = torch.randn(2, 16)
@@ -55,8 +66,8 @@ def test_falls_back_to_the_module():
         torch.testing.assert_close(PackedLinears()(lin, x), lin(x))
         off = PackedLinears(enabled=False)
         assert off(nn.Linear(8, 4), x).shape == (2, 4) and not off._packs
-        half = nn.Linear(8, 8).to(torch.bfloat16)
-        assert PackedLinears()(half, x.to(torch.bfloat16)).dtype == torch.bfloat16
+        half = nn.Linear(8, 8).to(torch.float16)  # fp16: not packed
+        assert PackedLinears()(half, x.to(torch.float16)).dtype == torch.float16
 
 
 def test_engine_with_and_without_packing_agree():
