@@ -84,10 +84,14 @@ class _TextStream:
         self.tokenizer, self.stop, self.ids, self.sent = tokenizer, stop, [], 0
         self.hold = max((len(s) for s in stop), default=1) - 1
 
-    def add(self, token_id: int, final: bool) -> str:
+    def add(self, token_id: int, final: bool, emit: bool = True) -> str:
+        """Append a token; -> the text that may be sent now. ``emit=False`` (a reply sent whole at the
+        end) skips decoding until the final token, which keeps a long reply linear, not quadratic."""
         from skipray.text import truncate_at_stop
 
         self.ids.append(token_id)
+        if not (emit or final):
+            return ""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if final:
             text = truncate_at_stop(text, self.stop)
@@ -310,7 +314,7 @@ class SkipServer:
         try:
             while True:
                 layers.append(ev.layers)
-                texts.add(ev.token_id, final=ev.finish_reason is not None)
+                texts.add(ev.token_id, final=ev.finish_reason is not None, emit=False)
                 finish = ev.finish_reason
                 if finish is not None:
                     break
