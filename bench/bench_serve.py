@@ -3,6 +3,8 @@
 Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max-tokens 64 | 8,128]`` measures
 
 * ``direct``: the static-batch ``Engine.generate`` over 16 prompts in this process (no Ray, no HTTP);
+* ``engine only``: the ``ContinuousEngine`` in this process with 16 requests always in flight (no Ray,
+  no HTTP): what continuous batching itself costs, apart from Serve;
 * ``continuous``: the skipray Serve app (``skipray.serve.app``) at 1, 4 and 16 concurrent clients;
 * ``static``: a Serve deployment that groups requests with ``@serve.batch`` (max 16) and runs each
   group through ``Engine.generate`` to completion (a new request waits for the running batch);
@@ -50,6 +52,41 @@ def direct(model_spec: str, max_tokens: list[int], threads: int) -> dict:
     dt = time.perf_counter() - t0
     return {"mode": "direct", "clients": 16, "tokens": n, "seconds": dt, "tok_s": n / dt,
             "p50_s": statistics.median(calls)}
+
+
+def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: float = 20.0) -> dict:
+    """``ContinuousEngine`` without Serve or HTTP: 16 requests always in flight (a finished one is
+    replaced at once by the next prompt), as 16 closed-loop clients would keep it; generated tokens/s."""
+    import torch
+
+    from skipray.engine import SamplingParams
+    from skipray.loading import load
+    from skipray.scheduler import ContinuousEngine
+    from skipray.text import encode_prompt
+
+    torch.set_num_threads(threads)
+    m = load(model_spec, device="cpu")
+    ids = [encode_prompt(m.tokenizer, p, chat=False) for p in PROMPTS]
+    eng = ContinuousEngine(m.model, m.schedule, max_batch=16, max_len=256, eos_token_ids=m.eos_token_ids)
+    sent = 0
+
+    def submit() -> None:
+        nonlocal sent
+        eng.add_request(ids[sent % 16], SamplingParams(max_new_tokens=max_tokens[sent % len(max_tokens)]))
+        sent += 1
+
+    for _ in range(16):
+        submit()
+    tokens, done, t0 = 0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < duration:
+        for ev in eng.step():
+            tokens += ev.token_id is not None
+            if ev.finish_reason is not None:
+                done += 1
+                submit()
+    dt = time.perf_counter() - t0
+    return {"mode": "engine only", "clients": 16, "requests": done, "tokens": tokens, "seconds": dt,
+            "tok_s": tokens / dt, "p50_s": None}
 
 
 def static_app(model_spec: str, max_tokens_cap: int, threads: int):
@@ -141,6 +178,8 @@ def main() -> int:
 
     rows = [direct(args.model, max_tokens, threads=args.threads)]
     print(f"direct engine, batch 16: {rows[0]['tok_s']:.1f} tok/s", flush=True)
+    rows.append(engine_only(args.model, max_tokens, threads=args.threads))
+    print(f"continuous engine without Serve, 16 in flight: {rows[1]['tok_s']:.1f} tok/s", flush=True)
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
