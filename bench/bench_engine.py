@@ -65,9 +65,9 @@ def step_seconds(run, n: int, repeats: int) -> float:
 
 
 def hf_generate(hf, prompts, n, pad):
-    from skipray.engine import left_pad
+    from skipray.engine import pad_prompts
 
-    ids, real = left_pad(prompts, pad)
+    ids, real = pad_prompts(prompts, pad)
     am = real.long()
     with torch.inference_mode():
         hf.generate(ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)

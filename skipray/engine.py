@@ -73,14 +73,21 @@ def check_schedule(schedule: SkipSchedule, num_layers: int) -> None:
         raise ValueError(f"schedule is for {schedule.num_layers} layers, model has {num_layers}")
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens, real)`` of shape (B, P): prompts right-aligned to the longest, ``real`` marks tokens."""
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, real)`` of shape (B, P), P the longest prompt: ``side="left"`` right-aligns the prompts
+    (static batches: every row's next token goes to slot P), ``"right"`` left-aligns them (continuous
+    batching: each row's own length is its next slot). ``real`` marks tokens, not padding."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     B, P = len(prompts), max(len(p) for p in prompts)
     tokens = torch.full((B, P), pad_id, dtype=torch.long)
     real = torch.zeros(B, P, dtype=torch.bool)
     for b, p in enumerate(prompts):
-        tokens[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-        real[b, P - len(p) :] = True
+        cols = slice(P - len(p), P) if side == "left" else slice(0, len(p))
+        tokens[b, cols] = torch.tensor(p, dtype=torch.long)
+        real[b, cols] = True
     return tokens, real
 
 
@@ -180,7 +187,7 @@ class Engine:
     # -- phases ------------------------------------------------------------------------------------
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Full-depth pass over left-padded prompts into cache rows ``0..B-1``; last-token logits (B, V)."""
-        tokens, real = (t.to(self.device) for t in left_pad(prompts))
+        tokens, real = (t.to(self.device) for t in pad_prompts(prompts))
         B, P = tokens.shape
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
         self.cache.reset_rows(slice(0, B))

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from skipray.engine import SamplingParams, check_schedule, finish_reason, validate_request
+from skipray.engine import SamplingParams, check_schedule, finish_reason, pad_prompts, validate_request
 from skipray.model import SkipModel, forward, full_plan
 from skipray.sampling import sample
 from skipray.schedule import SkipSchedule
@@ -155,12 +155,13 @@ class ContinuousEngine:
             events += [Event(self.live[i].rid, None, 0, "abort") for i in dropped]
             self._retire(dropped)
         with self._lock:
-            admit = []
+            admit, width = [], 0  # width: the longest prompt admitted, the padded pass's width
             while self._waiting and len(self.live) + len(admit) < self.max_batch:
-                padded = (len(admit) + 1) * max(len(r.prompt) for r in [*admit, self._waiting[0]])
-                if admit and padded > self.max_prefill_tokens:
+                w = max(width, len(self._waiting[0].prompt))
+                if admit and (len(admit) + 1) * w > self.max_prefill_tokens:
                     break  # the rest wait for the next iteration
                 admit.append(self._waiting.popleft())
+                width = w
 
         if admit:  # one full-depth pass for all newcomers, in the next free rows
             first = len(self.live)
@@ -187,13 +188,9 @@ class ContinuousEngine:
     # -- phases -----------------------------------------------------------------------------------
     def _prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
         """Right-padded prompts into cache rows ``first_row..``; -> last-prompt-token logits ``(k, vocab)``."""
-        k, width = len(prompts), max(map(len, prompts))
+        tokens, real = (t.to(self.device) for t in pad_prompts(prompts, side="right"))
+        k, width = tokens.shape
         rows = slice(first_row, first_row + k)
-        tokens = torch.zeros(k, width, dtype=torch.long, device=self.device)
-        real = torch.zeros(k, width, dtype=torch.bool, device=self.device)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p, device=self.device)
-            real[i, : len(p)] = True
         positions = torch.arange(width, device=self.device)[None].expand(k, width)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         self.cache.reset_rows(rows)

@@ -4,7 +4,7 @@ padding invariance, cache discipline, sampling determinism, stop handling and ba
 import pytest
 import torch
 
-from skipray.engine import Engine, SamplingParams, left_pad
+from skipray.engine import Engine, SamplingParams, pad_prompts
 from skipray.model import SkipModel, forward, training_plan
 from skipray.schedule import SkipSchedule
 
@@ -12,7 +12,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
 
 
 def hf_greedy(hf, prompts, n):
-    ids, real = left_pad(prompts)
+    ids, real = pad_prompts(prompts)
     P = ids.shape[1]
     out = hf.generate(ids, attention_mask=real.long(), max_new_tokens=n, do_sample=False, eos_token_id=None,
                       pad_token_id=0)
@@ -54,7 +54,7 @@ def test_cached_skip_decode_equals_training_forward(hf_model):
     engine = Engine(model, sched, max_batch=4, max_len=64)
     n = 12
     gen, step_logits = decode_logits(engine, PROMPTS, sched, n)
-    prompt, prompt_real = left_pad(PROMPTS)
+    prompt, prompt_real = pad_prompts(PROMPTS)
     P = prompt.shape[1]
     tokens = torch.cat([prompt, gen], 1)
     real = torch.cat([prompt_real, torch.ones_like(gen, dtype=torch.bool)], 1)
@@ -171,3 +171,12 @@ def test_cache_grows_and_reports_memory(llama):
     assert engine.cache.max_batch == 2 and engine.cache.max_len >= 13 and engine.cache.nbytes > small
     L, H, D = model.num_layers, model.kv_heads, model.head_dim
     assert engine.cache.nbytes >= 2 * L * 2 * H * 13 * D * 4
+
+
+def test_pad_prompts_both_sides():
+    tokens, real = pad_prompts([[5, 6, 7], [8]], pad_id=1)
+    assert tokens.tolist() == [[5, 6, 7], [1, 1, 8]] and real.tolist() == [[True] * 3, [False, False, True]]
+    tokens, real = pad_prompts([[5, 6, 7], [8]], pad_id=1, side="right")
+    assert tokens.tolist() == [[5, 6, 7], [8, 1, 1]] and real.tolist() == [[True] * 3, [True, False, False]]
+    with pytest.raises(ValueError, match="side"):
+        pad_prompts([[5]], side="middle")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from skipray.engine import Engine, SamplingParams
-from skipray.engine import left_pad as engine_left_pad
+from skipray.engine import pad_prompts
 from skipray.model import forward, training_plan
 from skipray.schedule import SkipSchedule
 from skipray.text import decode, encode_prompt
@@ -19,7 +19,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbo
 
 
 def left_pad(prompts, pad):
-    ids, real = engine_left_pad(prompts, pad)
+    ids, real = pad_prompts(prompts, pad)
     return ids, real.long(), ids.shape[1]
 
 
