@@ -1,24 +1,53 @@
 #!/usr/bin/env bash
-# The exact commands that made the shipped skip-trained default (skipray/assets/smollm2-skip).
-# CPU, one torch thread (2 threads were no faster on 2 cores and collapse when anything else runs).
-# Each step checkpoints; re-running a `skipray train` line with --resume continues where it stopped.
+# The exact commands that make the shipped skip adapters (skipray/assets/smollm2-skip, ~1.5x, the default;
+# skipray/assets/smollm2-skip-2x). CPU, one torch thread per process (2 threads were no faster on 2 cores
+# and collapse when anything else runs). Every step resumes: data shards that exist are skipped, and
+# `skipray train --resume` continues from OUT/checkpoint (it re-reads the data, so new shards join).
+#   bash scripts/train_default.sh            # everything, in order (tens of core-hours)
+#   STAGE=train15 bash scripts/train_default.sh   # one stage: prompts data calibrate train15 eval15 train2x eval2x package
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
-STEPS=${STEPS:-500}
+PY=.venv/bin/python
+SK=.venv/bin/skipray
+STEPS15=${STEPS15:-3000}
+STEPS2X=${STEPS2X:-3000}
+HELD=(--exclude examples/heldout_prompts.parquet --exclude examples/fact_questions.parquet --exclude examples/prompts.parquet)
+stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 
-# 1. prompts the project writes: 1905 training prompts, 120 held-out prompts on topics never trained on
-.venv/bin/python examples/make_train_prompts.py
-# 2. self-distillation data: the full-depth model's greedy answers to 512 training prompts (~5 min)
-.venv/bin/skipray distill-data --prompts examples/train_prompts.parquet --out runs/distill/train.parquet \
-    --limit 512 --max-new-tokens 80 --batch-size 32
-# 3. LoRA distillation under the ~2x schedule (16 -> 6 layers over 64 tokens, 4 warm-up layers)
-.venv/bin/skipray train --data runs/distill/train.parquet --out runs/skip2x --model smollm2-base \
-    --max-layers 16 --min-layers 6 --decay-tokens 64 --warmup-layers 4 --lora-r 32 --lora-alpha 64 \
-    --lr 4e-4 --steps "$STEPS" --batch-size 8 --warmup-steps 20 --save-every 20 --kl-weight 1.0 --ce-weight 0.0 \
-    ${RESUME:+--resume}
-# 4. held-out quality and speed against full depth
-.venv/bin/skipray eval --model runs/skip2x --prompts examples/heldout_prompts.parquet --limit 64 \
-    --schedule full --schedule trained --out runs/eval-skip2x
-# 5. package: fp16 adapter + skipray.json into the package
-.venv/bin/python scripts/package_adapter.py runs/skip2x skipray/assets/smollm2-skip
+if stage prompts; then  # the project's prompt lists and the held-out fact questions
+    $PY examples/make_train_prompts.py
+    $PY examples/make_fact_questions.py
+fi
+if stage data; then
+    # two sampled full-depth answers per project prompt, with the teacher's top-16 log-probs per token
+    $SK distill-data --prompts examples/train_prompts.parquet --out runs/data/project --shard-size 256 \
+        --samples 2 --temperature 0.7 --topk 16 --max-new-tokens 64 --batch-size 32 --seed 1000
+    # prompts the model writes itself (Magpie), none close to a held-out prompt or question, one answer each
+    $SK distill-data --self-prompts "${SELF_PROMPTS:-6000}" "${HELD[@]}" --out runs/data/self --shard-size 500 \
+        --samples 1 --temperature 0.7 --topk 16 --max-new-tokens 64 --batch-size 32 --seed 50000
+fi
+if stage calibrate; then  # the drop order: greedy teacher-forced KL, prompt at full depth (~7 min)
+    $SK calibrate --data runs/data/project/part-00000.parquet --out runs/calibrate/skip15.json \
+        --max-layers 30 --min-layers 10 --decay-tokens 36 --shape power --power 1.5 --search-min-layers 4
+    $SK calibrate --data runs/data/project/part-00000.parquet --out runs/calibrate/skip2x.json \
+        --method greedy-kl --max-layers 24 --min-layers 6 --decay-tokens 32 --search-min-layers 4
+fi
+train() {  # OUT SCHEDULE STEPS
+    $SK train --data runs/data --out "$1" --model smollm2-base --schedule-file "$2" --lora-r 32 --lora-alpha 64 \
+        --lr 4e-4 --steps "$3" --batch-size 8 --warmup-steps 30 --save-every 25 --kl-weight 1.0 --ce-weight 0.0 \
+        --max-len 192 $( [ -f "$1/checkpoint/trainer_state.pt" ] && echo --resume )
+}
+evaluate() {  # MODEL OUT
+    $SK eval --model "$1" --prompts examples/heldout_prompts.parquet --limit 64 \
+        --questions examples/fact_questions.parquet --schedule trained --schedule full \
+        --schedule ref:bf16 --schedule ref:t0.3 --out "$2"
+}
+stage train15 && train runs/skip15 runs/calibrate/skip15.json "$STEPS15"
+stage eval15 && evaluate runs/skip15 runs/eval-skip15
+stage train2x && train runs/skip2x runs/calibrate/skip2x.json "$STEPS2X"
+stage eval2x && evaluate runs/skip2x runs/eval-skip2x
+if stage package; then  # fp16 adapter + skipray.json into the package
+    $PY scripts/package_adapter.py runs/skip15 skipray/assets/smollm2-skip
+    [ -d runs/skip2x ] && $PY scripts/package_adapter.py runs/skip2x skipray/assets/smollm2-skip-2x
+fi

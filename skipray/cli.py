@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
-    for extra in ("train", "distill_data", "evaluate", "serve_cli"):
+    for extra in ("train", "distill_data", "calibrate", "evaluate", "serve_cli"):
         try:  # subcommands that live in their own modules register themselves here
             module = __import__(f"skipray.{extra}", fromlist=["register"])
         except ImportError:

@@ -20,6 +20,9 @@ from skipray.sampling import sample, validate
 from skipray.schedule import SkipSchedule
 
 
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -29,11 +32,35 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop_fn: Callable[[list[int]], bool] | None = None  # e.g. stop strings, checked at the edges
+    logprobs: int = 0  # return the top-N log-probs of each step's logits (0: only none; vLLM's `logprobs`)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         validate(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class TopLogprobs:
+    """Log-softmax of the logits a step really produced (before temperature/top-p, as vLLM returns them):
+    the sampled token's log-prob and the ``n`` most likely token ids with theirs, best first."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int]) -> list[TopLogprobs | None]:
+    """Per row of ``logits`` (B, V): ``TopLogprobs`` with ``n[row]`` entries, or ``None`` where ``n[row] == 0``."""
+    if not any(n):
+        return [None] * len(chosen)
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    vals, ids = torch.topk(lp, max(n), dim=-1)
+    picked = lp[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
+    vals, ids = vals.tolist(), ids.tolist()
+    return [TopLogprobs(picked[i], ids[i][:k], vals[i][:k]) if k else None for i, k in enumerate(n)]
 
 
 @dataclass
@@ -42,6 +69,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     layers_per_token: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list[TopLogprobs] = field(default_factory=list)  # one per token when params.logprobs > 0
 
     @property
     def avg_layers(self) -> float:
@@ -54,6 +82,7 @@ class TokenEvent:
     token_id: int
     layers: int
     finish_reason: str | None  # set on the row's last token
+    logprobs: TopLogprobs | None = None  # when the request asked for logprobs
 
 
 def finish_reason(generated: list[int], p: SamplingParams, eos_token_ids: Sequence[int]) -> str | None:
@@ -132,6 +161,8 @@ class Engine:
             c.token_ids.append(ev.token_id)
             c.layers_per_token.append(ev.layers)
             c.finish_reason = ev.finish_reason
+            if ev.logprobs is not None:
+                c.logprobs.append(ev.logprobs)
         return out
 
     @torch.inference_mode()
@@ -161,12 +192,14 @@ class Engine:
         step = 0
         while row_of:
             tokens, keep = [], []
+            picked = [sample(logits[i], plist[r].temperature, plist[r].top_k, plist[r].top_p, gens[r])
+                      for i, r in enumerate(row_of)]
+            lps = top_logprobs(logits, picked, [plist[r].logprobs for r in row_of])
             for i, r in enumerate(row_of):
-                p = plist[r]
-                tok = sample(logits[i], p.temperature, p.top_k, p.top_p, gens[r])
+                tok = picked[i]
                 generated[r].append(tok)
-                reason = finish_reason(generated[r], p, self.eos_token_ids)
-                yield TokenEvent(r, tok, layers, reason)
+                reason = finish_reason(generated[r], plist[r], self.eos_token_ids)
+                yield TokenEvent(r, tok, layers, reason, lps[i])
                 if reason is None:
                     keep.append(i)
                     tokens.append(tok)
@@ -179,7 +212,7 @@ class Engine:
                 row_of = [row_of[i] for i in keep]
             tok_t = torch.tensor(tokens, device=self.device)[:, None]
             active = schedule.active_layers(step)
-            logits = self.decode_one_token(tok_t, positions, P + step, active)
+            logits = self.decode_one_token(tok_t, positions, P + step, active, adapter=not schedule.is_full)
             layers = len(active)
             positions = positions + 1
             step += 1
@@ -198,13 +231,15 @@ class Engine:
         return logits[:, 0].float()
 
     def decode_one_token(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, active: Sequence[int]
+        self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, active: Sequence[int], adapter: bool = False
     ) -> torch.Tensor:
-        """One step for the live rows (cache rows ``0..n-1``), running only ``active`` layers."""
+        """One step for the live rows (cache rows ``0..n-1``), running only ``active`` layers; with
+        ``adapter``, the model's skip adapter (if it has one) applies to these generated tokens."""
         n = tokens.shape[0]
+        ones = torch.ones_like(tokens, dtype=torch.bool)
         logits = forward(
-            self.model, tokens, positions[:, None], step_plan(active, self.model.num_layers), 
-            torch.ones_like(tokens, dtype=torch.bool), cache=self.cache, cache_rows=slice(0, n), start=slot,
+            self.model, tokens, positions[:, None], step_plan(active, self.model.num_layers), ones,
+            cache=self.cache, cache_rows=slice(0, n), start=slot, adapter=ones if adapter else None,
         )
         return logits[:, 0].float()
 

@@ -1,12 +1,18 @@
 """`skipray eval`: quality against speed for one or more skip schedules.
 
-Contract: for each schedule, on the prompts of a Parquet file, it reports
-* ROUGE-L F1 of the greedy skip output against the base model's greedy full-depth output (and
-  against the data's ``reference`` column when present);
-* teacher-forced top-1 agreement with the full-depth base model and the perplexity of the full-depth
-  output under the skip model (both from the parallel training forward over that output);
-* average layers per token, theoretical FLOP speedup and measured speedup (tokens/s against full
-  depth on the same model, same prompts, same run).
+Contract: for each schedule, on held-out prompts (Parquet ``prompt``) and, with ``--questions``, on
+held-out short-answer questions (``question``, ``answers``), greedy with the chat template, it reports
+* fact retention: of the questions the base model at full depth answers right (an accepted answer
+  appears, lower-cased, in its first ``question_tokens`` tokens), the share the schedule still does;
+* ROUGE-L F1 of the greedy output against the base model's greedy full-depth output, over token ids
+  and over words (and against the data's ``reference`` column when present);
+* teacher-forced top-1 agreement with full depth and the perplexity of the full-depth output under the
+  skip forward (the parallel training forward over the full model's output);
+* on-policy agreement (the share of the skip model's own greedy tokens that equal the full model's
+  argmax after the same prefix) and the perplexity of the skip output under the full model;
+* average layers per token, theoretical FLOP speedup (lm_head counted) and measured speedup.
+Reference rows ``ref:bf16`` and ``ref:t0.3`` (the base model in bf16; sampled at temperature 0.3) put
+a noise floor beside every figure: greedy text diverges for good after one different token.
 It writes ``report.json``, ``report.md`` and ``quality_vs_speedup.png`` to ``--out``.
 """
 
@@ -17,6 +23,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,11 +33,10 @@ def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased alphanumeric words (the rouge-score package's default tokenization)."""
-    a, b = _words(candidate), _words(reference)
+def lcs_f1(a: Sequence, b: Sequence) -> float:
+    """ROUGE-L F1 (Lin 2004) of two token sequences: the longest common subsequence's precision and recall."""
     if not a or not b:
-        return float(a == b)
+        return float(len(a) == len(b))
     prev = [0] * (len(b) + 1)
     for x in a:
         cur = [0]
@@ -44,53 +50,102 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased alphanumeric words (the rouge-score package's default tokenization)."""
+    return lcs_f1(_words(candidate), _words(reference))
+
+
 def parse_schedule(spec: str, num_layers: int):
-    """'full' or 'MAX,MIN,DECAY[,WARMUP]' -> SkipSchedule."""
+    """'full', 'MAX,MIN,DECAY[,WARMUP]', or a schedule file (JSON from ``skipray calibrate``) -> SkipSchedule."""
     from skipray.schedule import SkipSchedule
 
     if spec == "full":
         return SkipSchedule.full(num_layers)
+    if spec.endswith(".json"):
+        from skipray.options import read_schedule_file
+
+        return read_schedule_file(spec, num_layers)
     parts = [int(x) for x in spec.split(",")]
     if len(parts) not in (3, 4):
-        raise ValueError(f"schedule {spec!r}: expected 'full' or MAX,MIN,DECAY[,WARMUP]")
+        raise ValueError(f"schedule {spec!r}: expected 'full', a .json schedule file or MAX,MIN,DECAY[,WARMUP]")
     return SkipSchedule(num_layers, parts[0], parts[1], parts[2], warmup_layers=parts[3] if len(parts) == 4 else 1)
 
 
-def generate_all(engine, prompts, schedule, max_new: int, batch: int) -> tuple[list[list[int]], float]:
+def generate_all(engine, prompts, schedule, max_new: int, batch: int, temperature: float = 0.0,
+                 seed: int = 0) -> tuple[list[list[int]], float]:
     from skipray.engine import SamplingParams
 
     outs, t0 = [], time.perf_counter()
     for s in range(0, len(prompts), batch):
-        outs += [c.token_ids for c in engine.generate(prompts[s : s + batch], SamplingParams(max_new_tokens=max_new), schedule)]
+        params = [SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=seed + s + i)
+                  for i in range(len(prompts[s : s + batch]))]
+        outs += [c.token_ids for c in engine.generate(prompts[s : s + batch], params, schedule)]
     return outs, time.perf_counter() - t0
+
+
+def _logits(model, prompt: list[int], response: list[int], schedule=None) -> torch.Tensor:
+    """Logits predicting each ``response`` token after ``prompt``: full depth, or ``schedule`` with its adapter."""
+    from skipray.model import forward, full_plan, generated_positions, training_plan
+
+    tokens = torch.tensor([prompt + response])
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    P, T = len(prompt), tokens.shape[1]
+    pos = torch.arange(T)[None]
+    if schedule is None or schedule.is_full:
+        plan, adapter = full_plan(model.num_layers), None
+    else:
+        plan, adapter = training_plan(schedule, P, T), generated_positions(1, P, T)
+    return forward(model, tokens, pos, plan, real, logits_at=slice(P - 1, T - 1), adapter=adapter)[0].float()
 
 
 @torch.no_grad()
 def teacher_forced(student, teacher, prompt: list[int], response: list[int], schedule) -> tuple[float, float]:
-    """(top-1 agreement with the full-depth teacher, perplexity of ``response`` under the student)."""
-    from skipray.model import forward, full_plan, training_plan
-
+    """On the full model's own output: (top-1 agreement of the skip forward with full depth, perplexity of
+    ``response`` under the skip forward)."""
     if len(response) < 2:
         return float("nan"), float("nan")
-    tokens = torch.tensor([prompt + response])
-    real = torch.ones_like(tokens, dtype=torch.bool)
-    pos = torch.arange(tokens.shape[1])[None]
-    P, T = len(prompt), tokens.shape[1]
-    cols = slice(P - 1, T - 1)
-    s = forward(student, tokens, pos, training_plan(schedule, P, T), real, logits_at=cols)[0].float()
-    t = forward(teacher, tokens, pos, full_plan(teacher.num_layers), real, logits_at=cols)[0].float()
+    s = _logits(student, prompt, response, schedule)
+    t = _logits(teacher, prompt, response)
     agree = (s.argmax(-1) == t.argmax(-1)).float().mean().item()
-    nll = torch.nn.functional.cross_entropy(s, tokens[0, P:]).item()
+    nll = torch.nn.functional.cross_entropy(s, torch.tensor(response)).item()
     return agree, math.exp(nll)
 
 
+@torch.no_grad()
+def on_policy(teacher, prompt: list[int], output: list[int]) -> tuple[float, float]:
+    """On the skip model's own greedy output: (share of its tokens equal to the full model's argmax after the
+    same prefix, perplexity of the output under the full model)."""
+    if not output:
+        return float("nan"), float("nan")
+    t = _logits(teacher, prompt, output)
+    agree = (t.argmax(-1) == torch.tensor(output)).float().mean().item()
+    return agree, math.exp(torch.nn.functional.cross_entropy(t, torch.tensor(output)).item())
+
+
+def answered(text: str, answers: Sequence[str]) -> bool:
+    """Fact retention's rule: an accepted answer appears, lower-cased, in the generated text."""
+    low = text.lower()
+    return any(a.lower() in low for a in answers)
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+REFERENCES = {"ref:bf16": "the base model in bfloat16, greedy", "ref:t0.3": "the base model sampled at temperature 0.3"}
+
+
 def evaluate(model_spec: str, prompts_path: str, schedules: list[str], out: str, max_new: int = 64,
-             limit: int = 0, batch: int = 16, base_spec: str = "smollm2-base", chat: bool = True) -> dict:
+             limit: int = 0, batch: int = 16, base_spec: str = "smollm2-base", chat: bool = True,
+             questions_path: str | None = None, question_tokens: int = 32, question_limit: int = 0) -> dict:
+    """Quality and speed per schedule (or reference row) against the base model's greedy full-depth output."""
     from tqdm import tqdm
 
     from skipray.engine import Engine
     from skipray.io import read_table
     from skipray.loading import load
+    from skipray.schedule import SkipSchedule
     from skipray.text import decode, encode_prompt
 
     table = read_table(prompts_path)
@@ -100,36 +155,64 @@ def evaluate(model_spec: str, prompts_path: str, schedules: list[str], out: str,
     student = load(model_spec, device="cpu") if model_spec != base_spec else base
     tok = base.tokenizer
     prompts = [encode_prompt(tok, t, chat=chat) for t in texts]
-    base_engine = Engine(base.model, max_batch=batch, max_len=max(map(len, prompts)) + max_new, eos_token_ids=base.eos_token_ids)
+    qs, accepted = [], []
+    if questions_path:
+        qt = read_table(questions_path)
+        qs = [encode_prompt(tok, q, chat=chat) for q in qt.column("question").to_pylist()[: question_limit or None]]
+        accepted = qt.column("answers").to_pylist()[: len(qs)]
+    max_len = max(map(len, prompts + qs)) + max(max_new, question_tokens)
+    base_engine = Engine(base.model, max_batch=batch, max_len=max_len, eos_token_ids=base.eos_token_ids)
     full_ids, _ = generate_all(base_engine, prompts, None, max_new, batch)
     full_txt = [decode(tok, ids) for ids in full_ids]
-    engine = Engine(student.model, max_batch=batch, max_len=base_engine.cache.max_len, eos_token_ids=student.eos_token_ids)
-    # speed reference: the student at full depth, the same prompts, forced to the same lengths
+    full_q = [decode(tok, x) for x in generate_all(base_engine, qs, None, question_tokens, batch)[0]]
+    known = [i for i, (t, a) in enumerate(zip(full_q, accepted)) if answered(t, a)]
+    engine = Engine(student.model, max_batch=batch, max_len=max_len, eos_token_ids=student.eos_token_ids)
     rows = []
     for spec in tqdm(schedules, desc="schedules"):
-        sched = parse_schedule(spec, student.model.num_layers) if spec != "trained" else student.schedule
-        if sched is None:
-            raise ValueError(f"{model_spec} records no trained schedule; pass MAX,MIN,DECAY[,WARMUP]")
-        ids, secs = generate_all(engine, prompts, sched, max_new, batch)
+        temperature, gen_engine, sched = 0.0, engine, None
+        if spec == "ref:bf16":
+            bf16 = load(base_spec, device="cpu", dtype=torch.bfloat16)
+            gen_engine = Engine(bf16.model, max_batch=batch, max_len=max_len, eos_token_ids=bf16.eos_token_ids)
+            sched = SkipSchedule.full(base.model.num_layers)
+        elif spec == "ref:t0.3":
+            temperature, gen_engine, sched = 0.3, base_engine, SkipSchedule.full(base.model.num_layers)
+        elif spec == "trained":
+            sched = student.schedule
+            if sched is None:
+                raise ValueError(f"{model_spec} records no trained schedule; pass MAX,MIN,DECAY[,WARMUP]")
+        else:
+            sched = parse_schedule(spec, student.model.num_layers)
+        ids, secs = generate_all(gen_engine, prompts, sched, max_new, batch, temperature)
         txt = [decode(tok, x) for x in ids]
-        tf = [teacher_forced(student.model, base.model, p, r, sched) for p, r in zip(prompts, full_ids)]
-        tf = [x for x in tf if not math.isnan(x[0])]
-        speed = _measured_speedup(engine, prompts[:batch], sched, max_new)
+        q_txt = [decode(tok, x) for x in generate_all(gen_engine, qs, sched, question_tokens, batch, temperature)[0]]
+        if spec in REFERENCES:
+            tf = []  # the reference rows are the base model itself: nothing to teacher-force
+        else:
+            tf = [teacher_forced(student.model, base.model, p, r, sched) for p, r in zip(prompts, full_ids)]
+        op = [on_policy(base.model, p, x) for p, x in zip(prompts, ids)]
         ntok = sum(map(len, ids))
         row = {
-            "schedule": spec, "description": sched.describe(),
+            "schedule": spec, "description": REFERENCES.get(spec) or sched.describe(),
+            "schedule_dict": sched.to_dict(),
             "rouge_l_vs_full": sum(rouge_l(a, b) for a, b in zip(txt, full_txt)) / len(txt),
-            "top1_agreement": sum(a for a, _ in tf) / max(len(tf), 1),
-            "perplexity_of_full_output": sum(p for _, p in tf) / max(len(tf), 1),
+            "rouge_l_ids_vs_full": sum(lcs_f1(a, b) for a, b in zip(ids, full_ids)) / len(ids),
+            "fact_retention": (sum(answered(q_txt[i], accepted[i]) for i in known) / len(known)) if known else None,
+            "facts_known_by_full": len(known), "facts_asked": len(qs),
+            "top1_agreement": _mean(a for a, _ in tf),
+            "perplexity_of_full_output": _mean(p for _, p in tf),
+            "on_policy_agreement": _mean(a for a, _ in op),
+            "perplexity_under_full": _mean(p for _, p in op),
             "avg_layers": sum(sum(sched.layers_per_token(len(x))) for x in ids) / max(ntok, 1),
             "theoretical_speedup": _theory(sched, student.model, prompts, max_new),
-            "measured_speedup": speed, "tokens_per_s": ntok / secs, "examples": list(zip(texts[:3], txt[:3])),
+            "measured_speedup": 1.0 if spec in REFERENCES else _measured_speedup(engine, prompts[:batch], sched, max_new),
+            "tokens_per_s": ntok / secs, "examples": list(zip(texts[:3], txt[:3])),
         }
         if refs:
             row["rouge_l_vs_reference"] = sum(rouge_l(a, b or "") for a, b in zip(txt, refs)) / len(txt)
         rows.append(row)
     report = {"model": model_spec, "base": base_spec, "prompts": prompts_path, "n": len(texts),
-              "max_new_tokens": max_new, "results": rows}
+              "questions": questions_path, "max_new_tokens": max_new, "question_tokens": question_tokens,
+              "results": rows}
     write_report(report, Path(out))
     return report
 
@@ -164,13 +247,20 @@ def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = [f"# skipray eval: {report['model']} on {report['prompts']} ({report['n']} prompts, "
-             f"{report['max_new_tokens']} new tokens)", "",
-             "| schedule | avg layers | theoretical speedup | measured speedup | ROUGE-L vs full | top-1 agreement | ppl of full output |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{report['max_new_tokens']} new tokens; facts: {report.get('questions')})", "",
+             "| schedule | avg layers | theoretical speedup | measured speedup | fact retention | ROUGE-L ids vs full "
+             "| ROUGE-L words vs full | teacher-forced agreement | on-policy agreement | ppl under full |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(x, fmt=".3f"):
+        return "-" if x is None else format(x, fmt)
+
     for r in report["results"]:
+        facts = "-" if r.get("fact_retention") is None else f"{r['fact_retention']:.1%} of {r['facts_known_by_full']}"
         lines.append(f"| {r['description']} | {r['avg_layers']:.2f} | {r['theoretical_speedup']:.2f}x | "
-                     f"{r['measured_speedup']:.2f}x | {r['rouge_l_vs_full']:.3f} | {r['top1_agreement']:.3f} | "
-                     f"{r['perplexity_of_full_output']:.2f} |")
+                     f"{r['measured_speedup']:.2f}x | {facts} | {f(r.get('rouge_l_ids_vs_full'))} | "
+                     f"{f(r['rouge_l_vs_full'])} | {f(r['top1_agreement'])} | {f(r.get('on_policy_agreement'))} | "
+                     f"{f(r.get('perplexity_under_full'), '.2f')} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -180,7 +270,8 @@ def write_report(report: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     xs = [r["theoretical_speedup"] for r in report["results"]]
     ax.plot(xs, [r["rouge_l_vs_full"] for r in report["results"]], "o-", label="ROUGE-L vs full depth")
-    ax.plot(xs, [r["top1_agreement"] for r in report["results"]], "s--", label="top-1 agreement")
+    ax.plot(xs, [r["top1_agreement"] or 0 for r in report["results"]], "s--", label="top-1 agreement")
+    ax.plot(xs, [r.get("fact_retention") or 0 for r in report["results"]], "^:", label="fact retention")
     for r, x in zip(report["results"], xs):
         ax.annotate(r["schedule"], (x, r["rouge_l_vs_full"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("theoretical speedup (FLOPs)")
@@ -195,7 +286,8 @@ def write_report(report: dict, out: Path) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     rep = evaluate(args.model, args.prompts, args.schedule or ["full", "trained"], args.out, args.max_new_tokens,
-                   args.limit, args.batch_size, args.base, args.chat)
+                   args.limit, args.batch_size, args.base, args.chat, args.questions, args.question_tokens,
+                   args.question_limit)
     print((Path(args.out) / "report.md").read_text())
     return 0 if rep["results"] else 1
 
@@ -205,7 +297,12 @@ def register(sub) -> None:
     p.add_argument("--model", default="default", help="model to evaluate (its trained schedule is 'trained')")
     p.add_argument("--base", default="smollm2-base", help="full-depth reference model")
     p.add_argument("--prompts", required=True, help="Parquet with 'prompt' (and optional 'reference')")
-    p.add_argument("--schedule", action="append", help="'full', 'trained' or MAX,MIN,DECAY[,WARMUP]; repeatable")
+    p.add_argument("--schedule", action="append",
+                   help="'full', 'trained', MAX,MIN,DECAY[,WARMUP], a schedule .json file, or a reference row "
+                        "'ref:bf16' / 'ref:t0.3' (the base model in bf16 / sampled at 0.3); repeatable")
+    p.add_argument("--questions", help="Parquet of short-answer questions (question, answers) for fact retention")
+    p.add_argument("--question-tokens", type=int, default=32, help="tokens generated per question")
+    p.add_argument("--question-limit", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, default=0)

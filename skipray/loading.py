@@ -149,20 +149,14 @@ def resolve(spec: str | None) -> tuple[Path, Path | None]:
     return path, None
 
 
-def merge_adapter(base: Path, adapter: Path) -> Path:
-    """Merge a LoRA adapter into its base once (fp32, like the base); return the cached merged directory."""
+def attach_adapter(hf, adapter: Path):
+    """Inject a LoRA adapter into ``hf`` in place, unmerged (peft): ``SkipModel`` applies it to generated
+    tokens of skipping schedules only, so the base model's output at full depth stays exact."""
     _refuse_pickles(adapter)
-    h = hashlib.sha1(str(base.resolve()).encode())
-    for f in sorted(adapter.glob("*")):
-        if f.is_file():
-            h.update(f.name.encode() + f.read_bytes())
-    out = cache_dir() / f"merged-{adapter.name}-{h.hexdigest()[:12]}"
-    if cached(out):
-        return out
     from peft import PeftModel
 
-    hf, tok = load_hf(base, torch.float32, torch.device("cpu"))
-    return save_to_cache(PeftModel.from_pretrained(hf, adapter).merge_and_unload(), tok, out)
+    PeftModel.from_pretrained(hf, adapter, is_trainable=False)
+    return hf
 
 
 def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> Loaded:
@@ -170,7 +164,9 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
 
     dev, default_dtype = pick_device(device)
     base, adapter = resolve(spec)
-    hf, tok = load_hf(merge_adapter(base, adapter) if adapter is not None else base, dtype or default_dtype, dev)
+    hf, tok = load_hf(base, dtype or default_dtype, dev)
+    if adapter is not None:
+        attach_adapter(hf, adapter)
     hf.eval()
     eos = hf.generation_config.eos_token_id
     eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -85,13 +85,29 @@ class SkipModel(nn.Module):
         cos, sin = self.body.rotary_emb(x, positions)
         return cos[:, None], sin[:, None]
 
-    def qkv(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    def lin(self, module: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
+        """``module(x)``; for a peft LoRA layer, its base layer plus the LoRA update only where ``adapter``
+        (bool, ``x.shape[:-1]``) is true: the skip adapter changes generated positions of a skipping
+        schedule and nothing else, so prompts and full-depth requests see the base model exactly."""
+        base = getattr(module, "base_layer", None)
+        if base is None:
+            return self.linear(module, x)
+        y = self.linear(base, x)
+        if adapter is None or module.merged or module.disable_adapters or not bool(adapter.any()):
+            return y
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                d = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](x))) * module.scaling[name]
+                y = y + (d if bool(adapter.all()) else d * adapter[..., None].to(d.dtype))
+        return y
+
+    def qkv(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """Normed input -> q, k, v as (b, heads, t, head_dim), plus the attention scale to use."""
         attn = layer.self_attn
         b, t, _ = x.shape
-        q = self.linear(attn.q_proj, x).view(b, t, -1, self.head_dim)
-        k = self.linear(attn.k_proj, x).view(b, t, -1, self.head_dim)
-        v = self.linear(attn.v_proj, x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = self.lin(attn.q_proj, x, adapter).view(b, t, -1, self.head_dim)
+        k = self.lin(attn.k_proj, x, adapter).view(b, t, -1, self.head_dim)
+        v = self.lin(attn.v_proj, x, adapter).view(b, t, -1, self.head_dim).transpose(1, 2)
         if self.arch == "opt":  # OPT scales q before the product, as Hugging Face does
             return (q * attn.scaling).transpose(1, 2), k.transpose(1, 2), v, 1.0
         if hasattr(attn, "q_norm"):  # Qwen3
@@ -101,15 +117,16 @@ class SkipModel(nn.Module):
     def attn_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer.self_attn_layer_norm(x) if self.arch == "opt" else layer.input_layernorm(x)
 
-    def attn_out(self, layer: nn.Module, o: torch.Tensor) -> torch.Tensor:
+    def attn_out(self, layer: nn.Module, o: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
         attn = layer.self_attn
-        return self.linear(attn.out_proj if self.arch == "opt" else attn.o_proj, o)
+        return self.lin(attn.out_proj if self.arch == "opt" else attn.o_proj, o, adapter)
 
-    def mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
+        a = adapter
         if self.arch == "opt":
-            return self.linear(layer.fc2, layer.activation_fn(self.linear(layer.fc1, layer.final_layer_norm(x))))
+            return self.lin(layer.fc2, layer.activation_fn(self.lin(layer.fc1, layer.final_layer_norm(x), a)), a)
         mlp, x = layer.mlp, layer.post_attention_layernorm(x)  # gated MLP, as the Llama family defines it
-        return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
+        return self.lin(mlp.down_proj, mlp.act_fn(self.lin(mlp.gate_proj, x, a)) * self.lin(mlp.up_proj, x, a), a)
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         if self.arch == "opt":
@@ -152,6 +169,12 @@ def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun]:
     ]
 
 
+def generated_positions(batch: int, prompt_len: int, total_len: int, device=None) -> torch.Tensor:
+    """Adapter mask for the training layout: columns ``>= prompt_len`` (the generated tokens), shape (b, t)."""
+    cols = torch.arange(total_len, device=device) >= prompt_len
+    return cols[None].expand(batch, total_len)
+
+
 def _compose(outer: slice | torch.Tensor, inner: slice | torch.Tensor, n: int, dev) -> slice | torch.Tensor:
     """Cache rows of forward rows ``inner`` when forward row ``i`` is cache row ``outer[i]``."""
     if isinstance(outer, slice) and isinstance(inner, slice) and outer.step is None and inner.step is None:
@@ -171,6 +194,8 @@ def forward(
     cache_rows: slice | torch.Tensor = slice(None),
     start: int | torch.Tensor = 0,
     logits_at: slice | torch.Tensor | None = None,
+    adapter: torch.Tensor | None = None,
+    prefix: KVCache | None = None,
 ) -> torch.Tensor:
     """Logits ``(b, t', vocab)`` for ``tokens`` ``(b, t)`` at ``positions`` (RoPE/learned positions).
 
@@ -178,6 +203,11 @@ def forward(
     ``cache_rows[i]`` and the tokens occupy slots ``start .. start+t-1`` (``start`` an int, or one
     slot per row when ``t == 1``). ``logits_at`` selects the columns to project (default: all): a slice,
     or a tensor of one column per row (right-padded prompts of different lengths) giving ``(b, 1, vocab)``.
+    ``adapter`` (bool, (b, t)) marks the positions where a skip adapter (LoRA) applies: generated tokens
+    of a skipping schedule (``None``: nowhere, the base model; see ``SkipModel.lin``).
+    ``prefix`` (training, no ``cache``): a cache whose rows hold an already prefilled prompt in slots
+    ``[0, prefix_len)`` for batch rows ``0..b-1``; the tokens follow it, attend to it and write nothing,
+    so a training step runs the prompt once without gradients and only the answer with them.
     """
     if len(plan) != model.num_layers:
         raise ValueError(f"plan has {len(plan)} entries for {model.num_layers} layers")
@@ -185,6 +215,10 @@ def forward(
     h = model.embed(tokens, positions)
     rope = model.rope(h, positions)
     dev = tokens.device
+    if prefix is not None:
+        if cache is not None:
+            raise ValueError("prefix is for training without a cache")
+        prefix_len = int(prefix.filled[:, :b].max())
     if cache is not None:
         cache.mark_valid(cache_rows, start, real)
         qslots = (start if isinstance(start, int) else start[:, None]) + torch.arange(t, device=dev)
@@ -202,7 +236,8 @@ def forward(
             continue
         layer = model.layers[l]
         x = h[rows, :cols]
-        q, k, v, scale = model.qkv(layer, model.attn_norm(layer, x))
+        am = None if adapter is None else adapter[rows, :cols]
+        q, k, v, scale = model.qkv(layer, model.attn_norm(layer, x), am)
         if rope is not None:
             cos, sin = rope[0][rows, :, :cols], rope[1][rows, :, :cols]
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
@@ -218,11 +253,15 @@ def forward(
             idx = torch.arange(cols, device=dev)
             causal_t = idx[None, :, None] >= idx[None, None, :]
             mask = (real[rows, None, :cols] & causal_t) | torch.eye(cols, dtype=torch.bool, device=dev)
+            if prefix is not None:
+                pk, pv, readable = prefix.keys(l, _compose(slice(None), rows, b, dev), prefix_len)
+                k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+                mask = torch.cat([readable[:, None, :].expand(-1, cols, -1), mask], -1)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=k.shape[1] != q.shape[1]
         )
-        x = x + model.attn_out(layer, o.transpose(1, 2).reshape(x.shape[0], cols, -1))
-        x = x + model.mlp(layer, x)
+        x = x + model.attn_out(layer, o.transpose(1, 2).reshape(x.shape[0], cols, -1), am)
+        x = x + model.mlp(layer, x, am)
         if torch.is_grad_enabled():
             h = h.clone()  # keep autograd's saved views of the old h intact
         h[rows, :cols] = x

@@ -5,18 +5,25 @@ Pure Python (no torch). Contract:
 * The prompt always runs at full depth. Generation step ``i`` is the forward pass that consumes the
   ``i``-th generated token (``i = 0, 1, ...``) and produces the logits of token ``i + 1``; the first
   generated token comes from the prompt's full-depth pass.
-* At step ``i`` the model runs ``n(i)`` layers in total: the ``warmup_layers`` lowest layers (always)
-  plus the top ``n(i) - warmup_layers`` layers. The block in between is skipped.
+* At step ``i`` the model runs ``n(i)`` layers: all of them except the first ``num_layers - n(i)``
+  layers of ``drop_order``, the fixed order in which layers stop running. The default order is
+  SkipDecode's (arXiv 2307.02628, section 3): the ``warmup_layers`` lowest layers always run and the
+  layers above them drop out from the bottom up (``warmup_layers, warmup_layers + 1, ...``), so a
+  token runs the warm-up block plus the top ``n(i) - warmup_layers`` layers. Any other order (for
+  example one that ``skipray calibrate`` found) keeps every guarantee below.
 * ``n(i)`` falls monotonically from ``max_layers`` (step 0) to ``min_layers`` (step ``decay_tokens``
-  and later). Hence ``active_layers(i + 1)`` is a subset of ``active_layers(i)``: every layer a later
-  token computes was computed by all earlier tokens, so the KV cache never needs recomputing.
+  and later). With a fixed drop order, ``active_layers(i + 1)`` is therefore a subset of
+  ``active_layers(i)``: every layer a later token computes was computed by all earlier tokens, so the
+  KV cache never needs recomputing.
 * Every row of a batch at the same step shares the same layers.
+* ``to_dict``/``from_dict`` round-trip every field; ``from_dict`` refuses keys it does not know, so a
+  schedule file never loses its drop order silently.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 SHAPES = ("linear", "power")
 
@@ -32,9 +39,20 @@ class SkipSchedule:
     warmup_layers: int = 1
     shape: str = "linear"
     power: float = 2.0  # only for shape="power": n(i) = max - (max-min) * (i/decay)^power
+    drop_order: tuple[int, ...] | None = None  # layers in the order they stop running; None: SkipDecode's
 
     def __post_init__(self) -> None:
         L, W = self.num_layers, self.warmup_layers
+        if self.drop_order is not None:
+            order = tuple(int(x) for x in self.drop_order)
+            object.__setattr__(self, "drop_order", order)
+            if len(set(order)) != len(order) or any(not 0 <= x < L for x in order):
+                raise ValueError(f"drop_order must list distinct layers in [0, {L}), got {list(order)}")
+            if len(order) < L - self.min_layers:
+                raise ValueError(
+                    f"drop_order names {len(order)} layers but min_layers={self.min_layers} drops "
+                    f"{L - self.min_layers} of {L}"
+                )
         if L < 1:
             raise ValueError(f"num_layers must be >= 1, got {L}")
         if not 0 <= W <= L:
@@ -44,7 +62,7 @@ class SkipSchedule:
                 f"need min_layers <= max_layers <= num_layers, got min={self.min_layers} "
                 f"max={self.max_layers} num_layers={L}"
             )
-        if self.min_layers < max(W + 1, 1) and self.min_layers < L:
+        if self.drop_order is None and self.min_layers < max(W + 1, 1) and self.min_layers < L:
             raise ValueError(
                 f"min_layers={self.min_layers} leaves no top layer after {W} warm-up layers; "
                 f"need min_layers >= warmup_layers + 1 = {W + 1}"
@@ -64,10 +82,28 @@ class SkipSchedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> SkipSchedule:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        """Inverse of ``to_dict``. Raises ``ValueError`` on a key it does not know (never drops one)."""
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown schedule keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.drop_order is not None:
+            d["drop_order"] = list(self.drop_order)
+        return d
+
+    def with_drop_order(self, order) -> SkipSchedule:
+        """The same depths per step with another drop order (``None``: SkipDecode's)."""
+        return replace(self, drop_order=None if order is None else tuple(order))
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        """The effective drop order: ``drop_order``, or SkipDecode's ``warmup_layers .. num_layers-1``."""
+        if self.drop_order is not None:
+            return self.drop_order
+        return tuple(range(self.warmup_layers, self.num_layers))
 
     @property
     def is_full(self) -> bool:
@@ -87,20 +123,18 @@ class SkipSchedule:
         return self.max_layers - math.floor((self.max_layers - self.min_layers) * frac + 0.5)
 
     def active_layers(self, step: int) -> tuple[int, ...]:
-        """Indices of the layers that run at ``step``, ascending: warm-up block + top block."""
-        n = self.num_active(step)
-        if n >= self.num_layers:
-            return tuple(range(self.num_layers))
-        top = n - self.warmup_layers
-        return tuple(range(self.warmup_layers)) + tuple(range(self.num_layers - top, self.num_layers))
+        """Indices of the layers that run at ``step``, ascending: all but the first ``L - n(step)`` of the drop order."""
+        dropped = set(self.order[: self.num_layers - self.num_active(step)])
+        return tuple(l for l in range(self.num_layers) if l not in dropped)
 
     def steps_running(self, layer: int, horizon: int) -> int:
         """How many of the steps ``0 .. horizon-1`` run ``layer``; by monotonicity they are the first ones."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        if layer < self.warmup_layers:
+        order = self.order
+        if layer not in order:
             return horizon
-        need = self.warmup_layers + (self.num_layers - layer)  # n(i) >= need  <=>  layer runs
+        need = self.num_layers - order.index(layer)  # n(i) >= need  <=>  layer runs
         count = 0
         while count < horizon and self.num_active(count) >= need:
             count += 1
@@ -122,10 +156,8 @@ class SkipSchedule:
     def describe(self) -> str:
         if self.is_full:
             return f"full depth ({self.num_layers} layers)"
-        return (
-            f"{self.shape} {self.max_layers}->{self.min_layers} of {self.num_layers} layers over "
-            f"{self.decay_tokens} tokens, warm-up {self.warmup_layers}"
-        )
+        how = f"warm-up {self.warmup_layers}" if self.drop_order is None else f"drop order {list(self.drop_order)}"
+        return f"{self.shape} {self.max_layers}->{self.min_layers} of {self.num_layers} layers over {self.decay_tokens} tokens, {how}"
 
 
 @dataclass(frozen=True)

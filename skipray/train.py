@@ -5,7 +5,11 @@ runs exactly the layers the cached decoder runs for it (tests prove the two equa
 with ``prompt_ids``/``response_ids`` (from ``skipray distill-data``), or ``prompt``+``response`` text,
 or ``text``; the loss covers response tokens only (all tokens for ``text``). Loss: ``kl_weight`` x
 KL(teacher || student), the teacher being the frozen full-depth original (LoRA disabled, or a frozen
-copy for full fine-tuning), plus ``ce_weight`` x cross-entropy on the data. LoRA (peft) or full
+copy for full fine-tuning) or, when the data carries them (``distill-data --topk``), the teacher's
+top-k log-probs recorded when the data was made (``topk_kl``; no teacher pass per step), plus
+``ce_weight`` x cross-entropy on the data. A LoRA adapter applies only to generated positions (the
+response columns), exactly where the decoder applies it, so the prompt and full-depth requests keep
+the base model's output; full fine-tuning changes the prompt's pass too. LoRA (peft) or full
 fine-tuning; AdamW, linear warm-up + cosine decay, gradient clipping and accumulation, periodic
 checkpoints with ``--resume``. The output directory holds safetensors weights (a LoRA adapter or a
 full model) plus ``skipray.json`` recording the schedule, so ``skipray generate --model DIR`` uses it.
@@ -52,13 +56,24 @@ class TrainConfig:
 
 
 # -- data -----------------------------------------------------------------------------------------
-def load_examples(path: str, tokenizer, chat: bool = True, max_len: int = 256) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, response_ids) pairs; for ``text`` rows the prompt is the first token."""
+def load_examples(path: str, tokenizer, chat: bool = True, max_len: int = 256) -> list[tuple]:
+    """(prompt_ids, response_ids[, teacher_top_ids, teacher_top_logprobs]) tuples; for ``text`` rows the
+    prompt is the first token. ``path``: a Parquet file or a directory of them (``distill-data`` shards).
+    The teacher columns, when the data has them, hold the full-depth model's top-k log-probs per
+    response token, so training need not rerun the teacher."""
     from skipray.io import read_table
     from skipray.text import encode_prompt
 
     t = read_table(path)
     cols = t.column_names
+    if "teacher_top_ids" in cols:
+        quads = zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist(),
+                    t.column("teacher_top_ids").to_pylist(), t.column("teacher_top_logprobs").to_pylist())
+        out = [(list(p), list(r)[: max_len - len(p)], ti[: max_len - len(p)], tl[: max_len - len(p)])
+               for p, r, ti, tl in quads if p and r and len(p) < max_len - 1]
+        if not out:
+            raise ValueError(f"{path}: no usable training examples")
+        return out
     if "prompt_ids" in cols and "response_ids" in cols:
         pairs = zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist())
     elif "prompt" in cols and "response" in cols:
@@ -74,21 +89,32 @@ def load_examples(path: str, tokenizer, chat: bool = True, max_len: int = 256) -
     return out
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
-    """Left-pad prompts to a shared length P, right-pad responses; column P+i holds response token i."""
-    P = max(len(p) for p, _ in batch)
-    R = max(len(r) for _, r in batch)
+def collate(batch: list[tuple], pad_id: int) -> dict:
+    """Left-pad prompts to a shared length P, right-pad responses; column P+i holds response token i.
+    With teacher columns, ``teacher_ids``/``teacher_logprobs`` are (B, R, k): the teacher's top-k for
+    predicting response token i sit at index i."""
+    P = max(len(ex[0]) for ex in batch)
+    R = max(len(ex[1]) for ex in batch)
     B = len(batch)
     tokens = torch.full((B, P + R), pad_id, dtype=torch.long)
     real = torch.zeros(B, P + R, dtype=torch.bool)
     loss_mask = torch.zeros(B, P + R - 1, dtype=torch.bool)  # column c predicts token c+1
-    for b, (p, r) in enumerate(batch):
+    for b, (p, r, *_) in enumerate(batch):
         tokens[b, P - len(p) : P] = torch.tensor(p)
         tokens[b, P : P + len(r)] = torch.tensor(r)
         real[b, P - len(p) : P + len(r)] = True
         loss_mask[b, P - 1 : P + len(r) - 1] = True
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    return {"tokens": tokens, "real": real, "positions": positions, "prompt_len": P, "loss_mask": loss_mask}
+    out = {"tokens": tokens, "real": real, "positions": positions, "prompt_len": P, "loss_mask": loss_mask}
+    if len(batch[0]) == 4:
+        k = len(batch[0][2][0])
+        ids = torch.zeros(B, R, k, dtype=torch.long)
+        lps = torch.full((B, R, k), -1e4)  # padding: no mass (masked out of the loss anyway)
+        for b, (_, r, ti, tl) in enumerate(batch):
+            ids[b, : len(r)] = torch.tensor(ti, dtype=torch.long)
+            lps[b, : len(r)] = torch.tensor(tl, dtype=torch.float32)
+        out.update(teacher_ids=ids, teacher_logprobs=lps)
+    return out
 
 
 def batches(examples: list, batch_size: int, seed: int):
@@ -107,22 +133,73 @@ def batches(examples: list, batch_size: int, seed: int):
 
 
 # -- loss -----------------------------------------------------------------------------------------
-def skip_loss(model, teacher, batch: dict, schedule, kl_weight: float, ce_weight: float) -> tuple[torch.Tensor, dict]:
-    """Distillation (+ optional CE) loss of the skip student against the full-depth teacher."""
+def topk_kl(t_logp: torch.Tensor, t_ids: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position from the teacher's top-k log-probs ``(..., k)`` at ids ``t_ids``
+    and the student's full log-probs ``(..., V)``. The teacher's mass outside its top k is one more
+    outcome, matched against the student's mass outside the same k tokens (a sparse-KL bound that is
+    exact when k covers the vocabulary)."""
+    s_top = s_logp.gather(-1, t_ids)
+    p_top = t_logp.exp()
+    kl_top = (p_top * (t_logp - s_top)).sum(-1)
+    p_tail = (1 - p_top.sum(-1)).clamp(min=1e-8)
+    q_tail = (1 - s_top.exp().sum(-1)).clamp(min=1e-8)
+    return kl_top + p_tail * (p_tail.log() - q_tail.log())
+
+
+def answer_logits(model, batch: dict, schedule) -> torch.Tensor:
+    """Student logits (B, R, V) predicting response tokens ``0..R-1``, computed as decoding computes them:
+    the prompt once at full depth without gradients (the skip adapter never touches it), then the
+    response columns under ``schedule`` with the adapter, attending to the prompt's cached keys. Equal
+    to the single parallel forward (tests), and about a third cheaper: no backward through the prompt."""
     from skipray.model import forward, full_plan, training_plan
 
     tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
-    T = tokens.shape[1]
+    B, T = tokens.shape
+    cache = model.new_cache(B, P)
+    with torch.no_grad():
+        first = forward(model, tokens[:, :P], positions[:, :P], full_plan(model.num_layers), real[:, :P],
+                        cache=cache, start=0, logits_at=slice(P - 1, P)).float()
+    if T - 1 == P:
+        return first
+    ans = slice(P, T - 1)  # response token i (i < R-1) is consumed at generation step i
+    rest = forward(model, tokens[:, ans], positions[:, ans], training_plan(schedule, 0, T - 1 - P), real[:, ans],
+                   adapter=torch.ones_like(real[:, ans]), prefix=cache).float()
+    return torch.cat([first, rest], 1)
+
+
+def skip_loss(model, teacher, batch: dict, schedule, kl_weight: float, ce_weight: float,
+              cached_prompt: bool | None = None) -> tuple[torch.Tensor, dict]:
+    """Distillation (+ optional CE) loss of the skip student against the full-depth teacher.
+    ``cached_prompt`` (default: when the student is a LoRA skip adapter, which never touches the prompt)
+    runs the prompt once without gradients (``answer_logits``); else one forward covers everything."""
+    from skipray.model import forward, full_plan, training_plan
+
+    from skipray.model import generated_positions
+
+    tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
+    B, T = tokens.shape
     mask = batch["loss_mask"][:, P - 1 :]
     cols = slice(P - 1, T - 1)
-    plan = training_plan(schedule, P, T)
-    student = forward(model, tokens, positions, plan, real, logits_at=cols).float()
+    if cached_prompt is None:
+        cached_prompt = getattr(model, "peft", None) is not None
+    if cached_prompt:
+        student = answer_logits(model, batch, schedule)
+    else:  # full fine-tuning changes the prompt's pass too: one forward over everything
+        plan = training_plan(schedule, P, T)
+        adapter = generated_positions(B, P, T, tokens.device)
+        student = forward(model, tokens, positions, plan, real, logits_at=cols, adapter=adapter).float()
     logp = F.log_softmax(student, -1)
     n = mask.sum().clamp(min=1)
     stats = {}
     loss = torch.zeros((), device=student.device)
-    if kl_weight > 0:
-        with torch.no_grad(), teacher() as tmodel:
+    if kl_weight > 0 and "teacher_ids" in batch:
+        kl = topk_kl(batch["teacher_logprobs"], batch["teacher_ids"], logp)
+        kl = (kl * mask).sum() / n
+        agree = ((student.argmax(-1) == batch["teacher_ids"][..., 0]) & mask).sum() / n
+        loss = loss + kl_weight * kl
+        stats.update(kl=float(kl), agree=float(agree))
+    elif kl_weight > 0:
+        with torch.no_grad(), teacher() as tmodel:  # full depth, base weights (no adapter anywhere)
             t_logits = forward(tmodel, tokens, positions, full_plan(model.num_layers), real, logits_at=cols).float()
         t_logp = F.log_softmax(t_logits, -1)
         kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
@@ -274,8 +351,19 @@ def _checkpoint(model, opt, ckpt: Path, step: int) -> None:
 
 # -- CLI ------------------------------------------------------------------------------------------
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    sched = {"max_layers": args.max_layers, "min_layers": args.min_layers, "decay_tokens": args.decay_tokens,
-             "warmup_layers": args.warmup_layers, "shape": args.shape}
+    flags = {"max_layers": args.max_layers, "min_layers": args.min_layers, "decay_tokens": args.decay_tokens,
+             "warmup_layers": args.warmup_layers, "shape": args.shape, "power": args.power,
+             "drop_order": args.drop_order}
+    sched = {k: v for k, v in flags.items() if v is not None}
+    if args.schedule_file:
+        from skipray.options import read_schedule_file
+
+        sched = {**read_schedule_file(args.schedule_file).to_dict(), **sched}
+        sched.pop("num_layers")
+    elif args.max_layers is None or args.min_layers is None:
+        raise ValueError("give --max-layers and --min-layers, or --schedule-file")
+    else:
+        sched.setdefault("decay_tokens", 64)
     fields = {f for f in TrainConfig.__dataclass_fields__}
     kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     return TrainConfig(schedule=sched, **kw)
@@ -298,11 +386,15 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="Parquet: prompt_ids+response_ids, prompt+response, or text")
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="smollm2-base")
-    p.add_argument("--max-layers", type=int, required=True)
-    p.add_argument("--min-layers", type=int, required=True)
-    p.add_argument("--decay-tokens", type=int, default=64)
-    p.add_argument("--warmup-layers", type=int, default=1)
-    p.add_argument("--shape", choices=["linear", "power"], default="linear")
+    p.add_argument("--schedule-file", help="schedule JSON (e.g. from `skipray calibrate`); flags below override it")
+    p.add_argument("--max-layers", type=int)
+    p.add_argument("--min-layers", type=int)
+    p.add_argument("--decay-tokens", type=int)
+    p.add_argument("--warmup-layers", type=int)
+    p.add_argument("--shape", choices=["linear", "power"])
+    p.add_argument("--power", type=float, help="exponent of the power shape")
+    p.add_argument("--drop-order", type=lambda v: [int(x) for x in v.split(",")],
+                   help="comma-separated layers in the order they stop running (default: SkipDecode's)")
     p.add_argument("--full-finetune", action="store_true", help="train all weights instead of a LoRA adapter")
     for name, typ in (("lora-r", int), ("lora-alpha", int), ("lr", float), ("steps", int), ("batch-size", int),
                       ("grad-accum", int), ("warmup-steps", int), ("kl-weight", float), ("ce-weight", float),

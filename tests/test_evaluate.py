@@ -17,6 +17,26 @@ def test_rouge_l():
     assert rouge_l("", "") == 1.0 and rouge_l("", "x") == 0.0
 
 
+def test_answered_and_lcs():
+    from skipray.evaluate import answered, lcs_f1
+
+    assert answered("It is New Delhi.", ["new delhi", "delhi"]) and not answered("Mumbai", ["new delhi"])
+    assert lcs_f1([1, 2, 3], [1, 2, 3]) == 1.0 and lcs_f1([1, 2], [3]) == 0.0
+
+
+def test_parse_schedule_file(tmp_path):
+    from skipray.schedule import SkipSchedule
+
+    s = SkipSchedule(30, 20, 8, 40, drop_order=list(range(29, 0, -1)))
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(s.to_dict()))
+    assert parse_schedule(str(f), 30) == s
+    (tmp_path / "meta.json").write_text(json.dumps({"schedule": s.to_dict(), "trained_steps": 3}))
+    assert parse_schedule(str(tmp_path / "meta.json"), 30) == s
+    with pytest.raises(ValueError, match="layers"):
+        parse_schedule(str(f), 12)
+
+
 def test_parse_schedule():
     assert parse_schedule("full", 30).is_full
     s = parse_schedule("16,6,64,4", 30)
@@ -29,10 +49,19 @@ def test_eval_report(tmp_path, tiny_model_dir):
     prompts = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["Hello there", "What is a cat?", "Count to three"],
                              "reference": ["hi", "an animal", "one two three"]}), prompts)
-    rep = evaluate(str(tiny_model_dir), str(prompts), ["full", "5,3,4,1"], str(tmp_path / "out"),
-                   max_new=8, batch=2, base_spec=str(tiny_model_dir))
-    full, skip = rep["results"]
+    questions = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"question": ["Name a thing.", "Name another thing."],
+                             "answers": [[""], ["zzqqxxyy-never"]]}), questions)
+    rep = evaluate(str(tiny_model_dir), str(prompts), ["full", "5,3,4,1", "ref:t0.3", "ref:bf16"],
+                   str(tmp_path / "out"), max_new=8, batch=2, base_spec=str(tiny_model_dir),
+                   questions_path=str(questions), question_tokens=4)
+    full, skip, sampled, bf16 = rep["results"]
     assert full["rouge_l_vs_full"] == pytest.approx(1.0) and full["top1_agreement"] == pytest.approx(1.0)
+    assert full["rouge_l_ids_vs_full"] == pytest.approx(1.0) and full["on_policy_agreement"] == pytest.approx(1.0)
+    assert full["facts_known_by_full"] == 1 and full["fact_retention"] == 1.0 and full["facts_asked"] == 2
+    assert sampled["top1_agreement"] is None and 0.0 <= sampled["rouge_l_ids_vs_full"] <= 1.0
+    assert sampled["on_policy_agreement"] < 1.0  # temperature 0.3 on a random model leaves the argmax
+    assert bf16["description"].startswith("the base model in bfloat16")
     assert full["theoretical_speedup"] == pytest.approx(1.0) and full["avg_layers"] == pytest.approx(6.0)
     assert skip["avg_layers"] < 6 and skip["theoretical_speedup"] > 1.0
     assert 0.0 <= skip["rouge_l_vs_full"] <= 1.0 and "rouge_l_vs_reference" in skip

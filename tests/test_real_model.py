@@ -121,3 +121,18 @@ def test_default_model_is_the_shipped_skip_trained_adapter():
         [ids], SamplingParams(max_new_tokens=24))[0]
     assert out.layers_per_token == m.schedule.layers_per_token(len(out.token_ids))
     assert decode(m.tokenizer, out.token_ids).strip()  # it says something; quality is measured by `skipray eval`
+
+
+def test_default_model_at_full_depth_is_the_base_model_exactly(smol):
+    """The skip adapter never touches full depth: `--full` on the default gives HF greedy of the base."""
+    from skipray.loading import load
+    from skipray.schedule import SkipSchedule
+
+    m = load("default", device="cpu")
+    prompts = [encode_prompt(m.tokenizer, q, chat=True) for q in QUESTIONS[:2]]
+    engine = Engine(m.model, SkipSchedule.full(30), max_batch=2, max_len=160, eos_token_ids=())
+    got = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_new_tokens=24))]
+    for p, g in zip(prompts, got):
+        want = smol.model.hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, len(p):].tolist()
+        assert g == want

@@ -76,3 +76,48 @@ def test_bad_settings(kwargs, match):
 def test_roundtrip_dict():
     s = SkipSchedule(30, 16, 6, 64, warmup_layers=4, shape="power", power=1.5)
     assert SkipSchedule.from_dict(s.to_dict()) == s
+
+
+CALIBRATED = [1, 27, 12, 14, 13, 16, 15, 17, 11, 10, 18, 9, 8, 7, 6, 5, 4, 3, 2, 19, 20, 21, 22, 23, 25, 26, 28, 24]
+
+
+def test_drop_order_nested_and_follows_order():
+    s = SkipSchedule(30, 20, 6, 40, drop_order=CALIBRATED)
+    prev = set(range(30))
+    for step in range(60):
+        act = set(s.active_layers(step))
+        assert len(act) == s.num_active(step)
+        assert act <= prev  # nested: the KV cache never needs recomputing
+        assert act == set(range(30)) - set(CALIBRATED[: 30 - s.num_active(step)])
+        prev = act
+    assert {0, 29} <= prev  # layers the order never names always run
+
+
+def test_drop_order_steps_running_matches_active_layers():
+    s = SkipSchedule(30, 24, 8, 30, drop_order=CALIBRATED)
+    for layer in range(30):
+        count = s.steps_running(layer, 50)
+        assert [layer in s.active_layers(i) for i in range(50)] == [True] * count + [False] * (50 - count)
+
+
+def test_default_drop_order_is_skipdecode():
+    s = SkipSchedule(30, 16, 6, 64, warmup_layers=4)
+    assert s.order == tuple(range(4, 30))
+    assert s.with_drop_order(s.order).active_layers(20) == s.active_layers(20)
+
+
+def test_drop_order_roundtrip_and_unknown_keys_refused():
+    s = SkipSchedule(30, 16, 6, 64, drop_order=CALIBRATED)
+    d = s.to_dict()
+    assert d["drop_order"] == CALIBRATED
+    assert SkipSchedule.from_dict(d) == s
+    with pytest.raises(ValueError, match="unknown schedule keys"):
+        SkipSchedule.from_dict({**d, "drop_ordr": [1]})
+
+
+@pytest.mark.parametrize(
+    "order, match", [([1, 1, 2], "distinct"), ([30], r"\[0, 30\)"), ([1, 2, 3], "drops 24")]
+)
+def test_bad_drop_order(order, match):
+    with pytest.raises(ValueError, match=match):
+        SkipSchedule(30, 16, 6, 64, drop_order=order)

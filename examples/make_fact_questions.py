@@ -1,0 +1,612 @@
+"""Write examples/fact_questions.parquet: held-out short-answer questions for ``skipray eval`` fact
+retention; never used for training.
+
+The questions are short factual questions that a small instruction-tuned model (SmolLM2-135M-Instruct)
+probably knows, written by hand for this project (no external data). Each has a list of accepted
+answers: lower-case substrings, and an answer counts as correct when any accepted answer appears in the
+lower-cased model output. Accepted answers are chosen to be hard to hit by accident (1-2 letter answers
+are avoided by asking the question the other way round), numbers are given as digits and words, and no
+accepted answer appears inside its own question (``main`` checks this).
+
+Contract: deterministic (same file every run); columns ``id`` (string, ``fq-0001``...), ``question``
+(string), ``answers`` (list<string>), ``category`` (string). Ids follow the order of the data below, so
+append new questions at the end of a category list only if you accept that later ids shift; prefer
+appending a new category at the end of ``CATEGORIES``.
+Run: ``python examples/make_fact_questions.py [OUT]`` (default: next to this script).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# -- capitals: (country as it reads after "the capital of", accepted answers) ------------------------
+CAPITALS = [
+    ("France", ["paris"]), ("Germany", ["berlin"]), ("Italy", ["rome"]), ("Spain", ["madrid"]),
+    ("Portugal", ["lisbon", "lisboa"]), ("the United Kingdom", ["london"]), ("Ireland", ["dublin"]),
+    ("the Netherlands", ["amsterdam"]), ("Belgium", ["brussels", "bruxelles"]),
+    ("Switzerland", ["bern"]), ("Austria", ["vienna", "wien"]), ("Poland", ["warsaw", "warszawa"]),
+    ("the Czech Republic", ["prague", "praha"]), ("Hungary", ["budapest"]), ("Greece", ["athens"]),
+    ("Sweden", ["stockholm"]), ("Norway", ["oslo"]), ("Denmark", ["copenhagen"]),
+    ("Finland", ["helsinki"]), ("Iceland", ["reykjavik", "reykjavík"]), ("Russia", ["moscow"]),
+    ("Ukraine", ["kyiv", "kiev"]), ("Romania", ["bucharest"]), ("Bulgaria", ["sofia"]),
+    ("Serbia", ["belgrade"]), ("Croatia", ["zagreb"]), ("Estonia", ["tallinn"]), ("Latvia", ["riga"]),
+    ("Lithuania", ["vilnius"]), ("Slovakia", ["bratislava"]), ("Slovenia", ["ljubljana"]),
+    ("Belarus", ["minsk"]), ("Georgia (the country)", ["tbilisi"]), ("Armenia", ["yerevan"]),
+    ("Azerbaijan", ["baku"]), ("Cyprus", ["nicosia"]), ("Malta", ["valletta", "valetta"]),
+    ("Turkey", ["ankara"]), ("Egypt", ["cairo"]), ("Kenya", ["nairobi"]), ("Nigeria", ["abuja"]),
+    ("South Africa", ["pretoria", "cape town", "bloemfontein"]), ("Ethiopia", ["addis ababa"]),
+    ("Morocco", ["rabat"]), ("Ghana", ["accra"]), ("Algeria", ["algiers"]), ("Senegal", ["dakar"]),
+    ("Uganda", ["kampala"]), ("Zimbabwe", ["harare"]), ("Sudan", ["khartoum"]), ("Libya", ["tripoli"]),
+    ("Angola", ["luanda"]), ("Japan", ["tokyo"]), ("China", ["beijing", "peking"]),
+    ("India", ["new delhi", "delhi"]), ("South Korea", ["seoul"]), ("North Korea", ["pyongyang"]),
+    ("Thailand", ["bangkok"]), ("Vietnam", ["hanoi", "ha noi"]), ("Indonesia", ["jakarta"]),
+    ("the Philippines", ["manila"]), ("Malaysia", ["kuala lumpur"]), ("Pakistan", ["islamabad"]),
+    ("Bangladesh", ["dhaka", "dacca"]), ("Nepal", ["kathmandu"]), ("Afghanistan", ["kabul"]),
+    ("Iran", ["tehran", "teheran"]), ("Iraq", ["baghdad"]), ("Saudi Arabia", ["riyadh"]),
+    ("Syria", ["damascus"]), ("Lebanon", ["beirut"]), ("Jordan", ["amman"]), ("Qatar", ["doha"]),
+    ("the United Arab Emirates", ["abu dhabi"]), ("Mongolia", ["ulaanbaatar", "ulan bator"]),
+    ("Cambodia", ["phnom penh"]), ("Uzbekistan", ["tashkent"]), ("the United States", ["washington"]),
+    ("Canada", ["ottawa"]), ("Mexico", ["mexico city", "ciudad de méxico"]),
+    ("Brazil", ["brasilia", "brasília"]), ("Argentina", ["buenos aires"]), ("Chile", ["santiago"]),
+    ("Peru", ["lima"]), ("Colombia", ["bogota", "bogotá"]), ("Venezuela", ["caracas"]),
+    ("Ecuador", ["quito"]), ("Uruguay", ["montevideo"]), ("Cuba", ["havana", "habana"]),
+    ("Jamaica", ["kingston"]), ("Australia", ["canberra"]), ("New Zealand", ["wellington"]),
+]
+
+# -- every other category: (question, accepted answers) ----------------------------------------------
+COUNTRIES = [
+    ("On which continent is Kenya?", ["africa"]),
+    ("On which continent is Brazil?", ["south america"]),
+    ("On which continent is Japan?", ["asia"]),
+    ("On which continent is Egypt?", ["africa"]),
+    ("On which continent is Argentina?", ["south america"]),
+    ("On which continent is Germany?", ["europe"]),
+    ("On which continent is Canada?", ["north america"]),
+    ("On which continent is India?", ["asia"]),
+    ("On which continent is Peru?", ["south america"]),
+    ("On which continent is Nigeria?", ["africa"]),
+    ("On which continent is Thailand?", ["asia"]),
+    ("On which continent is Sweden?", ["europe"]),
+    ("What is the largest country in the world by area?", ["russia"]),
+    ("What is the most populous country in the world?", ["india", "china"]),
+    ("What is the smallest country in the world?", ["vatican"]),
+    ("Which European country is shaped like a boot?", ["italy"]),
+    ("Which African country has the largest population?", ["nigeria"]),
+    ("What is the largest country in South America?", ["brazil"]),
+    ("What is the largest continent?", ["asia"]),
+    ("What is the smallest continent?", ["australia", "oceania"]),
+    ("Which continent contains the South Pole?", ["antarctica"]),
+    ("How many continents are there?", ["seven", "7"]),
+    ("Which country is known as the Land of the Rising Sun?", ["japan"]),
+    ("Which country has a red maple leaf on its flag?", ["canada"]),
+    ("Which country gave the Statue of Liberty to the United States?", ["france"]),
+    ("In which country do kangaroos live in the wild?", ["australia"]),
+    ("Which country's ancient rulers were called pharaohs?", ["egypt"]),
+]
+
+CHEMISTRY = [
+    ("Which element has the chemical symbol Au?", ["gold"]),
+    ("Which element has the chemical symbol Ag?", ["silver"]),
+    ("Which element has the chemical symbol Fe?", ["iron"]),
+    ("Which element has the chemical symbol Na?", ["sodium"]),
+    ("Which element has the chemical symbol K?", ["potassium"]),
+    ("Which element has the chemical symbol Pb?", ["lead"]),
+    ("Which element has the chemical symbol Hg?", ["mercury"]),
+    ("Which element has the chemical symbol Cu?", ["copper"]),
+    ("Which element has the chemical symbol O?", ["oxygen"]),
+    ("Which element has the chemical symbol H?", ["hydrogen"]),
+    ("Which element has the chemical symbol C?", ["carbon"]),
+    ("Which element has the chemical symbol N?", ["nitrogen"]),
+    ("Which element has the chemical symbol He?", ["helium"]),
+    ("What is the chemical formula for water?", ["h2o", "h₂o"]),
+    ("What is the chemical formula for table salt?", ["nacl"]),
+    ("What is the chemical name of table salt?", ["sodium chloride"]),
+    ("Which gas do plants absorb from the air for photosynthesis?", ["carbon dioxide", "co2", "co₂"]),
+    ("Which gas do humans need to breathe in to survive?", ["oxygen"]),
+    ("What is the most abundant gas in Earth's atmosphere?", ["nitrogen"]),
+    ("What is the lightest chemical element?", ["hydrogen"]),
+    ("What is the atomic number of carbon?", ["six", "6"]),
+    ("What is the hardest natural substance on Earth?", ["diamond"]),
+    ("What is the pH of pure water?", ["seven", "7"]),
+    ("Which gas is used to make party balloons float?", ["helium"]),
+    ("Which metal is a liquid at room temperature?", ["mercury"]),
+    ("Diamonds and graphite are both made of which element?", ["carbon"]),
+    ("Who created the periodic table of the elements?", ["mendeleev", "mendeleyev", "mendeleiev"]),
+]
+
+ASTRONOMY = [
+    ("What is the largest planet in our solar system?", ["jupiter"]),
+    ("Which planet is closest to the Sun?", ["mercury"]),
+    ("Which planet is known as the Red Planet?", ["mars"]),
+    ("Which planet is famous for its large, bright rings?", ["saturn"]),
+    ("What is the hottest planet in our solar system?", ["venus"]),
+    ("Which planet is sometimes called Earth's twin?", ["venus"]),
+    ("Which planet do humans live on?", ["earth"]),
+    ("What star is at the center of our solar system?", ["sun"]),
+    ("What is the name of Earth's only natural satellite?", ["moon"]),
+    ("How many planets are in our solar system?", ["eight", "8"]),
+    ("Which planet is farthest from the Sun?", ["neptune"]),
+    ("Which planet is seventh from the Sun?", ["uranus"]),
+    ("What is the name of the galaxy we live in?", ["milky way"]),
+    ("Who was the first person to walk on the Moon?", ["armstrong"]),
+    ("Who was the first human to travel into space?", ["gagarin"]),
+    ("What was the name of the first artificial satellite, launched in 1957?", ["sputnik"]),
+    ("Which dwarf planet was removed from the list of planets in 2006?", ["pluto"]),
+    ("How many days does it take Earth to orbit the Sun?", ["365", "three hundred sixty-five",
+                                                             "three hundred and sixty-five"]),
+    ("What is a shooting star really?", ["meteor"]),
+    ("Which United States agency landed astronauts on the Moon?", ["nasa"]),
+    ("Which space telescope was launched in 1990 and named after an astronomer?", ["hubble"]),
+    ("What force keeps the planets in orbit around the Sun?", ["gravity", "gravitation"]),
+    ("Which planet has the Great Red Spot?", ["jupiter"]),
+    ("What do we call a scientist who studies stars and planets?", ["astronomer", "astrophysicist"]),
+]
+
+AUTHORS = [
+    ("Who wrote Romeo and Juliet?", ["shakespeare"]),
+    ("Who wrote Hamlet?", ["shakespeare"]),
+    ("Who wrote Macbeth?", ["shakespeare"]),
+    ("Who wrote Pride and Prejudice?", ["austen"]),
+    ("Who wrote the novel 1984?", ["orwell"]),
+    ("Who wrote Animal Farm?", ["orwell"]),
+    ("Who wrote the Harry Potter books?", ["rowling"]),
+    ("Who wrote The Lord of the Rings?", ["tolkien"]),
+    ("Who wrote The Hobbit?", ["tolkien"]),
+    ("Who wrote War and Peace?", ["tolstoy"]),
+    ("Who wrote Don Quixote?", ["cervantes"]),
+    ("Who wrote The Adventures of Tom Sawyer?", ["twain", "clemens"]),
+    ("Who wrote Adventures of Huckleberry Finn?", ["twain", "clemens"]),
+    ("Who wrote A Christmas Carol?", ["dickens"]),
+    ("Who wrote Oliver Twist?", ["dickens"]),
+    ("Who wrote Moby-Dick?", ["melville"]),
+    ("Which ancient Greek poet is credited with the Odyssey?", ["homer"]),
+    ("Who wrote the novel Frankenstein?", ["shelley"]),
+    ("Who wrote the novel Dracula?", ["stoker"]),
+    ("Who wrote The Great Gatsby?", ["fitzgerald"]),
+    ("Who wrote To Kill a Mockingbird?", ["harper lee"]),
+    ("Who wrote The Old Man and the Sea?", ["hemingway"]),
+    ("Who wrote Crime and Punishment?", ["dostoevsky", "dostoyevsky", "dostoevski"]),
+    ("Who wrote Alice's Adventures in Wonderland?", ["carroll"]),
+    ("Who created the detective Sherlock Holmes?", ["doyle"]),
+    ("Who wrote The Cat in the Hat?", ["seuss"]),
+    ("Who wrote Les Misérables?", ["hugo"]),
+    ("Who wrote The Divine Comedy?", ["dante", "alighieri"]),
+    ("Who wrote Jane Eyre?", ["brontë", "bronte"]),
+    ("Who wrote Wuthering Heights?", ["brontë", "bronte"]),
+    ("Which American writer wrote the poem The Raven?", ["allan poe", "allen poe", "edgar poe"]),
+    ("Who wrote The Little Prince?", ["exupéry", "exupery"]),
+    ("Who wrote On the Origin of Species?", ["darwin"]),
+    ("Who wrote A Brief History of Time?", ["hawking"]),
+    ("Who wrote The Communist Manifesto together with Friedrich Engels?", ["marx"]),
+]
+
+INVENTORS = [
+    ("Who invented the telephone?", ["bell"]),
+    ("Who is best known for inventing a practical electric light bulb?", ["edison", "swan"]),
+    ("Who invented the printing press with movable type in Europe?", ["gutenberg"]),
+    ("Who developed the theory of relativity?", ["einstein"]),
+    ("Who discovered penicillin?", ["fleming"]),
+    ("Who formulated the three laws of motion?", ["newton"]),
+    ("Which brothers made the first powered airplane flight?", ["wright"]),
+    ("Who invented the World Wide Web?", ["berners-lee", "berners lee"]),
+    ("Who proposed the theory of evolution by natural selection?", ["darwin"]),
+    ("Which Scottish engineer greatly improved the steam engine?", ["watt"]),
+    ("Which scientist discovered the elements radium and polonium?", ["curie"]),
+    ("Who invented dynamite and founded a famous set of prizes?", ["nobel"]),
+    ("Who is credited with inventing the radio?", ["marconi", "tesla"]),
+    ("Who developed the first successful polio vaccine?", ["salk"]),
+    ("Who developed the first vaccine, against smallpox?", ["jenner"]),
+    ("Who invented the telegraph code made of dots and dashes?", ["morse"]),
+    ("Who founded Microsoft together with Paul Allen?", ["gates"]),
+    ("Who co-founded Apple together with Steve Wozniak?", ["jobs"]),
+    ("Who founded Facebook?", ["zuckerberg"]),
+    ("Which French scientist developed a rabies vaccine and a way to heat-treat milk?", ["pasteur"]),
+    ("Which American flew a kite in a thunderstorm to study electricity?", ["franklin"]),
+    ("Which inventor is known for alternating current and the induction motor?", ["tesla"]),
+    ("Who proposed that the Earth goes around the Sun, in a book from 1543?", ["copernicus"]),
+    ("Who used a telescope to discover four moons of Jupiter in 1610?", ["galileo"]),
+    ("Who invented the first practical television system, demonstrated in 1926?", ["baird", "farnsworth"]),
+]
+
+PAINTERS = [
+    ("Who painted the Mona Lisa?", ["da vinci", "leonardo"]),
+    ("Who painted The Last Supper?", ["da vinci", "leonardo"]),
+    ("Who painted The Starry Night?", ["van gogh"]),
+    ("Which Dutch painter cut off part of his own ear?", ["van gogh"]),
+    ("Who painted the ceiling of the Sistine Chapel?", ["michelangelo"]),
+    ("Who sculpted the famous marble statue of David in Florence?", ["michelangelo"]),
+    ("Who painted Guernica?", ["picasso"]),
+    ("Who painted The Scream?", ["munch"]),
+    ("Who painted The Persistence of Memory, with melting clocks?", ["dalí", "dali"]),
+    ("Who painted Girl with a Pearl Earring?", ["vermeer"]),
+    ("Who painted the Water Lilies series?", ["monet"]),
+    ("Who painted The Birth of Venus?", ["botticelli"]),
+    ("Who painted The Night Watch?", ["rembrandt"]),
+    ("Which pop artist painted Campbell's Soup Cans?", ["warhol"]),
+    ("Who painted The Kiss, covered in gold leaf?", ["klimt"]),
+    ("Which American artist is famous for drip painting?", ["pollock"]),
+    ("Which country was the painter Frida Kahlo from?", ["mexico"]),
+    ("Which Spanish painter co-founded Cubism?", ["picasso"]),
+]
+
+BIOLOGY = [
+    ("What is the largest organ of the human body?", ["skin"]),
+    ("Which organ pumps blood around the body?", ["heart"]),
+    ("Which organs do humans use to breathe?", ["lung"]),
+    ("What sweet food do bees make?", ["honey"]),
+    ("Which part of the cell is called its powerhouse?", ["mitochondria", "mitochondrion"]),
+    ("Which molecule carries genetic information in living things?", ["dna", "deoxyribonucleic"]),
+    ("What is the process plants use to turn sunlight into food?", ["photosynthesis"]),
+    ("What green pigment do plants use to capture light?", ["chlorophyll"]),
+    ("What does a caterpillar turn into?", ["butterfly", "butterflies", "moth"]),
+    ("What is a baby frog called?", ["tadpole"]),
+    ("What is a young cat called?", ["kitten"]),
+    ("What is a young dog called?", ["puppy", "pup"]),
+    ("What is a baby kangaroo called?", ["joey"]),
+    ("What do you call an animal that eats only plants?", ["herbivore"]),
+    ("What do you call an animal that eats only meat?", ["carnivore"]),
+    ("What do you call an animal that eats both plants and meat?", ["omnivore"]),
+    ("What is the change from caterpillar to butterfly called?", ["metamorphosis"]),
+    ("Which blood cells carry oxygen?", ["red blood", "red cells", "erythrocyte"]),
+    ("Which organs filter the blood and make urine?", ["kidney"]),
+    ("What is the scientific study of plants called?", ["botany"]),
+    ("Which gas do humans breathe out?", ["carbon dioxide", "co2", "co₂"]),
+    ("What is the smallest unit of life?", ["cell"]),
+    ("What is the study of living things called?", ["biology"]),
+    ("Which organ in plants usually makes most of their food?", ["leaf", "leaves"]),
+]
+
+HUMAN_BODY = [
+    ("How many bones are in the adult human body?", ["206", "two hundred six", "two hundred and six"]),
+    ("How many teeth does an adult human usually have?", ["32", "thirty-two", "thirty two"]),
+    ("How many chambers does the human heart have?", ["four", "4"]),
+    ("What is the hardest substance in the human body?", ["enamel"]),
+    ("Which organ do humans think with?", ["brain"]),
+    ("Which organ produces insulin?", ["pancreas"]),
+    ("Which organ produces bile?", ["liver"]),
+    ("What is the smallest bone in the human body?", ["stapes", "stirrup"]),
+    ("What is the largest bone in the human body?", ["femur", "thigh"]),
+    ("What is the colored part of the eye called?", ["iris"]),
+    ("What is the largest artery in the human body?", ["aorta"]),
+    ("What is normal human body temperature in degrees Celsius?", ["37", "thirty-seven", "thirty seven"]),
+    ("Which sense do we use our nose for?", ["smell"]),
+    ("Which sense do we use our ears for?", ["hearing"]),
+    ("Which organs do humans see with?", ["eye"]),
+    ("What red liquid flows through our veins and arteries?", ["blood"]),
+    ("What connects muscles to bones?", ["tendon"]),
+    ("Which organ in the chest is protected by the rib cage and beats?", ["heart"]),
+    ("Where in the body is the femur?", ["thigh", "upper leg", "the leg", "leg bone"]),
+    ("How many lungs does a human have?", ["two", "2"]),
+]
+
+MATH = [
+    ("How many sides does a hexagon have?", ["six", "6"]),
+    ("How many sides does a triangle have?", ["three", "3"]),
+    ("How many sides does an octagon have?", ["eight", "8"]),
+    ("How many sides does a pentagon have?", ["five", "5"]),
+    ("How many sides does a square have?", ["four", "4"]),
+    ("What do you call a polygon with ten sides?", ["decagon"]),
+    ("What is 7 times 8?", ["56", "fifty-six", "fifty six"]),
+    ("What is 12 times 12?", ["144", "one hundred forty-four", "one hundred forty four"]),
+    ("What is 100 divided by 4?", ["25", "twenty-five", "twenty five"]),
+    ("What is 15 plus 27?", ["42", "forty-two", "forty two"]),
+    ("What is the square root of 81?", ["nine", "9"]),
+    ("What is the square root of 144?", ["twelve", "12"]),
+    ("What is 9 squared?", ["81", "eighty-one", "eighty one"]),
+    ("What is 3 cubed?", ["27", "twenty-seven", "twenty seven"]),
+    ("What is half of 50?", ["25", "twenty-five", "twenty five"]),
+    ("How many degrees are in a right angle?", ["90", "ninety"]),
+    ("How many degrees are in a full circle?", ["360", "three hundred sixty", "three hundred and sixty"]),
+    ("What do the angles of a triangle add up to, in degrees?", ["180", "one hundred eighty",
+                                                                 "one hundred and eighty"]),
+    ("How many minutes are in an hour?", ["60", "sixty"]),
+    ("How many seconds are in a minute?", ["60", "sixty"]),
+    ("How many hours are in a day?", ["24", "twenty-four", "twenty four"]),
+    ("How many days are in a week?", ["seven", "7"]),
+    ("How many days are in a leap year?", ["366", "three hundred sixty-six", "three hundred sixty six"]),
+    ("How many months are in a year?", ["twelve", "12"]),
+    ("How many zeros are in one million?", ["six", "6"]),
+    ("What is the value of pi to two decimal places?", ["3.14"]),
+    ("How many items are in a dozen?", ["twelve", "12"]),
+    ("How many years are in a century?", ["100", "hundred"]),
+    ("How many years are in a decade?", ["10", "ten years"]),
+    ("How many years are in a millennium?", ["1000", "1,000", "thousand"]),
+    ("What is the smallest prime number?", ["two", "2"]),
+    ("What is 20 minus 8?", ["twelve", "12"]),
+]
+
+UNITS = [
+    ("How many centimeters are in a meter?", ["100", "hundred"]),
+    ("How many grams are in a kilogram?", ["1000", "1,000", "thousand"]),
+    ("How many meters are in a kilometer?", ["1000", "1,000", "thousand"]),
+    ("How many milliliters are in a liter?", ["1000", "1,000", "thousand"]),
+    ("How many inches are in a foot?", ["twelve", "12"]),
+    ("How many feet are in a yard?", ["three", "3"]),
+    ("How many ounces are in a pound?", ["sixteen", "16"]),
+    ("In what unit is electrical resistance measured?", ["ohm"]),
+    ("What is the SI unit of force?", ["newton"]),
+    ("What is the SI unit of energy?", ["joule"]),
+    ("What is the SI unit of electric current?", ["ampere"]),
+    ("What is the SI unit of power?", ["watt"]),
+    ("What is the SI unit of frequency?", ["hertz"]),
+    ("What is the SI unit of electric potential difference?", ["volt"]),
+    ("What is the SI base unit of mass?", ["kilogram", "kilo gram"]),
+    ("What is the SI base unit of length?", ["meter", "metre"]),
+    ("Which temperature scale is commonly used in the United States?", ["fahrenheit"]),
+    ("In what unit is the loudness of sound measured?", ["decibel"]),
+    ("What does the abbreviation km stand for?", ["kilometer", "kilometre"]),
+    ("At how many degrees Celsius does water boil at sea level?", ["100", "hundred"]),
+    ("At how many degrees Fahrenheit does water freeze?", ["32", "thirty-two", "thirty two"]),
+]
+
+LANGUAGES = [
+    ("What is the main language spoken in Brazil?", ["portuguese"]),
+    ("What is the main language spoken in Mexico?", ["spanish"]),
+    ("What is the main language spoken in Argentina?", ["spanish"]),
+    ("What is the main language spoken in Egypt?", ["arabic"]),
+    ("What is the main language spoken in Austria?", ["german"]),
+    ("What is the main language spoken in the Netherlands?", ["dutch"]),
+    ("What is the main language spoken in Iran?", ["persian", "farsi"]),
+    ("What is the main language spoken in Israel?", ["hebrew"]),
+    ("What is the main language spoken in Saudi Arabia?", ["arabic"]),
+    ("What is the main language spoken in Chile?", ["spanish"]),
+    ("What is the main language spoken in Angola?", ["portuguese"]),
+    ("What is the main language spoken in Colombia?", ["spanish"]),
+    ("What is the main language spoken in Cuba?", ["spanish"]),
+    ("What is the main language spoken in Jamaica?", ["english", "patois"]),
+    ("What is the most widely spoken language in Pakistan?", ["urdu", "punjabi", "english"]),
+    ("What is the most widely spoken language in India?", ["hindi", "english"]),
+    ("What is the main language spoken in China?", ["mandarin", "chinese"]),
+    ("What is the main language spoken in the Canadian province of Quebec?", ["french"]),
+    ("Which languages are official in Belgium?", ["dutch", "french", "flemish", "german"]),
+    ("Which language did the ancient Romans speak?", ["latin"]),
+    ("Which language has the most native speakers in the world?", ["mandarin", "chinese"]),
+    ("What is the national language of Kenya and Tanzania?", ["swahili", "kiswahili"]),
+    ("What is the main language spoken in Greece?", ["greek"]),
+    ("What is the main language spoken in Turkey?", ["turkish"]),
+]
+
+CURRENCIES = [
+    ("What is the currency of Japan?", ["yen"]),
+    ("What is the currency of the United Kingdom?", ["pound", "sterling"]),
+    ("What is the currency of the United States?", ["dollar"]),
+    ("What is the currency of India?", ["rupee"]),
+    ("What is the currency used in Germany and France?", ["euro"]),
+    ("What is the currency of Russia?", ["ruble", "rouble"]),
+    ("What is the currency of China?", ["yuan", "renminbi"]),
+    ("What is the currency of Mexico?", ["peso"]),
+    ("What is the currency of Switzerland?", ["franc"]),
+    ("What is the currency of Canada?", ["dollar"]),
+    ("What is the currency of Turkey?", ["lira"]),
+    ("What is the currency of Israel?", ["shekel", "sheqel"]),
+    ("What is the currency of Thailand?", ["baht"]),
+    ("What is the currency of Sweden?", ["krona", "kronor"]),
+    ("What is the currency of Poland?", ["zloty", "złoty"]),
+    ("What is the currency of Saudi Arabia?", ["riyal"]),
+    ("What is the currency of Egypt?", ["pound"]),
+    ("What is the currency of Australia?", ["dollar"]),
+    ("What is the currency of Denmark?", ["krone", "kroner"]),
+    ("What is the currency of Italy?", ["euro"]),
+]
+
+LANDMARKS = [
+    ("In which city is the Eiffel Tower?", ["paris"]),
+    ("In which city is the Colosseum?", ["rome"]),
+    ("In which city is the clock tower Big Ben?", ["london"]),
+    ("In which city is the Statue of Liberty?", ["new york"]),
+    ("In which country is the Taj Mahal?", ["india"]),
+    ("In which Indian city is the Taj Mahal?", ["agra"]),
+    ("In which country is most of the Great Wall?", ["china"]),
+    ("In which country is Machu Picchu?", ["peru"]),
+    ("In which country are the Pyramids of Giza?", ["egypt"]),
+    ("In which country is the Sydney Opera House?", ["australia"]),
+    ("In which city is the Christ the Redeemer statue?", ["rio de janeiro"]),
+    ("In which country is the Leaning Tower of Pisa?", ["italy"]),
+    ("In which city is the Acropolis?", ["athens"]),
+    ("In which city is the Kremlin?", ["moscow"]),
+    ("In which country is the ancient city of Petra?", ["jordan"]),
+    ("In which country is Angkor Wat?", ["cambodia"]),
+    ("In which country is Stonehenge?", ["england", "united kingdom", "britain"]),
+    ("In which city is the Golden Gate Bridge?", ["san francisco"]),
+    ("In which city is the Sagrada Familia?", ["barcelona"]),
+    ("In which city is the Brandenburg Gate?", ["berlin"]),
+    ("In which city is the Burj Khalifa?", ["dubai"]),
+    ("In which country is Chichen Itza?", ["mexico"]),
+    ("In which country is Mount Kilimanjaro?", ["tanzania"]),
+    ("In which city is the Louvre museum?", ["paris"]),
+    ("In which city is Hollywood?", ["los angeles"]),
+    ("In which city is the Forbidden City?", ["beijing", "peking"]),
+    ("In which city is Times Square?", ["new york"]),
+    ("In which country is Mount Fuji?", ["japan"]),
+    ("In which mountain range is Mount Everest?", ["himalaya"]),
+    ("Which Italian city is famous for its canals and gondolas?", ["venice", "venezia"]),
+]
+
+ANIMALS = [
+    ("What is the largest mammal in the world?", ["blue whale"]),
+    ("What is the fastest land animal?", ["cheetah"]),
+    ("What is the tallest animal in the world?", ["giraffe"]),
+    ("What is the largest land animal?", ["elephant"]),
+    ("Which animal is known as the king of the jungle?", ["lion"]),
+    ("What is the largest bird in the world?", ["ostrich"]),
+    ("Which flightless bird lives in Antarctica?", ["penguin"]),
+    ("How many legs does a spider have?", ["eight", "8"]),
+    ("How many legs does an insect have?", ["six", "6"]),
+    ("What plant does a giant panda mainly eat?", ["bamboo"]),
+    ("Which African animal looks like a horse with black and white stripes?", ["zebra"]),
+    ("Which animal is called the ship of the desert?", ["camel"]),
+    ("What is the largest big cat?", ["tiger"]),
+    ("What is the largest species of shark?", ["whale shark"]),
+    ("Which farm animal gives us wool?", ["sheep"]),
+    ("What is a baby cow called?", ["calf"]),
+    ("What is a group of lions called?", ["pride"]),
+    ("What is a group of wolves called?", ["pack"]),
+    ("Which egg-laying mammal has a bill like a duck?", ["platypus"]),
+    ("What is an adult male chicken called?", ["rooster", "cockerel"]),
+    ("What sound does a dog make?", ["bark", "woof"]),
+    ("Which sea creature has eight arms?", ["octopus"]),
+    ("Which Australian animal hops and carries its baby in a pouch?", ["kangaroo"]),
+    ("Which white bird is a symbol of peace?", ["dove"]),
+    ("Which colorful bird can imitate human speech?", ["parrot"]),
+    ("Which slow animal hangs upside down in trees in South America?", ["sloth"]),
+    ("Which animal has a long trunk and large tusks?", ["elephant"]),
+    ("Which black and white bear lives in China?", ["panda"]),
+    ("What is the largest living reptile?", ["crocodile"]),
+    ("Which insect glows with a blinking light at night?", ["firefly", "fireflies", "lightning bug"]),
+]
+
+GEOGRAPHY = [
+    ("What is the longest river in the world?", ["nile", "amazon"]),
+    ("What is the largest ocean on Earth?", ["pacific"]),
+    ("What is the largest hot desert in the world?", ["sahara"]),
+    ("What is the highest mountain in the world?", ["everest"]),
+    ("What is the largest island in the world?", ["greenland"]),
+    ("What is the deepest ocean trench on Earth?", ["mariana"]),
+    ("Which river flows through London?", ["thames"]),
+    ("Which river flows through Paris?", ["seine"]),
+    ("Which river flows through Cairo?", ["nile"]),
+    ("What is the largest lake in Africa?", ["victoria"]),
+    ("Which of the Great Lakes is the largest?", ["superior"]),
+    ("Which ocean lies between Africa and Australia?", ["indian"]),
+    ("Which ocean lies between Europe and North America?", ["atlantic"]),
+    ("Which mountain range runs along the west coast of South America?", ["andes"]),
+    ("In which mountain range is Mont Blanc?", ["alps"]),
+    ("What imaginary line divides the Earth into northern and southern halves?", ["equator"]),
+    ("What is the largest US state by area?", ["alaska"]),
+    ("Which US state is made up of islands in the Pacific Ocean?", ["hawaii"]),
+    ("What is the largest country in Africa by area?", ["algeria"]),
+    ("Which river carved the Grand Canyon?", ["colorado"]),
+    ("Which very salty lake between Israel and Jordan lets people float easily?", ["dead sea"]),
+    ("What is the coldest continent?", ["antarctica"]),
+    ("Which strait separates Spain from Morocco?", ["gibraltar"]),
+    ("Which city is nicknamed the Big Apple?", ["new york"]),
+    ("Which city is nicknamed the City of Light?", ["paris"]),
+    ("Which country contains most of the Amazon rainforest?", ["brazil"]),
+    ("What is the highest waterfall in the world?", ["angel falls", "salto angel", "salto ángel"]),
+    ("Which volcano buried the Roman city of Pompeii?", ["vesuvius"]),
+    ("What is the longest river in Europe?", ["volga"]),
+    ("Which river flows through Baghdad?", ["tigris"]),
+]
+
+HISTORY = [
+    ("Who was the first president of the United States?", ["washington"]),
+    ("Which US president issued the Emancipation Proclamation?", ["lincoln"]),
+    ("In which year did World War II end?", ["1945"]),
+    ("In which year did World War I begin?", ["1914"]),
+    ("In which year did Columbus first reach the Americas?", ["1492"]),
+    ("In which year did humans first land on the Moon?", ["1969"]),
+    ("In which year did the Berlin Wall fall?", ["1989"]),
+    ("In which year was the US Declaration of Independence signed?", ["1776"]),
+    ("Who was the first emperor of Rome?", ["augustus", "octavian"]),
+    ("Which French emperor was defeated at Waterloo?", ["napoleon"]),
+    ("Which ship sank in 1912 after hitting an iceberg?", ["titanic"]),
+    ("Who was the British prime minister for most of World War II?", ["churchill"]),
+    ("Who was the leader of Nazi Germany?", ["hitler"]),
+    ("Who led India's independence movement through nonviolent protest?", ["gandhi"]),
+    ("Who gave the I Have a Dream speech in 1963?", ["luther king", "mlk"]),
+    ("Which country launched the first satellite into space?", ["soviet", "ussr", "russia"]),
+    ("Which British queen reigned from 1952 to 2022?", ["elizabeth"]),
+    ("Which Roman city was buried by a volcanic eruption in 79 AD?", ["pompeii"]),
+    ("Which Egyptian queen was allied with Mark Antony?", ["cleopatra"]),
+    ("The Cold War was mainly between the United States and which country?", ["soviet", "ussr",
+                                                                              "russia"]),
+    ("Whose expedition was the first to sail around the world?", ["magellan", "elcano"]),
+    ("Who led the first expedition to reach the South Pole?", ["amundsen"]),
+    ("Who was the first female prime minister of the United Kingdom?", ["thatcher"]),
+    ("Which empire did Genghis Khan found?", ["mongol"]),
+    ("Which Macedonian king conquered the Persian Empire?", ["alexander"]),
+    ("Which country did the United States declare independence from?", ["britain", "england",
+                                                                        "united kingdom"]),
+    ("Who was the first woman to win a Nobel Prize?", ["curie"]),
+    ("In which country did the French Revolution's storming of the Bastille happen?", ["france"]),
+    ("Which ancient civilization built the city of Machu Picchu?", ["inca"]),
+    ("Who was the US president who resigned after the Watergate scandal?", ["nixon"]),
+]
+
+COMMON_SENSE = [
+    ("What color do you get by mixing blue and yellow?", ["green"]),
+    ("What color do you get by mixing red and white?", ["pink"]),
+    ("What color do you get by mixing red and yellow?", ["orange"]),
+    ("What color do you get by mixing blue and red?", ["purple", "violet"]),
+    ("What color do you get by mixing black and white?", ["gray", "grey"]),
+    ("What color is the sky on a clear sunny day?", ["blue"]),
+    ("What color is fresh grass?", ["green"]),
+    ("What color are ripe bananas?", ["yellow"]),
+    ("What color is fresh snow?", ["white"]),
+    ("What color is coal?", ["black"]),
+    ("How many colors are in a rainbow?", ["seven", "7"]),
+    ("What white flakes fall from the sky when it is very cold?", ["snow"]),
+    ("What do teachers traditionally write with on a blackboard?", ["chalk"]),
+    ("How many wheels does a bicycle have?", ["two", "2"]),
+    ("What is the first meal of the day called?", ["breakfast"]),
+    ("Which day of the week comes after Friday?", ["saturday"]),
+    ("Which month comes after March?", ["april"]),
+    ("How many days does February have in a non-leap year?", ["28", "twenty-eight", "twenty eight"]),
+    ("What is the opposite of hot?", ["cold"]),
+    ("Which season comes after winter?", ["spring"]),
+    ("What do you call a person who flies airplanes?", ["pilot", "aviator"]),
+    ("What kind of doctor takes care of teeth?", ["dentist"]),
+    ("What do you call a person who bakes bread for a living?", ["baker"]),
+    ("What do you call the home where bees live?", ["hive"]),
+    ("Which month of the year has the fewest days?", ["february"]),
+    ("What is the last month of the year?", ["december"]),
+    ("What is the evening meal usually called?", ["dinner", "supper"]),
+    ("What is the opposite of up?", ["down"]),
+    ("Which season comes after summer?", ["autumn", "fall"]),
+    ("What do you use to cut paper?", ["scissors"]),
+    ("What do you call the person who treats sick animals?", ["veterinarian", "vet"]),
+    ("What is the first day of the working week in most Western countries?", ["monday"]),
+]
+
+CATEGORIES = [
+    ("capital", [(f"What is the capital of {country}?", answers) for country, answers in CAPITALS]),
+    ("country", COUNTRIES), ("chemistry", CHEMISTRY), ("astronomy", ASTRONOMY), ("author", AUTHORS),
+    ("inventor", INVENTORS), ("painter", PAINTERS), ("biology", BIOLOGY), ("human_body", HUMAN_BODY),
+    ("math", MATH), ("units", UNITS), ("language", LANGUAGES), ("currency", CURRENCIES),
+    ("landmark", LANDMARKS), ("animal", ANIMALS), ("geography", GEOGRAPHY), ("history", HISTORY),
+    ("common_sense", COMMON_SENSE),
+]
+
+
+def check(rows: list[dict]) -> None:
+    """Raise ValueError when the data breaks the contract in the module docstring."""
+    seen: set[str] = set()
+    for row in rows:
+        q = row["question"]
+        if q.lower() in seen:
+            raise ValueError(f"duplicate question: {q!r}")
+        seen.add(q.lower())
+        if not row["answers"]:
+            raise ValueError(f"no accepted answers: {q!r}")
+        for a in row["answers"]:
+            if not a.strip() or a != a.lower():
+                raise ValueError(f"accepted answer must be non-empty lower case: {q!r} -> {a!r}")
+            if a in q.lower():
+                raise ValueError(f"accepted answer appears in its own question: {q!r} -> {a!r}")
+
+
+def make() -> list[dict]:
+    rows = []
+    for category, items in CATEGORIES:
+        for question, answers in items:
+            rows.append({"id": f"fq-{len(rows) + 1:04d}", "question": question,
+                         "answers": list(answers), "category": category})
+    check(rows)
+    return rows
+
+
+def main() -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("fact_questions.parquet")
+    rows = make()
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()),
+                        ("answers", pa.list_(pa.string())), ("category", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out)
+    print(f"wrote {len(rows)} questions to {out}")
+
+
+if __name__ == "__main__":
+    main()

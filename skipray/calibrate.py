@@ -1,0 +1,179 @@
+"""`skipray calibrate`: find the order in which a model's layers should stop running.
+
+Contract: from calibration sequences (prompt + the full-depth model's own answer, teacher-forced),
+``block_influence_order`` ranks layers by block influence, 1 - cos(input, output) of a layer's hidden
+states on answer tokens (ShortGPT, Men et al. 2024, arXiv 2403.03853, section 3): least influential
+first. ``greedy_kl_order`` drops, one layer at a time, the layer whose removal costs the least
+KL(full depth || skipped) on the answer tokens, with the prompt at full depth (the SkipDecode
+setting: prompt prefilled at full depth once into a KV cache; answers teacher-forced through the
+remaining layers). Both return a complete ``drop_order`` (every layer; layers listed late are the
+last to go), so any schedule depth can use it. ``zero_shot_agreement`` scores a schedule by
+teacher-forced top-1 agreement with full depth, the measure printed per order. The CLI writes a
+schedule file (``SkipSchedule.to_dict`` JSON with ``drop_order``) that ``train``, ``eval``,
+``generate``, the Serve app and the batch job accept via ``--schedule-file``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _batch(seqs: Sequence[tuple[list[int], list[int]]], length: int):
+    """Left-padded prompts (shared width P) followed by ``length`` answer tokens per row."""
+    from skipray.engine import pad_prompts
+
+    tokens, real = pad_prompts([p + r[:length] for p, r in seqs])
+    P = tokens.shape[1] - length
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    return tokens, real, positions, P
+
+
+@torch.inference_mode()
+def block_influence_order(model, seqs, length: int = 32) -> tuple[list[int], list[float]]:
+    """Layers by block influence on answer tokens, least first (arXiv 2403.03853, eq. 1); and the scores.
+
+    Runs the Hugging Face model at full depth once, reading each decoder layer's input and output."""
+    tokens, real, positions, P = _batch(seqs, length)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(l):
+        def fn(module, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            seen[l] = (x[:, P:].float(), y[:, P:].float())
+        return fn
+
+    handles = [layer.register_forward_hook(hook(l), with_kwargs=True) for l, layer in enumerate(model.layers)]
+    try:
+        model.hf(input_ids=tokens, attention_mask=real.long(), position_ids=positions)
+    finally:
+        for h in handles:
+            h.remove()
+    scores = [float((1 - F.cosine_similarity(*seen[l], dim=-1)).mean()) for l in range(model.num_layers)]
+    return sorted(range(model.num_layers), key=lambda l: scores[l]), scores
+
+
+@torch.inference_mode()
+def greedy_kl_order(model, seqs, length: int = 32, min_layers: int = 1, progress: bool = True) -> tuple[list[int], list[float]]:
+    """Greedy drop order by teacher-forced KL with a full-depth prompt; and the KL after each drop."""
+    from tqdm import tqdm
+
+    from skipray.model import forward, full_plan, step_plan
+
+    tokens, real, positions, P = _batch(seqs, length)
+    B, L = tokens.shape[0], model.num_layers
+    cache = model.new_cache(B, P + length)
+    forward(model, tokens[:, :P], positions[:, :P], full_plan(L), real[:, :P], cache=cache, start=0, logits_at=slice(P - 1, P))
+
+    def answer_logp(active: Sequence[int]) -> torch.Tensor:
+        logits = forward(model, tokens[:, P:], positions[:, P:], step_plan(active, L), real[:, P:], cache=cache, start=P)
+        return F.log_softmax(logits.float(), -1)
+
+    teacher = answer_logp(range(L))
+    p_t = teacher.exp()
+    order: list[int] = []
+    kls: list[float] = []
+    bar = tqdm(total=L - min_layers, desc="greedy KL", disable=not progress)
+    while L - len(order) > min_layers:
+        best = None
+        for cand in (l for l in range(L) if l not in order):
+            active = [l for l in range(L) if l not in order and l != cand]
+            kl = float((p_t * (teacher - answer_logp(active))).sum(-1).mean())
+            if best is None or kl < best[1]:
+                best = (cand, kl)
+        order.append(best[0])
+        kls.append(best[1])
+        bar.update(1)
+        bar.set_postfix(layer=best[0], kl=f"{best[1]:.3f}")
+    bar.close()
+    order += [l for l in range(L) if l not in order]  # the last layers standing, never dropped above min
+    return order, kls
+
+
+@torch.no_grad()
+def zero_shot_agreement(model, seqs, schedule, length: int = 32) -> float:
+    """Teacher-forced top-1 agreement of ``schedule`` with full depth on the answer tokens."""
+    from skipray.model import forward, full_plan, training_plan
+
+    tokens, real, positions, P = _batch(seqs, length)
+    T = tokens.shape[1]
+    cols = slice(P - 1, T - 1)
+    s = forward(model, tokens, positions, training_plan(schedule, P, T), real, logits_at=cols)
+    t = forward(model, tokens, positions, full_plan(model.num_layers), real, logits_at=cols)
+    return float((s.argmax(-1) == t.argmax(-1)).float().mean())
+
+
+def calibration_sequences(path: str, n: int, length: int) -> list[tuple[list[int], list[int]]]:
+    """``n`` (prompt_ids, response_ids) pairs with at least ``length`` answer tokens (``distill-data`` output)."""
+    from skipray.io import read_table
+
+    t = read_table(path, columns=["prompt_ids", "response_ids"])
+    pairs = [(list(p), list(r)) for p, r in zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist())
+             if len(r) >= length]
+    if len(pairs) < n:
+        raise ValueError(f"{path}: only {len(pairs)} answers have >= {length} tokens; need {n}")
+    return pairs[:n]
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from skipray.loading import load
+    from skipray.schedule import SkipSchedule
+
+    torch.manual_seed(0)
+    m = load(args.model, device=args.device)
+    model = m.model
+    seqs = calibration_sequences(args.data, args.n + args.heldout, args.length)
+    calib, held = seqs[: args.n], seqs[args.n :]
+    t0 = time.perf_counter()
+    orders = {"skipdecode": list(range(args.warmup_layers, model.num_layers))}
+    report: dict = {}
+    bi, scores = block_influence_order(model, calib, args.length)
+    orders["block-influence"] = bi
+    if args.method == "greedy-kl":
+        orders["greedy-kl"], kls = greedy_kl_order(model, calib, args.length,
+                                                    min_layers=args.search_min_layers or args.min_layers)
+        report["greedy_kl"] = kls
+    base = SkipSchedule(model.num_layers, args.max_layers, args.min_layers, args.decay_tokens,
+                        warmup_layers=args.warmup_layers, shape=args.shape, power=args.power)
+    report.update({"model": args.model, "data": args.data, "n": args.n, "length": args.length,
+                   "block_influence": scores, "orders": orders, "schedule": base.describe(), "agreement": {}})
+    print(f"zero-shot teacher-forced agreement, {base.describe()}, {len(held)} held-out answers:")
+    for name, order in orders.items():
+        sched = base.with_drop_order(None if name == "skipdecode" else order)
+        report["agreement"][name] = agree = zero_shot_agreement(model, held, sched, args.length)
+        print(f"  {name:16s} {agree:.3f}  order {order}")
+    chosen = args.method
+    out = base.with_drop_order(orders[chosen]).to_dict()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    Path(args.out).with_suffix(".report.json").write_text(json.dumps(report, indent=2))
+    print(f"[skipray] {chosen} order written to {args.out} ({time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="find a drop order for a model from calibration data")
+    p.add_argument("--data", required=True, help="Parquet from `skipray distill-data` (prompt_ids, response_ids)")
+    p.add_argument("--out", required=True, help="schedule file to write (JSON)")
+    p.add_argument("--model", default="smollm2-base")
+    p.add_argument("--method", choices=["greedy-kl", "block-influence"], default="greedy-kl")
+    p.add_argument("--n", type=int, default=12, help="calibration answers")
+    p.add_argument("--heldout", type=int, default=32, help="answers to score the orders on")
+    p.add_argument("--length", type=int, default=32, help="answer tokens per sequence")
+    p.add_argument("--max-layers", type=int, required=True)
+    p.add_argument("--min-layers", type=int, required=True)
+    p.add_argument("--decay-tokens", type=int, default=64)
+    p.add_argument("--warmup-layers", type=int, default=1, help="for the SkipDecode order it is compared with")
+    p.add_argument("--shape", choices=["linear", "power"], default="linear")
+    p.add_argument("--power", type=float, default=2.0, help="exponent of the power shape")
+    p.add_argument("--search-min-layers", type=int, default=None,
+                   help="depth the greedy search goes down to (default: --min-layers)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_calibrate)

@@ -1,0 +1,51 @@
+"""`skipray calibrate`: block-influence and greedy-KL drop orders on a tiny model."""
+
+import torch
+
+from skipray.calibrate import block_influence_order, greedy_kl_order, zero_shot_agreement
+from skipray.model import SkipModel
+from skipray.schedule import SkipSchedule
+
+from conftest import tiny_llama
+
+SEQS = [([5, 6, 7, 8], list(range(20, 32))), ([9, 10], list(range(40, 52))), ([3, 4, 5, 6, 7, 8], list(range(60, 72)))]
+
+
+def test_block_influence_is_a_ranking_of_all_layers():
+    model = SkipModel(tiny_llama())
+    order, scores = block_influence_order(model, SEQS, length=8)
+    assert sorted(order) == list(range(model.num_layers))
+    assert [scores[l] for l in order] == sorted(scores)
+
+
+def test_greedy_kl_first_drop_is_the_cheapest_single_layer():
+    model = SkipModel(tiny_llama())
+    L = model.num_layers
+    order, kls = greedy_kl_order(model, SEQS, length=8, min_layers=2, progress=False)
+    assert sorted(order) == list(range(L)) and len(kls) == L - 2
+    # brute force: teacher-forced agreement/KL with one layer skipped for every answer token
+    from skipray.calibrate import _batch
+    from skipray.model import forward, full_plan
+
+    tokens, real, pos, P = _batch(SEQS, 8)
+    T = tokens.shape[1]
+    cols = slice(P, T)
+
+    def logp(skip):
+        plan = full_plan(L)
+        if skip is not None:
+            plan[skip] = (slice(None), P)  # the layer runs on the prompt only
+        with torch.no_grad():
+            return torch.log_softmax(forward(model, tokens, pos, plan, real, logits_at=cols).float(), -1)
+
+    t = logp(None)
+    single = [float((t.exp() * (t - logp(l))).sum(-1).mean()) for l in range(L)]
+    assert order[0] == min(range(L), key=single.__getitem__)
+    assert abs(kls[0] - min(single)) < 1e-4
+
+
+def test_zero_shot_agreement_is_one_at_full_depth():
+    model = SkipModel(tiny_llama())
+    assert zero_shot_agreement(model, SEQS, SkipSchedule.full(model.num_layers), length=8) == 1.0
+    skip = SkipSchedule(model.num_layers, 3, 2, 4, drop_order=[1, 2, 3, 4])
+    assert 0.0 <= zero_shot_agreement(model, SEQS, skip, length=8) < 1.0

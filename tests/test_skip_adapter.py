@@ -1,0 +1,163 @@
+"""The skip adapter applies to generated tokens of skipping schedules only; any drop order keeps
+cached decoding equal to the parallel training forward; cached teacher top-k gives the KL."""
+
+import pytest
+import torch
+
+from skipray.engine import Engine, SamplingParams, pad_prompts
+from skipray.model import SkipModel, forward, generated_positions, training_plan
+from skipray.schedule import SkipSchedule
+from skipray.train import topk_kl
+
+from conftest import tiny_llama, tiny_opt
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
+
+
+def with_random_lora(hf, seed=1):
+    """A peft LoRA on every projection, with non-zero B (peft starts B at zero) so it changes outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.split(".")[-1] for n, _ in hf.named_modules()}
+    targets = [t for t in ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj",
+                           "down_proj", "fc1", "fc2") if t in names]
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return peft_model
+
+
+def shuffled_order(L):
+    order = list(range(L))
+    g = torch.Generator().manual_seed(7)
+    return [order[i] for i in torch.randperm(L, generator=g).tolist()]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
+def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make):
+    hf = make()
+    with_random_lora(hf)
+    model = SkipModel(hf)
+    L = model.num_layers
+    sched = SkipSchedule(L, L - 1, 2, decay_tokens=6, drop_order=shuffled_order(L))
+    engine = Engine(model, sched, max_batch=4, max_len=64)
+    n = 10
+    logits = engine.prefill(PROMPTS)
+    P = max(map(len, PROMPTS))
+    positions = torch.tensor([len(p) for p in PROMPTS])
+    steps, toks = [logits], []
+    for i in range(n):
+        tok = logits.argmax(-1)
+        toks.append(tok)
+        logits = engine.decode_one_token(tok[:, None], positions + i, P + i, sched.active_layers(i), adapter=True)
+        steps.append(logits)
+    gen, step_logits = torch.stack(toks, 1), torch.stack(steps, 1)
+    prompt, prompt_real = pad_prompts(PROMPTS)
+    tokens = torch.cat([prompt, gen], 1)
+    real = torch.cat([prompt_real, torch.ones_like(gen, dtype=torch.bool)], 1)
+    pos = (real.long().cumsum(-1) - 1).clamp(min=0)
+    adapter = generated_positions(len(PROMPTS), P, P + n)
+    par = forward(model, tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n),
+                  adapter=adapter)
+    torch.testing.assert_close(par.detach(), step_logits, atol=1e-4, rtol=1e-4)
+    # the adapter really changes the skip output (else the test above would prove nothing about it)
+    plain = forward(model, tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n))
+    assert (plain.detach() - step_logits).abs().max() > 1e-2
+
+
+def test_full_depth_with_adapter_equals_base_model():
+    base_out = Engine(SkipModel(tiny_llama()), max_batch=4, max_len=64).generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    hf = tiny_llama()
+    with_random_lora(hf)
+    model = SkipModel(hf)
+    engine = Engine(model, max_batch=4, max_len=64)
+    full = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    assert [c.token_ids for c in full] == [c.token_ids for c in base_out]
+    # a skipping schedule uses the adapter: its first token (the prompt's full-depth pass) is still the base's
+    sched = SkipSchedule(model.num_layers, model.num_layers, model.num_layers - 1, decay_tokens=1, drop_order=[3])
+    skip = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12), sched)
+    assert [c.token_ids[0] for c in skip] == [c.token_ids[0] for c in base_out]
+    assert [c.token_ids for c in skip] != [c.token_ids for c in base_out]
+
+
+def test_continuous_engine_applies_adapter_per_row():
+    from skipray.scheduler import ContinuousEngine
+
+    hf = tiny_llama()
+    with_random_lora(hf)
+    model = SkipModel(hf)
+    L = model.num_layers
+    sched = SkipSchedule(L, L - 1, 3, decay_tokens=4, drop_order=shuffled_order(L))
+    alone = Engine(model, max_batch=4, max_len=64)
+    want_full = alone.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8))
+    want_skip = alone.generate(PROMPTS[2:], SamplingParams(max_new_tokens=8), sched)
+    ce = ContinuousEngine(model, max_batch=4, max_len=64)
+    ids = [ce.add_request(p, SamplingParams(max_new_tokens=8)) for p in PROMPTS[:2]]
+    ids += [ce.add_request(p, SamplingParams(max_new_tokens=8), schedule=sched) for p in PROMPTS[2:]]
+    got = {i: [] for i in ids}
+    while ce.has_work():
+        for ev in ce.step():
+            got[ev.request_id].append(ev.token_id)
+    assert [got[i] for i in ids] == [c.token_ids for c in want_full + want_skip]
+
+
+def test_topk_kl_is_exact_with_the_whole_vocabulary_and_an_upper_bound_below():
+    g = torch.Generator().manual_seed(0)
+    t = torch.log_softmax(torch.randn(3, 5, 40, generator=g) * 2, -1)
+    s = torch.log_softmax(torch.randn(3, 5, 40, generator=g) * 2, -1)
+    exact = (t.exp() * (t - s)).sum(-1)
+    vals, ids = t.topk(40, -1)
+    torch.testing.assert_close(topk_kl(vals, ids, s), exact, atol=1e-5, rtol=1e-5)
+    vals, ids = t.topk(8, -1)
+    approx = topk_kl(vals, ids, s)
+    assert (approx <= exact + 1e-5).all() and (approx >= 0).all()  # merging outcomes never raises KL
+
+
+def test_engine_logprobs_are_the_step_log_softmax():
+    model = SkipModel(tiny_llama())
+    engine = Engine(model, max_batch=2, max_len=64)
+    out = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, logprobs=3))[0]
+    assert len(out.logprobs) == 4
+    tokens = torch.tensor([PROMPTS[0] + out.token_ids])
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    P = len(PROMPTS[0])
+    from skipray.model import full_plan
+
+    lp = torch.log_softmax(forward(model, tokens, torch.arange(tokens.shape[1])[None], full_plan(model.num_layers),
+                                   real, logits_at=slice(P - 1, P + 3))[0], -1)
+    for i, x in enumerate(out.logprobs):
+        assert x.top_ids == lp[i].topk(3).indices.tolist()
+        assert x.logprob == pytest.approx(lp[i, out.token_ids[i]].item(), abs=1e-4)
+        assert x.top_logprobs == pytest.approx(lp[i].topk(3).values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
+def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
+    """Training runs the prompt once without gradients, then the answer: same logits, same gradients."""
+    from skipray.train import answer_logits, collate
+
+    hf = make()
+    with_random_lora(hf)
+    model = SkipModel(hf)
+    L = model.num_layers
+    sched = SkipSchedule(L, L - 1, 2, decay_tokens=5, drop_order=shuffled_order(L))
+    batch = collate([([5, 6, 7, 8], [20, 21, 22, 23, 24, 25, 26]), ([9, 10], [30, 31, 32]),
+                     ([3, 4, 5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48])], pad_id=0)
+    tokens, real, pos, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
+    T = tokens.shape[1]
+    whole = forward(model, tokens, pos, training_plan(sched, P, T), real, logits_at=slice(P - 1, T - 1),
+                    adapter=generated_positions(3, P, T))
+    split = answer_logits(model, batch, sched)
+    mask = batch["loss_mask"][:, P - 1:]
+    torch.testing.assert_close(split[mask], whole[mask].float(), atol=1e-4, rtol=1e-4)
+    lora = [p for n, p in hf.named_parameters() if "lora_" in n]
+    g_whole = torch.autograd.grad(whole[mask].float().square().sum(), lora, allow_unused=True)
+    g_split = torch.autograd.grad(split[mask].square().sum(), lora, allow_unused=True)
+    assert sum(g is not None for g in g_split) > len(lora) // 2
+    for a, b in zip(g_whole, g_split):
+        assert (a is None) == (b is None)  # a layer the schedule never runs on answers gets no gradient
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
