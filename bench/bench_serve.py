@@ -1,6 +1,7 @@
 """Serve throughput benchmark: continuous batching on Ray Serve vs the direct engine and vs @serve.batch.
 
-Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max-tokens 64 | 8,128]`` measures
+Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max-tokens 64 | 8,128]
+[--skip-mix [JSON]] [--runs 3]`` measures
 
 * ``direct``: the static-batch ``Engine.generate`` over 16 prompts in this process (no Ray, no HTTP);
 * ``engine only``: the ``ContinuousEngine`` in this process with 16 requests always in flight (no Ray,
@@ -8,6 +9,12 @@ Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max
 * ``continuous``: the skipray Serve app (``skipray.serve.app``) at 1, 4 and 16 concurrent clients;
 * ``static``: a Serve deployment that groups requests with ``@serve.batch`` (max 16) and runs each
   group through ``Engine.generate`` to completion (a new request waits for the running batch);
+* with ``--skip-mix``: ``engine only`` and ``continuous`` (at the largest client count) again with
+  every other request carrying its own skip schedule (the ``skip`` field; JSON flags, default: the
+  model's schedule with ``decay_tokens + 1``, a distinct schedule of nearly the same depth, so the
+  difference measures how the engine handles two schedules in one batch, not extra layers);
+  ``mix_vs_single`` in the output is the mixed run's tokens/s over the single-schedule run's;
+* ``--runs N`` repeats every measurement N times and reports the median (all runs are in the JSON);
 
 prints a table of generated tokens/s and p50 latency, and writes ``bench/results/serve.json``. Clients
 are HTTP (``requests``), non-streaming, on loopback; Ray runs locally with 2 CPUs. The direct engine and
@@ -54,9 +61,11 @@ def direct(model_spec: str, max_tokens: list[int], threads: int) -> dict:
             "p50_s": statistics.median(calls)}
 
 
-def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: float = 20.0) -> dict:
+def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: float = 20.0,
+                mix: dict | None = None) -> dict:
     """``ContinuousEngine`` without Serve or HTTP: 16 requests always in flight (a finished one is
-    replaced at once by the next prompt), as 16 closed-loop clients would keep it; generated tokens/s."""
+    replaced at once by the next prompt), as 16 closed-loop clients would keep it; generated tokens/s.
+    ``mix``: skip flags of a second schedule that every other request uses."""
     import torch
 
     from skipray.engine import SamplingParams
@@ -68,11 +77,13 @@ def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: 
     m = load(model_spec, device="cpu")
     ids = [encode_prompt(m.tokenizer, p, chat=False) for p in PROMPTS]
     eng = ContinuousEngine(m.model, m.schedule, max_batch=16, max_len=256, eos_token_ids=m.eos_token_ids)
+    schedules = [eng.schedule] if mix is None else [eng.schedule, mix_schedule(m, mix)]
     sent = 0
 
     def submit() -> None:
         nonlocal sent
-        eng.add_request(ids[sent % 16], SamplingParams(max_new_tokens=max_tokens[sent % len(max_tokens)]))
+        eng.add_request(ids[sent % 16], SamplingParams(max_new_tokens=max_tokens[sent % len(max_tokens)]),
+                        schedules[sent % len(schedules)])
         sent += 1
 
     for _ in range(16):
@@ -85,8 +96,36 @@ def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: 
                 done += 1
                 submit()
     dt = time.perf_counter() - t0
-    return {"mode": "engine only", "clients": 16, "requests": done, "tokens": tokens, "seconds": dt,
-            "tok_s": tokens / dt, "p50_s": None}
+    return {"mode": "engine only" + (" (2 schedules)" if mix else ""), "clients": 16, "requests": done,
+            "tokens": tokens, "seconds": dt, "tok_s": tokens / dt, "p50_s": None}
+
+
+def mix_flags(model_spec: str, given: str) -> dict:
+    """The second schedule's skip flags: ``given`` JSON, or ``"auto"``: the model's own schedule with
+    ``decay_tokens + 1`` (nearly the same depth; full depth minus one layer when it has none)."""
+    if given != "auto":
+        return json.loads(given)
+    from skipray.loading import load
+
+    m = load(model_spec, device="cpu")
+    if m.schedule is None or m.schedule.is_full:
+        L = m.model.num_layers
+        return {"max_layers": L, "min_layers": L - 1, "decay_tokens": 64}
+    return {"decay_tokens": m.schedule.decay_tokens + 1}
+
+
+def mix_schedule(m, flags: dict):
+    import argparse
+
+    from skipray.options import schedule_from_args
+
+    return schedule_from_args(argparse.Namespace(**flags), m.model.num_layers, m.schedule)
+
+
+def median_of(runs: list[dict]) -> dict:
+    """The run with the median tokens/s, with every run's tokens/s alongside."""
+    best = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
+    return dict(best, runs_tok_s=[r["tok_s"] for r in runs])
 
 
 def static_app(model_spec: str, max_tokens_cap: int, threads: int):
@@ -123,7 +162,8 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
     return StaticServer.bind()
 
 
-def load_run(url: str, clients: int, duration: float, max_tokens: list[int], model: str) -> dict:
+def load_run(url: str, clients: int, duration: float, max_tokens: list[int], model: str,
+             mix: dict | None = None) -> dict:
     import requests
 
     lat, toks, errors, by_len = [], [], [], {}
@@ -136,6 +176,8 @@ def load_run(url: str, clients: int, duration: float, max_tokens: list[int], mod
             while time.time() < stop_at:
                 n = max_tokens[(k + i) % len(max_tokens)]
                 body = {"model": model, "prompt": PROMPTS[(k + i) % 16], "temperature": 0, "max_tokens": n}
+                if mix is not None and (k + i) % 2:
+                    body["skip"] = mix
                 t0 = time.perf_counter()
                 r = s.post(url, json=body, timeout=600)
                 with lock:
@@ -171,15 +213,26 @@ def main() -> int:
                     help="max_tokens per request; a comma list (e.g. 8,128) cycles through mixed lengths")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the direct engine and each replica")
+    ap.add_argument("--skip-mix", nargs="?", const="auto", default=None, metavar="JSON",
+                    help="also run with every other request on a second skip schedule (JSON skip flags; "
+                         "without a value: the model's schedule with decay_tokens + 1)")
+    ap.add_argument("--runs", type=int, default=1, help="repeat each measurement and report the median")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     max_tokens = [int(x) for x in args.max_tokens.split(",")]
+    mix = mix_flags(args.model, args.skip_mix) if args.skip_mix is not None else None
+    repeat = lambda fn: median_of([fn() for _ in range(args.runs)])  # noqa: E731
 
-    rows = [direct(args.model, max_tokens, threads=args.threads)]
+    rows = [repeat(lambda: direct(args.model, max_tokens, threads=args.threads))]
     print(f"direct engine, batch 16: {rows[0]['tok_s']:.1f} tok/s", flush=True)
-    rows.append(engine_only(args.model, max_tokens, threads=args.threads))
-    print(f"continuous engine without Serve, 16 in flight: {rows[1]['tok_s']:.1f} tok/s", flush=True)
+    rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads)))
+    print(f"continuous engine without Serve, 16 in flight: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
+    if mix is not None:
+        rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads, mix=mix)))
+        rows[-1]["mix_vs_single"] = rows[-1]["tok_s"] / rows[-2]["tok_s"]
+        print(f"continuous engine without Serve, 2 schedules ({mix}): {rows[-1]['tok_s']:.1f} tok/s "
+              f"({rows[-1]['mix_vs_single']:.2f}x the single schedule)", flush=True)
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -200,14 +253,20 @@ def main() -> int:
         serve.run(build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
                   name="continuous", route_prefix="/c")
         for n in levels:
-            r = load_run(f"{base}/c/v1/completions", n, args.duration, max_tokens, "m")
+            r = repeat(lambda: load_run(f"{base}/c/v1/completions", n, args.duration, max_tokens, "m"))
             rows.append(dict(r, mode="continuous"))
             print(f"continuous, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
                   f"p50 by max_tokens {fmt(r)}", flush=True)
+        if mix is not None:
+            single = rows[-1]
+            r = repeat(lambda: load_run(f"{base}/c/v1/completions", levels[-1], args.duration, max_tokens, "m", mix))
+            rows.append(dict(r, mode="continuous (2 schedules)", mix_vs_single=r["tok_s"] / single["tok_s"]))
+            print(f"continuous, {levels[-1]:2d} clients, 2 schedules: {r['tok_s']:.1f} tok/s "
+                  f"({rows[-1]['mix_vs_single']:.2f}x the single schedule), p50 {r['p50_s']:.2f}s", flush=True)
         serve.delete("continuous")
         serve.run(static_app(args.model, 256, args.threads), name="static", route_prefix="/s")
         for n in levels:
-            r = load_run(f"{base}/s", n, args.duration, max_tokens, "m")
+            r = repeat(lambda: load_run(f"{base}/s", n, args.duration, max_tokens, "m"))
             rows.append(dict(r, mode="static"))
             print(f"static,     {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
                   f"p50 by max_tokens {fmt(r)}", flush=True)
@@ -216,14 +275,14 @@ def main() -> int:
         ray.shutdown()
 
     d = rows[0]["tok_s"]
-    print(f"\n{'mode':<11}{'clients':>8}{'tok/s':>9}{'vs direct':>11}{'p50 s':>8}{'errors':>8}")
+    print(f"\n{'mode':<25}{'clients':>8}{'tok/s':>9}{'vs direct':>11}{'p50 s':>8}{'errors':>8}")
     for r in rows:
-        print(f"{r['mode']:<11}{r['clients']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / d:>10.2f}x"
+        print(f"{r['mode']:<25}{r['clients']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / d:>10.2f}x"
               f"{(r['p50_s'] or 0):>8.2f}{r.get('errors', 0):>8}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "max_tokens": max_tokens, "duration_s": args.duration,
-                               "threads": args.threads,
+                               "threads": args.threads, "runs": args.runs, "skip_mix": mix,
                                "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0

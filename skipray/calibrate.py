@@ -61,8 +61,10 @@ def block_influence_order(model, seqs, length: int = 32) -> tuple[list[int], lis
 
 
 @torch.inference_mode()
-def greedy_kl_order(model, seqs, length: int = 32, min_layers: int = 1, progress: bool = True) -> tuple[list[int], list[float]]:
-    """Greedy drop order by teacher-forced KL with a full-depth prompt; and the KL after each drop."""
+def greedy_kl_order(model, seqs, length: int = 32, min_layers: int = 1, progress: bool = True,
+                    start: Sequence[int] = ()) -> tuple[list[int], list[float]]:
+    """Greedy drop order by teacher-forced KL with a full-depth prompt; and the KL after each drop.
+    ``start``: layers already dropped, in order (continue a search that stopped at a gentler depth)."""
     from tqdm import tqdm
 
     from skipray.model import forward, full_plan, step_plan
@@ -78,9 +80,9 @@ def greedy_kl_order(model, seqs, length: int = 32, min_layers: int = 1, progress
 
     teacher = answer_logp(range(L))
     p_t = teacher.exp()
-    order: list[int] = []
+    order: list[int] = list(start)
     kls: list[float] = []
-    bar = tqdm(total=L - min_layers, desc="greedy KL", disable=not progress)
+    bar = tqdm(total=L - min_layers - len(order), desc="greedy KL", disable=not progress)
     while L - len(order) > min_layers:
         best = None
         for cand in (l for l in range(L) if l not in order):
@@ -137,7 +139,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     bi, scores = block_influence_order(model, calib, args.length)
     orders["block-influence"] = bi
     if args.method == "greedy-kl":
-        orders["greedy-kl"], kls = greedy_kl_order(model, calib, args.length,
+        start: list[int] = []
+        if args.from_order:  # the searched part of an earlier order: its first L - min_layers drops
+            prev = json.loads(Path(args.from_order).read_text())
+            start = prev["drop_order"][: model.num_layers - prev["min_layers"]]
+        orders["greedy-kl"], kls = greedy_kl_order(model, calib, args.length, start=start,
                                                     min_layers=args.search_min_layers or args.min_layers)
         report["greedy_kl"] = kls
     base = SkipSchedule(model.num_layers, args.max_layers, args.min_layers, args.decay_tokens,
@@ -175,5 +181,6 @@ def register(sub) -> None:
     p.add_argument("--power", type=float, default=2.0, help="exponent of the power shape")
     p.add_argument("--search-min-layers", type=int, default=None,
                    help="depth the greedy search goes down to (default: --min-layers)")
+    p.add_argument("--from-order", help="a schedule file from an earlier greedy search: continue it deeper")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_calibrate)

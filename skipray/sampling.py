@@ -1,13 +1,17 @@
 """Sampling: a pure function from logits to a token id, with an explicit random generator.
 
-``temperature == 0`` is greedy (argmax, no randomness). Otherwise logits are divided by the
+``temperature < MIN_TEMPERATURE`` (1e-5, as vLLM) is greedy: argmax, no randomness; a temperature
+that small cannot be divided by without overflowing the logits. Otherwise logits are divided by the
 temperature, filtered by ``top_k`` (0: off) and nucleus ``top_p`` (1.0: off), and one token is drawn
-with ``generator``. The same generator state gives the same token.
+with ``generator``. The same generator state gives the same token. Logits that are not finite (a
+model fault) raise ``FloatingPointError`` instead of drawing from a meaningless distribution.
 """
 
 from __future__ import annotations
 
 import torch
+
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (vLLM's _SAMPLING_EPS)
 
 
 def sample(
@@ -18,7 +22,7 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> int:
     """Pick one token id from a ``(vocab,)`` logits vector."""
-    if temperature == 0.0:
+    if temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
     logits = logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
@@ -31,6 +35,8 @@ def sample(
         drop = (probs.cumsum(-1) - probs) >= top_p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise FloatingPointError("the logits are not finite; cannot sample from them")
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 

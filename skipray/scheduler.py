@@ -5,30 +5,41 @@ Contract: pure torch over token ids (no Ray, no HTTP, no tokenizer). ``Continuou
 ``add_request`` / ``abort`` may be called from any thread; ``step`` is called by one loop thread and
 does one iteration:
 
-1. apply aborts (their rows are dropped and compacted away);
-2. admit waiting requests (first come, first served) into free rows, appended after the live rows,
-   while their padded prompt tokens fit ``max_prefill_tokens`` (at least one request is admitted, so
-   a long prompt is never starved; the budget bounds how long one admission pass stalls the rows that
-   are decoding), and prefill them together at full depth in one pass, right-padded: request ``i``
-   fills slots ``0..p_i-1`` of its row and the padding slots after it are marked not ``valid``, so
-   each row computes what it would alone; its first token comes from that pass;
-3. one decode step for every live row, each row running its *own* step's layers: live rows are kept
-   in admission order (oldest first = largest step = fewest layers), so for a shared schedule the
-   rows that run layer ``l`` are a contiguous suffix and ``plan[l] = (slice(first, n), None)``;
-   rows with different schedules fall back to ``LongTensor`` row indices. Rows sit at different
-   lengths, so the step writes one slot per row (``start`` is a tensor);
+1. apply aborts (their rows are dropped);
+2. admit waiting requests (first come, first served) into free rows while their padded prompt tokens
+   fit ``max_prefill_tokens`` (at least one request is admitted, so a long prompt is never starved;
+   the budget bounds how long one admission pass stalls the rows that are decoding), and prefill them
+   together at full depth in one pass, right-padded: request ``i`` fills slots ``0..p_i-1`` of its
+   row and the padding slots after it are marked not ``valid``, so each row computes what it would
+   alone; its first token comes from that pass;
+3. one decode step for every live row, each row running its *own* step's layers. Rows are kept
+   grouped by schedule, groups in the order they appeared, and within a group by admission: even
+   groups oldest first, odd groups youngest first. An older row is further along, so it runs fewer
+   layers (schedules are monotone), and the rows that run layer ``l`` are a suffix of an even group
+   and a prefix of the odd group after it: with one or two schedules live, every layer runs on one
+   contiguous slice ``plan[l] = (slice(a, b), None)`` (the cache is read in place). With more,
+   a layer whose rows are not contiguous gets a ``LongTensor`` of rows (its K/V rows are gathered).
+   Rows sit at different lengths, so the step writes one slot per row (``start`` is a tensor);
 4. sample per row (``skipray.sampling.sample``, one ``torch.Generator`` per seeded request, exactly
-   as ``Engine`` does) and retire finished rows (``"stop"``/``"length"``, the ``Engine`` rules),
-   compacting the cache with ``move_rows`` so the survivors stay ``0..n-1`` in admission order.
+   as ``Engine`` does), with the top-N log-probs of the step's logits when the request asks
+   (``SamplingParams.logprobs``, ``engine.top_logprobs``), and retire finished rows (``"stop"`` /
+   ``"length"``, the ``Engine`` rules). Rows move (``KVCache.move_rows``) only when the set of
+   live requests changes, to keep the order above with the live rows in ``0..n-1``.
 
-``step`` returns the ``Event`` s of that iteration. With greedy sampling each request produces the
-tokens it would produce alone through ``Engine.generate``. A request never waits for another to
-finish: it waits only for a free row, and is admitted at the next iteration when one exists.
+Faults stay with their request: anything raised for one row (sampling, non-finite logits, the stop
+check) ends that request alone with ``finish_reason="error"`` and ``Event.error``; a failing prefill
+ends the requests it was admitting; a failing decode pass ends every live request. ``step`` never
+raises for these and always returns the events it produced before the failure, so every request
+gets its last event. Waiting requests are untouched by a failure.
+
+With greedy sampling each request produces the tokens it would produce alone through
+``Engine.generate``. A request never waits for another to finish: it waits only for a free row.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -36,10 +47,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from skipray.engine import SamplingParams, check_schedule, finish_reason, pad_prompts, validate_request
+from skipray.engine import (SamplingParams, TopLogprobs, check_schedule, finish_reason, pad_prompts, top_logprobs,
+                            validate_request)
 from skipray.model import SkipModel, forward, full_plan
 from skipray.sampling import sample
 from skipray.schedule import SkipSchedule
+
+logger = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
@@ -49,18 +63,21 @@ class QueueFull(RuntimeError):
 @dataclass
 class Event:
     request_id: str
-    token_id: int | None  # None only for an abort
+    token_id: int | None  # None only for an abort or an error
     layers: int  # layers computed to produce this token
-    finish_reason: str | None  # "stop", "length" or "abort" on the request's last event
+    finish_reason: str | None  # "stop", "length", "abort" or "error" on the request's last event
+    logprobs: TopLogprobs | None = None  # when the request asked for log-probs
+    error: BaseException | None = None  # why the request failed (finish_reason "error")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     rid: str
     prompt: list[int]
     params: SamplingParams
     schedule: SkipSchedule
     generator: torch.Generator | None
+    seq: int = -1  # admission order
     generated: list[int] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
 
@@ -91,11 +108,13 @@ class ContinuousEngine:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
         self.cache = model.new_cache(max_batch, max_len)
-        self.live: list[_Request] = []  # cache row i holds live[i]; admission order
+        self.live: list[_Request] = []  # cache row i holds live[i]; grouped by schedule (module docstring)
+        self._groups: list[SkipSchedule] = []  # schedules of the live rows, in the order they appeared
         self._waiting: deque[_Request] = deque()
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self._seq = itertools.count()
         self.steps = 0  # decode iterations run (for tests and metrics)
 
     # -- thread-safe API -------------------------------------------------------------------------
@@ -118,7 +137,10 @@ class ContinuousEngine:
         check_schedule(schedule, self.model.num_layers)
         self.validate(prompt, params)
         rid = request_id or f"req-{next(self._ids)}"
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        try:
+            gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        except (RuntimeError, OverflowError) as e:
+            raise ValueError(f"invalid seed {params.seed}: {e}") from None
         req = _Request(rid, list(prompt), params, schedule, gen)
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
@@ -139,21 +161,52 @@ class ContinuousEngine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def reset(self) -> list[str]:
+        """Forget every live and waiting request (after a failure the caller could not contain).
+        -> their request ids."""
+        with self._lock:
+            gone = [r.rid for r in self.live] + [r.rid for r in self._waiting]
+            self._waiting.clear()
+            self._aborts.clear()
+        self.live, self._groups = [], []
+        return gone
+
     # -- the loop body ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """One iteration: aborts, admissions (prefill), one decode step for all live rows, retirement."""
         events: list[Event] = []
+        admit: list[_Request] = []
+        try:
+            self._apply_aborts(events)
+            admit = self._take_admissions()
+            if admit:
+                self._admit(admit, events)
+            if self.live:
+                logits, layers = self._decode()
+                self._finish(self._emit(self.live, logits, layers, events))
+                self.steps += 1
+        except Exception as e:  # the batch pass itself failed: it ends every request it held
+            logger.exception("engine step failed; ending %d live requests", len(self.live))
+            ended = {ev.request_id for ev in events if ev.finish_reason is not None}
+            failed = {id(r): r for r in self.live + admit if r.rid not in ended}
+            events += [Event(r.rid, None, 0, "error", error=e) for r in failed.values()]
+            self.live, self._groups = [], []
+        return events
+
+    # -- phases -----------------------------------------------------------------------------------
+    def _apply_aborts(self, events: list[Event]) -> None:
         with self._lock:
             aborts, self._aborts = self._aborts, set()
             if aborts:
-                kept = deque(r for r in self._waiting if r.rid not in aborts)
                 events += [Event(r.rid, None, 0, "abort") for r in self._waiting if r.rid in aborts]
-                self._waiting = kept
+                self._waiting = deque(r for r in self._waiting if r.rid not in aborts)
         if aborts:
-            dropped = [i for i, r in enumerate(self.live) if r.rid in aborts]
-            events += [Event(self.live[i].rid, None, 0, "abort") for i in dropped]
-            self._retire(dropped)
+            gone = [r for r in self.live if r.rid in aborts]
+            events += [Event(r.rid, None, 0, "abort") for r in gone]
+            self._finish(gone)
+
+    def _take_admissions(self) -> list[_Request]:
         with self._lock:
             admit, width = [], 0  # width: the longest prompt admitted, the padded pass's width
             while self._waiting and len(self.live) + len(admit) < self.max_batch:
@@ -162,40 +215,35 @@ class ContinuousEngine:
                     break  # the rest wait for the next iteration
                 admit.append(self._waiting.popleft())
                 width = w
+        return admit
 
-        if admit:  # one full-depth pass for all newcomers, in the next free rows
-            first = len(self.live)
-            self.live += admit
-            logits = self._prefill([r.prompt for r in admit], first)
-            finished = []
-            for i, req in enumerate(admit):
-                events.append(self._emit(req, logits[i], self.model.num_layers))
-                if events[-1].finish_reason is not None:
-                    finished.append(first + i)
-            self._retire(finished)
+    def _admit(self, admit: list[_Request], events: list[Event]) -> None:
+        """Place the newcomers in the row order, then one full-depth pass for all of them."""
+        for r in admit:
+            r.seq = next(self._seq)
+        self._arrange(self.live + admit)
+        pos = {id(r): i for i, r in enumerate(self.live)}
+        admit.sort(key=lambda r: pos[id(r)])
+        rows = [pos[id(r)] for r in admit]
+        try:
+            logits = self._prefill([r.prompt for r in admit], rows)
+        except Exception as e:  # the newcomers' pass failed: it ends them, not the rows decoding
+            logger.exception("prefill of %d requests failed", len(admit))
+            events += [Event(r.rid, None, 0, "error", error=e) for r in admit]
+            self._finish(admit)
+            return
+        self._finish(self._emit(admit, logits, [self.model.num_layers] * len(admit), events))
 
-        if self.live:
-            logits, layers = self._decode()
-            finished = []
-            for i, req in enumerate(self.live):
-                events.append(self._emit(req, logits[i], layers[i]))
-                if events[-1].finish_reason is not None:
-                    finished.append(i)
-            self._retire(finished)
-            self.steps += 1
-        return events
-
-    # -- phases -----------------------------------------------------------------------------------
-    def _prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
-        """Right-padded prompts into cache rows ``first_row..``; -> last-prompt-token logits ``(k, vocab)``."""
+    def _prefill(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """Right-padded prompts into cache ``rows``; -> last-prompt-token logits ``(k, vocab)``."""
         tokens, real = (t.to(self.device) for t in pad_prompts(prompts, side="right"))
         k, width = tokens.shape
-        rows = slice(first_row, first_row + k)
+        cache_rows = _rows(rows, self.device)
         positions = torch.arange(width, device=self.device)[None].expand(k, width)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        self.cache.reset_rows(rows)
+        self.cache.reset_rows(cache_rows)
         logits = forward(self.model, tokens, positions, full_plan(self.model.num_layers), real,
-                         cache=self.cache, cache_rows=rows, start=0, logits_at=last)
+                         cache=self.cache, cache_rows=cache_rows, start=0, logits_at=last)
         return logits[:, 0].float()
 
     def row_plan(self) -> tuple[list, list[int]]:
@@ -205,12 +253,7 @@ class ContinuousEngine:
         plan = []
         for l in range(L):
             rows = [i for i in range(n) if l in active[i]]
-            if not rows:
-                plan.append(None)
-            elif rows[-1] - rows[0] + 1 == len(rows):  # contiguous (always, for one shared schedule)
-                plan.append((slice(rows[0], rows[-1] + 1), None))
-            else:
-                plan.append((torch.tensor(rows, device=self.device), None))
+            plan.append((_rows(rows, self.device), None) if rows else None)
         return plan, [len(a) for a in active]
 
     def _decode(self) -> tuple[torch.Tensor, list[int]]:
@@ -218,27 +261,82 @@ class ContinuousEngine:
         plan, layers = self.row_plan()
         tokens = torch.tensor([[r.generated[-1]] for r in self.live], device=self.device)
         slots = torch.tensor([len(r.prompt) + r.step for r in self.live], device=self.device)
+        # the skip adapter applies to the generated tokens of rows whose schedule skips
+        adapter = torch.tensor([[not r.schedule.is_full] for r in self.live], device=self.device)
         logits = forward(
             self.model, tokens, slots[:, None], plan, torch.ones_like(tokens, dtype=torch.bool),
-            cache=self.cache, cache_rows=slice(0, n), start=slots,
+            cache=self.cache, cache_rows=slice(0, n), start=slots, adapter=adapter,
         )
         return logits[:, 0].float(), layers
 
-    def _emit(self, req: _Request, logits: torch.Tensor, layers: int) -> Event:
-        p = req.params
-        tok = sample(logits, p.temperature, p.top_k, p.top_p, req.generator)
-        req.generated.append(tok)
-        req.layers.append(layers)
-        return Event(req.rid, tok, layers, finish_reason(req.generated, p, self.eos_token_ids))
+    def _emit(self, reqs: list[_Request], logits: torch.Tensor, layers: list[int],
+              events: list[Event]) -> list[_Request]:
+        """Sample one token per request (row ``i`` of ``logits``); -> the requests that finished."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        picked: list[int | BaseException] = []
+        for i, req in enumerate(reqs):
+            p = req.params
+            try:
+                if not finite[i]:
+                    raise FloatingPointError("the model produced non-finite logits for this request")
+                picked.append(sample(logits[i], p.temperature, p.top_k, p.top_p, req.generator))
+            except Exception as e:  # this request's failure, not its batch-mates'
+                picked.append(e)
+        want = [i for i, req in enumerate(reqs) if req.params.logprobs and isinstance(picked[i], int)]
+        lps: dict[int, TopLogprobs | None] = {}
+        if want:
+            try:
+                got = top_logprobs(logits[want], [picked[i] for i in want], [reqs[i].params.logprobs for i in want])
+                lps = dict(zip(want, got))
+            except Exception as e:
+                picked = [e if i in want else t for i, t in enumerate(picked)]
+        done = []
+        for i, req in enumerate(reqs):
+            tok, reason, err = picked[i], None, None
+            if isinstance(tok, int):
+                req.generated.append(tok)
+                req.layers.append(layers[i])
+                try:
+                    reason = finish_reason(req.generated, req.params, self.eos_token_ids)
+                except Exception as e:  # e.g. the stop-string check's tokenizer
+                    reason, err = "error", e
+            else:
+                tok, reason, err = None, "error", tok
+            if err is not None:
+                logger.warning("request %s failed: %r", req.rid, err)
+            events.append(Event(req.rid, tok, layers[i] if tok is not None else 0, reason, lps.get(i), err))
+            if reason is not None:
+                done.append(req)
+        return done
 
-    def _retire(self, rows: list[int]) -> None:
-        """Drop live rows and compact the survivors to ``0..n-1``, keeping admission order."""
-        if not rows:
-            return
-        gone = set(rows)
-        keep = [i for i in range(len(self.live)) if i not in gone]
-        if keep and keep != list(range(len(keep))):
-            src = torch.tensor(keep, device=self.device)
-            upto = max(len(self.live[i].prompt) + len(self.live[i].generated) for i in keep)
-            self.cache.move_rows(src, torch.arange(len(keep), device=self.device), upto=upto)
-        self.live = [self.live[i] for i in keep]
+    def _finish(self, reqs: list[_Request]) -> None:
+        """Retire requests and re-arrange the survivors."""
+        if reqs:
+            gone = {id(r) for r in reqs}
+            self._arrange([r for r in self.live if id(r) not in gone])
+
+    def _arrange(self, reqs: list[_Request]) -> None:
+        """Make ``reqs`` the live rows in the module docstring's order, moving the cache rows that change."""
+        kept = {r.schedule for r in reqs}
+        self._groups = [s for s in self._groups if s in kept]
+        self._groups += list(dict.fromkeys(r.schedule for r in sorted(reqs, key=lambda r: r.seq)
+                                           if r.schedule not in self._groups))
+        by_group: dict[SkipSchedule, list[_Request]] = {s: [] for s in self._groups}
+        for r in sorted(reqs, key=lambda r: r.seq):
+            by_group[r.schedule].append(r)
+        order = [r for g, s in enumerate(self._groups) for r in (by_group[s] if g % 2 == 0 else by_group[s][::-1])]
+        old = {id(r): i for i, r in enumerate(self.live)}
+        moves = [(old[id(r)], i) for i, r in enumerate(order) if id(r) in old and old[id(r)] != i]
+        if moves:
+            src = torch.tensor([s for s, _ in moves], device=self.device)
+            dst = torch.tensor([d for _, d in moves], device=self.device)
+            upto = max(len(order[d].prompt) + len(order[d].generated) for _, d in moves)
+            self.cache.move_rows(src, dst, upto=upto)
+        self.live = order
+
+
+def _rows(rows: list[int], device) -> slice | torch.Tensor:
+    """Rows as a slice when they are contiguous (the cache is then read in place), else an index tensor."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)

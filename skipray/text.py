@@ -1,34 +1,48 @@
 """The tokenizer edge: prompts and chat messages to token ids, token ids back to text, stop strings.
 
 Contract: everything that touches a tokenizer lives here, so the engine speaks token ids only.
+``TextStream`` turns generated ids into text incrementally (prefix/read offsets, as vLLM's and TGI's
+incremental detokenizers do): each new token is decoded together with a few tokens before it, so a
+tokenizer whose ``decode`` cleans up spaces or merges bytes gives the same text piece by piece as
+the server sends it whole; the streamed deltas always add up to ``TextStream.text``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+CONTEXT_TOKENS = 5  # prompt tokens decoded before the first generated one (vLLM's initial offset)
 
-def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, add_special_tokens: bool = True) -> list[int]:
     """Token ids of a plain prompt, or of a one-turn chat (user message + assistant header)."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     if chat:
         return encode_messages(tokenizer, [{"role": "user", "content": prompt}])
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def encode_messages(tokenizer, messages: Sequence[dict]) -> list[int]:
-    """Token ids of a chat conversation through the model's chat template, ready for the reply."""
+def encode_messages(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of a chat conversation through the model's chat template, by default ready for the reply
+    (``add_generation_prompt``); ``continue_final_message`` leaves the last message open instead."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template")
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def decode(tokenizer, token_ids: Sequence[int], stop: Sequence[str] = ()) -> str:
     """Text of generated ids without special tokens, cut before the first stop string."""
     text = tokenizer.decode(list(token_ids), skip_special_tokens=True)
     return truncate_at_stop(text, stop)
+
+
+def token_strings(tokenizer, token_ids: Sequence[int]) -> list[str]:
+    """Each id decoded alone, special tokens kept (the ``token`` of an OpenAI log-prob entry)."""
+    return tokenizer.batch_decode([[int(t)] for t in token_ids], skip_special_tokens=False)
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -48,3 +62,42 @@ def stop_checker(tokenizer, stop: Sequence[str]) -> Callable[[list[int]], bool] 
         return any(s in tail for s in stops)
 
     return check
+
+
+class TextStream:
+    """Incremental detokenization of one reply: text deltas that are safe to send.
+
+    ``add(token_id, final)`` returns the new text that may be sent: never half a character (an
+    unfinished byte sequence waits for its next token), never the head of a stop string (the last
+    ``len(longest stop) - 1`` characters wait until the reply is final), and on the final token the
+    text is cut before the first stop string. ``prompt`` (its last few ids) is decoding context only:
+    the first generated token gets the leading space it has after the prompt.
+    """
+
+    def __init__(self, tokenizer, prompt: Sequence[int] = (), stop: Sequence[str] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids = list(prompt[-CONTEXT_TOKENS:])
+        self.prefix, self.read = 0, len(self.ids)  # ids[prefix:read] decode to text already emitted
+        self.text = ""  # the reply decoded so far (after the final token: cut at the stop string)
+        self.sent = 0  # characters of ``text`` handed out
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int, final: bool = False) -> str:
+        """Append one generated token; -> the text that may be sent now."""
+        self.ids.append(int(token_id))
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        if final:
+            self.text = truncate_at_stop(self.text, self.stop)
+            end = len(self.text)
+        else:
+            end = len(self.text) - self.hold
+        delta = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta

@@ -49,3 +49,10 @@ def test_zero_shot_agreement_is_one_at_full_depth():
     assert zero_shot_agreement(model, SEQS, SkipSchedule.full(model.num_layers), length=8) == 1.0
     skip = SkipSchedule(model.num_layers, 3, 2, 4, drop_order=[1, 2, 3, 4])
     assert 0.0 <= zero_shot_agreement(model, SEQS, skip, length=8) < 1.0
+
+
+def test_greedy_kl_continues_from_a_started_order():
+    model = SkipModel(tiny_llama())
+    whole, kls = greedy_kl_order(model, SEQS, length=8, min_layers=2, progress=False)
+    resumed, kls2 = greedy_kl_order(model, SEQS, length=8, min_layers=2, progress=False, start=whole[:2])
+    assert resumed == whole and kls2 == kls[2:]

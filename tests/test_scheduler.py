@@ -175,3 +175,105 @@ def test_real_model_staggered_equals_alone(smol):
     got = run_staggered(eng, jobs)
     for k, (_, prompt, p, _) in enumerate(jobs):
         assert got[f"r{k}"] == alone(model, prompt, p, sched, smol.eos_token_ids)
+
+
+def test_two_schedules_run_every_layer_on_one_slice():
+    """Rows grouped by schedule (the second group youngest first): with two schedules live, each layer's
+    rows are one contiguous slice at every step, and every request still equals itself run alone."""
+    model = SkipModel(tiny_llama(num_layers=8))
+    a = SkipSchedule(8, max_layers=8, min_layers=3, decay_tokens=6, warmup_layers=1)
+    b = SkipSchedule(8, max_layers=7, min_layers=2, decay_tokens=4, warmup_layers=1, drop_order=[5, 2, 6, 3, 4, 1])
+    eng = ContinuousEngine(model, a, max_batch=6, max_len=64, eos_token_ids=(2,))
+    jobs = make_jobs(model.vocab_size, 12, seed=3, max_new=(3, 14))
+    jobs = [(t, p, sp, b if k % 3 == 1 else None) for k, (t, p, sp, _) in enumerate(jobs)]
+    real_decode, plans = eng._decode, []
+
+    def spy():
+        plans.append((eng.row_plan()[0], [r.schedule for r in eng.live]))
+        return real_decode()
+
+    eng._decode = spy
+    got = run_staggered(eng, jobs)
+    assert any(len(set(s)) == 2 for _, s in plans)  # both schedules shared decode steps
+    for plan, _ in plans:
+        assert all(run is None or isinstance(run[0], slice) for run in plan)
+    for k, (_, prompt, params, s) in enumerate(jobs):
+        assert got[f"r{k}"] == alone(model, prompt, params, s or a, eos=(2,)), f"request {k}"
+
+
+def test_a_failing_row_ends_its_request_alone():
+    model = SkipModel(tiny_llama())
+    eng = ContinuousEngine(model, max_batch=4, max_len=64)
+
+    def broken_stop(ids):
+        if len(ids) >= 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a tokenizer error")
+        return False
+
+    params = SamplingParams(max_new_tokens=8)
+    good = [eng.add_request([4 + k, 9, 11], params, request_id=f"g{k}") for k in range(2)]
+    eng.add_request([7, 8], SamplingParams(max_new_tokens=8, stop_fn=broken_stop), request_id="bad")
+    evs = {}
+    while eng.has_work():
+        for ev in eng.step():
+            evs.setdefault(ev.request_id, []).append(ev)
+    assert [e.finish_reason for e in evs["bad"]] == [None, None, "error"]
+    assert isinstance(evs["bad"][-1].error, UnicodeDecodeError) and evs["bad"][-1].token_id is not None
+    for k, rid in enumerate(good):
+        assert [e.token_id for e in evs[rid]] == alone(model, [4 + k, 9, 11], params, SkipSchedule.full(6))[0]
+    assert not eng.live
+
+
+def test_a_failing_decode_pass_answers_every_request(monkeypatch):
+    """A request that finished inside the failing step still gets its last event; the live ones get an
+    error; a waiting request is served afterwards."""
+    model = SkipModel(tiny_llama())
+    eng = ContinuousEngine(model, max_batch=2, max_len=64)
+    eng.add_request([3, 4], SamplingParams(max_new_tokens=20), request_id="long")
+    eng.step()
+    eng.add_request([5, 6], SamplingParams(max_new_tokens=1), request_id="one")  # done at its prefill
+    eng.add_request([7, 8], SamplingParams(max_new_tokens=2), request_id="later")  # waits: no free row
+    monkeypatch.setattr(eng, "_decode", lambda: (_ for _ in ()).throw(RuntimeError("kernel fault")))
+    evs = {e.request_id: e for e in eng.step()}
+    assert evs["one"].finish_reason == "length" and evs["one"].token_id is not None
+    assert evs["long"].finish_reason == "error" and "kernel fault" in str(evs["long"].error)
+    assert not eng.live and eng.num_waiting == 1
+    monkeypatch.undo()
+    got = []
+    while eng.has_work():
+        got += eng.step()
+    assert [e.finish_reason for e in got] == [None, "length"] and {e.request_id for e in got} == {"later"}
+
+
+def test_a_failing_prefill_ends_only_its_newcomers(monkeypatch):
+    model = SkipModel(tiny_llama())
+    eng = ContinuousEngine(model, max_batch=4, max_len=64)
+    eng.add_request([3, 4], SamplingParams(max_new_tokens=6), request_id="old")
+    toks = [e.token_id for e in eng.step()]
+    eng.add_request([5, 6], SamplingParams(max_new_tokens=6), request_id="new")
+    monkeypatch.setattr(eng, "_prefill", lambda prompts, rows: (_ for _ in ()).throw(RuntimeError("no memory")))
+    evs = eng.step()
+    assert [(e.request_id, e.finish_reason) for e in evs] == [("new", "error"), ("old", None)]
+    monkeypatch.undo()
+    toks.append(evs[1].token_id)
+    while eng.has_work():
+        toks += [e.token_id for e in eng.step()]
+    assert toks == alone(model, [3, 4], SamplingParams(max_new_tokens=6), SkipSchedule.full(6))[0]
+
+
+def test_logprobs_equal_the_static_engine():
+    model = SkipModel(tiny_llama())
+    sched = SkipSchedule(6, max_layers=6, min_layers=3, decay_tokens=5)
+    params = SamplingParams(max_new_tokens=6, logprobs=3)
+    eng = ContinuousEngine(model, sched, max_batch=3, max_len=64)
+    eng.add_request([4, 9, 11], params, request_id="a")
+    eng.add_request([5, 6], SamplingParams(max_new_tokens=6), request_id="b")  # asks for none
+    got = {"a": [], "b": []}
+    while eng.has_work():
+        for ev in eng.step():
+            got[ev.request_id].append(ev.logprobs)
+    want = Engine(model, sched, max_batch=1, max_len=64).generate([[4, 9, 11]], params)[0].logprobs
+    assert got["b"] == [None] * 6 and len(got["a"]) == 6
+    for x, y in zip(got["a"], want):
+        assert x.top_ids == y.top_ids and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+        assert x.top_logprobs == pytest.approx(y.top_logprobs, abs=1e-4)

@@ -1,5 +1,7 @@
 """The Serve app end to end on a local Ray: OpenAI client (plain + streaming), 4xx errors, disconnects,
-backpressure, autoscaling 1 -> 2 -> 1 and a 16-client load test (the last two marked slow).
+backpressure, autoscaling 1 -> 2 -> 1 and a 16-client load test (the last two marked slow), and the
+request cases of issue 12 (cases from public bug reports against other OpenAI-compatible servers).
+tests/test_serve_openai.py runs the same app without Ray for client libraries and fault injection.
 
 Run under the shared lock: ``flock /tmp/skipray-ray.lock .venv/bin/python -m pytest -q tests/test_serve.py``.
 """
@@ -127,13 +129,14 @@ def test_chat_plain_and_stream(server):
 def test_raw_sse_ends_with_done_and_skip_extension(server):
     import requests
 
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "stream": True, "temperature": 0}
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "stream": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
     with requests.post(f"{server['base']}/tiny/v1/completions", json=body, timeout=60, stream=True) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines(decode_unicode=True) if ln]
     assert lines[-1] == "data: [DONE]"
     last = json.loads(lines[-2][len("data: "):])
-    assert last["usage"]["completion_tokens"] == 5
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
     full = requests.post(f"{server['base']}/tiny/v1/completions", timeout=60,
                       json={"model": "tiny", "prompt": "hello", "max_tokens": 5, "skip": {"full": True}}).json()
     assert full["usage"]["avg_layers"] == 4
@@ -192,6 +195,162 @@ def test_openai_client_raises_on_4xx(server):
         client(server["base"]).completions.create(model="tiny", prompt="x", max_tokens=0)
     with pytest.raises(openai.NotFoundError):
         client(server["base"]).completions.create(model="gpt-4", prompt="x", max_tokens=3)
+
+
+# -- issue 12: one bad request never hurts another; OpenAI clients get what they ask for ----------------
+def post(server, path: str, body, **kw):
+    import requests
+
+    return requests.post(f"{server['base']}/tiny{path}", json=body, timeout=60, **kw)
+
+
+def test_tiny_temperature_is_greedy_and_spares_its_batch_mate(server):
+    """temperature 1e-45 answered 500 and failed the request decoding beside it; it is greedy now."""
+    prompt, out = "The quick brown fox", {}
+
+    def long_stream():
+        with post(server, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 150,
+                                              "temperature": 0, "stream": True}, stream=True) as r:
+            out["status"] = r.status_code
+            out["lines"] = []
+            for ln in r.iter_lines(decode_unicode=True):
+                if ln:
+                    out["lines"].append(ln)
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    deadline = time.time() + 60
+    while not out.get("lines") and t.is_alive() and time.time() < deadline:
+        time.sleep(0.005)
+    tiny = post(server, "/v1/completions", {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8,
+                                             "temperature": 1e-45})
+    t.join()
+    greedy = post(server, "/v1/completions", {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8,
+                                              "temperature": 0})
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+    assert out["status"] == 200 and out["lines"][-1] == "data: [DONE]"
+    text = "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in out["lines"][:-1])
+    assert text == local_engine_text(server["tiny"], prompt, 150)
+
+
+def test_max_completion_tokens_bounds_the_reply_and_wins(server):
+    msgs = [{"role": "user", "content": "Count from 1 to 100."}]
+    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_completion_tokens": 4}).json()
+    assert r["usage"]["completion_tokens"] == 4 and r["choices"][0]["finish_reason"] == "length"
+    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_tokens": 10,
+                                               "max_completion_tokens": 4}).json()
+    assert r["usage"]["completion_tokens"] == 4
+    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_completion_tokens": 201})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+
+
+def test_content_parts_equal_the_plain_string(server):
+    def chat(content):
+        return post(server, "/v1/chat/completions", {"model": "tiny", "max_tokens": 8, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": content}]})
+
+    plain, parts = chat("Hi").json(), chat([{"type": "text", "text": "Hi"}]).json()
+    assert parts["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert parts["usage"] == plain["usage"]
+    two = chat([{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]).json()
+    assert two["choices"][0]["message"] == chat("Hi\nthere").json()["choices"][0]["message"]
+    img = chat([{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}])
+    assert img.status_code == 400 and "text only" in img.json()["error"]["message"]
+    assert img.json()["error"]["param"] == "messages[0].content[1]"
+
+
+NULLS = {k: None for k in (
+    "temperature", "top_p", "n", "stream", "stop", "seed", "max_tokens", "max_completion_tokens", "user",
+    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "stream_options",
+    "response_format", "tools", "tool_choice", "skip", "top_k", "metadata", "store", "service_tier")}
+
+
+def test_null_means_default(server):
+    msgs = [{"role": "user", "content": "Hi", "name": None}]
+    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "temperature": None})
+    assert r.status_code == 200, r.text
+    nulls = post(server, "/v1/chat/completions", dict(NULLS, model="tiny", messages=msgs, temperature=0)).json()
+    plain = post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "temperature": 0}).json()
+    assert nulls["choices"] == plain["choices"] and nulls["usage"] == plain["usage"]
+    assert plain["usage"]["completion_tokens"] == TINY_ARGS["default_max_tokens"]
+    done = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3, "echo": None,
+                                             "suffix": None, "best_of": None, "stop": None, "temperature": None})
+    assert done.status_code == 200, done.text
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("response_format", {"type": "json_object"}),
+    ("n", 2), ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"100": 5}),
+    ("tool_choice", "required"), ("reasoning_effort", "low"), ("min_tokens", 3), ("guided_json", {}),
+])
+def test_fields_that_would_change_the_answer_get_a_400_naming_them(server, field, value):
+    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                                               "max_tokens": 3, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_fields_that_change_nothing_are_accepted(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+            "user": "u1", "store": False, "metadata": {"k": "v"}, "frequency_penalty": 0, "presence_penalty": 0.0,
+            "n": 1, "tools": [], "logit_bias": {}, "response_format": {"type": "text"}, "parallel_tool_calls": True,
+            "service_tier": "auto", "stream_options": {"include_usage": True}}
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    for bad in ({"suffix": " end"}, {"best_of": 2}, {"echo": True, "logprobs": 1}):
+        r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3, **bad})
+        assert r.status_code == 400, (bad, r.text)
+
+
+def test_logprobs_and_echo(server):
+    chat = post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                                                  "max_tokens": 4, "temperature": 0, "logprobs": True,
+                                                  "top_logprobs": 3}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(len(x["top_logprobs"]) == 3 for x in content)
+    assert all(x["logprob"] == pytest.approx(x["top_logprobs"][0]["logprob"]) for x in content)  # greedy
+    assert "".join(x["token"] for x in content) == chat["choices"][0]["message"]["content"]
+    comp = post(server, "/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 4, "temperature": 0,
+                                             "logprobs": 2}).json()["choices"][0]
+    lp = comp["logprobs"]
+    assert len(lp["tokens"]) == 4 and len(lp["token_logprobs"]) == 4 and lp["text_offset"][0] == 0
+    assert all(len(t) == 2 for t in lp["top_logprobs"]) and "".join(lp["tokens"]) == comp["text"]
+    echo = post(server, "/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 4, "temperature": 0,
+                                             "echo": True}).json()["choices"][0]
+    assert echo["text"] == "Once" + comp["text"] and echo["logprobs"] is None
+
+
+def test_stream_usage_only_with_include_usage(server):
+    def sse(extra):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True,
+                "temperature": 0, **extra}
+        with post(server, "/v1/chat/completions", body, stream=True) as r:
+            return [json.loads(ln[6:]) for ln in r.iter_lines(decode_unicode=True) if ln and ln != "data: [DONE]"]
+
+    plain = sse({})
+    assert all("usage" not in ch for ch in plain)
+    with_usage = sse({"stream_options": {"include_usage": True}})
+    assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["completion_tokens"] == 5
+    assert all(ch["usage"] is None for ch in with_usage[:-1])
+    assert [ch["choices"] for ch in with_usage[:-1]] == [ch["choices"] for ch in plain]
+
+
+def test_tokenize_detokenize_version(server):
+    import requests
+
+    tok = post(server, "/tokenize", {"model": "tiny", "prompt": "Hello world", "return_token_strs": True}).json()
+    assert tok["count"] == len(tok["tokens"]) == len(tok["token_strs"]) and tok["max_model_len"] == 256
+    assert post(server, "/detokenize", {"model": "tiny", "tokens": tok["tokens"]}).json() == {"prompt": "Hello world"}
+    msgs = [{"role": "user", "content": "Hi"}]
+    chat = post(server, "/tokenize", {"messages": msgs}).json()
+    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_tokens": 2}).json()
+    assert chat["count"] == r["usage"]["prompt_tokens"]
+    assert post(server, "/detokenize", {"tokens": [10**9]}).status_code == 400
+    assert post(server, "/tokenize", {"model": "nope", "prompt": "x"}).status_code == 404
+    from skipray import __version__
+
+    assert requests.get(f"{server['base']}/tiny/version", timeout=30).json() == {"version": __version__}
 
 
 def test_backpressure_sheds_load_fast(server):
@@ -329,7 +488,8 @@ def test_load_16_clients_60s(server):
             first, n = None, 0
             try:
                 for ch in c.completions.create(model="tiny", prompt=f"client {k} says", max_tokens=64,
-                                               temperature=0.7, seed=k, stream=True):
+                                               temperature=0.7, seed=k, stream=True,
+                                               stream_options={"include_usage": True}):
                     if first is None:
                         first = time.perf_counter() - t0
                     if ch.usage is not None:

@@ -1,8 +1,10 @@
 """Online serving on Ray Serve: an OpenAI-compatible API over skipray's continuous-batching engine.
 
 Contract: importing this package does no work and imports neither Ray nor torch. ``skipray.serve.app``
-holds the Serve application (builder ``skipray.serve.app:build_app``), ``skipray.serve.protocol`` the
-request/response models, ``skipray/serve/config.yaml`` the Serve config for ``serve run``/``serve deploy``.
+holds the Serve deployment (builder ``skipray.serve.app:build_app``; the only module that imports Ray),
+``routes`` the FastAPI app, ``server`` the request handling, ``engine_loop`` the engine thread,
+``protocol`` the request models, ``responses`` the response shapes, ``skipray/serve/config.yaml`` the
+Serve config for ``serve run``/``serve deploy``.
 """
 
 from pathlib import Path

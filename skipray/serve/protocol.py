@@ -1,22 +1,118 @@
-"""OpenAI-style request and response models for the skipray server (pydantic 2, no Ray, no torch).
+"""OpenAI-style request models for the skipray server (pydantic 2; no Ray, no torch, no HTTP).
 
-Contract: ``CompletionRequest`` / ``ChatRequest`` validate a request body (unknown top-level fields are
-ignored, as OpenAI clients send extras; the ``skip`` extension is strict). Responses and stream
-chunks follow OpenAI's ``text_completion`` / ``chat.completion`` / ``chat.completion.chunk`` shapes;
-``usage`` carries the extension ``avg_layers`` (mean decoder layers computed per generated token).
-``error_body`` is the OpenAI error JSON: ``{"error": {"message", "type", "param", "code"}}``.
+Contract:
+
+* ``CompletionRequest`` / ``ChatRequest`` validate a request body; ``TokenizeCompletionRequest`` /
+  ``TokenizeChatRequest`` / ``DetokenizeRequest`` are vLLM's ``/tokenize`` and ``/detokenize`` bodies.
+* JSON ``null`` means "the default" for every optional field, at any depth, as OpenAI accepts it.
+* ``check_unsupported(body, chat)`` raises ``RequestError`` (400, ``param`` = the field) for a field
+  this server does not implement when its value would change the answer (``tools: [...]``,
+  ``response_format: {"type": "json_object"}``, ``n: 2``, a non-zero penalty, vLLM's guided
+  decoding, ...); the same fields with a value that changes nothing (``tools: []``, ``n: 1``,
+  ``logit_bias: {}``, zero penalties, ``response_format: {"type": "text"}``) are accepted. Other
+  unknown top-level fields (``user``, ``store``, ``metadata``, ``service_tier``, ...) are ignored:
+  they do not change the output. The ``skip`` extension and ``stream_options`` are strict.
+* ``ChatRequest.prompt_messages()`` gives the messages for the chat template: content given as
+  parts (``[{"type": "text", "text": ...}]``) is joined with newlines, exactly equal to the string
+  form; any other part type is a 400 that says the model takes text only; ``developer`` is
+  ``system``; tool and function messages are a 400.
+* ``RequestError`` is a client mistake found past schema validation, with OpenAI's error fields.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+MAX_LOGPROBS = 20  # top log-probs per token (OpenAI's top_logprobs bound; vLLM's default max_logprobs)
+INT64 = 2**63
+
+_never = lambda v: False  # noqa: E731 - any value but null changes the answer
+# Fields this server does not implement, each with the values that change nothing (null always does).
+NO_EFFECT_ONLY: dict[str, Any] = {
+    "frequency_penalty": lambda v: v == 0,
+    "presence_penalty": lambda v: v == 0,
+    "repetition_penalty": lambda v: v == 1,
+    "length_penalty": lambda v: v == 1,
+    "logit_bias": lambda v: v == {},
+    "n": lambda v: v == 1,
+    "best_of": lambda v: v == 1,
+    "use_beam_search": lambda v: v is False,
+    "min_p": lambda v: v == 0,
+    "min_tokens": lambda v: v == 0,
+    "ignore_eos": lambda v: v is False,
+    "stop_token_ids": lambda v: v == [],
+    "bad_words": lambda v: v == [],
+    "include_stop_str_in_output": lambda v: v is False,
+    "skip_special_tokens": lambda v: v is True,
+    "spaces_between_special_tokens": lambda v: v is True,
+    "prompt_logprobs": _never,
+    "truncate_prompt_tokens": _never,
+    "allowed_token_ids": _never,
+    "logits_processors": _never,
+    "guided_json": _never,
+    "guided_regex": _never,
+    "guided_choice": _never,
+    "guided_grammar": _never,
+    "structured_outputs": _never,
+    "suffix": lambda v: v == "",
+}
+CHAT_NO_EFFECT_ONLY: dict[str, Any] = {
+    "tools": lambda v: v == [],
+    "functions": lambda v: v == [],
+    "tool_choice": lambda v: v in ("none", "auto"),
+    "function_call": lambda v: v in ("none", "auto"),
+    "response_format": lambda v: v == {"type": "text"},
+    "modalities": lambda v: v == ["text"],
+    "audio": _never,
+    "reasoning_effort": _never,
+    "verbosity": _never,
+    "web_search_options": _never,
+    "chat_template": _never,
+    "chat_template_kwargs": lambda v: v == {},
+    "documents": _never,
+    "echo": lambda v: v is False,
+    "add_generation_prompt": lambda v: v is True,
+    "continue_final_message": lambda v: v is False,
+}
 
 
-class SkipOptions(BaseModel):
+class RequestError(ValueError):
+    """A client mistake found past schema validation: HTTP ``status`` and OpenAI's error fields."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = "invalid_value",
+                 status: int = 400, type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type_
+
+
+def check_unsupported(body: dict, chat: bool) -> None:
+    """Raise ``RequestError`` naming the first field whose value needs a feature this server lacks."""
+    table = {**NO_EFFECT_ONLY, **CHAT_NO_EFFECT_ONLY} if chat else NO_EFFECT_ONLY
+    for name, harmless in table.items():
+        v = body.get(name)
+        if v is not None and not harmless(v):
+            shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+            raise RequestError(f"{name}={shown} is not supported by this server (it would change the output and "
+                               f"skipray does not implement it); omit it or send null", name, "unsupported_parameter")
+
+
+class _Body(BaseModel):
+    """A request object: unknown keys ignored, ``null`` for an optional field means its default."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            required = {n for n, f in cls.model_fields.items() if f.is_required()}
+            return {k: v for k, v in data.items() if v is not None or k in required}
+        return data
+
+
+class SkipOptions(_Body):
     """Extension: the skip schedule for this request (unset fields: the server's default schedule)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -26,36 +122,54 @@ class SkipOptions(BaseModel):
     decay_tokens: StrictInt | None = Field(None, ge=0)
     warmup_layers: StrictInt | None = Field(None, ge=0)
     shape: Literal["linear", "power"] | None = None
+    drop_order: list[StrictInt] | None = None  # layers in the order they stop running (default: the server's)
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(_Body):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False  # one last chunk with ``choices: []`` and ``usage``
+    include_obfuscation: StrictBool = True  # accepted; changes nothing here (no obfuscation padding is sent)
+    continuous_usage_stats: Literal[False] = False  # vLLM's usage in every chunk: not implemented
+
+
+class _Common(_Body):
     model: str
     max_tokens: StrictInt | None = Field(None, gt=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    max_completion_tokens: StrictInt | None = Field(None, gt=0)  # OpenAI's current name; wins over max_tokens
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # < 1e-5: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: StrictInt | None = None
-    stop: str | list[str] | None = Field(None, validate_default=True)
+    top_k: StrictInt = Field(0, ge=-1)  # vLLM extension; 0 or -1: off
+    seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)
+    stop: str | list[str] = Field(default_factory=list)
     stream: StrictBool = False
-    n: StrictInt = Field(1, ge=1, le=1)
+    stream_options: StreamOptions = Field(default_factory=StreamOptions)
     skip: SkipOptions | None = None
 
     @field_validator("stop")
     @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
+    def _stops(cls, v: str | list[str]) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v)
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
         return [s for s in stops if s]
 
+    @property
+    def length_field(self) -> tuple[str, int | None]:
+        """The field that bounds the completion and its value (``max_completion_tokens`` wins)."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    echo: StrictBool = False  # the prompt text before the completion
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # log-probs of the top-N tokens
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
             if len(v) != 1:
                 raise ValueError("exactly one prompt per request is supported")
             v = v[0]
@@ -63,70 +177,96 @@ class CompletionRequest(_Common):
             raise ValueError("prompt must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs needs the prompt's log-probs, which this server does not compute")
+        return self
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # accepted, not rendered (the chat template has no speaker names)
+    tool_calls: list[Any] = Field(default_factory=list)
+    function_call: Any = None
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """``{"role", "content"}`` dicts for the chat template (see the module contract)."""
+        return render_messages(self.messages)
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    avg_layers: float  # extension: mean decoder layers computed per generated token
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, layers: list[int]) -> Usage:
-    n = len(layers)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n,
-                 avg_layers=round(sum(layers) / max(n, 1), 3))
-
-
-def completion_response(rid: str, model: str, text: str, finish: str | None, use: Usage) -> dict:
-    return {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        "usage": use.model_dump(),
-    }
-
-
-def completion_chunk(rid: str, model: str, text: str, finish: str | None, use: Usage | None = None) -> dict:
-    out = {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-    }
-    if use is not None:
-        out["usage"] = use.model_dump()
+def render_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Text-only messages for the chat template; ``RequestError`` for what the model cannot take."""
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if m.role in ("tool", "function"):
+            raise RequestError(f"{where}: {m.role} messages are not supported (this server has no tool calling)",
+                               f"{where}.role", "unsupported_parameter")
+        if m.tool_calls or m.function_call is not None:
+            field = "tool_calls" if m.tool_calls else "function_call"
+            raise RequestError(f"{where}.{field} is not supported (this server has no tool calling)",
+                               f"{where}.{field}", "unsupported_parameter")
+        if m.content is None and m.role != "assistant":
+            raise RequestError(f"{where}.content is required", f"{where}.content")
+        content = m.content or ""
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type")
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise RequestError(f"{where}.content[{j}] has type {kind!r}: this model takes text only "
+                                       f"(content parts of type 'text')", f"{where}.content[{j}]",
+                                       "unsupported_content")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     return out
 
 
-def chat_response(rid: str, model: str, text: str, finish: str | None, use: Usage) -> dict:
-    return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-        "usage": use.model_dump(),
-    }
+class TokenizeCompletionRequest(_Body):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool = False
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, use: Usage | None = None) -> dict:
-    out = {
-        "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    if use is not None:
-        out["usage"] = use.model_dump()
-    return out
+class TokenizeChatRequest(_Body):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    return_token_strs: StrictBool = False
+
+    @model_validator(mode="after")
+    def _one_ending(self) -> TokenizeChatRequest:
+        if self.continue_final_message and "add_generation_prompt" not in self.model_fields_set:
+            self.add_generation_prompt = False
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
+    """OpenAI's error JSON."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

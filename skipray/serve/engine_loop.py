@@ -1,0 +1,158 @@
+"""The engine loop of one server replica: a background thread drives a ``ContinuousEngine``; asyncio
+request handlers submit requests and await their events. No Ray, no HTTP.
+
+Contract:
+
+* ``EngineLoop(engine)`` starts the thread. ``generate(prompt, params, schedule)`` is an async
+  generator of the request's ``scheduler.Event`` s, the last one with a ``finish_reason``. It raises
+  ``QueueFull`` or ``ValueError`` at submission (shed load / client mistake), ``RequestFailed`` when
+  the engine ended this request with an error (``finish_reason="error"``: a fault of this request
+  alone, its batch-mates go on), ``EngineFailed`` when the loop itself failed, and ``LoopStopped``
+  when the loop thread is gone. Closing the generator early (the client went away) aborts the
+  request and frees its row.
+* Faults never leave a request waiting: the engine contains faults of a row or of a batch pass
+  (``ContinuousEngine.step``); anything the engine could not contain fails every pending request at
+  once (``EngineFailed``), is logged with its traceback, and the loop serves new requests from a
+  reset engine. If the thread dies anyway, every pending request fails and ``alive`` is false (the
+  replica's health check reports it).
+* Metrics (``skipray.metrics.EngineMetrics``) are recorded per step when given; a metrics failure
+  is logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("skipray.serve")
+
+
+class RequestFailed(RuntimeError):
+    """The engine ended this request with an error; ``cause`` is what was raised for it."""
+
+    def __init__(self, cause: BaseException | None) -> None:
+        super().__init__(f"generation failed: {cause!r}")
+        self.cause = cause
+
+
+class EngineFailed(RuntimeError):
+    """The engine loop failed as a whole; every pending request got this."""
+
+
+class LoopStopped(RuntimeError):
+    """The engine loop thread is not running."""
+
+
+@dataclass
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class EngineLoop:
+    def __init__(self, engine, metrics=None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self._sinks: dict[str, _Sink] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="skipray-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop the thread after its current step."""
+        self._stop = True
+        self._wake.set()
+
+    async def generate(self, prompt: list[int], params, schedule=None) -> AsyncIterator[Any]:
+        """Submit a request and yield its engine events (see the module contract)."""
+        if not self.alive:
+            raise LoopStopped("the engine loop is not running")
+        rid = uuid.uuid4().hex
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            self._sinks[rid] = sink
+        done = False
+        try:
+            self.engine.add_request(prompt, params, schedule, request_id=rid)
+            self._wake.set()
+            while True:
+                ev = await sink.queue.get()
+                if isinstance(ev, BaseException):
+                    done = True
+                    raise ev
+                if ev.finish_reason == "error":
+                    done = True
+                    raise RequestFailed(ev.error)
+                yield ev
+                if ev.finish_reason is not None:
+                    done = True
+                    return
+        finally:
+            with self._lock:
+                self._sinks.pop(rid, None)
+            if not done:
+                self.engine.abort(rid)
+                self._wake.set()
+
+    # -- the thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._wake.clear()
+                if not self.engine.has_work():
+                    self._wake.wait(0.05)
+                    continue
+                try:
+                    events = self.engine.step()
+                except Exception as e:  # not contained by the engine: fail everything pending, go on
+                    logger.exception("engine loop step failed; failing every pending request")
+                    self.engine.reset()
+                    self._fail_all(EngineFailed(f"the engine failed: {e!r}"))
+                    continue
+                self._record(events)
+                for ev in events:
+                    self._deliver(ev.request_id, ev)
+        except BaseException as e:
+            logger.exception("engine loop thread died")
+            self._fail_all(EngineFailed(f"the engine loop died: {e!r}"))
+            raise
+        self._fail_all(LoopStopped("the engine loop stopped"))
+
+    def _deliver(self, rid: str, item: Any) -> None:
+        with self._lock:
+            sink = self._sinks.get(rid)
+        if sink is None:
+            return
+        try:
+            sink.loop.call_soon_threadsafe(sink.queue.put_nowait, item)
+        except RuntimeError:  # that request's event loop is closed: nobody is waiting for it
+            pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            rids = list(self._sinks)
+        for rid in rids:
+            self.engine.abort(rid)  # in case it was queued after the reset: nobody waits for it now
+            self._deliver(rid, error)
+
+    def _record(self, events: list) -> None:
+        if self.metrics is None:
+            return
+        try:
+            toks = [e for e in events if e.token_id is not None]
+            if toks:
+                self.metrics.record_layers([e.layers for e in toks], self.engine.model.num_layers)
+                self.metrics.record_occupancy(len({e.request_id for e in toks}), self.engine.max_batch)
+        except Exception:
+            logger.exception("recording engine metrics failed")

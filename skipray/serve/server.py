@@ -1,0 +1,299 @@
+"""The OpenAI-compatible request handling of one replica, apart from Ray and routing.
+
+Contract: ``OpenAIServer(tokenizer, engine, ...)`` owns an ``EngineLoop`` over the given
+``ContinuousEngine``. ``create(body, chat)`` answers a ``/v1/completions`` or ``/v1/chat/completions``
+body (already parsed JSON) with a Starlette response: the whole reply as JSON, or with ``stream:
+true`` OpenAI's server-sent events ending with ``data: [DONE]``. ``tokenize`` / ``detokenize`` /
+``models`` / ``health`` / ``version`` answer the utility routes as dicts (vLLM's shapes for the first
+two). Errors are OpenAI error JSON (``protocol.error_body``), mapped by ``error_status``: client
+mistakes 4xx, a full queue 503, a failure of the request in the engine 500, and a failure that
+reaches a stream after its first byte is sent as one ``data: {"error": ...}`` event before the end.
+Streamed deltas and the non-streamed text come from the same ``skipray.text.TextStream``, so they
+are equal. Only ``stream_options.include_usage`` puts usage in a stream (one last chunk with
+``choices: []``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from skipray.serve import protocol as P
+from skipray.serve import responses as R
+from skipray.serve.engine_loop import EngineFailed, EngineLoop, LoopStopped, RequestFailed
+
+logger = logging.getLogger("skipray.serve")
+
+
+def error_status(e: BaseException) -> tuple[int, dict]:
+    """HTTP status and OpenAI error body for an exception raised while answering a request."""
+    from skipray.scheduler import QueueFull
+
+    if isinstance(e, P.RequestError):
+        return e.status, P.error_body(e.message, e.type, e.param, e.code)
+    if isinstance(e, ValidationError):
+        errs = e.errors(include_url=False)
+        loc = [str(x) for x in (errs[0].get("loc", ()) if errs else ())]
+        msg = "; ".join(f"{'.'.join(map(str, x.get('loc', ())))}: {x.get('msg')}" for x in errs[:5])
+        return 400, P.error_body(msg or "invalid request", param=".".join(loc) or None, code="invalid_value")
+    if isinstance(e, QueueFull):
+        return 503, P.error_body(f"server is at capacity ({e}); retry later", "server_overloaded",
+                                 code="server_overloaded")
+    if isinstance(e, LoopStopped):
+        return 503, P.error_body(str(e), "server_error", code="engine_stopped")
+    if isinstance(e, RequestFailed):
+        if isinstance(e.cause, ValueError):
+            return 400, P.error_body(f"invalid request: {e.cause}", code="invalid_value")
+        return 500, P.error_body(str(e), "server_error", code="generation_failed")
+    if isinstance(e, EngineFailed):
+        return 500, P.error_body(str(e), "server_error", code="engine_failed")
+    if isinstance(e, ValueError):  # the engine's own validation of a request
+        return 400, P.error_body(str(e), code="invalid_value")
+    logger.error("request failed", exc_info=e)
+    return 500, P.error_body(f"internal error: {e!r}", "server_error", code="internal_error")
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class _Reply:
+    """One request's events turned into text deltas, log-prob entries and usage."""
+
+    def __init__(self, tokenizer, prompt: list[int], stop: list[str], top: int | None) -> None:
+        from skipray.text import TextStream
+
+        self.tokenizer, self.top = tokenizer, top  # top: top log-probs per token; None: no log-probs
+        self.text = TextStream(tokenizer, prompt, stop)
+        self.prompt_len, self.layers = len(prompt), []
+        self.out = ""  # the text handed out so far
+
+    def add(self, ev) -> tuple[str, list[R.TokenLogprob]]:
+        from skipray.text import token_strings
+
+        self.layers.append(ev.layers)
+        delta = self.text.add(ev.token_id, final=ev.finish_reason is not None)
+        self.out += delta
+        if self.top is None or ev.logprobs is None:
+            return delta, []
+        lp = ev.logprobs
+        names = token_strings(self.tokenizer, [ev.token_id, *lp.top_ids[: self.top]])
+        return delta, [R.TokenLogprob(names[0], lp.logprob, list(zip(names[1:], lp.top_logprobs[: self.top])))]
+
+
+class OpenAIServer:
+    def __init__(self, tokenizer, engine, schedule, trained=None, model_name: str = "skipray",
+                 max_tokens_limit: int = 512, default_max_tokens: int = 256, metrics=None) -> None:
+        self.tokenizer, self.engine, self.schedule, self.trained = tokenizer, engine, schedule, trained
+        self.model_name, self.metrics = model_name, metrics
+        self.num_layers = engine.model.num_layers
+        self.context = min(engine.max_len, engine.model.max_positions)
+        self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
+        self.loop = EngineLoop(engine, metrics)
+
+    # -- utility routes -------------------------------------------------------------------------------
+    def health(self) -> dict:
+        return {"status": "ok" if self.loop.alive else "engine stopped", "live": len(self.engine.live),
+                "waiting": self.engine.num_waiting, "steps": self.engine.steps}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": 0, "owned_by": "skipray",
+            "schedule": self.schedule.to_dict(), "context_length": self.context, "max_model_len": self.context,
+        }]}
+
+    def version(self) -> dict:
+        from skipray import __version__
+
+        return {"version": __version__}
+
+    def tokenize(self, body: Any) -> dict:
+        from skipray.text import encode_messages, encode_prompt
+
+        chat = isinstance(body, dict) and "messages" in body
+        req = _validate(P.TokenizeChatRequest if chat else P.TokenizeCompletionRequest, body)
+        self._check_model(req.model)
+        if chat:
+            ids = self._encode(lambda: encode_messages(
+                self.tokenizer, P.render_messages(req.messages), req.add_generation_prompt,
+                req.continue_final_message, req.add_special_tokens), "messages")
+        else:
+            ids = self._encode(lambda: encode_prompt(self.tokenizer, req.prompt,
+                                                     add_special_tokens=req.add_special_tokens), "prompt")
+        out = {"count": len(ids), "max_model_len": self.context, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = self.tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    def detokenize(self, body: Any) -> dict:
+        req = _validate(P.DetokenizeRequest, body)
+        self._check_model(req.model)
+        vocab = len(self.tokenizer)
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise P.RequestError(f"token ids outside [0, {vocab}): {bad[:5]}", "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    # -- completions ----------------------------------------------------------------------------------
+    async def create(self, body: Any, chat: bool) -> Response:
+        """Answer a completions (``chat=False``) or chat completions request body."""
+        t0 = time.perf_counter()
+        try:
+            req, ids = self._parse(body, chat)
+            params, schedule, top = self._prepare(req, ids)
+            events = self.loop.generate(ids, params, schedule)
+            try:
+                first = await anext(events)  # surfaces 400/503/500 before any byte is sent
+            except BaseException:  # also cancelled (client gone) while waiting: free the row
+                await events.aclose()
+                raise
+        except Exception as e:
+            status, err = error_status(e)
+            return JSONResponse(err, status_code=status)
+        ttft = time.perf_counter() - t0
+        rid = R.new_id("chatcmpl" if chat else "cmpl")
+        reply = _Reply(self.tokenizer, ids, req.stop, top)
+        echo = "" if chat or not req.echo else self._prompt_text(req, ids)
+        if req.stream:
+            gen = self._stream(rid, req, chat, echo, reply, first, events, t0, ttft)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        entries = []
+        try:
+            ev = first
+            while True:
+                entries += reply.add(ev)[1]
+                if ev.finish_reason is not None:
+                    break
+                ev = await anext(events)
+        except Exception as e:
+            status, err = error_status(e)
+            return JSONResponse(err, status_code=status)
+        finally:
+            await events.aclose()
+        self._record(t0, reply, ttft)
+        use = R.usage(len(ids), reply.layers)
+        if chat:
+            lp = R.chat_logprobs(entries) if top is not None else None
+            return JSONResponse(R.chat_response(rid, self.model_name, reply.out, ev.finish_reason, use, lp))
+        lp = R.completion_logprobs(entries) if top is not None else None
+        return JSONResponse(R.completion_response(rid, self.model_name, echo + reply.out, ev.finish_reason, use, lp))
+
+    async def _stream(self, rid, req, chat, echo, reply, first, events, t0, ttft) -> AsyncIterator[str]:
+        with_usage = req.stream_options.include_usage
+        name, offset, pending = self.model_name, len(echo), []
+        try:
+            if chat:
+                yield _sse(R.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, None, with_usage))
+            elif echo:
+                yield _sse(R.completion_chunk(rid, name, echo, None, None, with_usage))
+            ev = first
+            while True:
+                delta, entries = reply.add(ev)
+                pending += entries
+                finish = ev.finish_reason
+                if delta or finish is not None:
+                    if chat:
+                        lp = R.chat_logprobs(pending) if reply.top is not None else None
+                        chunk = R.chat_chunk(rid, name, {"content": delta} if delta else {}, finish, lp, with_usage)
+                    else:
+                        lp = R.completion_logprobs(pending, offset) if reply.top is not None else None
+                        offset += sum(len(e.token) for e in pending)
+                        chunk = R.completion_chunk(rid, name, delta, finish, lp, with_usage)
+                    pending = []
+                    yield _sse(chunk)
+                if finish is not None:
+                    break
+                ev = await anext(events)
+            if with_usage:
+                yield _sse(R.usage_chunk(rid, name, chat, R.usage(reply.prompt_len, reply.layers)))
+            self._record(t0, reply, ttft)
+        except Exception as e:  # the request failed after the stream began: tell the client, then end
+            yield _sse(error_status(e)[1])
+        finally:
+            await events.aclose()  # client gone mid-stream: abort the request and free its row
+        yield "data: [DONE]\n\n"
+
+    # -- request preparation ----------------------------------------------------------------------------
+    def _parse(self, body: Any, chat: bool):
+        from skipray.text import encode_messages, encode_prompt
+
+        if not isinstance(body, dict):
+            raise P.RequestError("request body must be a JSON object", code="invalid_json")
+        P.check_unsupported(body, chat)
+        req = (P.ChatRequest if chat else P.CompletionRequest).model_validate(body)
+        if chat:
+            msgs = req.prompt_messages()
+            ids = self._encode(lambda: encode_messages(self.tokenizer, msgs), "messages")
+        elif isinstance(req.prompt, str):
+            ids = self._encode(lambda: encode_prompt(self.tokenizer, req.prompt), "prompt")
+        else:
+            ids = list(req.prompt)  # token ids; the engine checks their range
+        if not ids:
+            raise P.RequestError("the prompt encodes to no tokens", "messages" if chat else "prompt")
+        return req, ids
+
+    def _prepare(self, req, ids: list[int]):
+        """-> (SamplingParams, schedule, top log-probs per token or None)."""
+        from skipray.engine import SamplingParams
+        from skipray.options import schedule_from_args
+        from skipray.text import stop_checker
+
+        self._check_model(req.model)
+        field, max_tokens = req.length_field
+        if max_tokens is not None and max_tokens > self.max_tokens_limit:
+            raise P.RequestError(f"{field} must be <= {self.max_tokens_limit}", field)
+        if max_tokens is None:
+            max_tokens = min(self.default_max_tokens, self.context - len(ids))
+        if max_tokens < 1 or len(ids) + max_tokens > self.context:
+            raise P.RequestError(f"this model's context is {self.context} tokens; the prompt has {len(ids)} and "
+                                 f"{field} is {max_tokens}", field, "context_length_exceeded")
+        schedule = self.schedule
+        if req.skip is not None:
+            flags = req.skip.model_dump(exclude_none=True)
+            try:
+                schedule = schedule_from_args(argparse.Namespace(**flags), self.num_layers, self.trained)
+            except (TypeError, ValueError) as e:
+                raise P.RequestError(f"invalid skip schedule: {e}", "skip") from None
+        if isinstance(req, P.ChatRequest):
+            top = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            top = req.logprobs
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                top_k=max(req.top_k, 0), seed=req.seed, stop_fn=stop_checker(self.tokenizer, req.stop),
+                                logprobs=0 if top is None else max(top, 1))
+        return params, schedule, top
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise P.RequestError(f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                                 "model", "model_not_found", status=404, type_="not_found_error")
+
+    @staticmethod
+    def _encode(fn, param: str) -> list[int]:
+        """Run a tokenizer call; what it raises (bad input, a chat template that refuses the messages) is a 400."""
+        try:
+            return fn()
+        except P.RequestError:
+            raise
+        except Exception as e:
+            raise P.RequestError(f"cannot encode the {param}: {e}", param) from None
+
+    def _prompt_text(self, req, ids: list[int]) -> str:
+        return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(ids)
+
+    def _record(self, t0: float, reply: _Reply, ttft: float) -> None:
+        if self.metrics is not None:
+            self.metrics.record_request(time.perf_counter() - t0, reply.prompt_len, len(reply.layers), ttft)
+
+
+def _validate(model: type, body: Any):
+    if not isinstance(body, dict):
+        raise P.RequestError("request body must be a JSON object", code="invalid_json")
+    return model.model_validate(body)

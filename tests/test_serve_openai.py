@@ -1,0 +1,246 @@
+"""The server's FastAPI app in this process (uvicorn on loopback, no Ray): client libraries (openai,
+LangChain's ChatOpenAI) get what they ask for, and faults stay with their request.
+
+The app is the one each Serve replica runs (``skipray.serve.routes.build_api``); tests/test_serve.py
+drives it through Ray Serve. Here the engine can be broken on purpose (monkeypatch) to check fault
+isolation. The tokenizer has decode's space clean-up forced on, so every streamed-vs-whole check
+also covers a tokenizer that cleans up spaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from test_serve import SKIP, free_port, make_tiny_dir
+
+import skipray.scheduler
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from skipray.loading import load
+    from skipray.schedule import SkipSchedule
+    from skipray.scheduler import ContinuousEngine
+    from skipray.serve.routes import build_api
+    from skipray.serve.server import OpenAIServer
+
+    tiny = make_tiny_dir(tmp_path_factory.mktemp("tiny"))
+    m = load(str(tiny), device="cpu")
+    tok = AutoTokenizer.from_pretrained(tiny, clean_up_tokenization_spaces=True,
+                                        clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
+    sched = SkipSchedule(4, **SKIP)
+    engine = ContinuousEngine(m.model, sched, max_batch=8, max_len=256, eos_token_ids=m.eos_token_ids, max_waiting=16)
+    server = OpenAIServer(tok, engine, sched, None, model_name="tiny", max_tokens_limit=200, default_max_tokens=32)
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(build_api(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    while not web.started:
+        time.sleep(0.02)
+    yield {"base": f"http://127.0.0.1:{port}", "server": server, "engine": engine, "model": m.model, "tok": tok,
+           "schedule": sched}
+    web.should_exit = True
+    thread.join(10)
+    server.loop.close()
+
+
+def oai(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{app['base']}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def chat_model(app, **kw):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(base_url=f"{app['base']}/v1", api_key="none", model="tiny", max_retries=0, timeout=60, **kw)
+
+
+def engine_text(app, ids: list[int], n: int) -> tuple[str, list[int]]:
+    """What the direct engine generates greedily for ``ids``, as text through the server's detokenizer."""
+    from skipray.engine import Engine, SamplingParams
+    from skipray.text import TextStream
+
+    eos = app["engine"].eos_token_ids
+    out = Engine(app["model"], app["schedule"], max_batch=1, max_len=256, eos_token_ids=eos).generate(
+        [ids], SamplingParams(max_new_tokens=n, logprobs=2))[0]
+    ts = TextStream(app["tok"], ids)
+    for i, t in enumerate(out.token_ids):
+        ts.add(t, final=i == len(out.token_ids) - 1)
+    return ts.text, out
+
+
+# -- LangChain's ChatOpenAI ---------------------------------------------------------------------------
+def test_langchain_invoke_honours_max_tokens_and_reports_usage(app):
+    """ChatOpenAI(max_tokens=24) sends max_completion_tokens; it must bound the reply."""
+    msg = chat_model(app, max_tokens=24, temperature=0).invoke("Count from 1 to 100.")
+    assert msg.usage_metadata["output_tokens"] == 24 and msg.response_metadata["finish_reason"] == "length"
+    assert msg.usage_metadata["input_tokens"] > 0 and msg.content
+
+
+def test_langchain_stream_with_usage_and_without(app):
+    llm = chat_model(app, max_tokens=12, temperature=0, stream_usage=True)
+    chunks = list(llm.stream("Hi there"))
+    total = chunks[0]
+    for c in chunks[1:]:
+        total += c
+    assert total.usage_metadata["output_tokens"] == 12
+    assert total.content == llm.invoke("Hi there").content  # streamed text == the whole reply
+    plain = list(chat_model(app, max_tokens=12, temperature=0).stream("Hi there"))
+    assert all(c.usage_metadata is None for c in plain)  # no include_usage, no usage in the stream
+
+
+def test_langchain_batch_and_logprobs(app):
+    llm = chat_model(app, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    outs = llm.batch(["one", "two", "three"])
+    assert [o.usage_metadata["output_tokens"] for o in outs] == [6, 6, 6]
+    for o in outs:
+        lps = o.response_metadata["logprobs"]["content"]
+        assert len(lps) == 6 and all(len(x["top_logprobs"]) == 2 for x in lps)
+        assert all(x["logprob"] == pytest.approx(x["top_logprobs"][0]["logprob"]) for x in lps)  # greedy: top-1
+
+
+def test_langchain_tools_and_json_mode_are_refused_not_ignored(app):
+    import openai
+
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    llm = chat_model(app, max_tokens=6)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        llm.bind_tools([add]).invoke("1 + 2?")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        llm.bind(response_format={"type": "json_object"}).invoke("Say a JSON object.")
+
+
+# -- the openai client ----------------------------------------------------------------------------------
+def test_openai_chat_logprobs_are_the_step_log_softmax(app):
+    c = oai(app)
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=5,
+                                  temperature=0, logprobs=True, top_logprobs=2)
+    ids = app["server"].tokenize({"messages": [{"role": "user", "content": "Hi"}]})["tokens"]
+    text, out = engine_text(app, ids, 5)
+    assert r.choices[0].message.content == text
+    got = r.choices[0].logprobs.content
+    assert [x.logprob for x in got] == pytest.approx([x.logprob for x in out.logprobs], abs=1e-4)
+    assert [t.logprob for x in got for t in x.top_logprobs] == pytest.approx(
+        [v for x in out.logprobs for v in x.top_logprobs], abs=1e-4)
+    assert [x.token for x in got] == [app["tok"].decode([t]) for t in out.token_ids]
+
+
+def test_openai_completion_logprobs_stream_and_whole_agree(app):
+    c = oai(app)
+    kw = {"model": "tiny", "prompt": "The cat", "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    whole = c.completions.create(**kw).choices[0]
+    chunks = list(c.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    lps = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert sum((x.tokens for x in lps), []) == whole.logprobs.tokens and len(whole.logprobs.tokens) == 6
+    assert sum((x.text_offset for x in lps), []) == whole.logprobs.text_offset
+    assert all(len(t) == 3 for t in whole.logprobs.top_logprobs)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_streamed_text_equals_whole_text_with_a_cleanup_tokenizer(app):
+    c = oai(app)
+    for k in range(4):
+        kw = {"model": "tiny", "prompt": f"Hello , world . I do n't know ' s {k}", "max_tokens": 40, "seed": k}
+        whole = c.completions.create(**kw).choices[0].text
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(**kw, stream=True))
+        assert streamed == whole
+
+
+# -- fault isolation ------------------------------------------------------------------------------------
+MARK = 0.123  # the temperature of the request made to fail
+
+
+@pytest.fixture
+def broken_sampling(app, monkeypatch):
+    """Sampling raises for requests with temperature MARK after their first ``after`` tokens."""
+    real, seen, engine = skipray.scheduler.sample, {"n": 0, "after": 0}, app["engine"]
+
+    def sample(logits, temperature, *a, **kw):
+        if temperature == MARK:
+            seen["n"] += 1
+            if seen["n"] > seen["after"]:
+                seen["batch"] = max(seen.get("batch", 0), len(engine.live))
+                raise FloatingPointError("injected sampling fault")
+        return real(logits, temperature, *a, **kw)
+
+    monkeypatch.setattr(skipray.scheduler, "sample", sample)
+    return seen
+
+
+def test_a_failing_request_ends_alone_and_its_batch_mate_finishes(app, broken_sampling, caplog):
+    import requests
+
+    base, res = app["base"], {}
+    good = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}
+    want = requests.post(f"{base}/v1/completions", json=good, timeout=60).json()["choices"][0]["text"]
+
+    def run_good():
+        res["good"] = requests.post(f"{base}/v1/completions", json=good, timeout=60)
+
+    t = threading.Thread(target=run_good)
+    t.start()
+    deadline = time.time() + 60
+    while not app["engine"].live and t.is_alive() and time.time() < deadline:
+        time.sleep(0.001)
+    broken_sampling["after"] = 3
+    with caplog.at_level(logging.WARNING):
+        bad = requests.post(f"{base}/v1/completions", timeout=60,
+                            json={"model": "tiny", "prompt": "x", "max_tokens": 50, "temperature": MARK})
+        broken_sampling["n"] = 0
+        with requests.post(f"{base}/v1/completions", timeout=60, stream=True, json={
+                "model": "tiny", "prompt": "y", "max_tokens": 50, "temperature": MARK, "stream": True}) as r:
+            assert r.status_code == 200  # its first tokens were fine: the stream began
+            lines = [ln for ln in r.iter_lines(decode_unicode=True) if ln]
+    t.join()
+    assert bad.status_code == 500 and "injected sampling fault" in bad.json()["error"]["message"]
+    assert '"error"' in lines[-2] and lines[-1] == "data: [DONE]"  # an error event, then the end
+    assert res["good"].status_code == 200 and res["good"].json()["choices"][0]["text"] == want
+    assert "injected sampling fault" in caplog.text
+    assert broken_sampling["batch"] >= 2  # the failing request had a batch-mate when it failed
+
+
+def test_a_failing_engine_step_answers_every_request_at_once(app, monkeypatch, caplog):
+    import openai
+    import requests
+
+    engine, base, calls = app["engine"], app["base"], {"n": 0}
+    real_step = engine.step
+
+    def step():  # fails once, when all four requests are decoding and have had their first token
+        if not calls["n"] and len(engine.live) == 4 and all(r.generated for r in engine.live):
+            calls["n"] += 1
+            raise RuntimeError("injected loop fault")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step)
+    results = {}
+
+    def call(k):
+        results[k] = requests.post(f"{base}/v1/completions", timeout=30,
+                                   json={"model": "tiny", "prompt": f"p{k}", "max_tokens": 100, "temperature": 0})
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(3)]
+    with caplog.at_level(logging.ERROR):
+        for t in threads:
+            t.start()
+        with pytest.raises(openai.APIError, match="injected loop fault"):
+            for _ in oai(app).completions.create(model="tiny", prompt="s", max_tokens=100, stream=True):
+                pass
+        for t in threads:
+            t.join()
+    assert {k: r.status_code for k, r in results.items()} == {0: 500, 1: 500, 2: 500}
+    assert all("injected loop fault" in r.json()["error"]["message"] for r in results.values())
+    assert "engine loop step failed" in caplog.text
+    ok = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "after", "max_tokens": 3}, timeout=30)
+    assert ok.status_code == 200 and not engine.live  # the loop serves on
