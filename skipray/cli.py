@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text for one or more prompts")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    g.add_argument("--model", default="default", help="'default', 'smollm2-base', a model dir or a .gguf file")
+    g.add_argument("--model", default="default", help="'default' (~1.5x skip adapter), 'default-2x', 'smollm2-base', a model dir or a .gguf file")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

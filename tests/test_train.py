@@ -126,3 +126,16 @@ def test_text_and_prompt_response_formats(tmp_path, tiny_model_dir):
     pq.write_table(pa.table({"foo": [1]}), p3)
     with pytest.raises(ValueError, match="columns"):
         load_examples(str(p3), tok)
+
+
+def test_init_adapter_warm_starts_from_saved_weights(tmp_path, data_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from skipray.train import prepare
+
+    out = train(cfg(tmp_path, data_path, tiny_model_dir, steps=4, lr=1e-2), progress=False)
+    saved = load_file(out / "adapter_model.safetensors")
+    _, model, _, _ = prepare(cfg(tmp_path, data_path, tiny_model_dir, init_adapter=str(out)))
+    named = {n.replace(".default", ""): p for n, p in model.peft.named_parameters() if "lora_" in n}
+    assert saved and all(torch.equal(named[k], v) for k, v in saved.items())
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # not the zero init
