@@ -9,14 +9,19 @@ Roofline for P1: at small batches a decode step reads every weight once, so its 
     (``torch.sum`` over 1 GiB) and the decode-step time of both engines ((time for n tokens - time for
     1 token) / (n - 1): the prompt pass cancels out), and prints the most any fp32 engine could gain
     over Hugging Face's decode step on this machine.
+Memory: KV cache bytes per row at full depth and under the ~2x and ~3x schedules (the cache shrinks with
+    the schedule: a layer holds the prompt plus the steps that run it; ``skipray.memory``), checked
+    against a real allocation, and the largest batch whose cache fits ``--mem-budget-gib`` next to the
+    weights (20% kept for activations). ``--memory-only`` prints just this (no timing).
 Also: warm model load time. Every ratio is measured side by side in one run.
 
-Run: .venv/bin/python bench/bench_engine.py [--batches 1 8 32] [--new-tokens 64] [--repeats 2]
+Run: .venv/bin/python bench/bench_engine.py [--batches 1 8 32] [--new-tokens 64] [--repeats 2] [--memory-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -88,12 +93,37 @@ def load_times() -> dict:
     return {"warm_load": res}
 
 
+def memory_table(m, schedules: dict, prompts, n: int, budget_gib: float) -> tuple[str, dict]:
+    """KV cache per row of the padded ``prompts`` + ``n`` new tokens, per schedule (plus full depth), in the
+    model's dtype, each checked against a real ``KVCache`` allocation; -> (markdown, JSON)."""
+    from skipray.memory import GIB, format_report, layer_slots, memory_report
+    from skipray.schedule import SkipSchedule
+
+    model = m.model
+    P = max(map(len, prompts))
+    dtype_bytes = next(model.parameters()).element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.hf.parameters())
+    all_schedules = {"full": SkipSchedule.full(model.num_layers), **schedules}
+    rows = memory_report(all_schedules, model.kv_heads, model.head_dim, dtype_bytes, P, n,
+                         int(budget_gib * GIB), weight_bytes, reserve=0.2)
+    for r, s in zip(rows, all_schedules.values()):
+        lens = layer_slots(s, P, n)
+        assert model.new_cache(1, max(lens), lens).nbytes == r.bytes_per_row, "memory model != KVCache"
+    title = (f"Memory: KV cache per row, prompt {P} (padded) + {n} new tokens, {dtype_bytes * 8}-bit; largest batch "
+             f"in {budget_gib:g} GiB after {weight_bytes / GIB:.2f} GiB of weights and a 20% reserve")
+    return format_report(rows, title, budget_gib), {
+        "prompt_len": P, "new_tokens": n, "dtype_bytes": dtype_bytes, "budget_gib": budget_gib,
+        "rows": [dataclasses.asdict(r) for r in rows]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="bench/results/engine.json")
+    ap.add_argument("--mem-budget-gib", type=float, default=24.0, help="memory budget of the memory table (GiB)")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory table (no timing)")
     args = ap.parse_args()
 
     from skipray.engine import Engine, SamplingParams
@@ -102,6 +132,13 @@ def main() -> None:
 
     m = load("smollm2-base", device="cpu")
     n = args.new_tokens
+    schedules = {
+        "~2x": SkipSchedule(30, 16, 6, 64, warmup_layers=4),
+        "~3x": SkipSchedule(30, 10, 4, 32, warmup_layers=2),
+    }
+    if args.memory_only:
+        print(memory_table(m, schedules, prompts_for(m.tokenizer, 8), n, args.mem_budget_gib)[0])
+        return
     params = SamplingParams(max_new_tokens=n)  # no EOS: every row makes n tokens
     engine = Engine(m.model, max_batch=max(args.batches), max_len=256)
     results: dict = {"device": "cpu", "threads": torch.get_num_threads(), "new_tokens": n, "p1": [], "p2": []}
@@ -139,10 +176,6 @@ def main() -> None:
         print(f"{b:>5} {row['hf_step_ms']:>11.1f} {row['skipray_step_ms']:>16.1f} {row['hf_gbs']:>8.1f} "
               f"{row['max_gain']:>16.2f}x")
 
-    schedules = {
-        "~2x": SkipSchedule(30, 16, 6, 64, warmup_layers=4),
-        "~3x": SkipSchedule(30, 10, 4, 32, warmup_layers=2),
-    }
     b = 8
     ps = prompts_for(m.tokenizer, b)
     P = sum(map(len, ps)) // len(ps)
@@ -158,6 +191,8 @@ def main() -> None:
         results["p2"].append(row)
         print(f"{name:>8} {s.describe():>52} {row['avg_layers']:>10.2f} {theory:>7.2f} {row['realized']:>8.2f} {row['ratio']:>6.2f}")
 
+    table, results["memory"] = memory_table(m, schedules, ps, n, args.mem_budget_gib)
+    print("\n" + table)
     results.update(load_times())
     results["kv_cache_mib"] = engine.cache.nbytes / 2**20
     for spec, r in results["warm_load"].items():

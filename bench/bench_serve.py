@@ -1,7 +1,7 @@
 """Serve throughput benchmark: continuous batching on Ray Serve vs the direct engine and vs @serve.batch.
 
 Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max-tokens 64 | 8,128]
-[--skip-mix [JSON]] [--runs 3]`` measures
+[--skip-mix [JSON]] [--runs 3] [--max-num-batched-tokens N]`` measures
 
 * ``direct``: the static-batch ``Engine.generate`` over 16 prompts in this process (no Ray, no HTTP);
 * ``engine only``: the ``ContinuousEngine`` in this process with 16 requests always in flight (no Ray,
@@ -15,6 +15,9 @@ Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max
   difference measures how the engine handles two schedules in one batch, not extra layers);
   ``mix_vs_single`` in the output is the mixed run's tokens/s over the single-schedule run's;
 * ``--runs N`` repeats every measurement N times and reports the median (all runs are in the JSON);
+* ``--max-num-batched-tokens N`` turns on chunked prefill (``skipray.chunked``) with that per-iteration
+  token budget in ``engine only`` and ``continuous`` (the Serve arg of the same name);
+* ``--only continuous`` skips the direct engine and the static deployment (quicker A/B runs);
 
 prints a table of generated tokens/s and p50 latency, and writes ``bench/results/serve.json``. Clients
 are HTTP (``requests``), non-streaming, on loopback; Ray runs locally with 2 CPUs. The direct engine and
@@ -62,7 +65,7 @@ def direct(model_spec: str, max_tokens: list[int], threads: int) -> dict:
 
 
 def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: float = 20.0,
-                mix: dict | None = None) -> dict:
+                mix: dict | None = None, batched_tokens: int | None = None) -> dict:
     """``ContinuousEngine`` without Serve or HTTP: 16 requests always in flight (a finished one is
     replaced at once by the next prompt), as 16 closed-loop clients would keep it; generated tokens/s.
     ``mix``: skip flags of a second schedule that every other request uses."""
@@ -76,7 +79,8 @@ def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: 
     torch.set_num_threads(threads)
     m = load(model_spec, device="cpu")
     ids = [encode_prompt(m.tokenizer, p, chat=False) for p in PROMPTS]
-    eng = ContinuousEngine(m.model, m.schedule, max_batch=16, max_len=256, eos_token_ids=m.eos_token_ids)
+    eng = ContinuousEngine(m.model, m.schedule, max_batch=16, max_len=256, eos_token_ids=m.eos_token_ids,
+                           max_num_batched_tokens=batched_tokens)
     schedules = [eng.schedule] if mix is None else [eng.schedule, mix_schedule(m, mix)]
     sent = 0
 
@@ -217,6 +221,10 @@ def main() -> int:
                     help="also run with every other request on a second skip schedule (JSON skip flags; "
                          "without a value: the model's schedule with decay_tokens + 1)")
     ap.add_argument("--runs", type=int, default=1, help="repeat each measurement and report the median")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                    help="chunked prefill in the continuous engine: tokens per iteration (>= 16); default: off")
+    ap.add_argument("--only", choices=["all", "continuous"], default="all",
+                    help="'continuous': skip the direct engine and the static @serve.batch deployment")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
@@ -224,12 +232,16 @@ def main() -> int:
     mix = mix_flags(args.model, args.skip_mix) if args.skip_mix is not None else None
     repeat = lambda fn: median_of([fn() for _ in range(args.runs)])  # noqa: E731
 
-    rows = [repeat(lambda: direct(args.model, max_tokens, threads=args.threads))]
-    print(f"direct engine, batch 16: {rows[0]['tok_s']:.1f} tok/s", flush=True)
-    rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads)))
+    chunk = args.max_num_batched_tokens
+    rows = []
+    if args.only == "all":
+        rows.append(repeat(lambda: direct(args.model, max_tokens, threads=args.threads)))
+        print(f"direct engine, batch 16: {rows[0]['tok_s']:.1f} tok/s", flush=True)
+    rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads, batched_tokens=chunk)))
     print(f"continuous engine without Serve, 16 in flight: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
     if mix is not None:
-        rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads, mix=mix)))
+        rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads, mix=mix,
+                                               batched_tokens=chunk)))
         rows[-1]["mix_vs_single"] = rows[-1]["tok_s"] / rows[-2]["tok_s"]
         print(f"continuous engine without Serve, 2 schedules ({mix}): {rows[-1]['tok_s']:.1f} tok/s "
               f"({rows[-1]['mix_vs_single']:.2f}x the single schedule)", flush=True)
@@ -249,7 +261,7 @@ def main() -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
         app_args = {"model": args.model, "model_name": "m", "max_batch": 16, "max_len": 256, "max_waiting": 64,
-                    "torch_threads": args.threads}
+                    "torch_threads": args.threads, "max_num_batched_tokens": chunk}
         serve.run(build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
                   name="continuous", route_prefix="/c")
         for n in levels:
@@ -264,8 +276,9 @@ def main() -> int:
             print(f"continuous, {levels[-1]:2d} clients, 2 schedules: {r['tok_s']:.1f} tok/s "
                   f"({rows[-1]['mix_vs_single']:.2f}x the single schedule), p50 {r['p50_s']:.2f}s", flush=True)
         serve.delete("continuous")
-        serve.run(static_app(args.model, 256, args.threads), name="static", route_prefix="/s")
-        for n in levels:
+        if args.only == "all":
+            serve.run(static_app(args.model, 256, args.threads), name="static", route_prefix="/s")
+        for n in levels if args.only == "all" else []:
             r = repeat(lambda: load_run(f"{base}/s", n, args.duration, max_tokens, "m"))
             rows.append(dict(r, mode="static"))
             print(f"static,     {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
@@ -274,7 +287,7 @@ def main() -> int:
         serve.shutdown()
         ray.shutdown()
 
-    d = rows[0]["tok_s"]
+    d = rows[0]["tok_s"]  # the direct engine's (the continuous engine's own with --only continuous)
     print(f"\n{'mode':<25}{'clients':>8}{'tok/s':>9}{'vs direct':>11}{'p50 s':>8}{'errors':>8}")
     for r in rows:
         print(f"{r['mode']:<25}{r['clients']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / d:>10.2f}x"
@@ -283,6 +296,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "max_tokens": max_tokens, "duration_s": args.duration,
                                "threads": args.threads, "runs": args.runs, "skip_mix": mix,
+                               "max_num_batched_tokens": chunk, "only": args.only,
                                "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0

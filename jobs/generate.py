@@ -3,7 +3,9 @@
 Contract: argument parsing, Ray start-up and the summary line only; the pipeline is
 ``skipray.batch``. Run it as ``python jobs/generate.py ...`` (starts an embedded local Ray) or as
 ``ray job submit --working-dir . -- python jobs/generate.py ...`` (joins the cluster in RAY_ADDRESS).
-Exit status: 0 done (bad rows are counted, not fatal), 2 unusable input or arguments.
+Exit status: 0 done (bad rows are counted, not fatal), 2 unusable input or arguments, or an actor that no
+node of the cluster can hold, now or after the autoscaler adds one (``skipray.resources.check_schedulable``:
+the message names the resource; ``--resource-wait 0`` skips that check).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--threads-per-actor", type=int, default=0, help="torch threads (0: node cores / MAX actors)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the actor has a GPU)")
+    p.add_argument("--resource-wait", type=float, default=45.0,
+                   help="seconds to wait for the autoscaler to start a node that can hold one actor when none "
+                        "can now, before failing (0: skip this check)")
     p.add_argument("--s3-endpoint", default=None,
                    help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000 (credentials: AWS_* env vars)")
     p.add_argument("--crash-marker", default=None, help=argparse.SUPPRESS)  # tests: fault injection
@@ -80,6 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         else:  # embedded local Ray with a bounded object store
             ray.init(object_store_memory=512 * 1024**2, include_dashboard=False,
                      runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    if args.resource_wait > 0:
+        from skipray.resources import Unschedulable, check_schedulable
+
+        try:
+            how = check_schedulable({"CPU": args.cpus_per_actor, "GPU": args.gpus_per_actor},
+                                    "one generation actor (--cpus-per-actor, --gpus-per-actor)",
+                                    can_grow=bool(os.environ.get("RAY_ADDRESS")), wait_s=args.resource_wait)
+        except Unschedulable as e:
+            print(f"generate: error: {e} (--resource-wait 0 skips this check)", file=sys.stderr)
+            return 2
+        print(f"[skipray] resources: one actor {how}", file=sys.stderr)
     s = execute(todo)
     ok = s.rows - s.errors
     new = s.generated_tokens / ok if ok else 0

@@ -22,6 +22,14 @@ Contract:
   killed actor loses no rows and duplicates none; each write is a new file named by Ray's write id, and
   a re-run skips every id already in the output.
 * ``summarize`` reads back the files this run wrote and returns the counts for the final summary line.
+* ``build_pipeline`` reads Parquet footers with one actor (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``, unless
+  set): Ray Data 2.60's Parquet reader otherwise starts a pool of 32 footer-reading actors of one
+  CPU each, even for one file, and on an autoscaling cluster those pending actors alone launch nodes
+  (``tests/test_autoscaling.py`` saw all 8 GPU nodes of ``cluster/aws.yaml`` start for a 1-actor job).
+* GPU jobs cap Ray Data's resources (``gpu_job_limits``): GPUs at ``MAX x gpus_per_actor``, CPUs at
+  the CPUs the cluster has now that the actors will not take plus the actors' own. Ray Data asks the
+  autoscaler for more of whatever its tasks are short of (the same run asked for 27 tokenize tasks'
+  CPUs); where the only worker types are GPU nodes, CPUs come only with GPU nodes no actor uses.
 """
 
 from __future__ import annotations
@@ -228,6 +236,9 @@ def build_pipeline(files: list[str], fs, cfg: JobConfig, duplicate_ids: pa.Array
     import ray
     from ray.data import ActorPoolStrategy
 
+    # read with one footer actor, not 32: pending ones make the autoscaler launch nodes (see the contract);
+    # read by the driver's read_parquet call below, so the driver's environment is the one that counts
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     ds = ray.data.read_parquet(files, filesystem=fs)
     ds = ds.repartition(target_num_rows_per_block=cfg.window)
     ds = ds.map_batches(prepare_block, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
@@ -238,6 +249,22 @@ def build_pipeline(files: list[str], fs, cfg: JobConfig, duplicate_ids: pa.Array
         compute=ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
     )  # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: dead actors are replaced
+
+
+def gpu_job_limits(cfg: JobConfig, nodes: list[dict]) -> tuple[float, float]:
+    """(CPU, GPU) caps for a GPU job from ``ray.nodes()``: GPUs ``MAX x gpus_per_actor``; CPUs those of
+    the live nodes without GPUs, plus the CPUs of live GPU nodes beyond what their actors would take,
+    plus ``MAX x cpus_per_actor`` (at least one CPU beyond the actors, so reading never starves)."""
+    _, hi = cfg.actors
+    spare = 0.0
+    for n in nodes:
+        if not n.get("Alive"):
+            continue
+        r = n.get("Resources", {})
+        cpus, gpus = float(r.get("CPU", 0)), float(r.get("GPU", 0))
+        actors_here = int(gpus // cfg.gpus_per_actor) if gpus else 0
+        spare += max(0.0, cpus - actors_here * cfg.cpus_per_actor)
+    return max(spare, 1.0) + hi * cfg.cpus_per_actor, hi * cfg.gpus_per_actor
 
 
 @dataclass
@@ -272,8 +299,19 @@ def execute(p: Plan) -> Summary:
     """Run the pipeline and write; Ray must be initialized by the caller."""
     t0 = time.perf_counter()
     if p.pending:
-        ds = build_pipeline(p.check.files, p.in_fs, p.cfg, p.check.duplicate_ids, p.done)
-        ds.write_parquet(p.out_path, filesystem=p.out_fs)
+        import ray
+        from ray.data import DataContext, ExecutionResources
+
+        options = DataContext.get_current().execution_options
+        before = options.resource_limits
+        if p.cfg.gpus_per_actor > 0:
+            cpu, gpu = gpu_job_limits(p.cfg, ray.nodes())
+            options.resource_limits = ExecutionResources.for_limits(cpu=cpu, gpu=gpu)
+        try:
+            ds = build_pipeline(p.check.files, p.in_fs, p.cfg, p.check.duplicate_ids, p.done)
+            ds.write_parquet(p.out_path, filesystem=p.out_fs)
+        finally:
+            options.resource_limits = before
     return summarize(p.out_path, p.out_fs, p.before, time.perf_counter() - t0, p.check.num_rows - p.pending)
 
 

@@ -29,8 +29,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop_fn=stop_checker(m.tokenizer, args.stop),
     )
-    engine = Engine(m.model, schedule, max_batch=len(prompts),
-                    max_len=max(map(len, prompts)) + args.max_new_tokens, eos_token_ids=m.eos_token_ids)
+    engine = Engine(m.model, schedule, max_batch=len(prompts), max_len=max(map(len, prompts)) + args.max_new_tokens,
+                    eos_token_ids=m.eos_token_ids, max_new_tokens=args.max_new_tokens)  # cache sized for the schedule
     t1 = time.perf_counter()
     outs = engine.generate(prompts, params)
     t2 = time.perf_counter()

@@ -6,6 +6,12 @@ the number of layers computed for each generated token. The prompt runs at full 
 each later token runs the schedule's layers for its step (``decode_one_token``). Rows that finish
 are compacted out of the batch, so they stop costing compute. One preallocated KV cache is reused
 across calls and grows only when a call needs more rows or slots.
+
+The cache shrinks with the schedule: layer ``l`` needs only ``P + k_l`` slots (``P`` the padded prompt,
+``k_l`` the steps of the call's schedule that run ``l``; ``skipray.memory.layer_slots``). A call whose
+needs exceed the cache reallocates it to the per-layer maximum of both. ``Engine(max_new_tokens=n)``
+preallocates for the engine's schedule with ``max_len - n`` prompt tokens and ``n`` new tokens; without
+it every layer gets ``max_len`` slots up front (any split of prompt and new tokens fits).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from skipray.memory import layer_slots
 from skipray.model import SkipModel, forward, full_plan, step_plan
 from skipray.sampling import sample, validate
 from skipray.schedule import SkipSchedule
@@ -139,13 +146,23 @@ class Engine:
         max_batch: int = 32,
         max_len: int = 512,
         eos_token_ids: Sequence[int] = (),
+        max_new_tokens: int | None = None,
     ) -> None:
+        """``max_batch`` rows of ``max_len`` slots (prompt + new tokens) are preallocated; with
+        ``max_new_tokens`` the cache is sized for ``schedule`` (module docstring). Calls that need more
+        grow it. Raises ``ValueError`` for a schedule of another depth or ``max_new_tokens`` outside
+        ``[1, max_len]``."""
         self.model = model.eval()
         self.schedule = schedule or SkipSchedule.full(model.num_layers)
         check_schedule(self.schedule, model.num_layers)
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = next(model.parameters()).device
-        self.cache = model.new_cache(max_batch, max_len)
+        lens = None
+        if max_new_tokens is not None:
+            if not 1 <= max_new_tokens <= max_len:
+                raise ValueError(f"max_new_tokens must be in [1, max_len={max_len}], got {max_new_tokens}")
+            lens = layer_slots(self.schedule, max_len - max_new_tokens, max_new_tokens)
+        self.cache = model.new_cache(max_batch, max_len, lens)
 
     # -- public API --------------------------------------------------------------------------------
     def generate(
@@ -181,7 +198,7 @@ class Engine:
             return
         B, P = len(prompts), max(len(p) for p in prompts)
         max_new = max(p.max_new_tokens for p in plist)
-        self._ensure_cache(B, P + max_new)
+        self._ensure_cache(B, layer_slots(schedule, P, max_new))
         gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in plist]
 
         logits = self.prefill(prompts)
@@ -253,7 +270,9 @@ class Engine:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
 
-    def _ensure_cache(self, rows: int, slots: int) -> None:
+    def _ensure_cache(self, rows: int, layer_lens: Sequence[int]) -> None:
+        """Reallocate the cache when ``rows`` rows of ``layer_lens`` slots per layer do not fit it."""
         c = self.cache
-        if rows > c.max_batch or slots > c.max_len:
-            self.cache = self.model.new_cache(max(rows, c.max_batch), max(slots, c.max_len))
+        if not c.fits(rows, layer_lens):
+            lens = [max(a, b) for a, b in zip(c.layer_lens, layer_lens)]
+            self.cache = self.model.new_cache(max(rows, c.max_batch), max(lens), lens)

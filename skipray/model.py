@@ -10,7 +10,13 @@ which is exactly what skipping a residual block means.
 * decode step: one column, the schedule's layers, on the live rows;
 * training: no cache; layer ``l`` runs on the column prefix that the decoder would have run it on
   (the prompt plus the generation steps whose schedule includes ``l``), so the parallel forward
-  computes what cached decoding computes.
+  computes what cached decoding computes;
+* mixed passes (``forward_segments``): several cached batches (``Segment``), say a decode step and
+  a prompt chunk, share one pass: each layer's linear layers run once on all their tokens, attention
+  runs per segment. Each segment gets what ``forward`` would give it alone.
+
+A layer's cache may be shorter than the pass's slot span (``KVCache`` sized for a skip schedule):
+attention reads only the slots the layer holds, and a write past them raises ``IndexError``.
 
 ``SkipModel`` adapts a Hugging Face causal LM (Llama family: Llama, SmolLM2, Mistral, Qwen2/3; OPT)
 by calling its own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its linear
@@ -21,6 +27,7 @@ CPU; the module itself otherwise).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -146,9 +153,11 @@ class SkipModel(nn.Module):
         head = self.hf.lm_head.weight.numel()
         return CostModel(layer_params, self.num_heads * self.head_dim, head, self.body.embed_tokens.weight.numel())
 
-    def new_cache(self, max_batch: int, max_len: int) -> KVCache:
+    def new_cache(self, max_batch: int, max_len: int, layer_lens: Sequence[int] | None = None) -> KVCache:
+        """A ``KVCache`` in the model's dtype and device; ``layer_lens`` as in ``KVCache`` (default:
+        ``max_len`` slots for every layer; ``skipray.memory.layer_slots`` sizes them for a schedule)."""
         p = next(self.parameters())
-        return KVCache(self.num_layers, max_batch, self.kv_heads, max_len, self.head_dim, p.dtype, p.device)
+        return KVCache(self.num_layers, max_batch, self.kv_heads, max_len, self.head_dim, p.dtype, p.device, layer_lens)
 
 
 def full_plan(num_layers: int, rows: slice | torch.Tensor = slice(None)) -> list[LayerRun]:
@@ -184,6 +193,24 @@ def _compose(outer: slice | torch.Tensor, inner: slice | torch.Tensor, n: int, d
     return outer_t[inner]
 
 
+@dataclass
+class Segment:
+    """One batch of a mixed pass (``forward_segments``): what ``forward`` takes for its cache path.
+
+    ``tokens``/``positions``/``real``: ``(b, t)``; ``plan``: one ``LayerRun`` per layer (rows are this
+    segment's rows); ``cache_rows``/``start``/``logits_at``/``adapter``: as in ``forward``.
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    plan: Sequence[LayerRun]
+    real: torch.Tensor
+    cache_rows: slice | torch.Tensor = field(default_factory=lambda: slice(None))
+    start: int | torch.Tensor = 0
+    logits_at: slice | torch.Tensor | None = None
+    adapter: torch.Tensor | None = None
+
+
 def forward(
     model: SkipModel,
     tokens: torch.Tensor,
@@ -208,65 +235,156 @@ def forward(
     ``prefix`` (training, no ``cache``): a cache whose rows hold an already prefilled prompt in slots
     ``[0, prefix_len)`` for batch rows ``0..b-1``; the tokens follow it, attend to it and write nothing,
     so a training step runs the prompt once without gradients and only the answer with them.
+    Raises ``ValueError`` for a plan of the wrong length or column-limited layers with a cache, and
+    ``IndexError`` (from ``KVCache.write``) for a write past a layer's cache length.
     """
-    if len(plan) != model.num_layers:
-        raise ValueError(f"plan has {len(plan)} entries for {model.num_layers} layers")
-    b, t = tokens.shape
-    h = model.embed(tokens, positions)
-    rope = model.rope(h, positions)
-    dev = tokens.device
-    if prefix is not None:
+    if prefix is not None and cache is not None:
+        raise ValueError("prefix is for training without a cache")
+    seg = Segment(tokens, positions, plan, real, cache_rows, start, logits_at, adapter)
+    return _run(model, [seg], cache, prefix)[0]
+
+
+def forward_segments(model: SkipModel, segments: Sequence[Segment], cache: KVCache) -> list[torch.Tensor]:
+    """Several independent cached batches in one pass over the layers: per layer, the linear layers
+    (and norms) run once on the tokens of every segment that runs the layer, concatenated, and
+    attention runs per segment (its own rows, slots and mask). Each segment gets what ``forward``
+    would give it alone (up to summation order): its logits ``(b, t', vocab)``, in order.
+
+    This is how a continuous engine puts a decode step (one token per row, per-row slots) and prompt
+    chunks (many tokens of one row at an int slot) into one pass: on a CPU, where a layer's matmuls
+    cost about the same for a few tokens as for many, a second pass would read every weight again.
+    """
+    if cache is None:
+        raise ValueError("forward_segments runs cached passes: give it the cache")
+    if not segments:
+        return []
+    return _run(model, list(segments), cache, None)
+
+
+@dataclass
+class _State:
+    h: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    causal: torch.Tensor | None = None  # (b, t, end), cache path
+    diag: torch.Tensor | None = None
+    end: int = 0
+    prefix_len: int = 0
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``(b_i, t_i, d)`` parts -> one ``(1, sum b_i t_i, d)`` token row (one part: itself)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p.reshape(1, p.shape[0] * p.shape[1], p.shape[-1]) for p in parts], 1)
+
+
+def _part(x: torch.Tensor, sizes: list[tuple[int, int]], j: int) -> torch.Tensor:
+    """Part ``j`` of a joined ``(1, N, d)`` tensor as ``(b_j, t_j, d)`` (one part: ``x`` itself)."""
+    if len(sizes) == 1:
+        return x
+    off = sum(b * t for b, t in sizes[:j])
+    b, t = sizes[j]
+    return x[0, off : off + b * t].view(b, t, x.shape[-1])
+
+
+def _heads_part(x: torch.Tensor, sizes: list[tuple[int, int]], j: int) -> torch.Tensor:
+    """Part ``j`` of a joined ``(1, heads, N, d)`` tensor as ``(b_j, heads, t_j, d)``."""
+    if len(sizes) == 1:
+        return x
+    off = sum(b * t for b, t in sizes[:j])
+    b, t = sizes[j]
+    return x[0, :, off : off + b * t].reshape(x.shape[1], b, t, x.shape[-1]).transpose(0, 1)
+
+
+def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: KVCache | None) -> list[torch.Tensor]:
+    """The layer loop behind ``forward`` and ``forward_segments``."""
+    for s in segs:
+        if len(s.plan) != model.num_layers:
+            raise ValueError(f"plan has {len(s.plan)} entries for {model.num_layers} layers")
+    dev = segs[0].tokens.device
+    states = []
+    for s in segs:
+        b, t = s.tokens.shape
+        h = model.embed(s.tokens, s.positions)
+        st = _State(h, model.rope(h, s.positions))
+        if prefix is not None:
+            st.prefix_len = int(prefix.filled[:, :b].max())
         if cache is not None:
-            raise ValueError("prefix is for training without a cache")
-        prefix_len = int(prefix.filled[:, :b].max())
-    if cache is not None:
-        cache.mark_valid(cache_rows, start, real)
-        qslots = (start if isinstance(start, int) else start[:, None]) + torch.arange(t, device=dev)
-        qslots = qslots.expand(b, t)
-        end = start + t if isinstance(start, int) else int(start.max()) + 1
-        span = torch.arange(end, device=dev)
-        causal = (span[None, None, :] <= qslots[:, :, None])  # (b, t, end)
-        diag = span[None, None, :] == qslots[:, :, None]
-    for l, run in enumerate(plan):
-        if run is None:
-            continue
-        rows, cols = run
-        cols = t if cols is None else min(cols, t)
-        if cols <= 0:
-            continue
-        layer = model.layers[l]
-        x = h[rows, :cols]
-        am = None if adapter is None else adapter[rows, :cols]
-        q, k, v, scale = model.qkv(layer, model.attn_norm(layer, x), am)
-        if rope is not None:
-            cos, sin = rope[0][rows, :, :cols], rope[1][rows, :, :cols]
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if cache is not None:
-            if cols != t:
+            cache.mark_valid(s.cache_rows, s.start, s.real)
+            qslots = (s.start if isinstance(s.start, int) else s.start[:, None]) + torch.arange(t, device=dev)
+            qslots = qslots.expand(b, t)
+            st.end = s.start + t if isinstance(s.start, int) else int(s.start.max()) + 1
+            span = torch.arange(st.end, device=dev)
+            st.causal = span[None, None, :] <= qslots[:, :, None]  # (b, t, end)
+            st.diag = span[None, None, :] == qslots[:, :, None]
+        states.append(st)
+    for l, layer in enumerate(model.layers):
+        runs = []  # (segment, rows, cols) of the segments that run this layer
+        for i, s in enumerate(segs):
+            if s.plan[l] is None:
+                continue
+            rows, cols = s.plan[l]
+            t = s.tokens.shape[1]
+            cols = t if cols is None else min(cols, t)
+            if cols <= 0:
+                continue
+            if cache is not None and cols != t:
                 raise ValueError("column-limited layers are for training; the cache path takes whole columns")
-            cr = _compose(cache_rows, rows, b, dev)
-            st = start if isinstance(start, int) else start[rows]
-            cache.write(l, cr, st, k, v)
-            k, v, readable = cache.keys(l, cr, end)
-            mask = (readable[:, None, :] & causal[rows]) | diag[rows]
+            runs.append((i, rows, cols))
+        if not runs:
+            continue
+        xs = [states[i].h[rows, :cols] for i, rows, cols in runs]
+        sizes = [(x.shape[0], x.shape[1]) for x in xs]
+        ams = [None if segs[i].adapter is None else segs[i].adapter[rows, :cols] for i, rows, cols in runs]
+        if all(a is None for a in ams):
+            am = None
         else:
-            idx = torch.arange(cols, device=dev)
-            causal_t = idx[None, :, None] >= idx[None, None, :]
-            mask = (real[rows, None, :cols] & causal_t) | torch.eye(cols, dtype=torch.bool, device=dev)
-            if prefix is not None:
-                pk, pv, readable = prefix.keys(l, _compose(slice(None), rows, b, dev), prefix_len)
-                k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-                mask = torch.cat([readable[:, None, :].expand(-1, cols, -1), mask], -1)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=k.shape[1] != q.shape[1]
-        )
-        x = x + model.attn_out(layer, o.transpose(1, 2).reshape(x.shape[0], cols, -1), am)
+            am = _join([(a if a is not None else torch.zeros(sz, dtype=torch.bool, device=dev))[..., None]
+                        for a, sz in zip(ams, sizes)])[..., 0]
+        x = _join(xs)
+        q, k, v, scale = model.qkv(layer, model.attn_norm(layer, x), am)
+        outs = []
+        for j, (i, rows, cols) in enumerate(runs):
+            s, st = segs[i], states[i]
+            qj, kj, vj = (_heads_part(y, sizes, j) for y in (q, k, v))
+            if st.rope is not None:
+                cos, sin = st.rope[0][rows, :, :cols], st.rope[1][rows, :, :cols]
+                qj, kj = qj * cos + rotate_half(qj) * sin, kj * cos + rotate_half(kj) * sin
+            b = s.tokens.shape[0]
+            if cache is not None:
+                cr = _compose(s.cache_rows, rows, b, dev)
+                start = s.start if isinstance(s.start, int) else s.start[rows]
+                cache.write(l, cr, start, kj, vj)
+                kj, vj, readable = cache.keys(l, cr, st.end)
+                n = kj.shape[2]  # a layer's cache may be shorter than the pass's span: its rows never reach past it
+                mask = (readable[:, None, :] & st.causal[rows][..., :n]) | st.diag[rows][..., :n]
+            else:
+                idx = torch.arange(cols, device=dev)
+                causal_t = idx[None, :, None] >= idx[None, None, :]
+                mask = (s.real[rows, None, :cols] & causal_t) | torch.eye(cols, dtype=torch.bool, device=dev)
+                if prefix is not None:
+                    pk, pv, readable = prefix.keys(l, _compose(slice(None), rows, b, dev), st.prefix_len)
+                    kj, vj = torch.cat([pk, kj], 2), torch.cat([pv, vj], 2)
+                    mask = torch.cat([readable[:, None, :].expand(-1, cols, -1), mask], -1)
+            o = F.scaled_dot_product_attention(
+                qj, kj, vj, attn_mask=mask[:, None], scale=scale, enable_gqa=kj.shape[1] != qj.shape[1]
+            )
+            outs.append(o.transpose(1, 2).reshape(sizes[j][0], cols, -1))
+        x = x + model.attn_out(layer, _join(outs), am)
         x = x + model.mlp(layer, x, am)
-        if torch.is_grad_enabled():
-            h = h.clone()  # keep autograd's saved views of the old h intact
-        h[rows, :cols] = x
-    if isinstance(logits_at, torch.Tensor):
-        h = h[torch.arange(b, device=dev), logits_at][:, None]
-    elif logits_at is not None:
-        h = h[:, logits_at]
-    return model.final(h)
+        for j, (i, rows, cols) in enumerate(runs):
+            st = states[i]
+            if torch.is_grad_enabled():
+                st.h = st.h.clone()  # keep autograd's saved views of the old h intact
+            st.h[rows, :cols] = _part(x, sizes, j)
+    picked = []
+    for s, st in zip(segs, states):
+        h = st.h
+        if isinstance(s.logits_at, torch.Tensor):
+            h = h[torch.arange(h.shape[0], device=dev), s.logits_at][:, None]
+        elif s.logits_at is not None:
+            h = h[:, s.logits_at]
+        picked.append(h)
+    logits = model.final(_join(picked))
+    sizes = [(p.shape[0], p.shape[1]) for p in picked]
+    return [_part(logits, sizes, j) for j in range(len(picked))]

@@ -15,12 +15,21 @@ Contract:
   ``skipray.cache.KVCache`` (``2 * layers * kv_heads * head_dim * bytes * batch * length``). Skipping
   does not shrink it: the cache is preallocated for every layer. ``weights_bytes`` is params * bytes.
 * ``sizing_table(...)`` renders a markdown table; ``python -m skipray.resources`` prints it.
+* ``check_schedulable(demand, what, ...)`` (driver, Ray initialised) fails fast, with
+  ``Unschedulable`` naming the resource, when no node of the cluster can hold one ``demand`` bundle
+  (``{"CPU": c, "GPU": g}``: one actor) and the cluster cannot grow one: nothing fits and
+  ``can_grow=False`` (an embedded Ray); the autoscaler (v2) lists a probe placement group of that
+  bundle as infeasible; or no node fits, the autoscaler starts none within ``wait_s`` (v1, or no
+  autoscaler). A bundle that fits an existing node, that the v2 autoscaler accepts, or for which a
+  node launch is pending, passes.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +80,131 @@ def replica_options(gpus: float | None = None) -> dict[str, float]:
     """``ray_actor_options`` for one Serve replica."""
     g = _resolve(gpus, GPUS_PER_REPLICA)
     return {"num_gpus": g, "num_cpus": CPUS_PER_REPLICA if g > 0 else CPU_ACTOR_CPUS}
+
+
+# -- can the cluster ever hold one actor? (driver) ----------------------------------------------------
+class Unschedulable(ValueError):
+    """No node of the cluster, now or after the autoscaler adds one, can hold the bundle asked for."""
+
+
+def _fits(total: Mapping[str, float], demand: Mapping[str, float]) -> bool:
+    return all(total.get(k, 0.0) + 1e-9 >= v for k, v in demand.items() if v > 0)
+
+
+def _short(totals: list[Mapping[str, float]], demand: Mapping[str, float]) -> list[str]:
+    """Resources of ``demand`` that no node has enough of (all of them when only the combination fails)."""
+    short = [k for k, v in demand.items() if v > 0 and all(t.get(k, 0.0) + 1e-9 < v for t in totals)]
+    return short or [k for k, v in demand.items() if v > 0]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _message(what: str, demand: Mapping[str, float], totals: list[Mapping[str, float]], why: str) -> str:
+    names = _short(totals, demand)
+    have = ", ".join(f"{k} {_fmt(max((t.get(k, 0.0) for t in totals), default=0.0))}" for k in names)
+    want = ", ".join(f"{k} {_fmt(demand[k])}" for k in names)
+    return (f"not enough {' and '.join(names)}: {what} needs {want} on one node "
+            f"({json.dumps({k: v for k, v in demand.items() if v > 0})}), but no node of this cluster has that "
+            f"now (the most on one node: {have}) and {why}")
+
+
+def _alive_totals() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def _bundles(requests) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in r.resources_bundle.items()} for r in requests]
+
+
+def _autoscaler_view(probe_hex: str, demand: Mapping[str, float]) -> dict:
+    """What the autoscaler says about the probe now.
+
+    v2 (it reports its state to the GCS): ``decided`` once its last decision used a cluster snapshot in
+    which the probe was already pending (``last_seen_cluster_resource_state_version`` past the version
+    of the first snapshot that showed the probe), ``infeasible`` if it listed the probe as such. v1 (a
+    JSON status in the GCS KV): only ``launching`` (a node launch is pending)."""
+    import ray
+    from ray._private import ray_constants
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    view = {"v2": False, "pending_at": None, "seen": -1, "infeasible": False, "launching": False}
+    want = {k: float(v) for k, v in demand.items() if v > 0}
+    try:
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(ray._private.worker.global_worker.gcs_client.get_cluster_status(timeout_s=5))
+        a, c = reply.autoscaling_state, reply.cluster_resource_state
+        if a.autoscaler_state_version > 0 or a.last_seen_cluster_resource_state_version > 0:
+            view.update(v2=True, seen=a.last_seen_cluster_resource_state_version,
+                        launching=bool(len(a.pending_instance_requests) or len(a.pending_instances)))
+            if any(probe_hex in g.details for g in c.pending_gang_resource_requests):
+                view["pending_at"] = c.cluster_resource_state_version
+            view["infeasible"] = any(probe_hex in g.details or want in _bundles(g.requests)
+                                     for g in a.infeasible_gang_resource_requests)
+            return view
+    except Exception:  # noqa: BLE001 - an older or unreachable GCS: fall back to the v1 status
+        pass
+    try:
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+        view["launching"] = bool(report.get("pending_launches") or report.get("pending_nodes"))
+    except Exception:  # noqa: BLE001
+        pass
+    return view
+
+
+def check_schedulable(demand: Mapping[str, float], what: str = "one actor", *, can_grow: bool = True,
+                      wait_s: float = 45.0, poll_s: float = 0.5) -> str:
+    """Raise ``Unschedulable`` (naming the resource) when the cluster can never place one ``demand``
+    bundle; return how it can (a line for the log). Ray must be initialised; see the module contract.
+
+    A probe placement group of one ``demand`` bundle asks the autoscaler the question Ray Data's actor
+    would ask, without starting Ray Data: the v2 autoscaler decides on it within a round or two (5 s
+    each by default) and lists it as infeasible when no node type can hold it (or the cluster is at
+    ``max_workers``); with v1 a pending node launch is the only sign. A placed probe means a node fits.
+    The probe is removed before returning.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    demand = {k: float(v) for k, v in demand.items() if v and v > 0}
+    if not demand:
+        return "nothing to place"
+    totals = _alive_totals()
+    if any(_fits(t, demand) for t in totals):
+        return "fits a node of the cluster"
+    if not can_grow:
+        raise Unschedulable(_message(what, demand, totals, "this Ray cannot add nodes (an embedded local Ray)"))
+    t0 = time.time()
+    probe = placement_group([demand], strategy="PACK", name=f"skipray-probe-{ray.get_runtime_context().get_job_id()}")
+    pending_at = None  # the first cluster snapshot version that showed the probe pending (v2)
+    try:
+        while True:
+            if probe.wait(timeout_seconds=0):
+                return f"a node that fits came up in {time.time() - t0:.1f}s"
+            view = _autoscaler_view(probe.id.hex(), demand)
+            if view["infeasible"]:
+                raise Unschedulable(_message(
+                    what, demand, _alive_totals(),
+                    "the autoscaler reports it infeasible: no node type can hold it (or the cluster is at "
+                    "max_workers)"))
+            if view["v2"]:
+                pending_at = view["pending_at"] if pending_at is None else pending_at
+                if pending_at is not None and view["seen"] > pending_at:  # decided with the probe in view
+                    return "the autoscaler can add a node for it" + (" (launching)" if view["launching"] else "")
+            elif view["launching"]:
+                return "the autoscaler is launching a node"
+            if time.time() - t0 > wait_s:
+                raise Unschedulable(_message(
+                    what, demand, _alive_totals(),
+                    f"the autoscaler started no node for it in {wait_s:g}s (no node type fits, or no autoscaler)"))
+            time.sleep(poll_s)
+    finally:
+        remove_placement_group(probe)
 
 
 # -- memory sizing ---------------------------------------------------------------------------------

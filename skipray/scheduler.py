@@ -3,7 +3,7 @@
 Contract: pure torch over token ids (no Ray, no HTTP, no tokenizer). ``ContinuousEngine`` holds one
 ``SkipModel``, one ``KVCache`` of ``max_batch`` rows x ``max_len`` slots and a set of live requests.
 ``add_request`` / ``abort`` may be called from any thread; ``step`` is called by one loop thread and
-does one iteration:
+does one iteration (without chunked prefill, the default):
 
 1. apply aborts (their rows are dropped);
 2. admit waiting requests (first come, first served) into free rows while their padded prompt tokens
@@ -26,11 +26,25 @@ does one iteration:
    ``"length"``, the ``Engine`` rules). Rows move (``KVCache.move_rows``) only when the set of
    live requests changes, to keep the order above with the live rows in ``0..n-1``.
 
+Chunked prefill (``max_num_batched_tokens``, vLLM's name for the same per-iteration token budget):
+each iteration is one forward pass that carries the decode step and prompt chunks; see
+``skipray.chunked``. Rows being prefilled sit after the decoding rows (``prefilling``, cache rows
+``len(live)..``) and move into the decoding order when their prompt is done.
+
+The cache: ``cache_schedule`` (default full depth) and ``max_prompt_len`` (default ``max_len - 1``)
+size it: layer ``l`` gets ``min(max_len, max_prompt_len + k_l)`` slots, ``k_l`` the steps of
+``cache_schedule`` that run ``l`` (``skipray.memory.layer_slots``). Requests with longer prompts, or
+whose own schedule would run some layer past its slots, are refused with ``ValueError``. This engine
+serves per-request schedules, so the cache must be sized for the least-skipping schedule it accepts:
+a server that accepts full-depth requests (the Serve app does) gets no saving from skipping.
+
 Faults stay with their request: anything raised for one row (sampling, non-finite logits, the stop
 check) ends that request alone with ``finish_reason="error"`` and ``Event.error``; a failing prefill
-ends the requests it was admitting; a failing decode pass ends every live request. ``step`` never
-raises for these and always returns the events it produced before the failure, so every request
-gets its last event. Waiting requests are untouched by a failure.
+ends the requests it was admitting; a failing decode pass ends every live request. With chunked
+prefill, a failing shared pass is rerun part by part (the decode step alone, each chunk alone; the
+cache writes are idempotent), so a failing chunk ends only its request and a failing decode step
+ends the decoding rows (``skipray.chunked``). ``step`` never raises for these and always returns the events it produced
+before the failure, so every request gets its last event. Waiting requests are untouched by a failure.
 
 With greedy sampling each request produces the tokens it would produce alone through
 ``Engine.generate``. A request never waits for another to finish: it waits only for a free row.
@@ -49,7 +63,9 @@ import torch
 
 from skipray.engine import (SamplingParams, TopLogprobs, check_schedule, finish_reason, pad_prompts, top_logprobs,
                             validate_request)
-from skipray.model import SkipModel, forward, full_plan
+from skipray.chunked import ChunkedPrefill
+from skipray.memory import layer_slots
+from skipray.model import Segment, SkipModel, forward, full_plan
 from skipray.sampling import sample
 from skipray.schedule import SkipSchedule
 
@@ -78,6 +94,7 @@ class _Request:
     schedule: SkipSchedule
     generator: torch.Generator | None
     seq: int = -1  # admission order
+    prefilled: int = 0  # prompt tokens in the cache (chunked prefill)
     generated: list[int] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
 
@@ -86,8 +103,13 @@ class _Request:
         """Generation step of the next decode pass: it consumes generated token ``step``."""
         return len(self.generated) - 1
 
+    @property
+    def slots(self) -> int:
+        """An upper bound on the cache slots this request's row holds."""
+        return len(self.prompt) + len(self.generated) if self.generated else self.prefilled
 
-class ContinuousEngine:
+
+class ContinuousEngine(ChunkedPrefill):
     def __init__(
         self,
         model: SkipModel,
@@ -97,7 +119,15 @@ class ContinuousEngine:
         eos_token_ids: Sequence[int] = (),
         max_waiting: int = 64,
         max_prefill_tokens: int = 2048,
+        max_num_batched_tokens: int | None = None,
+        max_prompt_len: int | None = None,
+        cache_schedule: SkipSchedule | None = None,
     ) -> None:
+        """``max_prefill_tokens``: prompt tokens prefilled per iteration (padded, without chunking);
+        ``max_num_batched_tokens``: turns chunked prefill on with this per-iteration token budget;
+        ``max_prompt_len`` and ``cache_schedule`` size the cache (module docstring). Raises
+        ``ValueError`` for a budget below 1 (below ``max_batch`` for ``max_num_batched_tokens``), a
+        ``max_prompt_len`` outside ``[1, max_len - 1]`` or a schedule of another depth."""
         self.model = model.eval()
         self.schedule = schedule or SkipSchedule.full(model.num_layers)
         check_schedule(self.schedule, model.num_layers)
@@ -107,8 +137,19 @@ class ContinuousEngine:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
-        self.cache = model.new_cache(max_batch, max_len)
+        if max_num_batched_tokens is not None and max_num_batched_tokens < max_batch:
+            raise ValueError(f"max_num_batched_tokens must be >= max_batch ({max_batch}), so every iteration can "
+                             f"step every decoding row and still prefill, got {max_num_batched_tokens}")
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prompt_len = max_len - 1 if max_prompt_len is None else max_prompt_len
+        if not 1 <= self.max_prompt_len <= max_len - 1:
+            raise ValueError(f"max_prompt_len must be in [1, max_len - 1 = {max_len - 1}], got {max_prompt_len}")
+        self.cache_schedule = cache_schedule or SkipSchedule.full(model.num_layers)
+        check_schedule(self.cache_schedule, model.num_layers)
+        lens = [min(max_len, n) for n in layer_slots(self.cache_schedule, self.max_prompt_len, max_len)]
+        self.cache = model.new_cache(max_batch, max_len, lens)
         self.live: list[_Request] = []  # cache row i holds live[i]; grouped by schedule (module docstring)
+        self.prefilling: list[_Request] = []  # chunked prefill: cache rows len(live).., in admission order
         self._groups: list[SkipSchedule] = []  # schedules of the live rows, in the order they appeared
         self._waiting: deque[_Request] = deque()
         self._aborts: set[str] = set()
@@ -121,6 +162,17 @@ class ContinuousEngine:
     def validate(self, prompt: Sequence[int], params: SamplingParams) -> None:
         """Raise ``ValueError`` for a request this engine can never serve."""
         validate_request(prompt, params, self.model.vocab_size, min(self.max_len, self.model.max_positions))
+        if len(prompt) > self.max_prompt_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens; this engine takes at most {self.max_prompt_len}")
+
+    def _check_cache(self, prompt: Sequence[int], params: SamplingParams, schedule: SkipSchedule) -> None:
+        """Raise ``ValueError`` when ``schedule`` would run a layer past its cache slots for this request."""
+        need = layer_slots(schedule, len(prompt), params.max_new_tokens)
+        for l, (n, have) in enumerate(zip(need, self.cache.layer_lens)):
+            if n > have:
+                raise ValueError(
+                    f"this request's schedule needs {n} cache slots at layer {l}, which holds {have}: the cache is "
+                    f"sized for {self.cache_schedule.describe()} and prompts of at most {self.max_prompt_len} tokens")
 
     def add_request(
         self,
@@ -136,6 +188,7 @@ class ContinuousEngine:
         schedule = schedule or self.schedule
         check_schedule(schedule, self.model.num_layers)
         self.validate(prompt, params)
+        self._check_cache(prompt, params, schedule)
         rid = request_id or f"req-{next(self._ids)}"
         try:
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -155,7 +208,7 @@ class ContinuousEngine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self.live or self._waiting or self._aborts)
+            return bool(self.live or self.prefilling or self._waiting or self._aborts)
 
     @property
     def num_waiting(self) -> int:
@@ -165,10 +218,10 @@ class ContinuousEngine:
         """Forget every live and waiting request (after a failure the caller could not contain).
         -> their request ids."""
         with self._lock:
-            gone = [r.rid for r in self.live] + [r.rid for r in self._waiting]
+            gone = [r.rid for r in self.live + self.prefilling] + [r.rid for r in self._waiting]
             self._waiting.clear()
             self._aborts.clear()
-        self.live, self._groups = [], []
+        self.live, self.prefilling, self._groups = [], [], []
         return gone
 
     # -- the loop body ------------------------------------------------------------------------------
@@ -179,19 +232,22 @@ class ContinuousEngine:
         admit: list[_Request] = []
         try:
             self._apply_aborts(events)
-            admit = self._take_admissions()
-            if admit:
-                self._admit(admit, events)
-            if self.live:
-                logits, layers = self._decode()
-                self._finish(self._emit(self.live, logits, layers, events))
-                self.steps += 1
+            if self.max_num_batched_tokens is not None:
+                self._chunked_iteration(events)
+            else:
+                admit = self._take_admissions()
+                if admit:
+                    self._admit(admit, events)
+                if self.live:
+                    logits, layers = self._decode()
+                    self._finish(self._emit(self.live, logits, layers, events))
+                    self.steps += 1
         except Exception as e:  # the batch pass itself failed: it ends every request it held
-            logger.exception("engine step failed; ending %d live requests", len(self.live))
+            logger.exception("engine step failed; ending %d live requests", len(self.live) + len(self.prefilling))
             ended = {ev.request_id for ev in events if ev.finish_reason is not None}
-            failed = {id(r): r for r in self.live + admit if r.rid not in ended}
+            failed = {id(r): r for r in self.live + self.prefilling + admit if r.rid not in ended}
             events += [Event(r.rid, None, 0, "error", error=e) for r in failed.values()]
-            self.live, self._groups = [], []
+            self.live, self.prefilling, self._groups = [], [], []
         return events
 
     # -- phases -----------------------------------------------------------------------------------
@@ -202,7 +258,7 @@ class ContinuousEngine:
                 events += [Event(r.rid, None, 0, "abort") for r in self._waiting if r.rid in aborts]
                 self._waiting = deque(r for r in self._waiting if r.rid not in aborts)
         if aborts:
-            gone = [r for r in self.live if r.rid in aborts]
+            gone = [r for r in self.live + self.prefilling if r.rid in aborts]
             events += [Event(r.rid, None, 0, "abort") for r in gone]
             self._finish(gone)
 
@@ -256,18 +312,28 @@ class ContinuousEngine:
             plan.append((_rows(rows, self.device), None) if rows else None)
         return plan, [len(a) for a in active]
 
-    def _decode(self) -> tuple[torch.Tensor, list[int]]:
+    def _decode_segment(self) -> tuple[Segment, list[int]]:
+        """The decode step of the live rows (cache rows ``0..n-1``) and the layer count of each row."""
         n = len(self.live)
         plan, layers = self.row_plan()
         tokens = torch.tensor([[r.generated[-1]] for r in self.live], device=self.device)
         slots = torch.tensor([len(r.prompt) + r.step for r in self.live], device=self.device)
         # the skip adapter applies to the generated tokens of rows whose schedule skips
         adapter = torch.tensor([[not r.schedule.is_full] for r in self.live], device=self.device)
-        logits = forward(
-            self.model, tokens, slots[:, None], plan, torch.ones_like(tokens, dtype=torch.bool),
-            cache=self.cache, cache_rows=slice(0, n), start=slots, adapter=adapter,
-        )
+        seg = Segment(tokens, slots[:, None], plan, torch.ones_like(tokens, dtype=torch.bool),
+                      slice(0, n), slots, None, adapter)
+        return seg, layers
+
+    def _decode(self) -> tuple[torch.Tensor, list[int]]:
+        seg, layers = self._decode_segment()
+        logits = forward(self.model, seg.tokens, seg.positions, seg.plan, seg.real, cache=self.cache,
+                         cache_rows=seg.cache_rows, start=seg.start, adapter=seg.adapter)
         return logits[:, 0].float(), layers
+
+    def _fail(self, reqs: list[_Request], err: BaseException, events: list[Event]) -> list[_Request]:
+        """End ``reqs`` with an error event each; -> ``reqs``."""
+        events += [Event(r.rid, None, 0, "error", error=err) for r in reqs]
+        return list(reqs)
 
     def _emit(self, reqs: list[_Request], logits: torch.Tensor, layers: list[int],
               events: list[Event]) -> list[_Request]:
@@ -313,10 +379,11 @@ class ContinuousEngine:
         """Retire requests and re-arrange the survivors."""
         if reqs:
             gone = {id(r) for r in reqs}
-            self._arrange([r for r in self.live if id(r) not in gone])
+            self._arrange([r for r in self.live if id(r) not in gone], [r for r in self.prefilling if id(r) not in gone])
 
-    def _arrange(self, reqs: list[_Request]) -> None:
-        """Make ``reqs`` the live rows in the module docstring's order, moving the cache rows that change."""
+    def _arrange(self, reqs: list[_Request], prefilling: Sequence[_Request] = ()) -> None:
+        """Make ``reqs`` the live (decoding) rows in the module docstring's order and ``prefilling`` the
+        rows after them, moving the cache rows that change."""
         kept = {r.schedule for r in reqs}
         self._groups = [s for s in self._groups if s in kept]
         self._groups += list(dict.fromkeys(r.schedule for r in sorted(reqs, key=lambda r: r.seq)
@@ -325,14 +392,14 @@ class ContinuousEngine:
         for r in sorted(reqs, key=lambda r: r.seq):
             by_group[r.schedule].append(r)
         order = [r for g, s in enumerate(self._groups) for r in (by_group[s] if g % 2 == 0 else by_group[s][::-1])]
-        old = {id(r): i for i, r in enumerate(self.live)}
-        moves = [(old[id(r)], i) for i, r in enumerate(order) if id(r) in old and old[id(r)] != i]
+        rows = order + list(prefilling)
+        old = {id(r): i for i, r in enumerate(self.live + self.prefilling)}
+        moves = [(old[id(r)], i) for i, r in enumerate(rows) if id(r) in old and old[id(r)] != i]
         if moves:
             src = torch.tensor([s for s, _ in moves], device=self.device)
             dst = torch.tensor([d for _, d in moves], device=self.device)
-            upto = max(len(order[d].prompt) + len(order[d].generated) for _, d in moves)
-            self.cache.move_rows(src, dst, upto=upto)
-        self.live = order
+            self.cache.move_rows(src, dst, upto=max(rows[d].slots for _, d in moves))
+        self.live, self.prefilling = order, list(prefilling)
 
 
 def _rows(rows: list[int], device) -> slice | torch.Tensor:

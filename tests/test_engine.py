@@ -48,11 +48,15 @@ def decode_logits(engine, prompts, schedule, n):
     return torch.stack(toks, 1), torch.stack(steps, 1)
 
 
-def test_cached_skip_decode_equals_training_forward(hf_model):
+@pytest.mark.parametrize("sized", [False, True], ids=["uniform-cache", "schedule-sized-cache"])
+def test_cached_skip_decode_equals_training_forward(hf_model, sized):
     model = SkipModel(hf_model)
     sched = schedule_for(model)
-    engine = Engine(model, sched, max_batch=4, max_len=64)
     n = 12
+    P0 = max(map(len, PROMPTS))
+    engine = Engine(model, sched, max_batch=4, max_len=P0 + n if sized else 64, max_new_tokens=n if sized else None)
+    if sized:  # the skipped layers hold fewer slots than the others
+        assert min(engine.cache.layer_lens) < max(engine.cache.layer_lens) == P0 + n
     gen, step_logits = decode_logits(engine, PROMPTS, sched, n)
     prompt, prompt_real = pad_prompts(PROMPTS)
     P = prompt.shape[1]
@@ -88,13 +92,13 @@ def test_skipped_layers_leave_cache_untouched(llama):
     assert cache.filled[:, :2].eq(3).all()
     positions = torch.tensor([3, 2])
     for i in range(5):
-        before_k, before_v, before_f = cache.k.clone(), cache.v.clone(), cache.filled.clone()
+        before_k, before_v, before_f = [t.clone() for t in cache.k], [t.clone() for t in cache.v], cache.filled.clone()
         active = sched.active_layers(i)
         logits = engine.decode_one_token(logits.argmax(-1)[:, None], positions + i, 3 + i, active)
         for l in range(model.num_layers):
             if l in active:
                 assert cache.filled[l, :2].eq(3 + i + 1).all()
-                assert not torch.equal(cache.k[l, :2, :, 3 + i], before_k[l, :2, :, 3 + i])
+                assert not torch.equal(cache.k[l][:2, :, 3 + i], before_k[l][:2, :, 3 + i])
             else:
                 assert torch.equal(cache.k[l], before_k[l]) and torch.equal(cache.v[l], before_v[l])
                 assert torch.equal(cache.filled[l], before_f[l])
@@ -180,3 +184,57 @@ def test_pad_prompts_both_sides():
     assert tokens.tolist() == [[5, 6, 7], [8, 1, 1]] and real.tolist() == [[True] * 3, [True, False, False]]
     with pytest.raises(ValueError, match="side"):
         pad_prompts([[5]], side="middle")
+
+
+def test_cache_shrinks_with_the_schedule(llama):
+    from skipray.memory import cache_bytes_per_row, layer_slots
+
+    model = SkipModel(llama)
+    L, H, D = model.num_layers, model.kv_heads, model.head_dim
+    sched = SkipSchedule(L, 4, 2, decay_tokens=3, warmup_layers=1)
+    P, n = max(map(len, PROMPTS)), 12
+    skip = Engine(model, sched, max_batch=4, max_len=P + n, max_new_tokens=n)
+    full = Engine(model, max_batch=4, max_len=P + n)
+    # layers 1-2 never run after the prompt, layer 3 runs step 0, layer 4 steps 0-2, layers 0 and 5 always
+    lens = layer_slots(sched, P, n)
+    assert lens == [P + n, P, P, P + 1, P + 3, P + n] and skip.cache.layer_lens == lens
+    assert full.cache.layer_lens == [P + n] * L
+    # each layer saves exactly the slots it never fills: K and V x 4 rows x heads x head_dim x 4 bytes
+    assert full.cache.nbytes - skip.cache.nbytes == 2 * 4 * H * D * 4 * sum(P + n - x for x in lens)
+    assert skip.cache.nbytes == 4 * cache_bytes_per_row(lens, H, D, 4)
+    # decoding through the smaller cache gives the uniform cache's tokens and does not reallocate it
+    cache = skip.cache
+    got = skip.generate(PROMPTS, SamplingParams(max_new_tokens=n))
+    assert skip.cache is cache
+    assert [c.token_ids for c in got] == [c.token_ids for c in full.generate(PROMPTS, SamplingParams(max_new_tokens=n), sched)]
+    # a full-depth call needs more: the cache grows to what it needs, and the answer is full depth's
+    deep = skip.generate(PROMPTS, SamplingParams(max_new_tokens=n), SkipSchedule.full(L))
+    assert skip.cache is not cache and skip.cache.layer_lens == [P + n] * L
+    assert [c.token_ids for c in deep] == [c.token_ids for c in full.generate(PROMPTS, SamplingParams(max_new_tokens=n))]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Engine(model, sched, max_len=8, max_new_tokens=9)
+
+
+def test_writing_past_a_layers_slots_raises(llama):
+    from skipray.cache import KVCache
+
+    model = SkipModel(llama)
+    sched = SkipSchedule(model.num_layers, 4, 2, decay_tokens=3, warmup_layers=1)
+    engine = Engine(model, sched, max_batch=2, max_len=10, max_new_tokens=4)  # prompt budget 6: layer 1 has 6 slots
+    assert engine.cache.layer_lens[1] == 6
+    logits = engine.prefill([[4, 5, 6]])
+    tok = logits.argmax(-1)[:, None]
+    engine.decode_one_token(tok, torch.tensor([3]), 3, sched.active_layers(0))  # within every layer's slots
+    with pytest.raises(IndexError, match="layer 1 holds 6 slots"):  # a full-depth step at slot 6
+        engine.decode_one_token(tok, torch.tensor([6]), 6, range(model.num_layers))
+    c = KVCache(2, 2, 1, 5, 4, layer_lens=[5, 3])
+    k = torch.ones(2, 1, 1, 4)
+    c.write(1, slice(0, 2), torch.tensor([1, 2]), k, k)
+    with pytest.raises(IndexError, match="layer 1 holds 3 slots"):
+        c.write(1, slice(0, 2), torch.tensor([1, 3]), k, k)
+    with pytest.raises(IndexError):
+        c.write(1, slice(0, 2), 2, torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4))
+    kk, vv, readable = c.keys(1, slice(0, 2), 5)  # reads stop at the layer's length
+    assert kk.shape[2] == 3 and readable.shape == (2, 3)
+    with pytest.raises(ValueError, match="layer_lens"):
+        KVCache(2, 2, 1, 5, 4, layer_lens=[5, 6])

@@ -7,7 +7,9 @@ Contract:
   ``model_name`` (the id served in ``model``; default ``"skipray"``), ``schedule`` (schedule flags as
   in ``skipray.options``: ``full``, ``max_layers``, ...), ``max_batch`` (cache rows), ``max_len``
   (cache slots), ``max_waiting`` (bounded waiting queue in the replica), ``max_prefill_tokens``
-  (padded prompt tokens admitted per engine iteration), ``max_tokens_limit``,
+  (padded prompt tokens admitted per engine iteration), ``max_num_batched_tokens`` (chunked
+  prefill: tokens per engine iteration, one per decoding row plus prompt chunks, at least
+  ``max_batch``; unset or null: off, see ``skipray.chunked``), ``max_tokens_limit``,
   ``default_max_tokens``, ``torch_threads``, ``device``. ``deployment_options`` (Python callers
   only) are passed to ``SkipServer.options``; with ``serve run`` the YAML's ``deployments`` do that.
 * Each replica loads the model, builds one ``ContinuousEngine`` and an ``OpenAIServer``
@@ -48,6 +50,7 @@ def server_from_args(args: dict[str, Any]):
         m.model, schedule, max_batch=int(args.get("max_batch", 16)), max_len=max_len,
         eos_token_ids=m.eos_token_ids, max_waiting=int(args.get("max_waiting", 32)),
         max_prefill_tokens=int(args.get("max_prefill_tokens", 2048)),
+        max_num_batched_tokens=int(args["max_num_batched_tokens"]) if args.get("max_num_batched_tokens") else None,
     )
     return OpenAIServer(m.tokenizer, engine, schedule, m.schedule, model_name=args.get("model_name", "skipray"),
                         max_tokens_limit=limit, default_max_tokens=int(args.get("default_max_tokens", min(256, limit))),

@@ -1,0 +1,42 @@
+"""skipray.memory: per-layer cache lengths for a schedule, bytes per row equal to the engine's cache,
+the report and its command line."""
+
+from __future__ import annotations
+
+from skipray.cache import KVCache
+from skipray.memory import (cache_bytes_per_row, largest_batch, layer_slots, main, memory_report,
+                            preset_schedules)
+from skipray.schedule import SkipSchedule
+
+
+def test_layer_slots_follow_steps_running():
+    s = SkipSchedule(30, 16, 6, 64, warmup_layers=4)
+    lens = layer_slots(s, 100, 64)
+    assert lens == [100 + s.steps_running(l, 64) for l in range(30)]
+    # warm-up layers and the top two always run; 4-17 never run after the prompt; 18-27 drop out on the way
+    assert lens[:4] == [164] * 4 and lens[4:18] == [100] * 14 and lens[-2:] == [164] * 2
+    assert all(100 < x < 164 for x in lens[18:28]) and lens[18:28] == sorted(lens[18:28])
+    assert layer_slots(SkipSchedule.full(30), 100, 64) == [164] * 30
+
+
+def test_bytes_per_row_is_the_cache_and_the_report():
+    s = SkipSchedule(8, 6, 2, 5, warmup_layers=1)
+    lens = layer_slots(s, 9, 7)
+    for dtype_bytes, dtype in ((4, "float32"), (2, "bfloat16")):
+        import torch
+
+        cache = KVCache(8, 3, 2, max(lens), 16, getattr(torch, dtype), layer_lens=lens)
+        assert cache.nbytes == 3 * cache_bytes_per_row(lens, 2, 16, dtype_bytes)
+    rows = memory_report({"full": SkipSchedule.full(8), "skip": s}, 2, 16, 2, 9, 7, budget_bytes=10**6)
+    full, skip = rows
+    assert full.vs_full == 1.0 and skip.vs_full < 1.0 and skip.bytes_per_row < full.bytes_per_row
+    assert skip.max_batch == 10**6 // skip.bytes_per_row > full.max_batch == 10**6 // full.bytes_per_row
+    assert largest_batch(10, 0) == 0 and largest_batch(5, 10) == 0
+    assert set(preset_schedules(30)) == {"full", "~2x", "~3x"}
+    assert preset_schedules(30)["~2x"] == SkipSchedule(30, 16, 6, 64, warmup_layers=4)
+
+
+def test_memory_command_line(capsys):
+    assert main(["--prompt-len", "128", "--new-tokens", "64", "--budget-gib", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "~2x" in out and "~3x" in out and "max batch in 24 GiB" in out
