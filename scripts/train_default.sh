@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 PY=.venv/bin/python
 SK=.venv/bin/skipray
-STEPS15=${STEPS15:-3000}
-STEPS2X=${STEPS2X:-3000}
+STEPS15=${STEPS15:-1100}
+STEPS2X=${STEPS2X:-1100}
 HELD=(--exclude examples/heldout_prompts.parquet --exclude examples/fact_questions.parquet --exclude examples/prompts.parquet)
 stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 
@@ -27,16 +27,18 @@ if stage data; then
     $SK distill-data --self-prompts "${SELF_PROMPTS:-6000}" "${HELD[@]}" --out runs/data/self --shard-size 500 \
         --samples 1 --temperature 0.7 --topk 16 --max-new-tokens 64 --batch-size 32 --seed 50000
 fi
-if stage calibrate; then  # the drop order: greedy teacher-forced KL, prompt at full depth (~7 min)
+if stage calibrate; then  # the drop order: greedy teacher-forced KL, prompt at full depth (~7 min + ~2 min)
     $SK calibrate --data runs/data/project/part-00000.parquet --out runs/calibrate/skip15.json \
-        --max-layers 30 --min-layers 10 --decay-tokens 36 --shape power --power 1.5 --search-min-layers 4
+        --max-layers 30 --min-layers 10 --decay-tokens 36 --shape power --power 1.5
     $SK calibrate --data runs/data/project/part-00000.parquet --out runs/calibrate/skip2x.json \
-        --method greedy-kl --max-layers 24 --min-layers 6 --decay-tokens 32 --search-min-layers 4
+        --from-order runs/calibrate/skip15.json --search-min-layers 4 \
+        --max-layers 30 --min-layers 6 --decay-tokens 20 --shape power --power 1.5
 fi
-train() {  # OUT SCHEDULE STEPS
-    $SK train --data runs/data --out "$1" --model smollm2-base --schedule-file "$2" --lora-r 32 --lora-alpha 64 \
-        --lr 4e-4 --steps "$3" --batch-size 8 --warmup-steps 30 --save-every 25 --kl-weight 1.0 --ce-weight 0.0 \
-        --max-len 192 $( [ -f "$1/checkpoint/trainer_state.pt" ] && echo --resume )
+train() {  # OUT SCHEDULE STEPS [extra flags]
+    local out=$1 sched=$2 steps=$3; shift 3
+    $SK train --data runs/data --out "$out" --model smollm2-base --schedule-file "$sched" --lora-r 32 \
+        --lora-alpha 64 --lr 4e-4 --steps "$steps" --batch-size 8 --warmup-steps 30 --save-every 25 \
+        --kl-weight 1.0 --ce-weight 0.0 --max-len 192 "$@" $( [ -f "$out/checkpoint/trainer_state.pt" ] && echo --resume )
 }
 evaluate() {  # MODEL OUT
     $SK eval --model "$1" --prompts examples/heldout_prompts.parquet --limit 64 \
@@ -45,7 +47,8 @@ evaluate() {  # MODEL OUT
 }
 stage train15 && train runs/skip15 runs/calibrate/skip15.json "$STEPS15"
 stage eval15 && evaluate runs/skip15 runs/eval-skip15
-stage train2x && train runs/skip2x runs/calibrate/skip2x.json "$STEPS2X"
+stage train2x && train runs/skip2x runs/calibrate/skip2x.json "$STEPS2X" \
+    $( [ -f runs/skip2x/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15 )  # warm start
 stage eval2x && evaluate runs/skip2x runs/eval-skip2x
 if stage package; then  # fp16 adapter + skipray.json into the package
     $PY scripts/package_adapter.py runs/skip15 skipray/assets/smollm2-skip

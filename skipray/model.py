@@ -52,6 +52,7 @@ class SkipModel(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.linear = PackedLinears(packed_linears)  # linear(module, x) == module(x)
+        self._merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights (inference)
         cfg = hf_model.config
         self.arch = cfg.model_type
         if self.arch in LLAMA_LIKE:
@@ -99,14 +100,39 @@ class SkipModel(nn.Module):
         base = getattr(module, "base_layer", None)
         if base is None:
             return self.linear(module, x)
-        y = self.linear(base, x)
         if adapter is None or module.merged or module.disable_adapters or not bool(adapter.any()):
-            return y
+            return self.linear(base, x)
+        if not torch.is_grad_enabled() and bool(adapter.all()):  # inference, every row skips: merged weights
+            return self.linear(self._merged(module), x)
+        y = self.linear(base, x)
         for name in module.active_adapters:
             if name in module.lora_A:
                 d = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](x))) * module.scaling[name]
                 y = y + (d if bool(adapter.all()) else d * adapter[..., None].to(d.dtype))
         return y
+
+    def _merged(self, module: nn.Module) -> nn.Linear:
+        """The LoRA layer's base weight plus its update, as one ``nn.Linear`` (inference only: decode
+        steps where every row uses the adapter then cost what the base model costs). Remade when the
+        base or adapter weights change (tensor versions), so training then decoding never reads a stale
+        merge. Memory: one more copy of each adapted weight (its prepacked copy too, on CPU)."""
+        names = [n for n in module.active_adapters if n in module.lora_A]
+        parts = [module.base_layer.weight] + [w for n in names for w in (module.lora_A[n].weight, module.lora_B[n].weight)]
+        key = tuple((p.data_ptr(), p._version) for p in parts)
+        hit = self._merges.get(module)
+        if hit is None or hit[0] != key:
+            base = module.base_layer
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable in any mode
+                w = base.weight.detach().clone()
+                for n in names:
+                    w += (module.lora_B[n].weight @ module.lora_A[n].weight).to(w.dtype) * module.scaling[n]
+                merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                                   device=w.device, dtype=w.dtype).requires_grad_(False)
+                merged.weight.copy_(w)
+                if base.bias is not None:
+                    merged.bias.copy_(base.bias)
+            hit = self._merges[module] = (key, merged)
+        return hit[1]
 
     def qkv(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """Normed input -> q, k, v as (b, heads, t, head_dim), plus the attention scale to use."""

@@ -161,3 +161,31 @@ def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
         assert (a is None) == (b is None)  # a layer the schedule never runs on answers gets no gradient
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_merged_inference_weights_follow_adapter_updates():
+    """Decode steps use base + LoRA merged once; an optimizer step on the adapter remakes the merge."""
+    hf = tiny_llama()
+    peft_model = with_random_lora(hf)
+    model = SkipModel(hf)
+    L = model.num_layers
+    sched = SkipSchedule(L, L - 1, 2, decay_tokens=4, drop_order=shuffled_order(L))
+    engine = Engine(model, sched, max_batch=4, max_len=64)
+    before = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    assert model._merges  # the merged path ran
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(-3.0)
+    after = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    # the same tokens the unmerged path gives for the updated adapter (training forward, grad on)
+    prompt, prompt_real = pad_prompts(PROMPTS)
+    P, n = prompt.shape[1], 8
+    for c, p in zip(after, PROMPTS):
+        toks = torch.tensor([p + c.token_ids[:-1]])
+        real = torch.ones_like(toks, dtype=torch.bool)
+        T = toks.shape[1]
+        logits = forward(model, toks, torch.arange(T)[None], training_plan(sched, len(p), T), real,
+                         logits_at=slice(len(p) - 1, T), adapter=generated_positions(1, len(p), T))
+        assert logits[0].argmax(-1).tolist() == c.token_ids
+    assert [c.token_ids for c in before] != [c.token_ids for c in after]
