@@ -49,12 +49,12 @@ def timed_generator(log: Path):
     """``skipray.batch.Generator`` that appends its start-up and each window's times to ``log`` (JSON lines)."""
     import json as _json
 
-    from skipray.batch import Generator
+    from skipray.batch_actor import Generator
 
     class TimedGenerator(Generator):
-        def __init__(self, cfg) -> None:
+        def __init__(self, spec) -> None:
             t = time.time()
-            super().__init__(cfg)
+            super().__init__(spec)
             with open(log, "a") as f:
                 f.write(_json.dumps({"ev": "init", "start": t, "end": time.time()}) + "\n")
 
@@ -72,15 +72,16 @@ def timed_generator(log: Path):
 def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
     """The Ray Data job end to end, and where its time went: actor start-up, first window, the rest."""
     import skipray.batch as batch
+    import skipray.batch_actor as batch_actor
 
     out = Path(tempfile.mkdtemp(prefix="skipray-bench-"))
     log = out / "timeline.jsonl"
-    plain = batch.Generator
-    batch.Generator = timed_generator(log)  # build_pipeline looks the class up at call time
+    plain = batch_actor.Generator
+    batch_actor.Generator = timed_generator(log)  # the processor looks the class up at call time
     try:
         cfg = batch.JobConfig(model=args.model, schedule=schedule.to_dict(), max_positions=max_positions,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              bucket_window=args.bucket_window if bucket else 1, bucket=bucket, actors=(1, 1),
+                              bucket_window=args.bucket_window if bucket else 1, actors=(1, 1),
                               threads_per_actor=args.threads)
         t0 = time.time()
         s = batch.run(str(inp), str(out / "gen"), cfg)
@@ -96,7 +97,7 @@ def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
                 "later_windows_s": round(sum(e["end"] - e["start"] for e in rest) / max(1, len(rest)), 2),
                 "steady_tokens_per_s": round(steady, 1) if steady else None}
     finally:
-        batch.Generator = plain
+        batch_actor.Generator = plain
         shutil.rmtree(out, ignore_errors=True)
 
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, stop=args.stop, schedule=schedule.to_dict(),
             max_positions=max_positions, batch_size=args.batch_size, bucket_window=args.bucket_window,
-            bucket=args.bucket_window > 1, actors=parse_actors(args.actors), cpus_per_actor=args.cpus_per_actor,
+            actors=parse_actors(args.actors), cpus_per_actor=args.cpus_per_actor,
             gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor, device=args.device,
             crash_marker=args.crash_marker,
         )

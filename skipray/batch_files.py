@@ -1,17 +1,18 @@
 """Driver-side files of the batch job: input checks, resume state and the summary (no Ray here).
 
-Contract: ``filesystem_for`` maps a local or ``s3://`` path to a pyarrow/s3fs filesystem;
-``check_input`` lists the input and reads only its schema and id column, raising ``InputError`` with
-a clear message for an unreadable input or a missing column, and finds duplicate ids;
-``done_ids`` reads the ids already in an output (resume), deleting files a crash cut short;
-``summarize`` reads back what a run wrote and counts rows, errors, tokens and layers.
+Contract: ``filesystem_for`` maps a local or ``s3://`` path to a pyarrow filesystem that finds its
+credentials through the standard AWS chain wherever it is used (no key is read, copied or pickled);
+``check_input`` lists the input and reads only its footers and id column, raising ``InputError``
+with a clear message for an unreadable input, a file without the prompt or id column, or files that
+disagree on a column's type (widening ones, such as int32 and int64, are read as the wider type);
+it finds duplicate ids. ``summarize`` reads back what a run wrote and counts rows, errors, tokens and
+layers. Resume (what an existing output already holds) is ``skipray.batch_resume``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,22 +27,30 @@ class InputError(ValueError):
 
 # -- file systems and paths (driver) -------------------------------------------------------------------
 def filesystem_for(path: str, s3_endpoint: str | None = None) -> tuple[Any, str]:
-    """-> (pyarrow filesystem or None for local, path as that filesystem spells it)."""
+    """-> (pyarrow filesystem or None for local, path as that filesystem spells it).
+
+    S3 credentials are never read here: pyarrow's ``S3FileSystem`` without keys uses the standard AWS
+    chain (environment, shared config files, web identity, instance metadata) in each process that
+    uses it, refreshing short-lived (STS) credentials, and pickles without any key, so the tasks it is
+    shipped to find their own credentials."""
     if not path.startswith("s3://"):
         return None, os.path.abspath(os.path.expanduser(path))
     from pyarrow import fs
 
     kw: dict[str, Any] = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
-    if os.environ.get("AWS_ACCESS_KEY_ID"):  # pass the driver's credentials on to the workers explicitly
-        kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-                  session_token=os.environ.get("AWS_SESSION_TOKEN"))
     if s3_endpoint:
         scheme, _, host = s3_endpoint.rpartition("://")
         kw.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
     return fs.S3FileSystem(**kw), path[len("s3://"):].rstrip("/")
 
 
-def _list(fs, path: str) -> list[str]:
+def uri(fs, path: str) -> str:
+    """The user-facing name of a path of ``fs`` (``s3://bucket/key`` or a local path)."""
+    return path if fs is None or fs.type_name == "local" else f"{fs.type_name}://{path}"
+
+
+def list_files(fs, path: str) -> list[str]:
+    """Parquet files of a file, directory (recursive, skipping ``.``/``_`` names) or glob, sorted."""
     from pyarrow import fs as pafs
 
     fs = fs or pafs.LocalFileSystem()
@@ -59,61 +68,99 @@ def _list(fs, path: str) -> list[str]:
     return []
 
 
+def map_files(fn, files: list[str], threads: int = 16) -> list:
+    """``[fn(f) for f in files]`` on a thread pool (footers and small reads: I/O bound, S3 above all)."""
+    if len(files) <= 1:
+        return [fn(f) for f in files]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(files))) as pool:
+        return list(pool.map(fn, files))
+
+
 @dataclass
 class InputCheck:
     files: list[str]
-    ids: pa.ChunkedArray  # the id column (only it is read in the driver)
+    ids: pa.ChunkedArray  # the id column, one chunk per file in file order (only it is read in the driver)
     duplicate_ids: pa.Array  # ids that occur more than once
+    schema: pa.Schema | None = None  # the input's columns, one type each (files cast to it when read)
+    row_groups: list[list[int]] = field(default_factory=list)  # rows of each row group, per file
 
     @property
     def num_rows(self) -> int:
         return len(self.ids)
 
 
+def _same_family(types: list[pa.DataType]) -> bool:
+    """True when ids of these types compare as one type: all integers, or all strings."""
+    return all(pa.types.is_integer(t) for t in types) or all(
+        pa.types.is_string(t) or pa.types.is_large_string(t) for t in types)
+
+
+def unify_schemas(files: list[str], schemas: list[pa.Schema], id_column: str) -> pa.Schema:
+    """One schema for all files (widening types as Arrow's permissive promotion does); ``InputError``
+    naming the column and two files when a column's types cannot be one (ids: integers or strings only)."""
+    by_col: dict[str, list[tuple[pa.DataType, str]]] = {}
+    for f, s in zip(files, schemas):
+        for fld in s:
+            by_col.setdefault(fld.name, []).append((fld.type, f))
+    for name, seen in by_col.items():
+        first_type, first_file = seen[0]
+        for t, f in seen[1:]:
+            if t.equals(first_type):
+                continue
+            ok = _same_family([first_type, t]) if name == id_column else True
+            if ok:
+                try:
+                    pa.unify_schemas([pa.schema([(name, first_type)]), pa.schema([(name, t)])],
+                                     promote_options="permissive")
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                    ok = False
+            if not ok:
+                raise InputError(f"column {name!r} has type {first_type} in {first_file} but {t} in {f}: "
+                                 f"the files must agree on it (convert one of them)")
+    return pa.unify_schemas(schemas, promote_options="permissive")
+
+
 def check_input(path: str, fs, prompt_column: str, id_column: str) -> InputCheck:
-    """Validate the input in the driver: readable Parquet with the prompt and id columns."""
-    import pyarrow.dataset as pads
+    """Validate the input in the driver: readable Parquet files, each with the prompt and id columns, whose
+    column types agree (``unify_schemas``); reads footers and the id column only."""
+    import pyarrow.parquet as pq
 
     try:
-        files = _list(fs, path)
+        files = list_files(fs, path)
     except Exception as e:  # noqa: BLE001 - any listing failure is an unusable input
         raise InputError(f"cannot list input {path!r}: {e}") from e
     if not files:
         raise InputError(f"no Parquet files found at {path!r}")
-    try:
-        ds = pads.dataset(files, format="parquet", filesystem=fs)
-        names = ds.schema.names
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"cannot read input {path!r} as Parquet: {e}") from e
-    for col, flag in ((prompt_column, "--prompt-column"), (id_column, "--id-column")):
-        if col not in names:
-            raise InputError(f"input {path!r} has no column {col!r} (columns: {names}); pass {flag}")
-    try:
-        ids = ds.to_table(columns=[id_column]).column(id_column)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"cannot read input {path!r}: {e}") from e
-    counts = pc.value_counts(ids.drop_null()) if len(ids) else pa.array([], pa.struct([("values", ids.type)]))
-    dups = counts.filter(pc.greater(counts.field("counts"), 1)).field("values") if len(counts) else pa.array([], ids.type)
-    return InputCheck(files, ids, dups)
 
-
-def done_ids(path: str, fs) -> tuple[pa.Array | None, list[str]]:
-    """Ids already written under an output directory (resume); -> (ids or None, files read)."""
-    import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
-
-    files = _list(fs, path)
-    ids, good = [], []
-    for f in files:
+    def footer(f: str):
         try:
-            ids.append(pq.read_table(f, columns=["id"], filesystem=fs).column("id").combine_chunks())
-            good.append(f)
-        except Exception as e:  # noqa: BLE001 - a file cut short by a crash: its rows are redone
-            print(f"[skipray] resume: removing unreadable output file {f} ({e})", file=sys.stderr)
-            (fs or pafs.LocalFileSystem()).delete_file(f)
-    if not ids:
-        return None, good
-    return pa.chunked_array(ids).combine_chunks(), good
+            meta = pq.ParquetFile(f, filesystem=fs).metadata
+            return meta.schema.to_arrow_schema(), [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot read input {uri(fs, f)!r} as Parquet: {e}") from e
+
+    footers = map_files(footer, files)
+    schemas = [s for s, _ in footers]
+    for f, s in zip(files, schemas):
+        for col, flag in ((prompt_column, "--prompt-column"), (id_column, "--id-column")):
+            if col not in s.names:
+                where = repr(path) if len(files) == 1 else f"{uri(fs, f)!r} (of {path!r})"
+                raise InputError(f"input {where} has no column {col!r} (columns: {s.names}); pass {flag}")
+    schema = unify_schemas([uri(fs, f) for f in files], schemas, id_column)
+    id_type = schema.field(id_column).type
+
+    def ids_of(f: str) -> pa.Array:
+        try:
+            return pq.read_table(f, columns=[id_column], filesystem=fs).column(id_column).cast(id_type).combine_chunks()
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot read input {uri(fs, f)!r}: {e}") from e
+
+    ids = pa.chunked_array(map_files(ids_of, files), id_type)
+    counts = pc.value_counts(ids.drop_null()) if len(ids) else pa.array([], pa.struct([("values", id_type)]))
+    dups = counts.filter(pc.greater(counts.field("counts"), 1)).field("values") if len(counts) else pa.array([], id_type)
+    return InputCheck(files, ids, dups, schema, [rg for _, rg in footers])
 
 
 @dataclass
@@ -136,7 +183,7 @@ def summarize(output: str, fs, before: list[str], seconds: float, skipped: int) 
     """Counts over the output files this run added (those not in ``before``)."""
     import pyarrow.parquet as pq
 
-    new = [f for f in _list(fs, output) if f not in set(before)]
+    new = [f for f in list_files(fs, output) if f not in set(before)]
     s = Summary(seconds=seconds, skipped=skipped, files=new)
     layer_tokens = 0.0
     for f in new:

@@ -58,8 +58,11 @@ class ChunkedPrefill:
             left -= n
         new: list[_Request] = []
         with self._lock:
-            while left > 0 and self._waiting and len(self.live) + len(self.prefilling) + len(new) < self.max_batch:
-                r = self._waiting.popleft()
+            while left > 0 and len(self.live) + len(self.prefilling) + len(new) < self.max_batch:
+                queue = self._next_queue(sum(r.offline for r in new))
+                if queue is None:
+                    break
+                r = queue.popleft()
                 n = min(len(r.prompt), left)
                 new.append(r)
                 chunks.append((r, 0, n))

@@ -88,16 +88,23 @@ def cached(out: Path) -> bool:
 
 
 def save_to_cache(model, tok, out: Path) -> Path:
-    """Write a model directory under a temporary name, then rename it into place (atomic for readers)."""
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():  # another process wrote it meanwhile
-        import shutil
+    """Write a model directory under a temporary name, then rename it into place: atomic for readers, and
+    safe when several processes (or threads) convert at once: the first rename wins, a later one finds
+    the finished twin and drops its own copy. Raises ``OSError`` when ``out`` is there but incomplete."""
+    import shutil
+    import uuid
 
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.replace(out)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.replace(out)  # rename(2): fails (ENOTEMPTY/EEXIST) when a twin got there first
+        except OSError:
+            if not cached(out):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # left only when the rename did not happen
     return out
 
 

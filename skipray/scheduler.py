@@ -26,6 +26,11 @@ does one iteration (without chunked prefill, the default):
    ``"length"``, the ``Engine`` rules). Rows move (``KVCache.move_rows``) only when the set of
    live requests changes, to keep the order above with the live rows in ``0..n-1``.
 
+Offline requests (``add_request(offline=True)``: the batch job through the Serve app's handle methods)
+are their own admission class: they wait in a queue of their own that ``max_waiting`` does not bound
+(no ``QueueFull``), join only when no online request is waiting, and hold at most ``max_offline_rows``
+rows at once (default: all but a quarter of ``max_batch``, so online arrivals find rows free).
+
 Chunked prefill (``max_num_batched_tokens``, vLLM's name for the same per-iteration token budget):
 each iteration is one forward pass that carries the decode step and prompt chunks; see
 ``skipray.chunked``. Rows being prefilled sit after the decoding rows (``prefilling``, cache rows
@@ -93,6 +98,7 @@ class _Request:
     params: SamplingParams
     schedule: SkipSchedule
     generator: torch.Generator | None
+    offline: bool = False  # the offline admission class (module docstring)
     seq: int = -1  # admission order
     prefilled: int = 0  # prompt tokens in the cache (chunked prefill)
     generated: list[int] = field(default_factory=list)
@@ -122,10 +128,12 @@ class ContinuousEngine(ChunkedPrefill):
         max_num_batched_tokens: int | None = None,
         max_prompt_len: int | None = None,
         cache_schedule: SkipSchedule | None = None,
+        max_offline_rows: int | None = None,
     ) -> None:
         """``max_prefill_tokens``: prompt tokens prefilled per iteration (padded, without chunking);
         ``max_num_batched_tokens``: turns chunked prefill on with this per-iteration token budget;
-        ``max_prompt_len`` and ``cache_schedule`` size the cache (module docstring). Raises
+        ``max_prompt_len`` and ``cache_schedule`` size the cache; ``max_offline_rows``: rows offline
+        requests may hold at once (module docstring). Raises
         ``ValueError`` for a budget below 1 (below ``max_batch`` for ``max_num_batched_tokens``), a
         ``max_prompt_len`` outside ``[1, max_len - 1]`` or a schedule of another depth."""
         self.model = model.eval()
@@ -152,6 +160,8 @@ class ContinuousEngine(ChunkedPrefill):
         self.prefilling: list[_Request] = []  # chunked prefill: cache rows len(live).., in admission order
         self._groups: list[SkipSchedule] = []  # schedules of the live rows, in the order they appeared
         self._waiting: deque[_Request] = deque()
+        self._offline: deque[_Request] = deque()  # offline requests waiting (their own class)
+        self.max_offline_rows = max_batch - max(1, max_batch // 4) if max_offline_rows is None else max_offline_rows
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -180,10 +190,13 @@ class ContinuousEngine(ChunkedPrefill):
         params: SamplingParams = SamplingParams(),
         schedule: SkipSchedule | None = None,
         request_id: str | None = None,
+        offline: bool = False,
     ) -> str:
         """Queue a request; it joins the batch at the next iteration with a free row. -> request id.
+        ``offline``: the offline admission class (module docstring).
 
-        Raises ``ValueError`` for invalid input and ``QueueFull`` when ``max_waiting`` are waiting.
+        Raises ``ValueError`` for invalid input and ``QueueFull`` when ``max_waiting`` online requests
+        are waiting.
         """
         schedule = schedule or self.schedule
         check_schedule(schedule, self.model.num_layers)
@@ -194,8 +207,11 @@ class ContinuousEngine(ChunkedPrefill):
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         except (RuntimeError, OverflowError) as e:
             raise ValueError(f"invalid seed {params.seed}: {e}") from None
-        req = _Request(rid, list(prompt), params, schedule, gen)
+        req = _Request(rid, list(prompt), params, schedule, gen, offline)
         with self._lock:
+            if offline:
+                self._offline.append(req)
+                return rid
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests already waiting")
             self._waiting.append(req)
@@ -208,18 +224,36 @@ class ContinuousEngine(ChunkedPrefill):
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self.live or self.prefilling or self._waiting or self._aborts)
+            return bool(self.live or self.prefilling or self._waiting or self._offline or self._aborts)
 
     @property
     def num_waiting(self) -> int:
+        """Online requests waiting."""
         return len(self._waiting)
+
+    @property
+    def num_offline_waiting(self) -> int:
+        return len(self._offline)
+
+    def _next_queue(self, offline_taken: int = 0) -> deque | None:
+        """The queue the next admission comes from (call with the lock held): online first; offline when no
+        online request waits and offline rows (live, prefilling, ``offline_taken`` being admitted) are
+        below ``max_offline_rows``; None when neither may admit."""
+        if self._waiting:
+            return self._waiting
+        if self._offline:
+            held = sum(r.offline for r in self.live) + sum(r.offline for r in self.prefilling) + offline_taken
+            if held < self.max_offline_rows:
+                return self._offline
+        return None
 
     def reset(self) -> list[str]:
         """Forget every live and waiting request (after a failure the caller could not contain).
         -> their request ids."""
         with self._lock:
-            gone = [r.rid for r in self.live + self.prefilling] + [r.rid for r in self._waiting]
+            gone = [r.rid for r in self.live + self.prefilling] + [r.rid for r in self._waiting + self._offline]
             self._waiting.clear()
+            self._offline.clear()
             self._aborts.clear()
         self.live, self.prefilling, self._groups = [], [], []
         return gone
@@ -255,8 +289,9 @@ class ContinuousEngine(ChunkedPrefill):
         with self._lock:
             aborts, self._aborts = self._aborts, set()
             if aborts:
-                events += [Event(r.rid, None, 0, "abort") for r in self._waiting if r.rid in aborts]
+                events += [Event(r.rid, None, 0, "abort") for r in self._waiting + self._offline if r.rid in aborts]
                 self._waiting = deque(r for r in self._waiting if r.rid not in aborts)
+                self._offline = deque(r for r in self._offline if r.rid not in aborts)
         if aborts:
             gone = [r for r in self.live + self.prefilling if r.rid in aborts]
             events += [Event(r.rid, None, 0, "abort") for r in gone]
@@ -265,11 +300,14 @@ class ContinuousEngine(ChunkedPrefill):
     def _take_admissions(self) -> list[_Request]:
         with self._lock:
             admit, width = [], 0  # width: the longest prompt admitted, the padded pass's width
-            while self._waiting and len(self.live) + len(admit) < self.max_batch:
-                w = max(width, len(self._waiting[0].prompt))
+            while len(self.live) + len(admit) < self.max_batch:
+                queue = self._next_queue(sum(r.offline for r in admit))
+                if queue is None:
+                    break
+                w = max(width, len(queue[0].prompt))
                 if admit and (len(admit) + 1) * w > self.max_prefill_tokens:
                     break  # the rest wait for the next iteration
-                admit.append(self._waiting.popleft())
+                admit.append(queue.popleft())
                 width = w
         return admit
 

@@ -71,6 +71,12 @@ def smol():
     return load("smollm2-base", device="cpu")
 
 
+# The workers' own S3 credentials for moto (tests/test_batch.py), as a cluster's nodes have theirs (instance
+# profile, environment): the batch job's tasks find credentials through the standard AWS chain, never the driver's.
+WORKER_AWS_ENV = {"AWS_ACCESS_KEY_ID": "worker-key", "AWS_SECRET_ACCESS_KEY": "worker-secret",
+                  "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole test session: 2 CPUs, capped object store, loopback only.
@@ -85,7 +91,7 @@ def ray_local():
         ray.init(
             address="local",  # never join a cluster some other process left running
             num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
-            log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+            log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **WORKER_AWS_ENV}},
         )
     yield ray
     ray.shutdown()

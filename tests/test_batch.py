@@ -85,30 +85,41 @@ def test_plan_batches_buckets_within_window():
     assert batch.padding_waste(lengths, bucketed) < 0.1 < batch.padding_waste(lengths, plain)
 
 
-def test_prepare_block_marks_bad_rows(tiny_dir):
+def prepared(tmp_path: Path, rows: list[dict], cfg: batch.JobConfig, done: list[dict] | None = None,
+             schema: pa.Schema | None = None) -> pa.Table:
+    """The job's read and tokenizing steps over ``rows`` (no Ray): plan, ``read_units``, ``prepare_rows``."""
+    from skipray.batch_resume import read_units
+
+    write(tmp_path / "in.parquet", rows, schema)
+    if done:
+        write(tmp_path / "out" / "done.parquet", done)
+    p = batch.plan(str(tmp_path / "in.parquet"), str(tmp_path / "out"), cfg)
+    block = read_units(pa.Table.from_pylist(p.units), None, p.check.schema, cfg.prompt_column, cfg.id_column)
+    return batch.prepare_rows(block, p.processor.row_context)
+
+
+def test_prepare_block_marks_bad_rows(tmp_path, tiny_dir):
     cfg = config(tiny_dir, max_new_tokens=8)
     long = "word " * 200  # > 96 positions with 8 new tokens
-    block = pa.table({
-        "id": ["a", "b", "c", "d", "e", "f", None, "done"],
-        "prompt": ["Hello there", None, "", "   ", long, "dup", "no id", "already"],
-        "error": ["x"] * 8,  # an input column that clashes with an output column is kept, renamed
-    })
-    out = batch.prepare_block(block, cfg, duplicate_ids=pa.array(["f"]), done=pa.array(["done"]))
+    rows = [{"id": i, "prompt": p, "error": "x"}  # an input column that clashes with an output column is kept, renamed
+            for i, p in zip(["a", "b", "c", "d", "e", "f", None, "done", "f"],
+                            ["Hello there", None, "", "   ", long, "dup", "no id", "already", "dup again"])]
+    out = prepared(tmp_path, rows, cfg, done=[{"id": "done"}])
     rows = {r["prompt"]: r for r in out.to_pylist()}
-    assert "already" not in rows and out.num_rows == 7
-    assert out.column("input_error").to_pylist() == ["x"] * 7
-    assert rows["Hello there"]["error"] is None and rows["Hello there"]["num_prompt_tokens"] > 0
+    assert "already" not in rows and out.num_rows == 8
+    assert out.column("input_error").to_pylist() == ["x"] * 8
+    assert rows["Hello there"]["error"] is None and rows["Hello there"]["num_input_tokens"] > 0
     assert rows["Hello there"][batch.TOKENS]
-    errs = {r["id"]: r["error"] for r in out.to_pylist()}
-    assert errs["b"] == "prompt is null" and errs["c"] == errs["d"] == "prompt is empty"
-    assert "too long" in errs["e"] and "context of 96" in errs["e"]
-    assert "duplicate id" in errs["f"] and errs[None] == "id is null"
+    errs = {r["prompt"]: r["error"] for r in out.to_pylist()}
+    assert errs[None] == "prompt is null" and errs[""] == errs["   "] == "prompt is empty"
+    assert "too long" in errs[long] and "context of 96" in errs[long]
+    assert "duplicate id 'f'" in errs["dup"] and "duplicate id" in errs["dup again"] and errs["no id"] == "id is null"
 
 
-def test_prepare_block_non_string_prompt_and_renamed_columns(tiny_dir):
+def test_prepare_block_non_string_prompt_and_renamed_columns(tmp_path, tiny_dir):
     cfg = config(tiny_dir, prompt_column="question", id_column="key")
-    block = pa.table({"key": [1, 2], "question": [7, 8], "prompt": ["other", "other"]})
-    out = batch.prepare_block(block, cfg, pa.array([], pa.int64()), None)
+    out = prepared(tmp_path, [{"key": 1, "question": 7, "prompt": "other"}, {"key": 2, "question": 8, "prompt": "other"}],
+                   cfg)
     assert out.column("id").to_pylist() == [1, 2]
     assert out.column("input_prompt").to_pylist() == ["other", "other"]
     assert out.column("prompt").to_pylist() == [None, None]
@@ -216,11 +227,20 @@ def test_actor_killed_mid_job_is_replaced(ray_local, tmp_path, tiny_dir):
     assert sorted(ids) == [f"r{i:03d}" for i in range(40)] and s.rows == 40
 
 
+def pickled_task_args(ds) -> bytes:
+    """Everything Ray ships to the tasks and actors of a lazy dataset: its logical plan, pickled."""
+    import ray.cloudpickle as cloudpickle
+
+    return cloudpickle.dumps(ds._logical_plan)
+
+
 def test_s3_round_trip_with_moto(ray_local, tmp_path, tiny_dir, monkeypatch):
     from moto.server import ThreadedMotoServer
     from pyarrow import fs
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+    # the driver's credentials differ from the workers' (conftest.WORKER_AWS_ENV); moto takes any
+    for k, v in {"AWS_ACCESS_KEY_ID": "driver-key-1d2c", "AWS_SECRET_ACCESS_KEY": "driver-secret-9f4e",
+                 "AWS_SESSION_TOKEN": "driver-token-77ab", "AWS_REGION": "us-east-1",
                  "AWS_EC2_METADATA_DISABLED": "true"}.items():
         monkeypatch.setenv(k, v)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
@@ -234,7 +254,12 @@ def test_s3_round_trip_with_moto(ray_local, tmp_path, tiny_dir, monkeypatch):
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bucket")
         with s3.open_output_stream("bucket/in/p.parquet") as f:
             pq.write_table(pa.Table.from_pylist(prompts(10)), f)
-        s = batch.run("s3://bucket/in/", "s3://bucket/out", config(tiny_dir), s3_endpoint=endpoint)
+        p = batch.plan("s3://bucket/in/", "s3://bucket/out", config(tiny_dir), s3_endpoint=endpoint)
+        shipped = pickled_task_args(batch.build_pipeline(p))
+        assert f"{host}:{port}".encode() in shipped and b"read_units" in shipped  # the filesystems, the steps
+        for secret in (b"driver-key-1d2c", b"driver-secret-9f4e", b"driver-token-77ab"):
+            assert secret not in shipped, "a driver credential would be serialized into task arguments"
+        s = batch.execute(p)  # the tasks read and write S3 with their own credentials (standard chain)
         assert s.rows == 10
         files = [i.path for i in s3.get_file_info(fs.FileSelector("bucket/out", recursive=True))]
         t = pa.concat_tables([pq.read_table(f, filesystem=s3) for f in files])

@@ -277,3 +277,26 @@ def test_logprobs_equal_the_static_engine():
     for x, y in zip(got["a"], want):
         assert x.top_ids == y.top_ids and x.logprob == pytest.approx(y.logprob, abs=1e-4)
         assert x.top_logprobs == pytest.approx(y.top_logprobs, abs=1e-4)
+
+
+def test_offline_requests_fill_only_rows_online_leaves_free():
+    model = SkipModel(tiny_llama(num_layers=4))
+    eng = ContinuousEngine(model, max_batch=4, max_len=64, max_waiting=1, max_offline_rows=3)
+    long = SamplingParams(max_new_tokens=40)
+    offline = [eng.add_request([5, 6, 7], long, offline=True) for _ in range(6)]  # beyond max_waiting: no QueueFull
+    assert eng.num_waiting == 0 and eng.num_offline_waiting == 6
+    eng.step()
+    assert len(eng.live) == 3 and all(r.offline for r in eng.live)  # one row stays free for online requests
+    online = eng.add_request([8, 9], SamplingParams(max_new_tokens=30))
+    with pytest.raises(QueueFull):  # the online bound is untouched by the offline queue
+        eng.add_request([8, 9], SamplingParams(max_new_tokens=2))
+    eng.step()
+    assert online in {r.rid for r in eng.live} and len(eng.live) == 4  # joined at the next iteration
+    eng.abort(offline[0])
+    eng.step()  # a row freed by an offline request: no online request waits, so offline fills it
+    assert len(eng.live) == 4 and sum(r.offline for r in eng.live) == 3 and eng.num_offline_waiting == 2
+    # while an online request waits, a freed row goes to it, never to an offline one
+    eng.add_request([8, 9, 10], SamplingParams(max_new_tokens=30))
+    eng.abort(offline[1])
+    eng.step()
+    assert sum(not r.offline for r in eng.live) == 2 and eng.num_offline_waiting == 2

@@ -9,13 +9,19 @@ Contract:
   (cache slots), ``max_waiting`` (bounded waiting queue in the replica), ``max_prefill_tokens``
   (padded prompt tokens admitted per engine iteration), ``max_num_batched_tokens`` (chunked
   prefill: tokens per engine iteration, one per decoding row plus prompt chunks, at least
-  ``max_batch``; unset or null: off, see ``skipray.chunked``), ``max_tokens_limit``,
+  ``max_batch``; unset or null: off, see ``skipray.chunked``), ``max_offline_rows`` (rows the batch
+  job's requests may hold; default all but a quarter of ``max_batch``), ``max_tokens_limit``,
   ``default_max_tokens``, ``torch_threads``, ``device``. ``deployment_options`` (Python callers
   only) are passed to ``SkipServer.options``; with ``serve run`` the YAML's ``deployments`` do that.
 * Each replica loads the model, builds one ``ContinuousEngine`` and an ``OpenAIServer``
   (``skipray.serve.server``: request handling, engine loop thread) and serves the FastAPI app of
   ``skipray.serve.routes`` (built in the replica, after the constructor). Serve's health check fails
   when the engine loop thread is gone, so Serve replaces the replica.
+* The same replicas serve the batch job: ``completions`` / ``chat`` are handle methods (Ray Data
+  LLM's ``ServeDeploymentProcessorConfig`` with ``method=`` and skipray's request models in
+  ``dtype_mapping``; the HTTP routes take a Starlette request, these a request model). They yield
+  OpenAI's reply object once; their requests are the engine's offline admission class (online
+  requests keep priority, see ``skipray.scheduler``).
 * This is the only module of the package that imports Ray; torch/transformers are imported inside
   the replica only.
 """
@@ -23,6 +29,7 @@ Contract:
 from __future__ import annotations
 
 import argparse
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -51,6 +58,7 @@ def server_from_args(args: dict[str, Any]):
         eos_token_ids=m.eos_token_ids, max_waiting=int(args.get("max_waiting", 32)),
         max_prefill_tokens=int(args.get("max_prefill_tokens", 2048)),
         max_num_batched_tokens=int(args["max_num_batched_tokens"]) if args.get("max_num_batched_tokens") else None,
+        max_offline_rows=int(args["max_offline_rows"]) if args.get("max_offline_rows") is not None else None,
     )
     return OpenAIServer(m.tokenizer, engine, schedule, m.schedule, model_name=args.get("model_name", "skipray"),
                         max_tokens_limit=limit, default_max_tokens=int(args.get("default_max_tokens", min(256, limit))),
@@ -68,6 +76,16 @@ class SkipServer:
 
         return build_api(self.server)
 
+    async def completions(self, request: Any) -> AsyncIterator[dict]:
+        """Handle method for the batch job (Ray Data LLM's ``ServeDeploymentProcessorConfig`` with
+        ``method="completions"``): ``request`` a ``protocol.CompletionRequest`` or its dict; yields the
+        whole OpenAI reply once (that stage calls with ``stream=True``). Offline admission class."""
+        yield await self.server.respond(_body(request), chat=False)
+
+    async def chat(self, request: Any) -> AsyncIterator[dict]:
+        """As ``completions`` for a ``protocol.ChatRequest`` (``method="chat"``)."""
+        yield await self.server.respond(_body(request), chat=True)
+
     def check_health(self) -> None:
         if not self.server.loop.alive:
             raise RuntimeError("engine loop thread died")
@@ -76,6 +94,20 @@ class SkipServer:
         server = getattr(self, "server", None)
         if server is not None:
             server.loop.close()
+
+
+def _body(request: Any) -> dict:
+    """A request model (fields the caller set) or a dict -> the JSON body the server validates; a body it
+    refuses raises ``protocol.RequestError`` (a ``ValueError``: an error row for Ray Data, not a crash)."""
+    from pydantic import BaseModel, ValidationError
+
+    from skipray.serve.protocol import RequestError
+    from skipray.serve.server import error_status
+
+    try:
+        return request.model_dump(exclude_unset=True) if isinstance(request, BaseModel) else dict(request)
+    except (TypeError, ValueError, ValidationError) as e:
+        raise RequestError(error_status(e)[1]["error"]["message"]) from None
 
 
 def build_app(args: dict[str, Any] | None = None, deployment_options: dict[str, Any] | None = None) -> Application:

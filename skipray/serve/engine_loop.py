@@ -9,7 +9,8 @@ Contract:
   the engine ended this request with an error (``finish_reason="error"``: a fault of this request
   alone, its batch-mates go on), ``EngineFailed`` when the loop itself failed, and ``LoopStopped``
   when the loop thread is gone. Closing the generator early (the client went away) aborts the
-  request and frees its row.
+  request and frees its row. An ``offline`` request's events reach its generator together, once it
+  finished (nothing streams them; this spares the replica's event loop a wake-up per token).
 * Faults never leave a request waiting: the engine contains faults of a row or of a batch pass
   (``ContinuousEngine.step``); anything the engine could not contain fails every pending request at
   once (``EngineFailed``), is logged with its traceback, and the loop serves new requests from a
@@ -52,6 +53,7 @@ class LoopStopped(RuntimeError):
 class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    held: list | None = None  # offline requests: their events, handed over together at the end
 
 
 class EngineLoop:
@@ -74,30 +76,32 @@ class EngineLoop:
         self._stop = True
         self._wake.set()
 
-    async def generate(self, prompt: list[int], params, schedule=None) -> AsyncIterator[Any]:
-        """Submit a request and yield its engine events (see the module contract)."""
+    async def generate(self, prompt: list[int], params, schedule=None, offline: bool = False) -> AsyncIterator[Any]:
+        """Submit a request and yield its engine events (see the module contract); ``offline``: the
+        engine's offline admission class (``scheduler.ContinuousEngine``)."""
         if not self.alive:
             raise LoopStopped("the engine loop is not running")
         rid = uuid.uuid4().hex
-        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), [] if offline else None)
         with self._lock:
             self._sinks[rid] = sink
         done = False
         try:
-            self.engine.add_request(prompt, params, schedule, request_id=rid)
+            self.engine.add_request(prompt, params, schedule, request_id=rid, offline=offline)
             self._wake.set()
             while True:
-                ev = await sink.queue.get()
-                if isinstance(ev, BaseException):
-                    done = True
-                    raise ev
-                if ev.finish_reason == "error":
-                    done = True
-                    raise RequestFailed(ev.error)
-                yield ev
-                if ev.finish_reason is not None:
-                    done = True
-                    return
+                item = await sink.queue.get()
+                for ev in item if isinstance(item, list) else [item]:
+                    if isinstance(ev, BaseException):
+                        done = True
+                        raise ev
+                    if ev.finish_reason == "error":
+                        done = True
+                        raise RequestFailed(ev.error)
+                    yield ev
+                    if ev.finish_reason is not None:
+                        done = True
+                        return
         finally:
             with self._lock:
                 self._sinks.pop(rid, None)
@@ -134,6 +138,11 @@ class EngineLoop:
             sink = self._sinks.get(rid)
         if sink is None:
             return
+        if sink.held is not None and not isinstance(item, BaseException):
+            sink.held.append(item)  # offline: no per-token wake-up of the replica's event loop
+            if item.finish_reason is None:
+                return
+            item, sink.held = sink.held, []
         try:
             sink.loop.call_soon_threadsafe(sink.queue.put_nowait, item)
         except RuntimeError:  # that request's event loop is closed: nobody is waiting for it

@@ -10,7 +10,8 @@ mistakes 4xx, a full queue 503, a failure of the request in the engine 500, and 
 reaches a stream after its first byte is sent as one ``data: {"error": ...}`` event before the end.
 Streamed deltas and the non-streamed text come from the same ``skipray.text.TextStream``, so they
 are equal. Only ``stream_options.include_usage`` puts usage in a stream (one last chunk with
-``choices: []``).
+``choices: []``). ``respond(body, chat, offline=True)`` answers the same bodies with the reply as a dict
+(or raises), for the deployment's handle methods; its requests are the engine's offline class.
 """
 
 from __future__ import annotations
@@ -184,6 +185,40 @@ class OpenAIServer:
             return JSONResponse(R.chat_response(rid, self.model_name, reply.out, ev.finish_reason, use, lp))
         lp = R.completion_logprobs(entries) if top is not None else None
         return JSONResponse(R.completion_response(rid, self.model_name, echo + reply.out, ev.finish_reason, use, lp))
+
+    async def respond(self, body: Any, chat: bool, offline: bool = True) -> dict:
+        """The whole (non-streamed) reply to a completions or chat body as OpenAI's JSON object, for the
+        deployment's handle methods (the batch job): ``offline`` puts it in the engine's offline class.
+        Raises what ``create`` answers with an error status: ``RequestError`` / ``ValidationError`` /
+        ``ValueError`` for a bad request, ``RequestFailed`` / ``EngineFailed`` / ``LoopStopped``."""
+        t0 = time.perf_counter()
+        if isinstance(body, dict) and body.get("stream"):
+            raise P.RequestError("stream is not supported here: the handle returns the whole reply", "stream")
+        try:
+            req, ids = self._parse(body, chat)
+        except ValidationError as e:  # not picklable: the caller may be in another process
+            raise P.RequestError(error_status(e)[1]["error"]["message"]) from None
+        params, schedule, top = self._prepare(req, ids)
+        reply = _Reply(self.tokenizer, ids, req.stop, top)
+        echo = "" if chat or not req.echo else self._prompt_text(req, ids)
+        entries, ttft, ev = [], None, None
+        events = self.loop.generate(ids, params, schedule, offline=offline)
+        try:
+            async for ev in events:
+                ttft = time.perf_counter() - t0 if ttft is None else ttft
+                entries += reply.add(ev)[1]
+                if ev.finish_reason is not None:
+                    break
+        finally:
+            await events.aclose()
+        if not offline:  # the request metrics (latency, time to first token) are the online traffic's
+            self._record(t0, reply, ttft or 0.0)
+        rid, use = R.new_id("chatcmpl" if chat else "cmpl"), R.usage(len(ids), reply.layers)
+        if chat:
+            lp = R.chat_logprobs(entries) if top is not None else None
+            return R.chat_response(rid, self.model_name, reply.out, ev.finish_reason, use, lp)
+        lp = R.completion_logprobs(entries) if top is not None else None
+        return R.completion_response(rid, self.model_name, echo + reply.out, ev.finish_reason, use, lp)
 
     async def _stream(self, rid, req, chat, echo, reply, first, events, t0, ttft) -> AsyncIterator[str]:
         with_usage = req.stream_options.include_usage

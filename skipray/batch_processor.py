@@ -1,0 +1,148 @@
+"""The skip-decoding processor on Ray Data: ``build_processor(config, preprocess, postprocess)``.
+
+Contract (as Ray Data LLM's ``build_processor``): the processor is a callable ``Dataset -> Dataset``,
+lazy like any Ray Data transform. ``processor(ds)`` runs
+
+    preprocess (``ds.map``; its dict is merged into the row) ->
+    ``repartition(target_num_rows_per_block=window)`` (streaming, no shuffle) ->
+    ``batch_rows.prepare_rows`` (a task per block: tokenize, per-row params and seeds, bad rows) ->
+    ``batch_actor.Generator`` (``map_batches`` on an ``ActorPoolStrategy`` of ``concurrency`` actors, one
+    engine each, one window of ``batch_size * bucket_window`` rows per call) ->
+    postprocess (``ds.map``; its dict is the output row).
+
+Without a postprocess the output rows are the input rows (columns that clash with the output names
+renamed ``input_<name>``, see ``batch_rows``) plus ``num_input_tokens``, ``generated_text``,
+``generated_tokens``, ``num_generated_tokens``, ``avg_layers``, ``finish_reason`` and ``error``
+(null unless the row could not be generated). The postprocess sees every row, error rows too.
+
+``build_processor`` works in the driver: it resolves the model (a ``.gguf`` file is converted there,
+once per node through the cache), reads its config on the meta device (depth, context), resolves the
+default schedule and loads the tokenizer, which the tokenizing tasks get as bytes; they never load or
+convert the model. Only the actors load weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skipray import batch_actor
+from skipray.batch_actor import ActorSpec
+from skipray.batch_rows import RowContext, ShippedTokenizer, SkipDecodeProcessorConfig, prepare_rows
+
+
+@dataclass
+class ModelFacts:
+    """A model's facts without its weights (driver): where it is, its depth and context, its trained schedule."""
+
+    base: Path
+    adapter: Path | None
+    num_layers: int
+    max_positions: int
+    trained: Any  # SkipSchedule | None
+    cost: Any  # schedule.CostModel
+
+
+def model_facts(spec: str) -> ModelFacts:
+    """Resolve ``spec`` and build the model on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from skipray.loading import resolve, trained_schedule
+    from skipray.model import SkipModel
+
+    base, adapter = resolve(spec)
+    with torch.device("meta"):
+        sm = SkipModel(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)))
+    return ModelFacts(base, adapter, sm.num_layers, sm.max_positions, trained_schedule(base, adapter), sm.cost_model())
+
+
+def resolve_schedule(schedule: Any, facts: ModelFacts):
+    """The config's ``schedule`` (skip flags, a ``SkipSchedule`` or its dict form, None) -> ``SkipSchedule``."""
+    from skipray.options import schedule_from_args
+    from skipray.schedule import SkipSchedule
+
+    if isinstance(schedule, SkipSchedule):
+        return schedule
+    if isinstance(schedule, dict) and "num_layers" in schedule:
+        return SkipSchedule.from_dict(schedule)
+    return schedule_from_args(argparse.Namespace(**(schedule or {})), facts.num_layers, facts.trained)
+
+
+def _merge(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """Ray Data LLM's preprocess rule: the function's dict updates the row."""
+
+    def merged(row: dict) -> dict:
+        return {**row, **fn(row)}
+
+    return merged
+
+
+class SkipDecodeProcessor:
+    """``Dataset -> Dataset`` (module contract). Built by ``build_processor``."""
+
+    def __init__(self, config: SkipDecodeProcessorConfig, preprocess: Callable | None = None,
+                 postprocess: Callable | None = None, preprocess_map_kwargs: dict | None = None,
+                 postprocess_map_kwargs: dict | None = None, facts: ModelFacts | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.preprocess, self.postprocess = preprocess, postprocess
+        self.preprocess_map_kwargs = preprocess_map_kwargs or {}
+        self.postprocess_map_kwargs = postprocess_map_kwargs or {}
+        self.facts = facts or model_facts(config.model_source)
+        self.schedule = resolve_schedule(config.schedule, self.facts)
+        context = min(config.max_model_len or self.facts.max_positions, self.facts.max_positions)
+        self.row_context = RowContext(
+            tokenizer=ShippedTokenizer(AutoTokenizer.from_pretrained(self.facts.base)), max_model_len=context,
+            num_layers=self.facts.num_layers, trained=self.facts.trained.to_dict() if self.facts.trained else None,
+            apply_chat_template=config.apply_chat_template, defaults=dict(config.sampling_params),
+            id_column=config.id_column)
+        max_tokens = int(config.sampling_params.get("max_tokens") or 64)
+        self.actor_spec = ActorSpec(
+            model=config.model_source, schedule=self.schedule.to_dict(), batch_size=config.batch_size,
+            bucket=config.bucket_window > 1, max_len=min(context, 256 + max_tokens), threads=config.torch_threads,
+            max_actors=config.pool[1], device=config.device)
+
+    def __call__(self, ds):
+        """preprocess -> generate -> postprocess (lazy)."""
+        if self.preprocess is not None:
+            ds = ds.map(_merge(self.preprocess), **self.preprocess_map_kwargs)
+        ds = self.generate(ds)
+        if self.postprocess is not None:
+            ds = ds.map(self.postprocess, **self.postprocess_map_kwargs)
+        return ds
+
+    def generate(self, ds, crash_marker: str | None = None):
+        """The processor without pre/postprocess: rows in, rows with generations out (lazy).
+        ``crash_marker``: the file job's fault-injection flag for tests (``batch_actor.ActorSpec``)."""
+        from dataclasses import replace
+
+        from ray.data import ActorPoolStrategy
+
+        cfg = self.config
+        spec = replace(self.actor_spec, crash_marker=crash_marker) if crash_marker else self.actor_spec
+        ds = ds.repartition(target_num_rows_per_block=cfg.window)
+        ds = ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
+                            fn_kwargs={"ctx": self.row_context})
+        lo, hi = cfg.pool
+        remote: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_actor}
+        if cfg.num_gpus_per_actor:
+            remote["num_gpus"] = cfg.num_gpus_per_actor
+        if cfg.accelerator_type:
+            remote["accelerator_type"] = cfg.accelerator_type
+        # looked up at call time, so a subclass set on the module (bench/bench_batch.py's timing) is used
+        return ds.map_batches(batch_actor.Generator, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow",
+                              batch_size=cfg.window, compute=ActorPoolStrategy(min_size=lo, max_size=hi), **remote)
+        # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: dead actors are replaced
+
+
+def build_processor(config: SkipDecodeProcessorConfig, preprocess: Callable | None = None,
+                    postprocess: Callable | None = None, preprocess_map_kwargs: dict | None = None,
+                    postprocess_map_kwargs: dict | None = None) -> SkipDecodeProcessor:
+    """A skip-decoding processor (module contract). Raises ``FileNotFoundError`` / ``ValueError`` for a
+    model or schedule that cannot be used, before any Ray work."""
+    return SkipDecodeProcessor(config, preprocess, postprocess, preprocess_map_kwargs, postprocess_map_kwargs)

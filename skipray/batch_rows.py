@@ -1,0 +1,329 @@
+"""Rows of the skip-decoding processor: its config and its tokenizing step (no Ray here).
+
+Contract:
+
+* ``SkipDecodeProcessorConfig`` is the processor's config, in the shape of Ray Data LLM's engine
+  configs (``model_source``, ``batch_size``, ``concurrency``, ``accelerator_type``, ...; fields below).
+* Input rows carry ``prompt`` (a string) or ``messages`` (OpenAI chat messages: ``role`` and
+  ``content``, a string or a list of ``{"type": "text", "text"}`` parts; rendered by the model's chat
+  template, ready for the reply). A row may carry ``sampling_params``, a dict with any of
+  ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop`` (vLLM's names; null or
+  missing fields take the config's ``sampling_params``; any other non-null field makes the row an
+  error row), and ``skip``, a dict of skip-schedule flags as in the Serve app's ``skip`` field
+  (``{"full": true}``, ``max_layers``, ``min_layers``, ...; null: the config's schedule).
+* ``prepare_rows(block, ctx)`` runs as a Ray Data task per block. It renames input columns whose names
+  the processor writes (``input_<name>``; if that is taken too, ``input_<name>_2``, ``_3``, ...), then
+  per row tokenizes, resolves the sampling params and the schedule flags, and checks the length
+  against the context. It adds ``num_input_tokens``, ``error`` (null for a good row, else why the row
+  is not generated) and the internal columns ``TOKENS`` and ``PARAMS`` that the actor reads. A row
+  whose internal ``PRE_ERROR`` column is set (the file job's own checks) becomes an error row as is.
+* Seeds: a row with its own ``sampling_params.seed`` uses it. Otherwise, when the config has a seed,
+  the row's seed is derived from (that seed, the row's key): the row's ``id_column`` value when it has
+  one, else its text and its rank among identical texts in its block. So a row's sample depends on
+  neither its batch-mates nor the number of actors, and two rows with the same prompt but different
+  ids get different samples. Without any seed, sampling is not reproducible.
+* The tokenizer is loaded in the driver and shipped as bytes (``ShippedTokenizer``): a tokenizing task
+  never resolves the model, so it never converts a ``.gguf`` file, and unpickles the tokenizer once per
+  worker process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+# columns the processor adds (Ray Data LLM's names, plus skip decoding's and the error column)
+GENERATED_COLUMNS = ("num_input_tokens", "generated_text", "generated_tokens", "num_generated_tokens",
+                     "avg_layers", "finish_reason", "error")
+TOKENS = "__skipray_token_ids"  # internal: the prompt's token ids
+PARAMS = "__skipray_params"  # internal: the row's resolved sampling params and schedule flags
+PRE_ERROR = "__skipray_error"  # internal: an error found before tokenizing (the file job's id checks)
+INTERNAL_COLUMNS = (TOKENS, PARAMS, PRE_ERROR)
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+PARAMS_TYPE = pa.struct([("max_new_tokens", pa.int32()), ("temperature", pa.float64()), ("top_p", pa.float64()),
+                         ("top_k", pa.int32()), ("seed", pa.int64()), ("stop", pa.list_(pa.string())),
+                         ("skip", pa.string())])
+
+
+class SkipDecodeProcessorConfig(BaseModel):
+    """The skip-decoding processor's config (Ray Data LLM's ``vLLMEngineProcessorConfig`` names where they exist).
+
+    ``model_source`` (alias ``model``): a ``skipray.loading.load`` spec (``"default"``, a directory, a
+    ``.gguf`` file, an adapter). ``batch_size``: rows per engine batch. ``bucket_window``: engine batches
+    per Ray Data batch (one actor call), sorted by prompt length inside it (1: arrival order).
+    ``concurrency``: ``n`` (a fixed pool of ``n`` actors) or ``(min, max)`` (autoscaling).
+    ``accelerator_type`` (e.g. ``"A10G"``), ``num_gpus_per_actor``, ``num_cpus_per_actor``: each actor's
+    resources. ``torch_threads``: per actor (0: the node's cores / max actors). ``device``: ``cpu`` or
+    ``cuda`` (default: cuda when the actor sees one). ``apply_chat_template``: wrap ``prompt`` rows in
+    the chat template as one user turn (``messages`` rows always use it). ``sampling_params``: the
+    defaults of every row (``max_tokens`` 64, ``temperature`` 0 = greedy, ``top_p`` 1, ``top_k`` 0,
+    ``seed`` None, ``stop`` []). ``schedule``: skip flags as the Serve ``skip`` field, or a resolved
+    ``SkipSchedule`` (None: the model's trained schedule, full depth if it has none). ``id_column``:
+    the column that keys seeds. ``max_model_len``: the context for the length check (None: the model's).
+    """
+
+    model_config = ConfigDict(protected_namespaces=(), arbitrary_types_allowed=True, populate_by_name=True)
+
+    model_source: str = Field("default", validation_alias=AliasChoices("model_source", "model"))
+    batch_size: int = Field(32, ge=1)
+    bucket_window: int = Field(4, ge=1)
+    concurrency: int | tuple[int, int] = 1
+    accelerator_type: str | None = None
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_cpus_per_actor: float = Field(1.0, ge=0)
+    torch_threads: int = Field(0, ge=0)
+    device: str | None = None
+    apply_chat_template: bool = False
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    schedule: Any = None  # dict of skip flags | SkipSchedule | None
+    id_column: str | None = "id"
+    max_model_len: int | None = Field(None, ge=1)
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, v):
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if not 1 <= lo <= hi:
+            raise ValueError(f"concurrency wants n >= 1 or (min, max) with 1 <= min <= max, got {v!r}")
+        return v
+
+    @field_validator("sampling_params")
+    @classmethod
+    def _sampling(cls, v):
+        unknown = sorted(k for k, x in v.items() if k not in SAMPLING_KEYS and x is not None)
+        if unknown:
+            raise ValueError(f"unsupported sampling params {unknown}; supported: {list(SAMPLING_KEYS)}")
+        return v
+
+    @property
+    def pool(self) -> tuple[int, int]:
+        """``(min, max)`` actors."""
+        c = self.concurrency
+        return (c, c) if isinstance(c, int) else tuple(c)
+
+    @property
+    def window(self) -> int:
+        """Rows per actor call."""
+        return self.batch_size * self.bucket_window
+
+
+# -- shipping the tokenizer ------------------------------------------------------------------------------
+_TOKENIZERS: dict[str, Any] = {}
+
+
+class ShippedTokenizer:
+    """A tokenizer pickled once in the driver; ``get()`` unpickles it once per process (cached by digest)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.data = pickle.dumps(tokenizer)
+        self.key = hashlib.sha1(self.data).hexdigest()
+
+    def get(self):
+        tok = _TOKENIZERS.get(self.key)
+        if tok is None:
+            tok = _TOKENIZERS[self.key] = pickle.loads(self.data)
+        return tok
+
+
+@dataclass
+class RowContext:
+    """What a tokenizing task needs, resolved in the driver (small, apart from the tokenizer's bytes)."""
+
+    tokenizer: ShippedTokenizer
+    max_model_len: int
+    num_layers: int
+    trained: dict | None  # the model's trained schedule (to_dict), for per-row ``skip`` flags
+    apply_chat_template: bool = False
+    defaults: dict = field(default_factory=dict)  # the config's sampling_params
+    id_column: str | None = "id"
+
+
+# -- names and seeds -------------------------------------------------------------------------------------
+def unique_renames(names: list[str], reserved: set[str] | frozenset[str], prefix: str = "input_") -> dict[str, str]:
+    """``{old: new}`` for the ``names`` in ``reserved``: ``prefix + name``, or ``prefix + name + "_2"``,
+    ``"_3"``, ... when that is taken too, so no two columns ever share a name."""
+    taken = set(names) | set(reserved)
+    out = {}
+    for c in names:
+        if c in reserved:
+            new, i = f"{prefix}{c}", 2
+            while new in taken:
+                new, i = f"{prefix}{c}_{i}", i + 1
+            taken.add(new)
+            out[c] = new
+    return out
+
+
+def row_seed(seed: int, key: Any) -> int:
+    """A 63-bit seed from the job's ``seed`` and a row's ``key`` (``repr`` distinguishes ``1`` from ``"1"``)."""
+    digest = hashlib.blake2b(f"{int(seed)}\x1f{key!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _text_keys(texts: list[str | None]) -> list[tuple[str, int]]:
+    """Per row: (digest of its text, its rank among identical texts before it in the block)."""
+    seen: dict[str, int] = {}
+    out = []
+    for t in texts:
+        h = hashlib.blake2b((t or "").encode(), digest_size=12).hexdigest()
+        seen[h] = seen.get(h, -1) + 1
+        out.append((h, seen[h]))
+    return out
+
+
+# -- per-row inputs ----------------------------------------------------------------------------------------
+def _messages(value: Any) -> list[dict[str, str]]:
+    """Chat messages from a row (Arrow structs come with null fields): ``role`` + text ``content``."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("messages must be a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] has no role")
+        content = m.get("content")
+        if isinstance(content, (list, tuple)):
+            texts = [p.get("text") for p in content if isinstance(p, dict)]
+            if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"messages[{i}].content: this model takes text only (parts of type 'text')")
+            content = "\n".join(texts)
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or text parts")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return out
+
+
+def _params(row_params: Any, defaults: dict) -> dict:
+    """The row's sampling params over the defaults, vLLM names: -> dict of ``SAMPLING_KEYS``."""
+    given = row_params if isinstance(row_params, dict) else {}
+    if row_params is not None and not isinstance(row_params, dict):
+        raise ValueError(f"sampling_params must be a dict, got {type(row_params).__name__}")
+    unknown = sorted(k for k, v in given.items() if k not in SAMPLING_KEYS and v is not None)
+    if unknown:
+        raise ValueError(f"unsupported sampling params {unknown}; supported: {list(SAMPLING_KEYS)}")
+    base = {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": []}
+    base.update({k: v for k, v in defaults.items() if v is not None})
+    base.update({k: v for k, v in given.items() if v is not None})
+    stop = base["stop"]
+    base["stop"] = [stop] if isinstance(stop, str) else [str(s) for s in stop]
+    return base
+
+
+def _skip_flags(value: Any, ctx: RowContext) -> str | None:
+    """Validated skip flags as canonical JSON (None: the config's schedule); ``ValueError`` if invalid."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"skip must be a dict of schedule flags, got {type(value).__name__}")
+    flags = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in value.items() if v is not None}
+    schedule_for(json.dumps(flags, sort_keys=True), ctx.num_layers, ctx.trained)
+    return json.dumps(flags, sort_keys=True)
+
+
+def schedule_for(flags_json: str, num_layers: int, trained: dict | None):
+    """The ``SkipSchedule`` of a row's ``skip`` flags (JSON); raises ``ValueError`` for invalid flags."""
+    import argparse
+    import contextlib
+    import io
+
+    from skipray.options import SCHEDULE_FLAGS, schedule_from_args
+    from skipray.schedule import SkipSchedule
+
+    flags = json.loads(flags_json)
+    unknown = sorted(set(flags) - set(SCHEDULE_FLAGS) - {"full"})
+    if unknown:
+        raise ValueError(f"unknown skip flags {unknown}; known: {['full', *SCHEDULE_FLAGS]}")
+    with contextlib.redirect_stderr(io.StringIO()):  # the untrained-model warning, once per row otherwise
+        try:
+            return schedule_from_args(argparse.Namespace(**flags), num_layers,
+                                      SkipSchedule.from_dict(trained) if trained else None)
+        except TypeError as e:
+            raise ValueError(f"invalid skip flags: {e}") from None
+
+
+# -- the tokenizing step -----------------------------------------------------------------------------------
+def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
+    """Rename clashing columns, tokenize, resolve params and mark bad rows (module contract)."""
+    from skipray.engine import SamplingParams
+    from skipray.text import encode_messages, encode_prompt
+
+    reserved = set(GENERATED_COLUMNS) | {TOKENS, PARAMS}
+    renames = unique_renames(block.column_names, reserved)
+    if renames:
+        block = block.rename_columns([renames.get(c, c) for c in block.column_names])
+    n = block.num_rows
+    col = lambda name: block.column(name).to_pylist() if name in block.column_names else [None] * n  # noqa: E731
+    prompts, messages, pre = col("prompt"), col("messages"), col(PRE_ERROR)
+    row_params, skips = col("sampling_params"), col("skip")
+    ids = col(ctx.id_column) if ctx.id_column else [None] * n
+    tok = ctx.tokenizer.get()
+    texts = [json.dumps(m, sort_keys=True, default=str) if m is not None else p for p, m in zip(prompts, messages)]
+    text_keys = _text_keys([t if isinstance(t, str) else None for t in texts])
+    token_ids, lengths, errors, params = [], [], [], []
+    for i in range(n):
+        ids_i, err, prm = [], pre[i], None
+        if err is None:
+            try:
+                p = _params(row_params[i], ctx.defaults)
+                sp = SamplingParams(max_new_tokens=int(p["max_tokens"]), temperature=float(p["temperature"]),
+                                    top_p=float(p["top_p"]), top_k=int(p["top_k"]))
+                sp.validate()
+                skip = _skip_flags(skips[i], ctx)
+            except (ValueError, TypeError) as e:
+                err = f"invalid sampling_params or skip: {e}"
+        if err is None:
+            if p["seed"] is not None and row_params[i] and row_params[i].get("seed") is not None:
+                seed = int(p["seed"])  # the row's own seed
+            elif p["seed"] is not None:
+                key = ids[i] if ids[i] is not None else text_keys[i]
+                seed = row_seed(int(p["seed"]), key)
+            else:
+                seed = None
+            prm = {"max_new_tokens": sp.max_new_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
+                   "top_k": sp.top_k, "seed": seed, "stop": p["stop"], "skip": skip}
+            ids_i, err = _encode(tok, prompts[i], messages[i], ctx.apply_chat_template, encode_prompt, encode_messages)
+            if err is None and len(ids_i) + sp.max_new_tokens > ctx.max_model_len:
+                err = (f"prompt too long: {len(ids_i)} tokens + max_new_tokens {sp.max_new_tokens} exceed the "
+                       f"model's context of {ctx.max_model_len}")
+        token_ids.append([] if err else ids_i)
+        lengths.append(len(ids_i) if ids_i else 0)
+        errors.append(err)
+        params.append(None if err else prm)
+    if "prompt" in block.column_names:
+        ptype = block.column("prompt").type
+        if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype)):
+            block = block.set_column(block.column_names.index("prompt"), "prompt",
+                                     pa.array([p if isinstance(p, str) else None for p in prompts], pa.string()))
+    if PRE_ERROR in block.column_names:
+        block = block.drop_columns([PRE_ERROR])
+    return (block.append_column("num_input_tokens", pa.array(lengths, pa.int32()))
+                 .append_column("error", pa.array(errors, pa.string()))
+                 .append_column(TOKENS, pa.array(token_ids, pa.list_(pa.int32())))
+                 .append_column(PARAMS, pa.array(params, PARAMS_TYPE)))
+
+
+def _encode(tok, prompt: Any, messages: Any, chat: bool, encode_prompt, encode_messages) -> tuple[list[int], str | None]:
+    """-> (token ids, None) or ([], why the row cannot be generated)."""
+    try:
+        if messages is not None:
+            try:
+                msgs = _messages(messages)
+            except ValueError as e:
+                return [], f"invalid messages: {e}"
+            ids = encode_messages(tok, msgs)
+        elif prompt is None:
+            return [], "prompt is null"
+        elif not isinstance(prompt, str):
+            return [], f"prompt is not a string (got {type(prompt).__name__})"
+        elif not prompt.strip():
+            return [], "prompt is empty"
+        else:
+            ids = encode_prompt(tok, prompt, chat=chat)
+    except Exception as e:  # noqa: BLE001 - a row the tokenizer or chat template rejects is a bad row
+        return [], f"cannot tokenize prompt: {e}"
+    return (ids, None) if ids else ([], "the prompt encodes to no tokens")

@@ -1,0 +1,244 @@
+"""The skip-decoding processor (``skipray.batch.build_processor``) and the job's scale and safety pieces:
+per-row seeds, column clashes and types, resume planning per row group, the model cache under
+concurrency, tokenizing without the model. Ray tests use the session's local Ray (conftest)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from skipray import batch
+from skipray.batch_rows import row_seed, unique_renames
+from test_batch import config, read_out, tiny_dir, write  # noqa: F401  (tiny_dir: fixture)
+
+
+def proc_config(model, **kw) -> batch.SkipDecodeProcessorConfig:
+    base = dict(model=str(model), batch_size=2, bucket_window=2, num_cpus_per_actor=0.5, torch_threads=1,
+                sampling_params={"max_tokens": 4})
+    base.update(kw)
+    return batch.SkipDecodeProcessorConfig(**base)
+
+
+# -- no Ray ----------------------------------------------------------------------------------------------
+def test_config_validates_like_ray_data_llm():
+    c = batch.SkipDecodeProcessorConfig(model_source="x", concurrency=(1, 3))
+    assert c.pool == (1, 3) and c.model_source == "x" and batch.SkipDecodeProcessorConfig(model="y").model_source == "y"
+    assert batch.SkipDecodeProcessorConfig(concurrency=2).pool == (2, 2)
+    with pytest.raises(ValueError, match="concurrency"):
+        batch.SkipDecodeProcessorConfig(concurrency=(3, 1))
+    with pytest.raises(ValueError, match="unsupported sampling params.*presence_penalty"):
+        batch.SkipDecodeProcessorConfig(sampling_params={"presence_penalty": 0.5})
+
+
+def test_unique_renames_never_collide():
+    assert unique_renames(["id", "error", "input_error"], {"error"}) == {"error": "input_error_2"}
+    r = unique_renames(["error", "input_error", "input_error_2", "generated_text"], {"error", "generated_text"})
+    assert r == {"error": "input_error_3", "generated_text": "input_generated_text"}
+
+
+def test_row_seeds_depend_on_seed_and_key_only():
+    assert row_seed(0, "a") == row_seed(0, "a") != row_seed(0, "b")
+    assert row_seed(0, "a") != row_seed(1, "a") and row_seed(0, 1) != row_seed(0, "1")
+    assert 0 <= row_seed(123, ("x", 3)) < 2**63
+
+
+def test_rows_are_keyed_by_id_else_text_and_rank(tmp_path, tiny_dir):
+    from skipray.batch_processor import SkipDecodeProcessor
+    from skipray.batch_rows import PARAMS
+
+    cfg = proc_config(tiny_dir, sampling_params={"max_tokens": 4, "temperature": 1.0, "seed": 7})
+    ctx = SkipDecodeProcessor(cfg).row_context
+    same = "Tell me a story."
+    with_ids = batch.prepare_rows(pa.table({"id": ["a", "b", "a"], "prompt": [same] * 3}), ctx)
+    seeds = [p["seed"] for p in with_ids.column(PARAMS).to_pylist()]
+    assert seeds[0] == seeds[2] == row_seed(7, "a") != seeds[1] == row_seed(7, "b")
+    no_ids = batch.prepare_rows(pa.table({"prompt": [same, "other", same]}), ctx)
+    seeds = [p["seed"] for p in no_ids.column(PARAMS).to_pylist()]
+    assert len(set(seeds)) == 3  # identical texts: their rank in the block tells them apart
+    own = batch.prepare_rows(pa.table({"id": ["a"], "prompt": [same], "sampling_params": [{"seed": 5}]}), ctx)
+    assert own.column(PARAMS).to_pylist()[0]["seed"] == 5  # a row's own seed is used as is
+
+
+def test_tokenizing_never_loads_or_converts_the_model(tiny_dir, monkeypatch):
+    import pickle
+
+    import skipray.loading as loading
+    from skipray.batch_processor import SkipDecodeProcessor
+
+    ctx = SkipDecodeProcessor(proc_config(tiny_dir)).row_context  # the driver's work
+    shipped = pickle.loads(pickle.dumps(ctx))  # as a task receives it
+    for name in ("resolve", "convert_gguf", "load", "load_hf"):
+        monkeypatch.setattr(loading, name, lambda *a, **k: pytest.fail("a tokenizing task touched the model"))
+    out = batch.prepare_rows(pa.table({"prompt": ["Hello there"]}), shipped)
+    assert out.column("error").to_pylist() == [None] and out.column("num_input_tokens").to_pylist()[0] > 0
+
+
+def test_invalid_rows_become_error_rows(tiny_dir):
+    from skipray.batch_processor import SkipDecodeProcessor
+
+    ctx = SkipDecodeProcessor(proc_config(tiny_dir)).row_context
+    block = pa.Table.from_pylist([
+        {"prompt": "ok", "sampling_params": None, "skip": None, "messages": None},  # from_pylist: keys of row 0
+        {"prompt": "bad param", "sampling_params": {"presence_penalty": 1.0}},
+        {"prompt": "bad temperature", "sampling_params": {"temperature": -1.0}},
+        {"prompt": "bad skip", "skip": {"max_layers": 99}},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "text": None}]}]},
+    ])
+    errs = batch.prepare_rows(block, ctx).column("error").to_pylist()
+    assert errs[0] is None
+    assert "presence_penalty" in errs[1] and "temperature" in errs[2] and "skip" in errs[3]
+    assert "text only" in errs[4]
+
+
+def test_mixed_column_types_across_files(tmp_path, tiny_dir):
+    write(tmp_path / "a" / "1.parquet", [{"id": 1, "prompt": "p"}], pa.schema([("id", pa.int64()), ("prompt", pa.string())]))
+    write(tmp_path / "a" / "2.parquet", [{"id": "x", "prompt": "q"}])
+    with pytest.raises(batch.InputError, match=r"column 'id' has type int64 in .*1\.parquet but string in .*2\.parquet"):
+        batch.check_input(str(tmp_path / "a"), None, "prompt", "id")
+    write(tmp_path / "b" / "1.parquet", [{"id": 1, "prompt": "p", "score": 1}],
+          pa.schema([("id", pa.int32()), ("prompt", pa.string()), ("score", pa.int32())]))
+    write(tmp_path / "b" / "2.parquet", [{"id": 2, "prompt": "q", "score": 0.5}],
+          pa.schema([("id", pa.int64()), ("prompt", pa.large_string()), ("score", pa.float64())]))
+    chk = batch.check_input(str(tmp_path / "b"), None, "prompt", "id")  # widening types: read as one
+    assert chk.schema.field("id").type == pa.int64() and chk.schema.field("score").type == pa.float64()
+    write(tmp_path / "c" / "1.parquet", [{"id": 1.5, "prompt": "p"}])
+    write(tmp_path / "c" / "2.parquet", [{"id": 2, "prompt": "q"}])
+    with pytest.raises(batch.InputError, match="column 'id' has type double"):  # ids do not become floats
+        batch.check_input(str(tmp_path / "c"), None, "prompt", "id")
+
+
+def test_resume_plan_is_per_row_group(tmp_path):
+    from skipray.batch_resume import plan_units, read_done, unbits
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": i, "prompt": "p"} for i in range(12)] + [{"id": None, "prompt": "p"}]),
+                   path, row_group_size=4)
+    write(tmp_path / "out" / "1.parquet", [{"id": i, "source_file": str(path), "source_row": i} for i in range(5)]
+          + [{"id": None, "source_file": str(path), "source_row": 12}])
+    chk = batch.check_input(str(path), None, "prompt", "id")
+    units, pending = plan_units(chk, read_done(str(tmp_path / "out"), None), None)
+    assert pending == 7 and [u["row_group"] for u in units] == [1, 2]  # group 0 done; the null id (row 12) too
+    assert list(unbits(units[0]["done"], 4)) == [True, False, False, False] and units[1]["done"] is None
+    assert all(len(u["done"] or b"") <= 1 for u in units)  # a unit carries its own rows' bits, not the done ids
+
+
+# -- the model cache under concurrency ------------------------------------------------------------------
+class _Saves:
+    """A stand-in for a model or tokenizer: ``save_pretrained`` writes one file (and maybe runs a hook)."""
+
+    def __init__(self, name: str, hook=None) -> None:
+        self.name, self.hook = name, hook
+
+    def save_pretrained(self, d) -> None:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        (Path(d) / self.name).write_text(str(os.getpid()))
+        if self.hook:
+            self.hook()
+
+
+def _save(out: str, barrier) -> None:
+    from skipray.loading import save_to_cache
+
+    barrier.wait()
+    save_to_cache(_Saves("model.safetensors"), _Saves("tokenizer_config.json"), Path(out))
+
+
+def test_save_to_cache_tolerates_a_finished_twin(tmp_path):
+    from skipray.loading import cached, save_to_cache
+
+    out = tmp_path / "m"
+
+    def twin() -> None:  # another process finishes the same conversion just before our rename
+        save_to_cache(_Saves("model.safetensors"), _Saves("tokenizer_config.json"), out)
+
+    assert save_to_cache(_Saves("model.safetensors"), _Saves("tokenizer_config.json", hook=twin), out) == out
+    assert cached(out) and sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left behind
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "junk").write_text("x")
+    with pytest.raises(OSError):  # something incomplete in the way is not taken for a finished twin
+        save_to_cache(_Saves("model.safetensors"), _Saves("tokenizer_config.json"), tmp_path / "partial")
+
+
+def test_save_to_cache_from_many_processes_at_once(tmp_path):
+    from skipray.loading import cached
+
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_save, args=(str(tmp_path / "m"), barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert cached(tmp_path / "m") and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+# -- on the session's local Ray ------------------------------------------------------------------------------
+def test_processor_on_a_users_dataset(ray_local, tiny_dir):
+    import ray
+
+    processor = batch.build_processor(
+        proc_config(tiny_dir),
+        preprocess=lambda row: {"prompt": f"Question {row['n']}: {row['question']}",
+                                "sampling_params": {"max_tokens": 2 if row["n"] % 2 else 3}},
+        postprocess=lambda row: {"n": row["n"], "answer": row["generated_text"], "tokens": row["num_generated_tokens"],
+                                 "error": row["error"]})
+    rows = processor(ray.data.from_items([{"n": i, "question": "what is skip decoding?"} for i in range(6)])).take_all()
+    assert sorted(r["n"] for r in rows) == list(range(6))
+    assert all(r["error"] is None and isinstance(r["answer"], str) for r in rows)
+    assert all(1 <= r["tokens"] <= (2 if r["n"] % 2 else 3) for r in rows)
+
+    plain = batch.build_processor(proc_config(tiny_dir, apply_chat_template=True))
+    ds = ray.data.from_items([
+        {"prompt": "Hi", "error": "mine", "input_error": "also mine"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+         "skip": {"full": True}},
+        {"prompt": ""},
+    ])
+    out = {r["input_error_2"] if r["input_error_2"] else r["error"] or "chat": r for r in plain(ds).take_all()}
+    for name in ("generated_text", "generated_tokens", "num_input_tokens", "num_generated_tokens", "avg_layers",
+                 "finish_reason", "error", "input_error", "input_error_2"):
+        assert all(name in r for r in out.values()), name
+    assert out["mine"]["input_error"] == "also mine" and out["mine"]["error"] is None
+    assert out["chat"]["num_generated_tokens"] == len(out["chat"]["generated_tokens"]) >= 1
+    assert out["mine"]["num_input_tokens"] > 5 and out["chat"]["num_input_tokens"] > 5  # "Hi" in the chat template
+    assert out["prompt is empty"]["generated_text"] is None and out["prompt is empty"]["num_generated_tokens"] == 0
+
+
+def test_samples_depend_on_the_row_not_its_batch_or_actors(ray_local, tiny_dir):
+    import ray
+
+    rows = [{"id": f"r{i}", "prompt": "Tell me a story."} for i in range(6)]
+    sampling = {"max_tokens": 5, "temperature": 1.0, "seed": 0}
+
+    def tokens(**kw) -> dict[str, list[int]]:
+        p = batch.build_processor(proc_config(tiny_dir, sampling_params=sampling, **kw))
+        return {r["id"]: list(r["generated_tokens"]) for r in p(ray.data.from_items(rows)).take_all()}
+
+    a = tokens(batch_size=4, bucket_window=2)
+    b = tokens(batch_size=1, bucket_window=1, concurrency=2)
+    assert a == b  # other batch-mates, other actors: the same sample per row
+    assert len({tuple(t) for t in a.values()}) == len(rows)  # the same prompt, other ids: other samples
+
+
+def test_job_resumes_null_ids_and_clashing_columns(ray_local, tmp_path, tiny_dir):
+    schema = pa.schema([("id", pa.int32()), ("prompt", pa.string()), ("error", pa.string()), ("input_error", pa.string())])
+    write(tmp_path / "in" / "a.parquet", [{"id": i, "prompt": f"p{i}", "error": "e", "input_error": "ie"} for i in range(3)]
+          + [{"id": None, "prompt": "no id", "error": "e", "input_error": "ie"}], schema)
+    write(tmp_path / "in" / "b.parquet", [{"id": 10, "prompt": "p10"}],
+          pa.schema([("id", pa.int64()), ("prompt", pa.string())]))
+    cfg = config(tiny_dir)
+    s1 = batch.run(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
+    t = read_out(tmp_path / "out")
+    assert (s1.rows, s1.errors) == (5, 1) and t.schema.field("id").type == pa.int64()
+    assert {"input_error", "input_error_2", "source_file", "source_row"} <= set(t.column_names)
+    by_id = {r["id"]: r for r in t.to_pylist()}
+    assert by_id[0]["input_error"] == "ie" and by_id[0]["input_error_2"] == "e" and by_id[10]["input_error"] is None
+    assert by_id[None]["error"] == "id is null" and by_id[None]["source_row"] == 3
+    s2 = batch.run(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
+    assert (s2.rows, s2.skipped) == (0, 5)  # the null-id row is not written again
