@@ -66,21 +66,29 @@ def default_gguf() -> Path:
 
 
 def convert_gguf(gguf: Path) -> Path:
-    """De-quantize a GGUF file once into a safetensors model directory in the cache; return it."""
+    """De-quantize a GGUF file once into a safetensors model directory in the cache; return it. Processes
+    on one node that need the same file take a file lock, so one converts and the others reuse it."""
     st = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_dir() / f"{gguf.stem}-{key}"
     if cached(out):
         return out
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import fcntl
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None  # weights are de-quantized fp32 now; let save_pretrained write them
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return save_to_cache(model, tok, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "w") as lock:  # one conversion per node: the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cached(out):  # a twin finished it while this process waited
+            return out
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # weights are de-quantized fp32 now; let save_pretrained write them
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return save_to_cache(model, tok, out)
 
 
 def cached(out: Path) -> bool:
