@@ -121,6 +121,8 @@ def test_default_model_is_the_shipped_skip_trained_adapter():
         [ids], SamplingParams(max_new_tokens=24))[0]
     assert out.layers_per_token == m.schedule.layers_per_token(len(out.token_ids))
     assert decode(m.tokenizer, out.token_ids).strip()  # it says something; quality is measured by `skipray eval`
+    fast = load("default-2x", device="cpu")  # the ~2x adapter: a deeper-skipping schedule, same drop order
+    assert fast.schedule.min_layers < m.schedule.min_layers and fast.schedule.drop_order is not None
 
 
 def test_default_model_at_full_depth_is_the_base_model_exactly(smol):
