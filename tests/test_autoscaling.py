@@ -318,8 +318,8 @@ def test_check_schedulable_on_a_ray_that_cannot_grow(ray_local):
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.skipif(not os.environ.get("SKIPRAY_FLAKY_TESTS"),
-                    reason="KNOWN FLAKY (issue 15 open): failed 1 of 2 fresh-clone suite runs after the Ray Data "
-                           "processor rework; run with SKIPRAY_FLAKY_TESTS=1")
+                    reason="KNOWN FLAKY (issue 15 open): its actor poller can miss a fast job's actor (job and rows fine); "
+                           "run with SKIPRAY_FLAKY_TESTS=1")
 def test_gpu_autoscaling_job(tmp_path, tiny_model_dir):
     n = 24
     write(tmp_path / "in.parquet", prompts(n))
