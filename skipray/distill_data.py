@@ -12,6 +12,12 @@ Contract:
   cut right after the user turn's header and the model samples the user message (Magpie, Xu et al.
   2024, arXiv 2406.08464). Prompts are normalized, de-duplicated, and every prompt too close to an
   evaluation prompt or question (``exclude``) is dropped, so eval sets stay held out.
+* With ``policy`` (a skipping schedule of a model that carries a skip adapter), the answers are
+  on-policy rollouts: the skip model samples them under ``policy``, and the full-depth model (the same
+  weights with the adapter off, so exactly the base model) scores every generated position in one
+  teacher-forced pass, giving the same ``teacher_top_*`` columns (``teacher_topk``). Training on them
+  corrects the student where its own outputs drift, e.g. repetition loops, which teacher samples never
+  show it (on-policy distillation: GKD, Agarwal et al. 2024, arXiv 2306.13649, section 3).
 * The CLI writes shards to an output directory (``part-*``: the given prompts, ``--shard-size`` at a
   time; ``self-*``: model-written prompts, made and answered a shard at a time) and skips shards
   already written, so an interrupted run resumes where it stopped and training can start on the
@@ -25,6 +31,8 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import torch
 
 SENTINEL = "\x00SKIPRAY_USER\x00"
 
@@ -88,13 +96,43 @@ def self_prompts(
     return out[:n]
 
 
+@torch.no_grad()
+def teacher_topk(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], k: int,
+                 batch_size: int = 16) -> list[tuple[list[list[int]], list[list[float]]]]:
+    """The full-depth model's top-``k`` (ids, log-probs) predicting each token of each response after its
+    prompt: one teacher-forced forward per batch, adapter off (the base model). Per row: two lists of
+    ``len(response)`` lists of ``k``, best first. Raises ``ValueError`` for an empty response."""
+    from skipray.model import forward, full_plan
+    from skipray.train import collate
+
+    if any(not r for r in responses):
+        raise ValueError("teacher_topk needs non-empty responses")
+    dev = next(model.parameters()).device
+    out: list = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        b = collate([(list(prompts[i]), list(responses[i])) for i in chunk], pad_id=0)
+        P, T = b["prompt_len"], b["tokens"].shape[1]
+        logits = forward(model, b["tokens"].to(dev), b["positions"].to(dev), full_plan(model.num_layers),
+                         b["real"].to(dev), logits_at=slice(P - 1, T - 1)).float()
+        vals, ids = torch.topk(torch.log_softmax(logits, -1), k, dim=-1)
+        for j, i in enumerate(chunk):
+            n = len(responses[i])
+            out[i] = (ids[j, :n].tolist(), vals[j, :n].tolist())
+    return out
+
+
 def distill(
     loaded, prompts: list[str], chat: bool, max_new_tokens: int, batch_size: int,
     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, progress: bool = True,
-    samples: int = 1, topk: int = 0,
+    samples: int = 1, topk: int = 0, policy=None,
 ) -> list[dict]:
-    """Full-depth answers to ``prompts`` (``samples`` per prompt; seeds ``seed + row``), with the teacher's
-    top-``topk`` log-probs per response token when ``topk > 0``. Rows in prompt order, samples adjacent."""
+    """Answers to ``prompts`` (``samples`` per prompt; seeds ``seed + row``), with the teacher's top-``topk``
+    log-probs per response token when ``topk > 0``. Rows in prompt order, samples adjacent. Without
+    ``policy`` the full-depth model answers (self-distillation); with a skipping ``SkipSchedule`` the skip
+    model answers under it and the full model scores the answers (on-policy rollouts, module docstring).
+    Raises ``ValueError`` for a ``policy`` without ``topk`` (the rollout would carry no teacher)."""
     from tqdm import tqdm
 
     from skipray.engine import Engine, SamplingParams
@@ -103,20 +141,28 @@ def distill(
 
     ids = [encode_prompt(loaded.tokenizer, p, chat=chat) for p in prompts for _ in range(samples)]
     texts = [p for p in prompts for _ in range(samples)]
+    if policy is not None and not topk:
+        raise ValueError("on-policy rollouts need topk > 0: the full model's scores are their training signal")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    engine = Engine(loaded.model, SkipSchedule.full(loaded.model.num_layers), max_batch=batch_size,
+    schedule = policy or SkipSchedule.full(loaded.model.num_layers)
+    engine = Engine(loaded.model, schedule, max_batch=batch_size,
                     max_len=max(map(len, ids)) + max_new_tokens, eos_token_ids=loaded.eos_token_ids)
     rows: list[dict | None] = [None] * len(ids)
     bar = tqdm(total=len(ids), desc="distill", disable=not progress)
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
         params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 seed=seed + i, logprobs=topk) for i in chunk]
-        for i, out in zip(chunk, engine.generate([ids[i] for i in chunk], params)):
+                                 seed=seed + i, logprobs=0 if policy else topk) for i in chunk]
+        outs = engine.generate([ids[i] for i in chunk], params)
+        if policy is not None:
+            scored = teacher_topk(loaded.model, [ids[i] for i in chunk], [o.token_ids for o in outs], topk)
+        for j, (i, out) in enumerate(zip(chunk, outs)):
             resp = out.token_ids
             rows[i] = {"prompt": texts[i], "response": decode(loaded.tokenizer, resp), "prompt_ids": ids[i],
                        "response_ids": resp, "chat": chat, "finish_reason": out.finish_reason}
-            if topk:
+            if policy is not None:
+                rows[i]["teacher_top_ids"], rows[i]["teacher_top_logprobs"] = scored[j]
+            elif topk:
                 rows[i]["teacher_top_ids"] = [lp.top_ids for lp in out.logprobs]
                 rows[i]["teacher_top_logprobs"] = [lp.top_logprobs for lp in out.logprobs]
         bar.update(len(chunk))
@@ -162,12 +208,27 @@ def cmd_distill(args: argparse.Namespace) -> int:
         prompts = table.column("prompt").to_pylist()[: args.limit or None]
     if not prompts and not args.self_prompts:
         raise ValueError("no prompts: give --prompts, --self-prompts or both")
+    policy = None
+    if args.policy:  # on-policy rollouts of the loaded skip model
+        if args.policy == "trained":
+            policy = loaded.schedule
+            if policy is None:
+                raise ValueError(f"--policy trained: {args.model} carries no trained schedule (give a skip adapter)")
+        else:
+            from skipray.evaluate import parse_schedule
+
+            policy = parse_schedule(args.policy, loaded.model.num_layers)
+        if policy.is_full:
+            raise ValueError("--policy must be a skipping schedule (full depth is what --policy omitted does)")
+        if not args.topk:
+            raise ValueError("--policy needs --topk K: the full model's top-K scores are the training signal")
     distill_args = (args.chat, args.max_new_tokens, args.batch_size, args.temperature, args.top_p)
     t0 = time.perf_counter()
     if args.out.endswith(".parquet") and not args.shard_size:  # one file
         if args.self_prompts:
             prompts += self_prompts(loaded, args.self_prompts, seed=args.seed, exclude=_held_out_texts(args.exclude))
-        rows = distill(loaded, prompts, *distill_args, seed=args.seed, samples=args.samples, topk=args.topk)
+        rows = distill(loaded, prompts, *distill_args, seed=args.seed, samples=args.samples, topk=args.topk,
+                       policy=policy)
         out = pa.Table.from_pylist([{"id": f"{i // args.samples}-{i % args.samples}", **r} for i, r in enumerate(rows)])
         write_table(out, args.out)
         n = sum(len(r["response_ids"]) for r in rows)
@@ -182,7 +243,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         shard = out_dir / f"part-{k:05d}.parquet"
         if not shard.exists():
             rows = distill(loaded, prompts[s : s + size], *distill_args, seed=args.seed + s * args.samples,
-                           samples=args.samples, topk=args.topk)
+                           samples=args.samples, topk=args.topk, policy=policy)
             _write_shard(rows, shard, s, args.samples)
             n += len(rows)
             print(f"[skipray] {shard.name}: {len(rows)} rows ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -196,7 +257,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                 continue
             made = self_prompts(loaded, size, seed=args.seed + 10**6 * (k + 1), exclude=exclude, seen=seen)
             rows = distill(loaded, made, *distill_args, seed=args.seed + 10**6 * (k + 1), samples=args.samples,
-                           topk=args.topk)
+                           topk=args.topk, policy=policy)
             _write_shard(rows, shard, k * size, args.samples)
             n += len(rows)
             print(f"[skipray] {shard.name}: {len(rows)} rows from model-written prompts "
@@ -221,6 +282,9 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--samples", type=int, default=1, help="answers per prompt (use with --temperature > 0)")
     p.add_argument("--topk", type=int, default=0, help="store the teacher's top-K log-probs per response token")
+    p.add_argument("--policy", default=None,
+                   help="on-policy rollouts: the --model skip adapter answers under this schedule ('trained', "
+                        "MAX,MIN,DECAY[,WARMUP] or a .json file) and the full model scores them (needs --topk)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     p.add_argument("--device", default=None)

@@ -189,3 +189,40 @@ def test_merged_inference_weights_follow_adapter_updates():
                          logits_at=slice(len(p) - 1, T), adapter=generated_positions(1, len(p), T))
         assert logits[0].argmax(-1).tolist() == c.token_ids
     assert [c.token_ids for c in before] != [c.token_ids for c in after]
+
+
+def test_on_policy_rollouts_are_the_skip_models_tokens_scored_by_the_base_model():
+    """distill(policy=...): the answers are the skip model's own greedy tokens under the policy, and the
+    teacher columns are the base model's (adapter off) top-k after the same prefix, as Hugging Face
+    computes them."""
+    from types import SimpleNamespace
+
+    from skipray.distill_data import distill
+
+    hf = tiny_llama()
+    peft_model = with_random_lora(hf)
+    model = SkipModel(hf)
+    L = model.num_layers
+    sched = SkipSchedule(L, L - 1, 2, decay_tokens=6, drop_order=shuffled_order(L))
+
+    class Tok:  # the prompts are already token ids: "5 6 7" -> [5, 6, 7]
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(x) for x in text.split()]}
+
+        def decode(self, ids, **kw):
+            return " ".join(map(str, ids))
+
+    loaded = SimpleNamespace(model=model, tokenizer=Tok(), eos_token_ids=())
+    prompts = [" ".join(map(str, p)) for p in PROMPTS]
+    rows = distill(loaded, prompts, chat=False, max_new_tokens=8, batch_size=3, topk=4, policy=sched)
+    ref = Engine(model, sched, max_batch=4, max_len=64).generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    assert [r["response_ids"] for r in rows] == [c.token_ids for c in ref]
+    with torch.no_grad(), peft_model.disable_adapter():
+        for p, r in zip(PROMPTS, rows):
+            ids = torch.tensor([p + r["response_ids"]])
+            lp = torch.log_softmax(hf(ids).logits[0, len(p) - 1 : -1].float(), -1)
+            vals, top = lp.topk(4, -1)
+            assert r["teacher_top_ids"] == top.tolist()
+            torch.testing.assert_close(torch.tensor(r["teacher_top_logprobs"]), vals, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="topk"):
+        distill(loaded, prompts, chat=False, max_new_tokens=4, batch_size=2, policy=sched)
