@@ -229,7 +229,7 @@ class Engine:
                 row_of = [row_of[i] for i in keep]
             tok_t = torch.tensor(tokens, device=self.device)[:, None]
             active = schedule.active_layers(step)
-            logits = self.decode_one_token(tok_t, positions, P + step, active, adapter=not schedule.is_full)
+            logits = self.decode_one_token(tok_t, positions, P + step, active, adapter=schedule.skips(step))
             layers = len(active)
             positions = positions + 1
             step += 1

@@ -122,6 +122,11 @@ class SkipSchedule:
         # floor(x + 0.5) is monotone in x, so n is non-increasing in step.
         return self.max_layers - math.floor((self.max_layers - self.min_layers) * frac + 0.5)
 
+    def skips(self, step: int) -> bool:
+        """True when generation step ``step`` drops at least one layer: only then does a skip adapter
+        apply (a full-depth step is the base model exactly, so the adapter cannot help it)."""
+        return self.num_active(step) < self.num_layers
+
     def active_layers(self, step: int) -> tuple[int, ...]:
         """Indices of the layers that run at ``step``, ascending: all but the first ``L - n(step)`` of the drop order."""
         dropped = set(self.order[: self.num_layers - self.num_active(step)])

@@ -356,8 +356,8 @@ class ContinuousEngine(ChunkedPrefill):
         plan, layers = self.row_plan()
         tokens = torch.tensor([[r.generated[-1]] for r in self.live], device=self.device)
         slots = torch.tensor([len(r.prompt) + r.step for r in self.live], device=self.device)
-        # the skip adapter applies to the generated tokens of rows whose schedule skips
-        adapter = torch.tensor([[not r.schedule.is_full] for r in self.live], device=self.device)
+        # the skip adapter applies to the generated tokens of rows whose schedule skips at this step
+        adapter = torch.tensor([[r.schedule.skips(r.step)] for r in self.live], device=self.device)
         seg = Segment(tokens, slots[:, None], plan, torch.ones_like(tokens, dtype=torch.bool),
                       slice(0, n), slots, None, adapter)
         return seg, layers
