@@ -85,7 +85,8 @@ def generate_all(engine, prompts, schedule, max_new: int, batch: int, temperatur
 
 def _logits(model, prompt: list[int], response: list[int], schedule=None) -> torch.Tensor:
     """Logits predicting each ``response`` token after ``prompt``: full depth, or ``schedule`` with its adapter."""
-    from skipray.model import forward, full_plan, generated_positions, training_plan
+    from skipray.model import forward, full_plan, training_plan
+    from skipray.train import adapter_mask
 
     tokens = torch.tensor([prompt + response])
     real = torch.ones_like(tokens, dtype=torch.bool)
@@ -94,7 +95,7 @@ def _logits(model, prompt: list[int], response: list[int], schedule=None) -> tor
     if schedule is None or schedule.is_full:
         plan, adapter = full_plan(model.num_layers), None
     else:
-        plan, adapter = training_plan(schedule, P, T), generated_positions(1, P, T)
+        plan, adapter = training_plan(schedule, P, T), adapter_mask(schedule, 1, P, T)
     return forward(model, tokens, pos, plan, real, logits_at=slice(P - 1, T - 1), adapter=adapter)[0].float()
 
 

@@ -147,6 +147,15 @@ def topk_kl(t_logp: torch.Tensor, t_ids: torch.Tensor, s_logp: torch.Tensor) -> 
     return kl_top + p_tail * (p_tail.log() - q_tail.log())
 
 
+def adapter_mask(schedule, batch: int, prompt_len: int, total_len: int, device=None) -> torch.Tensor:
+    """Where the skip adapter applies in the training layout, ``(batch, total_len)`` bool: column
+    ``prompt_len + i`` (the token consumed at generation step ``i``) when ``schedule.skips(i)``, as the
+    engines decide it per step; never the prompt."""
+    steps = range(max(total_len - prompt_len, 0))
+    cols = [False] * min(prompt_len, total_len) + [schedule.skips(i) for i in steps]
+    return torch.tensor(cols, device=device)[None].expand(batch, total_len)
+
+
 def answer_logits(model, batch: dict, schedule) -> torch.Tensor:
     """Student logits (B, R, V) predicting response tokens ``0..R-1``, computed as decoding computes them:
     the prompt once at full depth without gradients (the skip adapter never touches it), then the
@@ -164,7 +173,7 @@ def answer_logits(model, batch: dict, schedule) -> torch.Tensor:
         return first
     ans = slice(P, T - 1)  # response token i (i < R-1) is consumed at generation step i
     rest = forward(model, tokens[:, ans], positions[:, ans], training_plan(schedule, 0, T - 1 - P), real[:, ans],
-                   adapter=torch.ones_like(real[:, ans]), prefix=cache).float()
+                   adapter=adapter_mask(schedule, B, 0, T - 1 - P, tokens.device), prefix=cache).float()
     return torch.cat([first, rest], 1)
 
 
@@ -174,8 +183,6 @@ def skip_loss(model, teacher, batch: dict, schedule, kl_weight: float, ce_weight
     ``cached_prompt`` (default: when the student is a LoRA skip adapter, which never touches the prompt)
     runs the prompt once without gradients (``answer_logits``); else one forward covers everything."""
     from skipray.model import forward, full_plan, training_plan
-
-    from skipray.model import generated_positions
 
     tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
     B, T = tokens.shape
@@ -187,7 +194,7 @@ def skip_loss(model, teacher, batch: dict, schedule, kl_weight: float, ce_weight
         student = answer_logits(model, batch, schedule)
     else:  # full fine-tuning changes the prompt's pass too: one forward over everything
         plan = training_plan(schedule, P, T)
-        adapter = generated_positions(B, P, T, tokens.device)
+        adapter = adapter_mask(schedule, B, P, T, tokens.device)
         student = forward(model, tokens, positions, plan, real, logits_at=cols, adapter=adapter).float()
     logp = F.log_softmax(student, -1)
     n = mask.sum().clamp(min=1)

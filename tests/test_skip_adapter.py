@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from skipray.engine import Engine, SamplingParams, pad_prompts
-from skipray.model import SkipModel, forward, generated_positions, training_plan
+from skipray.model import SkipModel, forward, training_plan
 from skipray.schedule import SkipSchedule
-from skipray.train import topk_kl
+from skipray.train import adapter_mask, topk_kl
 
 from conftest import tiny_llama, tiny_opt
 
@@ -36,13 +36,17 @@ def shuffled_order(L):
     return [order[i] for i in torch.randperm(L, generator=g).tolist()]
 
 
+@pytest.mark.parametrize("max_depth", ["skips-from-step-0", "full-depth-first-steps"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
-def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make):
+def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make, max_depth):
     hf = make()
-    with_random_lora(hf)
+    peft_model = with_random_lora(hf)
     model = SkipModel(hf)
     L = model.num_layers
-    sched = SkipSchedule(L, L - 1, 2, decay_tokens=6, drop_order=shuffled_order(L))
+    top = L - 1 if max_depth == "skips-from-step-0" else L
+    sched = SkipSchedule(L, top, 2, decay_tokens=6, shape="power", power=2.0, drop_order=shuffled_order(L))
+    full_steps = sum(not sched.skips(i) for i in range(10))
+    assert full_steps == (0 if top < L else 3)
     engine = Engine(model, sched, max_batch=4, max_len=64)
     n = 10
     logits = engine.prefill(PROMPTS)
@@ -52,20 +56,32 @@ def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make)
     for i in range(n):
         tok = logits.argmax(-1)
         toks.append(tok)
-        logits = engine.decode_one_token(tok[:, None], positions + i, P + i, sched.active_layers(i), adapter=True)
+        logits = engine.decode_one_token(tok[:, None], positions + i, P + i, sched.active_layers(i),
+                                         adapter=sched.skips(i))
         steps.append(logits)
     gen, step_logits = torch.stack(toks, 1), torch.stack(steps, 1)
     prompt, prompt_real = pad_prompts(PROMPTS)
     tokens = torch.cat([prompt, gen], 1)
     real = torch.cat([prompt_real, torch.ones_like(gen, dtype=torch.bool)], 1)
     pos = (real.long().cumsum(-1) - 1).clamp(min=0)
-    adapter = generated_positions(len(PROMPTS), P, P + n)
+    adapter = adapter_mask(sched, len(PROMPTS), P, P + n)
     par = forward(model, tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n),
                   adapter=adapter)
     torch.testing.assert_close(par.detach(), step_logits, atol=1e-4, rtol=1e-4)
     # the adapter really changes the skip output (else the test above would prove nothing about it)
     plain = forward(model, tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n))
     assert (plain.detach() - step_logits).abs().max() > 1e-2
+    # full-depth steps (the prompt's pass and the steps before the first drop) are the base model's
+    torch.testing.assert_close(plain[:, : full_steps + 1].detach(), step_logits[:, : full_steps + 1],
+                               atol=1e-4, rtol=1e-4)
+    # the engine decides the same per step: its tokens are those of greedy decoding over these logits
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=n))
+    assert [c.token_ids for c in out] == [gen[b, : len(c.token_ids)].tolist() for b, c in enumerate(out)]
+    with torch.no_grad(), peft_model.disable_adapter():  # and Hugging Face's base model agrees
+        for b, p in enumerate(PROMPTS):
+            ids = torch.tensor([p + gen[b, :full_steps].tolist()])
+            ref = hf(ids).logits[0, len(p) - 1 :].float()
+            torch.testing.assert_close(ref, step_logits[b, : full_steps + 1].float(), atol=1e-4, rtol=1e-4)
 
 
 def test_full_depth_with_adapter_equals_base_model():
@@ -76,10 +92,11 @@ def test_full_depth_with_adapter_equals_base_model():
     engine = Engine(model, max_batch=4, max_len=64)
     full = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
     assert [c.token_ids for c in full] == [c.token_ids for c in base_out]
-    # a skipping schedule uses the adapter: its first token (the prompt's full-depth pass) is still the base's
+    # a skipping schedule uses the adapter where it drops layers: its first token (the prompt's pass) and
+    # its second (step 0 runs every layer) are still the base's
     sched = SkipSchedule(model.num_layers, model.num_layers, model.num_layers - 1, decay_tokens=1, drop_order=[3])
     skip = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12), sched)
-    assert [c.token_ids[0] for c in skip] == [c.token_ids[0] for c in base_out]
+    assert [c.token_ids[:2] for c in skip] == [c.token_ids[:2] for c in base_out]
     assert [c.token_ids for c in skip] != [c.token_ids for c in base_out]
 
 
@@ -149,7 +166,7 @@ def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
     tokens, real, pos, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
     T = tokens.shape[1]
     whole = forward(model, tokens, pos, training_plan(sched, P, T), real, logits_at=slice(P - 1, T - 1),
-                    adapter=generated_positions(3, P, T))
+                    adapter=adapter_mask(sched, 3, P, T))
     split = answer_logits(model, batch, sched)
     mask = batch["loss_mask"][:, P - 1:]
     torch.testing.assert_close(split[mask], whole[mask].float(), atol=1e-4, rtol=1e-4)
@@ -186,7 +203,7 @@ def test_merged_inference_weights_follow_adapter_updates():
         real = torch.ones_like(toks, dtype=torch.bool)
         T = toks.shape[1]
         logits = forward(model, toks, torch.arange(T)[None], training_plan(sched, len(p), T), real,
-                         logits_at=slice(len(p) - 1, T), adapter=generated_positions(1, len(p), T))
+                         logits_at=slice(len(p) - 1, T), adapter=adapter_mask(sched, 1, len(p), T))
         assert logits[0].argmax(-1).tolist() == c.token_ids
     assert [c.token_ids for c in before] != [c.token_ids for c in after]
 
