@@ -4,7 +4,8 @@
 # and collapse when anything else runs). Every step resumes: data shards that exist are skipped, and
 # `skipray train --resume` continues from OUT/checkpoint (it re-reads the data, so new shards join).
 #   bash scripts/train_default.sh            # everything, in order (tens of core-hours)
-#   STAGE=train15 bash scripts/train_default.sh   # one stage: prompts data calibrate train15 eval15 train2x eval2x package
+#   STAGE=train15 bash scripts/train_default.sh   # one stage: prompts data calibrate train15 eval15 policy15
+#                                                 # train15p eval15p train2x eval2x package
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
@@ -12,6 +13,7 @@ PY=.venv/bin/python
 SK=.venv/bin/skipray
 STEPS15=${STEPS15:-1100}
 STEPS2X=${STEPS2X:-1100}
+STEPS15P=${STEPS15P:-500}
 HELD=(--exclude examples/heldout_prompts.parquet --exclude examples/fact_questions.parquet --exclude examples/prompts.parquet)
 stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 
@@ -47,6 +49,25 @@ evaluate() {  # MODEL OUT
 }
 stage train15 && train runs/skip15 runs/calibrate/skip15.json "$STEPS15"
 stage eval15 && evaluate runs/skip15 runs/eval-skip15
+if stage policy15; then  # on-policy rollouts: the ~1.5x adapter answers under its schedule, the full model
+    # scores every token (top-16); prompts: the model-written ones and the project's, shuffled (~25 min)
+    $PY - <<'EOF'
+import glob, random
+import pyarrow as pa, pyarrow.parquet as pq
+ps = [p for f in sorted(glob.glob("runs/data/self/self-*.parquet")) for p in pq.read_table(f, columns=["prompt"]).column("prompt").to_pylist()]
+ps += pq.read_table("examples/train_prompts.parquet", columns=["prompt"]).column("prompt").to_pylist()
+uniq = list(dict.fromkeys(ps))
+random.Random(0).shuffle(uniq)
+pq.write_table(pa.table({"prompt": uniq}), "runs/policy_prompts.parquet")
+EOF
+    $SK distill-data --model runs/skip15 --policy trained --prompts runs/policy_prompts.parquet --limit 3000 \
+        --out runs/data/policy15 --shard-size 500 --topk 16 --temperature 0.5 --max-new-tokens 64 --batch-size 32 \
+        --seed 70000
+fi
+# continue the ~1.5x adapter on everything under runs/data, on-policy rollouts included
+stage train15p && train runs/skip15p runs/calibrate/skip15.json "$STEPS15P" --lr 2e-4 --warmup-steps 20 \
+    $( [ -f runs/skip15p/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15 )
+stage eval15p && evaluate runs/skip15p runs/eval-skip15p
 stage train2x && train runs/skip2x runs/calibrate/skip2x.json "$STEPS2X" \
     $( [ -f runs/skip2x/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15 )  # warm start
 stage eval2x && evaluate runs/skip2x runs/eval-skip2x
