@@ -32,7 +32,7 @@ def direct(m, schedule, prompts: list[list[int]], args, bucket: bool) -> dict:
     from skipray.engine import Engine, SamplingParams
 
     engine = Engine(m.model, schedule, max_batch=args.batch_size, max_len=256, eos_token_ids=m.eos_token_ids)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    params = SamplingParams(max_tokens=args.max_new_tokens)
     window = args.batch_size * args.bucket_window
     tokens, batches_all, t0 = 0, [], time.perf_counter()
     for w in range(0, len(prompts), window):  # the same windows the job's actor sees

@@ -70,7 +70,7 @@ def step_seconds(run, n: int, repeats: int) -> float:
 
 
 def hf_generate(hf, prompts, n, pad):
-    from skipray.engine import pad_prompts
+    from skipray.runner import pad_prompts
 
     ids, real = pad_prompts(prompts, pad)
     am = real.long()
@@ -139,7 +139,7 @@ def main() -> None:
     if args.memory_only:
         print(memory_table(m, schedules, prompts_for(m.tokenizer, 8), n, args.mem_budget_gib)[0])
         return
-    params = SamplingParams(max_new_tokens=n)  # no EOS: every row makes n tokens
+    params = SamplingParams(max_tokens=n)  # no EOS: every row makes n tokens
     engine = Engine(m.model, max_batch=max(args.batches), max_len=256)
     results: dict = {"device": "cpu", "threads": torch.get_num_threads(), "new_tokens": n, "p1": [], "p2": []}
     bf16 = load("smollm2-base", device="cpu", dtype=torch.bfloat16)  # outside P1's fp32 rule, for reference
@@ -169,7 +169,7 @@ def main() -> None:
     for b in [x for x in args.batches if x <= 8]:
         ps = prompts_for(m.tokenizer, b)
         t_hf = step_seconds(lambda k: hf_generate(m.model.hf, ps, k, m.tokenizer.pad_token_id), n, args.repeats)
-        t_us = step_seconds(lambda k: engine.generate(ps, SamplingParams(max_new_tokens=k)), n, args.repeats)
+        t_us = step_seconds(lambda k: engine.generate(ps, SamplingParams(max_tokens=k)), n, args.repeats)
         row = {"batch": b, "hf_step_ms": t_hf * 1e3, "skipray_step_ms": t_us * 1e3,
                "hf_gbs": weight_bytes / t_hf / 1e9, "max_gain": t_hf / floor}
         results["roofline"]["rows"].append(row)

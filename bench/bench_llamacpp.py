@@ -123,7 +123,7 @@ def time_skipray(engine, prompts, new_tokens: int, schedule, repeats: int):
     for _ in range(repeats):
         ids = [[] for _ in prompts]
         t0, first = time.perf_counter(), None
-        for ev in engine.stream(prompts, SamplingParams(max_new_tokens=new_tokens), schedule):
+        for ev in engine.stream(prompts, SamplingParams(max_tokens=new_tokens), schedule):
             first = first or time.perf_counter()
             ids[ev.row].append(ev.token_id)
         run = (ids, first - t0, time.perf_counter() - t0)

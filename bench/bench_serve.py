@@ -4,7 +4,7 @@ Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max
 [--skip-mix [JSON]] [--runs 3] [--max-num-batched-tokens N]`` measures
 
 * ``direct``: the static-batch ``Engine.generate`` over 16 prompts in this process (no Ray, no HTTP);
-* ``engine only``: the ``ContinuousEngine`` in this process with 16 requests always in flight (no Ray,
+* ``engine only``: the ``Engine`` in this process with 16 requests always in flight (no Ray,
   no HTTP): what continuous batching itself costs, apart from Serve;
 * ``continuous``: the skipray Serve app (``skipray.serve.app``) at 1, 4 and 16 concurrent clients;
 * ``static``: a Serve deployment that groups requests with ``@serve.batch`` (max 16) and runs each
@@ -52,11 +52,11 @@ def direct(model_spec: str, max_tokens: list[int], threads: int) -> dict:
     m = load(model_spec, device="cpu")
     ids = [encode_prompt(m.tokenizer, p, chat=False) for p in PROMPTS]
     eng = Engine(m.model, m.schedule, max_batch=16, max_len=256, eos_token_ids=m.eos_token_ids)
-    eng.generate(ids[:2], SamplingParams(max_new_tokens=4))  # warm-up
+    eng.generate(ids[:2], SamplingParams(max_tokens=4))  # warm-up
     n, calls, t0 = 0, [], time.perf_counter()
     while time.perf_counter() - t0 < 20 or len(calls) < 2:  # whole batches, >= 20 s, like a load level
         t = time.perf_counter()
-        params = [SamplingParams(max_new_tokens=max_tokens[k % len(max_tokens)]) for k in range(len(ids))]
+        params = [SamplingParams(max_tokens=max_tokens[k % len(max_tokens)]) for k in range(len(ids))]
         n += sum(len(o.token_ids) for o in eng.generate(ids, params))
         calls.append(time.perf_counter() - t)
     dt = time.perf_counter() - t0
@@ -66,27 +66,26 @@ def direct(model_spec: str, max_tokens: list[int], threads: int) -> dict:
 
 def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: float = 20.0,
                 mix: dict | None = None, batched_tokens: int | None = None) -> dict:
-    """``ContinuousEngine`` without Serve or HTTP: 16 requests always in flight (a finished one is
+    """``Engine`` without Serve or HTTP: 16 requests always in flight (a finished one is
     replaced at once by the next prompt), as 16 closed-loop clients would keep it; generated tokens/s.
     ``mix``: skip flags of a second schedule that every other request uses."""
     import torch
 
-    from skipray.engine import SamplingParams
+    from skipray.engine import Engine, SamplingParams
     from skipray.loading import load
-    from skipray.scheduler import ContinuousEngine
     from skipray.text import encode_prompt
 
     torch.set_num_threads(threads)
     m = load(model_spec, device="cpu")
     ids = [encode_prompt(m.tokenizer, p, chat=False) for p in PROMPTS]
-    eng = ContinuousEngine(m.model, m.schedule, max_batch=16, max_len=256, eos_token_ids=m.eos_token_ids,
-                           max_num_batched_tokens=batched_tokens)
+    eng = Engine(m.model, m.schedule, max_batch=16, max_len=256, eos_token_ids=m.eos_token_ids,
+                 max_num_batched_tokens=batched_tokens)
     schedules = [eng.schedule] if mix is None else [eng.schedule, mix_schedule(m, mix)]
     sent = 0
 
     def submit() -> None:
         nonlocal sent
-        eng.add_request(ids[sent % 16], SamplingParams(max_new_tokens=max_tokens[sent % len(max_tokens)]),
+        eng.add_request(ids[sent % 16], SamplingParams(max_tokens=max_tokens[sent % len(max_tokens)]),
                         schedules[sent % len(schedules)])
         sent += 1
 
@@ -153,7 +152,7 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
         async def run(self, items: list[tuple[list[int], int]]) -> list[dict]:
             from skipray.engine import SamplingParams
 
-            outs = self.engine.generate([i for i, _ in items], [SamplingParams(max_new_tokens=n) for _, n in items])
+            outs = self.engine.generate([i for i, _ in items], [SamplingParams(max_tokens=n) for _, n in items])
             return [{"usage": {"completion_tokens": len(o.token_ids), "avg_layers": o.avg_layers}} for o in outs]
 
         async def __call__(self, request: Request) -> dict:

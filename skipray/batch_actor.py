@@ -60,6 +60,7 @@ class Generator:
         from skipray.loading import load
         from skipray.metrics import EngineMetrics
         from skipray.schedule import SkipSchedule
+        from skipray.text import detokenizer
 
         self.metrics = EngineMetrics("batch")
         torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // max(1, spec.max_actors)))
@@ -68,24 +69,18 @@ class Generator:
         self.schedule = SkipSchedule.from_dict(spec.schedule)
         self.trained = self.m.schedule.to_dict() if self.m.schedule else None
         self.engine = Engine(self.m.model, self.schedule, max_batch=spec.batch_size, max_len=spec.max_len,
-                             eos_token_ids=self.m.eos_token_ids)
+                             eos_token_ids=self.m.eos_token_ids, detokenize=detokenizer(self.m.tokenizer))
         self.calls = 0
 
     @functools.lru_cache(maxsize=64)
     def _schedule(self, flags: str | None):
         return self.schedule if flags is None else schedule_for(flags, self.m.model.num_layers, self.trained)
 
-    @functools.lru_cache(maxsize=64)
-    def _stop_fn(self, stop: tuple[str, ...]):
-        from skipray.text import stop_checker
-
-        return stop_checker(self.m.tokenizer, list(stop))
-
     def _params(self, p: dict):
-        from skipray.engine import SamplingParams
+        from skipray.requests import SamplingParams
 
-        return SamplingParams(max_new_tokens=p["max_new_tokens"], temperature=p["temperature"], top_p=p["top_p"],
-                              top_k=p["top_k"], seed=p["seed"], stop_fn=self._stop_fn(tuple(p["stop"] or ())))
+        return SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
+                              top_k=p["top_k"], seed=p["seed"], stop=tuple(p["stop"] or ()))
 
     def _run(self, prompts: list[list[int]], params: list, schedule) -> list:
         """Generate one micro-batch; -> a ``Completion`` or the exception of each row (faults stay per row)."""

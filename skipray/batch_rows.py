@@ -46,7 +46,7 @@ PARAMS = "__skipray_params"  # internal: the row's resolved sampling params and 
 PRE_ERROR = "__skipray_error"  # internal: an error found before tokenizing (the file job's id checks)
 INTERNAL_COLUMNS = (TOKENS, PARAMS, PRE_ERROR)
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-PARAMS_TYPE = pa.struct([("max_new_tokens", pa.int32()), ("temperature", pa.float64()), ("top_p", pa.float64()),
+PARAMS_TYPE = pa.struct([("max_tokens", pa.int32()), ("temperature", pa.float64()), ("top_p", pa.float64()),
                          ("top_k", pa.int32()), ("seed", pa.int64()), ("stop", pa.list_(pa.string())),
                          ("skip", pa.string())])
 
@@ -249,7 +249,7 @@ def schedule_for(flags_json: str, num_layers: int, trained: dict | None):
 # -- the tokenizing step -----------------------------------------------------------------------------------
 def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
     """Rename clashing columns, tokenize, resolve params and mark bad rows (module contract)."""
-    from skipray.engine import SamplingParams
+    from skipray.requests import SamplingParams
     from skipray.text import encode_messages, encode_prompt
 
     reserved = set(GENERATED_COLUMNS) | {TOKENS, PARAMS}
@@ -270,7 +270,7 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
         if err is None:
             try:
                 p = _params(row_params[i], ctx.defaults)
-                sp = SamplingParams(max_new_tokens=int(p["max_tokens"]), temperature=float(p["temperature"]),
+                sp = SamplingParams(max_tokens=int(p["max_tokens"]), temperature=float(p["temperature"]),
                                     top_p=float(p["top_p"]), top_k=int(p["top_k"]))
                 sp.validate()
                 skip = _skip_flags(skips[i], ctx)
@@ -284,11 +284,11 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
                 seed = row_seed(int(p["seed"]), key)
             else:
                 seed = None
-            prm = {"max_new_tokens": sp.max_new_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
+            prm = {"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
                    "top_k": sp.top_k, "seed": seed, "stop": p["stop"], "skip": skip}
             ids_i, err = _encode(tok, prompts[i], messages[i], ctx.apply_chat_template, encode_prompt, encode_messages)
-            if err is None and len(ids_i) + sp.max_new_tokens > ctx.max_model_len:
-                err = (f"prompt too long: {len(ids_i)} tokens + max_new_tokens {sp.max_new_tokens} exceed the "
+            if err is None and len(ids_i) + sp.max_tokens > ctx.max_model_len:
+                err = (f"prompt too long: {len(ids_i)} tokens + max_tokens {sp.max_tokens} exceed the "
                        f"model's context of {ctx.max_model_len}")
         token_ids.append([] if err else ids_i)
         lengths.append(len(ids_i) if ids_i else 0)

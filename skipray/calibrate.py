@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 def _batch(seqs: Sequence[tuple[list[int], list[int]]], length: int):
     """Left-padded prompts (shared width P) followed by ``length`` answer tokens per row."""
-    from skipray.engine import pad_prompts
+    from skipray.runner import pad_prompts
 
     tokens, real = pad_prompts([p + r[:length] for p, r in seqs])
     P = tokens.shape[1] - length

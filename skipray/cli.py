@@ -13,10 +13,11 @@ import time
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from skipray.engine import Engine, SamplingParams
+    from skipray.engine import Engine
     from skipray.loading import load
     from skipray.options import schedule_from_args
-    from skipray.text import decode, encode_prompt, stop_checker
+    from skipray.requests import SamplingParams
+    from skipray.text import decode, detokenizer, encode_prompt
 
     t0 = time.perf_counter()
     import torch
@@ -25,12 +26,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     m = load(args.model, device=args.device, dtype=dtype)
     schedule = schedule_from_args(args, m.model.num_layers, m.schedule)
     prompts = [encode_prompt(m.tokenizer, p, chat=args.chat) for p in args.prompt]
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop_fn=stop_checker(m.tokenizer, args.stop),
-    )
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop or ())
     engine = Engine(m.model, schedule, max_batch=len(prompts), max_len=max(map(len, prompts)) + args.max_new_tokens,
-                    eos_token_ids=m.eos_token_ids, max_new_tokens=args.max_new_tokens)  # cache sized for the schedule
+                    eos_token_ids=m.eos_token_ids, max_tokens=args.max_new_tokens, cache_schedule=schedule,
+                    detokenize=detokenizer(m.tokenizer))  # the cache sized for the schedule
     t1 = time.perf_counter()
     outs = engine.generate(prompts, params)
     t2 = time.perf_counter()

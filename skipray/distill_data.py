@@ -79,7 +79,7 @@ def self_prompts(
     bar = tqdm(total=n, desc="self-prompts", disable=not progress)
     tries = 0
     while len(out) < n and tries < 4 * n:
-        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  seed=seed + tries + i) for i in range(batch_size)]
         tries += batch_size
         for c in engine.generate([query] * batch_size, params):
@@ -151,7 +151,7 @@ def distill(
     bar = tqdm(total=len(ids), desc="distill", disable=not progress)
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
-        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  seed=seed + i, logprobs=0 if policy else topk) for i in chunk]
         outs = engine.generate([ids[i] for i in chunk], params)
         if policy is not None:

@@ -1,141 +1,63 @@
-"""The skip-decoding engine: batched, KV-cached generation over token ids.
+"""The skip-decoding engine: one loop for static batches, online serving and the offline batch job.
 
-Contract: the engine knows nothing about tokenization, Ray or HTTP. It takes prompts as lists of
-token ids and returns generated token ids, a finish reason per row (``"stop"`` or ``"length"``) and
-the number of layers computed for each generated token. The prompt runs at full depth (``prefill``);
-each later token runs the schedule's layers for its step (``decode_one_token``). Rows that finish
-are compacted out of the batch, so they stop costing compute. One preallocated KV cache is reused
-across calls and grows only when a call needs more rows or slots.
+Contract: pure torch over token ids (no Ray, no HTTP; the tokenizer only through the optional
+``detokenize`` hook that checks stop strings). ``Engine`` holds one ``SkipModel``, a ``Scheduler``
+(plain Python: queues, admission, which rows run which layer, retirement), a ``ModelRunner`` (the
+forward passes over KV-cache rows) and the batched sampler (``skipray.sampling.sample_rows``).
 
-The cache shrinks with the schedule: layer ``l`` needs only ``P + k_l`` slots (``P`` the padded prompt,
-``k_l`` the steps of the call's schedule that run ``l``; ``skipray.memory.layer_slots``). A call whose
-needs exceed the cache reallocates it to the per-layer maximum of both. ``Engine(max_new_tokens=n)``
-preallocates for the engine's schedule with ``max_len - n`` prompt tokens and ``n`` new tokens; without
-it every layer gets ``max_len`` slots up front (any split of prompt and new tokens fits).
+* ``add_request`` / ``abort`` may be called from any thread; ``step`` is called by one loop thread and
+  does one iteration: apply aborts; admit waiting requests into free rows and prefill them at full
+  depth (their first token comes from that pass); one decode step for every live row, each row
+  running *its own* step's layers of *its own* schedule (rows at different steps and schedules
+  share the batch; see ``skipray.scheduler`` for the row order that keeps each layer's rows one
+  slice); sample; retire finished rows (``"stop"`` / ``"length"``, ``skipray.requests.finish_reason``).
+  A freed row is refilled at the next iteration: a request never waits for another to finish.
+* Chunked prefill (``max_num_batched_tokens``, vLLM's per-iteration token budget): each iteration is
+  one forward pass carrying the decode step of every decoding row and prompt chunks that fill the
+  rest of the budget (at most ``max_prefill_tokens`` of it); a long prompt is prefilled over several
+  iterations while the decoding rows keep producing a token at every iteration.
+* ``generate`` / ``stream`` (a batch of prompts on an idle engine) are loops over ``add_request`` +
+  ``step``: every prompt is queued, rows are refilled as they finish, and the cache grows first when
+  the call needs more slots than it has. They raise what a request failed with.
+* Offline requests (``add_request(offline=True)``) are their own admission class (``Scheduler``).
+* The cache: layer ``l`` holds ``min(max_len, max_prompt_len + k_l)`` slots, ``k_l`` the steps of
+  ``cache_schedule`` (default full depth) that run ``l`` within ``max_tokens`` (default ``max_len``)
+  new tokens (``skipray.memory.layer_slots``). ``add_request`` refuses a request whose prompt is longer
+  than ``max_prompt_len`` or whose schedule would run a layer past its slots (``ValueError``). A
+  server accepting full-depth requests must keep the full-depth default.
+* Faults stay with their request: anything raised for one row (sampling, non-finite logits, the stop
+  check) ends that request alone with ``finish_reason="error"`` and ``Event.error``; a failing prefill
+  ends the requests it was admitting; a failing decode pass ends every live request (with chunked
+  prefill the parts of a failing pass are rerun one by one, so a failing chunk ends only its request).
+  ``step`` never raises for these and returns every event produced before the failure.
+
+With greedy sampling, and with seeded sampling, each request produces the tokens it would produce
+alone, whatever shares its batch (tested).
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from skipray.memory import layer_slots
-from skipray.model import SkipModel, forward, full_plan, step_plan
-from skipray.sampling import sample, validate
+from skipray.model import SkipModel
+from skipray.requests import Completion, Event, SamplingParams, TokenEvent, finish_reason, validate_request
+from skipray.runner import ModelRunner
+from skipray.sampling import sample_rows
 from skipray.schedule import SkipSchedule
+from skipray.scheduler import Request, Scheduler
 
-
-MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop_fn: Callable[[list[int]], bool] | None = None  # e.g. stop strings, checked at the edges
-    logprobs: int = 0  # return the top-N log-probs of each step's logits (0: only none; vLLM's `logprobs`)
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        validate(self.temperature, self.top_k, self.top_p)
-
-
-@dataclass
-class TopLogprobs:
-    """Log-softmax of the logits a step really produced (before temperature/top-p, as vLLM returns them):
-    the sampled token's log-prob and the ``n`` most likely token ids with theirs, best first."""
-
-    logprob: float
-    top_ids: list[int]
-    top_logprobs: list[float]
-
-
-def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int]) -> list[TopLogprobs | None]:
-    """Per row of ``logits`` (B, V): ``TopLogprobs`` with ``n[row]`` entries, or ``None`` where ``n[row] == 0``."""
-    if not any(n):
-        return [None] * len(chosen)
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    vals, ids = torch.topk(lp, max(n), dim=-1)
-    picked = lp[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
-    vals, ids = vals.tolist(), ids.tolist()
-    return [TopLogprobs(picked[i], ids[i][:k], vals[i][:k]) if k else None for i, k in enumerate(n)]
-
-
-@dataclass
-class Completion:
-    prompt_len: int
-    token_ids: list[int] = field(default_factory=list)
-    layers_per_token: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    logprobs: list[TopLogprobs] = field(default_factory=list)  # one per token when params.logprobs > 0
-
-    @property
-    def avg_layers(self) -> float:
-        return sum(self.layers_per_token) / max(len(self.layers_per_token), 1)
-
-
-@dataclass
-class TokenEvent:
-    row: int
-    token_id: int
-    layers: int
-    finish_reason: str | None  # set on the row's last token
-    logprobs: TopLogprobs | None = None  # when the request asked for logprobs
-
-
-def finish_reason(generated: list[int], p: SamplingParams, eos_token_ids: Sequence[int]) -> str | None:
-    """Stop token, EOS or ``stop_fn`` -> ``"stop"``; ``max_new_tokens`` reached -> ``"length"``."""
-    if generated[-1] in p.stop_token_ids or generated[-1] in eos_token_ids:
-        return "stop"
-    if p.stop_fn is not None and p.stop_fn(generated):
-        return "stop"
-    if len(generated) >= p.max_new_tokens:
-        return "length"
-    return None
+logger = logging.getLogger(__name__)
 
 
 def check_schedule(schedule: SkipSchedule, num_layers: int) -> None:
     """Raise ``ValueError`` when ``schedule`` was made for a model of another depth."""
     if schedule.num_layers != num_layers:
         raise ValueError(f"schedule is for {schedule.num_layers} layers, model has {num_layers}")
-
-
-def pad_prompts(
-    prompts: Sequence[Sequence[int]], pad_id: int = 0, side: str = "left"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens, real)`` of shape (B, P), P the longest prompt: ``side="left"`` right-aligns the prompts
-    (static batches: every row's next token goes to slot P), ``"right"`` left-aligns them (continuous
-    batching: each row's own length is its next slot). ``real`` marks tokens, not padding."""
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    B, P = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.full((B, P), pad_id, dtype=torch.long)
-    real = torch.zeros(B, P, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        cols = slice(P - len(p), P) if side == "left" else slice(0, len(p))
-        tokens[b, cols] = torch.tensor(p, dtype=torch.long)
-        real[b, cols] = True
-    return tokens, real
-
-
-def validate_request(prompt: Sequence[int], p: SamplingParams, vocab_size: int, context: int) -> None:
-    """Raise ``ValueError`` for a request no engine can serve."""
-    if len(prompt) == 0:
-        raise ValueError("prompt is empty")
-    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt):
-        raise ValueError(f"prompt has token ids outside [0, {vocab_size})")
-    p.validate()
-    if len(prompt) + p.max_new_tokens > context:
-        raise ValueError(f"{len(prompt)} prompt tokens + {p.max_new_tokens} new tokens exceed the context of {context}")
 
 
 class Engine:
@@ -146,25 +68,120 @@ class Engine:
         max_batch: int = 32,
         max_len: int = 512,
         eos_token_ids: Sequence[int] = (),
-        max_new_tokens: int | None = None,
+        *,
+        max_tokens: int | None = None,
+        max_prompt_len: int | None = None,
+        cache_schedule: SkipSchedule | None = None,
+        max_waiting: int = 64,
+        max_prefill_tokens: int = 2048,
+        max_num_batched_tokens: int | None = None,
+        max_offline_rows: int | None = None,
+        detokenize: Callable[[list[int]], str] | None = None,
     ) -> None:
-        """``max_batch`` rows of ``max_len`` slots (prompt + new tokens) are preallocated; with
-        ``max_new_tokens`` the cache is sized for ``schedule`` (module docstring). Calls that need more
-        grow it. Raises ``ValueError`` for a schedule of another depth or ``max_new_tokens`` outside
-        ``[1, max_len]``."""
+        """``max_batch`` rows of up to ``max_len`` slots; ``schedule``: the default per request (full depth);
+        ``max_tokens``, ``max_prompt_len`` (default ``max_len - max_tokens``, or ``max_len - 1``) and
+        ``cache_schedule`` size the cache (module docstring); ``max_prefill_tokens``: prompt tokens per
+        admission pass; ``max_num_batched_tokens``: chunked prefill's budget; ``max_waiting`` and
+        ``max_offline_rows``: see ``Scheduler``; ``detokenize``: ids -> text, for stop strings.
+        Raises ``ValueError`` for a schedule of another depth, ``max_tokens`` outside ``[1, max_len]``,
+        ``max_prompt_len`` outside ``[1, max_len - 1]`` or a budget the ``Scheduler`` refuses."""
         self.model = model.eval()
         self.schedule = schedule or SkipSchedule.full(model.num_layers)
+        self.cache_schedule = cache_schedule or SkipSchedule.full(model.num_layers)
         check_schedule(self.schedule, model.num_layers)
+        check_schedule(self.cache_schedule, model.num_layers)
         self.eos_token_ids = tuple(eos_token_ids)
-        self.device = next(model.parameters()).device
-        lens = None
-        if max_new_tokens is not None:
-            if not 1 <= max_new_tokens <= max_len:
-                raise ValueError(f"max_new_tokens must be in [1, max_len={max_len}], got {max_new_tokens}")
-            lens = layer_slots(self.schedule, max_len - max_new_tokens, max_new_tokens)
-        self.cache = model.new_cache(max_batch, max_len, lens)
+        self.detokenize = detokenize
+        if max_tokens is not None and not 1 <= max_tokens <= max_len:
+            raise ValueError(f"max_tokens must be in [1, max_len={max_len}], got {max_tokens}")
+        if max_prompt_len is not None and not 1 <= max_prompt_len <= max_len - 1:
+            raise ValueError(f"max_prompt_len must be in [1, max_len - 1 = {max_len - 1}], got {max_prompt_len}")
+        self.max_len = max_len
+        self.max_prompt_len = max_prompt_len or (max_len - max_tokens if max_tokens else max_len - 1)
+        lens = layer_slots(self.cache_schedule, self.max_prompt_len, max_tokens or max_len)
+        self.scheduler = Scheduler(max_batch, max_waiting, max_prefill_tokens, max_num_batched_tokens, max_offline_rows)
+        self.runner = ModelRunner(self.model, model.new_cache(max_batch, max_len, [min(max_len, n) for n in lens]))
+        self._ids = itertools.count()
+        self.steps = 0  # decode iterations run
 
-    # -- public API --------------------------------------------------------------------------------
+    @property
+    def cache(self):
+        return self.runner.cache
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a row (decoding or being prefilled)."""
+        return len(self.scheduler.live) + len(self.scheduler.prefilling)
+
+    @property
+    def num_waiting(self) -> int:
+        """Online requests waiting."""
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_offline_waiting(self) -> int:
+        return len(self.scheduler.offline_waiting)
+
+    # -- requests (any thread) ---------------------------------------------------------------------
+    def _check_fits(self, req: Request) -> None:
+        """Raise ``ValueError`` for a request this engine, as it is sized, can never serve."""
+        context = min(self.max_len, self.model.max_positions)
+        if len(req.prompt) + req.params.max_tokens > context:
+            raise ValueError(f"{len(req.prompt)} prompt tokens + {req.params.max_tokens} new tokens exceed the "
+                             f"context of {context}")
+        if len(req.prompt) > self.max_prompt_len:
+            raise ValueError(f"prompt has {len(req.prompt)} tokens; this engine takes at most {self.max_prompt_len}")
+        need = layer_slots(req.schedule, len(req.prompt), req.params.max_tokens)
+        for l, (n, have) in enumerate(zip(need, self.cache.layer_lens)):
+            if n > have:
+                raise ValueError(
+                    f"this request's schedule needs {n} cache slots at layer {l}, which holds {have}: the cache is "
+                    f"sized for {self.cache_schedule.describe()} and prompts of at most {self.max_prompt_len} tokens")
+
+    def _request(self, prompt: Sequence[int], params: SamplingParams, schedule: SkipSchedule | None,
+                 request_id: str | None, offline: bool = False) -> Request:
+        schedule = schedule or self.schedule
+        check_schedule(schedule, self.model.num_layers)
+        validate_request(prompt, params, self.model.vocab_size, self.model.max_positions)
+        if any(s for s in params.stop) and self.detokenize is None:
+            raise ValueError("stop strings need an engine built with a detokenizer (Engine(detokenize=...))")
+        try:
+            gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        except (RuntimeError, OverflowError) as e:
+            raise ValueError(f"invalid seed {params.seed}: {e}") from None
+        return Request(request_id or f"req-{next(self._ids)}", list(prompt), params, schedule, gen, offline)
+
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        schedule: SkipSchedule | None = None,
+        request_id: str | None = None,
+        offline: bool = False,
+    ) -> str:
+        """Queue a request; it joins the batch at the next iteration with a free row. -> request id.
+        Raises ``ValueError`` for invalid input and ``QueueFull`` when ``max_waiting`` online requests wait."""
+        req = self._request(prompt, params, schedule, request_id, offline)
+        self._check_fits(req)
+        self.scheduler.add(req)
+        return req.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (waiting or live); its row is freed at the start of the next ``step``."""
+        self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def reset(self) -> list[str]:
+        """Forget every request (after a failure the caller could not contain); -> their ids."""
+        return [r.request_id for r in self.scheduler.reset()]
+
+    # -- batches of prompts --------------------------------------------------------------------------
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -182,97 +199,162 @@ class Engine:
                 c.logprobs.append(ev.logprobs)
         return out
 
-    @torch.inference_mode()
     def stream(
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
         schedule: SkipSchedule | None = None,
     ) -> Iterator[TokenEvent]:
-        """Yield one ``TokenEvent`` per generated token as soon as it is sampled."""
-        schedule = schedule or self.schedule
-        check_schedule(schedule, self.model.num_layers)
+        """Yield one ``TokenEvent`` per generated token as soon as it is sampled (rows by prompt index).
+
+        Raises ``ValueError`` for invalid input (``"prompt i: ..."``), ``RuntimeError`` when the engine
+        has requests of its own, and what a request failed with (the call's other requests are dropped)."""
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        self._validate(prompts, plist)
-        if not prompts:
-            return
-        B, P = len(prompts), max(len(p) for p in prompts)
-        max_new = max(p.max_new_tokens for p in plist)
-        self._ensure_cache(B, layer_slots(schedule, P, max_new))
-        gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in plist]
-
-        logits = self.prefill(prompts)
-        row_of = list(range(B))  # cache row i holds request row_of[i]
-        generated: list[list[int]] = [[] for _ in range(B)]
-        positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        layers = self.model.num_layers
-        step = 0
-        while row_of:
-            tokens, keep = [], []
-            picked = [sample(logits[i], plist[r].temperature, plist[r].top_k, plist[r].top_p, gens[r])
-                      for i, r in enumerate(row_of)]
-            lps = top_logprobs(logits, picked, [plist[r].logprobs for r in row_of])
-            for i, r in enumerate(row_of):
-                tok = picked[i]
-                generated[r].append(tok)
-                reason = finish_reason(generated[r], plist[r], self.eos_token_ids)
-                yield TokenEvent(r, tok, layers, reason, lps[i])
-                if reason is None:
-                    keep.append(i)
-                    tokens.append(tok)
-            if not keep:
-                return
-            if len(keep) < len(row_of):  # compact: finished rows stop costing compute
-                idx = torch.tensor(keep, device=self.device)
-                self.cache.move_rows(idx, torch.arange(len(keep), device=self.device), upto=P + step)
-                positions = positions[idx]
-                row_of = [row_of[i] for i in keep]
-            tok_t = torch.tensor(tokens, device=self.device)[:, None]
-            active = schedule.active_layers(step)
-            logits = self.decode_one_token(tok_t, positions, P + step, active, adapter=schedule.skips(step))
-            layers = len(active)
-            positions = positions + 1
-            step += 1
-
-    # -- phases ------------------------------------------------------------------------------------
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Full-depth pass over left-padded prompts into cache rows ``0..B-1``; last-token logits (B, V)."""
-        tokens, real = (t.to(self.device) for t in pad_prompts(prompts))
-        B, P = tokens.shape
-        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-        self.cache.reset_rows(slice(0, B))
-        logits = forward(
-            self.model, tokens, positions, full_plan(self.model.num_layers), real,
-            cache=self.cache, cache_rows=slice(0, B), start=0, logits_at=slice(P - 1, P),
-        )
-        return logits[:, 0].float()
-
-    def decode_one_token(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, active: Sequence[int], adapter: bool = False
-    ) -> torch.Tensor:
-        """One step for the live rows (cache rows ``0..n-1``), running only ``active`` layers; with
-        ``adapter``, the model's skip adapter (if it has one) applies to these generated tokens."""
-        n = tokens.shape[0]
-        ones = torch.ones_like(tokens, dtype=torch.bool)
-        logits = forward(
-            self.model, tokens, positions[:, None], step_plan(active, self.model.num_layers), ones,
-            cache=self.cache, cache_rows=slice(0, n), start=slot, adapter=ones if adapter else None,
-        )
-        return logits[:, 0].float()
-
-    # -- helpers -----------------------------------------------------------------------------------
-    def _validate(self, prompts: Sequence[Sequence[int]], plist: list[SamplingParams]) -> None:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        if self.has_work():
+            raise RuntimeError("generate/stream need an idle engine; this one has requests of its own")
+        reqs = []
         for i, (p, sp) in enumerate(zip(prompts, plist)):
             try:
-                validate_request(p, sp, self.model.vocab_size, self.model.max_positions)
+                reqs.append(self._request(p, sp, schedule, f"row-{i}"))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
+        if not reqs:
+            return
+        need = [max(x) for x in zip(*(layer_slots(r.schedule, len(r.prompt), r.params.max_tokens) for r in reqs))]
+        self.runner.ensure_cache(min(len(reqs), self.max_batch), need)
+        for r in reqs:
+            self.scheduler.add(r, bounded=False)
+        try:
+            while self.has_work():
+                for ev in self.step():
+                    if ev.finish_reason in ("error", "abort"):
+                        raise ev.error or RuntimeError(f"request {ev.request_id} was aborted")
+                    yield TokenEvent(int(ev.request_id[4:]), ev.token_id, ev.layers, ev.finish_reason, ev.logprobs)
+        finally:
+            self.scheduler.reset()  # a consumer that stops early, or a failure, leaves no request behind
 
-    def _ensure_cache(self, rows: int, layer_lens: Sequence[int]) -> None:
-        """Reallocate the cache when ``rows`` rows of ``layer_lens`` slots per layer do not fit it."""
-        c = self.cache
-        if not c.fits(rows, layer_lens):
-            lens = [max(a, b) for a, b in zip(c.layer_lens, layer_lens)]
-            self.cache = self.model.new_cache(max(rows, c.max_batch), max(lens), lens)
+    # -- the loop body -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One iteration: aborts, admissions (prefill), one decode step for all live rows, retirement."""
+        events: list[Event] = []
+        admit: list[Request] = []
+        s = self.scheduler
+        try:
+            waiting, running = s.take_aborts()
+            events += [Event(r.request_id, None, 0, "abort") for r in waiting + running]
+            self._retire(running)
+            if s.max_num_batched_tokens is not None:
+                self._chunked_iteration(events)
+            else:
+                admit = s.take_admissions()
+                if admit:
+                    self._admit(admit, events)
+                if s.live:
+                    logits, layers = self._decode()
+                    self._retire(self._emit(s.live, logits, layers, events))
+                    self.steps += 1
+        except Exception as e:  # the batch pass itself failed: it ends every request it held
+            logger.exception("engine step failed; ending %d live requests", len(s.live) + len(s.prefilling))
+            ended = {ev.request_id for ev in events if ev.finish_reason is not None}
+            failed = {id(r): r for r in s.live + s.prefilling + admit if r.request_id not in ended}
+            events += [Event(r.request_id, None, 0, "error", error=e) for r in failed.values()]
+            s.live, s.prefilling, s.groups = [], [], []
+        return events
+
+    def _retire(self, reqs: Sequence[Request]) -> None:
+        self.runner.move_rows(*self.scheduler.retire(reqs))
+
+    def _admit(self, admit: list[Request], events: list[Event]) -> None:
+        """Place the newcomers in the row order, then one full-depth pass for all of them."""
+        s = self.scheduler
+        self.runner.move_rows(*s.arrange(s.live + admit))
+        row = {id(r): i for i, r in enumerate(s.live)}
+        admit.sort(key=lambda r: row[id(r)])
+        try:
+            logits = self.runner.prefill([r.prompt for r in admit], [row[id(r)] for r in admit])
+        except Exception as e:  # the newcomers' pass failed: it ends them, not the rows decoding
+            logger.exception("prefill of %d requests failed", len(admit))
+            events += [Event(r.request_id, None, 0, "error", error=e) for r in admit]
+            self._retire(admit)
+            return
+        self._retire(self._emit(admit, logits, [self.model.num_layers] * len(admit), events))
+
+    def _decode_segment(self):
+        live = self.scheduler.live
+        rows, layers = self.scheduler.layer_rows()
+        seg = self.runner.decode_segment([r.generated[-1] for r in live], [len(r.prompt) + r.step for r in live],
+                                         rows, [r.schedule.skips(r.step) for r in live])  # adapter where the step skips
+        return seg, layers
+
+    def _decode(self) -> tuple[torch.Tensor, list[int]]:
+        """The decode step of every live row; -> logits ``(n, vocab)`` and the layers each row ran."""
+        seg, layers = self._decode_segment()
+        return self.runner.run([seg])[0][:, 0].float(), layers
+
+    def _emit(self, reqs: list[Request], logits: torch.Tensor, layers: list[int], events: list[Event]) -> list[Request]:
+        """Sample one token per request (row ``i`` of ``logits``); -> the requests that finished."""
+        picked, lps = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        done = []
+        for i, req in enumerate(reqs):
+            tok, reason, err = picked[i], None, None
+            if isinstance(tok, int):
+                req.generated.append(tok)
+                req.layers.append(layers[i])
+                try:
+                    reason = finish_reason(req.generated, req.params, self.eos_token_ids, self.detokenize)
+                except Exception as e:  # e.g. the stop-string check's tokenizer
+                    reason, err = "error", e
+            else:
+                tok, reason, err = None, "error", tok
+            if err is not None:
+                logger.warning("request %s failed: %r", req.request_id, err)
+            events.append(Event(req.request_id, tok, layers[i] if tok is not None else 0, reason, lps[i], err))
+            if reason is not None:
+                done.append(req)
+        return done
+
+    def _chunked_iteration(self, events: list[Event]) -> None:
+        """One pass: the decode step of every decoding row plus this iteration's prompt chunks."""
+        s = self.scheduler
+        chunks, new = s.plan_chunks()
+        if new:
+            self.runner.move_rows(*s.arrange(s.live, s.prefilling + new))
+            self.runner.reset_rows(len(s.live) + len(s.prefilling) - len(new), len(new))
+        segments, layers = [], []
+        if s.live:
+            seg, layers = self._decode_segment()
+            segments.append(seg)
+        segments += [self.runner.chunk_segment(r.prompt[a : a + n], s.row(r), a, a + n == len(r.prompt))
+                     for r, a, n in chunks]
+        if not segments:
+            return
+        outs = self.runner.run_isolated(segments)
+        gone: list[Request] = []
+        if s.live:
+            out, outs = outs[0], outs[1:]
+            if isinstance(out, BaseException):
+                logger.error("decode step failed; ending %d decoding requests", len(s.live), exc_info=out)
+                events += [Event(r.request_id, None, 0, "error", error=out) for r in s.live]
+                gone += s.live
+            else:
+                gone += self._emit(s.live, out[:, 0].float(), layers, events)
+                self.steps += 1
+        ready, logits = [], []
+        for (req, start, n), out in zip(chunks, outs):
+            if isinstance(out, BaseException):
+                logger.error("prefill chunk of request %s failed", req.request_id, exc_info=out)
+                events.append(Event(req.request_id, None, 0, "error", error=out))
+                gone.append(req)
+                continue
+            req.prefilled = start + n
+            if req.prefilled == len(req.prompt):
+                ready.append(req)
+                logits.append(out[:, 0].float())
+        if ready:
+            gone += self._emit(ready, torch.cat(logits), [self.model.num_layers] * len(ready), events)
+        out_ids = {id(r) for r in gone}
+        self.runner.move_rows(*s.arrange([r for r in s.live + ready if id(r) not in out_ids],
+                                         [r for r in s.prefilling if id(r) not in out_ids and r.prefilled < len(r.prompt)]))

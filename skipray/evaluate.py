@@ -77,7 +77,7 @@ def generate_all(engine, prompts, schedule, max_new: int, batch: int, temperatur
 
     outs, t0 = [], time.perf_counter()
     for s in range(0, len(prompts), batch):
-        params = [SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=seed + s + i)
+        params = [SamplingParams(max_tokens=max_new, temperature=temperature, seed=seed + s + i)
                   for i in range(len(prompts[s : s + batch]))]
         outs += [c.token_ids for c in engine.generate(prompts[s : s + batch], params, schedule)]
     return outs, time.perf_counter() - t0
@@ -233,7 +233,7 @@ def _measured_speedup(engine, prompts, sched, max_new) -> float:
     eos, engine.eos_token_ids = engine.eos_token_ids, ()
     full = SkipSchedule.full(engine.model.num_layers)
     try:
-        p = SamplingParams(max_new_tokens=max_new)
+        p = SamplingParams(max_tokens=max_new)
         t = {}
         for name, s in (("full", full), ("skip", sched), ("full2", full), ("skip2", sched)):
             t0 = time.perf_counter()

@@ -1,15 +1,24 @@
-"""Sampling: a pure function from logits to a token id, with an explicit random generator.
+"""Sampling: from logits to token ids, with an explicit random generator per request.
 
 ``temperature < MIN_TEMPERATURE`` (1e-5, as vLLM) is greedy: argmax, no randomness; a temperature
 that small cannot be divided by without overflowing the logits. Otherwise logits are divided by the
 temperature, filtered by ``top_k`` (0: off) and nucleus ``top_p`` (1.0: off), and one token is drawn
 with ``generator``. The same generator state gives the same token. Logits that are not finite (a
 model fault) raise ``FloatingPointError`` instead of drawing from a meaningless distribution.
+
+``sample_rows`` is the engine's batched sampler: one token per row of a ``(n, vocab)`` logits tensor,
+each row with its own ``SamplingParams`` and generator; greedy rows share one ``argmax``; what fails for
+one row (non-finite logits, a bad generator) is that row's exception, never its batch-mates'.
+``top_logprobs`` gives the top-N log-softmax entries a request asked for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from skipray.requests import SamplingParams, TopLogprobs
 
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (vLLM's _SAMPLING_EPS)
 
@@ -48,3 +57,48 @@ def validate(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int]) -> list[TopLogprobs | None]:
+    """Per row of ``logits`` (B, V): ``TopLogprobs`` with ``n[row]`` entries, or ``None`` where ``n[row] == 0``."""
+    if not any(n):
+        return [None] * len(chosen)
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    vals, ids = torch.topk(lp, max(n), dim=-1)
+    picked = lp[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
+    vals, ids = vals.tolist(), ids.tolist()
+    return [TopLogprobs(picked[i], ids[i][:k], vals[i][:k]) if k else None for i, k in enumerate(n)]
+
+
+def sample_rows(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> tuple[list[int | BaseException], list[TopLogprobs | None]]:
+    """One token per row of ``logits`` ``(n, vocab)`` with row ``i``'s ``params[i]`` and ``generators[i]``.
+
+    -> (token id or the exception that row raised, per row; its ``TopLogprobs`` when ``params[i].logprobs``,
+    else ``None``). Greedy rows take one batched ``argmax`` (the same ids ``sample`` gives them)."""
+    finite = torch.isfinite(logits).all(-1).tolist()
+    greedy = [i for i, p in enumerate(params) if p.temperature < MIN_TEMPERATURE and finite[i]]
+    picked: list[int | BaseException] = [0] * len(params)
+    if greedy:
+        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+            picked[i] = t
+    for i, p in enumerate(params):
+        if not finite[i]:
+            picked[i] = FloatingPointError("the model produced non-finite logits for this request")
+        elif p.temperature >= MIN_TEMPERATURE:
+            try:
+                picked[i] = sample(logits[i], p.temperature, p.top_k, p.top_p, generators[i])
+            except Exception as e:  # this row's failure, not its batch-mates'
+                picked[i] = e
+    lps: list[TopLogprobs | None] = [None] * len(params)
+    want = [i for i, p in enumerate(params) if p.logprobs and isinstance(picked[i], int)]
+    if want:
+        try:
+            got = top_logprobs(logits[want], [picked[i] for i in want], [params[i].logprobs for i in want])
+            for i, g in zip(want, got):
+                lps[i] = g
+        except Exception as e:
+            for i in want:
+                picked[i] = e
+    return picked, lps

@@ -50,18 +50,10 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     return text if cut < 0 else text[:cut]
 
 
-def stop_checker(tokenizer, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:
-    """A ``stop_fn`` for the engine: true once the decoded tail contains any stop string."""
-    stops = [s for s in stop if s]
-    if not stops:
-        return None
-    window = max(len(s) for s in stops) + 8  # tokens are >= 1 char; a few spare for merges
-
-    def check(ids: list[int]) -> bool:
-        tail = tokenizer.decode(ids[-window:], skip_special_tokens=True)
-        return any(s in tail for s in stops)
-
-    return check
+def detokenizer(tokenizer) -> Callable[[list[int]], str]:
+    """The engine's detokenizer hook (``Engine(detokenize=...)``, for stop strings): ids -> text without
+    special tokens."""
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 class TextStream:

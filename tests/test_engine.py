@@ -4,7 +4,9 @@ padding invariance, cache discipline, sampling determinism, stop handling and ba
 import pytest
 import torch
 
-from skipray.engine import Engine, SamplingParams, pad_prompts
+from skipray.engine import Engine
+from skipray.requests import SamplingParams
+from skipray.runner import pad_prompts
 from skipray.model import SkipModel, forward, training_plan
 from skipray.schedule import SkipSchedule
 
@@ -27,23 +29,23 @@ def schedule_for(model):
 def test_full_depth_matches_hf_generate(hf_model):
     model = SkipModel(hf_model)
     engine = Engine(model, max_batch=4, max_len=64)
-    batched = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10))
+    batched = engine.generate(PROMPTS, SamplingParams(max_tokens=10))
     assert [c.token_ids for c in batched] == hf_greedy(hf_model, PROMPTS, 10)
     for p, c in zip(PROMPTS, batched):  # and one by one
-        assert engine.generate([p], SamplingParams(max_new_tokens=10))[0].token_ids == hf_greedy(hf_model, [p], 10)[0]
+        assert engine.generate([p], SamplingParams(max_tokens=10))[0].token_ids == hf_greedy(hf_model, [p], 10)[0]
         assert c.finish_reason == "length" and c.layers_per_token == [model.num_layers] * 10
 
 
 def decode_logits(engine, prompts, schedule, n):
     """Greedy decode through the engine's phases, returning generated ids and per-step logits."""
-    logits = engine.prefill(prompts)
+    logits = engine.runner.prefill(prompts)
     P = max(map(len, prompts))
     positions = torch.tensor([len(p) for p in prompts])
     steps, toks = [logits], []
     for i in range(n):
         tok = logits.argmax(-1)
         toks.append(tok)
-        logits = engine.decode_one_token(tok[:, None], positions + i, P + i, schedule.active_layers(i))
+        logits = engine.runner.decode_one_token(tok[:, None], positions + i, P + i, schedule.active_layers(i))
         steps.append(logits)
     return torch.stack(toks, 1), torch.stack(steps, 1)
 
@@ -54,7 +56,7 @@ def test_cached_skip_decode_equals_training_forward(hf_model, sized):
     sched = schedule_for(model)
     n = 12
     P0 = max(map(len, PROMPTS))
-    engine = Engine(model, sched, max_batch=4, max_len=P0 + n if sized else 64, max_new_tokens=n if sized else None)
+    engine = Engine(model, sched, max_batch=4, max_len=P0 + n if sized else 64, max_tokens=n if sized else None, cache_schedule=sched)
     if sized:  # the skipped layers hold fewer slots than the others
         assert min(engine.cache.layer_lens) < max(engine.cache.layer_lens) == P0 + n
     gen, step_logits = decode_logits(engine, PROMPTS, sched, n)
@@ -75,9 +77,9 @@ def test_batched_equals_unbatched_under_skipping(hf_model):
     model = SkipModel(hf_model)
     sched = schedule_for(model)
     engine = Engine(model, sched, max_batch=4, max_len=64)
-    batched = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    batched = engine.generate(PROMPTS, SamplingParams(max_tokens=12))
     for p, c in zip(PROMPTS, batched):
-        alone = engine.generate([p], SamplingParams(max_new_tokens=12))[0]
+        alone = engine.generate([p], SamplingParams(max_tokens=12))[0]
         assert alone.token_ids == c.token_ids
         assert c.layers_per_token == sched.layers_per_token(12)
 
@@ -87,14 +89,14 @@ def test_skipped_layers_leave_cache_untouched(llama):
     sched = SkipSchedule(model.num_layers, 4, 2, decay_tokens=3, warmup_layers=1)
     engine = Engine(model, sched, max_batch=2, max_len=32)
     prompts = [[4, 5, 6], [7, 8]]
-    logits = engine.prefill(prompts)
+    logits = engine.runner.prefill(prompts)
     cache = engine.cache
     assert cache.filled[:, :2].eq(3).all()
     positions = torch.tensor([3, 2])
     for i in range(5):
         before_k, before_v, before_f = [t.clone() for t in cache.k], [t.clone() for t in cache.v], cache.filled.clone()
         active = sched.active_layers(i)
-        logits = engine.decode_one_token(logits.argmax(-1)[:, None], positions + i, 3 + i, active)
+        logits = engine.runner.decode_one_token(logits.argmax(-1)[:, None], positions + i, 3 + i, active)
         for l in range(model.num_layers):
             if l in active:
                 assert cache.filled[l, :2].eq(3 + i + 1).all()
@@ -109,13 +111,13 @@ def test_skipped_layers_leave_cache_untouched(llama):
 
 def test_seeded_sampling_is_reproducible(llama):
     engine = Engine(SkipModel(llama), max_batch=2, max_len=64)
-    p = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    p = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=20, seed=7)
     a = engine.generate([[5, 6, 7]], p)[0].token_ids
     b = engine.generate([[5, 6, 7]], p)[0].token_ids
-    c = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=16, temperature=1.0, seed=8))[0].token_ids
+    c = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=16, temperature=1.0, seed=8))[0].token_ids
     assert a == b and a != c
     # a row's sample does not depend on its batch neighbours
-    both = engine.generate([[5, 6, 7], [9, 9]], [p, SamplingParams(max_new_tokens=4, temperature=1.0, seed=1)])
+    both = engine.generate([[5, 6, 7], [9, 9]], [p, SamplingParams(max_tokens=4, temperature=1.0, seed=1)])
     assert both[0].token_ids == a
 
 
@@ -123,23 +125,23 @@ def test_stop_tokens_and_compaction(llama):
     model = SkipModel(llama)
     sched = schedule_for(model)
     engine = Engine(model, sched, max_batch=4, max_len=64)
-    free = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    free = engine.generate(PROMPTS, SamplingParams(max_tokens=12))
     stop_tok = free[1].token_ids[3]  # row 1 stops at its 4th token; the others run on
-    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, stop_token_ids=(stop_tok,)))
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, stop_token_ids=(stop_tok,)))
     for f, o in zip(free, outs):
         k = f.token_ids.index(stop_tok) + 1 if stop_tok in f.token_ids else len(f.token_ids)
         assert o.token_ids == f.token_ids[:k]
         assert o.finish_reason == ("stop" if stop_tok in f.token_ids else "length")
-    stopper = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=12, stop_fn=lambda ids: len(ids) == 5))
+    stopper = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, stop_fn=lambda ids: len(ids) == 5))
     assert len(stopper[0].token_ids) == 5 and stopper[0].finish_reason == "stop"
 
 
 def test_stream_yields_tokens_in_order(llama):
     engine = Engine(SkipModel(llama), max_batch=2, max_len=64)
-    events = list(engine.stream([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=5)))
+    events = list(engine.stream([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=5)))
     assert len(events) == 10
     per_row = {0: [e.token_id for e in events if e.row == 0], 1: [e.token_id for e in events if e.row == 1]}
-    ref = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=5))
+    ref = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=5))
     assert per_row[0] == ref[0].token_ids and per_row[1] == ref[1].token_ids
     assert [e.finish_reason for e in events if e.row == 0][-1] == "length"
 
@@ -149,11 +151,11 @@ def test_stream_yields_tokens_in_order(llama):
     [
         ([[]], SamplingParams(), "empty"),
         ([[1, 2, 10_000]], SamplingParams(), "token ids outside"),
-        ([[1, 2]], SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        ([[1, 2]], SamplingParams(max_tokens=0), "max_tokens"),
         ([[1, 2]], SamplingParams(temperature=-1), "temperature"),
         ([[1, 2]], SamplingParams(top_p=0), "top_p"),
         ([[1, 2]], SamplingParams(top_k=-3), "top_k"),
-        ([[1] * 250], SamplingParams(max_new_tokens=10), "context"),
+        ([[1] * 250], SamplingParams(max_tokens=10), "context"),
     ],
 )
 def test_bad_arguments(llama, prompts, params, match):
@@ -171,10 +173,13 @@ def test_cache_grows_and_reports_memory(llama):
     model = SkipModel(llama)
     engine = Engine(model, max_batch=1, max_len=8)
     small = engine.cache.nbytes
-    engine.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(max_new_tokens=10))
-    assert engine.cache.max_batch == 2 and engine.cache.max_len >= 13 and engine.cache.nbytes > small
+    got = engine.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(max_tokens=10))
+    # the second prompt takes the row the first one freed; the slots grew to what the call needs
+    assert engine.cache.max_batch == 1 and engine.cache.max_len >= 13 and engine.cache.nbytes > small
     L, H, D = model.num_layers, model.kv_heads, model.head_dim
-    assert engine.cache.nbytes >= 2 * L * 2 * H * 13 * D * 4
+    assert engine.cache.nbytes >= L * 2 * H * 13 * D * 4
+    wide = Engine(model, max_batch=2, max_len=16).generate([[1, 2, 3], [4, 5, 6]], SamplingParams(max_tokens=10))
+    assert [c.token_ids for c in got] == [c.token_ids for c in wide]
 
 
 def test_pad_prompts_both_sides():
@@ -193,7 +198,7 @@ def test_cache_shrinks_with_the_schedule(llama):
     L, H, D = model.num_layers, model.kv_heads, model.head_dim
     sched = SkipSchedule(L, 4, 2, decay_tokens=3, warmup_layers=1)
     P, n = max(map(len, PROMPTS)), 12
-    skip = Engine(model, sched, max_batch=4, max_len=P + n, max_new_tokens=n)
+    skip = Engine(model, sched, max_batch=4, max_len=P + n, max_tokens=n, cache_schedule=sched)
     full = Engine(model, max_batch=4, max_len=P + n)
     # layers 1-2 never run after the prompt, layer 3 runs step 0, layer 4 steps 0-2, layers 0 and 5 always
     lens = layer_slots(sched, P, n)
@@ -204,15 +209,15 @@ def test_cache_shrinks_with_the_schedule(llama):
     assert skip.cache.nbytes == 4 * cache_bytes_per_row(lens, H, D, 4)
     # decoding through the smaller cache gives the uniform cache's tokens and does not reallocate it
     cache = skip.cache
-    got = skip.generate(PROMPTS, SamplingParams(max_new_tokens=n))
+    got = skip.generate(PROMPTS, SamplingParams(max_tokens=n))
     assert skip.cache is cache
-    assert [c.token_ids for c in got] == [c.token_ids for c in full.generate(PROMPTS, SamplingParams(max_new_tokens=n), sched)]
+    assert [c.token_ids for c in got] == [c.token_ids for c in full.generate(PROMPTS, SamplingParams(max_tokens=n), sched)]
     # a full-depth call needs more: the cache grows to what it needs, and the answer is full depth's
-    deep = skip.generate(PROMPTS, SamplingParams(max_new_tokens=n), SkipSchedule.full(L))
+    deep = skip.generate(PROMPTS, SamplingParams(max_tokens=n), SkipSchedule.full(L))
     assert skip.cache is not cache and skip.cache.layer_lens == [P + n] * L
-    assert [c.token_ids for c in deep] == [c.token_ids for c in full.generate(PROMPTS, SamplingParams(max_new_tokens=n))]
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        Engine(model, sched, max_len=8, max_new_tokens=9)
+    assert [c.token_ids for c in deep] == [c.token_ids for c in full.generate(PROMPTS, SamplingParams(max_tokens=n))]
+    with pytest.raises(ValueError, match="max_tokens"):
+        Engine(model, sched, max_len=8, max_tokens=9)
 
 
 def test_writing_past_a_layers_slots_raises(llama):
@@ -220,13 +225,13 @@ def test_writing_past_a_layers_slots_raises(llama):
 
     model = SkipModel(llama)
     sched = SkipSchedule(model.num_layers, 4, 2, decay_tokens=3, warmup_layers=1)
-    engine = Engine(model, sched, max_batch=2, max_len=10, max_new_tokens=4)  # prompt budget 6: layer 1 has 6 slots
+    engine = Engine(model, sched, max_batch=2, max_len=10, max_tokens=4, cache_schedule=sched)  # prompt budget 6: layer 1 has 6 slots
     assert engine.cache.layer_lens[1] == 6
-    logits = engine.prefill([[4, 5, 6]])
+    logits = engine.runner.prefill([[4, 5, 6]])
     tok = logits.argmax(-1)[:, None]
-    engine.decode_one_token(tok, torch.tensor([3]), 3, sched.active_layers(0))  # within every layer's slots
+    engine.runner.decode_one_token(tok, torch.tensor([3]), 3, sched.active_layers(0))  # within every layer's slots
     with pytest.raises(IndexError, match="layer 1 holds 6 slots"):  # a full-depth step at slot 6
-        engine.decode_one_token(tok, torch.tensor([6]), 6, range(model.num_layers))
+        engine.runner.decode_one_token(tok, torch.tensor([6]), 6, range(model.num_layers))
     c = KVCache(2, 2, 1, 5, 4, layer_lens=[5, 3])
     k = torch.ones(2, 1, 1, 4)
     c.write(1, slice(0, 2), torch.tensor([1, 2]), k, k)

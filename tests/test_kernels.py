@@ -74,7 +74,7 @@ def test_engine_with_and_without_packing_agree():
     hf = tiny_llama(num_layers=6)
     sched = SkipSchedule(6, max_layers=6, min_layers=2, decay_tokens=8, warmup_layers=1)
     prompts = [[5, 6, 7, 8], [9, 10]]
-    params = SamplingParams(max_new_tokens=12)
+    params = SamplingParams(max_tokens=12)
     packed, plain = SkipModel(hf), SkipModel(hf, packed_linears=False)
     a = Engine(packed, sched, max_batch=2, max_len=64).generate(prompts, params)
     b = Engine(plain, sched, max_batch=2, max_len=64).generate(prompts, params)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from skipray.engine import Engine, SamplingParams
-from skipray.engine import pad_prompts
+from skipray.runner import pad_prompts
 from skipray.model import forward, training_plan
 from skipray.schedule import SkipSchedule
 from skipray.text import decode, encode_prompt
@@ -26,14 +26,14 @@ def left_pad(prompts, pad):
 def test_full_depth_equals_hf_generate_batched_and_single(smol):
     prompts = [encode_prompt(smol.tokenizer, q, chat=True) for q in QUESTIONS]
     engine = Engine(smol.model, max_batch=2, max_len=128)
-    ours = engine.generate(prompts, SamplingParams(max_new_tokens=20))
+    ours = engine.generate(prompts, SamplingParams(max_tokens=20))
     ids, am, P = left_pad(prompts, smol.tokenizer.pad_token_id)
     ref = smol.model.hf.generate(ids, attention_mask=am, max_new_tokens=20, do_sample=False,
                                  eos_token_id=None, pad_token_id=smol.tokenizer.pad_token_id)
     for b, c in enumerate(ours):
         n = len(c.token_ids)  # ours stops at EOS; HF was told not to
         assert c.token_ids == ref[b, P : P + n].tolist()
-        single = engine.generate([prompts[b]], SamplingParams(max_new_tokens=20))[0]
+        single = engine.generate([prompts[b]], SamplingParams(max_tokens=20))[0]
         assert single.token_ids == c.token_ids
     assert "Paris" in decode(smol.tokenizer, ours[0].token_ids)
 
@@ -44,13 +44,13 @@ def test_skip_decode_equals_training_forward(smol):
     prompts = [encode_prompt(smol.tokenizer, q, chat=True) for q in QUESTIONS]
     engine = Engine(model, sched, max_batch=2, max_len=128)
     P = max(map(len, prompts))
-    logits = engine.prefill(prompts)
+    logits = engine.runner.prefill(prompts)
     positions = torch.tensor([len(p) for p in prompts])
     steps, toks = [logits], []
     for i in range(20):
         tok = logits.argmax(-1)
         toks.append(tok)
-        logits = engine.decode_one_token(tok[:, None], positions + i, P + i, sched.active_layers(i))
+        logits = engine.runner.decode_one_token(tok[:, None], positions + i, P + i, sched.active_layers(i))
         steps.append(logits)
     ids, am, _ = left_pad(prompts, 0)
     tokens = torch.cat([ids, torch.stack(toks, 1)], 1)
@@ -118,7 +118,7 @@ def test_default_model_is_the_shipped_skip_trained_adapter():
     assert m.schedule is not None and not m.schedule.is_full and m.schedule.num_layers == 30
     ids = encode_prompt(m.tokenizer, QUESTIONS[0], chat=True)
     out = Engine(m.model, m.schedule, max_batch=1, max_len=128, eos_token_ids=m.eos_token_ids).generate(
-        [ids], SamplingParams(max_new_tokens=24))[0]
+        [ids], SamplingParams(max_tokens=24))[0]
     assert out.layers_per_token == m.schedule.layers_per_token(len(out.token_ids))
     assert decode(m.tokenizer, out.token_ids).strip()  # it says something; quality is measured by `skipray eval`
     fast = load("default-2x", device="cpu")  # the ~2x adapter: a deeper-skipping schedule, same drop order
@@ -133,7 +133,7 @@ def test_default_model_at_full_depth_is_the_base_model_exactly(smol):
     m = load("default", device="cpu")
     prompts = [encode_prompt(m.tokenizer, q, chat=True) for q in QUESTIONS[:2]]
     engine = Engine(m.model, SkipSchedule.full(30), max_batch=2, max_len=160, eos_token_ids=())
-    got = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_new_tokens=24))]
+    got = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=24))]
     for p, g in zip(prompts, got):
         want = smol.model.hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                                       pad_token_id=0)[0, len(p):].tolist()

@@ -29,3 +29,22 @@ def test_non_finite_logits_raise_floating_point_error():
     logits[3] = float("nan")
     with pytest.raises(FloatingPointError, match="not finite"):
         sample(logits, 0.7, generator=torch.Generator().manual_seed(0))
+
+
+def test_sample_rows_batches_rows_with_their_own_params_and_isolates_faults():
+    from skipray.requests import SamplingParams
+    from skipray.sampling import sample_rows
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    logits[2, 7] = float("inf")  # row 2's model fault
+    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=5, logprobs=3), SamplingParams(),
+              SamplingParams(temperature=0.8, top_k=5, seed=6)]
+    gens = [None, torch.Generator().manual_seed(5), None, torch.Generator().manual_seed(6)]
+    picked, lps = sample_rows(logits, params, gens)
+    assert picked[0] == int(logits[0].argmax())  # greedy rows: one batched argmax
+    assert picked[1] == sample(logits[1], 0.8, generator=torch.Generator().manual_seed(5))  # as alone
+    assert picked[3] == sample(logits[3], 0.8, 5, generator=torch.Generator().manual_seed(6))
+    assert isinstance(picked[2], FloatingPointError)  # its own exception, the others sampled
+    assert [x is None for x in lps] == [True, False, True, True]
+    want = torch.log_softmax(logits[1], -1)
+    assert lps[1].top_ids == want.topk(3).indices.tolist() and lps[1].logprob == pytest.approx(float(want[picked[1]]))

@@ -1,4 +1,4 @@
-"""ContinuousEngine: staggered requests equal the same request run alone (greedy), per-row skip depth."""
+"""Engine: staggered requests equal the same request run alone (greedy), per-row skip depth."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import random
 
 import pytest
 from conftest import tiny_llama, tiny_opt
-from skipray.engine import Engine, SamplingParams
+from skipray.engine import Engine
+from skipray.requests import QueueFull, SamplingParams
 from skipray.model import SkipModel
-from skipray.scheduler import ContinuousEngine, QueueFull
 from skipray.schedule import SkipSchedule
 
 
-def run_staggered(engine: ContinuousEngine, jobs: list[tuple[int, list[int], SamplingParams, SkipSchedule | None]]):
+def run_staggered(engine: Engine, jobs: list[tuple[int, list[int], SamplingParams, SkipSchedule | None]]):
     """Submit job k at iteration ``jobs[k][0]``; run to completion. -> {rid: (tokens, layers, reason)}."""
     out: dict[str, tuple[list[int], list[int], str | None]] = {}
     order = []
@@ -44,7 +44,7 @@ def make_jobs(vocab: int, n: int, seed: int = 0, max_new=(4, 20)):
     jobs = []
     for k in range(n):
         prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 12))]
-        jobs.append((rng.randint(0, 15), prompt, SamplingParams(max_new_tokens=rng.randint(*max_new)), None))
+        jobs.append((rng.randint(0, 15), prompt, SamplingParams(max_tokens=rng.randint(*max_new)), None))
     return jobs
 
 
@@ -59,38 +59,38 @@ def test_staggered_equals_alone(arch):
     # a few requests with their own schedule (non-contiguous rows) and full depth
     jobs[3] = (jobs[3][0], jobs[3][1], jobs[3][2], other)
     jobs[6] = (jobs[6][0], jobs[6][1], jobs[6][2], SkipSchedule.full(L))
-    eng = ContinuousEngine(model, sched, max_batch=4, max_len=64, eos_token_ids=(2,))
+    eng = Engine(model, sched, max_batch=4, max_len=64, eos_token_ids=(2,))
     got = run_staggered(eng, jobs)
     for k, (_, prompt, params, s) in enumerate(jobs):
         want = alone(model, prompt, params, s or sched, eos=(2,))
         assert got[f"r{k}"] == want, f"request {k}"
-    assert not eng.live and eng.num_waiting == 0
+    assert not eng.scheduler.live and eng.num_waiting == 0
 
 
 def test_rows_at_different_steps_run_different_layers():
     model = SkipModel(tiny_llama(num_layers=8))
     sched = SkipSchedule(8, max_layers=8, min_layers=2, decay_tokens=6, warmup_layers=1)
-    eng = ContinuousEngine(model, sched, max_batch=4, max_len=64)
-    a = eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=12))
+    eng = Engine(model, sched, max_batch=4, max_len=64)
+    a = eng.add_request([5, 6, 7], SamplingParams(max_tokens=12))
     eng.step(), eng.step(), eng.step()  # a is at step 3 now
-    b = eng.add_request([8, 9], SamplingParams(max_new_tokens=12))
+    b = eng.add_request([8, 9], SamplingParams(max_tokens=12))
     evs = eng.step()
-    plan, layers = eng.row_plan()
-    assert [r.rid for r in eng.live] == [a, b]
+    plan, layers = eng.scheduler.layer_rows()
+    assert [r.request_id for r in eng.scheduler.live] == [a, b]
     # a (older) runs fewer layers than b; every layer's active rows are a contiguous suffix
-    assert layers == [sched.num_active(eng.live[0].step), sched.num_active(eng.live[1].step)]
+    assert layers == [sched.num_active(eng.scheduler.live[0].step), sched.num_active(eng.scheduler.live[1].step)]
     assert layers[0] < layers[1]
-    for run in plan:
-        assert run is None or (isinstance(run[0], slice) and run[0].stop == 2)
+    for rows in plan:
+        assert rows == list(range(2 - len(rows), 2))
     by = {}
     for ev in evs:
         by.setdefault(ev.request_id, []).append(ev.layers)
     assert by[a] == [sched.num_active(3)]  # a's decode step 3
     assert by[b] == [8, sched.num_active(0)]  # b's prefill token, then its step 0
     # per-token layers recorded by the engine match the schedule for each request
-    eng2 = ContinuousEngine(model, sched, max_batch=4, max_len=64)
-    got = run_staggered(eng2, [(0, [5, 6, 7], SamplingParams(max_new_tokens=12), None),
-                               (4, [8, 9], SamplingParams(max_new_tokens=12), None)])
+    eng2 = Engine(model, sched, max_batch=4, max_len=64)
+    got = run_staggered(eng2, [(0, [5, 6, 7], SamplingParams(max_tokens=12), None),
+                               (4, [8, 9], SamplingParams(max_tokens=12), None)])
     for rid in ("r0", "r1"):
         assert got[rid][1] == sched.layers_per_token(12)
 
@@ -98,12 +98,12 @@ def test_rows_at_different_steps_run_different_layers():
 def test_simultaneous_arrivals_share_one_prefill(monkeypatch):
     model = SkipModel(tiny_llama(num_layers=6))
     sched = SkipSchedule(6, max_layers=6, min_layers=2, decay_tokens=8, warmup_layers=1)
-    eng = ContinuousEngine(model, sched, max_batch=8, max_len=64, eos_token_ids=(2,))
+    eng = Engine(model, sched, max_batch=8, max_len=64, eos_token_ids=(2,))
     passes = []
-    real_prefill = eng._prefill
-    monkeypatch.setattr(eng, "_prefill", lambda prompts, row: passes.append(len(prompts)) or real_prefill(prompts, row))
-    jobs = [(0, [3 + k] * (2 + 3 * k), SamplingParams(max_new_tokens=6 + k), None) for k in range(5)]
-    jobs.append((3, [9, 8, 7], SamplingParams(max_new_tokens=5), None))  # joins rows already decoding
+    real_prefill = eng.runner.prefill
+    monkeypatch.setattr(eng.runner, "prefill", lambda prompts, row: passes.append(len(prompts)) or real_prefill(prompts, row))
+    jobs = [(0, [3 + k] * (2 + 3 * k), SamplingParams(max_tokens=6 + k), None) for k in range(5)]
+    jobs.append((3, [9, 8, 7], SamplingParams(max_tokens=5), None))  # joins rows already decoding
     got = run_staggered(eng, jobs)
     assert passes == [5, 1]  # five prompts of lengths 2..14 in one right-padded pass, then the late one
     for k, (_, prompt, params, _) in enumerate(jobs):
@@ -112,49 +112,49 @@ def test_simultaneous_arrivals_share_one_prefill(monkeypatch):
 
 def test_prefill_token_budget_splits_admission(monkeypatch):
     model = SkipModel(tiny_llama(num_layers=4))
-    eng = ContinuousEngine(model, max_batch=8, max_len=64, max_prefill_tokens=20)
+    eng = Engine(model, max_batch=8, max_len=64, max_prefill_tokens=20)
     passes = []
-    real_prefill = eng._prefill
-    monkeypatch.setattr(eng, "_prefill", lambda prompts, row: passes.append([len(p) for p in prompts])
+    real_prefill = eng.runner.prefill
+    monkeypatch.setattr(eng.runner, "prefill", lambda prompts, row: passes.append([len(p) for p in prompts])
                         or real_prefill(prompts, row))
-    jobs = [(0, [4 + k] * n, SamplingParams(max_new_tokens=3), None) for k, n in enumerate([4, 6, 30, 5, 5])]
+    jobs = [(0, [4 + k] * n, SamplingParams(max_tokens=3), None) for k, n in enumerate([4, 6, 30, 5, 5])]
     got = run_staggered(eng, jobs)
     # 2 x 6 padded tokens fit 20, a third would not; the 30-token prompt goes alone (never starved)
     assert passes == [[4, 6], [30], [5, 5]]
     for k, (_, prompt, params, _) in enumerate(jobs):
         assert got[f"r{k}"] == alone(model, prompt, params, SkipSchedule.full(4)), f"request {k}"
     with pytest.raises(ValueError, match="max_prefill_tokens"):
-        ContinuousEngine(model, max_prefill_tokens=0)
+        Engine(model, max_prefill_tokens=0)
 
 
 def test_seeded_sampling_equals_alone():
     model = SkipModel(tiny_llama())
     sched = SkipSchedule(6, max_layers=6, min_layers=3, decay_tokens=8)
-    jobs = [(k * 2, [4 + k, 9, 11], SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=k), None)
+    jobs = [(k * 2, [4 + k, 9, 11], SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=k), None)
             for k in range(4)]
-    got = run_staggered(ContinuousEngine(model, sched, max_batch=3, max_len=64), jobs)
+    got = run_staggered(Engine(model, sched, max_batch=3, max_len=64), jobs)
     for k, (_, prompt, params, _) in enumerate(jobs):
         assert got[f"r{k}"] == alone(model, prompt, params, sched)
 
 
 def test_abort_frees_row_and_queue_bound():
     model = SkipModel(tiny_llama())
-    eng = ContinuousEngine(model, max_batch=2, max_len=64, max_waiting=1)
-    a = eng.add_request([3, 4], SamplingParams(max_new_tokens=50))
+    eng = Engine(model, max_batch=2, max_len=64, max_waiting=1)
+    a = eng.add_request([3, 4], SamplingParams(max_tokens=50))
     eng.step()
-    b = eng.add_request([5, 6], SamplingParams(max_new_tokens=50))
+    b = eng.add_request([5, 6], SamplingParams(max_tokens=50))
     eng.step()
-    c = eng.add_request([7, 8], SamplingParams(max_new_tokens=3))
+    c = eng.add_request([7, 8], SamplingParams(max_tokens=3))
     with pytest.raises(QueueFull):
-        eng.add_request([7, 8], SamplingParams(max_new_tokens=3))
+        eng.add_request([7, 8], SamplingParams(max_tokens=3))
     eng.step()
     assert eng.num_waiting == 1  # no free row for c yet
     eng.abort(a)
     evs = eng.step()
     assert any(e.request_id == a and e.finish_reason == "abort" for e in evs)
-    assert [r.rid for r in eng.live] == [b, c]
+    assert [r.request_id for r in eng.scheduler.live] == [b, c]
     with pytest.raises(ValueError):
-        eng.add_request([3] * 60, SamplingParams(max_new_tokens=10))  # over the context
+        eng.add_request([3] * 60, SamplingParams(max_tokens=10))  # over the context
     with pytest.raises(ValueError):
         eng.add_request([], SamplingParams())
 
@@ -169,9 +169,9 @@ def test_real_model_staggered_equals_alone(smol):
     sched = smol.schedule or SkipSchedule(L, max_layers=L, min_layers=L // 2, decay_tokens=12, warmup_layers=2)
     prompts = [encode_prompt(smol.tokenizer, p, chat=True) for p in
                ("What is the capital of France?", "Name three colors.", "Write a haiku about rain.")]
-    params = SamplingParams(max_new_tokens=16)
+    params = SamplingParams(max_tokens=16)
     jobs = [(0, prompts[0], params, None), (3, prompts[1], params, None), (7, prompts[2], params, None)]
-    eng = ContinuousEngine(model, sched, max_batch=4, max_len=128, eos_token_ids=smol.eos_token_ids)
+    eng = Engine(model, sched, max_batch=4, max_len=128, eos_token_ids=smol.eos_token_ids)
     got = run_staggered(eng, jobs)
     for k, (_, prompt, p, _) in enumerate(jobs):
         assert got[f"r{k}"] == alone(model, prompt, p, sched, smol.eos_token_ids)
@@ -183,36 +183,36 @@ def test_two_schedules_run_every_layer_on_one_slice():
     model = SkipModel(tiny_llama(num_layers=8))
     a = SkipSchedule(8, max_layers=8, min_layers=3, decay_tokens=6, warmup_layers=1)
     b = SkipSchedule(8, max_layers=7, min_layers=2, decay_tokens=4, warmup_layers=1, drop_order=[5, 2, 6, 3, 4, 1])
-    eng = ContinuousEngine(model, a, max_batch=6, max_len=64, eos_token_ids=(2,))
+    eng = Engine(model, a, max_batch=6, max_len=64, eos_token_ids=(2,))
     jobs = make_jobs(model.vocab_size, 12, seed=3, max_new=(3, 14))
     jobs = [(t, p, sp, b if k % 3 == 1 else None) for k, (t, p, sp, _) in enumerate(jobs)]
     real_decode, plans = eng._decode, []
 
     def spy():
-        plans.append((eng.row_plan()[0], [r.schedule for r in eng.live]))
+        plans.append((eng.scheduler.layer_rows()[0], [r.schedule for r in eng.scheduler.live]))
         return real_decode()
 
     eng._decode = spy
     got = run_staggered(eng, jobs)
     assert any(len(set(s)) == 2 for _, s in plans)  # both schedules shared decode steps
     for plan, _ in plans:
-        assert all(run is None or isinstance(run[0], slice) for run in plan)
+        assert all(rows == list(range(rows[0], rows[0] + len(rows))) for rows in plan if rows)
     for k, (_, prompt, params, s) in enumerate(jobs):
         assert got[f"r{k}"] == alone(model, prompt, params, s or a, eos=(2,)), f"request {k}"
 
 
 def test_a_failing_row_ends_its_request_alone():
     model = SkipModel(tiny_llama())
-    eng = ContinuousEngine(model, max_batch=4, max_len=64)
+    eng = Engine(model, max_batch=4, max_len=64)
 
     def broken_stop(ids):
         if len(ids) >= 3:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a tokenizer error")
         return False
 
-    params = SamplingParams(max_new_tokens=8)
+    params = SamplingParams(max_tokens=8)
     good = [eng.add_request([4 + k, 9, 11], params, request_id=f"g{k}") for k in range(2)]
-    eng.add_request([7, 8], SamplingParams(max_new_tokens=8, stop_fn=broken_stop), request_id="bad")
+    eng.add_request([7, 8], SamplingParams(max_tokens=8, stop_fn=broken_stop), request_id="bad")
     evs = {}
     while eng.has_work():
         for ev in eng.step():
@@ -221,23 +221,23 @@ def test_a_failing_row_ends_its_request_alone():
     assert isinstance(evs["bad"][-1].error, UnicodeDecodeError) and evs["bad"][-1].token_id is not None
     for k, rid in enumerate(good):
         assert [e.token_id for e in evs[rid]] == alone(model, [4 + k, 9, 11], params, SkipSchedule.full(6))[0]
-    assert not eng.live
+    assert not eng.scheduler.live
 
 
 def test_a_failing_decode_pass_answers_every_request(monkeypatch):
     """A request that finished inside the failing step still gets its last event; the live ones get an
     error; a waiting request is served afterwards."""
     model = SkipModel(tiny_llama())
-    eng = ContinuousEngine(model, max_batch=2, max_len=64)
-    eng.add_request([3, 4], SamplingParams(max_new_tokens=20), request_id="long")
+    eng = Engine(model, max_batch=2, max_len=64)
+    eng.add_request([3, 4], SamplingParams(max_tokens=20), request_id="long")
     eng.step()
-    eng.add_request([5, 6], SamplingParams(max_new_tokens=1), request_id="one")  # done at its prefill
-    eng.add_request([7, 8], SamplingParams(max_new_tokens=2), request_id="later")  # waits: no free row
+    eng.add_request([5, 6], SamplingParams(max_tokens=1), request_id="one")  # done at its prefill
+    eng.add_request([7, 8], SamplingParams(max_tokens=2), request_id="later")  # waits: no free row
     monkeypatch.setattr(eng, "_decode", lambda: (_ for _ in ()).throw(RuntimeError("kernel fault")))
     evs = {e.request_id: e for e in eng.step()}
     assert evs["one"].finish_reason == "length" and evs["one"].token_id is not None
     assert evs["long"].finish_reason == "error" and "kernel fault" in str(evs["long"].error)
-    assert not eng.live and eng.num_waiting == 1
+    assert not eng.scheduler.live and eng.num_waiting == 1
     monkeypatch.undo()
     got = []
     while eng.has_work():
@@ -247,27 +247,27 @@ def test_a_failing_decode_pass_answers_every_request(monkeypatch):
 
 def test_a_failing_prefill_ends_only_its_newcomers(monkeypatch):
     model = SkipModel(tiny_llama())
-    eng = ContinuousEngine(model, max_batch=4, max_len=64)
-    eng.add_request([3, 4], SamplingParams(max_new_tokens=6), request_id="old")
+    eng = Engine(model, max_batch=4, max_len=64)
+    eng.add_request([3, 4], SamplingParams(max_tokens=6), request_id="old")
     toks = [e.token_id for e in eng.step()]
-    eng.add_request([5, 6], SamplingParams(max_new_tokens=6), request_id="new")
-    monkeypatch.setattr(eng, "_prefill", lambda prompts, rows: (_ for _ in ()).throw(RuntimeError("no memory")))
+    eng.add_request([5, 6], SamplingParams(max_tokens=6), request_id="new")
+    monkeypatch.setattr(eng.runner, "prefill", lambda prompts, rows: (_ for _ in ()).throw(RuntimeError("no memory")))
     evs = eng.step()
     assert [(e.request_id, e.finish_reason) for e in evs] == [("new", "error"), ("old", None)]
     monkeypatch.undo()
     toks.append(evs[1].token_id)
     while eng.has_work():
         toks += [e.token_id for e in eng.step()]
-    assert toks == alone(model, [3, 4], SamplingParams(max_new_tokens=6), SkipSchedule.full(6))[0]
+    assert toks == alone(model, [3, 4], SamplingParams(max_tokens=6), SkipSchedule.full(6))[0]
 
 
 def test_logprobs_equal_the_static_engine():
     model = SkipModel(tiny_llama())
     sched = SkipSchedule(6, max_layers=6, min_layers=3, decay_tokens=5)
-    params = SamplingParams(max_new_tokens=6, logprobs=3)
-    eng = ContinuousEngine(model, sched, max_batch=3, max_len=64)
+    params = SamplingParams(max_tokens=6, logprobs=3)
+    eng = Engine(model, sched, max_batch=3, max_len=64)
     eng.add_request([4, 9, 11], params, request_id="a")
-    eng.add_request([5, 6], SamplingParams(max_new_tokens=6), request_id="b")  # asks for none
+    eng.add_request([5, 6], SamplingParams(max_tokens=6), request_id="b")  # asks for none
     got = {"a": [], "b": []}
     while eng.has_work():
         for ev in eng.step():
@@ -281,22 +281,22 @@ def test_logprobs_equal_the_static_engine():
 
 def test_offline_requests_fill_only_rows_online_leaves_free():
     model = SkipModel(tiny_llama(num_layers=4))
-    eng = ContinuousEngine(model, max_batch=4, max_len=64, max_waiting=1, max_offline_rows=3)
-    long = SamplingParams(max_new_tokens=40)
+    eng = Engine(model, max_batch=4, max_len=64, max_waiting=1, max_offline_rows=3)
+    long = SamplingParams(max_tokens=40)
     offline = [eng.add_request([5, 6, 7], long, offline=True) for _ in range(6)]  # beyond max_waiting: no QueueFull
     assert eng.num_waiting == 0 and eng.num_offline_waiting == 6
     eng.step()
-    assert len(eng.live) == 3 and all(r.offline for r in eng.live)  # one row stays free for online requests
-    online = eng.add_request([8, 9], SamplingParams(max_new_tokens=30))
+    assert len(eng.scheduler.live) == 3 and all(r.offline for r in eng.scheduler.live)  # one row stays free for online requests
+    online = eng.add_request([8, 9], SamplingParams(max_tokens=30))
     with pytest.raises(QueueFull):  # the online bound is untouched by the offline queue
-        eng.add_request([8, 9], SamplingParams(max_new_tokens=2))
+        eng.add_request([8, 9], SamplingParams(max_tokens=2))
     eng.step()
-    assert online in {r.rid for r in eng.live} and len(eng.live) == 4  # joined at the next iteration
+    assert online in {r.request_id for r in eng.scheduler.live} and len(eng.scheduler.live) == 4  # joined at the next iteration
     eng.abort(offline[0])
     eng.step()  # a row freed by an offline request: no online request waits, so offline fills it
-    assert len(eng.live) == 4 and sum(r.offline for r in eng.live) == 3 and eng.num_offline_waiting == 2
+    assert len(eng.scheduler.live) == 4 and sum(r.offline for r in eng.scheduler.live) == 3 and eng.num_offline_waiting == 2
     # while an online request waits, a freed row goes to it, never to an offline one
-    eng.add_request([8, 9, 10], SamplingParams(max_new_tokens=30))
+    eng.add_request([8, 9, 10], SamplingParams(max_tokens=30))
     eng.abort(offline[1])
     eng.step()
-    assert sum(not r.offline for r in eng.live) == 2 and eng.num_offline_waiting == 2
+    assert sum(not r.offline for r in eng.scheduler.live) == 2 and eng.num_offline_waiting == 2

@@ -82,7 +82,7 @@ def local_engine_text(tiny, prompt: str, max_tokens: int) -> str:
     sched = SkipSchedule(m.model.num_layers, **SKIP)
     ids = encode_prompt(m.tokenizer, prompt)
     out = Engine(m.model, sched, max_batch=1, max_len=256, eos_token_ids=m.eos_token_ids).generate(
-        [ids], SamplingParams(max_new_tokens=max_tokens))[0]
+        [ids], SamplingParams(max_tokens=max_tokens))[0]
     return decode(m.tokenizer, out.token_ids)
 
 

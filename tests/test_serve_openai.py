@@ -16,7 +16,7 @@ import time
 import pytest
 from test_serve import SKIP, free_port, make_tiny_dir
 
-import skipray.scheduler
+import skipray.sampling
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +26,18 @@ def app(tmp_path_factory):
 
     from skipray.loading import load
     from skipray.schedule import SkipSchedule
-    from skipray.scheduler import ContinuousEngine
+    from skipray.engine import Engine
     from skipray.serve.routes import build_api
     from skipray.serve.server import OpenAIServer
+    from skipray.text import detokenizer
 
     tiny = make_tiny_dir(tmp_path_factory.mktemp("tiny"))
     m = load(str(tiny), device="cpu")
     tok = AutoTokenizer.from_pretrained(tiny, clean_up_tokenization_spaces=True,
                                         clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
     sched = SkipSchedule(4, **SKIP)
-    engine = ContinuousEngine(m.model, sched, max_batch=8, max_len=256, eos_token_ids=m.eos_token_ids, max_waiting=16)
+    engine = Engine(m.model, sched, max_batch=8, max_len=256, eos_token_ids=m.eos_token_ids, max_waiting=16,
+                    detokenize=detokenizer(tok))
     server = OpenAIServer(tok, engine, sched, None, model_name="tiny", max_tokens_limit=200, default_max_tokens=32)
     port = free_port()
     web = uvicorn.Server(uvicorn.Config(build_api(server), host="127.0.0.1", port=port, log_level="warning"))
@@ -69,7 +71,7 @@ def engine_text(app, ids: list[int], n: int) -> tuple[str, list[int]]:
 
     eos = app["engine"].eos_token_ids
     out = Engine(app["model"], app["schedule"], max_batch=1, max_len=256, eos_token_ids=eos).generate(
-        [ids], SamplingParams(max_new_tokens=n, logprobs=2))[0]
+        [ids], SamplingParams(max_tokens=n, logprobs=2))[0]
     ts = TextStream(app["tok"], ids)
     for i, t in enumerate(out.token_ids):
         ts.add(t, final=i == len(out.token_ids) - 1)
@@ -164,17 +166,17 @@ MARK = 0.123  # the temperature of the request made to fail
 @pytest.fixture
 def broken_sampling(app, monkeypatch):
     """Sampling raises for requests with temperature MARK after their first ``after`` tokens."""
-    real, seen, engine = skipray.scheduler.sample, {"n": 0, "after": 0}, app["engine"]
+    real, seen, engine = skipray.sampling.sample, {"n": 0, "after": 0}, app["engine"]
 
     def sample(logits, temperature, *a, **kw):
         if temperature == MARK:
             seen["n"] += 1
             if seen["n"] > seen["after"]:
-                seen["batch"] = max(seen.get("batch", 0), len(engine.live))
+                seen["batch"] = max(seen.get("batch", 0), engine.num_running)
                 raise FloatingPointError("injected sampling fault")
         return real(logits, temperature, *a, **kw)
 
-    monkeypatch.setattr(skipray.scheduler, "sample", sample)
+    monkeypatch.setattr(skipray.sampling, "sample", sample)
     return seen
 
 
@@ -191,7 +193,7 @@ def test_a_failing_request_ends_alone_and_its_batch_mate_finishes(app, broken_sa
     t = threading.Thread(target=run_good)
     t.start()
     deadline = time.time() + 60
-    while not app["engine"].live and t.is_alive() and time.time() < deadline:
+    while not app["engine"].num_running and t.is_alive() and time.time() < deadline:
         time.sleep(0.001)
     broken_sampling["after"] = 3
     with caplog.at_level(logging.WARNING):
@@ -218,7 +220,7 @@ def test_a_failing_engine_step_answers_every_request_at_once(app, monkeypatch, c
     real_step = engine.step
 
     def step():  # fails once, when all four requests are decoding and have had their first token
-        if not calls["n"] and len(engine.live) == 4 and all(r.generated for r in engine.live):
+        if not calls["n"] and engine.num_running == 4 and all(r.generated for r in engine.scheduler.live):
             calls["n"] += 1
             raise RuntimeError("injected loop fault")
         return real_step()
@@ -243,4 +245,4 @@ def test_a_failing_engine_step_answers_every_request_at_once(app, monkeypatch, c
     assert all("injected loop fault" in r.json()["error"]["message"] for r in results.values())
     assert "engine loop step failed" in caplog.text
     ok = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "after", "max_tokens": 3}, timeout=30)
-    assert ok.status_code == 200 and not engine.live  # the loop serves on
+    assert ok.status_code == 200 and engine.num_running == 0  # the loop serves on

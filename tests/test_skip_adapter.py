@@ -4,7 +4,8 @@ cached decoding equal to the parallel training forward; cached teacher top-k giv
 import pytest
 import torch
 
-from skipray.engine import Engine, SamplingParams, pad_prompts
+from skipray.engine import Engine, SamplingParams
+from skipray.runner import pad_prompts
 from skipray.model import SkipModel, forward, training_plan
 from skipray.schedule import SkipSchedule
 from skipray.train import adapter_mask, topk_kl
@@ -49,14 +50,14 @@ def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make,
     assert full_steps == (0 if top < L else 3)
     engine = Engine(model, sched, max_batch=4, max_len=64)
     n = 10
-    logits = engine.prefill(PROMPTS)
+    logits = engine.runner.prefill(PROMPTS)
     P = max(map(len, PROMPTS))
     positions = torch.tensor([len(p) for p in PROMPTS])
     steps, toks = [logits], []
     for i in range(n):
         tok = logits.argmax(-1)
         toks.append(tok)
-        logits = engine.decode_one_token(tok[:, None], positions + i, P + i, sched.active_layers(i),
+        logits = engine.runner.decode_one_token(tok[:, None], positions + i, P + i, sched.active_layers(i),
                                          adapter=sched.skips(i))
         steps.append(logits)
     gen, step_logits = torch.stack(toks, 1), torch.stack(steps, 1)
@@ -75,7 +76,7 @@ def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make,
     torch.testing.assert_close(plain[:, : full_steps + 1].detach(), step_logits[:, : full_steps + 1],
                                atol=1e-4, rtol=1e-4)
     # the engine decides the same per step: its tokens are those of greedy decoding over these logits
-    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=n))
+    out = engine.generate(PROMPTS, SamplingParams(max_tokens=n))
     assert [c.token_ids for c in out] == [gen[b, : len(c.token_ids)].tolist() for b, c in enumerate(out)]
     with torch.no_grad(), peft_model.disable_adapter():  # and Hugging Face's base model agrees
         for b, p in enumerate(PROMPTS):
@@ -85,23 +86,22 @@ def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make,
 
 
 def test_full_depth_with_adapter_equals_base_model():
-    base_out = Engine(SkipModel(tiny_llama()), max_batch=4, max_len=64).generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    base_out = Engine(SkipModel(tiny_llama()), max_batch=4, max_len=64).generate(PROMPTS, SamplingParams(max_tokens=12))
     hf = tiny_llama()
     with_random_lora(hf)
     model = SkipModel(hf)
     engine = Engine(model, max_batch=4, max_len=64)
-    full = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    full = engine.generate(PROMPTS, SamplingParams(max_tokens=12))
     assert [c.token_ids for c in full] == [c.token_ids for c in base_out]
     # a skipping schedule uses the adapter where it drops layers: its first token (the prompt's pass) and
     # its second (step 0 runs every layer) are still the base's
     sched = SkipSchedule(model.num_layers, model.num_layers, model.num_layers - 1, decay_tokens=1, drop_order=[3])
-    skip = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12), sched)
+    skip = engine.generate(PROMPTS, SamplingParams(max_tokens=12), sched)
     assert [c.token_ids[:2] for c in skip] == [c.token_ids[:2] for c in base_out]
     assert [c.token_ids for c in skip] != [c.token_ids for c in base_out]
 
 
 def test_continuous_engine_applies_adapter_per_row():
-    from skipray.scheduler import ContinuousEngine
 
     hf = tiny_llama()
     with_random_lora(hf)
@@ -109,11 +109,11 @@ def test_continuous_engine_applies_adapter_per_row():
     L = model.num_layers
     sched = SkipSchedule(L, L - 1, 3, decay_tokens=4, drop_order=shuffled_order(L))
     alone = Engine(model, max_batch=4, max_len=64)
-    want_full = alone.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8))
-    want_skip = alone.generate(PROMPTS[2:], SamplingParams(max_new_tokens=8), sched)
-    ce = ContinuousEngine(model, max_batch=4, max_len=64)
-    ids = [ce.add_request(p, SamplingParams(max_new_tokens=8)) for p in PROMPTS[:2]]
-    ids += [ce.add_request(p, SamplingParams(max_new_tokens=8), schedule=sched) for p in PROMPTS[2:]]
+    want_full = alone.generate(PROMPTS[:2], SamplingParams(max_tokens=8))
+    want_skip = alone.generate(PROMPTS[2:], SamplingParams(max_tokens=8), sched)
+    ce = Engine(model, max_batch=4, max_len=64)
+    ids = [ce.add_request(p, SamplingParams(max_tokens=8)) for p in PROMPTS[:2]]
+    ids += [ce.add_request(p, SamplingParams(max_tokens=8), schedule=sched) for p in PROMPTS[2:]]
     got = {i: [] for i in ids}
     while ce.has_work():
         for ev in ce.step():
@@ -136,7 +136,7 @@ def test_topk_kl_is_exact_with_the_whole_vocabulary_and_an_upper_bound_below():
 def test_engine_logprobs_are_the_step_log_softmax():
     model = SkipModel(tiny_llama())
     engine = Engine(model, max_batch=2, max_len=64)
-    out = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, logprobs=3))[0]
+    out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=4, logprobs=3))[0]
     assert len(out.logprobs) == 4
     tokens = torch.tensor([PROMPTS[0] + out.token_ids])
     real = torch.ones_like(tokens, dtype=torch.bool)
@@ -188,13 +188,13 @@ def test_merged_inference_weights_follow_adapter_updates():
     L = model.num_layers
     sched = SkipSchedule(L, L - 1, 2, decay_tokens=4, drop_order=shuffled_order(L))
     engine = Engine(model, sched, max_batch=4, max_len=64)
-    before = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    before = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
     assert model._merges  # the merged path ran
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
                 p.mul_(-3.0)
-    after = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    after = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
     # the same tokens the unmerged path gives for the updated adapter (training forward, grad on)
     prompt, prompt_real = pad_prompts(PROMPTS)
     P, n = prompt.shape[1], 8
@@ -232,7 +232,7 @@ def test_on_policy_rollouts_are_the_skip_models_tokens_scored_by_the_base_model(
     loaded = SimpleNamespace(model=model, tokenizer=Tok(), eos_token_ids=())
     prompts = [" ".join(map(str, p)) for p in PROMPTS]
     rows = distill(loaded, prompts, chat=False, max_new_tokens=8, batch_size=3, topk=4, policy=sched)
-    ref = Engine(model, sched, max_batch=4, max_len=64).generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    ref = Engine(model, sched, max_batch=4, max_len=64).generate(PROMPTS, SamplingParams(max_tokens=8))
     assert [r["response_ids"] for r in rows] == [c.token_ids for c in ref]
     with torch.no_grad(), peft_model.disable_adapter():
         for p, r in zip(PROMPTS, rows):

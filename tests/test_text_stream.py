@@ -3,7 +3,7 @@ reply (which the server sends non-streamed), stop strings cut it, no half charac
 tokenizer whose decode cleans up spaces streams the same text as it returns whole.
 
 Tokens are fed as the engine emits them: the token that completes a stop string is the last one
-(``stop_checker`` is the engine's own test), and the stream must never have sent any of the stop string.
+(``skipray.requests.finish_reason`` with the ``detokenizer`` hook is the engine's own test), and the stream must never have sent any of the stop string.
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ def stream(tok, ids, stop=(), prompt=()):
 
 @pytest.mark.parametrize("stop", [[], ["fox"], ["lazy dog"], ["ö"]])
 def test_deltas_add_up_and_stop_strings_are_never_sent(tokenizer, stop):
-    from skipray.text import stop_checker, truncate_at_stop
+    from skipray.requests import SamplingParams, finish_reason
+    from skipray.text import detokenizer, truncate_at_stop
 
     text = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ done"
     ids = tokenizer.encode(text, add_special_tokens=False)
-    stops = stop_checker(tokenizer, stop)
-    n = next((i + 1 for i in range(len(ids)) if stops and stops(ids[: i + 1])), len(ids))  # the engine stops here
+    params, detok = SamplingParams(max_tokens=len(ids), stop=stop), detokenizer(tokenizer)
+    n = next(i + 1 for i in range(len(ids)) if finish_reason(ids[: i + 1], params, (), detok))  # the engine stops here
     deltas, whole = stream(tokenizer, ids[:n], stop)
     want = truncate_at_stop(tokenizer.decode(ids[:n], skip_special_tokens=True), stop)
     assert "".join(deltas) == whole == want

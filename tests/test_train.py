@@ -86,7 +86,7 @@ def test_lora_distillation_lowers_loss_and_roundtrips(tmp_path, data_path, stron
     from skipray.schedule import SkipSchedule
 
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    p = SamplingParams(max_new_tokens=10)
+    p = SamplingParams(max_tokens=10)
     full = SkipSchedule.full(6)
     want = [c.token_ids for c in Engine(base.model, full).generate(prompts, p)]
     assert [c.token_ids for c in Engine(loaded.model, full).generate(prompts, p)] == want

@@ -13,7 +13,7 @@ Contract:
   job's requests may hold; default all but a quarter of ``max_batch``), ``max_tokens_limit``,
   ``default_max_tokens``, ``torch_threads``, ``device``. ``deployment_options`` (Python callers
   only) are passed to ``SkipServer.options``; with ``serve run`` the YAML's ``deployments`` do that.
-* Each replica loads the model, builds one ``ContinuousEngine`` and an ``OpenAIServer``
+* Each replica loads the model, builds one ``skipray.engine.Engine`` and an ``OpenAIServer``
   (``skipray.serve.server``: request handling, engine loop thread) and serves the FastAPI app of
   ``skipray.serve.routes`` (built in the replica, after the constructor). Serve's health check fails
   when the engine loop thread is gone, so Serve replaces the replica.
@@ -43,7 +43,8 @@ def server_from_args(args: dict[str, Any]):
     from skipray.loading import load
     from skipray.metrics import EngineMetrics
     from skipray.options import schedule_from_args
-    from skipray.scheduler import ContinuousEngine
+    from skipray.engine import Engine
+    from skipray.text import detokenizer
     from skipray.serve.server import OpenAIServer
 
     if args.get("torch_threads"):
@@ -53,8 +54,8 @@ def server_from_args(args: dict[str, Any]):
     schedule = schedule_from_args(argparse.Namespace(**flags), m.model.num_layers, m.schedule)
     max_len = min(int(args.get("max_len", 1024)), m.model.max_positions)
     limit = int(args.get("max_tokens_limit", min(512, max_len)))
-    engine = ContinuousEngine(
-        m.model, schedule, max_batch=int(args.get("max_batch", 16)), max_len=max_len,
+    engine = Engine(
+        m.model, schedule, max_batch=int(args.get("max_batch", 16)), max_len=max_len, detokenize=detokenizer(m.tokenizer),
         eos_token_ids=m.eos_token_ids, max_waiting=int(args.get("max_waiting", 32)),
         max_prefill_tokens=int(args.get("max_prefill_tokens", 2048)),
         max_num_batched_tokens=int(args["max_num_batched_tokens"]) if args.get("max_num_batched_tokens") else None,

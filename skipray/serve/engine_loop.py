@@ -1,10 +1,10 @@
-"""The engine loop of one server replica: a background thread drives a ``ContinuousEngine``; asyncio
+"""The engine loop of one server replica: a background thread drives a ``skipray.engine.Engine``; asyncio
 request handlers submit requests and await their events. No Ray, no HTTP.
 
 Contract:
 
 * ``EngineLoop(engine)`` starts the thread. ``generate(prompt, params, schedule)`` is an async
-  generator of the request's ``scheduler.Event`` s, the last one with a ``finish_reason``. It raises
+  generator of the request's ``skipray.requests.Event`` s, the last one with a ``finish_reason``. It raises
   ``QueueFull`` or ``ValueError`` at submission (shed load / client mistake), ``RequestFailed`` when
   the engine ended this request with an error (``finish_reason="error"``: a fault of this request
   alone, its batch-mates go on), ``EngineFailed`` when the loop itself failed, and ``LoopStopped``
@@ -12,7 +12,7 @@ Contract:
   request and frees its row. An ``offline`` request's events reach its generator together, once it
   finished (nothing streams them; this spares the replica's event loop a wake-up per token).
 * Faults never leave a request waiting: the engine contains faults of a row or of a batch pass
-  (``ContinuousEngine.step``); anything the engine could not contain fails every pending request at
+  (``Engine.step``); anything the engine could not contain fails every pending request at
   once (``EngineFailed``), is logged with its traceback, and the loop serves new requests from a
   reset engine. If the thread dies anyway, every pending request fails and ``alive`` is false (the
   replica's health check reports it).
@@ -78,7 +78,7 @@ class EngineLoop:
 
     async def generate(self, prompt: list[int], params, schedule=None, offline: bool = False) -> AsyncIterator[Any]:
         """Submit a request and yield its engine events (see the module contract); ``offline``: the
-        engine's offline admission class (``scheduler.ContinuousEngine``)."""
+        engine's offline admission class (``skipray.scheduler``)."""
         if not self.alive:
             raise LoopStopped("the engine loop is not running")
         rid = uuid.uuid4().hex

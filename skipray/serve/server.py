@@ -1,7 +1,7 @@
 """The OpenAI-compatible request handling of one replica, apart from Ray and routing.
 
 Contract: ``OpenAIServer(tokenizer, engine, ...)`` owns an ``EngineLoop`` over the given
-``ContinuousEngine``. ``create(body, chat)`` answers a ``/v1/completions`` or ``/v1/chat/completions``
+``skipray.engine.Engine``. ``create(body, chat)`` answers a ``/v1/completions`` or ``/v1/chat/completions``
 body (already parsed JSON) with a Starlette response: the whole reply as JSON, or with ``stream:
 true`` OpenAI's server-sent events ending with ``data: [DONE]``. ``tokenize`` / ``detokenize`` /
 ``models`` / ``health`` / ``version`` answer the utility routes as dicts (vLLM's shapes for the first
@@ -35,7 +35,7 @@ logger = logging.getLogger("skipray.serve")
 
 def error_status(e: BaseException) -> tuple[int, dict]:
     """HTTP status and OpenAI error body for an exception raised while answering a request."""
-    from skipray.scheduler import QueueFull
+    from skipray.requests import QueueFull
 
     if isinstance(e, P.RequestError):
         return e.status, P.error_body(e.message, e.type, e.param, e.code)
@@ -101,7 +101,7 @@ class OpenAIServer:
 
     # -- utility routes -------------------------------------------------------------------------------
     def health(self) -> dict:
-        return {"status": "ok" if self.loop.alive else "engine stopped", "live": len(self.engine.live),
+        return {"status": "ok" if self.loop.alive else "engine stopped", "live": self.engine.num_running,
                 "waiting": self.engine.num_waiting, "steps": self.engine.steps}
 
     def models(self) -> dict:
@@ -276,9 +276,8 @@ class OpenAIServer:
 
     def _prepare(self, req, ids: list[int]):
         """-> (SamplingParams, schedule, top log-probs per token or None)."""
-        from skipray.engine import SamplingParams
         from skipray.options import schedule_from_args
-        from skipray.text import stop_checker
+        from skipray.requests import SamplingParams
 
         self._check_model(req.model)
         field, max_tokens = req.length_field
@@ -300,8 +299,8 @@ class OpenAIServer:
             top = (req.top_logprobs or 0) if req.logprobs else None
         else:
             top = req.logprobs
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                top_k=max(req.top_k, 0), seed=req.seed, stop_fn=stop_checker(self.tokenizer, req.stop),
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                top_k=max(req.top_k, 0), seed=req.seed, stop=list(req.stop),
                                 logprobs=0 if top is None else max(top, 1))
         return params, schedule, top
 

@@ -1,0 +1,136 @@
+"""Request types of the engine: what a caller asks for and what it gets back (no torch, no Ray).
+
+Contract:
+
+* ``SamplingParams`` names its fields as vLLM and Ray Data LLM do (``max_tokens``, ``temperature``,
+  ``top_p``, ``top_k``, ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``). ``stop`` holds stop
+  *strings*: the engine speaks token ids, so it checks them through the detokenizer hook it was built
+  with (``Engine(detokenize=...)``, the tokenizer stays at the edges); ``stop_fn`` is the lower-level
+  hook (any predicate over the generated ids).
+* ``finish_reason`` decides when a request ends: ``"stop"`` (a stop token, EOS, a stop string or
+  ``stop_fn``), ``"length"`` (``max_tokens`` reached); the engine adds ``"abort"`` and ``"error"``.
+* ``Event`` is what ``Engine.step`` returns per request and token; ``TokenEvent`` and ``Completion``
+  are what ``Engine.stream`` / ``Engine.generate`` return for a batch of prompts (rows by index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
+FINISH_REASONS = ("stop", "length", "abort", "error")
+STOP_WINDOW_SPARE = 8  # tokens decoded beyond the longest stop string (tokens are >= 1 char; merges)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: the caller should shed load (HTTP 429/503)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64  # tokens to generate at most
+    temperature: float = 0.0  # below skipray.sampling.MIN_TEMPERATURE: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # a seeded request samples the same tokens wherever it runs
+    stop: Sequence[str] = ()  # stop strings (checked through the engine's detokenizer hook)
+    stop_token_ids: Sequence[int] = ()
+    stop_fn: Callable[[list[int]], bool] | None = None  # any predicate over the generated ids
+    logprobs: int = 0  # return the top-N log-probs of each step's logits (0: none; vLLM's `logprobs`)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for impossible settings."""
+        from skipray.sampling import validate
+
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if isinstance(self.stop, str):
+            raise ValueError("stop must be a list of strings, not one string")
+        validate(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class TopLogprobs:
+    """Log-softmax of the logits a step really produced (before temperature/top-p, as vLLM returns them):
+    the sampled token's log-prob and the ``n`` most likely token ids with theirs, best first."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class Event:
+    """One step's output for one request (``Engine.step``)."""
+
+    request_id: str
+    token_id: int | None  # None only for an abort or an error
+    layers: int  # layers computed to produce this token
+    finish_reason: str | None  # one of FINISH_REASONS on the request's last event
+    logprobs: TopLogprobs | None = None  # when the request asked for log-probs
+    error: BaseException | None = None  # why the request failed (finish_reason "error")
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of row ``row`` of an ``Engine.stream`` call."""
+
+    row: int
+    token_id: int
+    layers: int
+    finish_reason: str | None  # set on the row's last token
+    logprobs: TopLogprobs | None = None  # when the request asked for logprobs
+
+
+@dataclass
+class Completion:
+    """One prompt's result of ``Engine.generate``."""
+
+    prompt_len: int
+    token_ids: list[int] = field(default_factory=list)
+    layers_per_token: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TopLogprobs] = field(default_factory=list)  # one per token when params.logprobs > 0
+
+    @property
+    def avg_layers(self) -> float:
+        return sum(self.layers_per_token) / max(len(self.layers_per_token), 1)
+
+
+def finish_reason(
+    generated: list[int],
+    p: SamplingParams,
+    eos_token_ids: Sequence[int],
+    detokenize: Callable[[list[int]], str] | None = None,
+) -> str | None:
+    """``"stop"`` for a stop token, EOS, a stop string in the decoded tail or ``stop_fn``; ``"length"`` once
+    ``max_tokens`` tokens exist; else ``None``. Raises whatever ``detokenize`` or ``stop_fn`` raise, and
+    ``ValueError`` for stop strings without ``detokenize``."""
+    if generated[-1] in p.stop_token_ids or generated[-1] in eos_token_ids:
+        return "stop"
+    stops = [s for s in p.stop if s]
+    if stops:
+        if detokenize is None:
+            raise ValueError("stop strings need an engine built with a detokenizer (Engine(detokenize=...))")
+        tail = detokenize(generated[-(max(map(len, stops)) + STOP_WINDOW_SPARE):])
+        if any(s in tail for s in stops):
+            return "stop"
+    if p.stop_fn is not None and p.stop_fn(generated):
+        return "stop"
+    if len(generated) >= p.max_tokens:
+        return "length"
+    return None
+
+
+def validate_request(prompt: Sequence[int], p: SamplingParams, vocab_size: int, context: int) -> None:
+    """Raise ``ValueError`` for a request no engine of this model can serve (``context``: tokens)."""
+    if len(prompt) == 0:
+        raise ValueError("prompt is empty")
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt):
+        raise ValueError(f"prompt has token ids outside [0, {vocab_size})")
+    p.validate()
+    if len(prompt) + p.max_tokens > context:
+        raise ValueError(f"{len(prompt)} prompt tokens + {p.max_tokens} new tokens exceed the context of {context}")

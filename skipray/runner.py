@@ -1,0 +1,143 @@
+"""The model runner: forward passes over KV-cache rows, for the engine (torch, no scheduling decisions).
+
+Contract: ``ModelRunner(model, cache)`` owns the ``KVCache``. Every pass is
+``skipray.model.forward_segments`` over ``Segment`` s whose rows are cache rows:
+
+* ``prefill(prompts, rows)``: right-padded prompts at full depth into cache ``rows`` (prompt ``i``
+  fills slots ``0..p_i-1`` of its row; the padding slots are not ``valid``, so each row computes what
+  it would alone); -> the logits of each prompt's last token ``(k, vocab)``, float32;
+* ``decode_segment(tokens, slots, layer_rows, adapter)``: one token per live row (cache rows
+  ``0..n-1``) at its own slot, layer ``l`` on ``layer_rows[l]`` (a slice when contiguous, read in
+  place; else an index tensor, gathered), the skip adapter on the rows marked;
+* ``chunk_segment(tokens, row, start, last)``: prompt tokens at slots ``start..`` of one row, at full
+  depth, no adapter; logits of the last token when ``last``;
+* ``run(segments)`` one pass -> each segment's logits; ``run_isolated`` reruns the parts of a failing
+  pass one by one (cache writes are idempotent), so a failure lands on its own part;
+* ``move_rows(moves, upto)``, ``reset_rows``, ``ensure_cache`` (grow to fit rows and per-layer slots).
+
+``decode_one_token`` is a static batch's step (rows ``0..n-1`` at one shared slot, one layer set).
+``pad_prompts`` pads token-id prompts to one tensor, left or right.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from skipray.cache import KVCache
+from skipray.model import Segment, SkipModel, forward_segments, full_plan, step_plan
+
+logger = logging.getLogger(__name__)
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, real)`` of shape (B, P), P the longest prompt: ``side="left"`` right-aligns the prompts
+    (the training layout), ``"right"`` left-aligns them (each row's own length is its next slot).
+    ``real`` marks tokens, not padding. Raises ``ValueError`` for another ``side``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    B, P = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, P), pad_id, dtype=torch.long)
+    real = torch.zeros(B, P, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        cols = slice(P - len(p), P) if side == "left" else slice(0, len(p))
+        tokens[b, cols] = torch.tensor(p, dtype=torch.long)
+        real[b, cols] = True
+    return tokens, real
+
+
+def as_rows(rows: Sequence[int], device: torch.device | str = "cpu") -> slice | torch.Tensor:
+    """Row indices as a slice when contiguous (the cache is then read in place), else an index tensor."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(list(rows), device=device)
+
+
+class ModelRunner:
+    def __init__(self, model: SkipModel, cache: KVCache) -> None:
+        self.model, self.cache = model, cache
+        self.device = next(model.parameters()).device
+
+    def ensure_cache(self, rows: int, layer_lens: Sequence[int]) -> None:
+        """Reallocate the cache (empty) when ``rows`` rows of ``layer_lens[l]`` slots do not fit it."""
+        c = self.cache
+        if not c.fits(rows, layer_lens):
+            lens = [max(a, b) for a, b in zip(c.layer_lens, layer_lens)]
+            self.cache = self.model.new_cache(max(rows, c.max_batch), max(lens), lens)
+
+    def reset_rows(self, first: int, n: int) -> None:
+        self.cache.reset_rows(slice(first, first + n))
+
+    def move_rows(self, moves: Sequence[tuple[int, int]], upto: int) -> None:
+        """Copy cache row ``src`` to ``dst`` for each move, slots ``[0, upto)``."""
+        if moves:
+            src = torch.tensor([s for s, _ in moves], device=self.device)
+            dst = torch.tensor([d for _, d in moves], device=self.device)
+            self.cache.move_rows(src, dst, upto=upto)
+
+    def run(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
+        """One forward pass over ``segments``; -> each segment's logits ``(b, t', vocab)``."""
+        return forward_segments(self.model, segments, self.cache)
+
+    def run_isolated(self, segments: Sequence[Segment]) -> list[torch.Tensor | BaseException]:
+        """``run``; when the shared pass fails, each segment alone, so a failure lands on its own part."""
+        try:
+            return self.run(segments)
+        except Exception as e:
+            if len(segments) == 1:
+                return [e]
+            logger.warning("shared pass of %d parts failed (%r); running them one by one", len(segments), e)
+        outs: list[torch.Tensor | BaseException] = []
+        for seg in segments:
+            try:
+                outs.append(self.run([seg])[0])
+            except Exception as e:
+                outs.append(e)
+        return outs
+
+    def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Right-padded ``prompts`` at full depth into cache ``rows`` (default ``0..k-1``), which are
+        reset first; -> last-prompt-token logits ``(k, vocab)``, float32."""
+        tokens, real = (t.to(self.device) for t in pad_prompts(prompts, side="right"))
+        k, width = tokens.shape
+        cache_rows = as_rows(list(range(k)) if rows is None else rows, self.device)
+        positions = torch.arange(width, device=self.device)[None].expand(k, width)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        self.cache.reset_rows(cache_rows)
+        seg = Segment(tokens, positions, full_plan(self.model.num_layers), real, cache_rows, 0, last)
+        return self.run([seg])[0][:, 0].float()
+
+    def decode_segment(self, tokens: Sequence[int], slots: Sequence[int], layer_rows: Sequence[Sequence[int]],
+                       adapter: Sequence[bool]) -> Segment:
+        """One token per live row ``i`` (cache row ``i``) at slot ``slots[i]`` (its position too), layer
+        ``l`` on rows ``layer_rows[l]``, the skip adapter where ``adapter[i]``."""
+        n = len(tokens)
+        tok = torch.tensor(tokens, device=self.device)[:, None]
+        start = torch.tensor(slots, device=self.device)
+        plan = [(as_rows(r, self.device), None) if r else None for r in layer_rows]
+        am = torch.tensor(adapter, device=self.device)[:, None]
+        return Segment(tok, start[:, None], plan, torch.ones_like(tok, dtype=torch.bool), slice(0, n), start, None, am)
+
+    def chunk_segment(self, tokens: Sequence[int], row: int, start: int, last: bool) -> Segment:
+        """Prompt ``tokens`` at slots ``start..`` of cache ``row``, full depth; the last token's logits
+        when ``last`` (else none)."""
+        n = len(tokens)
+        tok = torch.tensor([list(tokens)], device=self.device)
+        positions = torch.arange(start, start + n, device=self.device)[None]
+        return Segment(tok, positions, full_plan(self.model.num_layers), torch.ones_like(tok, dtype=torch.bool),
+                       slice(row, row + 1), start, slice(n - 1, n) if last else slice(0, 0), None)
+
+    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, active: Sequence[int],
+                         adapter: bool = False) -> torch.Tensor:
+        """A static batch's step: ``tokens`` ``(n, 1)`` at ``positions`` ``(n,)`` into slot ``slot`` of rows
+        ``0..n-1``, running only ``active`` layers (the skip adapter on all rows when ``adapter``);
+        -> logits ``(n, vocab)``, float32."""
+        n = tokens.shape[0]
+        ones = torch.ones_like(tokens, dtype=torch.bool)
+        seg = Segment(tokens, positions[:, None], step_plan(active, self.model.num_layers), ones, slice(0, n), slot,
+                      None, ones if adapter else None)
+        return self.run([seg])[0][:, 0].float()
