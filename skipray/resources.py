@@ -65,11 +65,6 @@ def _resolve(gpus: float | None, default: float) -> float:
     return float(gpus)
 
 
-def device_for(num_gpus: float) -> str:
-    """The device string an actor given ``num_gpus`` should load on (Ray sets CUDA_VISIBLE_DEVICES)."""
-    return "cuda" if num_gpus > 0 else "cpu"
-
-
 def actor_options(gpus: float | None = None) -> dict[str, float]:
     """Ray options for one batch-inference actor (``map_batches(..., num_gpus=, num_cpus=)``)."""
     g = _resolve(gpus, GPUS_PER_ACTOR)
@@ -259,10 +254,6 @@ def kv_cache_bytes(shape: ModelShape, batch: int, length: int, dtype: str | int 
     return 2 * shape.num_layers * shape.kv_heads * shape.head_dim * dtype_bytes(dtype) * batch * length
 
 
-def total_bytes(shape: ModelShape, batch: int, length: int, dtype: str | int = "bf16") -> int:
-    return weights_bytes(shape, dtype) + kv_cache_bytes(shape, batch, length, dtype)
-
-
 def max_batch(shape: ModelShape, length: int, gpu_bytes: int, dtype: str | int = "bf16", reserve: float = 0.2) -> int:
     """Largest batch whose weights + KV cache fit in ``(1 - reserve) * gpu_bytes`` (reserve: activations,
     logits, CUDA context, allocator slack)."""
@@ -299,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, action="append", help="prompt + new tokens, repeatable")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
     p.add_argument("--gpu-gib", type=float, default=None, help="also print the largest batch per length")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="with --gpu-gib: generated tokens of each length, for the KV cache under skip schedules")
     a = p.parse_args(argv)
     shapes = [KNOWN_SHAPES[m] for m in a.model] if a.model else list(KNOWN_SHAPES.values())
     lengths = a.length or [512, 2048, 4096]
@@ -307,7 +300,28 @@ def main(argv: list[str] | None = None) -> int:
         for s in shapes:
             fits = ", ".join(f"len {n}: {max_batch(s, n, int(a.gpu_gib * GIB), a.dtype)}" for n in lengths)
             print(f"{s.name} on {a.gpu_gib:g} GiB: max batch {fits}")
+        print(skip_memory_tables(shapes, lengths, a.new_tokens, a.dtype, a.gpu_gib))
     return 0
+
+
+def skip_memory_tables(shapes: Sequence[ModelShape], lengths: Sequence[int], new_tokens: int, dtype: str,
+                       gpu_gib: float, reserve: float = 0.2) -> str:
+    """Per shape and length (prompt + ``new_tokens``): KV cache per row and the largest batch in ``gpu_gib``
+    at full depth and under the benchmark's ~2x / ~3x schedules, where each layer's cache holds only what
+    the schedule can fill (``skipray.memory``). Lengths not above ``new_tokens`` are skipped."""
+    from skipray.memory import format_report, memory_report, preset_schedules
+
+    out = []
+    for s in shapes:
+        for n in lengths:
+            if n <= new_tokens or s.num_layers < 23:
+                continue
+            rows = memory_report(preset_schedules(s.num_layers), s.kv_heads, s.head_dim, dtype_bytes(dtype),
+                                 n - new_tokens, new_tokens, int(gpu_gib * GIB), weights_bytes(s, dtype), reserve)
+            out.append(format_report(rows, f"\n{s.name}, {dtype}, prompt {n - new_tokens} + {new_tokens} new tokens, "
+                                           f"{gpu_gib:g} GiB ({reserve:.0%} reserve), cache sized per layer",
+                                     gpu_gib))
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,19 @@ def test_memory_command_line(capsys):
     assert main(["--prompt-len", "128", "--new-tokens", "64", "--budget-gib", "24"]) == 0
     out = capsys.readouterr().out
     assert "~2x" in out and "~3x" in out and "max batch in 24 GiB" in out
+
+
+def test_resources_cli_reports_cache_per_row_and_batch_under_skip_schedules(capsys):
+    """`python -m skipray.resources --gpu-gib G` adds the per-layer-cache tables: the skipping schedules
+    fit more rows than full depth in the same budget, and full depth matches the flat sizing's batch."""
+    import re
+
+    from skipray.resources import main
+
+    assert main(["--model", "smollm2-135m", "--length", "640", "--gpu-gib", "24", "--new-tokens", "512"]) == 0
+    out = capsys.readouterr().out
+    flat = int(re.search(r"max batch len 640: (\d+)", out).group(1))
+    rows = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\| (full|~2x|~3x):.*\| (\d+) \|$", out, re.M)}
+    assert set(rows) == {"full", "~2x", "~3x"}, out
+    assert rows["~3x"] > rows["~2x"] > rows["full"]
+    assert abs(rows["full"] - flat) <= flat * 0.01  # same model, same budget: only the bookkeeping bytes differ
