@@ -41,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "can now, before failing (0: skip this check)")
     p.add_argument("--s3-endpoint", default=None,
                    help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000 (credentials: AWS_* env vars)")
-    p.add_argument("--crash-marker", default=None, help=argparse.SUPPRESS)  # tests: fault injection
     add_schedule_args(p)
     add_sampling_args(p, max_new_tokens=64)
     return p
@@ -69,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
             max_positions=max_positions, batch_size=args.batch_size, bucket_window=args.bucket_window,
             actors=parse_actors(args.actors), cpus_per_actor=args.cpus_per_actor,
             gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor, device=args.device,
-            crash_marker=args.crash_marker,
         )
         todo = plan(args.input, args.output, cfg, s3_endpoint=args.s3_endpoint)  # fails fast, before Ray
     except (ValueError, FileNotFoundError) as e:  # InputError is a ValueError

@@ -73,7 +73,6 @@ class JobConfig:
     gpus_per_actor: float = 0.0
     threads_per_actor: int = 0  # 0: the node's cores / max actors
     device: str | None = None
-    crash_marker: str | None = None  # tests only: the first actor to see this path missing creates it and dies
 
     @property
     def window(self) -> int:
@@ -161,7 +160,7 @@ def build_pipeline(p: Plan):
     ds = ds.map_batches(read_units, batch_format="pyarrow", batch_size=1, num_cpus=0.25,
                         fn_kwargs={"fs": p.in_fs, "schema": p.check.schema, "prompt_column": cfg.prompt_column,
                                    "id_column": cfg.id_column})
-    ds = p.processor.generate(ds, crash_marker=cfg.crash_marker)
+    ds = p.processor.generate(ds)
     return ds.map_batches(job_columns, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
 
 

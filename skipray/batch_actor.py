@@ -35,7 +35,6 @@ class ActorSpec:
     threads: int = 0  # torch threads (0: the node's cores / max_actors)
     max_actors: int = 1
     device: str | None = None
-    crash_marker: str | None = None  # the file job's fault-injection flag (tests): see Generator.__call__
 
 
 def plan_batches(lengths: list[int], batch_size: int, bucket: bool) -> list[list[int]]:
@@ -70,7 +69,6 @@ class Generator:
         self.trained = self.m.schedule.to_dict() if self.m.schedule else None
         self.engine = Engine(self.m.model, self.schedule, max_batch=spec.batch_size, max_len=spec.max_len,
                              eos_token_ids=self.m.eos_token_ids, detokenize=detokenizer(self.m.tokenizer))
-        self.calls = 0
 
     @functools.lru_cache(maxsize=64)
     def _schedule(self, flags: str | None):
@@ -103,7 +101,7 @@ class Generator:
     def __call__(self, block: pa.Table) -> pa.Table:
         from skipray.text import decode
 
-        spec, self.calls = self.spec, self.calls + 1
+        spec = self.spec
         n = block.num_rows
         text: list[str | None] = [None] * n
         tokens: list[list[int] | None] = [None] * n
@@ -117,14 +115,9 @@ class Generator:
         for i in range(n):
             if errors[i] is None:
                 groups.setdefault(params[i]["skip"], []).append(i)
-        k = 0
         for flags, ok in groups.items():
             schedule = self._schedule(flags)
             for mb in plan_batches([len(toks[i]) for i in ok], spec.batch_size, spec.bucket):
-                if spec.crash_marker and self.calls == 2 and k == 1 and not os.path.exists(spec.crash_marker):
-                    open(spec.crash_marker, "w").close()
-                    os._exit(1)  # the file job's fault injection (tests): the actor process dies mid-call
-                k += 1
                 rows = [ok[j] for j in mb]
                 comps = self._run([toks[r] for r in rows], [self._params(params[r]) for r in rows], schedule)
                 for r, c in zip(rows, comps):

@@ -116,15 +116,12 @@ class SkipDecodeProcessor:
             ds = ds.map(self.postprocess, **self.postprocess_map_kwargs)
         return ds
 
-    def generate(self, ds, crash_marker: str | None = None):
-        """The processor without pre/postprocess: rows in, rows with generations out (lazy).
-        ``crash_marker``: the file job's fault-injection flag for tests (``batch_actor.ActorSpec``)."""
-        from dataclasses import replace
-
+    def generate(self, ds):
+        """The processor without pre/postprocess: rows in, rows with generations out (lazy)."""
         from ray.data import ActorPoolStrategy
 
         cfg = self.config
-        spec = replace(self.actor_spec, crash_marker=crash_marker) if crash_marker else self.actor_spec
+        spec = self.actor_spec
         ds = ds.repartition(target_num_rows_per_block=cfg.window)
         ds = ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
                             fn_kwargs={"ctx": self.row_context})

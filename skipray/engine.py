@@ -122,10 +122,6 @@ class Engine:
         """Online requests waiting."""
         return len(self.scheduler.waiting)
 
-    @property
-    def num_offline_waiting(self) -> int:
-        return len(self.scheduler.offline_waiting)
-
     # -- requests (any thread) ---------------------------------------------------------------------
     def _check_fits(self, req: Request) -> None:
         """Raise ``ValueError`` for a request this engine, as it is sized, can never serve."""

@@ -98,17 +98,6 @@ class EngineMetrics:
     def _m(self) -> dict[str, Any] | None:
         return _registry() if ray_active() else None
 
-    def record_step(self, batch_rows: int, max_rows: int, layers_run: int, num_layers: int) -> None:
-        """One engine step: ``batch_rows`` live rows each ran ``layers_run`` of ``num_layers`` layers."""
-        m = self._m()
-        if m is None or batch_rows <= 0:
-            return
-        t = self._tags
-        m["skipray_layers_computed"].inc(batch_rows * layers_run, tags=t)
-        if num_layers > layers_run:
-            m["skipray_layers_skipped"].inc(batch_rows * (num_layers - layers_run), tags=t)
-        self.record_occupancy(batch_rows, max_rows)
-
     def record_occupancy(self, batch_rows: int, max_rows: int) -> None:
         """One engine step over ``batch_rows`` of ``max_rows`` cache rows (no layer counts)."""
         m = self._m()

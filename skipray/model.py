@@ -204,12 +204,6 @@ def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun]:
     ]
 
 
-def generated_positions(batch: int, prompt_len: int, total_len: int, device=None) -> torch.Tensor:
-    """Adapter mask for the training layout: columns ``>= prompt_len`` (the generated tokens), shape (b, t)."""
-    cols = torch.arange(total_len, device=device) >= prompt_len
-    return cols[None].expand(batch, total_len)
-
-
 def _compose(outer: slice | torch.Tensor, inner: slice | torch.Tensor, n: int, dev) -> slice | torch.Tensor:
     """Cache rows of forward rows ``inner`` when forward row ``i`` is cache row ``outer[i]``."""
     if isinstance(outer, slice) and isinstance(inner, slice) and outer.step is None and inner.step is None:

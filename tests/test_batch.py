@@ -217,14 +217,54 @@ def test_resume_skips_done_ids_and_redoes_partial_files(ray_local, tmp_path, tin
     assert (s3.rows, s3.skipped) == (0, 20)
 
 
+def generator_processes() -> dict[int, str]:
+    """pid -> process title of this machine's Ray actors that run the generating actor (``batch_actor.Generator``;
+    Ray titles a worker ``ray::<actor class>[.<method running>]``)."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(p.info["cmdline"] or [])
+        if title.startswith("ray::") and "Generator" in title:
+            out[p.info["pid"]] = title
+    return out
+
+
 def test_actor_killed_mid_job_is_replaced(ray_local, tmp_path, tiny_dir):
-    write(tmp_path / "in.parquet", prompts(40))
-    marker = tmp_path / "crashed"
-    cfg = config(tiny_dir, crash_marker=str(marker))  # the actor process dies inside its 2nd call
-    s = batch.run(str(tmp_path / "in.parquet"), str(tmp_path / "out"), cfg)
-    assert marker.exists()
+    """The test kills the job's only actor (SIGKILL) while it generates; Ray Data starts another one, which
+    finishes the job: every row exactly once."""
+    import signal
+    import threading
+
+    write(tmp_path / "in.parquet", prompts(80))
+    cfg = config(tiny_dir, actors=(1, 1), max_new_tokens=12)  # one actor: the job needs its replacement
+    seen: dict[int, str] = {}
+    killed: list[str] = []
+    done = threading.Event()
+
+    def kill_the_first_busy_actor() -> None:
+        while not done.is_set():
+            procs = generator_processes()
+            seen.update(procs)
+            # busy: running a method (".submit"), not still constructing (".__init__") or idle
+            busy = [pid for pid, title in procs.items() if title.rstrip().rsplit(")", 1)[1].startswith(".")
+                    and "__init__" not in title]
+            if busy and not killed:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.append(procs[busy[0]])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_first_busy_actor, daemon=True)
+    killer.start()
+    try:
+        s = batch.run(str(tmp_path / "in.parquet"), str(tmp_path / "out"), cfg)
+    finally:
+        done.set()
+        killer.join(10)
+    assert killed, f"no busy generating actor seen: {seen}"
+    assert len(seen) >= 2, f"no replacement actor ran: {seen}"
     ids = read_out(tmp_path / "out").column("id").to_pylist()
-    assert sorted(ids) == [f"r{i:03d}" for i in range(40)] and s.rows == 40
+    assert sorted(ids) == [f"r{i:03d}" for i in range(80)] and s.rows == 80
 
 
 def pickled_task_args(ds) -> bytes:

@@ -401,6 +401,5 @@ def test_actor_and_replica_options_without_ray():
     assert res.actor_options(1) == {"num_gpus": 1.0, "num_cpus": res.CPUS_PER_ACTOR}
     assert res.actor_options(0)["num_gpus"] == 0 and res.actor_options(0)["num_cpus"] < 1
     assert res.replica_options(None)["num_gpus"] in (0.0, res.GPUS_PER_REPLICA)
-    assert res.device_for(1) == "cuda" and res.device_for(0) == "cpu"
     with pytest.raises(ValueError):
         res.actor_options(-1)

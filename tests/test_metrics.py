@@ -25,7 +25,7 @@ NO_RAY = textwrap.dedent(
     m = EngineMetrics("batch")
     t = time.perf_counter()
     for _ in range(10000):
-        m.record_step(8, 32, 12, 30)
+        m.record_occupancy(8, 32)
         m.record_request(0.5, 10, 20, ttft_s=0.01)
     per_call = (time.perf_counter() - t) / 20000
     assert not m.enabled
@@ -51,10 +51,11 @@ WITH_RAY = textwrap.dedent(
                 from skipray.metrics import EngineMetrics
 
                 m = EngineMetrics("testactor")
-                m.record_step(batch_rows=3, max_rows=4, layers_run=10, num_layers=30)  # 30 run, 60 skipped
+                m.record_layers([10, 10, 10], num_layers=30)                          # 30 run, 60 skipped
+                m.record_occupancy(batch_rows=3, max_rows=4)
                 m.record_layers([30, 10], num_layers=30)                              # 40 run, 20 skipped
                 m.record_request(latency_s=0.2, prompt_tokens=5, generated_tokens=7, ttft_s=0.05)
-                from skipray.engine import Completion
+                from skipray.requests import Completion
 
                 b = EngineMetrics("testbatch")
                 b.record_batch([Completion(4, [1, 2, 3], [30, 20, 10], "stop"), Completion(2, [5], [30], "length")],

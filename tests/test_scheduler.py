@@ -284,7 +284,7 @@ def test_offline_requests_fill_only_rows_online_leaves_free():
     eng = Engine(model, max_batch=4, max_len=64, max_waiting=1, max_offline_rows=3)
     long = SamplingParams(max_tokens=40)
     offline = [eng.add_request([5, 6, 7], long, offline=True) for _ in range(6)]  # beyond max_waiting: no QueueFull
-    assert eng.num_waiting == 0 and eng.num_offline_waiting == 6
+    assert eng.num_waiting == 0 and len(eng.scheduler.offline_waiting) == 6
     eng.step()
     assert len(eng.scheduler.live) == 3 and all(r.offline for r in eng.scheduler.live)  # one row stays free for online requests
     online = eng.add_request([8, 9], SamplingParams(max_tokens=30))
@@ -294,9 +294,9 @@ def test_offline_requests_fill_only_rows_online_leaves_free():
     assert online in {r.request_id for r in eng.scheduler.live} and len(eng.scheduler.live) == 4  # joined at the next iteration
     eng.abort(offline[0])
     eng.step()  # a row freed by an offline request: no online request waits, so offline fills it
-    assert len(eng.scheduler.live) == 4 and sum(r.offline for r in eng.scheduler.live) == 3 and eng.num_offline_waiting == 2
+    assert len(eng.scheduler.live) == 4 and sum(r.offline for r in eng.scheduler.live) == 3 and len(eng.scheduler.offline_waiting) == 2
     # while an online request waits, a freed row goes to it, never to an offline one
     eng.add_request([8, 9, 10], SamplingParams(max_tokens=30))
     eng.abort(offline[1])
     eng.step()
-    assert sum(not r.offline for r in eng.scheduler.live) == 2 and eng.num_offline_waiting == 2
+    assert sum(not r.offline for r in eng.scheduler.live) == 2 and len(eng.scheduler.offline_waiting) == 2
