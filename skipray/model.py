@@ -18,10 +18,15 @@ which is exactly what skipping a residual block means.
 A layer's cache may be shorter than the pass's slot span (``KVCache`` sized for a skip schedule):
 attention reads only the slots the layer holds, and a write past them raises ``IndexError``.
 
-``SkipModel`` adapts a Hugging Face causal LM (Llama family: Llama, SmolLM2, Mistral, Qwen2/3; OPT)
-by calling its own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its linear
+``SkipModel`` wraps a Hugging Face causal LM (Llama family: Llama, SmolLM2, Mistral, Qwen2/3; OPT); what
+differs between families is one small class each in ``skipray.architectures``, which call the Hugging
+Face module's own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its linear
 layers run through ``skipray.kernels.PackedLinears`` (prepacked oneDNN weights for fp32 inference on
 CPU; the module itself otherwise).
+
+A batch's layout in a cached pass (positions, real mask, cache rows, first slot(s), logit columns,
+adapter mask) travels as one ``Segment``; ``forward`` builds it from its keyword arguments, the engine's
+``skipray.runner`` builds it directly.
 """
 
 from __future__ import annotations
@@ -33,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skipray.architectures import FAMILIES
 from skipray.cache import KVCache
 from skipray.kernels import PackedLinears
 
 LayerRun = tuple[slice | torch.Tensor, int | None] | None
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -46,52 +51,52 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class SkipModel(nn.Module):
-    """A Hugging Face causal LM viewed as embed -> decoder layers -> final norm -> lm_head."""
+    """A Hugging Face causal LM viewed as embed -> decoder layers -> final norm -> lm_head; the family's
+    details are its ``family`` (``skipray.architectures``)."""
 
     def __init__(self, hf_model: nn.Module, packed_linears: bool = True) -> None:
+        """Raises ``ValueError`` for an architecture without an adapter (or an unsupported variant)."""
         super().__init__()
         self.hf = hf_model
         self.linear = PackedLinears(packed_linears)  # linear(module, x) == module(x)
         self._merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights (inference)
         cfg = hf_model.config
         self.arch = cfg.model_type
-        if self.arch in LLAMA_LIKE:
-            self.body = hf_model.model
-            self.num_heads = cfg.num_attention_heads
-            self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-                self.sliding_window = cfg.sliding_window  # reported, not applied: see README limitations
-        elif self.arch == "opt":
-            self.body = hf_model.model.decoder
-            if not cfg.do_layer_norm_before:
-                raise ValueError("OPT variants with post-layer-norm (opt-350m) are not supported")
-            self.num_heads = self.kv_heads = cfg.num_attention_heads
-            self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        else:
-            raise ValueError(
-                f"unsupported architecture {self.arch!r}; supported: {sorted(LLAMA_LIKE | {'opt'})}"
-            )
+        if self.arch not in FAMILIES:
+            raise ValueError(f"unsupported architecture {self.arch!r}; supported: {sorted(FAMILIES)}")
+        self.family = FAMILIES[self.arch](hf_model)
+        a = self.family
+        self.body, self.num_heads, self.kv_heads, self.head_dim = a.body, a.num_heads, a.kv_heads, a.head_dim
+        if a.sliding_window:
+            self.sliding_window = a.sliding_window
         self.layers = self.body.layers
         self.num_layers = len(self.layers)
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
         self.vocab_size = cfg.vocab_size
 
-    # -- architecture adapters -----------------------------------------------------------------
+    # -- the pieces forward calls: the family's, with LoRA-aware linears ----------------------------
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.body.embed_tokens(tokens)
-        if self.arch == "opt":
-            if self.body.project_in is not None:
-                h = self.body.project_in(h)
-            pos = self.body.embed_positions
-            h = h + F.embedding(positions.clamp(min=0) + pos.offset, pos.weight)
-        return h
+        return self.family.embed(tokens, positions)
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.arch == "opt":
-            return None
-        cos, sin = self.body.rotary_emb(x, positions)
-        return cos[:, None], sin[:, None]
+    def rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.family.rope(h, positions)
+
+    def attn_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.family.attn_norm(layer, x)
+
+    def qkv(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None):
+        """Normed input -> q, k, v as (b, heads, t, head_dim), plus the attention scale to use."""
+        return self.family.qkv(layer, x, self.lin, adapter)
+
+    def attn_out(self, layer: nn.Module, o: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
+        return self.family.attn_out(layer, o, self.lin, adapter)
+
+    def mlp(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
+        return self.family.mlp(layer, x, self.lin, adapter)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head: logits."""
+        return self.linear(self.hf.lm_head, self.family.final(h))
 
     def lin(self, module: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
         """``module(x)``; for a peft LoRA layer, its base layer plus the LoRA update only where ``adapter``
@@ -133,43 +138,6 @@ class SkipModel(nn.Module):
                     merged.bias.copy_(base.bias)
             hit = self._merges[module] = (key, merged)
         return hit[1]
-
-    def qkv(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """Normed input -> q, k, v as (b, heads, t, head_dim), plus the attention scale to use."""
-        attn = layer.self_attn
-        b, t, _ = x.shape
-        q = self.lin(attn.q_proj, x, adapter).view(b, t, -1, self.head_dim)
-        k = self.lin(attn.k_proj, x, adapter).view(b, t, -1, self.head_dim)
-        v = self.lin(attn.v_proj, x, adapter).view(b, t, -1, self.head_dim).transpose(1, 2)
-        if self.arch == "opt":  # OPT scales q before the product, as Hugging Face does
-            return (q * attn.scaling).transpose(1, 2), k.transpose(1, 2), v, 1.0
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        return q.transpose(1, 2), k.transpose(1, 2), v, attn.scaling
-
-    def attn_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return layer.self_attn_layer_norm(x) if self.arch == "opt" else layer.input_layernorm(x)
-
-    def attn_out(self, layer: nn.Module, o: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
-        attn = layer.self_attn
-        return self.lin(attn.out_proj if self.arch == "opt" else attn.o_proj, o, adapter)
-
-    def mlp(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
-        a = adapter
-        if self.arch == "opt":
-            return self.lin(layer.fc2, layer.activation_fn(self.lin(layer.fc1, layer.final_layer_norm(x), a)), a)
-        mlp, x = layer.mlp, layer.post_attention_layernorm(x)  # gated MLP, as the Llama family defines it
-        return self.lin(mlp.down_proj, mlp.act_fn(self.lin(mlp.gate_proj, x, a)) * self.lin(mlp.up_proj, x, a), a)
-
-    def final(self, h: torch.Tensor) -> torch.Tensor:
-        if self.arch == "opt":
-            if self.body.final_layer_norm is not None:
-                h = self.body.final_layer_norm(h)
-            if self.body.project_out is not None:
-                h = self.body.project_out(h)
-        else:
-            h = self.body.norm(h)
-        return self.linear(self.hf.lm_head, h)
 
     # -- sizes -----------------------------------------------------------------------------------
     def cost_model(self):
@@ -215,10 +183,14 @@ def _compose(outer: slice | torch.Tensor, inner: slice | torch.Tensor, n: int, d
 
 @dataclass
 class Segment:
-    """One batch of a mixed pass (``forward_segments``): what ``forward`` takes for its cache path.
+    """One batch and its layout: what a pass (``forward``, ``forward_segments``) needs to know about it.
 
-    ``tokens``/``positions``/``real``: ``(b, t)``; ``plan``: one ``LayerRun`` per layer (rows are this
-    segment's rows); ``cache_rows``/``start``/``logits_at``/``adapter``: as in ``forward``.
+    ``tokens``: ``(b, t)`` ids; ``positions``: ``(b, t)`` model positions (RoPE or learned); ``real``:
+    ``(b, t)`` bool, False for padding; ``plan``: one ``LayerRun`` per layer (rows are this batch's rows).
+    With a cache: batch row ``i`` is cache row ``cache_rows[i]`` and its tokens fill slots ``start ..
+    start + t - 1`` (``start``: an int, or a ``(b,)`` tensor of one slot per row when ``t == 1``).
+    ``logits_at``: the columns projected to logits (a slice, or a ``(b,)`` tensor of one column per row;
+    ``None``: all); ``adapter``: ``(b, t)`` bool, where the skip adapter applies (``None``: nowhere).
     """
 
     tokens: torch.Tensor

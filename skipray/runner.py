@@ -108,7 +108,8 @@ class ModelRunner:
         positions = torch.arange(width, device=self.device)[None].expand(k, width)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         self.cache.reset_rows(cache_rows)
-        seg = Segment(tokens, positions, full_plan(self.model.num_layers), real, cache_rows, 0, last)
+        seg = Segment(tokens, positions, full_plan(self.model.num_layers), real, cache_rows=cache_rows, start=0,
+                      logits_at=last)
         return self.run([seg])[0][:, 0].float()
 
     def decode_segment(self, tokens: Sequence[int], slots: Sequence[int], layer_rows: Sequence[Sequence[int]],
@@ -120,7 +121,8 @@ class ModelRunner:
         start = torch.tensor(slots, device=self.device)
         plan = [(as_rows(r, self.device), None) if r else None for r in layer_rows]
         am = torch.tensor(adapter, device=self.device)[:, None]
-        return Segment(tok, start[:, None], plan, torch.ones_like(tok, dtype=torch.bool), slice(0, n), start, None, am)
+        return Segment(tok, start[:, None], plan, torch.ones_like(tok, dtype=torch.bool), cache_rows=slice(0, n),
+                       start=start, adapter=am)
 
     def chunk_segment(self, tokens: Sequence[int], row: int, start: int, last: bool) -> Segment:
         """Prompt ``tokens`` at slots ``start..`` of cache ``row``, full depth; the last token's logits
@@ -129,7 +131,7 @@ class ModelRunner:
         tok = torch.tensor([list(tokens)], device=self.device)
         positions = torch.arange(start, start + n, device=self.device)[None]
         return Segment(tok, positions, full_plan(self.model.num_layers), torch.ones_like(tok, dtype=torch.bool),
-                       slice(row, row + 1), start, slice(n - 1, n) if last else slice(0, 0), None)
+                       cache_rows=slice(row, row + 1), start=start, logits_at=slice(n - 1, n) if last else slice(0, 0))
 
     def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, active: Sequence[int],
                          adapter: bool = False) -> torch.Tensor:
@@ -138,6 +140,6 @@ class ModelRunner:
         -> logits ``(n, vocab)``, float32."""
         n = tokens.shape[0]
         ones = torch.ones_like(tokens, dtype=torch.bool)
-        seg = Segment(tokens, positions[:, None], step_plan(active, self.model.num_layers), ones, slice(0, n), slot,
-                      None, ones if adapter else None)
+        seg = Segment(tokens, positions[:, None], step_plan(active, self.model.num_layers), ones,
+                      cache_rows=slice(0, n), start=slot, adapter=ones if adapter else None)
         return self.run([seg])[0][:, 0].float()

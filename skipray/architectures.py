@@ -1,0 +1,118 @@
+"""Architecture adapters: what differs between model families, one small class per family.
+
+Contract: a family class is built from a Hugging Face causal LM and gives ``skipray.model.SkipModel``
+the pieces of one decoder pass, each calling the Hugging Face module's own submodules (so LoRA and
+``save_pretrained`` keep working): ``embed(tokens, positions)``, ``rope(h, positions)`` (``(cos, sin)``
+or ``None``), ``attn_norm``, ``qkv`` (q, k, v as ``(b, heads, t, head_dim)`` and the attention scale),
+``attn_out``, ``mlp`` and ``final`` (the norm before the lm_head); and the attention shape
+(``num_heads``, ``kv_heads``, ``head_dim``). Linear layers go through the ``lin`` the model passes in
+(``SkipModel.lin``: packed kernels, the skip adapter where ``adapter`` marks). Adding a family means
+one class here and one ``FAMILIES`` entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Lin = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # SkipModel.lin
+
+
+class LlamaFamily:
+    """Llama family (Llama, SmolLM2, Mistral, Qwen2/3): RoPE, RMSNorm before attention and MLP, a gated
+    MLP, Qwen3's q/k norms. Every method calls the Hugging Face module's own submodules."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        cfg = hf.config
+        self.body = hf.model
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.sliding_window = None  # reported, not applied: see README limitations
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            self.sliding_window = cfg.sliding_window
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.body.embed_tokens(tokens)
+
+    def rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        cos, sin = self.body.rotary_emb(h, positions)
+        return cos[:, None], sin[:, None]
+
+    def attn_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer.input_layernorm(x)
+
+    def qkv(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None):
+        """Normed input ``(b, t, d)`` -> q, k, v as ``(b, heads, t, head_dim)`` and the attention scale."""
+        attn, (b, t, _) = layer.self_attn, x.shape
+        q = lin(attn.q_proj, x, adapter).view(b, t, -1, self.head_dim)
+        k = lin(attn.k_proj, x, adapter).view(b, t, -1, self.head_dim)
+        v = lin(attn.v_proj, x, adapter).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v, attn.scaling
+
+    def attn_out(self, layer: nn.Module, o: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
+        return lin(layer.self_attn.o_proj, o, adapter)
+
+    def mlp(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
+        mlp, x = layer.mlp, layer.post_attention_layernorm(x)
+        return lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, x, adapter)) * lin(mlp.up_proj, x, adapter), adapter)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm (the lm_head is the model's)."""
+        return self.body.norm(h)
+
+
+class OPTFamily:
+    """OPT (pre-layer-norm variants): learned positions (offset 2), LayerNorms, q scaled before the product
+    as Hugging Face does, fc1/fc2 MLP, optional input/output projections."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        cfg = hf.config
+        if not cfg.do_layer_norm_before:
+            raise ValueError("OPT variants with post-layer-norm (opt-350m) are not supported")
+        self.body = hf.model.decoder
+        self.num_heads = self.kv_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.sliding_window = None
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.body.embed_tokens(tokens)
+        if self.body.project_in is not None:
+            h = self.body.project_in(h)
+        pos = self.body.embed_positions
+        return h + F.embedding(positions.clamp(min=0) + pos.offset, pos.weight)
+
+    def rope(self, h: torch.Tensor, positions: torch.Tensor) -> None:
+        return None
+
+    def attn_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer.self_attn_layer_norm(x)
+
+    def qkv(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None):
+        attn, (b, t, _) = layer.self_attn, x.shape
+        q = lin(attn.q_proj, x, adapter).view(b, t, -1, self.head_dim)
+        k = lin(attn.k_proj, x, adapter).view(b, t, -1, self.head_dim)
+        v = lin(attn.v_proj, x, adapter).view(b, t, -1, self.head_dim).transpose(1, 2)
+        return (q * attn.scaling).transpose(1, 2), k.transpose(1, 2), v, 1.0
+
+    def attn_out(self, layer: nn.Module, o: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
+        return lin(layer.self_attn.out_proj, o, adapter)
+
+    def mlp(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
+        return lin(layer.fc2, layer.activation_fn(lin(layer.fc1, layer.final_layer_norm(x), adapter)), adapter)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        if self.body.final_layer_norm is not None:
+            h = self.body.final_layer_norm(h)
+        if self.body.project_out is not None:
+            h = self.body.project_out(h)
+        return h
+
+
+FAMILIES = {"llama": LlamaFamily, "mistral": LlamaFamily, "qwen2": LlamaFamily, "qwen3": LlamaFamily,
+            "opt": OPTFamily}  # Hugging Face model_type -> its family
