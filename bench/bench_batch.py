@@ -1,14 +1,18 @@
-"""Benchmark the offline batch job: job tokens/s vs the direct engine, bucketed vs unbucketed batches.
+"""Benchmark the offline batch job: job tokens/s vs the direct engine, bucketed vs unbucketed windows.
 
 Contract: a script, not a test. Same prompts (examples/prompts.parquet, first ``--limit``), same model,
-schedule, batch size and window for all four runs; greedy. Prints a table and writes
+schedule, batch size and window for all four runs; greedy. The direct engine runs each window the way
+the job's actor does (``batch_actor.admission_order``, then one ``Engine.generate`` over the window:
+rows refilled as they finish). ``--mixed`` adds a direct and a job run where every other prompt asks
+for 16 tokens and the rest for 128 (a ``sampling_params`` column), the case continuous batching is
+for: a static batch would run until its longest row ends. Prints a table and writes
 bench/results/batch.json. Job tokens/s is wall time of the whole Ray Data run (actor start and model
 load included); direct engine tokens/s is generation time only (load excluded). The job's actor is
 wrapped to log its start-up and each window's times, so the table also shows where the job's extra
 time went and its steady-state tokens/s (windows after the first, over the time since the first ended).
 ``--copies K`` repeats the prompts K times (new ids) so a long run shows the job's steady state, with
 its fixed start-up (actor start, model load: seconds) spread over more tokens.
-Run: ``.venv/bin/python bench/bench_batch.py [--limit 128 --max-new-tokens 32 --copies 1]``.
+Run: ``.venv/bin/python bench/bench_batch.py [--limit 128 --max-new-tokens 32 --copies 1 --mixed]``.
 """
 
 from __future__ import annotations
@@ -27,22 +31,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def direct(m, schedule, prompts: list[list[int]], args, bucket: bool) -> dict:
-    from skipray.batch import padding_waste, plan_batches
+MIXED = (16, 128)  # --mixed: max_tokens of even / odd rows
+
+
+def row_max_tokens(n: int, args, mixed: bool) -> list[int]:
+    return [MIXED[i % 2] for i in range(n)] if mixed else [args.max_new_tokens] * n
+
+
+def direct(m, schedule, prompts: list[list[int]], args, bucket: bool, mixed: bool = False) -> dict:
+    from skipray.batch import admission_order
     from skipray.engine import Engine, SamplingParams
 
     engine = Engine(m.model, schedule, max_batch=args.batch_size, max_len=256, eos_token_ids=m.eos_token_ids)
-    params = SamplingParams(max_tokens=args.max_new_tokens)
+    params = [SamplingParams(max_tokens=n) for n in row_max_tokens(len(prompts), args, mixed)]
     window = args.batch_size * args.bucket_window
-    tokens, batches_all, t0 = 0, [], time.perf_counter()
-    for w in range(0, len(prompts), window):  # the same windows the job's actor sees
-        chunk = prompts[w : w + window]
-        for b in plan_batches([len(p) for p in chunk], args.batch_size, bucket):
-            tokens += sum(len(c.token_ids) for c in engine.generate([chunk[i] for i in b], params))
-            batches_all.append([w + i for i in b])
+    tokens, t0 = 0, time.perf_counter()
+    for w in range(0, len(prompts), window):  # the same windows the job's actor sees, in its order
+        order = [w + i for i in admission_order([len(p) for p in prompts[w : w + window]], bucket)]
+        tokens += sum(len(c.token_ids) for c in engine.generate([prompts[i] for i in order], [params[i] for i in order]))
     dt = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 1),
-            "padding_waste": round(padding_waste([len(p) for p in prompts], batches_all), 3)}
+    return {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 1)}
 
 
 def timed_generator(log: Path):
@@ -109,6 +117,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--copies", type=int, default=1, help="repeat the prompts this many times (new ids)")
     p.add_argument("--skip-unbucketed-job", action="store_true", help="the unbucketed comparison on the direct engine only")
+    p.add_argument("--mixed", action="store_true",
+                   help=f"also run direct and job with max_tokens {MIXED[0]} / {MIXED[1]} on alternate prompts")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bucket-window", type=int, default=4)
     p.add_argument("--threads", type=int, default=1,
@@ -140,6 +150,11 @@ def main() -> None:
     prompts = [encode_prompt(m.tokenizer, t) for t in table.column("prompt").to_pylist()]
     res = {"direct_bucketed": direct(m, schedule, prompts, args, True),
            "direct_unbucketed": direct(m, schedule, prompts, args, False)}
+    if args.mixed:
+        res["direct_mixed"] = direct(m, schedule, prompts, args, True, mixed=True)
+        mixed = table.append_column("sampling_params", pa.array(
+            [{"max_tokens": n} for n in row_max_tokens(table.num_rows, args, True)]))
+        pq.write_table(mixed, tmp / "mixed.parquet")
     del m
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -150,22 +165,22 @@ def main() -> None:
         res["job_bucketed"] = job(tmp / "in.parquet", schedule, 8192, args, True)
         if not args.skip_unbucketed_job:
             res["job_unbucketed"] = job(tmp / "in.parquet", schedule, 8192, args, False)
+        if args.mixed:
+            res["job_mixed"] = job(tmp / "mixed.parquet", schedule, 8192, args, True)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    for k in ("bucketed", "unbucketed"):
-        if f"job_{k}" in res:
-            res[f"job_{k}"]["padding_waste"] = res[f"direct_{k}"]["padding_waste"]
     ratio = res["job_bucketed"]["tokens_per_s"] / res["direct_bucketed"]["tokens_per_s"]
-    meta = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+    meta = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "mixed": list(MIXED) if args.mixed else None,
+            "batch_size": args.batch_size,
             "bucket_window": args.bucket_window, "model": args.model, "schedule": schedule.describe(),
             "model_load_s": round(load_s, 1), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "threads": args.threads, "job_vs_direct": round(ratio, 3)}
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"window {args.batch_size * args.bucket_window}, {schedule.describe()}, {os.cpu_count()} cores")
-    print(f"{'run':<20}{'tokens':>8}{'seconds':>9}{'tok/s':>9}{'pad waste':>11}")
+    print(f"{'run':<20}{'tokens':>8}{'seconds':>9}{'tok/s':>9}")
     for name, r in res.items():
-        print(f"{name:<20}{r['tokens']:>8}{r['seconds']:>9}{r['tokens_per_s']:>9}{r['padding_waste']:>11.1%}")
+        print(f"{name:<20}{r['tokens']:>8}{r['seconds']:>9}{r['tokens_per_s']:>9}")
     j = res["job_bucketed"]
     steady = j["steady_tokens_per_s"] / res["direct_bucketed"]["tokens_per_s"] if j["steady_tokens_per_s"] else None
     meta["job_steady_vs_direct"] = round(steady, 3) if steady else None

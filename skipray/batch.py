@@ -43,7 +43,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from skipray.batch_actor import Generator, padding_waste, plan_batches  # noqa: F401  (re-exported)
+from skipray.batch_actor import Generator, admission_order  # noqa: F401  (re-exported)
 from skipray.batch_files import (  # noqa: F401  (re-exported: the job and the tests use them from here)
     InputCheck, InputError, Summary, check_input, filesystem_for, summarize,
 )

@@ -1,14 +1,17 @@
 """The generating actor of the skip-decoding processor (a Ray Data callable class; no Ray import here).
 
-Contract: ``Generator(spec)`` loads the model once and builds one static ``Engine`` (its KV cache
-reused across calls). ``__call__(block)`` takes one window of rows from ``batch_rows.prepare_rows``
-and returns it with ``generated_text``, ``generated_tokens``, ``num_generated_tokens``,
-``avg_layers`` and ``finish_reason`` added and the internal columns dropped. The window's good rows
-are grouped by schedule (a row's ``skip`` flags, else the config's schedule), each group sorted by
-prompt length (``plan_batches``) and run in micro-batches of ``batch_size`` with each row's own
-sampling params and seed. Error rows pass through with no text, no tokens and 0 generated tokens.
-Faults stay with their rows: when a micro-batch raises, each of its rows is run alone, and a row
-that fails alone gets ``error = "generation failed: ..."``; its batch-mates are unaffected.
+Contract: ``Generator(spec)`` loads the model once and builds one ``Engine`` of ``batch_size`` rows (its
+KV cache reused across calls). ``__call__(block)`` takes one window of rows from
+``batch_rows.prepare_rows`` and returns it with ``generated_text``, ``generated_tokens``,
+``num_generated_tokens``, ``avg_layers`` and ``finish_reason`` added and the internal columns dropped.
+The window's good rows go into the engine together (continuous batching): each with its own sampling
+params, seed and schedule (a row's ``skip`` flags, else the config's), admitted shortest prompt first
+when ``bucket`` (rows prefilled together then have similar lengths), and a row that finishes frees its
+cache row for the next prompt of the window at once, instead of the batch running until its longest
+row ends. A seeded row samples from its own generator, so what shares its batch changes nothing.
+Error rows pass through with no text, no tokens and 0 generated tokens. Faults stay with their rows:
+a row that failed (alone, or in a pass it shared) is run again alone, and one that fails alone gets
+``error = "generation failed: ..."``; the other rows are unaffected.
 """
 
 from __future__ import annotations
@@ -37,16 +40,9 @@ class ActorSpec:
     device: str | None = None
 
 
-def plan_batches(lengths: list[int], batch_size: int, bucket: bool) -> list[list[int]]:
-    """Row indices of each micro-batch: sorted by length within the window when ``bucket``."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__) if bucket else list(range(len(lengths)))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
-    """Fraction of prompt positions in the padded prefill tensors that are padding."""
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
-    return 1.0 - sum(lengths[i] for b in batches for i in b) / padded if padded else 0.0
+def admission_order(lengths: list[int], bucket: bool) -> list[int]:
+    """The order the window's rows enter the engine: shortest prompt first when ``bucket``, else as given."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__) if bucket else list(range(len(lengths)))
 
 
 class Generator:
@@ -80,22 +76,28 @@ class Generator:
         return SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
                               top_k=p["top_k"], seed=p["seed"], stop=tuple(p["stop"] or ()))
 
-    def _run(self, prompts: list[list[int]], params: list, schedule) -> list:
-        """Generate one micro-batch; -> a ``Completion`` or the exception of each row (faults stay per row)."""
-        t0 = time.perf_counter()
+    def _alone(self, prompt: list[int], params, schedule):
+        """One row run by itself; -> its ``Completion`` or what it failed with."""
         try:
-            comps = self.engine.generate(prompts, params, schedule)
-        except Exception as e:  # noqa: BLE001 - find the row(s) at fault: run each alone
-            if len(prompts) == 1:
-                return [e]
-            out = []
-            for p, sp in zip(prompts, params):
-                try:
-                    out.append(self.engine.generate([p], [sp], schedule)[0])
-                except Exception as e:  # noqa: BLE001
-                    out.append(e)
-            return out
-        self.metrics.record_batch(comps, self.m.model.num_layers, self.spec.batch_size, time.perf_counter() - t0)
+            c = self.engine.generate([prompt], [params], [schedule], raise_errors=False)[0]
+        except Exception as e:  # noqa: BLE001 - e.g. a ValueError for this row's input
+            return e
+        return c.error if c.finish_reason == "error" else c
+
+    def _run(self, prompts: list[list[int]], params: list, schedules: list) -> list:
+        """Generate for the window's rows together (continuous batching); -> a ``Completion`` or the
+        exception of each row. A row that failed is run again alone (faults stay with their rows)."""
+        t0, steps = time.perf_counter(), self.engine.steps
+        try:
+            comps: list = self.engine.generate(prompts, params, schedules, raise_errors=False)
+        except Exception:  # noqa: BLE001 - the call refused some row's input: find it, run each alone
+            return [self._alone(*row) for row in zip(prompts, params, schedules)]
+        for k, c in enumerate(comps):
+            if c.finish_reason == "error":
+                comps[k] = self._alone(prompts[k], params[k], schedules[k])
+        done = [c for c in comps if not isinstance(c, BaseException)]
+        self.metrics.record_batch(done, self.m.model.num_layers, self.spec.batch_size, time.perf_counter() - t0,
+                                  self.engine.steps - steps)
         return comps
 
     def __call__(self, block: pa.Table) -> pa.Table:
@@ -111,22 +113,17 @@ class Generator:
         errors = block.column("error").to_pylist()
         toks = block.column(TOKENS).to_pylist()
         params = block.column(PARAMS).to_pylist()
-        groups: dict[str | None, list[int]] = {}
-        for i in range(n):
-            if errors[i] is None:
-                groups.setdefault(params[i]["skip"], []).append(i)
-        for flags, ok in groups.items():
-            schedule = self._schedule(flags)
-            for mb in plan_batches([len(toks[i]) for i in ok], spec.batch_size, spec.bucket):
-                rows = [ok[j] for j in mb]
-                comps = self._run([toks[r] for r in rows], [self._params(params[r]) for r in rows], schedule)
-                for r, c in zip(rows, comps):
-                    if isinstance(c, BaseException):
-                        errors[r] = f"generation failed: {c!r}"
-                        continue
-                    text[r] = decode(self.m.tokenizer, c.token_ids, params[r]["stop"] or ())
-                    tokens[r], gen[r] = list(c.token_ids), len(c.token_ids)
-                    avg[r], reason[r] = round(c.avg_layers, 3), c.finish_reason
+        ok = [i for i in range(n) if errors[i] is None]
+        rows = [ok[j] for j in admission_order([len(toks[i]) for i in ok], spec.bucket)]
+        comps = self._run([toks[r] for r in rows], [self._params(params[r]) for r in rows],
+                          [self._schedule(params[r]["skip"]) for r in rows]) if rows else []
+        for r, c in zip(rows, comps):
+            if isinstance(c, BaseException):
+                errors[r] = f"generation failed: {c!r}"
+                continue
+            text[r] = decode(self.m.tokenizer, c.token_ids, params[r]["stop"] or ())
+            tokens[r], gen[r] = list(c.token_ids), len(c.token_ids)
+            avg[r], reason[r] = round(c.avg_layers, 3), c.finish_reason
         out = block.drop_columns([c for c in INTERNAL_COLUMNS if c in block.column_names] + ["error"])
         for name, values, typ in (("generated_text", text, pa.string()),
                                   ("generated_tokens", tokens, pa.list_(pa.int32())),

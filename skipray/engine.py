@@ -18,7 +18,8 @@ forward passes over KV-cache rows) and the batched sampler (``skipray.sampling.s
   iterations while the decoding rows keep producing a token at every iteration.
 * ``generate`` / ``stream`` (a batch of prompts on an idle engine) are loops over ``add_request`` +
   ``step``: every prompt is queued, rows are refilled as they finish, and the cache grows first when
-  the call needs more slots than it has. They raise what a request failed with.
+  the call needs more slots than it has. They raise what a request failed with (``raise_errors=False``:
+  the failed request ends with ``finish_reason="error"``, the others go on).
 * Offline requests (``add_request(offline=True)``) are their own admission class (``Scheduler``).
 * The cache: layer ``l`` holds ``min(max_len, max_prompt_len + k_l)`` slots, ``k_l`` the steps of
   ``cache_schedule`` (default full depth) that run ``l`` within ``max_tokens`` (default ``max_len``)
@@ -182,15 +183,17 @@ class Engine:
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-        schedule: SkipSchedule | None = None,
+        schedule: SkipSchedule | Sequence[SkipSchedule | None] | None = None,
+        raise_errors: bool = True,
     ) -> list[Completion]:
-        """Generate for a batch of token-id prompts; one ``Completion`` per prompt, in order."""
+        """Generate for a batch of token-id prompts; one ``Completion`` per prompt, in order (see ``stream``)."""
         out = [Completion(prompt_len=len(p)) for p in prompts]
-        for ev in self.stream(prompts, params, schedule):
+        for ev in self.stream(prompts, params, schedule, raise_errors):
             c = out[ev.row]
-            c.token_ids.append(ev.token_id)
-            c.layers_per_token.append(ev.layers)
-            c.finish_reason = ev.finish_reason
+            c.finish_reason, c.error = ev.finish_reason, ev.error
+            if ev.token_id is not None:
+                c.token_ids.append(ev.token_id)
+                c.layers_per_token.append(ev.layers)
             if ev.logprobs is not None:
                 c.logprobs.append(ev.logprobs)
         return out
@@ -199,21 +202,27 @@ class Engine:
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-        schedule: SkipSchedule | None = None,
+        schedule: SkipSchedule | Sequence[SkipSchedule | None] | None = None,
+        raise_errors: bool = True,
     ) -> Iterator[TokenEvent]:
         """Yield one ``TokenEvent`` per generated token as soon as it is sampled (rows by prompt index).
+        ``params`` and ``schedule``: one for every prompt, or one each. Prompts wait for free rows (at most
+        ``max_batch`` run at once, admitted in order) and take the row a finished one leaves.
 
-        Raises ``ValueError`` for invalid input (``"prompt i: ..."``), ``RuntimeError`` when the engine
-        has requests of its own, and what a request failed with (the call's other requests are dropped)."""
+        Raises ``ValueError`` for invalid input (``"prompt i: ..."``) and ``RuntimeError`` when the engine
+        has requests of its own. A request that fails (a fault of its own, or of a pass it shared): with
+        ``raise_errors`` its exception is raised and the call's other requests are dropped; without, its
+        last event has ``finish_reason="error"`` and the ``error``, and the others go on."""
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        slist = list(schedule) if isinstance(schedule, Sequence) else [schedule] * len(prompts)
+        if not len(plist) == len(slist) == len(prompts):
+            raise ValueError(f"{len(plist)} sampling params and {len(slist)} schedules for {len(prompts)} prompts")
         if self.has_work():
             raise RuntimeError("generate/stream need an idle engine; this one has requests of its own")
         reqs = []
-        for i, (p, sp) in enumerate(zip(prompts, plist)):
+        for i, (p, sp, s) in enumerate(zip(prompts, plist, slist)):
             try:
-                reqs.append(self._request(p, sp, schedule, f"row-{i}"))
+                reqs.append(self._request(p, sp, s, f"row-{i}"))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         if not reqs:
@@ -225,9 +234,10 @@ class Engine:
         try:
             while self.has_work():
                 for ev in self.step():
-                    if ev.finish_reason in ("error", "abort"):
+                    if raise_errors and ev.finish_reason in ("error", "abort"):
                         raise ev.error or RuntimeError(f"request {ev.request_id} was aborted")
-                    yield TokenEvent(int(ev.request_id[4:]), ev.token_id, ev.layers, ev.finish_reason, ev.logprobs)
+                    yield TokenEvent(int(ev.request_id[4:]), ev.token_id, ev.layers, ev.finish_reason, ev.logprobs,
+                                     ev.error)
         finally:
             self.scheduler.reset()  # a consumer that stops early, or a failure, leaves no request behind
 

@@ -136,14 +136,18 @@ class EngineMetrics:
         if ttft_s is not None:
             m["skipray_ttft_s"].observe(max(ttft_s, 0.0), tags=t)
 
-    def record_batch(self, completions: Sequence[Any], num_layers: int, max_rows: int, latency_s: float) -> None:
+    def record_batch(self, completions: Sequence[Any], num_layers: int, max_rows: int, latency_s: float,
+                     steps: int | None = None) -> None:
         """A whole ``Engine.generate`` call: one request per completion (``prompt_len``, ``token_ids``,
-        ``layers_per_token``), their layers, and the batch's occupancy."""
+        ``layers_per_token``), their layers, the engine ``steps`` it took (default: its longest row's
+        tokens) and the batch's occupancy (rows in use of ``max_rows``, at most all of them)."""
         m = self._m()
         if m is None or not completions:
             return
         for c in completions:
             self.record_request(latency_s, c.prompt_len, len(c.token_ids))
             self.record_layers(c.layers_per_token, num_layers)
-        m["skipray_decode_steps"].inc(max(len(c.token_ids) for c in completions), tags=self._tags)
-        m["skipray_batch_occupancy"].set(len(completions) / max(max_rows, 1), tags=self._tags)
+        if steps is None:
+            steps = max(len(c.token_ids) for c in completions)
+        m["skipray_decode_steps"].inc(steps, tags=self._tags)
+        m["skipray_batch_occupancy"].set(min(len(completions), max_rows) / max(max_rows, 1), tags=self._tags)

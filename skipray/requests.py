@@ -79,10 +79,11 @@ class TokenEvent:
     """One generated token of row ``row`` of an ``Engine.stream`` call."""
 
     row: int
-    token_id: int
+    token_id: int | None  # None only for a failed row (finish_reason "error")
     layers: int
     finish_reason: str | None  # set on the row's last token
     logprobs: TopLogprobs | None = None  # when the request asked for logprobs
+    error: BaseException | None = None  # why the row failed (``Engine.stream(raise_errors=False)``)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Completion:
     layers_per_token: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TopLogprobs] = field(default_factory=list)  # one per token when params.logprobs > 0
+    error: BaseException | None = None  # why it failed (finish_reason "error", ``raise_errors=False``)
 
     @property
     def avg_layers(self) -> float:

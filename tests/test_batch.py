@@ -75,14 +75,10 @@ def prompts(n: int, start: int = 0) -> list[dict]:
 
 
 # -- no Ray ------------------------------------------------------------------------------------------
-def test_plan_batches_buckets_within_window():
+def test_admission_order_buckets_within_window():
     lengths = [30, 2, 29, 3, 31, 1, 28, 4]
-    plain = batch.plan_batches(lengths, 4, bucket=False)
-    bucketed = batch.plan_batches(lengths, 4, bucket=True)
-    assert plain == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert sorted(i for b in bucketed for i in b) == list(range(8))
-    assert [sorted(lengths[i] for i in b) for b in bucketed] == [[1, 2, 3, 4], [28, 29, 30, 31]]
-    assert batch.padding_waste(lengths, bucketed) < 0.1 < batch.padding_waste(lengths, plain)
+    assert batch.admission_order(lengths, bucket=False) == list(range(8))
+    assert [lengths[i] for i in batch.admission_order(lengths, bucket=True)] == sorted(lengths)
 
 
 def prepared(tmp_path: Path, rows: list[dict], cfg: batch.JobConfig, done: list[dict] | None = None,

@@ -243,3 +243,41 @@ def test_writing_past_a_layers_slots_raises(llama):
     assert kk.shape[2] == 3 and readable.shape == (2, 3)
     with pytest.raises(ValueError, match="layer_lens"):
         KVCache(2, 2, 1, 5, 4, layer_lens=[5, 6])
+
+
+def test_more_prompts_than_rows_refill_rows_and_change_no_sample(llama):
+    """Continuous batching in generate: 5 prompts on 2 rows with mixed lengths, schedules and seeds; each
+    row's tokens are what it makes alone (a refilled row changes no row's sample)."""
+    model = SkipModel(llama)
+    sched = schedule_for(model)
+    prompts = [[5, 6, 7], [9, 9], [3, 4, 3, 4, 3], [50], [11, 12, 13, 14]]
+    params = [SamplingParams(max_tokens=n, temperature=0.9, seed=k) if k % 2 else SamplingParams(max_tokens=n)
+              for k, n in enumerate([3, 12, 5, 9, 2])]
+    schedules = [sched, None, SkipSchedule.full(model.num_layers), sched, None]
+    engine = Engine(model, sched, max_batch=2, max_len=64)
+    steps = engine.steps
+    got = engine.generate(prompts, params, schedules)
+    assert engine.steps - steps < sum(p.max_tokens for p in params) - 1  # rows really ran side by side
+    for p, sp, s, c in zip(prompts, params, schedules, got):
+        alone = Engine(model, sched, max_batch=1, max_len=64).generate([p], sp, s)[0]
+        assert (c.token_ids, c.layers_per_token, c.finish_reason) == (alone.token_ids, alone.layers_per_token,
+                                                                      alone.finish_reason)
+
+
+def test_a_failing_row_raises_or_ends_alone(llama):
+    engine = Engine(SkipModel(llama), max_batch=2, max_len=64)
+
+    def broken(ids):
+        if len(ids) == 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a tokenizer error")
+        return False
+
+    params = [SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, stop_fn=broken), SamplingParams(max_tokens=4)]
+    with pytest.raises(UnicodeDecodeError):
+        engine.generate([[5, 6], [7, 8], [9, 10]], params)
+    got = engine.generate([[5, 6], [7, 8], [9, 10]], params, raise_errors=False)  # the engine was left idle
+    assert [c.finish_reason for c in got] == ["length", "error", "length"]
+    assert isinstance(got[1].error, UnicodeDecodeError) and len(got[1].token_ids) == 2
+    assert got[0].token_ids == engine.generate([[5, 6]], params[0])[0].token_ids
+    with pytest.raises(ValueError, match="stop strings need"):
+        engine.generate([[5, 6]], SamplingParams(stop=["x"]))
