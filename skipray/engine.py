@@ -16,9 +16,9 @@ forward passes over KV-cache rows) and the batched sampler (``skipray.sampling.s
   one forward pass carrying the decode step of every decoding row and prompt chunks that fill the
   rest of the budget (at most ``max_prefill_tokens`` of it); a long prompt is prefilled over several
   iterations while the decoding rows keep producing a token at every iteration.
-* ``generate`` / ``stream`` (a batch of prompts on an idle engine) are loops over ``add_request`` +
-  ``step``: every prompt is queued, rows are refilled as they finish, and the cache grows first when
-  the call needs more slots than it has. They raise what a request failed with (``raise_errors=False``:
+* ``generate`` / ``stream`` (a batch of prompts on an idle engine) are loops over ``step``: every prompt
+  is queued as ``add_request`` queues it (without its size limits and queue bound: the cache grows first
+  when the call needs more slots than it has), rows are refilled as they finish. They raise what a request failed with (``raise_errors=False``:
   the failed request ends with ``finish_reason="error"``, the others go on).
 * Offline requests (``add_request(offline=True)``) are their own admission class (``Scheduler``).
 * The cache: layer ``l`` holds ``min(max_len, max_prompt_len + k_l)`` slots, ``k_l`` the steps of
@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from skipray.cache import KVCache
 from skipray.memory import layer_slots
 from skipray.model import SkipModel
 from skipray.requests import Completion, Event, SamplingParams, TokenEvent, finish_reason, validate_request
@@ -106,11 +107,13 @@ class Engine:
         self.steps = 0  # decode iterations run
 
     @property
-    def cache(self):
+    def cache(self) -> KVCache:
+        """The KV cache (the runner's; ``generate`` may replace it with a larger one)."""
         return self.runner.cache
 
     @property
     def max_batch(self) -> int:
+        """Rows that run at once."""
         return self.scheduler.max_batch
 
     @property
@@ -172,6 +175,7 @@ class Engine:
         self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:
+        """Whether ``step`` has anything to do (a request waits or runs, or an abort is pending)."""
         return self.scheduler.has_work()
 
     def reset(self) -> list[str]:

@@ -70,6 +70,7 @@ class ModelRunner:
             self.cache = self.model.new_cache(max(rows, c.max_batch), max(lens), lens)
 
     def reset_rows(self, first: int, n: int) -> None:
+        """Forget cache rows ``first .. first + n - 1`` (before a new request's prompt goes there)."""
         self.cache.reset_rows(slice(first, first + n))
 
     def move_rows(self, moves: Sequence[tuple[int, int]], upto: int) -> None:

@@ -97,10 +97,12 @@ class Scheduler:
             self.waiting.append(req)
 
     def abort(self, request_id: str) -> None:
+        """Mark a request aborted; ``take_aborts`` drops it at the next iteration (unknown ids: nothing)."""
         with self._lock:
             self._aborts.add(request_id)
 
     def has_work(self) -> bool:
+        """Whether any request waits, runs or has an abort pending."""
         with self._lock:
             return bool(self.live or self.prefilling or self.waiting or self.offline_waiting or self._aborts)
 
