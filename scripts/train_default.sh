@@ -50,7 +50,7 @@ evaluate() {  # MODEL OUT
 stage train15 && train runs/skip15 runs/calibrate/skip15.json "$STEPS15"
 stage eval15 && evaluate runs/skip15 runs/eval-skip15
 if stage policy15; then  # on-policy rollouts: the ~1.5x adapter answers under its schedule, the full model
-    # scores every token (top-16); prompts: the model-written ones and the project's, shuffled (~25 min)
+    # scores every token (top-16); prompts: the model-written ones and the project's, shuffled (~20 min)
     $PY - <<'EOF'
 import glob, random
 import pyarrow as pa, pyarrow.parquet as pq
@@ -60,7 +60,7 @@ uniq = list(dict.fromkeys(ps))
 random.Random(0).shuffle(uniq)
 pq.write_table(pa.table({"prompt": uniq}), "runs/policy_prompts.parquet")
 EOF
-    $SK distill-data --model runs/skip15 --policy trained --prompts runs/policy_prompts.parquet --limit 3000 \
+    $SK distill-data --model runs/skip15 --policy trained --prompts runs/policy_prompts.parquet --limit 2000 \
         --out runs/data/policy15 --shard-size 500 --topk 16 --temperature 0.5 --max-new-tokens 64 --batch-size 32 \
         --seed 70000
 fi
