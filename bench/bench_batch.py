@@ -40,7 +40,7 @@ def row_max_tokens(n: int, args, mixed: bool) -> list[int]:
 
 def direct(m, schedule, prompts: list[list[int]], args, bucket: bool, mixed: bool = False) -> dict:
     from skipray.batch import admission_order
-    from skipray.engine import Engine, SamplingParams
+    from skipray.core.engine import Engine, SamplingParams
 
     engine = Engine(m.model, schedule, max_batch=args.batch_size, max_len=256, eos_token_ids=m.eos_token_ids)
     params = [SamplingParams(max_tokens=n) for n in row_max_tokens(len(prompts), args, mixed)]
@@ -57,7 +57,7 @@ def timed_generator(log: Path):
     """``skipray.batch.Generator`` that appends its start-up and each window's times to ``log`` (JSON lines)."""
     import json as _json
 
-    from skipray.batch_actor import Generator
+    from skipray.batch.actor import Generator
 
     class TimedGenerator(Generator):
         def __init__(self, spec) -> None:
@@ -80,7 +80,7 @@ def timed_generator(log: Path):
 def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
     """The Ray Data job end to end, and where its time went: actor start-up, first window, the rest."""
     import skipray.batch as batch
-    import skipray.batch_actor as batch_actor
+    import skipray.batch.actor as batch_actor
 
     out = Path(tempfile.mkdtemp(prefix="skipray-bench-"))
     log = out / "timeline.jsonl"

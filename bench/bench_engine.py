@@ -10,7 +10,7 @@ Roofline for P1: at small batches a decode step reads every weight once, so its 
     1 token) / (n - 1): the prompt pass cancels out), and prints the most any fp32 engine could gain
     over Hugging Face's decode step on this machine.
 Memory: KV cache bytes per row at full depth and under the ~2x and ~3x schedules (the cache shrinks with
-    the schedule: a layer holds the prompt plus the steps that run it; ``skipray.memory``), checked
+    the schedule: a layer holds the prompt plus the steps that run it; ``skipray.core.memory``), checked
     against a real allocation, and the largest batch whose cache fits ``--mem-budget-gib`` next to the
     weights (20% kept for activations). ``--memory-only`` prints just this (no timing).
 Also: warm model load time. Every ratio is measured side by side in one run.
@@ -70,7 +70,7 @@ def step_seconds(run, n: int, repeats: int) -> float:
 
 
 def hf_generate(hf, prompts, n, pad):
-    from skipray.runner import pad_prompts
+    from skipray.core.runner import pad_prompts
 
     ids, real = pad_prompts(prompts, pad)
     am = real.long()
@@ -96,8 +96,8 @@ def load_times() -> dict:
 def memory_table(m, schedules: dict, prompts, n: int, budget_gib: float) -> tuple[str, dict]:
     """KV cache per row of the padded ``prompts`` + ``n`` new tokens, per schedule (plus full depth), in the
     model's dtype, each checked against a real ``KVCache`` allocation; -> (markdown, JSON)."""
-    from skipray.memory import GIB, format_report, layer_slots, memory_report
-    from skipray.schedule import SkipSchedule
+    from skipray.core.memory import GIB, format_report, layer_slots, memory_report
+    from skipray.core.schedule import SkipSchedule
 
     model = m.model
     P = max(map(len, prompts))
@@ -126,9 +126,9 @@ def main() -> None:
     ap.add_argument("--memory-only", action="store_true", help="only the memory table (no timing)")
     args = ap.parse_args()
 
-    from skipray.engine import Engine, SamplingParams
+    from skipray.core.engine import Engine, SamplingParams
     from skipray.loading import load
-    from skipray.schedule import SkipSchedule, theoretical_speedup
+    from skipray.core.schedule import SkipSchedule, theoretical_speedup
 
     m = load("smollm2-base", device="cpu")
     n = args.new_tokens

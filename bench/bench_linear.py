@@ -5,7 +5,7 @@ with its own weights so they stream from memory as in a real step, then the 4915
 batch 1, 8, 32 and 320 (a prefill), with
 
 * ``F.linear`` in fp32 (what Hugging Face models call; MKL sgemm in this torch build),
-* ``skipray.kernels.PackedLinears`` in fp32 (oneDNN, weights prepacked once; what skipray's forward uses),
+* ``skipray.core.kernels.PackedLinears`` in fp32 (oneDNN, weights prepacked once; what skipray's forward uses),
 * ``F.linear`` and ``PackedLinears`` in bf16 (for reference: another precision).
 
 Checks that the packed results equal ``F.linear``'s, prints a table and writes bench/results/linear.json.
@@ -43,7 +43,7 @@ def step_ms(fn, x_d, x_i, layers, head, repeats: int = 4) -> float:
 
 
 def main() -> None:
-    from skipray.kernels import PackedLinears
+    from skipray.core.kernels import PackedLinears
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -117,7 +117,7 @@ class LlamaCpp:
 
 def time_skipray(engine, prompts, new_tokens: int, schedule, repeats: int):
     """Best-of-``repeats`` (ids, seconds to the first token, seconds in all) of ``engine.stream``."""
-    from skipray.engine import SamplingParams
+    from skipray.core.engine import SamplingParams
 
     best = None
     for _ in range(repeats):
@@ -163,7 +163,7 @@ def main() -> int:
     import torch
 
     from bench_engine import prompts_for
-    from skipray.engine import Engine
+    from skipray.core.engine import Engine
     from skipray.loading import default_gguf, load
 
     threads = args.threads or torch.get_num_threads()

@@ -90,8 +90,8 @@ def main() -> None:
 
     import pyarrow as pa
 
-    from skipray.batch_files import check_input
-    from skipray.batch_resume import plan_units, read_done, read_units
+    from skipray.batch.files import check_input
+    from skipray.batch.resume import plan_units, read_done, read_units
 
     tmp = Path(tempfile.mkdtemp(prefix="skipray-resume-"))
     try:

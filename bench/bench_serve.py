@@ -44,7 +44,7 @@ PROMPTS = [f"Write a short story about a {w} who learns to fly." for w in
 def direct(model_spec: str, max_tokens: list[int], threads: int) -> dict:
     import torch
 
-    from skipray.engine import Engine, SamplingParams
+    from skipray.core.engine import Engine, SamplingParams
     from skipray.loading import load
     from skipray.text import encode_prompt
 
@@ -71,7 +71,7 @@ def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: 
     ``mix``: skip flags of a second schedule that every other request uses."""
     import torch
 
-    from skipray.engine import Engine, SamplingParams
+    from skipray.core.engine import Engine, SamplingParams
     from skipray.loading import load
     from skipray.text import encode_prompt
 
@@ -140,7 +140,7 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
         def __init__(self) -> None:
             import torch
 
-            from skipray.engine import Engine
+            from skipray.core.engine import Engine
             from skipray.loading import load
 
             torch.set_num_threads(threads)
@@ -150,7 +150,7 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
         async def run(self, items: list[tuple[list[int], int]]) -> list[dict]:
-            from skipray.engine import SamplingParams
+            from skipray.core.engine import SamplingParams
 
             outs = self.engine.generate([i for i, _ in items], [SamplingParams(max_tokens=n) for _, n in items])
             return [{"usage": {"completion_tokens": len(o.token_ids), "avg_layers": o.avg_layers}} for o in outs]

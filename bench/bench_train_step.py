@@ -27,9 +27,9 @@ def main() -> None:
 
     import torch
 
-    from skipray import train as T
+    from skipray.training import train as T
     from skipray.options import read_schedule_file
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
 
     cfg = T.TrainConfig(data=args.data, out="/tmp/skipray-bench-train", schedule={}, batch_size=args.batch_size)
     loaded, model, teacher, params = T.prepare(cfg)

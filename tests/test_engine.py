@@ -4,11 +4,11 @@ padding invariance, cache discipline, sampling determinism, stop handling and ba
 import pytest
 import torch
 
-from skipray.engine import Engine
-from skipray.requests import SamplingParams
-from skipray.runner import pad_prompts
-from skipray.model import SkipModel, forward, training_plan
-from skipray.schedule import SkipSchedule
+from skipray.core.engine import Engine
+from skipray.core.requests import SamplingParams
+from skipray.core.runner import pad_prompts
+from skipray.core.model import SkipModel, forward, training_plan
+from skipray.core.schedule import SkipSchedule
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
 
@@ -192,7 +192,7 @@ def test_pad_prompts_both_sides():
 
 
 def test_cache_shrinks_with_the_schedule(llama):
-    from skipray.memory import cache_bytes_per_row, layer_slots
+    from skipray.core.memory import cache_bytes_per_row, layer_slots
 
     model = SkipModel(llama)
     L, H, D = model.num_layers, model.kv_heads, model.head_dim
@@ -221,7 +221,7 @@ def test_cache_shrinks_with_the_schedule(llama):
 
 
 def test_writing_past_a_layers_slots_raises(llama):
-    from skipray.cache import KVCache
+    from skipray.core.cache import KVCache
 
     model = SkipModel(llama)
     sched = SkipSchedule(model.num_layers, 4, 2, decay_tokens=3, warmup_layers=1)

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from skipray.evaluate import evaluate, parse_schedule, rouge_l
+from skipray.training.evaluate import evaluate, parse_schedule, rouge_l
 
 
 def test_rouge_l():
@@ -18,14 +18,14 @@ def test_rouge_l():
 
 
 def test_answered_and_lcs():
-    from skipray.evaluate import answered, lcs_f1
+    from skipray.training.evaluate import answered, lcs_f1
 
     assert answered("It is New Delhi.", ["new delhi", "delhi"]) and not answered("Mumbai", ["new delhi"])
     assert lcs_f1([1, 2, 3], [1, 2, 3]) == 1.0 and lcs_f1([1, 2], [3]) == 0.0
 
 
 def test_parse_schedule_file(tmp_path):
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
 
     s = SkipSchedule(30, 20, 8, 40, drop_order=list(range(29, 0, -1)))
     f = tmp_path / "s.json"

@@ -1,12 +1,12 @@
-"""skipray.memory: per-layer cache lengths for a schedule, bytes per row equal to the engine's cache,
+"""skipray.core.memory: per-layer cache lengths for a schedule, bytes per row equal to the engine's cache,
 the report and its command line."""
 
 from __future__ import annotations
 
-from skipray.cache import KVCache
-from skipray.memory import (cache_bytes_per_row, largest_batch, layer_slots, main, memory_report,
+from skipray.core.cache import KVCache
+from skipray.core.memory import (cache_bytes_per_row, largest_batch, layer_slots, main, memory_report,
                             preset_schedules)
-from skipray.schedule import SkipSchedule
+from skipray.core.schedule import SkipSchedule
 
 
 def test_layer_slots_follow_steps_running():

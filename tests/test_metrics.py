@@ -55,7 +55,7 @@ WITH_RAY = textwrap.dedent(
                 m.record_occupancy(batch_rows=3, max_rows=4)
                 m.record_layers([30, 10], num_layers=30)                              # 40 run, 20 skipped
                 m.record_request(latency_s=0.2, prompt_tokens=5, generated_tokens=7, ttft_s=0.05)
-                from skipray.requests import Completion
+                from skipray.core.requests import Completion
 
                 b = EngineMetrics("testbatch")
                 b.record_batch([Completion(4, [1, 2, 3], [30, 20, 10], "stop"), Completion(2, [5], [30], "length")],

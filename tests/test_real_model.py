@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from skipray.engine import Engine, SamplingParams
-from skipray.runner import pad_prompts
-from skipray.model import forward, training_plan
-from skipray.schedule import SkipSchedule
+from skipray.core.engine import Engine, SamplingParams
+from skipray.core.runner import pad_prompts
+from skipray.core.model import forward, training_plan
+from skipray.core.schedule import SkipSchedule
 from skipray.text import decode, encode_prompt
 
 pytestmark = pytest.mark.real_model
@@ -128,7 +128,7 @@ def test_default_model_is_the_shipped_skip_trained_adapter():
 def test_default_model_at_full_depth_is_the_base_model_exactly(smol):
     """The skip adapter never touches full depth: `--full` on the default gives HF greedy of the base."""
     from skipray.loading import load
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
 
     m = load("default", device="cpu")
     prompts = [encode_prompt(m.tokenizer, q, chat=True) for q in QUESTIONS[:2]]

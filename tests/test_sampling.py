@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipray.sampling import MIN_TEMPERATURE, sample
+from skipray.core.sampling import MIN_TEMPERATURE, sample
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1e-45, 1e-30, MIN_TEMPERATURE / 2])
@@ -32,8 +32,8 @@ def test_non_finite_logits_raise_floating_point_error():
 
 
 def test_sample_rows_batches_rows_with_their_own_params_and_isolates_faults():
-    from skipray.requests import SamplingParams
-    from skipray.sampling import sample_rows
+    from skipray.core.requests import SamplingParams
+    from skipray.core.sampling import sample_rows
 
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
     logits[2, 7] = float("inf")  # row 2's model fault

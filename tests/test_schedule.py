@@ -2,7 +2,7 @@
 
 import pytest
 
-from skipray.schedule import CostModel, SkipSchedule, theoretical_speedup
+from skipray.core.schedule import CostModel, SkipSchedule, theoretical_speedup
 
 SCHEDULES = [
     SkipSchedule(30, 22, 8, 64),

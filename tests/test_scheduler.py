@@ -6,10 +6,10 @@ import random
 
 import pytest
 from conftest import tiny_llama, tiny_opt
-from skipray.engine import Engine
-from skipray.requests import QueueFull, SamplingParams
-from skipray.model import SkipModel
-from skipray.schedule import SkipSchedule
+from skipray.core.engine import Engine
+from skipray.core.requests import QueueFull, SamplingParams
+from skipray.core.model import SkipModel
+from skipray.core.schedule import SkipSchedule
 
 
 def run_staggered(engine: Engine, jobs: list[tuple[int, list[int], SamplingParams, SkipSchedule | None]]):

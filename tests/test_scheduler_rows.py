@@ -1,4 +1,4 @@
-"""skipray.scheduler on its own (plain Python, no model): admission order and budgets, the offline class,
+"""skipray.core.scheduler on its own (plain Python, no model): admission order and budgets, the offline class,
 row moves that keep every request in its row, one contiguous row range per layer, aborts."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from skipray.requests import QueueFull, SamplingParams
-from skipray.schedule import SkipSchedule
-from skipray.scheduler import Request, Scheduler
+from skipray.core.requests import QueueFull, SamplingParams
+from skipray.core.schedule import SkipSchedule
+from skipray.core.scheduler import Request, Scheduler
 
 A = SkipSchedule(8, max_layers=8, min_layers=3, decay_tokens=6, warmup_layers=1)
 B = SkipSchedule(8, max_layers=7, min_layers=2, decay_tokens=4, warmup_layers=1, drop_order=[5, 2, 6, 3, 4, 1])
@@ -104,5 +104,5 @@ def test_aborts_drop_waiting_and_running_requests():
 
 
 def test_the_scheduler_needs_no_torch():
-    code = "import sys; sys.modules['torch'] = None; import skipray.scheduler, skipray.requests"
+    code = "import sys; sys.modules['torch'] = None; import skipray.core.scheduler, skipray.core.requests"
     subprocess.run([sys.executable, "-c", code], check=True)

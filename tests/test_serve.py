@@ -73,9 +73,9 @@ def client(base: str, prefix: str = "/tiny", **kw):
 
 def local_engine_text(tiny, prompt: str, max_tokens: int) -> str:
     """The same request through the direct (static-batch) Engine, for comparison."""
-    from skipray.engine import Engine, SamplingParams
+    from skipray.core.engine import Engine, SamplingParams
     from skipray.loading import load
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
     from skipray.text import decode, encode_prompt
 
     m = load(str(tiny), device="cpu")
@@ -102,7 +102,7 @@ def test_completion_plain_and_stream_equal_engine(server):
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
 
     assert r.model_extra is not None
     assert r.usage.model_extra["avg_layers"] == pytest.approx(SkipSchedule(4, **SKIP).average_layers(12), abs=1e-3)

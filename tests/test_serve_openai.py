@@ -16,7 +16,7 @@ import time
 import pytest
 from test_serve import SKIP, free_port, make_tiny_dir
 
-import skipray.sampling
+import skipray.core.sampling
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,8 @@ def app(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from skipray.loading import load
-    from skipray.schedule import SkipSchedule
-    from skipray.engine import Engine
+    from skipray.core.schedule import SkipSchedule
+    from skipray.core.engine import Engine
     from skipray.serve.routes import build_api
     from skipray.serve.server import OpenAIServer
     from skipray.text import detokenizer
@@ -66,7 +66,7 @@ def chat_model(app, **kw):
 
 def engine_text(app, ids: list[int], n: int) -> tuple[str, list[int]]:
     """What the direct engine generates greedily for ``ids``, as text through the server's detokenizer."""
-    from skipray.engine import Engine, SamplingParams
+    from skipray.core.engine import Engine, SamplingParams
     from skipray.text import TextStream
 
     eos = app["engine"].eos_token_ids
@@ -166,7 +166,7 @@ MARK = 0.123  # the temperature of the request made to fail
 @pytest.fixture
 def broken_sampling(app, monkeypatch):
     """Sampling raises for requests with temperature MARK after their first ``after`` tokens."""
-    real, seen, engine = skipray.sampling.sample, {"n": 0, "after": 0}, app["engine"]
+    real, seen, engine = skipray.core.sampling.sample, {"n": 0, "after": 0}, app["engine"]
 
     def sample(logits, temperature, *a, **kw):
         if temperature == MARK:
@@ -176,7 +176,7 @@ def broken_sampling(app, monkeypatch):
                 raise FloatingPointError("injected sampling fault")
         return real(logits, temperature, *a, **kw)
 
-    monkeypatch.setattr(skipray.sampling, "sample", sample)
+    monkeypatch.setattr(skipray.core.sampling, "sample", sample)
     return seen
 
 

@@ -4,11 +4,11 @@ cached decoding equal to the parallel training forward; cached teacher top-k giv
 import pytest
 import torch
 
-from skipray.engine import Engine, SamplingParams
-from skipray.runner import pad_prompts
-from skipray.model import SkipModel, forward, training_plan
-from skipray.schedule import SkipSchedule
-from skipray.train import adapter_mask, topk_kl
+from skipray.core.engine import Engine, SamplingParams
+from skipray.core.runner import pad_prompts
+from skipray.core.model import SkipModel, forward, training_plan
+from skipray.core.schedule import SkipSchedule
+from skipray.training.train import adapter_mask, topk_kl
 
 from conftest import tiny_llama, tiny_opt
 
@@ -141,7 +141,7 @@ def test_engine_logprobs_are_the_step_log_softmax():
     tokens = torch.tensor([PROMPTS[0] + out.token_ids])
     real = torch.ones_like(tokens, dtype=torch.bool)
     P = len(PROMPTS[0])
-    from skipray.model import full_plan
+    from skipray.core.model import full_plan
 
     lp = torch.log_softmax(forward(model, tokens, torch.arange(tokens.shape[1])[None], full_plan(model.num_layers),
                                    real, logits_at=slice(P - 1, P + 3))[0], -1)
@@ -154,7 +154,7 @@ def test_engine_logprobs_are_the_step_log_softmax():
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
 def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
     """Training runs the prompt once without gradients, then the answer: same logits, same gradients."""
-    from skipray.train import answer_logits, collate
+    from skipray.training.train import answer_logits, collate
 
     hf = make()
     with_random_lora(hf)
@@ -214,7 +214,7 @@ def test_on_policy_rollouts_are_the_skip_models_tokens_scored_by_the_base_model(
     computes them."""
     from types import SimpleNamespace
 
-    from skipray.distill_data import distill
+    from skipray.training.distill_data import distill
 
     hf = tiny_llama()
     peft_model = with_random_lora(hf)

@@ -3,7 +3,7 @@ reply (which the server sends non-streamed), stop strings cut it, no half charac
 tokenizer whose decode cleans up spaces streams the same text as it returns whole.
 
 Tokens are fed as the engine emits them: the token that completes a stop string is the last one
-(``skipray.requests.finish_reason`` with the ``detokenizer`` hook is the engine's own test), and the stream must never have sent any of the stop string.
+(``skipray.core.requests.finish_reason`` with the ``detokenizer`` hook is the engine's own test), and the stream must never have sent any of the stop string.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def stream(tok, ids, stop=(), prompt=()):
 
 @pytest.mark.parametrize("stop", [[], ["fox"], ["lazy dog"], ["ö"]])
 def test_deltas_add_up_and_stop_strings_are_never_sent(tokenizer, stop):
-    from skipray.requests import SamplingParams, finish_reason
+    from skipray.core.requests import SamplingParams, finish_reason
     from skipray.text import detokenizer, truncate_at_stop
 
     text = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ done"

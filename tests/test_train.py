@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from skipray.train import TrainConfig, collate, load_examples, train
+from skipray.training.train import TrainConfig, collate, load_examples, train
 
 SCHED = {"max_layers": 5, "min_layers": 3, "decay_tokens": 8, "warmup_layers": 1, "shape": "linear"}
 
@@ -82,8 +82,8 @@ def test_lora_distillation_lowers_loss_and_roundtrips(tmp_path, data_path, stron
     # and the trained schedule (with the adapter on its generated tokens) differs from the base
     assert torch.equal(loaded.model.layers[5].self_attn.q_proj.base_layer.weight,
                        base.model.layers[5].self_attn.q_proj.weight)
-    from skipray.engine import Engine, SamplingParams
-    from skipray.schedule import SkipSchedule
+    from skipray.core.engine import Engine, SamplingParams
+    from skipray.core.schedule import SkipSchedule
 
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     p = SamplingParams(max_tokens=10)
@@ -131,7 +131,7 @@ def test_text_and_prompt_response_formats(tmp_path, tiny_model_dir):
 def test_init_adapter_warm_starts_from_saved_weights(tmp_path, data_path, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from skipray.train import prepare
+    from skipray.training.train import prepare
 
     out = train(cfg(tmp_path, data_path, tiny_model_dir, steps=4, lr=1e-2), progress=False)
     saved = load_file(out / "adapter_model.safetensors")

@@ -11,8 +11,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def test_two_worker_ray_train_run(ray_local, tmp_path, tiny_model_dir):
-    from skipray.train import TrainConfig
-    from skipray.train_ray import train_distributed
+    from skipray.training.train import TrainConfig
+    from skipray.training.train_ray import train_distributed
 
     rng = torch.Generator().manual_seed(0)
     rows = [{"prompt_ids": torch.randint(3, 2000, (5,), generator=rng).tolist(),

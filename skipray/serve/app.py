@@ -13,7 +13,7 @@ Contract:
   job's requests may hold; default all but a quarter of ``max_batch``), ``max_tokens_limit``,
   ``default_max_tokens``, ``torch_threads``, ``device``. ``deployment_options`` (Python callers
   only) are passed to ``SkipServer.options``; with ``serve run`` the YAML's ``deployments`` do that.
-* Each replica loads the model, builds one ``skipray.engine.Engine`` and an ``OpenAIServer``
+* Each replica loads the model, builds one ``skipray.core.engine.Engine`` and an ``OpenAIServer``
   (``skipray.serve.server``: request handling, engine loop thread) and serves the FastAPI app of
   ``skipray.serve.routes`` (built in the replica, after the constructor). Serve's health check fails
   when the engine loop thread is gone, so Serve replaces the replica.
@@ -21,7 +21,7 @@ Contract:
   LLM's ``ServeDeploymentProcessorConfig`` with ``method=`` and skipray's request models in
   ``dtype_mapping``; the HTTP routes take a Starlette request, these a request model). They yield
   OpenAI's reply object once; their requests are the engine's offline admission class (online
-  requests keep priority, see ``skipray.scheduler``).
+  requests keep priority, see ``skipray.core.scheduler``).
 * This is the only module of the package that imports Ray; torch/transformers are imported inside
   the replica only.
 """
@@ -43,7 +43,7 @@ def server_from_args(args: dict[str, Any]):
     from skipray.loading import load
     from skipray.metrics import EngineMetrics
     from skipray.options import schedule_from_args
-    from skipray.engine import Engine
+    from skipray.core.engine import Engine
     from skipray.text import detokenizer
     from skipray.serve.server import OpenAIServer
 

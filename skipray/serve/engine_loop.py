@@ -1,10 +1,10 @@
-"""The engine loop of one server replica: a background thread drives a ``skipray.engine.Engine``; asyncio
+"""The engine loop of one server replica: a background thread drives a ``skipray.core.engine.Engine``; asyncio
 request handlers submit requests and await their events. No Ray, no HTTP.
 
 Contract:
 
 * ``EngineLoop(engine)`` starts the thread. ``generate(prompt, params, schedule)`` is an async
-  generator of the request's ``skipray.requests.Event`` s, the last one with a ``finish_reason``. It raises
+  generator of the request's ``skipray.core.requests.Event`` s, the last one with a ``finish_reason``. It raises
   ``QueueFull`` or ``ValueError`` at submission (shed load / client mistake), ``RequestFailed`` when
   the engine ended this request with an error (``finish_reason="error"``: a fault of this request
   alone, its batch-mates go on), ``EngineFailed`` when the loop itself failed, and ``LoopStopped``
@@ -78,7 +78,7 @@ class EngineLoop:
 
     async def generate(self, prompt: list[int], params, schedule=None, offline: bool = False) -> AsyncIterator[Any]:
         """Submit a request and yield its engine events (see the module contract); ``offline``: the
-        engine's offline admission class (``skipray.scheduler``)."""
+        engine's offline admission class (``skipray.core.scheduler``)."""
         if not self.alive:
             raise LoopStopped("the engine loop is not running")
         rid = uuid.uuid4().hex

@@ -1,7 +1,7 @@
 """The OpenAI-compatible request handling of one replica, apart from Ray and routing.
 
 Contract: ``OpenAIServer(tokenizer, engine, ...)`` owns an ``EngineLoop`` over the given
-``skipray.engine.Engine``. ``create(body, chat)`` answers a ``/v1/completions`` or ``/v1/chat/completions``
+``skipray.core.engine.Engine``. ``create(body, chat)`` answers a ``/v1/completions`` or ``/v1/chat/completions``
 body (already parsed JSON) with a Starlette response: the whole reply as JSON, or with ``stream:
 true`` OpenAI's server-sent events ending with ``data: [DONE]``. ``tokenize`` / ``detokenize`` /
 ``models`` / ``health`` / ``version`` answer the utility routes as dicts (vLLM's shapes for the first
@@ -35,7 +35,7 @@ logger = logging.getLogger("skipray.serve")
 
 def error_status(e: BaseException) -> tuple[int, dict]:
     """HTTP status and OpenAI error body for an exception raised while answering a request."""
-    from skipray.requests import QueueFull
+    from skipray.core.requests import QueueFull
 
     if isinstance(e, P.RequestError):
         return e.status, P.error_body(e.message, e.type, e.param, e.code)
@@ -277,7 +277,7 @@ class OpenAIServer:
     def _prepare(self, req, ids: list[int]):
         """-> (SamplingParams, schedule, top log-probs per token or None)."""
         from skipray.options import schedule_from_args
-        from skipray.requests import SamplingParams
+        from skipray.core.requests import SamplingParams
 
         self._check_model(req.model)
         field, max_tokens = req.length_field

@@ -6,7 +6,7 @@ credentials through the standard AWS chain wherever it is used (no key is read, 
 with a clear message for an unreadable input, a file without the prompt or id column, or files that
 disagree on a column's type (widening ones, such as int32 and int64, are read as the wider type);
 it finds duplicate ids. ``summarize`` reads back what a run wrote and counts rows, errors, tokens and
-layers. Resume (what an existing output already holds) is ``skipray.batch_resume``.
+layers. Resume (what an existing output already holds) is ``skipray.batch.resume``.
 """
 
 from __future__ import annotations

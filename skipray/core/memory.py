@@ -1,12 +1,12 @@
 """KV-cache memory under skip schedules: per-layer cache lengths, bytes per row, largest batch for a budget.
 
-Contract (pure Python, no torch; ``python -m skipray.memory`` prints the report):
+Contract (pure Python, no torch; ``python -m skipray.core.memory`` prints the report):
 
 * ``layer_slots(schedule, prompt_len, new_tokens)``: the slots layer ``l`` can ever fill for a row with
   a ``prompt_len``-token prompt (padding included) and ``new_tokens`` generated tokens: the prompt (at
   full depth) plus ``k_l = schedule.steps_running(l, new_tokens)``, the steps that run ``l``. Skipped
-  layers never write past that (schedules are monotone), so ``skipray.cache.KVCache(layer_lens=...)``
-  with these lengths holds every write, and ``skipray.model.training_plan`` runs layer ``l`` on exactly
+  layers never write past that (schedules are monotone), so ``skipray.core.cache.KVCache(layer_lens=...)``
+  with these lengths holds every write, and ``skipray.core.model.training_plan`` runs layer ``l`` on exactly
   these columns. The engine writes at most ``prompt_len + new_tokens - 1`` slots per row; the one spare
   slot keeps full depth at ``prompt + new tokens``, the length ``KVCache`` always had.
 * ``cache_bytes_per_row(...)`` is exactly what one row of such a ``KVCache`` holds: the K and V buffers
@@ -26,7 +26,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from skipray.schedule import SkipSchedule
+from skipray.core.schedule import SkipSchedule
 
 GIB = 1024**3
 
@@ -115,7 +115,7 @@ def format_report(rows: Sequence[MemoryRow], title: str = "", budget_gib: float 
 def main(argv: list[str] | None = None) -> int:
     from skipray.resources import DTYPE_BYTES, KNOWN_SHAPES, weights_bytes
 
-    p = argparse.ArgumentParser(prog="python -m skipray.memory",
+    p = argparse.ArgumentParser(prog="python -m skipray.core.memory",
                                 description="KV cache per row under skip schedules, and the largest batch for a budget")
     p.add_argument("--model", action="append", choices=sorted(KNOWN_SHAPES), help="repeatable (default: smollm2-135m)")
     p.add_argument("--prompt-len", type=int, action="append", help="repeatable (default: 128 and 512)")

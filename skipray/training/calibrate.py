@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 def _batch(seqs: Sequence[tuple[list[int], list[int]]], length: int):
     """Left-padded prompts (shared width P) followed by ``length`` answer tokens per row."""
-    from skipray.runner import pad_prompts
+    from skipray.core.runner import pad_prompts
 
     tokens, real = pad_prompts([p + r[:length] for p, r in seqs])
     P = tokens.shape[1] - length
@@ -67,7 +67,7 @@ def greedy_kl_order(model, seqs, length: int = 32, min_layers: int = 1, progress
     ``start``: layers already dropped, in order (continue a search that stopped at a gentler depth)."""
     from tqdm import tqdm
 
-    from skipray.model import forward, full_plan, step_plan
+    from skipray.core.model import forward, full_plan, step_plan
 
     tokens, real, positions, P = _batch(seqs, length)
     B, L = tokens.shape[0], model.num_layers
@@ -102,7 +102,7 @@ def greedy_kl_order(model, seqs, length: int = 32, min_layers: int = 1, progress
 @torch.no_grad()
 def zero_shot_agreement(model, seqs, schedule, length: int = 32) -> float:
     """Teacher-forced top-1 agreement of ``schedule`` with full depth on the answer tokens."""
-    from skipray.model import forward, full_plan, training_plan
+    from skipray.core.model import forward, full_plan, training_plan
 
     tokens, real, positions, P = _batch(seqs, length)
     T = tokens.shape[1]
@@ -126,7 +126,7 @@ def calibration_sequences(path: str, n: int, length: int) -> list[tuple[list[int
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from skipray.loading import load
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
 
     torch.manual_seed(0)
     m = load(args.model, device=args.device)

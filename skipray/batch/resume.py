@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from skipray.batch_files import InputCheck, InputError, list_files, map_files, uri
-from skipray.batch_rows import GENERATED_COLUMNS, INTERNAL_COLUMNS, PRE_ERROR, unique_renames
+from skipray.batch.files import InputCheck, InputError, list_files, map_files, uri
+from skipray.batch.rows import GENERATED_COLUMNS, INTERNAL_COLUMNS, PRE_ERROR, unique_renames
 
 SOURCE_COLUMNS = ("source_file", "source_row")
 # the job's output columns, first in every output file (``num_prompt_tokens``: the job's older name of

@@ -1,7 +1,7 @@
 """The model runner: forward passes over KV-cache rows, for the engine (torch, no scheduling decisions).
 
 Contract: ``ModelRunner(model, cache)`` owns the ``KVCache``. Every pass is
-``skipray.model.forward_segments`` over ``Segment`` s whose rows are cache rows:
+``skipray.core.model.forward_segments`` over ``Segment`` s whose rows are cache rows:
 
 * ``prefill(prompts, rows)``: right-padded prompts at full depth into cache ``rows`` (prompt ``i``
   fills slots ``0..p_i-1`` of its row; the padding slots are not ``valid``, so each row computes what
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
-from skipray.cache import KVCache
-from skipray.model import Segment, SkipModel, forward_segments, full_plan, step_plan
+from skipray.core.cache import KVCache
+from skipray.core.model import Segment, SkipModel, forward_segments, full_plan, step_plan
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ class QueueFull(RuntimeError):
 @dataclass
 class SamplingParams:
     max_tokens: int = 64  # tokens to generate at most
-    temperature: float = 0.0  # below skipray.sampling.MIN_TEMPERATURE: greedy
+    temperature: float = 0.0  # below skipray.core.sampling.MIN_TEMPERATURE: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int | None = None  # a seeded request samples the same tokens wherever it runs
@@ -41,7 +41,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible settings."""
-        from skipray.sampling import validate
+        from skipray.core.sampling import validate
 
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")

@@ -66,7 +66,7 @@ def self_prompts(
     none of them in ``seen`` or close to a text of ``exclude``."""
     from tqdm import tqdm
 
-    from skipray.engine import Engine, SamplingParams
+    from skipray.core.engine import Engine, SamplingParams
     from skipray.text import decode
 
     tok = loaded.tokenizer
@@ -102,8 +102,8 @@ def teacher_topk(model, prompts: Sequence[Sequence[int]], responses: Sequence[Se
     """The full-depth model's top-``k`` (ids, log-probs) predicting each token of each response after its
     prompt: one teacher-forced forward per batch, adapter off (the base model). Per row: two lists of
     ``len(response)`` lists of ``k``, best first. Raises ``ValueError`` for an empty response."""
-    from skipray.model import forward, full_plan
-    from skipray.train import collate
+    from skipray.core.model import forward, full_plan
+    from skipray.training.train import collate
 
     if any(not r for r in responses):
         raise ValueError("teacher_topk needs non-empty responses")
@@ -135,8 +135,8 @@ def distill(
     Raises ``ValueError`` for a ``policy`` without ``topk`` (the rollout would carry no teacher)."""
     from tqdm import tqdm
 
-    from skipray.engine import Engine, SamplingParams
-    from skipray.schedule import SkipSchedule
+    from skipray.core.engine import Engine, SamplingParams
+    from skipray.core.schedule import SkipSchedule
     from skipray.text import decode, encode_prompt
 
     ids = [encode_prompt(loaded.tokenizer, p, chat=chat) for p in prompts for _ in range(samples)]
@@ -215,7 +215,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             if policy is None:
                 raise ValueError(f"--policy trained: {args.model} carries no trained schedule (give a skip adapter)")
         else:
-            from skipray.evaluate import parse_schedule
+            from skipray.training.evaluate import parse_schedule
 
             policy = parse_schedule(args.policy, loaded.model.num_layers)
         if policy.is_full:

@@ -7,7 +7,7 @@ Contract:
   Row ``b`` of the cache is one sequence; slot ``s`` is its ``s``-th token (left padding included).
   ``max_len`` is the longest layer (and the width of ``valid``). By default every layer has ``max_len``
   slots; a skip schedule lets a layer that stops running after ``k_l`` generation steps hold only
-  ``prompt + k_l`` slots (``skipray.memory.layer_slots`` computes the lengths): the engines size the
+  ``prompt + k_l`` slots (``skipray.core.memory.layer_slots`` computes the lengths): the engines size the
   cache from the schedule, so it shrinks with the schedule.
 * A write past a layer's length raises ``IndexError``: the schedule that sized the cache never runs the
   layer there, so such a write is a bug (or a request the cache was not sized for), never silently
@@ -82,7 +82,7 @@ class KVCache:
         if last > cap:
             raise IndexError(
                 f"layer {layer} holds {cap} slots per row but a write reaches slot {last - 1}: this cache "
-                f"was sized for a schedule that never runs layer {layer} there (see skipray.memory.layer_slots)"
+                f"was sized for a schedule that never runs layer {layer} there (see skipray.core.memory.layer_slots)"
             )
         if isinstance(start, int):
             self.k[layer][rows, :, start : start + t] = k

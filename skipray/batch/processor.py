@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skipray import batch_actor
-from skipray.batch_actor import ActorSpec
-from skipray.batch_rows import RowContext, ShippedTokenizer, SkipDecodeProcessorConfig, prepare_rows
+from skipray.batch import actor as batch_actor
+from skipray.batch.actor import ActorSpec
+from skipray.batch.rows import RowContext, ShippedTokenizer, SkipDecodeProcessorConfig, prepare_rows
 
 
 @dataclass
@@ -52,7 +52,7 @@ def model_facts(spec: str) -> ModelFacts:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from skipray.loading import resolve, trained_schedule
-    from skipray.model import SkipModel
+    from skipray.core.model import SkipModel
 
     base, adapter = resolve(spec)
     with torch.device("meta"):
@@ -63,7 +63,7 @@ def model_facts(spec: str) -> ModelFacts:
 def resolve_schedule(schedule: Any, facts: ModelFacts):
     """The config's ``schedule`` (skip flags, a ``SkipSchedule`` or its dict form, None) -> ``SkipSchedule``."""
     from skipray.options import schedule_from_args
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
 
     if isinstance(schedule, SkipSchedule):
         return schedule

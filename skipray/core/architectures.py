@@ -1,6 +1,6 @@
 """Architecture adapters: what differs between model families, one small class per family.
 
-Contract: a family class is built from a Hugging Face causal LM and gives ``skipray.model.SkipModel``
+Contract: a family class is built from a Hugging Face causal LM and gives ``skipray.core.model.SkipModel``
 the pieces of one decoder pass, each calling the Hugging Face module's own submodules (so LoRA and
 ``save_pretrained`` keep working): ``embed(tokens, positions)``, ``rope(h, positions)`` (``(cos, sin)``
 or ``None``), ``attn_norm``, ``qkv`` (q, k, v as ``(b, heads, t, head_dim)`` and the attention scale),

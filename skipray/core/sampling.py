@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from skipray.requests import SamplingParams, TopLogprobs
+from skipray.core.requests import SamplingParams, TopLogprobs
 
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (vLLM's _SAMPLING_EPS)
 

@@ -232,7 +232,7 @@ def schedule_for(flags_json: str, num_layers: int, trained: dict | None):
     import io
 
     from skipray.options import SCHEDULE_FLAGS, schedule_from_args
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
 
     flags = json.loads(flags_json)
     unknown = sorted(set(flags) - set(SCHEDULE_FLAGS) - {"full"})
@@ -249,7 +249,7 @@ def schedule_for(flags_json: str, num_layers: int, trained: dict | None):
 # -- the tokenizing step -----------------------------------------------------------------------------------
 def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
     """Rename clashing columns, tokenize, resolve params and mark bad rows (module contract)."""
-    from skipray.requests import SamplingParams
+    from skipray.core.requests import SamplingParams
     from skipray.text import encode_messages, encode_prompt
 
     reserved = set(GENERATED_COLUMNS) | {TOKENS, PARAMS}

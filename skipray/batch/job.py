@@ -1,15 +1,15 @@
-"""Offline batch generation on Ray Data: the skip-decoding processor, and the Parquet file job built on it.
+"""The Parquet file job (``python -m skipray.batch``, ``jobs/generate.py``), built on the processor.
 
 Contract:
 
-* The processor (``build_processor``, ``SkipDecodeProcessorConfig``; ``skipray.batch_processor``,
-  ``skipray.batch_rows``, ``skipray.batch_actor``): Ray Data LLM's shape, ``processor(ds) -> ds``
+* The processor (``build_processor``, ``SkipDecodeProcessorConfig``; ``skipray.batch.processor``,
+  ``skipray.batch.rows``, ``skipray.batch.actor``): Ray Data LLM's shape, ``processor(ds) -> ds``
   for any Dataset of ``prompt`` / ``messages`` rows.
 * The file job (``jobs/generate.py``): ``plan`` runs in the driver before any Ray work: it lists the
   input (file, directory or glob; local or ``s3://``), reads footers and the id column only, refuses an
   unusable input with ``InputError`` (unreadable, a missing prompt/id column, files that disagree on a
   column's type), finds duplicate ids, reads what the output already holds and plans the work left
-  per input row group (``skipray.batch_resume``), and builds the processor. ``execute`` streams:
+  per input row group (``skipray.batch.resume``), and builds the processor. ``execute`` streams:
   ``from_items(units)`` -> ``read_units`` (a task per row group: its pending rows, with
   ``source_file`` / ``source_row`` and the id checks) -> ``processor.generate`` (tokenize, the
   ``Generator`` actors) -> the job's column order -> ``write_parquet``.
@@ -25,7 +25,7 @@ Contract:
   ``max_task_retries=-1``; an actor that dies in ``__init__`` is replaced by the autoscaler), so a
   killed actor loses no rows and duplicates none; each write is a new file named by Ray's write id, and
   a re-run skips every row already in the output (by id; null ids by input file and row).
-* Seeds: with ``--seed``, each row's random stream is seeded from (seed, its id) (``batch_rows``).
+* Seeds: with ``--seed``, each row's random stream is seeded from (seed, its id) (``skipray.batch.rows``).
 * ``summarize`` reads back the files this run wrote and returns the counts for the final summary line.
 * GPU jobs cap Ray Data's resources (``gpu_job_limits``): GPUs at ``MAX x gpus_per_actor``, CPUs at
   the CPUs the cluster has now that the actors will not take plus the actors' own. Ray Data asks the
@@ -43,13 +43,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from skipray.batch_actor import Generator, admission_order  # noqa: F401  (re-exported)
-from skipray.batch_files import (  # noqa: F401  (re-exported: the job and the tests use them from here)
-    InputCheck, InputError, Summary, check_input, filesystem_for, summarize,
-)
-from skipray.batch_processor import SkipDecodeProcessor, build_processor  # noqa: F401
-from skipray.batch_resume import OUTPUT_COLUMNS, SOURCE_COLUMNS, plan_units, read_done, read_units
-from skipray.batch_rows import TOKENS, SkipDecodeProcessorConfig, prepare_rows  # noqa: F401
+from skipray.batch.files import InputCheck, InputError, Summary, check_input, filesystem_for, summarize
+from skipray.batch.processor import SkipDecodeProcessor, build_processor
+from skipray.batch.resume import OUTPUT_COLUMNS, SOURCE_COLUMNS, plan_units, read_done, read_units
+from skipray.batch.rows import SkipDecodeProcessorConfig
 
 
 @dataclass
@@ -91,7 +88,7 @@ class JobConfig:
 
 def model_facts(spec: str, schedule_args: argparse.Namespace) -> tuple[Any, Any, int]:
     """-> (SkipSchedule for the flags, CostModel, max positions); builds the model on the meta device."""
-    from skipray.batch_processor import model_facts as facts_of
+    from skipray.batch.processor import model_facts as facts_of
     from skipray.options import schedule_from_args
 
     f = facts_of(spec)

@@ -19,14 +19,14 @@ A layer's cache may be shorter than the pass's slot span (``KVCache`` sized for 
 attention reads only the slots the layer holds, and a write past them raises ``IndexError``.
 
 ``SkipModel`` wraps a Hugging Face causal LM (Llama family: Llama, SmolLM2, Mistral, Qwen2/3; OPT); what
-differs between families is one small class each in ``skipray.architectures``, which call the Hugging
+differs between families is one small class each in ``skipray.core.architectures``, which call the Hugging
 Face module's own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its linear
-layers run through ``skipray.kernels.PackedLinears`` (prepacked oneDNN weights for fp32 inference on
+layers run through ``skipray.core.kernels.PackedLinears`` (prepacked oneDNN weights for fp32 inference on
 CPU; the module itself otherwise).
 
 A batch's layout in a cached pass (positions, real mask, cache rows, first slot(s), logit columns,
 adapter mask) travels as one ``Segment``; ``forward`` builds it from its keyword arguments, the engine's
-``skipray.runner`` builds it directly.
+``skipray.core.runner`` builds it directly.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipray.architectures import FAMILIES
-from skipray.cache import KVCache
-from skipray.kernels import PackedLinears
+from skipray.core.architectures import FAMILIES
+from skipray.core.cache import KVCache
+from skipray.core.kernels import PackedLinears
 
 LayerRun = tuple[slice | torch.Tensor, int | None] | None
 
@@ -52,7 +52,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class SkipModel(nn.Module):
     """A Hugging Face causal LM viewed as embed -> decoder layers -> final norm -> lm_head; the family's
-    details are its ``family`` (``skipray.architectures``)."""
+    details are its ``family`` (``skipray.core.architectures``)."""
 
     def __init__(self, hf_model: nn.Module, packed_linears: bool = True) -> None:
         """Raises ``ValueError`` for an architecture without an adapter (or an unsupported variant)."""
@@ -141,7 +141,7 @@ class SkipModel(nn.Module):
 
     # -- sizes -----------------------------------------------------------------------------------
     def cost_model(self):
-        from skipray.schedule import CostModel
+        from skipray.core.schedule import CostModel
 
         layer_params = sum(p.numel() for p in self.layers[0].parameters())
         head = self.hf.lm_head.weight.numel()
@@ -149,7 +149,7 @@ class SkipModel(nn.Module):
 
     def new_cache(self, max_batch: int, max_len: int, layer_lens: Sequence[int] | None = None) -> KVCache:
         """A ``KVCache`` in the model's dtype and device; ``layer_lens`` as in ``KVCache`` (default:
-        ``max_len`` slots for every layer; ``skipray.memory.layer_slots`` sizes them for a schedule)."""
+        ``max_len`` slots for every layer; ``skipray.core.memory.layer_slots`` sizes them for a schedule)."""
         p = next(self.parameters())
         return KVCache(self.num_layers, max_batch, self.kv_heads, max_len, self.head_dim, p.dtype, p.device, layer_lens)
 

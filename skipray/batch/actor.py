@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from skipray.batch_rows import GENERATED_COLUMNS, INTERNAL_COLUMNS, PARAMS, TOKENS, schedule_for
+from skipray.batch.rows import GENERATED_COLUMNS, INTERNAL_COLUMNS, PARAMS, TOKENS, schedule_for
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,10 @@ class Generator:
     def __init__(self, spec: ActorSpec) -> None:
         import torch
 
-        from skipray.engine import Engine
+        from skipray.core.engine import Engine
         from skipray.loading import load
         from skipray.metrics import EngineMetrics
-        from skipray.schedule import SkipSchedule
+        from skipray.core.schedule import SkipSchedule
         from skipray.text import detokenizer
 
         self.metrics = EngineMetrics("batch")
@@ -71,7 +71,7 @@ class Generator:
         return self.schedule if flags is None else schedule_for(flags, self.m.model.num_layers, self.trained)
 
     def _params(self, p: dict):
-        from skipray.requests import SamplingParams
+        from skipray.core.requests import SamplingParams
 
         return SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
                               top_k=p["top_k"], seed=p["seed"], stop=tuple(p["stop"] or ()))

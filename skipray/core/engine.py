@@ -3,14 +3,14 @@
 Contract: pure torch over token ids (no Ray, no HTTP; the tokenizer only through the optional
 ``detokenize`` hook that checks stop strings). ``Engine`` holds one ``SkipModel``, a ``Scheduler``
 (plain Python: queues, admission, which rows run which layer, retirement), a ``ModelRunner`` (the
-forward passes over KV-cache rows) and the batched sampler (``skipray.sampling.sample_rows``).
+forward passes over KV-cache rows) and the batched sampler (``skipray.core.sampling.sample_rows``).
 
 * ``add_request`` / ``abort`` may be called from any thread; ``step`` is called by one loop thread and
   does one iteration: apply aborts; admit waiting requests into free rows and prefill them at full
   depth (their first token comes from that pass); one decode step for every live row, each row
   running *its own* step's layers of *its own* schedule (rows at different steps and schedules
-  share the batch; see ``skipray.scheduler`` for the row order that keeps each layer's rows one
-  slice); sample; retire finished rows (``"stop"`` / ``"length"``, ``skipray.requests.finish_reason``).
+  share the batch; see ``skipray.core.scheduler`` for the row order that keeps each layer's rows one
+  slice); sample; retire finished rows (``"stop"`` / ``"length"``, ``skipray.core.requests.finish_reason``).
   A freed row is refilled at the next iteration: a request never waits for another to finish.
 * Chunked prefill (``max_num_batched_tokens``, vLLM's per-iteration token budget): each iteration is
   one forward pass carrying the decode step of every decoding row and prompt chunks that fill the
@@ -23,7 +23,7 @@ forward passes over KV-cache rows) and the batched sampler (``skipray.sampling.s
 * Offline requests (``add_request(offline=True)``) are their own admission class (``Scheduler``).
 * The cache: layer ``l`` holds ``min(max_len, max_prompt_len + k_l)`` slots, ``k_l`` the steps of
   ``cache_schedule`` (default full depth) that run ``l`` within ``max_tokens`` (default ``max_len``)
-  new tokens (``skipray.memory.layer_slots``). ``add_request`` refuses a request whose prompt is longer
+  new tokens (``skipray.core.memory.layer_slots``). ``add_request`` refuses a request whose prompt is longer
   than ``max_prompt_len`` or whose schedule would run a layer past its slots (``ValueError``). A
   server accepting full-depth requests must keep the full-depth default.
 * Faults stay with their request: anything raised for one row (sampling, non-finite logits, the stop
@@ -44,14 +44,14 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from skipray.cache import KVCache
-from skipray.memory import layer_slots
-from skipray.model import SkipModel
-from skipray.requests import Completion, Event, SamplingParams, TokenEvent, finish_reason, validate_request
-from skipray.runner import ModelRunner
-from skipray.sampling import sample_rows
-from skipray.schedule import SkipSchedule
-from skipray.scheduler import Request, Scheduler
+from skipray.core.cache import KVCache
+from skipray.core.memory import layer_slots
+from skipray.core.model import SkipModel
+from skipray.core.requests import Completion, Event, SamplingParams, TokenEvent, finish_reason, validate_request
+from skipray.core.runner import ModelRunner
+from skipray.core.sampling import sample_rows
+from skipray.core.schedule import SkipSchedule
+from skipray.core.scheduler import Request, Scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 def parse_schedule(spec: str, num_layers: int):
     """'full', 'MAX,MIN,DECAY[,WARMUP]', or a schedule file (JSON from ``skipray calibrate``) -> SkipSchedule."""
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
 
     if spec == "full":
         return SkipSchedule.full(num_layers)
@@ -73,7 +73,7 @@ def parse_schedule(spec: str, num_layers: int):
 
 def generate_all(engine, prompts, schedule, max_new: int, batch: int, temperature: float = 0.0,
                  seed: int = 0) -> tuple[list[list[int]], float]:
-    from skipray.engine import SamplingParams
+    from skipray.core.engine import SamplingParams
 
     outs, t0 = [], time.perf_counter()
     for s in range(0, len(prompts), batch):
@@ -85,8 +85,8 @@ def generate_all(engine, prompts, schedule, max_new: int, batch: int, temperatur
 
 def _logits(model, prompt: list[int], response: list[int], schedule=None) -> torch.Tensor:
     """Logits predicting each ``response`` token after ``prompt``: full depth, or ``schedule`` with its adapter."""
-    from skipray.model import forward, full_plan, training_plan
-    from skipray.train import adapter_mask
+    from skipray.core.model import forward, full_plan, training_plan
+    from skipray.training.train import adapter_mask
 
     tokens = torch.tensor([prompt + response])
     real = torch.ones_like(tokens, dtype=torch.bool)
@@ -143,10 +143,10 @@ def evaluate(model_spec: str, prompts_path: str, schedules: list[str], out: str,
     """Quality and speed per schedule (or reference row) against the base model's greedy full-depth output."""
     from tqdm import tqdm
 
-    from skipray.engine import Engine
+    from skipray.core.engine import Engine
     from skipray.io import read_table
     from skipray.loading import load
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
     from skipray.text import decode, encode_prompt
 
     table = read_table(prompts_path)
@@ -219,7 +219,7 @@ def evaluate(model_spec: str, prompts_path: str, schedules: list[str], out: str,
 
 
 def _theory(sched, model, prompts, max_new) -> float:
-    from skipray.schedule import theoretical_speedup
+    from skipray.core.schedule import theoretical_speedup
 
     P = sum(map(len, prompts)) // len(prompts)
     return theoretical_speedup(sched, model.cost_model(), P, max_new)
@@ -227,8 +227,8 @@ def _theory(sched, model, prompts, max_new) -> float:
 
 def _measured_speedup(engine, prompts, sched, max_new) -> float:
     """Tokens/s with ``sched`` over tokens/s at full depth, both forced to ``max_new`` tokens."""
-    from skipray.engine import SamplingParams
-    from skipray.schedule import SkipSchedule
+    from skipray.core.engine import SamplingParams
+    from skipray.core.schedule import SkipSchedule
 
     eos, engine.eos_token_ids = engine.eos_token_ids, ()
     full = SkipSchedule.full(engine.model.num_layers)

@@ -1,6 +1,6 @@
 """The scheduler: which requests hold which cache rows, and which rows run which layer (plain Python).
 
-Contract (no torch; ``skipray.engine.Engine`` drives it and applies its decisions to the cache):
+Contract (no torch; ``skipray.core.engine.Engine`` drives it and applies its decisions to the cache):
 
 * Queues: ``add`` puts a ``Request`` in the online queue (bounded by ``max_waiting``: ``QueueFull``
   beyond it) or, with ``offline=True``, in the offline queue (unbounded). Online requests are admitted
@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from skipray.requests import QueueFull, SamplingParams
-from skipray.schedule import SkipSchedule
+from skipray.core.requests import QueueFull, SamplingParams
+from skipray.core.schedule import SkipSchedule
 
 Moves = list[tuple[int, int]]  # (source row, destination row)
 

@@ -1,4 +1,4 @@
-"""Data-parallel skip-aware training on Ray Train (a thin shim over ``skipray.train.train``).
+"""Data-parallel skip-aware training on Ray Train (a thin shim over ``skipray.training.train.train``).
 
 Contract: ``train_distributed(cfg, workers)`` runs ``train`` on ``workers`` Ray Train workers
 (``TorchTrainer``; process group gloo on CPU, nccl with ``use_gpu``). Each worker reads every
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from skipray.train import TrainConfig
+from skipray.training.train import TrainConfig
 
 
 def _loop(config: dict) -> None:
@@ -21,7 +21,7 @@ def _loop(config: dict) -> None:
     import torch.distributed as dist
     from ray import train as ray_train
 
-    from skipray.train import TrainConfig, train
+    from skipray.training.train import TrainConfig, train
 
     ctx = ray_train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

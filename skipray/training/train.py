@@ -1,6 +1,6 @@
 """`skipray train`: fine-tune a causal LM to generate well under a skip schedule.
 
-Contract: the student's forward is ``skipray.model.forward`` with ``training_plan``: every position
+Contract: the student's forward is ``skipray.core.model.forward`` with ``training_plan``: every position
 runs exactly the layers the cached decoder runs for it (tests prove the two equal). Data is Parquet
 with ``prompt_ids``/``response_ids`` (from ``skipray distill-data``), or ``prompt``+``response`` text,
 or ``text``; the loss covers response tokens only (all tokens for ``text``). Loss: ``kl_weight`` x
@@ -161,7 +161,7 @@ def answer_logits(model, batch: dict, schedule) -> torch.Tensor:
     the prompt once at full depth without gradients (the skip adapter never touches it), then the
     response columns under ``schedule`` with the adapter, attending to the prompt's cached keys. Equal
     to the single parallel forward (tests), and about a third cheaper: no backward through the prompt."""
-    from skipray.model import forward, full_plan, training_plan
+    from skipray.core.model import forward, full_plan, training_plan
 
     tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
     B, T = tokens.shape
@@ -182,7 +182,7 @@ def skip_loss(model, teacher, batch: dict, schedule, kl_weight: float, ce_weight
     """Distillation (+ optional CE) loss of the skip student against the full-depth teacher.
     ``cached_prompt`` (default: when the student is a LoRA skip adapter, which never touches the prompt)
     runs the prompt once without gradients (``answer_logits``); else one forward covers everything."""
-    from skipray.model import forward, full_plan, training_plan
+    from skipray.core.model import forward, full_plan, training_plan
 
     tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
     B, T = tokens.shape
@@ -232,7 +232,7 @@ def prepare(cfg: TrainConfig):
     import copy
 
     from skipray.loading import load
-    from skipray.model import SkipModel
+    from skipray.core.model import SkipModel
 
     loaded = load(cfg.model, device=cfg.device, dtype=torch.float32)
     model, hf = loaded.model, loaded.model.hf  # SkipModel reaches hf's submodules at call time
@@ -292,7 +292,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, rank: i
     """Run training; returns the output directory. ``wrap``: optional DDP wrapper hook (Ray Train)."""
     from tqdm import tqdm
 
-    from skipray.schedule import SkipSchedule
+    from skipray.core.schedule import SkipSchedule
 
     torch.manual_seed(cfg.seed)
     loaded, model, teacher, params = prepare(cfg)
@@ -385,7 +385,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.workers > 1:
-        from skipray.train_ray import train_distributed
+        from skipray.training.train_ray import train_distributed
 
         train_distributed(cfg, workers=args.workers, resume=args.resume, use_gpu=args.use_gpu)
     else:

@@ -1,0 +1,33 @@
+"""Offline batch generation on Ray Data: the skip-decoding processor and the Parquet file job built on it.
+
+Contract: importing this package imports neither Ray nor torch (Ray is imported inside the functions and
+actors that need it). Modules, in the order a row meets them:
+
+* ``rows``: Ray Data LLM's ``SkipDecodeProcessorConfig``; a row (``prompt`` or ``messages``, optional
+  ``sampling_params`` / ``skip``) becomes token ids and its request, or a typed error row;
+* ``processor``: ``build_processor(config, preprocess=, postprocess=)`` -> a ``Dataset -> Dataset``
+  callable (tokenize tasks, then the ``Generator`` actor pool);
+* ``actor``: the ``Generator`` actor: one engine and KV cache per actor, fed a window at a time with
+  continuous batching (a finished row's cache row takes the window's next prompt);
+* ``files`` (input checks, filesystems, the summary) and ``resume`` (skip work a re-run already did);
+* ``job``: the file job (``plan``, ``execute``, ``run``); ``cli``: its command line
+  (``python -m skipray.batch``, ``jobs/generate.py``).
+
+The names below are the public API, re-exported here.
+"""
+
+from skipray.batch.actor import Generator, admission_order
+from skipray.batch.files import InputCheck, InputError, Summary, check_input, filesystem_for, summarize
+from skipray.batch.job import (
+    JobConfig, Plan, build_pipeline, execute, gpu_job_limits, job_columns, model_facts, plan, run,
+)
+from skipray.batch.processor import SkipDecodeProcessor, build_processor
+from skipray.batch.resume import OUTPUT_COLUMNS, SOURCE_COLUMNS
+from skipray.batch.rows import TOKENS, SkipDecodeProcessorConfig, prepare_rows
+
+__all__ = [
+    "Generator", "admission_order", "InputCheck", "InputError", "Summary", "check_input", "filesystem_for",
+    "summarize", "JobConfig", "Plan", "build_pipeline", "execute", "gpu_job_limits", "job_columns",
+    "model_facts", "plan", "run", "SkipDecodeProcessor", "build_processor", "OUTPUT_COLUMNS",
+    "SOURCE_COLUMNS", "TOKENS", "SkipDecodeProcessorConfig", "prepare_rows",
+]

@@ -1,0 +1,104 @@
+"""The file job's command line: Parquet prompts in, skip-decoded generations out (Ray Data).
+
+Contract: argument parsing, Ray start-up and the summary line only; the pipeline is
+``skipray.batch.job``. Run it as ``python -m skipray.batch ...`` or ``python jobs/generate.py ...``
+(starts an embedded local Ray), or as ``ray job submit --working-dir . -- python jobs/generate.py ...``
+(joins the cluster in RAY_ADDRESS).
+Exit status: 0 done (bad rows are counted, not fatal), 2 unusable input or arguments, or an actor that no
+node of the cluster can hold, now or after the autoscaler adds one (``skipray.resources.check_schedulable``:
+the message names the resource; ``--resource-wait 0`` skips that check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from skipray.options import add_sampling_args, add_schedule_args
+
+    p = argparse.ArgumentParser(prog="generate", description="skip-decoded batch generation over Parquet on Ray Data")
+    p.add_argument("--input", required=True, help="Parquet file, directory or glob; local or s3://")
+    p.add_argument("--output", required=True, help="output directory, local or s3:// (re-runs resume)")
+    p.add_argument("--model", default="default", help="'default', 'smollm2-base', a model dir or a .gguf file")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--id-column", default="id")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per engine batch")
+    p.add_argument("--bucket-window", type=int, default=4,
+                   help="batches per window that is sorted by prompt length (1: no bucketing)")
+    p.add_argument("--actors", default="1,1", help="MIN,MAX actors of the autoscaling pool (one engine each)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--threads-per-actor", type=int, default=0, help="torch threads (0: node cores / MAX actors)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the actor has a GPU)")
+    p.add_argument("--resource-wait", type=float, default=45.0,
+                   help="seconds to wait for the autoscaler to start a node that can hold one actor when none "
+                        "can now, before failing (0: skip this check)")
+    p.add_argument("--s3-endpoint", default=None,
+                   help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000 (credentials: AWS_* env vars)")
+    add_schedule_args(p)
+    add_sampling_args(p, max_new_tokens=64)
+    return p
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    parts = [int(x) for x in text.split(",")]
+    lo, hi = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    if not 1 <= lo <= hi or len(parts) > 2:
+        raise ValueError(f"--actors wants MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from skipray.batch import JobConfig, execute, model_facts, plan
+    from skipray.core.schedule import theoretical_speedup
+
+    try:
+        schedule, cost, max_positions = model_facts(args.model, args)
+        cfg = JobConfig(
+            model=args.model, prompt_column=args.prompt_column, id_column=args.id_column, chat=args.chat,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, stop=args.stop, schedule=schedule.to_dict(),
+            max_positions=max_positions, batch_size=args.batch_size, bucket_window=args.bucket_window,
+            actors=parse_actors(args.actors), cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor, device=args.device,
+        )
+        todo = plan(args.input, args.output, cfg, s3_endpoint=args.s3_endpoint)  # fails fast, before Ray
+    except (ValueError, FileNotFoundError) as e:  # InputError is a ValueError
+        print(f"generate: error: {e}", file=sys.stderr)
+        return 2
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray binds to loopback
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+        else:  # embedded local Ray with a bounded object store
+            ray.init(object_store_memory=512 * 1024**2, include_dashboard=False,
+                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    if args.resource_wait > 0:
+        from skipray.resources import Unschedulable, check_schedulable
+
+        try:
+            how = check_schedulable({"CPU": args.cpus_per_actor, "GPU": args.gpus_per_actor},
+                                    "one generation actor (--cpus-per-actor, --gpus-per-actor)",
+                                    can_grow=bool(os.environ.get("RAY_ADDRESS")), wait_s=args.resource_wait)
+        except Unschedulable as e:
+            print(f"generate: error: {e} (--resource-wait 0 skips this check)", file=sys.stderr)
+            return 2
+        print(f"[skipray] resources: one actor {how}", file=sys.stderr)
+    s = execute(todo)
+    ok = s.rows - s.errors
+    new = s.generated_tokens / ok if ok else 0
+    speed = theoretical_speedup(schedule, cost, round(s.prompt_tokens / ok) if ok else 1, round(new)) if ok else 1.0
+    print(
+        f"[skipray] rows {s.rows} | errors {s.errors} | skipped (already done) {s.skipped} | generated tokens "
+        f"{s.generated_tokens} | {s.tokens_per_s:.1f} tok/s over {s.seconds:.1f}s | avg layers {s.avg_layers:.2f} "
+        f"of {schedule.num_layers} | theoretical speedup {speed:.2f}x | {schedule.describe()} | output {args.output}"
+    )
+    return 0

@@ -1,0 +1,42 @@
+"""The package's layering: everything outside the Ray shims imports without Ray, and no module does
+work at import time that pulls Ray in."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# the Ray shims: the only modules that import ray at module level
+SHIMS = {"skipray.serve.app"}
+
+PROBE = r"""
+import importlib, pkgutil, sys
+
+class NoRay:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError(f"ray is unimportable in this test (imported: {name})")
+        return None
+
+sys.meta_path.insert(0, NoRay())
+import skipray
+shims = set(sys.argv[1].split(","))
+names = sorted(m.name for m in pkgutil.walk_packages(skipray.__path__, "skipray.")
+               if m.name not in shims and not m.name.endswith("__main__"))
+for name in names:
+    importlib.import_module(name)
+assert not [m for m in sys.modules if m == "ray" or m.startswith("ray.")]
+print(len(names))
+"""
+
+
+def test_every_module_outside_the_ray_shims_imports_without_ray():
+    r = subprocess.run([sys.executable, "-c", PROBE, ",".join(SHIMS)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) >= 30  # core, training, batch, serve and the top-level modules
+
+
+def test_the_probe_can_fail():
+    r = subprocess.run([sys.executable, "-c", PROBE, ""], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "ray is unimportable" in r.stderr
