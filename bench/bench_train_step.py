@@ -28,6 +28,7 @@ def main() -> None:
     import torch
 
     from skipray.training import train as T
+    from skipray.training.data import batches, collate, load_examples
     from skipray.options import read_schedule_file
     from skipray.core.schedule import SkipSchedule
 
@@ -35,14 +36,14 @@ def main() -> None:
     loaded, model, teacher, params = T.prepare(cfg)
     sched = (read_schedule_file(args.schedule_file, model.num_layers) if args.schedule_file
              else SkipSchedule(model.num_layers, 30, 10, 36, shape="power", power=1.5))
-    examples = T.load_examples(args.data, loaded.tokenizer, max_len=192)
-    data = T.batches(examples, args.batch_size, seed=0)
-    batches = [T.collate(next(data), loaded.tokenizer.pad_token_id or 0) for _ in range(args.steps + 1)]
+    examples = load_examples(args.data, loaded.tokenizer, max_len=192)
+    data = batches(examples, args.batch_size, seed=0)
+    step_batches = [collate(next(data), loaded.tokenizer.pad_token_id or 0) for _ in range(args.steps + 1)]
     opt = torch.optim.AdamW(params, lr=1e-5)
 
     def run(mode: str) -> float:
         times = []
-        for b in batches:
+        for b in step_batches:
             b = dict(b)
             if mode == "live teacher":
                 b.pop("teacher_ids"), b.pop("teacher_logprobs")
@@ -56,7 +57,7 @@ def main() -> None:
         return sum(times[1:]) / len(times[1:])  # the first step warms up
 
     rows = {m: run(m) for m in ("live teacher", "cached teacher", "cached teacher + cached prompt")}
-    tokens = sum(int(b["real"].sum()) for b in batches[1:]) / args.steps
+    tokens = sum(int(b["real"].sum()) for b in step_batches[1:]) / args.steps
     print(f"| training step ({args.batch_size} sequences, ~{tokens:.0f} tokens) | s/step | vs live teacher |")
     print("|---|---:|---:|")
     for m, s in rows.items():

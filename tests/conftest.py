@@ -51,6 +51,20 @@ def tiny_other(kind: str, num_layers: int = 5, seed: int = 0):
     return getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
 
 
+def decode_step(runner, tokens, positions, slot, active, adapter=False):
+    """A static batch's decode step through ``runner`` (a ``skipray.core.runner.ModelRunner``):
+    ``tokens`` ``(n, 1)`` at ``positions`` ``(n,)`` into the shared ``slot`` of cache rows ``0..n-1``,
+    running only the ``active`` layers, the skip adapter on every row when ``adapter``;
+    -> logits ``(n, vocab)``, float32."""
+    from skipray.core.model import Segment, step_plan
+
+    n = tokens.shape[0]
+    ones = torch.ones_like(tokens, dtype=torch.bool)
+    seg = Segment(tokens, positions[:, None], step_plan(active, runner.model.num_layers), ones,
+                  cache_rows=slice(0, n), start=slot, adapter=ones if adapter else None)
+    return runner.run([seg])[0][:, 0].float()
+
+
 @pytest.fixture(params=["llama", "opt", "qwen2", "mistral"])
 def hf_model(request):
     if request.param == "llama":

@@ -25,7 +25,7 @@ def test_greedy_kl_first_drop_is_the_cheapest_single_layer():
     assert sorted(order) == list(range(L)) and len(kls) == L - 2
     # brute force: teacher-forced agreement/KL with one layer skipped for every answer token
     from skipray.training.calibrate import _batch
-    from skipray.core.model import forward, full_plan
+    from skipray.core.model import Segment, forward, full_plan
 
     tokens, real, pos, P = _batch(SEQS, 8)
     T = tokens.shape[1]
@@ -36,7 +36,7 @@ def test_greedy_kl_first_drop_is_the_cheapest_single_layer():
         if skip is not None:
             plan[skip] = (slice(None), P)  # the layer runs on the prompt only
         with torch.no_grad():
-            return torch.log_softmax(forward(model, tokens, pos, plan, real, logits_at=cols).float(), -1)
+            return torch.log_softmax(forward(model, Segment(tokens, pos, plan, real, logits_at=cols)).float(), -1)
 
     t = logp(None)
     single = [float((t.exp() * (t - logp(l))).sum(-1).mean()) for l in range(L)]

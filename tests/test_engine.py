@@ -7,8 +7,10 @@ import torch
 from skipray.core.engine import Engine
 from skipray.core.requests import SamplingParams
 from skipray.core.runner import pad_prompts
-from skipray.core.model import SkipModel, forward, training_plan
+from skipray.core.model import Segment, SkipModel, forward, training_plan
 from skipray.core.schedule import SkipSchedule
+
+from conftest import decode_step
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
 
@@ -45,7 +47,7 @@ def decode_logits(engine, prompts, schedule, n):
     for i in range(n):
         tok = logits.argmax(-1)
         toks.append(tok)
-        logits = engine.runner.decode_one_token(tok[:, None], positions + i, P + i, schedule.active_layers(i))
+        logits = decode_step(engine.runner, tok[:, None], positions + i, P + i, schedule.active_layers(i))
         steps.append(logits)
     return torch.stack(toks, 1), torch.stack(steps, 1)
 
@@ -65,11 +67,12 @@ def test_cached_skip_decode_equals_training_forward(hf_model, sized):
     tokens = torch.cat([prompt, gen], 1)
     real = torch.cat([prompt_real, torch.ones_like(gen, dtype=torch.bool)], 1)
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    seg = Segment(tokens, positions, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n))
     with torch.no_grad():
-        par = forward(model, tokens, positions, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n))
+        par = forward(model, seg)
     torch.testing.assert_close(par, step_logits, atol=1e-4, rtol=1e-4)
     # and the same with gradients on (the training path clones hidden states)
-    par_grad = forward(model, tokens, positions, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n))
+    par_grad = forward(model, seg)
     torch.testing.assert_close(par_grad.detach(), step_logits, atol=1e-4, rtol=1e-4)
 
 
@@ -96,7 +99,7 @@ def test_skipped_layers_leave_cache_untouched(llama):
     for i in range(5):
         before_k, before_v, before_f = [t.clone() for t in cache.k], [t.clone() for t in cache.v], cache.filled.clone()
         active = sched.active_layers(i)
-        logits = engine.runner.decode_one_token(logits.argmax(-1)[:, None], positions + i, 3 + i, active)
+        logits = decode_step(engine.runner, logits.argmax(-1)[:, None], positions + i, 3 + i, active)
         for l in range(model.num_layers):
             if l in active:
                 assert cache.filled[l, :2].eq(3 + i + 1).all()
@@ -169,6 +172,21 @@ def test_schedule_must_fit_model(llama):
         Engine(SkipModel(llama), SkipSchedule(30, 20, 8, 10))
 
 
+def test_forward_takes_the_batch_as_a_segment(llama):
+    from skipray.core.model import full_plan
+
+    model = SkipModel(llama)
+    tokens = torch.tensor([[5, 6, 7]])
+    real, pos = torch.ones_like(tokens, dtype=torch.bool), torch.arange(3)[None]
+    with pytest.raises(TypeError, match="Segment"):  # a bare tensor where the layout belongs fails loudly
+        forward(model, tokens)
+    seg = Segment(tokens, pos, full_plan(model.num_layers), real)
+    with pytest.raises(ValueError, match="prefix"):
+        forward(model, seg, cache=model.new_cache(1, 8), prefix=model.new_cache(1, 8))
+    with pytest.raises(ValueError, match="plan has"):
+        forward(model, Segment(tokens, pos, full_plan(model.num_layers - 1), real))
+
+
 def test_cache_grows_and_reports_memory(llama):
     model = SkipModel(llama)
     engine = Engine(model, max_batch=1, max_len=8)
@@ -229,9 +247,9 @@ def test_writing_past_a_layers_slots_raises(llama):
     assert engine.cache.layer_lens[1] == 6
     logits = engine.runner.prefill([[4, 5, 6]])
     tok = logits.argmax(-1)[:, None]
-    engine.runner.decode_one_token(tok, torch.tensor([3]), 3, sched.active_layers(0))  # within every layer's slots
+    decode_step(engine.runner, tok, torch.tensor([3]), 3, sched.active_layers(0))  # within every layer's slots
     with pytest.raises(IndexError, match="layer 1 holds 6 slots"):  # a full-depth step at slot 6
-        engine.runner.decode_one_token(tok, torch.tensor([6]), 6, range(model.num_layers))
+        decode_step(engine.runner, tok, torch.tensor([6]), 6, range(model.num_layers))
     c = KVCache(2, 2, 1, 5, 4, layer_lens=[5, 3])
     k = torch.ones(2, 1, 1, 4)
     c.write(1, slice(0, 2), torch.tensor([1, 2]), k, k)

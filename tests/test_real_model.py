@@ -10,9 +10,11 @@ import torch
 
 from skipray.core.engine import Engine, SamplingParams
 from skipray.core.runner import pad_prompts
-from skipray.core.model import forward, training_plan
+from skipray.core.model import Segment, forward, training_plan
 from skipray.core.schedule import SkipSchedule
 from skipray.text import decode, encode_prompt
+
+from conftest import decode_step
 
 pytestmark = pytest.mark.real_model
 QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbow."]
@@ -50,14 +52,15 @@ def test_skip_decode_equals_training_forward(smol):
     for i in range(20):
         tok = logits.argmax(-1)
         toks.append(tok)
-        logits = engine.runner.decode_one_token(tok[:, None], positions + i, P + i, sched.active_layers(i))
+        logits = decode_step(engine.runner, tok[:, None], positions + i, P + i, sched.active_layers(i))
         steps.append(logits)
     ids, am, _ = left_pad(prompts, 0)
     tokens = torch.cat([ids, torch.stack(toks, 1)], 1)
     real = torch.cat([am.bool(), torch.ones(2, 20, dtype=torch.bool)], 1)
     pos = (real.long().cumsum(-1) - 1).clamp(min=0)
+    seg = Segment(tokens, pos, training_plan(sched, P, P + 20), real, logits_at=slice(P - 1, P + 20))
     with torch.no_grad():
-        par = forward(model, tokens, pos, training_plan(sched, P, P + 20), real, logits_at=slice(P - 1, P + 20))
+        par = forward(model, seg)
     cached = torch.stack(steps, 1)
     # fp32 over 30 layers: the two paths sum in different orders; measured max difference 2.6e-4 on
     # logits of magnitude ~20 (the tiny-model tests hold the 1e-4 bound).
@@ -66,7 +69,7 @@ def test_skip_decode_equals_training_forward(smol):
     # training runs this forward with autograd on, where the linears are the modules' own (F.linear),
     # not the prepacked inference kernels: the same function up to summation order
     with torch.enable_grad():
-        trained = forward(model, tokens, pos, training_plan(sched, P, P + 20), real, logits_at=slice(P - 1, P + 20))
+        trained = forward(model, seg)
     assert trained.requires_grad
     torch.testing.assert_close(trained.detach(), cached, atol=1e-3, rtol=0)
     assert torch.equal(trained.argmax(-1), cached.argmax(-1))

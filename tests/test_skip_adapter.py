@@ -6,11 +6,11 @@ import torch
 
 from skipray.core.engine import Engine, SamplingParams
 from skipray.core.runner import pad_prompts
-from skipray.core.model import SkipModel, forward, training_plan
+from skipray.core.model import Segment, SkipModel, forward, training_plan
 from skipray.core.schedule import SkipSchedule
 from skipray.training.train import adapter_mask, topk_kl
 
-from conftest import tiny_llama, tiny_opt
+from conftest import decode_step, tiny_llama, tiny_opt
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
 
@@ -57,8 +57,8 @@ def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make,
     for i in range(n):
         tok = logits.argmax(-1)
         toks.append(tok)
-        logits = engine.runner.decode_one_token(tok[:, None], positions + i, P + i, sched.active_layers(i),
-                                         adapter=sched.skips(i))
+        logits = decode_step(engine.runner, tok[:, None], positions + i, P + i, sched.active_layers(i),
+                             adapter=sched.skips(i))
         steps.append(logits)
     gen, step_logits = torch.stack(toks, 1), torch.stack(steps, 1)
     prompt, prompt_real = pad_prompts(PROMPTS)
@@ -66,11 +66,11 @@ def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make,
     real = torch.cat([prompt_real, torch.ones_like(gen, dtype=torch.bool)], 1)
     pos = (real.long().cumsum(-1) - 1).clamp(min=0)
     adapter = adapter_mask(sched, len(PROMPTS), P, P + n)
-    par = forward(model, tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n),
-                  adapter=adapter)
+    par = forward(model, Segment(tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n),
+                                 adapter=adapter))
     torch.testing.assert_close(par.detach(), step_logits, atol=1e-4, rtol=1e-4)
     # the adapter really changes the skip output (else the test above would prove nothing about it)
-    plain = forward(model, tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n))
+    plain = forward(model, Segment(tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n)))
     assert (plain.detach() - step_logits).abs().max() > 1e-2
     # full-depth steps (the prompt's pass and the steps before the first drop) are the base model's
     torch.testing.assert_close(plain[:, : full_steps + 1].detach(), step_logits[:, : full_steps + 1],
@@ -143,8 +143,9 @@ def test_engine_logprobs_are_the_step_log_softmax():
     P = len(PROMPTS[0])
     from skipray.core.model import full_plan
 
-    lp = torch.log_softmax(forward(model, tokens, torch.arange(tokens.shape[1])[None], full_plan(model.num_layers),
-                                   real, logits_at=slice(P - 1, P + 3))[0], -1)
+    seg = Segment(tokens, torch.arange(tokens.shape[1])[None], full_plan(model.num_layers), real,
+                  logits_at=slice(P - 1, P + 3))
+    lp = torch.log_softmax(forward(model, seg)[0], -1)
     for i, x in enumerate(out.logprobs):
         assert x.top_ids == lp[i].topk(3).indices.tolist()
         assert x.logprob == pytest.approx(lp[i, out.token_ids[i]].item(), abs=1e-4)
@@ -154,7 +155,8 @@ def test_engine_logprobs_are_the_step_log_softmax():
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
 def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
     """Training runs the prompt once without gradients, then the answer: same logits, same gradients."""
-    from skipray.training.train import answer_logits, collate
+    from skipray.training.data import collate
+    from skipray.training.train import answer_logits
 
     hf = make()
     with_random_lora(hf)
@@ -165,8 +167,8 @@ def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
                      ([3, 4, 5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48])], pad_id=0)
     tokens, real, pos, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
     T = tokens.shape[1]
-    whole = forward(model, tokens, pos, training_plan(sched, P, T), real, logits_at=slice(P - 1, T - 1),
-                    adapter=adapter_mask(sched, 3, P, T))
+    whole = forward(model, Segment(tokens, pos, training_plan(sched, P, T), real, logits_at=slice(P - 1, T - 1),
+                                   adapter=adapter_mask(sched, 3, P, T)))
     split = answer_logits(model, batch, sched)
     mask = batch["loss_mask"][:, P - 1:]
     torch.testing.assert_close(split[mask], whole[mask].float(), atol=1e-4, rtol=1e-4)
@@ -202,8 +204,8 @@ def test_merged_inference_weights_follow_adapter_updates():
         toks = torch.tensor([p + c.token_ids[:-1]])
         real = torch.ones_like(toks, dtype=torch.bool)
         T = toks.shape[1]
-        logits = forward(model, toks, torch.arange(T)[None], training_plan(sched, len(p), T), real,
-                         logits_at=slice(len(p) - 1, T), adapter=adapter_mask(sched, 1, len(p), T))
+        logits = forward(model, Segment(toks, torch.arange(T)[None], training_plan(sched, len(p), T), real,
+                                        logits_at=slice(len(p) - 1, T), adapter=adapter_mask(sched, 1, len(p), T)))
         assert logits[0].argmax(-1).tolist() == c.token_ids
     assert [c.token_ids for c in before] != [c.token_ids for c in after]
 

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from skipray.training.train import TrainConfig, collate, load_examples, train
+from skipray.training.data import collate, load_examples
+from skipray.training.train import TrainConfig, train
 
 SCHED = {"max_layers": 5, "min_layers": 3, "decay_tokens": 8, "warmup_layers": 1, "shape": "linear"}
 

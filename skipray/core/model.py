@@ -1,7 +1,9 @@
 """One forward pass over a chosen set of layers, for prefill, decode steps and training.
 
-Contract: ``forward(model, tokens, positions, plan, ...)`` runs an embedded batch through the decoder
-layers that ``plan`` names, then the final norm and lm_head. ``plan[l]`` is ``None`` (layer ``l``
+Contract: ``forward(model, seg, cache=None, prefix=None)`` runs one batch (``seg``, a ``Segment``:
+tokens, positions, real mask, plan, and in a cached pass its cache rows, first slot(s), logit columns
+and adapter mask) through the decoder layers that ``seg.plan`` names, then the final norm and
+lm_head. ``plan[l]`` is ``None`` (layer ``l``
 skipped: it neither writes nor reads the cache) or ``(rows, cols)``: the layer runs on
 ``hidden[rows, :cols]`` (``cols=None``: all columns). Entries it does not run keep their hidden state,
 which is exactly what skipping a residual block means.
@@ -24,9 +26,9 @@ Face module's own submodules, so LoRA adapters and ``save_pretrained`` keep work
 layers run through ``skipray.core.kernels.PackedLinears`` (prepacked oneDNN weights for fp32 inference on
 CPU; the module itself otherwise).
 
-A batch's layout in a cached pass (positions, real mask, cache rows, first slot(s), logit columns,
-adapter mask) travels as one ``Segment``; ``forward`` builds it from its keyword arguments, the engine's
-``skipray.core.runner`` builds it directly.
+Callers build the ``Segment`` by field name: the training layout needs only ``tokens``, ``positions``,
+``plan``, ``real`` (and ``logits_at``, ``adapter``); the engine's ``skipray.core.runner`` adds cache rows
+and slots.
 """
 
 from __future__ import annotations
@@ -191,6 +193,8 @@ class Segment:
     start + t - 1`` (``start``: an int, or a ``(b,)`` tensor of one slot per row when ``t == 1``).
     ``logits_at``: the columns projected to logits (a slice, or a ``(b,)`` tensor of one column per row;
     ``None``: all); ``adapter``: ``(b, t)`` bool, where the skip adapter applies (``None``: nowhere).
+    Without a cache (training, teacher-forced scoring) ``cache_rows`` and ``start`` are unused:
+    ``Segment(tokens, positions, plan, real, logits_at=..., adapter=...)`` is the whole layout.
     """
 
     tokens: torch.Tensor
@@ -204,35 +208,25 @@ class Segment:
 
 
 def forward(
-    model: SkipModel,
-    tokens: torch.Tensor,
-    positions: torch.Tensor,
-    plan: Sequence[LayerRun],
-    real: torch.Tensor,
-    cache: KVCache | None = None,
-    cache_rows: slice | torch.Tensor = slice(None),
-    start: int | torch.Tensor = 0,
-    logits_at: slice | torch.Tensor | None = None,
-    adapter: torch.Tensor | None = None,
-    prefix: KVCache | None = None,
+    model: SkipModel, seg: Segment, cache: KVCache | None = None, prefix: KVCache | None = None
 ) -> torch.Tensor:
-    """Logits ``(b, t', vocab)`` for ``tokens`` ``(b, t)`` at ``positions`` (RoPE/learned positions).
+    """Logits ``(b, t', vocab)`` for the batch ``seg`` (``Segment``: tokens ``(b, t)``, their positions,
+    real mask, plan, and with a cache its rows, first slot(s), logit columns and adapter mask).
+    ``t'`` is ``t`` or the columns ``seg.logits_at`` selects (``1`` for a per-row column tensor).
 
-    ``real`` (b, t) marks real tokens (False: padding). With a cache, batch row ``i`` is cache row
-    ``cache_rows[i]`` and the tokens occupy slots ``start .. start+t-1`` (``start`` an int, or one
-    slot per row when ``t == 1``). ``logits_at`` selects the columns to project (default: all): a slice,
-    or a tensor of one column per row (right-padded prompts of different lengths) giving ``(b, 1, vocab)``.
-    ``adapter`` (bool, (b, t)) marks the positions where a skip adapter (LoRA) applies: generated tokens
-    of a skipping schedule (``None``: nowhere, the base model; see ``SkipModel.lin``).
-    ``prefix`` (training, no ``cache``): a cache whose rows hold an already prefilled prompt in slots
-    ``[0, prefix_len)`` for batch rows ``0..b-1``; the tokens follow it, attend to it and write nothing,
-    so a training step runs the prompt once without gradients and only the answer with them.
-    Raises ``ValueError`` for a plan of the wrong length or column-limited layers with a cache, and
-    ``IndexError`` (from ``KVCache.write``) for a write past a layer's cache length.
+    ``cache``: the pass writes each run layer's keys and values into ``seg.cache_rows`` at slots
+    ``seg.start ..`` and attends to what those rows hold. ``prefix`` (training, no ``cache``): a cache
+    whose rows hold an already prefilled prompt in slots ``[0, prefix_len)`` for batch rows
+    ``0..b-1``; the tokens follow it, attend to it and write nothing, so a training step runs the
+    prompt once without gradients and only the answer with them.
+    Raises ``TypeError`` when ``seg`` is not a ``Segment``, ``ValueError`` for ``prefix`` with ``cache``,
+    a plan of the wrong length or column-limited layers with a cache, and ``IndexError`` (from
+    ``KVCache.write``) for a write past a layer's cache length.
     """
+    if not isinstance(seg, Segment):
+        raise TypeError(f"forward takes the batch as a Segment, got {type(seg).__name__}")
     if prefix is not None and cache is not None:
         raise ValueError("prefix is for training without a cache")
-    seg = Segment(tokens, positions, plan, real, cache_rows, start, logits_at, adapter)
     return _run(model, [seg], cache, prefix)[0]
 
 

@@ -15,7 +15,6 @@ Contract: ``ModelRunner(model, cache)`` owns the ``KVCache``. Every pass is
   pass one by one (cache writes are idempotent), so a failure lands on its own part;
 * ``move_rows(moves, upto)``, ``reset_rows``, ``ensure_cache`` (grow to fit rows and per-layer slots).
 
-``decode_one_token`` is a static batch's step (rows ``0..n-1`` at one shared slot, one layer set).
 ``pad_prompts`` pads token-id prompts to one tensor, left or right.
 """
 
@@ -27,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from skipray.core.cache import KVCache
-from skipray.core.model import Segment, SkipModel, forward_segments, full_plan, step_plan
+from skipray.core.model import Segment, SkipModel, forward_segments, full_plan
 
 logger = logging.getLogger(__name__)
 
@@ -133,14 +132,3 @@ class ModelRunner:
         positions = torch.arange(start, start + n, device=self.device)[None]
         return Segment(tok, positions, full_plan(self.model.num_layers), torch.ones_like(tok, dtype=torch.bool),
                        cache_rows=slice(row, row + 1), start=start, logits_at=slice(n - 1, n) if last else slice(0, 0))
-
-    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, active: Sequence[int],
-                         adapter: bool = False) -> torch.Tensor:
-        """A static batch's step: ``tokens`` ``(n, 1)`` at ``positions`` ``(n,)`` into slot ``slot`` of rows
-        ``0..n-1``, running only ``active`` layers (the skip adapter on all rows when ``adapter``);
-        -> logits ``(n, vocab)``, float32."""
-        n = tokens.shape[0]
-        ones = torch.ones_like(tokens, dtype=torch.bool)
-        seg = Segment(tokens, positions[:, None], step_plan(active, self.model.num_layers), ones,
-                      cache_rows=slice(0, n), start=slot, adapter=ones if adapter else None)
-        return self.run([seg])[0][:, 0].float()

@@ -67,16 +67,17 @@ def greedy_kl_order(model, seqs, length: int = 32, min_layers: int = 1, progress
     ``start``: layers already dropped, in order (continue a search that stopped at a gentler depth)."""
     from tqdm import tqdm
 
-    from skipray.core.model import forward, full_plan, step_plan
+    from skipray.core.model import Segment, forward, full_plan, step_plan
 
     tokens, real, positions, P = _batch(seqs, length)
     B, L = tokens.shape[0], model.num_layers
     cache = model.new_cache(B, P + length)
-    forward(model, tokens[:, :P], positions[:, :P], full_plan(L), real[:, :P], cache=cache, start=0, logits_at=slice(P - 1, P))
+    forward(model, Segment(tokens[:, :P], positions[:, :P], full_plan(L), real[:, :P], logits_at=slice(P - 1, P)),
+            cache=cache)
 
     def answer_logp(active: Sequence[int]) -> torch.Tensor:
-        logits = forward(model, tokens[:, P:], positions[:, P:], step_plan(active, L), real[:, P:], cache=cache, start=P)
-        return F.log_softmax(logits.float(), -1)
+        answer = Segment(tokens[:, P:], positions[:, P:], step_plan(active, L), real[:, P:], start=P)
+        return F.log_softmax(forward(model, answer, cache=cache).float(), -1)
 
     teacher = answer_logp(range(L))
     p_t = teacher.exp()
@@ -102,13 +103,13 @@ def greedy_kl_order(model, seqs, length: int = 32, min_layers: int = 1, progress
 @torch.no_grad()
 def zero_shot_agreement(model, seqs, schedule, length: int = 32) -> float:
     """Teacher-forced top-1 agreement of ``schedule`` with full depth on the answer tokens."""
-    from skipray.core.model import forward, full_plan, training_plan
+    from skipray.core.model import Segment, forward, full_plan, training_plan
 
     tokens, real, positions, P = _batch(seqs, length)
     T = tokens.shape[1]
     cols = slice(P - 1, T - 1)
-    s = forward(model, tokens, positions, training_plan(schedule, P, T), real, logits_at=cols)
-    t = forward(model, tokens, positions, full_plan(model.num_layers), real, logits_at=cols)
+    s = forward(model, Segment(tokens, positions, training_plan(schedule, P, T), real, logits_at=cols))
+    t = forward(model, Segment(tokens, positions, full_plan(model.num_layers), real, logits_at=cols))
     return float((s.argmax(-1) == t.argmax(-1)).float().mean())
 
 

@@ -102,8 +102,8 @@ def teacher_topk(model, prompts: Sequence[Sequence[int]], responses: Sequence[Se
     """The full-depth model's top-``k`` (ids, log-probs) predicting each token of each response after its
     prompt: one teacher-forced forward per batch, adapter off (the base model). Per row: two lists of
     ``len(response)`` lists of ``k``, best first. Raises ``ValueError`` for an empty response."""
-    from skipray.core.model import forward, full_plan
-    from skipray.training.train import collate
+    from skipray.core.model import Segment, forward, full_plan
+    from skipray.training.data import collate
 
     if any(not r for r in responses):
         raise ValueError("teacher_topk needs non-empty responses")
@@ -114,8 +114,9 @@ def teacher_topk(model, prompts: Sequence[Sequence[int]], responses: Sequence[Se
         chunk = order[s : s + batch_size]
         b = collate([(list(prompts[i]), list(responses[i])) for i in chunk], pad_id=0)
         P, T = b["prompt_len"], b["tokens"].shape[1]
-        logits = forward(model, b["tokens"].to(dev), b["positions"].to(dev), full_plan(model.num_layers),
-                         b["real"].to(dev), logits_at=slice(P - 1, T - 1)).float()
+        seg = Segment(b["tokens"].to(dev), b["positions"].to(dev), full_plan(model.num_layers), b["real"].to(dev),
+                      logits_at=slice(P - 1, T - 1))
+        logits = forward(model, seg).float()
         vals, ids = torch.topk(torch.log_softmax(logits, -1), k, dim=-1)
         for j, i in enumerate(chunk):
             n = len(responses[i])

@@ -85,7 +85,7 @@ def generate_all(engine, prompts, schedule, max_new: int, batch: int, temperatur
 
 def _logits(model, prompt: list[int], response: list[int], schedule=None) -> torch.Tensor:
     """Logits predicting each ``response`` token after ``prompt``: full depth, or ``schedule`` with its adapter."""
-    from skipray.core.model import forward, full_plan, training_plan
+    from skipray.core.model import Segment, forward, full_plan, training_plan
     from skipray.training.train import adapter_mask
 
     tokens = torch.tensor([prompt + response])
@@ -96,7 +96,7 @@ def _logits(model, prompt: list[int], response: list[int], schedule=None) -> tor
         plan, adapter = full_plan(model.num_layers), None
     else:
         plan, adapter = training_plan(schedule, P, T), adapter_mask(schedule, 1, P, T)
-    return forward(model, tokens, pos, plan, real, logits_at=slice(P - 1, T - 1), adapter=adapter)[0].float()
+    return forward(model, Segment(tokens, pos, plan, real, logits_at=slice(P - 1, T - 1), adapter=adapter))[0].float()
 
 
 @torch.no_grad()

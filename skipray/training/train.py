@@ -13,6 +13,7 @@ the base model's output; full fine-tuning changes the prompt's pass too. LoRA (p
 fine-tuning; AdamW, linear warm-up + cosine decay, gradient clipping and accumulation, periodic
 checkpoints with ``--resume``. The output directory holds safetensors weights (a LoRA adapter or a
 full model) plus ``skipray.json`` recording the schedule, so ``skipray generate --model DIR`` uses it.
+Reading and batching the data is ``skipray.training.data``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from skipray.training.data import batches, collate, load_examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"]
 
@@ -54,83 +56,6 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     init_adapter: str | None = None  # start from this LoRA adapter's weights (e.g. a gentler schedule's)
-
-
-# -- data -----------------------------------------------------------------------------------------
-def load_examples(path: str, tokenizer, chat: bool = True, max_len: int = 256) -> list[tuple]:
-    """(prompt_ids, response_ids[, teacher_top_ids, teacher_top_logprobs]) tuples; for ``text`` rows the
-    prompt is the first token. ``path``: a Parquet file or a directory of them (``distill-data`` shards).
-    The teacher columns, when the data has them, hold the full-depth model's top-k log-probs per
-    response token, so training need not rerun the teacher."""
-    from skipray.io import read_table
-    from skipray.text import encode_prompt
-
-    t = read_table(path)
-    cols = t.column_names
-    if "teacher_top_ids" in cols:
-        quads = zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist(),
-                    t.column("teacher_top_ids").to_pylist(), t.column("teacher_top_logprobs").to_pylist())
-        out = [(list(p), list(r)[: max_len - len(p)], ti[: max_len - len(p)], tl[: max_len - len(p)])
-               for p, r, ti, tl in quads if p and r and len(p) < max_len - 1]
-        if not out:
-            raise ValueError(f"{path}: no usable training examples")
-        return out
-    if "prompt_ids" in cols and "response_ids" in cols:
-        pairs = zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist())
-    elif "prompt" in cols and "response" in cols:
-        pairs = ((encode_prompt(tokenizer, p, chat=chat), tokenizer(r, add_special_tokens=False)["input_ids"])
-                 for p, r in zip(t.column("prompt").to_pylist(), t.column("response").to_pylist()))
-    elif "text" in cols:
-        pairs = ((ids[:1], ids[1:]) for ids in (tokenizer(x)["input_ids"] for x in t.column("text").to_pylist()))
-    else:
-        raise ValueError(f"{path}: need prompt_ids+response_ids, prompt+response, or text columns; got {cols}")
-    out = [(list(p), list(r)[: max_len - len(p)]) for p, r in pairs if p and r and len(p) < max_len - 1]
-    if not out:
-        raise ValueError(f"{path}: no usable training examples")
-    return out
-
-
-def collate(batch: list[tuple], pad_id: int) -> dict:
-    """Left-pad prompts to a shared length P, right-pad responses; column P+i holds response token i.
-    With teacher columns, ``teacher_ids``/``teacher_logprobs`` are (B, R, k): the teacher's top-k for
-    predicting response token i sit at index i."""
-    P = max(len(ex[0]) for ex in batch)
-    R = max(len(ex[1]) for ex in batch)
-    B = len(batch)
-    tokens = torch.full((B, P + R), pad_id, dtype=torch.long)
-    real = torch.zeros(B, P + R, dtype=torch.bool)
-    loss_mask = torch.zeros(B, P + R - 1, dtype=torch.bool)  # column c predicts token c+1
-    for b, (p, r, *_) in enumerate(batch):
-        tokens[b, P - len(p) : P] = torch.tensor(p)
-        tokens[b, P : P + len(r)] = torch.tensor(r)
-        real[b, P - len(p) : P + len(r)] = True
-        loss_mask[b, P - 1 : P + len(r) - 1] = True
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    out = {"tokens": tokens, "real": real, "positions": positions, "prompt_len": P, "loss_mask": loss_mask}
-    if len(batch[0]) == 4:
-        k = len(batch[0][2][0])
-        ids = torch.zeros(B, R, k, dtype=torch.long)
-        lps = torch.full((B, R, k), -1e4)  # padding: no mass (masked out of the loss anyway)
-        for b, (_, r, ti, tl) in enumerate(batch):
-            ids[b, : len(r)] = torch.tensor(ti, dtype=torch.long)
-            lps[b, : len(r)] = torch.tensor(tl, dtype=torch.float32)
-        out.update(teacher_ids=ids, teacher_logprobs=lps)
-    return out
-
-
-def batches(examples: list, batch_size: int, seed: int):
-    """Endless length-bucketed batches: shuffle, sort windows of 32 batches by length, shuffle batches."""
-    rng = random.Random(seed)
-    while True:
-        idx = list(range(len(examples)))
-        rng.shuffle(idx)
-        window = batch_size * 32
-        chunks = []
-        for s in range(0, len(idx), window):
-            w = sorted(idx[s : s + window], key=lambda i: len(examples[i][0]) + len(examples[i][1]))
-            chunks += [w[j : j + batch_size] for j in range(0, len(w), batch_size)]
-        rng.shuffle(chunks)
-        yield from ([examples[i] for i in c] for c in chunks)
 
 
 # -- loss -----------------------------------------------------------------------------------------
@@ -161,19 +86,21 @@ def answer_logits(model, batch: dict, schedule) -> torch.Tensor:
     the prompt once at full depth without gradients (the skip adapter never touches it), then the
     response columns under ``schedule`` with the adapter, attending to the prompt's cached keys. Equal
     to the single parallel forward (tests), and about a third cheaper: no backward through the prompt."""
-    from skipray.core.model import forward, full_plan, training_plan
+    from skipray.core.model import Segment, forward, full_plan, training_plan
 
     tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
     B, T = tokens.shape
     cache = model.new_cache(B, P)
     with torch.no_grad():
-        first = forward(model, tokens[:, :P], positions[:, :P], full_plan(model.num_layers), real[:, :P],
-                        cache=cache, start=0, logits_at=slice(P - 1, P)).float()
+        prompt = Segment(tokens[:, :P], positions[:, :P], full_plan(model.num_layers), real[:, :P],
+                         logits_at=slice(P - 1, P))
+        first = forward(model, prompt, cache=cache).float()
     if T - 1 == P:
         return first
     ans = slice(P, T - 1)  # response token i (i < R-1) is consumed at generation step i
-    rest = forward(model, tokens[:, ans], positions[:, ans], training_plan(schedule, 0, T - 1 - P), real[:, ans],
-                   adapter=adapter_mask(schedule, B, 0, T - 1 - P, tokens.device), prefix=cache).float()
+    answer = Segment(tokens[:, ans], positions[:, ans], training_plan(schedule, 0, T - 1 - P), real[:, ans],
+                     adapter=adapter_mask(schedule, B, 0, T - 1 - P, tokens.device))
+    rest = forward(model, answer, prefix=cache).float()
     return torch.cat([first, rest], 1)
 
 
@@ -182,7 +109,7 @@ def skip_loss(model, teacher, batch: dict, schedule, kl_weight: float, ce_weight
     """Distillation (+ optional CE) loss of the skip student against the full-depth teacher.
     ``cached_prompt`` (default: when the student is a LoRA skip adapter, which never touches the prompt)
     runs the prompt once without gradients (``answer_logits``); else one forward covers everything."""
-    from skipray.core.model import forward, full_plan, training_plan
+    from skipray.core.model import Segment, forward, full_plan, training_plan
 
     tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
     B, T = tokens.shape
@@ -195,7 +122,7 @@ def skip_loss(model, teacher, batch: dict, schedule, kl_weight: float, ce_weight
     else:  # full fine-tuning changes the prompt's pass too: one forward over everything
         plan = training_plan(schedule, P, T)
         adapter = adapter_mask(schedule, B, P, T, tokens.device)
-        student = forward(model, tokens, positions, plan, real, logits_at=cols, adapter=adapter).float()
+        student = forward(model, Segment(tokens, positions, plan, real, logits_at=cols, adapter=adapter)).float()
     logp = F.log_softmax(student, -1)
     n = mask.sum().clamp(min=1)
     stats = {}
@@ -208,7 +135,8 @@ def skip_loss(model, teacher, batch: dict, schedule, kl_weight: float, ce_weight
         stats.update(kl=float(kl), agree=float(agree))
     elif kl_weight > 0:
         with torch.no_grad(), teacher() as tmodel:  # full depth, base weights (no adapter anywhere)
-            t_logits = forward(tmodel, tokens, positions, full_plan(model.num_layers), real, logits_at=cols).float()
+            full = Segment(tokens, positions, full_plan(model.num_layers), real, logits_at=cols)
+            t_logits = forward(tmodel, full).float()
         t_logp = F.log_softmax(t_logits, -1)
         kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
         kl = (kl * mask).sum() / n
