@@ -5,7 +5,10 @@
 # `skipray train --resume` continues from OUT/checkpoint (it re-reads the data, so new shards join).
 #   bash scripts/train_default.sh            # everything, in order (tens of core-hours)
 #   STAGE=train15 bash scripts/train_default.sh   # one stage: prompts data calibrate train15 eval15 policy15
-#                                                 # train15p eval15p train2x eval2x package
+#                                                 # train15p eval15p policy15b hold train15h eval15h train2x
+#                                                 # eval2x package
+# The shipped ~1.5x default is runs/skip15h: skip15 (1100 steps) -> skip15p (+500 steps with on-policy
+# rollouts) -> skip15h (+400 steps on the hold schedule: full depth for the first 12 steps, then 11 layers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
@@ -14,6 +17,7 @@ SK=.venv/bin/skipray
 STEPS15=${STEPS15:-1100}
 STEPS2X=${STEPS2X:-1100}
 STEPS15P=${STEPS15P:-500}
+STEPS15H=${STEPS15H:-400}
 HELD=(--exclude examples/heldout_prompts.parquet --exclude examples/fact_questions.parquet --exclude examples/prompts.parquet)
 stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 
@@ -68,10 +72,24 @@ fi
 stage train15p && train runs/skip15p runs/calibrate/skip15.json "$STEPS15P" --lr 2e-4 --warmup-steps 20 \
     $( [ -f runs/skip15p/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15 )
 stage eval15p && evaluate runs/skip15p runs/eval-skip15p
+if stage policy15b; then  # a second round of rollouts, from skip15p, on the next 1500 prompts of the same list
+    $PY -c 'import pyarrow.parquet as pq; pq.write_table(pq.read_table("runs/policy_prompts.parquet").slice(2000), "runs/policy_prompts_b.parquet")'
+    $SK distill-data --model runs/skip15p --policy trained --prompts runs/policy_prompts_b.parquet --limit 1500 \
+        --out runs/data/policy15b --shard-size 500 --topk 16 --temperature 0.5 --max-new-tokens 64 --batch-size 32 \
+        --seed 80000
+fi
+if stage hold; then  # the shipped ~1.5x schedule: the same drop order, full depth for the first 12 generation
+    # steps (the adapter is off there, so those tokens are the base model's), then down to 11 layers by step 22
+    # (power 6): 17.03 layers per token over 64 tokens, first token included
+    $PY -c 'import json; s = json.load(open("runs/calibrate/skip15.json")); s.update(min_layers=11, decay_tokens=22, power=6.0); json.dump(s, open("runs/calibrate/skip15-hold.json", "w"))'
+fi
+stage train15h && train runs/skip15h runs/calibrate/skip15-hold.json "$STEPS15H" --lr 2e-4 --warmup-steps 20 \
+    $( [ -f runs/skip15h/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15p )
+stage eval15h && evaluate runs/skip15h runs/eval-skip15h
 stage train2x && train runs/skip2x runs/calibrate/skip2x.json "$STEPS2X" \
     $( [ -f runs/skip2x/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15 )  # warm start
 stage eval2x && evaluate runs/skip2x runs/eval-skip2x
 if stage package; then  # fp16 adapter + skipray.json into the package
-    $PY scripts/package_adapter.py runs/skip15 skipray/assets/smollm2-skip
+    $PY scripts/package_adapter.py runs/skip15h skipray/assets/smollm2-skip
     [ -d runs/skip2x ] && $PY scripts/package_adapter.py runs/skip2x skipray/assets/smollm2-skip-2x
 fi
