@@ -14,10 +14,14 @@ from pathlib import Path
 
 
 def order_name(row: dict) -> str:
+    """The row's drop order and schedule shape, e.g. 'calibrated order, 30->11/22 p6'."""
     d = row.get("schedule_dict") or {}
+    shape = f"{d.get('max_layers')}->{d.get('min_layers')}/{d.get('decay_tokens')}"
+    if d.get("shape") == "power":
+        shape += f" p{d.get('power'):g}"
     if d.get("drop_order") is None:
-        return f"SkipDecode order, warm-up {d.get('warmup_layers', '?')}"
-    return "calibrated order"
+        return f"SkipDecode order, warm-up {d.get('warmup_layers', '?')}, {shape}"
+    return f"calibrated order, {shape}"
 
 
 def main(src: str = "docs/eval", out: str = "docs/quality_vs_speedup.png") -> None:

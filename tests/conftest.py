@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -49,6 +50,31 @@ def tiny_other(kind: str, num_layers: int = 5, seed: int = 0):
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     )
     return getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
+
+
+@contextmanager
+def moto_s3(monkeypatch, buckets=(), **credentials: str):
+    """A real S3 API on loopback (moto's server mode, never ``mock_aws``): sets the AWS environment
+    (``credentials`` override the dummy key pair, e.g. ``AWS_SESSION_TOKEN=...``), creates ``buckets``
+    and yields the endpoint URL; the server stops on exit."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true", **credentials}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        for b in buckets:
+            client.create_bucket(Bucket=b)
+        yield endpoint
+    finally:
+        server.stop()
 
 
 def decode_step(runner, tokens, positions, slot, active, adapter=False):

@@ -20,6 +20,8 @@ import pytest
 from skipray import batch
 from skipray.core.schedule import SkipSchedule
 
+from conftest import moto_s3
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -271,30 +273,21 @@ def pickled_task_args(ds) -> bytes:
 
 
 def test_s3_round_trip_with_moto(ray_local, tmp_path, tiny_dir, monkeypatch):
-    from moto.server import ThreadedMotoServer
     from pyarrow import fs
 
     # the driver's credentials differ from the workers' (conftest.WORKER_AWS_ENV); moto takes any
-    for k, v in {"AWS_ACCESS_KEY_ID": "driver-key-1d2c", "AWS_SECRET_ACCESS_KEY": "driver-secret-9f4e",
-                 "AWS_SESSION_TOKEN": "driver-token-77ab", "AWS_REGION": "us-east-1",
-                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(k, v)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+    driver = {"AWS_ACCESS_KEY_ID": "driver-key-1d2c", "AWS_SECRET_ACCESS_KEY": "driver-secret-9f4e",
+              "AWS_SESSION_TOKEN": "driver-token-77ab"}
+    with moto_s3(monkeypatch, buckets=["bucket"], **driver) as endpoint:
+        host_port = endpoint.removeprefix("http://")
         s3, _ = batch.filesystem_for("s3://b/x", endpoint)
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bucket")
         with s3.open_output_stream("bucket/in/p.parquet") as f:
             pq.write_table(pa.Table.from_pylist(prompts(10)), f)
         p = batch.plan("s3://bucket/in/", "s3://bucket/out", config(tiny_dir), s3_endpoint=endpoint)
         shipped = pickled_task_args(batch.build_pipeline(p))
-        assert f"{host}:{port}".encode() in shipped and b"read_units" in shipped  # the filesystems, the steps
-        for secret in (b"driver-key-1d2c", b"driver-secret-9f4e", b"driver-token-77ab"):
-            assert secret not in shipped, "a driver credential would be serialized into task arguments"
+        assert host_port.encode() in shipped and b"read_units" in shipped  # the filesystems, the steps
+        for secret in driver.values():
+            assert secret.encode() not in shipped, "a driver credential would be serialized into task arguments"
         s = batch.execute(p)  # the tasks read and write S3 with their own credentials (standard chain)
         assert s.rows == 10
         files = [i.path for i in s3.get_file_info(fs.FileSelector("bucket/out", recursive=True))]
@@ -302,8 +295,6 @@ def test_s3_round_trip_with_moto(ray_local, tmp_path, tiny_dir, monkeypatch):
         assert sorted(t.column("id").to_pylist()) == [f"r{i:03d}" for i in range(10)]
         s2 = batch.run("s3://bucket/in/", "s3://bucket/out", config(tiny_dir), s3_endpoint=endpoint)
         assert (s2.rows, s2.skipped) == (0, 10)  # resume works on S3 too
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ import pytest
 
 from skipray.io import read_table, write_table
 
+from conftest import moto_s3
+
 
 def test_local_round_trip(tmp_path):
     t = pa.table({"prompt": ["a", "b"], "n": [1, 2]})
@@ -17,18 +19,7 @@ def test_local_round_trip(tmp_path):
 
 
 def test_s3_round_trip_with_moto(monkeypatch):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    for k, v in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1",
-                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(k, v)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="data")
+    with moto_s3(monkeypatch, buckets=["data"]) as endpoint:
         t = pa.table({"prompt": ["x", "y", "z"]})
         write_table(t, "s3://data/in/t.parquet", endpoint=endpoint)
         assert read_table("s3://data/in/t.parquet", endpoint=endpoint).equals(t)
@@ -36,5 +27,3 @@ def test_s3_round_trip_with_moto(monkeypatch):
         assert read_table("s3://data/in/t.parquet").column("prompt").to_pylist() == ["x", "y", "z"]
         with pytest.raises(OSError):
             read_table("s3://data/missing.parquet")
-    finally:
-        server.stop()
