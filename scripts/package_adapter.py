@@ -1,6 +1,8 @@
 """Copy a trained LoRA adapter into the package as the default, stored in fp16 (half the size).
 
-Usage: python scripts/package_adapter.py RUN_DIR DEST_DIR
+Usage: python scripts/package_adapter.py RUN_DIR DEST_DIR [SCHEDULE_JSON]
+With SCHEDULE_JSON the package serves that schedule instead of the one the adapter was trained for
+(recorded as ``trained_schedule``), e.g. a hold schedule found better zero-shot by ``skipray eval``.
 """
 
 import json
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def main(src: str, dst: str) -> None:
+def main(src: str, dst: str, schedule: str | None = None) -> None:
     src_p, dst_p = Path(src), Path(dst)
     dst_p.mkdir(parents=True, exist_ok=True)
     weights = load_file(src_p / "adapter_model.safetensors")
@@ -22,10 +24,15 @@ def main(src: str, dst: str) -> None:
     meta["base_model"] = "smollm2-base"
     meta.pop("train_config", None)
     meta["made_by"] = "scripts/train_default.sh"
+    if schedule:
+        from skipray.core.schedule import SkipSchedule
+
+        new = SkipSchedule.from_dict(json.loads(Path(schedule).read_text())).to_dict()  # refuses unknown keys
+        meta["trained_schedule"], meta["schedule"] = meta["schedule"], new
     (dst_p / "skipray.json").write_text(json.dumps(meta, indent=2))
     size = (dst_p / "adapter_model.safetensors").stat().st_size
     print(f"packaged {src} -> {dst} ({size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -6,7 +6,7 @@
 #   bash scripts/train_default.sh            # everything, in order (tens of core-hours)
 #   STAGE=train15 bash scripts/train_default.sh   # one stage: prompts data calibrate train15 eval15 policy15
 #                                                 # train15p eval15p policy15b hold train15h eval15h train2x
-#                                                 # eval2x package
+#                                                 # eval2x hold2x package
 # The shipped ~1.5x default is runs/skip15h: skip15 (1100 steps) -> skip15p (+500 steps with on-policy
 # rollouts) -> skip15h (+400 steps on the hold schedule: full depth for the first 12 steps, then 11 layers).
 set -euo pipefail
@@ -89,7 +89,15 @@ stage eval15h && evaluate runs/skip15h runs/eval-skip15h
 stage train2x && train runs/skip2x runs/calibrate/skip2x.json "$STEPS2X" \
     $( [ -f runs/skip2x/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15 )  # warm start
 stage eval2x && evaluate runs/skip2x runs/eval-skip2x
+if stage hold2x; then  # the ~2x package's schedule: full depth for the first 9 steps, then 6 layers by step 13
+    # (power 8): 10.89 layers per token over 64 tokens; chosen zero-shot on the 450-step adapter (eval-hold2x)
+    $PY -c 'import json; s = json.load(open("runs/calibrate/skip2x.json")); s.update(decay_tokens=13, power=8.0); json.dump(s, open("runs/calibrate/skip2x-hold.json", "w"))'
+    $SK eval --model runs/skip2x --prompts examples/heldout_prompts.parquet --limit 64 \
+        --questions examples/fact_questions.parquet --schedule runs/calibrate/skip2x-hold.json --schedule trained \
+        --out runs/eval-hold2x-zeroshot
+fi
 if stage package; then  # fp16 adapter + skipray.json into the package
     $PY scripts/package_adapter.py runs/skip15h skipray/assets/smollm2-skip
-    [ -d runs/skip2x ] && $PY scripts/package_adapter.py runs/skip2x skipray/assets/smollm2-skip-2x
+    [ -d runs/skip2x ] && $PY scripts/package_adapter.py runs/skip2x skipray/assets/smollm2-skip-2x \
+        runs/calibrate/skip2x-hold.json
 fi

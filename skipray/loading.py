@@ -6,9 +6,9 @@ the checkpoint was trained for, or ``None`` when it was not trained for skipping
 skip adapter when present), ``"default-2x"`` (the same base with the ~2x skip adapter),
 ``"smollm2-base"`` (the same model, untrained for skipping), a
 model directory, a ``.gguf`` file, or a LoRA adapter directory. GGUF files are de-quantized once and
-cached as safetensors under ``$SKIPRAY_CACHE`` (default ``~/.cache/skipray``); a LoRA adapter is merged
-into its base once and the merged weights cached there too (keyed by the adapter's bytes and the base
-directory), so a later load reads one safetensors file and never imports peft. Pickle checkpoints
+cached as safetensors under ``$SKIPRAY_CACHE`` (default ``~/.cache/skipray``). A LoRA skip adapter is
+attached unmerged (peft) at every load: ``SkipModel`` applies it only to generated tokens at steps that
+skip a layer, so full depth stays the base model exactly. Pickle checkpoints
 (``.bin``/``.pt``) are refused: only safetensors are read. A ``skipray.json`` next to the weights
 records the schedule a model was trained for.
 """

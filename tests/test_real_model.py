@@ -141,3 +141,21 @@ def test_default_model_at_full_depth_is_the_base_model_exactly(smol):
         want = smol.model.hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                                       pad_token_id=0)[0, len(p):].tolist()
         assert g == want
+
+
+def test_shipped_default_is_the_base_model_until_its_first_skipping_step(smol):
+    """The default's schedule keeps full depth (adapter off) for its first generation steps, so its
+    answers open exactly as the base model's do (where facts are named), and it stays inside the
+    ~1.5x budget: at most 17.3 layers per token over a 64-token answer, first token included."""
+    from skipray.loading import load
+
+    m = load("default", device="cpu")
+    k = next(i for i in range(64) if m.schedule.skips(i))  # steps 0..k-1 run every layer
+    assert k >= 8 and m.schedule.average_layers(64) <= 17.3
+    prompts = [encode_prompt(m.tokenizer, q, chat=True) for q in QUESTIONS[:2]]
+    engine = Engine(m.model, m.schedule, max_batch=2, max_len=160, eos_token_ids=())
+    got = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=k + 4))]
+    for p, g in zip(prompts, got):
+        want = smol.model.hf.generate(torch.tensor([p]), max_new_tokens=k + 4, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, len(p):].tolist()
+        assert g[: k + 1] == want[: k + 1]
