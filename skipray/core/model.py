@@ -62,6 +62,7 @@ class SkipModel(nn.Module):
         self.hf = hf_model
         self.linear = PackedLinears(packed_linears)  # linear(module, x) == module(x)
         self._merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights (inference)
+        self._low_ranks: dict[nn.Module, tuple[tuple, list]] = {}  # LoRA layer -> (A, B * scaling) (inference)
         cfg = hf_model.config
         self.arch = cfg.model_type
         if self.arch not in FAMILIES:
@@ -109,14 +110,35 @@ class SkipModel(nn.Module):
             return self.linear(module, x)
         if adapter is None or module.merged or module.disable_adapters or not bool(adapter.any()):
             return self.linear(base, x)
-        if not torch.is_grad_enabled() and bool(adapter.all()):  # inference, every row skips: merged weights
-            return self.linear(self._merged(module), x)
+        if not torch.is_grad_enabled():  # inference
+            if bool(adapter.all()):  # every row skips: merged weights, the base model's cost
+                return self.linear(self._merged(module), x)
+            y = self.linear(base, x)  # rows in both phases: the base plus the low-rank update where it applies
+            mask = adapter[..., None].to(y.dtype)
+            for a, b in self._low_rank(module):
+                y.addcmul_(F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype), mask)
+            return y
         y = self.linear(base, x)
         for name in module.active_adapters:
             if name in module.lora_A:
                 d = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](x))) * module.scaling[name]
                 y = y + (d if bool(adapter.all()) else d * adapter[..., None].to(d.dtype))
         return y
+
+    def _low_rank(self, module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per active LoRA adapter of ``module``: ``(A, B * scaling)`` for the inference update
+        ``x @ A.T @ (B * scaling).T`` (LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3; dropout is the
+        identity at inference). Cached like ``_merged``: remade when the adapter weights change."""
+        names = [n for n in module.active_adapters if n in module.lora_A]
+        parts = [w for n in names for w in (module.lora_A[n].weight, module.lora_B[n].weight)]
+        key = tuple((p.data_ptr(), p._version) for p in parts)
+        hit = self._low_ranks.get(module)
+        if hit is None or hit[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                pairs = [(module.lora_A[n].weight.detach().clone(),
+                          module.lora_B[n].weight.detach() * module.scaling[n]) for n in names]
+            hit = self._low_ranks[module] = (key, pairs)
+        return hit[1]
 
     def _merged(self, module: nn.Module) -> nn.Linear:
         """The LoRA layer's base weight plus its update, as one ``nn.Linear`` (inference only: decode
