@@ -2,10 +2,11 @@
 
 Contract: a script, not a test. Same prompts (examples/prompts.parquet, first ``--limit``), same model,
 schedule, batch size and window for all four runs; greedy. The direct engine runs each window the way
-the job's actor does (``batch_actor.admission_order``, then one ``Engine.generate`` over the window:
+the job's actor does (``skipray.batch.actor.admission_order``, then one ``Engine.generate`` over the window:
 rows refilled as they finish). ``--mixed`` adds a direct and a job run where every other prompt asks
 for 16 tokens and the rest for 128 (a ``sampling_params`` column), the case continuous batching is
-for: a static batch would run until its longest row ends. Prints a table and writes
+for, plus ``direct_mixed_static``: the same rows in static micro-batches of ``--batch-size``, each
+running until its longest row ends (how the actor ran before continuous batching). Prints a table and writes
 bench/results/batch.json. Job tokens/s is wall time of the whole Ray Data run (actor start and model
 load included); direct engine tokens/s is generation time only (load excluded). The job's actor is
 wrapped to log its start-up and each window's times, so the table also shows where the job's extra
@@ -38,7 +39,8 @@ def row_max_tokens(n: int, args, mixed: bool) -> list[int]:
     return [MIXED[i % 2] for i in range(n)] if mixed else [args.max_new_tokens] * n
 
 
-def direct(m, schedule, prompts: list[list[int]], args, bucket: bool, mixed: bool = False) -> dict:
+def direct(m, schedule, prompts: list[list[int]], args, bucket: bool, mixed: bool = False,
+           static: bool = False) -> dict:
     from skipray.batch import admission_order
     from skipray.core.engine import Engine, SamplingParams
 
@@ -48,7 +50,12 @@ def direct(m, schedule, prompts: list[list[int]], args, bucket: bool, mixed: boo
     tokens, t0 = 0, time.perf_counter()
     for w in range(0, len(prompts), window):  # the same windows the job's actor sees, in its order
         order = [w + i for i in admission_order([len(p) for p in prompts[w : w + window]], bucket)]
-        tokens += sum(len(c.token_ids) for c in engine.generate([prompts[i] for i in order], [params[i] for i in order]))
+        # static: one generate call per micro-batch, which runs until its longest row ends (the actor before
+        # continuous batching); else the whole window at once, a finished row's cache row taking the next prompt
+        step = args.batch_size if static else len(order)
+        for b in range(0, len(order), step):
+            part = order[b : b + step]
+            tokens += sum(len(c.token_ids) for c in engine.generate([prompts[i] for i in part], [params[i] for i in part]))
     dt = time.perf_counter() - t0
     return {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 1)}
 
@@ -151,6 +158,7 @@ def main() -> None:
     res = {"direct_bucketed": direct(m, schedule, prompts, args, True),
            "direct_unbucketed": direct(m, schedule, prompts, args, False)}
     if args.mixed:
+        res["direct_mixed_static"] = direct(m, schedule, prompts, args, True, mixed=True, static=True)
         res["direct_mixed"] = direct(m, schedule, prompts, args, True, mixed=True)
         mixed = table.append_column("sampling_params", pa.array(
             [{"max_tokens": n} for n in row_max_tokens(table.num_rows, args, True)]))
