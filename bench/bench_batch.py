@@ -2,8 +2,9 @@
 
 Contract: a script, not a test. Same prompts (examples/prompts.parquet, first ``--limit``), same model,
 schedule, batch size and window for all four runs; greedy. The direct engine runs each window the way
-the job's actor does (``skipray.batch.actor.admission_order``, then one ``Engine.generate`` over the window:
-rows refilled as they finish). ``--mixed`` adds a direct and a job run where every other prompt asks
+the job's actor does (``skipray.batch.actor.admission_order``, then micro-batches of ``--batch-size``
+when every row has the same token budget, one ``Engine.generate`` over the window with finished rows
+refilled when budgets differ). ``--mixed`` adds a direct and a job run where every other prompt asks
 for 16 tokens and the rest for 128 (a ``sampling_params`` column), the case continuous batching is
 for, plus ``direct_mixed_static``: the same rows in static micro-batches of ``--batch-size``, each
 running until its longest row ends (how the actor ran before continuous batching). Prints a table and writes
@@ -52,7 +53,7 @@ def direct(m, schedule, prompts: list[list[int]], args, bucket: bool, mixed: boo
         order = [w + i for i in admission_order([len(p) for p in prompts[w : w + window]], bucket)]
         # static: one generate call per micro-batch, which runs until its longest row ends (the actor before
         # continuous batching); else the whole window at once, a finished row's cache row taking the next prompt
-        step = args.batch_size if static else len(order)
+        step = args.batch_size if static else len(order)  # the actor: static unless the budgets differ
         for b in range(0, len(order), step):
             part = order[b : b + step]
             tokens += sum(len(c.token_ids) for c in engine.generate([prompts[i] for i in part], [params[i] for i in part]))
@@ -155,8 +156,8 @@ def main() -> None:
     schedule = schedule_from_args(argparse.Namespace(full=False, **{k: None for k in SCHEDULE_FLAGS}),
                                   m.model.num_layers, m.schedule)
     prompts = [encode_prompt(m.tokenizer, t) for t in table.column("prompt").to_pylist()]
-    res = {"direct_bucketed": direct(m, schedule, prompts, args, True),
-           "direct_unbucketed": direct(m, schedule, prompts, args, False)}
+    res = {"direct_bucketed": direct(m, schedule, prompts, args, True, static=True),
+           "direct_unbucketed": direct(m, schedule, prompts, args, False, static=True)}
     if args.mixed:
         res["direct_mixed_static"] = direct(m, schedule, prompts, args, True, mixed=True, static=True)
         res["direct_mixed"] = direct(m, schedule, prompts, args, True, mixed=True)
