@@ -5,6 +5,9 @@ Usage, alternating runs on one quiet machine (the median of 3 per checkout is wh
 Static generate, 64 new tokens (EOS ignored), fp32, batch 1/8/32, full depth and a ~2x schedule, best of 3;
 prints one JSON line of tokens/s.
 """
+import json
+import time
+
 try:
     from skipray.core.engine import Engine
     from skipray.core.requests import SamplingParams
