@@ -125,43 +125,45 @@ class SkipModel(nn.Module):
                 y = y + (d if bool(adapter.all()) else d * adapter[..., None].to(d.dtype))
         return y
 
+    def _from_weights(self, store: dict, module: nn.Module, with_base: bool, make):
+        """``make(names)`` for ``module``'s active LoRA adapters, cached in ``store`` and remade when the
+        weights it reads change (tensor versions), so training then decoding never reads stale weights.
+        Built outside inference mode: normal tensors, usable in any mode."""
+        names = [n for n in module.active_adapters if n in module.lora_A]
+        parts = ([module.base_layer.weight] if with_base else []) + [
+            w for n in names for w in (module.lora_A[n].weight, module.lora_B[n].weight)]
+        key = tuple((p.data_ptr(), p._version) for p in parts)
+        hit = store.get(module)
+        if hit is None or hit[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                hit = store[module] = (key, make(names))
+        return hit[1]
+
     def _low_rank(self, module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per active LoRA adapter of ``module``: ``(A, B * scaling)`` for the inference update
         ``x @ A.T @ (B * scaling).T`` (LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3; dropout is the
-        identity at inference). Cached like ``_merged``: remade when the adapter weights change."""
-        names = [n for n in module.active_adapters if n in module.lora_A]
-        parts = [w for n in names for w in (module.lora_A[n].weight, module.lora_B[n].weight)]
-        key = tuple((p.data_ptr(), p._version) for p in parts)
-        hit = self._low_ranks.get(module)
-        if hit is None or hit[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                pairs = [(module.lora_A[n].weight.detach().clone(),
-                          module.lora_B[n].weight.detach() * module.scaling[n]) for n in names]
-            hit = self._low_ranks[module] = (key, pairs)
-        return hit[1]
+        identity at inference). Cached by ``_from_weights``."""
+        return self._from_weights(self._low_ranks, module, False, lambda names: [
+            (module.lora_A[n].weight.detach().clone(), module.lora_B[n].weight.detach() * module.scaling[n])
+            for n in names])
 
     def _merged(self, module: nn.Module) -> nn.Linear:
         """The LoRA layer's base weight plus its update, as one ``nn.Linear`` (inference only: decode
-        steps where every row uses the adapter then cost what the base model costs). Remade when the
-        base or adapter weights change (tensor versions), so training then decoding never reads a stale
-        merge. Memory: one more copy of each adapted weight (its prepacked copy too, on CPU)."""
-        names = [n for n in module.active_adapters if n in module.lora_A]
-        parts = [module.base_layer.weight] + [w for n in names for w in (module.lora_A[n].weight, module.lora_B[n].weight)]
-        key = tuple((p.data_ptr(), p._version) for p in parts)
-        hit = self._merges.get(module)
-        if hit is None or hit[0] != key:
+        steps where every row uses the adapter then cost what the base model costs). Cached by
+        ``_from_weights``. Memory: one more copy of each adapted weight (its prepacked copy too, on CPU)."""
+        def make(names: list[str]) -> nn.Linear:
             base = module.base_layer
-            with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable in any mode
-                w = base.weight.detach().clone()
-                for n in names:
-                    w += (module.lora_B[n].weight @ module.lora_A[n].weight).to(w.dtype) * module.scaling[n]
-                merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                                   device=w.device, dtype=w.dtype).requires_grad_(False)
-                merged.weight.copy_(w)
-                if base.bias is not None:
-                    merged.bias.copy_(base.bias)
-            hit = self._merges[module] = (key, merged)
-        return hit[1]
+            w = base.weight.detach().clone()
+            for n in names:
+                w += (module.lora_B[n].weight @ module.lora_A[n].weight).to(w.dtype) * module.scaling[n]
+            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                               device=w.device, dtype=w.dtype).requires_grad_(False)
+            merged.weight.copy_(w)
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+            return merged
+
+        return self._from_weights(self._merges, module, True, make)
 
     # -- sizes -----------------------------------------------------------------------------------
     def cost_model(self):
