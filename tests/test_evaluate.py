@@ -43,6 +43,9 @@ def test_parse_schedule():
     assert (s.max_layers, s.min_layers, s.decay_tokens, s.warmup_layers) == (16, 6, 64, 4)
     with pytest.raises(ValueError):
         parse_schedule("16,6", 30)
+    assert parse_schedule("trained", 30, s, "m") is s
+    with pytest.raises(ValueError, match="m records no trained schedule"):
+        parse_schedule("trained", 30, None, "m")
 
 
 def test_eval_report(tmp_path, tiny_model_dir):

@@ -211,14 +211,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise ValueError("no prompts: give --prompts, --self-prompts or both")
     policy = None
     if args.policy:  # on-policy rollouts of the loaded skip model
-        if args.policy == "trained":
-            policy = loaded.schedule
-            if policy is None:
-                raise ValueError(f"--policy trained: {args.model} carries no trained schedule (give a skip adapter)")
-        else:
-            from skipray.training.evaluate import parse_schedule
+        from skipray.training.evaluate import parse_schedule
 
-            policy = parse_schedule(args.policy, loaded.model.num_layers)
+        policy = parse_schedule(args.policy, loaded.model.num_layers, loaded.schedule, args.model)
         if policy.is_full:
             raise ValueError("--policy must be a skipping schedule (full depth is what --policy omitted does)")
         if not args.topk:

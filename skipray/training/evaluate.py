@@ -55,10 +55,16 @@ def rouge_l(candidate: str, reference: str) -> float:
     return lcs_f1(_words(candidate), _words(reference))
 
 
-def parse_schedule(spec: str, num_layers: int):
-    """'full', 'MAX,MIN,DECAY[,WARMUP]', or a schedule file (JSON from ``skipray calibrate``) -> SkipSchedule."""
+def parse_schedule(spec: str, num_layers: int, trained=None, model: str = "the model"):
+    """'full', 'trained' (``trained``, the schedule ``model`` records), 'MAX,MIN,DECAY[,WARMUP]', or a
+    schedule file (JSON from ``skipray calibrate``) -> SkipSchedule. Raises ``ValueError`` for 'trained'
+    when ``trained`` is None, and for a malformed spec."""
     from skipray.core.schedule import SkipSchedule
 
+    if spec == "trained":
+        if trained is None:
+            raise ValueError(f"{model} records no trained schedule; pass MAX,MIN,DECAY[,WARMUP]")
+        return trained
     if spec == "full":
         return SkipSchedule.full(num_layers)
     if spec.endswith(".json"):
@@ -177,12 +183,8 @@ def evaluate(model_spec: str, prompts_path: str, schedules: list[str], out: str,
             sched = SkipSchedule.full(base.model.num_layers)
         elif spec == "ref:t0.3":
             temperature, gen_engine, sched = 0.3, base_engine, SkipSchedule.full(base.model.num_layers)
-        elif spec == "trained":
-            sched = student.schedule
-            if sched is None:
-                raise ValueError(f"{model_spec} records no trained schedule; pass MAX,MIN,DECAY[,WARMUP]")
         else:
-            sched = parse_schedule(spec, student.model.num_layers)
+            sched = parse_schedule(spec, student.model.num_layers, student.schedule, model_spec)
         ids, secs = generate_all(gen_engine, prompts, sched, max_new, batch, temperature)
         txt = [decode(tok, x) for x in ids]
         q_txt = [decode(tok, x) for x in generate_all(gen_engine, qs, sched, question_tokens, batch, temperature)[0]]
