@@ -10,7 +10,7 @@ greedy, ``--new-tokens`` new tokens with EOS ignored (every row makes them all),
   ``llama_decode`` for all prompts' tokens, then one per step for every row (the high-level
   ``llama_cpp.Llama`` generates one sequence at a time; it batches only embeddings).
 * ``skipray``: the same file de-quantized (``smollm2-base``) at full depth in fp32 and bf16, and the
-  shipped default (its skip adapter) at its trained schedule, fp32.
+  shipped default (its skip adapter) at its trained schedule, fp32 and bf16.
 
 Reported per engine and batch: end-to-end tokens/s (prompt pass included), decode tokens/s (from the
 first generated token on) and the time to the first token; the weight bytes each reads; and how many
@@ -172,7 +172,8 @@ def main() -> int:
     rows, ref = [], {}
     for name, spec, dtype, skip in [("skipray fp32, full depth", "smollm2-base", torch.float32, False),
                                     ("skipray bf16, full depth", "smollm2-base", torch.bfloat16, False),
-                                    ("skipray fp32, default model and schedule", "default", torch.float32, True)]:
+                                    ("skipray fp32, default model and schedule", "default", torch.float32, True),
+                                    ("skipray bf16, default model and schedule", "default", torch.bfloat16, True)]:
         m = load(spec, device="cpu", dtype=dtype)
         schedule = m.schedule if skip else None
         engine = Engine(m.model, schedule, max_batch=args.batch, max_len=256)

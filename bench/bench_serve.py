@@ -1,7 +1,7 @@
 """Serve throughput benchmark: continuous batching on Ray Serve vs the direct engine and vs @serve.batch.
 
 Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max-tokens 64 | 8,128]
-[--skip-mix [JSON]] [--runs 3] [--max-num-batched-tokens N]`` measures
+[--skip-mix [JSON]] [--runs 3] [--max-num-batched-tokens N[,M..]] [--ignore-eos]`` measures
 
 * ``direct``: the static-batch ``Engine.generate`` over 16 prompts in this process (no Ray, no HTTP);
 * ``engine only``: the ``Engine`` in this process with 16 requests always in flight (no Ray,
@@ -15,8 +15,11 @@ Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max
   difference measures how the engine handles two schedules in one batch, not extra layers);
   ``mix_vs_single`` in the output is the mixed run's tokens/s over the single-schedule run's;
 * ``--runs N`` repeats every measurement N times and reports the median (all runs are in the JSON);
-* ``--max-num-batched-tokens N`` turns on chunked prefill (``skipray.chunked``) with that per-iteration
-  token budget in ``engine only`` and ``continuous`` (the Serve arg of the same name);
+* ``--max-num-batched-tokens N[,M..]`` turns on chunked prefill with that per-iteration token budget
+  (the Serve arg of the same name; ``0``: off): ``engine only`` uses the first value, ``continuous``
+  runs once per value, side by side (``0,256``: without and with chunking in one run);
+* ``--ignore-eos``: every request runs to its ``max_tokens`` (vLLM's ``ignore_eos``), so that in
+  ``--max-tokens 16,128`` the long class really is long;
 * ``--only continuous`` skips the direct engine and the static deployment (quicker A/B runs);
 
 prints a table of generated tokens/s and p50 latency, and writes ``bench/results/serve.json``. Clients
@@ -41,7 +44,7 @@ PROMPTS = [f"Write a short story about a {w} who learns to fly." for w in
             "lamp", "cloud", "horse", "baker", "clock", "stone", "king", "bird")]
 
 
-def direct(model_spec: str, max_tokens: list[int], threads: int) -> dict:
+def direct(model_spec: str, max_tokens: list[int], threads: int, ignore_eos: bool = False) -> dict:
     import torch
 
     from skipray.core.engine import Engine, SamplingParams
@@ -56,7 +59,8 @@ def direct(model_spec: str, max_tokens: list[int], threads: int) -> dict:
     n, calls, t0 = 0, [], time.perf_counter()
     while time.perf_counter() - t0 < 20 or len(calls) < 2:  # whole batches, >= 20 s, like a load level
         t = time.perf_counter()
-        params = [SamplingParams(max_tokens=max_tokens[k % len(max_tokens)]) for k in range(len(ids))]
+        params = [SamplingParams(max_tokens=max_tokens[k % len(max_tokens)], ignore_eos=ignore_eos)
+                  for k in range(len(ids))]
         n += sum(len(o.token_ids) for o in eng.generate(ids, params))
         calls.append(time.perf_counter() - t)
     dt = time.perf_counter() - t0
@@ -65,7 +69,7 @@ def direct(model_spec: str, max_tokens: list[int], threads: int) -> dict:
 
 
 def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: float = 20.0,
-                mix: dict | None = None, batched_tokens: int | None = None) -> dict:
+                mix: dict | None = None, batched_tokens: int | None = None, ignore_eos: bool = False) -> dict:
     """``Engine`` without Serve or HTTP: 16 requests always in flight (a finished one is
     replaced at once by the next prompt), as 16 closed-loop clients would keep it; generated tokens/s.
     ``mix``: skip flags of a second schedule that every other request uses."""
@@ -85,7 +89,7 @@ def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: 
 
     def submit() -> None:
         nonlocal sent
-        eng.add_request(ids[sent % 16], SamplingParams(max_tokens=max_tokens[sent % len(max_tokens)]),
+        eng.add_request(ids[sent % 16], SamplingParams(max_tokens=max_tokens[sent % len(max_tokens)], ignore_eos=ignore_eos),
                         schedules[sent % len(schedules)])
         sent += 1
 
@@ -149,10 +153,11 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
                                  eos_token_ids=self.m.eos_token_ids)
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-        async def run(self, items: list[tuple[list[int], int]]) -> list[dict]:
+        async def run(self, items: list[tuple[list[int], int, bool]]) -> list[dict]:
             from skipray.core.engine import SamplingParams
 
-            outs = self.engine.generate([i for i, _ in items], [SamplingParams(max_tokens=n) for _, n in items])
+            outs = self.engine.generate([i for i, _, _ in items],
+                                        [SamplingParams(max_tokens=n, ignore_eos=e) for _, n, e in items])
             return [{"usage": {"completion_tokens": len(o.token_ids), "avg_layers": o.avg_layers}} for o in outs]
 
         async def __call__(self, request: Request) -> dict:
@@ -160,13 +165,13 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
 
             body = await request.json()
             ids = encode_prompt(self.m.tokenizer, body["prompt"])
-            return await self.run((ids, min(int(body["max_tokens"]), max_tokens_cap)))
+            return await self.run((ids, min(int(body["max_tokens"]), max_tokens_cap), bool(body.get("ignore_eos"))))
 
     return StaticServer.bind()
 
 
 def load_run(url: str, clients: int, duration: float, max_tokens: list[int], model: str,
-             mix: dict | None = None) -> dict:
+             mix: dict | None = None, ignore_eos: bool = False) -> dict:
     import requests
 
     lat, toks, errors, by_len = [], [], [], {}
@@ -179,6 +184,8 @@ def load_run(url: str, clients: int, duration: float, max_tokens: list[int], mod
             while time.time() < stop_at:
                 n = max_tokens[(k + i) % len(max_tokens)]
                 body = {"model": model, "prompt": PROMPTS[(k + i) % 16], "temperature": 0, "max_tokens": n}
+                if ignore_eos:
+                    body["ignore_eos"] = True
                 if mix is not None and (k + i) % 2:
                     body["skip"] = mix
                 t0 = time.perf_counter()
@@ -220,7 +227,9 @@ def main() -> int:
                     help="also run with every other request on a second skip schedule (JSON skip flags; "
                          "without a value: the model's schedule with decay_tokens + 1)")
     ap.add_argument("--runs", type=int, default=1, help="repeat each measurement and report the median")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="requests run to their max_tokens (vLLM's ignore_eos), so a length class means its length")
+    ap.add_argument("--max-num-batched-tokens", default=None, metavar="N[,M]",
                     help="chunked prefill in the continuous engine: tokens per iteration (>= 16); default: off")
     ap.add_argument("--only", choices=["all", "continuous"], default="all",
                     help="'continuous': skip the direct engine and the static @serve.batch deployment")
@@ -231,16 +240,18 @@ def main() -> int:
     mix = mix_flags(args.model, args.skip_mix) if args.skip_mix is not None else None
     repeat = lambda fn: median_of([fn() for _ in range(args.runs)])  # noqa: E731
 
-    chunk = args.max_num_batched_tokens
+    chunks = [None if x in ("0", "none") else int(x) for x in (args.max_num_batched_tokens or "0").split(",")]
+    chunk, eos = chunks[0], args.ignore_eos
     rows = []
     if args.only == "all":
-        rows.append(repeat(lambda: direct(args.model, max_tokens, threads=args.threads)))
+        rows.append(repeat(lambda: direct(args.model, max_tokens, threads=args.threads, ignore_eos=eos)))
         print(f"direct engine, batch 16: {rows[0]['tok_s']:.1f} tok/s", flush=True)
-    rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads, batched_tokens=chunk)))
+    rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads, batched_tokens=chunk,
+                                           ignore_eos=eos)))
     print(f"continuous engine without Serve, 16 in flight: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
     if mix is not None:
         rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads, mix=mix,
-                                               batched_tokens=chunk)))
+                                               batched_tokens=chunk, ignore_eos=eos)))
         rows[-1]["mix_vs_single"] = rows[-1]["tok_s"] / rows[-2]["tok_s"]
         print(f"continuous engine without Serve, 2 schedules ({mix}): {rows[-1]['tok_s']:.1f} tok/s "
               f"({rows[-1]['mix_vs_single']:.2f}x the single schedule)", flush=True)
@@ -259,26 +270,30 @@ def main() -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
-        app_args = {"model": args.model, "model_name": "m", "max_batch": 16, "max_len": 256, "max_waiting": 64,
-                    "torch_threads": args.threads, "max_num_batched_tokens": chunk}
-        serve.run(build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
-                  name="continuous", route_prefix="/c")
-        for n in levels:
-            r = repeat(lambda: load_run(f"{base}/c/v1/completions", n, args.duration, max_tokens, "m"))
-            rows.append(dict(r, mode="continuous"))
-            print(f"continuous, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
-                  f"p50 by max_tokens {fmt(r)}", flush=True)
-        if mix is not None:
-            single = rows[-1]
-            r = repeat(lambda: load_run(f"{base}/c/v1/completions", levels[-1], args.duration, max_tokens, "m", mix))
-            rows.append(dict(r, mode="continuous (2 schedules)", mix_vs_single=r["tok_s"] / single["tok_s"]))
-            print(f"continuous, {levels[-1]:2d} clients, 2 schedules: {r['tok_s']:.1f} tok/s "
-                  f"({rows[-1]['mix_vs_single']:.2f}x the single schedule), p50 {r['p50_s']:.2f}s", flush=True)
-        serve.delete("continuous")
+        for chunk in chunks:  # one deployment per chunked-prefill setting, side by side in this run
+            app_args = {"model": args.model, "model_name": "m", "max_batch": 16, "max_len": 256, "max_waiting": 64,
+                        "torch_threads": args.threads, "max_num_batched_tokens": chunk}
+            serve.run(build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
+                      name="continuous", route_prefix="/c")
+            mode = "continuous" if chunk is None else f"continuous, chunked {chunk}"
+            for n in levels:
+                r = repeat(lambda: load_run(f"{base}/c/v1/completions", n, args.duration, max_tokens, "m",
+                                            ignore_eos=eos))
+                rows.append(dict(r, mode=mode, max_num_batched_tokens=chunk))
+                print(f"{mode}, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
+                      f"p50 by max_tokens {fmt(r)}", flush=True)
+            if mix is not None:
+                single = rows[-1]
+                r = repeat(lambda: load_run(f"{base}/c/v1/completions", levels[-1], args.duration, max_tokens, "m",
+                                            mix, ignore_eos=eos))
+                rows.append(dict(r, mode=f"{mode} (2 schedules)", mix_vs_single=r["tok_s"] / single["tok_s"]))
+                print(f"{mode}, {levels[-1]:2d} clients, 2 schedules: {r['tok_s']:.1f} tok/s "
+                      f"({rows[-1]['mix_vs_single']:.2f}x the single schedule), p50 {r['p50_s']:.2f}s", flush=True)
+            serve.delete("continuous")
         if args.only == "all":
             serve.run(static_app(args.model, 256, args.threads), name="static", route_prefix="/s")
         for n in levels if args.only == "all" else []:
-            r = repeat(lambda: load_run(f"{base}/s", n, args.duration, max_tokens, "m"))
+            r = repeat(lambda: load_run(f"{base}/s", n, args.duration, max_tokens, "m", ignore_eos=eos))
             rows.append(dict(r, mode="static"))
             print(f"static,     {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
                   f"p50 by max_tokens {fmt(r)}", flush=True)
@@ -287,15 +302,15 @@ def main() -> int:
         ray.shutdown()
 
     d = rows[0]["tok_s"]  # the direct engine's (the continuous engine's own with --only continuous)
-    print(f"\n{'mode':<25}{'clients':>8}{'tok/s':>9}{'vs direct':>11}{'p50 s':>8}{'errors':>8}")
+    print(f"\n{'mode':<30}{'clients':>8}{'tok/s':>9}{'vs direct':>11}{'p50 s':>8}{'errors':>8}  p50 by max_tokens")
     for r in rows:
-        print(f"{r['mode']:<25}{r['clients']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / d:>10.2f}x"
-              f"{(r['p50_s'] or 0):>8.2f}{r.get('errors', 0):>8}")
+        print(f"{r['mode']:<30}{r['clients']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / d:>10.2f}x"
+              f"{(r['p50_s'] or 0):>8.2f}{r.get('errors', 0):>8}  {fmt(r) if r.get('p50_by_max_tokens') else ''}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "max_tokens": max_tokens, "duration_s": args.duration,
                                "threads": args.threads, "runs": args.runs, "skip_mix": mix,
-                               "max_num_batched_tokens": chunk, "only": args.only,
+                               "max_num_batched_tokens": chunks, "ignore_eos": eos, "only": args.only,
                                "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0

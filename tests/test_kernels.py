@@ -81,7 +81,32 @@ def test_engine_with_and_without_packing_agree():
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     assert not plain.linear._packs
     if onednn_available():
-        assert len(packed.linear._packs) == 6 * 7 + 1  # every projection of every layer, and the lm_head
+        # per layer one pack each for o and down, one fused pack each for q/k/v and gate/up; and the lm_head
+        assert len(packed.linear._packs) == 6 * 2 + 1 and len(packed.linear._fused) == 6 * 2
+
+
+@needs_onednn
+def test_many_runs_modules_that_share_an_input_as_one_matmul():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16)
+    q, k, v = nn.Linear(16, 16, bias=False), nn.Linear(16, 8, bias=False), nn.Linear(16, 8, bias=False)
+    with_bias = (nn.Linear(16, 4), nn.Linear(16, 4))  # biases are concatenated too
+    mixed = (nn.Linear(16, 4), nn.Linear(16, 4, bias=False))  # one bias, one not: each module alone
+    lin = PackedLinears()
+    with torch.inference_mode():
+        ys = lin.many((q, k, v), x)
+        assert [tuple(y.shape) for y in ys] == [(3, 5, 16), (3, 5, 8), (3, 5, 8)] and len(lin._fused) == 1
+        for y, m in zip(ys, (q, k, v)):
+            torch.testing.assert_close(y, m(x), atol=1e-5, rtol=1e-5)
+        for y, m in zip(lin.many(with_bias, x), with_bias):
+            torch.testing.assert_close(y, m(x), atol=1e-5, rtol=1e-5)
+        assert len(lin._fused) == 2
+        for y, m in zip(lin.many(mixed, x), mixed):
+            torch.testing.assert_close(y, m(x), atol=1e-5, rtol=1e-5)
+        assert len(lin._fused) == 2
+        with torch.no_grad():
+            q.weight.mul_(2)  # a changed weight remakes the fused pack
+        torch.testing.assert_close(lin.many((q, k, v), x)[0], q(x), atol=1e-5, rtol=1e-5)
 
 
 def test_a_cpu_that_cannot_pack_falls_back(monkeypatch):

@@ -6,8 +6,9 @@ the pieces of one decoder pass, each calling the Hugging Face module's own submo
 or ``None``), ``attn_norm``, ``qkv`` (q, k, v as ``(b, heads, t, head_dim)`` and the attention scale),
 ``attn_out``, ``mlp`` and ``final`` (the norm before the lm_head); and the attention shape
 (``num_heads``, ``kv_heads``, ``head_dim``). Linear layers go through the ``lin`` the model passes in
-(``SkipModel.lin``: packed kernels, the skip adapter where ``adapter`` marks). Adding a family means
-one class here and one ``FAMILIES`` entry.
+(``SkipModel.lin``: a tuple of modules that read the same input -> their outputs, run as one matmul
+where it can; packed kernels, the skip adapter where ``adapter`` marks). Adding a family means one class
+here and one ``FAMILIES`` entry.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Lin = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # SkipModel.lin
+Lin = Callable[[tuple[nn.Module, ...], torch.Tensor, "torch.Tensor | None"], list[torch.Tensor]]  # SkipModel.lin
 
 
 class LlamaFamily:
@@ -48,19 +49,19 @@ class LlamaFamily:
     def qkv(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None):
         """Normed input ``(b, t, d)`` -> q, k, v as ``(b, heads, t, head_dim)`` and the attention scale."""
         attn, (b, t, _) = layer.self_attn, x.shape
-        q = lin(attn.q_proj, x, adapter).view(b, t, -1, self.head_dim)
-        k = lin(attn.k_proj, x, adapter).view(b, t, -1, self.head_dim)
-        v = lin(attn.v_proj, x, adapter).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (y.view(b, t, -1, self.head_dim) for y in lin((attn.q_proj, attn.k_proj, attn.v_proj), x, adapter))
+        v = v.transpose(1, 2)
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2), v, attn.scaling
 
     def attn_out(self, layer: nn.Module, o: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
-        return lin(layer.self_attn.o_proj, o, adapter)
+        return lin((layer.self_attn.o_proj,), o, adapter)[0]
 
     def mlp(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
         mlp, x = layer.mlp, layer.post_attention_layernorm(x)
-        return lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, x, adapter)) * lin(mlp.up_proj, x, adapter), adapter)
+        gate, up = lin((mlp.gate_proj, mlp.up_proj), x, adapter)
+        return lin((mlp.down_proj,), mlp.act_fn(gate) * up, adapter)[0]
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm (the lm_head is the model's)."""
@@ -95,16 +96,16 @@ class OPTFamily:
 
     def qkv(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None):
         attn, (b, t, _) = layer.self_attn, x.shape
-        q = lin(attn.q_proj, x, adapter).view(b, t, -1, self.head_dim)
-        k = lin(attn.k_proj, x, adapter).view(b, t, -1, self.head_dim)
-        v = lin(attn.v_proj, x, adapter).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (y.view(b, t, -1, self.head_dim) for y in lin((attn.q_proj, attn.k_proj, attn.v_proj), x, adapter))
+        v = v.transpose(1, 2)
         return (q * attn.scaling).transpose(1, 2), k.transpose(1, 2), v, 1.0
 
     def attn_out(self, layer: nn.Module, o: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
-        return lin(layer.self_attn.out_proj, o, adapter)
+        return lin((layer.self_attn.out_proj,), o, adapter)[0]
 
     def mlp(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
-        return lin(layer.fc2, layer.activation_fn(lin(layer.fc1, layer.final_layer_norm(x), adapter)), adapter)
+        h = lin((layer.fc1,), layer.final_layer_norm(x), adapter)[0]
+        return lin((layer.fc2,), layer.activation_fn(h), adapter)[0]
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         if self.body.final_layer_norm is not None:

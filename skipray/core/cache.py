@@ -14,8 +14,10 @@ Contract:
   dropped. Reads (``keys``) of slots past a layer's length return only the slots it has.
 * ``filled[l, b]`` is how many leading slots of row ``b`` layer ``l`` has written. Because skip
   schedules are monotone, a layer always holds a prefix of its row's slots, so a length suffices.
-  A skipped layer neither writes its buffers nor advances ``filled``; attention at layer ``l`` reads
-  only slots ``< filled[l, b]`` that are ``valid`` (hold a real token, not padding).
+  A skipped layer neither writes its buffers nor advances ``filled``; ``keys`` gives the slots
+  ``< filled[l, b]`` that are ``valid`` (hold a real token, not padding) as readable. (A cached pass
+  masks by ``valid`` and causality alone: a layer that runs a row has just written it through the
+  pass's slots, so there ``filled`` adds nothing; ``buffers`` gives the buffers without the mask.)
 * ``valid[b, s]`` marks slots that hold real tokens. ``reset_rows`` clears rows for reuse.
 """
 
@@ -69,16 +71,21 @@ class KVCache:
         self.filled[:, rows] = 0
         self.valid[rows] = False
 
-    def write(self, layer: int, rows: slice | torch.Tensor, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, rows: slice | torch.Tensor, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              end: int | None = None) -> None:
         """Write ``k``/``v`` of shape ``(b, heads, t, head_dim)`` into cache ``rows``.
 
         ``start`` is the first slot: an int shared by all rows (prefill, static batches), or a
-        tensor of one slot per row when ``t == 1`` (rows at different lengths). Raises ``IndexError``
-        when a slot lies past the layer's length (``layer_lens[layer]``).
+        tensor of one slot per row when ``t == 1`` (rows at different lengths). ``end``: an upper bound
+        on the last slot written plus one, when the caller knows it (spares reading ``start`` back per
+        layer). Raises ``IndexError`` when a slot lies past the layer's length (``layer_lens[layer]``).
         """
         t = k.shape[2]
         cap = self.layer_lens[layer]
-        last = start + t if isinstance(start, int) else int(start.max()) + 1 if start.numel() else 0
+        if end is not None:
+            last = end
+        else:
+            last = start + t if isinstance(start, int) else int(start.max()) + 1 if start.numel() else 0
         if last > cap:
             raise IndexError(
                 f"layer {layer} holds {cap} slots per row but a write reaches slot {last - 1}: this cache "
@@ -104,14 +111,21 @@ class KVCache:
             r = torch.arange(self.max_batch, device=real.device)[rows]
             self.valid[r, start] = real[:, 0]
 
-    def keys(self, layer: int, rows: slice | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Buffers of ``rows`` over slots ``[0, n)``, ``n = min(length, layer_lens[layer])``, and the
-        ``(b, n)`` mask of the slots layer ``layer`` may read. Slots past the layer's length were never
-        written, so they are simply not returned (callers cut their masks to ``n`` columns)."""
+    def buffers(self, layer: int, rows: slice | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``rows`` over slots ``[0, n)``, ``n = min(length, layer_lens[layer])``, each
+        ``(b, kv_heads, n, head_dim)``. Slots past the layer's length were never written, so they are
+        simply not returned (callers cut their masks to ``n`` columns)."""
         n = min(length, self.layer_lens[layer])
+        return self.k[layer][rows, :, :n], self.v[layer][rows, :, :n]
+
+    def keys(self, layer: int, rows: slice | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``buffers`` and the ``(b, n)`` mask of the slots layer ``layer`` may read (``valid`` and
+        below ``filled``)."""
+        k, v = self.buffers(layer, rows, length)
+        n = k.shape[2]
         span = torch.arange(n, device=self.valid.device)
         readable = self.valid[rows, :n] & (span[None, :] < self.filled[layer, rows][:, None])
-        return self.k[layer][rows, :, :n], self.v[layer][rows, :, :n], readable
+        return k, v, readable
 
     def move_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int | None = None) -> None:
         """Copy rows ``src`` to rows ``dst`` (compaction when rows finish or are retired).

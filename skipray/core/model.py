@@ -101,24 +101,36 @@ class SkipModel(nn.Module):
         """Final norm and lm_head: logits."""
         return self.linear(self.hf.lm_head, self.family.final(h))
 
-    def lin(self, module: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
-        """``module(x)``; for a peft LoRA layer, its base layer plus the LoRA update only where ``adapter``
-        (bool, ``x.shape[:-1]``) is true: the skip adapter changes generated positions of a skipping
-        schedule and nothing else, so prompts and full-depth requests see the base model exactly."""
+    def lin(self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``[m(x) for m in modules]`` for linear layers that read the same input ``x`` (``(..., d_in)``);
+        for a peft LoRA layer, its base layer plus the LoRA update only where ``adapter`` (bool,
+        ``x.shape[:-1]``) is true: the skip adapter changes generated positions of a skipping schedule
+        and nothing else, so prompts and full-depth requests see the base model exactly. At inference
+        the modules run as one matmul where they can (``PackedLinears.many``): the base weights, or the
+        merged ones when every position uses the adapter (the base model's cost), or the base weights
+        plus a cached low-rank update where only some positions do (rows in both phases)."""
+        if torch.is_grad_enabled():  # training: LoRA as peft computes it, masked
+            return [self._lin_train(m, x, adapter) for m in modules]
+        use = adapter is not None and bool(adapter.any())
+        every = use and bool(adapter.all())
+        lora = [use and hasattr(m, "base_layer") and not m.merged and not m.disable_adapters for m in modules]
+        run = tuple((self._merged(m) if every else m.base_layer) if on else getattr(m, "base_layer", m)
+                    for m, on in zip(modules, lora))
+        ys = self.linear.many(run, x)
+        if use and not every:
+            mask = adapter[..., None].to(ys[0].dtype)
+            for y, m, on in zip(ys, modules, lora):
+                for a, b in self._low_rank(m) if on else ():
+                    y.addcmul_(F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype), mask)
+        return ys
+
+    def _lin_train(self, module: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None) -> torch.Tensor:
         base = getattr(module, "base_layer", None)
         if base is None:
             return self.linear(module, x)
-        if adapter is None or module.merged or module.disable_adapters or not bool(adapter.any()):
-            return self.linear(base, x)
-        if not torch.is_grad_enabled():  # inference
-            if bool(adapter.all()):  # every row skips: merged weights, the base model's cost
-                return self.linear(self._merged(module), x)
-            y = self.linear(base, x)  # rows in both phases: the base plus the low-rank update where it applies
-            mask = adapter[..., None].to(y.dtype)
-            for a, b in self._low_rank(module):
-                y.addcmul_(F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype), mask)
-            return y
         y = self.linear(base, x)
+        if adapter is None or module.merged or module.disable_adapters or not bool(adapter.any()):
+            return y
         for name in module.active_adapters:
             if name in module.lora_A:
                 d = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](x))) * module.scaling[name]
@@ -279,6 +291,25 @@ class _State:
     diag: torch.Tensor | None = None
     end: int = 0
     prefix_len: int = 0
+    masks: dict = field(default_factory=dict)  # cache path: (rows, n) -> attention mask, see _mask
+    adapter: torch.Tensor | None = None  # the segment's adapter mask; None when it marks nothing
+
+
+def _mask(st: _State, cache: KVCache, rows: slice | torch.Tensor, cache_rows: slice | torch.Tensor, n: int,
+          dtype: torch.dtype) -> torch.Tensor:
+    """The ``(b, 1, t, n)`` additive attention mask (0 or -inf, in ``dtype``) of a cached pass's ``rows``
+    over their first ``n`` slots: slots that hold real tokens (``valid``) up to each query's slot, and the
+    query's own slot. Every layer that runs
+    these rows in this pass gets the same mask (a layer that runs a row has just written it through the
+    query slots, and ran at every earlier slot since schedules only ever drop layers), so it is made once
+    per pass per ``(rows, n)``: one of the per-layer costs of a decode step."""
+    key = (rows.start, rows.stop, rows.step, n) if isinstance(rows, slice) else (id(rows), n)
+    hit = st.masks.get(key)
+    if hit is None:
+        m = (cache.valid[cache_rows, :n][:, None, :] & st.causal[rows][..., :n]) | st.diag[rows][..., :n]
+        additive = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+        hit = st.masks[key] = (rows, additive[:, None])  # rows kept alive: its id stays unique during the pass
+    return hit[1]
 
 
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -317,6 +348,8 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         b, t = s.tokens.shape
         h = model.embed(s.tokens, s.positions)
         st = _State(h, model.rope(h, s.positions))
+        if s.adapter is not None and bool(s.adapter.any()):  # once per pass, not per linear layer
+            st.adapter = s.adapter
         if prefix is not None:
             st.prefix_len = int(prefix.filled[:, :b].max())
         if cache is not None:
@@ -345,7 +378,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             continue
         xs = [states[i].h[rows, :cols] for i, rows, cols in runs]
         sizes = [(x.shape[0], x.shape[1]) for x in xs]
-        ams = [None if segs[i].adapter is None else segs[i].adapter[rows, :cols] for i, rows, cols in runs]
+        ams = [None if states[i].adapter is None else states[i].adapter[rows, :cols] for i, rows, cols in runs]
         if all(a is None for a in ams):
             am = None
         else:
@@ -364,10 +397,11 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             if cache is not None:
                 cr = _compose(s.cache_rows, rows, b, dev)
                 start = s.start if isinstance(s.start, int) else s.start[rows]
-                cache.write(l, cr, start, kj, vj)
-                kj, vj, readable = cache.keys(l, cr, st.end)
-                n = kj.shape[2]  # a layer's cache may be shorter than the pass's span: its rows never reach past it
-                mask = (readable[:, None, :] & st.causal[rows][..., :n]) | st.diag[rows][..., :n]
+                whole = isinstance(rows, slice) and rows == slice(None)  # then the pass's end is these rows' end
+                cache.write(l, cr, start, kj, vj, end=st.end if whole else None)
+                kj, vj = cache.buffers(l, cr, st.end)
+                # a layer's cache may be shorter than the pass's span: its rows never reach past it
+                mask = _mask(st, cache, rows, cr, kj.shape[2], qj.dtype)
             else:
                 idx = torch.arange(cols, device=dev)
                 causal_t = idx[None, :, None] >= idx[None, None, :]
@@ -376,17 +410,21 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
                     pk, pv, readable = prefix.keys(l, _compose(slice(None), rows, b, dev), st.prefix_len)
                     kj, vj = torch.cat([pk, kj], 2), torch.cat([pv, vj], 2)
                     mask = torch.cat([readable[:, None, :].expand(-1, cols, -1), mask], -1)
+                mask = mask[:, None]
             o = F.scaled_dot_product_attention(
-                qj, kj, vj, attn_mask=mask[:, None], scale=scale, enable_gqa=kj.shape[1] != qj.shape[1]
+                qj, kj, vj, attn_mask=mask, scale=scale, enable_gqa=kj.shape[1] != qj.shape[1]
             )
             outs.append(o.transpose(1, 2).reshape(sizes[j][0], cols, -1))
         x = x + model.attn_out(layer, _join(outs), am)
         x = x + model.mlp(layer, x, am)
         for j, (i, rows, cols) in enumerate(runs):
-            st = states[i]
+            st, part = states[i], _part(x, sizes, j)
+            if isinstance(rows, slice) and rows == slice(None) and cols == st.h.shape[1]:
+                st.h = part  # the whole batch ran the layer: no copy
+                continue
             if torch.is_grad_enabled():
                 st.h = st.h.clone()  # keep autograd's saved views of the old h intact
-            st.h[rows, :cols] = _part(x, sizes, j)
+            st.h[rows, :cols] = part
     picked = []
     for s, st in zip(segs, states):
         h = st.h

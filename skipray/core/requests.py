@@ -38,6 +38,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     stop_fn: Callable[[list[int]], bool] | None = None  # any predicate over the generated ids
     logprobs: int = 0  # return the top-N log-probs of each step's logits (0: none; vLLM's `logprobs`)
+    ignore_eos: bool = False  # vLLM's: EOS does not end the request (stop tokens and strings still do)
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible settings."""
@@ -108,10 +109,10 @@ def finish_reason(
     eos_token_ids: Sequence[int],
     detokenize: Callable[[list[int]], str] | None = None,
 ) -> str | None:
-    """``"stop"`` for a stop token, EOS, a stop string in the decoded tail or ``stop_fn``; ``"length"`` once
+    """``"stop"`` for a stop token, EOS (unless ``ignore_eos``), a stop string in the decoded tail or ``stop_fn``; ``"length"`` once
     ``max_tokens`` tokens exist; else ``None``. Raises whatever ``detokenize`` or ``stop_fn`` raise, and
     ``ValueError`` for stop strings without ``detokenize``."""
-    if generated[-1] in p.stop_token_ids or generated[-1] in eos_token_ids:
+    if generated[-1] in p.stop_token_ids or (generated[-1] in eos_token_ids and not p.ignore_eos):
         return "stop"
     stops = [s for s in p.stop if s]
     if stops:

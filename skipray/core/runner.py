@@ -119,7 +119,12 @@ class ModelRunner:
         n = len(tokens)
         tok = torch.tensor(tokens, device=self.device)[:, None]
         start = torch.tensor(slots, device=self.device)
-        plan = [(as_rows(r, self.device), None) if r else None for r in layer_rows]
+        made: dict[tuple[int, ...], tuple] = {}  # layers on the same rows share one entry (and its attention mask)
+        plan = []
+        for r in layer_rows:
+            if r and tuple(r) not in made:
+                made[tuple(r)] = (as_rows(r, self.device), None)
+            plan.append(made[tuple(r)] if r else None)
         am = torch.tensor(adapter, device=self.device)[:, None]
         return Segment(tok, start[:, None], plan, torch.ones_like(tok, dtype=torch.bool), cache_rows=slice(0, n),
                        start=start, adapter=am)

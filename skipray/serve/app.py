@@ -9,7 +9,7 @@ Contract:
   (cache slots), ``max_waiting`` (bounded waiting queue in the replica), ``max_prefill_tokens``
   (padded prompt tokens admitted per engine iteration), ``max_num_batched_tokens`` (chunked
   prefill: tokens per engine iteration, one per decoding row plus prompt chunks, at least
-  ``max_batch``; unset or null: off, see ``skipray.chunked``), ``max_offline_rows`` (rows the batch
+  ``max_batch``; unset or null: off, see ``skipray.core.scheduler``), ``max_offline_rows`` (rows the batch
   job's requests may hold; default all but a quarter of ``max_batch``), ``max_tokens_limit``,
   ``default_max_tokens``, ``torch_threads``, ``device``. ``deployment_options`` (Python callers
   only) are passed to ``SkipServer.options``; with ``serve run`` the YAML's ``deployments`` do that.

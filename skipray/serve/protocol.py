@@ -41,7 +41,6 @@ NO_EFFECT_ONLY: dict[str, Any] = {
     "use_beam_search": lambda v: v is False,
     "min_p": lambda v: v == 0,
     "min_tokens": lambda v: v == 0,
-    "ignore_eos": lambda v: v is False,
     "stop_token_ids": lambda v: v == [],
     "bad_words": lambda v: v == [],
     "include_stop_str_in_output": lambda v: v is False,
@@ -139,6 +138,7 @@ class _Common(_Body):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # < 1e-5: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(0, ge=-1)  # vLLM extension; 0 or -1: off
+    ignore_eos: StrictBool = False  # vLLM extension: generate through EOS up to the token limit (benchmarks)
     seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] = Field(default_factory=list)
     stream: StrictBool = False

@@ -301,7 +301,7 @@ class OpenAIServer:
             top = req.logprobs
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 top_k=max(req.top_k, 0), seed=req.seed, stop=list(req.stop),
-                                logprobs=0 if top is None else max(top, 1))
+                                logprobs=0 if top is None else max(top, 1), ignore_eos=req.ignore_eos)
         return params, schedule, top
 
     def _check_model(self, model: str | None) -> None:
