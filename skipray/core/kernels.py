@@ -29,7 +29,7 @@ class PackedLinears:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and onednn_available()
         self._packs: dict[nn.Module, tuple[tuple[int, int], torch.Tensor]] = {}
-        self._fused: dict[tuple[nn.Module, ...], tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
+        self._fused: dict[tuple[nn.Module, ...], tuple[tuple, torch.Tensor, torch.Tensor | None, list[int]]] = {}
 
     def usable(self, module: nn.Module, x: torch.Tensor) -> bool:
         return (
@@ -65,15 +65,17 @@ class PackedLinears:
         """``[m(x) for m in modules]``: one matmul over the modules' concatenated weights (and biases) when
         every module is usable and all or none have a bias; the outputs are views of its result, split
         along the last dimension. Otherwise each module through ``__call__``."""
-        if len(modules) == 1 or not all(self.usable(m, x) for m in modules) or len({m.bias is None for m in modules}) > 1:
-            return [self(m, x) for m in modules]
-        key = tuple((m.weight.data_ptr(), m.weight._version) for m in modules)
+        if len(modules) == 1:
+            return [self(modules[0], x)]
         hit = self._fused.get(modules)
-        if hit is None or hit[0] != key:
+        key = tuple([(w.data_ptr(), w._version) for w in [m.weight for m in modules]])
+        if hit is None or hit[0] != key or not self.usable(modules[0], x):  # a pack is made from usable modules
+            if not all(self.usable(m, x) for m in modules) or len({m.bias is None for m in modules}) > 1:
+                return [self(m, x) for m in modules]
             with torch.inference_mode(False), torch.no_grad():
-                w = torch.cat([m.weight.detach() for m in modules])
+                w = torch.cat([m.weight.detach() for m in modules])  # one dtype: each is usable with x
                 bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
-                hit = (key, torch.ops.mkldnn._reorder_linear_weight(w), bias)
+                hit = (key, torch.ops.mkldnn._reorder_linear_weight(w), bias, [m.out_features for m in modules])
             self._fused[modules] = hit
         try:
             y = torch.ops.mkldnn._linear_pointwise(x, hit[1], hit[2], "none", [], "")
@@ -81,7 +83,7 @@ class PackedLinears:
             self.enabled = False
             self.clear()
             return [m(x) for m in modules]
-        return list(y.split([m.out_features for m in modules], -1))
+        return list(y.split(hit[3], -1))
 
     def clear(self) -> None:
         """Drop every pack (frees their memory; they are remade on next use)."""
@@ -91,5 +93,5 @@ class PackedLinears:
     @property
     def nbytes(self) -> int:
         return (sum(p.numel() * p.element_size() for _, p in self._packs.values())
-                + sum(p.numel() * p.element_size() for _, p, _ in self._fused.values()))
+                + sum(p.numel() * p.element_size() for _, p, _, _ in self._fused.values()))
 

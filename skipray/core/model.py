@@ -63,6 +63,7 @@ class SkipModel(nn.Module):
         self.linear = PackedLinears(packed_linears)  # linear(module, x) == module(x)
         self._merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights (inference)
         self._low_ranks: dict[nn.Module, tuple[tuple, list]] = {}  # LoRA layer -> (A, B * scaling) (inference)
+        self._last_adapter: tuple[torch.Tensor, bool, bool] | None = None  # see _adapter_flags
         cfg = hf_model.config
         self.arch = cfg.model_type
         if self.arch not in FAMILIES:
@@ -111,8 +112,7 @@ class SkipModel(nn.Module):
         plus a cached low-rank update where only some positions do (rows in both phases)."""
         if torch.is_grad_enabled():  # training: LoRA as peft computes it, masked
             return [self._lin_train(m, x, adapter) for m in modules]
-        use = adapter is not None and bool(adapter.any())
-        every = use and bool(adapter.all())
+        use, every = self._adapter_flags(adapter)
         lora = [use and hasattr(m, "base_layer") and not m.merged and not m.disable_adapters for m in modules]
         run = tuple((self._merged(m) if every else m.base_layer) if on else getattr(m, "base_layer", m)
                     for m, on in zip(modules, lora))
@@ -123,6 +123,18 @@ class SkipModel(nn.Module):
                 for a, b in self._low_rank(m) if on else ():
                     y.addcmul_(F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype), mask)
         return ys
+
+    def _adapter_flags(self, adapter: torch.Tensor | None) -> tuple[bool, bool]:
+        """(any, all) of the adapter mask, remembered for the last mask seen: a pass hands every linear
+        layer of a layer (and, on whole batches, of every layer) the same mask tensor, and each check
+        is a device read. Masks are never changed in place."""
+        if adapter is None:
+            return False, False
+        last = self._last_adapter
+        if last is None or last[0] is not adapter:
+            use = bool(adapter.any())
+            last = self._last_adapter = (adapter, use, use and bool(adapter.all()))
+        return last[1], last[2]
 
     def _lin_train(self, module: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None) -> torch.Tensor:
         base = getattr(module, "base_layer", None)
@@ -312,6 +324,22 @@ def _mask(st: _State, cache: KVCache, rows: slice | torch.Tensor, cache_rows: sl
     return hit[1]
 
 
+def _whole(rows: slice | torch.Tensor) -> bool:
+    return isinstance(rows, slice) and rows == slice(None)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scaled_dot_product_attention`` (grouped-query when ``k`` has fewer heads than ``q``). bf16 on the
+    CPU runs it in fp32: this torch's bf16 CPU kernel took 76 us against fp32's 14 us for one decode
+    token over 100 slots, more than the casts cost; fp32 attention is also the more exact."""
+    gqa = k.shape[1] != q.shape[1]
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float() if mask.is_floating_point()
+                                           else mask, scale=scale, enable_gqa=gqa)
+        return o.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
     """``(b_i, t_i, d)`` parts -> one ``(1, sum b_i t_i, d)`` token row (one part: itself)."""
     if len(parts) == 1:
@@ -378,9 +406,12 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             continue
         xs = [states[i].h[rows, :cols] for i, rows, cols in runs]
         sizes = [(x.shape[0], x.shape[1]) for x in xs]
-        ams = [None if states[i].adapter is None else states[i].adapter[rows, :cols] for i, rows, cols in runs]
+        ams = [None if states[i].adapter is None else states[i].adapter if _whole(rows) and cols == segs[i].tokens.shape[1]
+               else states[i].adapter[rows, :cols] for i, rows, cols in runs]
         if all(a is None for a in ams):
             am = None
+        elif len(ams) == 1:
+            am = ams[0]  # the same tensor for every layer on all rows: SkipModel.lin reads its flags once
         else:
             am = _join([(a if a is not None else torch.zeros(sz, dtype=torch.bool, device=dev))[..., None]
                         for a, sz in zip(ams, sizes)])[..., 0]
@@ -397,11 +428,12 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             if cache is not None:
                 cr = _compose(s.cache_rows, rows, b, dev)
                 start = s.start if isinstance(s.start, int) else s.start[rows]
-                whole = isinstance(rows, slice) and rows == slice(None)  # then the pass's end is these rows' end
-                cache.write(l, cr, start, kj, vj, end=st.end if whole else None)
+                # on every row the pass's end is these rows' end
+                cache.write(l, cr, start, kj, vj, end=st.end if _whole(rows) else None)
                 kj, vj = cache.buffers(l, cr, st.end)
                 # a layer's cache may be shorter than the pass's span: its rows never reach past it
-                mask = _mask(st, cache, rows, cr, kj.shape[2], qj.dtype)
+                cpu_bf16 = qj.dtype == torch.bfloat16 and qj.device.type == "cpu"  # see _attention
+                mask = _mask(st, cache, rows, cr, kj.shape[2], torch.float32 if cpu_bf16 else qj.dtype)
             else:
                 idx = torch.arange(cols, device=dev)
                 causal_t = idx[None, :, None] >= idx[None, None, :]
@@ -411,15 +443,13 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
                     kj, vj = torch.cat([pk, kj], 2), torch.cat([pv, vj], 2)
                     mask = torch.cat([readable[:, None, :].expand(-1, cols, -1), mask], -1)
                 mask = mask[:, None]
-            o = F.scaled_dot_product_attention(
-                qj, kj, vj, attn_mask=mask, scale=scale, enable_gqa=kj.shape[1] != qj.shape[1]
-            )
+            o = _attention(qj, kj, vj, mask, scale)
             outs.append(o.transpose(1, 2).reshape(sizes[j][0], cols, -1))
         x = x + model.attn_out(layer, _join(outs), am)
         x = x + model.mlp(layer, x, am)
         for j, (i, rows, cols) in enumerate(runs):
             st, part = states[i], _part(x, sizes, j)
-            if isinstance(rows, slice) and rows == slice(None) and cols == st.h.shape[1]:
+            if _whole(rows) and cols == st.h.shape[1]:
                 st.h = part  # the whole batch ran the layer: no copy
                 continue
             if torch.is_grad_enabled():

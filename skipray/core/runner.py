@@ -126,8 +126,9 @@ class ModelRunner:
                 made[tuple(r)] = (as_rows(r, self.device), None)
             plan.append(made[tuple(r)] if r else None)
         am = torch.tensor(adapter, device=self.device)[:, None]
+        same = all(x == slots[0] for x in slots)  # one shared slot (a static batch, batch 1): plain slices
         return Segment(tok, start[:, None], plan, torch.ones_like(tok, dtype=torch.bool), cache_rows=slice(0, n),
-                       start=start, adapter=am)
+                       start=int(slots[0]) if same else start, adapter=am)
 
     def chunk_segment(self, tokens: Sequence[int], row: int, start: int, last: bool) -> Segment:
         """Prompt ``tokens`` at slots ``start..`` of cache ``row``, full depth; the last token's logits

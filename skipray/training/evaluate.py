@@ -145,8 +145,10 @@ REFERENCES = {"ref:bf16": "the base model in bfloat16, greedy", "ref:t0.3": "the
 
 def evaluate(model_spec: str, prompts_path: str, schedules: list[str], out: str, max_new: int = 64,
              limit: int = 0, batch: int = 16, base_spec: str = "smollm2-base", chat: bool = True,
-             questions_path: str | None = None, question_tokens: int = 32, question_limit: int = 0) -> dict:
-    """Quality and speed per schedule (or reference row) against the base model's greedy full-depth output."""
+             questions_path: str | None = None, question_tokens: int = 32, question_limit: int = 0,
+             dtype: str = "float32") -> dict:
+    """Quality and speed per schedule (or reference row) against the base model's greedy full-depth output
+    (fp32). ``dtype``: the evaluated model's (``bfloat16``: the skip model as a bf16 deployment runs it)."""
     from tqdm import tqdm
 
     from skipray.core.engine import Engine
@@ -159,7 +161,10 @@ def evaluate(model_spec: str, prompts_path: str, schedules: list[str], out: str,
     texts = table.column("prompt").to_pylist()[: limit or None]
     refs = table.column("reference").to_pylist()[: len(texts)] if "reference" in table.column_names else None
     base = load(base_spec, device="cpu")
-    student = load(model_spec, device="cpu") if model_spec != base_spec else base
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    same = model_spec == base_spec and dtype == "float32"
+    student = base if same else load(model_spec, device="cpu", dtype=getattr(torch, dtype))
     tok = base.tokenizer
     prompts = [encode_prompt(tok, t, chat=chat) for t in texts]
     qs, accepted = [], []
@@ -213,7 +218,7 @@ def evaluate(model_spec: str, prompts_path: str, schedules: list[str], out: str,
         if refs:
             row["rouge_l_vs_reference"] = sum(rouge_l(a, b or "") for a, b in zip(txt, refs)) / len(txt)
         rows.append(row)
-    report = {"model": model_spec, "base": base_spec, "prompts": prompts_path, "n": len(texts),
+    report = {"model": model_spec, "dtype": dtype, "base": base_spec, "prompts": prompts_path, "n": len(texts),
               "questions": questions_path, "max_new_tokens": max_new, "question_tokens": question_tokens,
               "results": rows}
     write_report(report, Path(out))
@@ -290,7 +295,7 @@ def write_report(report: dict, out: Path) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     rep = evaluate(args.model, args.prompts, args.schedule or ["full", "trained"], args.out, args.max_new_tokens,
                    args.limit, args.batch_size, args.base, args.chat, args.questions, args.question_tokens,
-                   args.question_limit)
+                   args.question_limit, args.dtype)
     print((Path(args.out) / "report.md").read_text())
     return 0 if rep["results"] else 1
 
@@ -311,4 +316,6 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the evaluated model's dtype (the full-depth reference stays fp32)")
     p.set_defaults(func=cmd_eval)
