@@ -47,9 +47,18 @@ from skipray.core.kernels import PackedLinears
 LayerRun = tuple[slice | torch.Tensor, int | None] | None
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, signed_sin)`` for ``apply_rope``: ``signed_sin`` is ``sin`` with its first half negated."""
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (RoFormer, Su et al. 2021, arXiv 2104.09864, eq. 34) in Hugging Face's
+    half-split layout: ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x) = cat(-x2, x1)``. As
+    ``roll(x, d/2) * signed_sin`` is ``cat(x2 * -sin1, x1 * sin2)``, the same numbers (a sign flip is
+    exact), it costs four tensor ops instead of six, once per layer for q and k."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class SkipModel(nn.Module):
@@ -375,7 +384,8 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
     for s in segs:
         b, t = s.tokens.shape
         h = model.embed(s.tokens, s.positions)
-        st = _State(h, model.rope(h, s.positions))
+        rope = model.rope(h, s.positions)
+        st = _State(h, None if rope is None else rope_tables(*rope))
         if s.adapter is not None and bool(s.adapter.any()):  # once per pass, not per linear layer
             st.adapter = s.adapter
         if prefix is not None:
@@ -404,7 +414,8 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             runs.append((i, rows, cols))
         if not runs:
             continue
-        xs = [states[i].h[rows, :cols] for i, rows, cols in runs]
+        xs = [states[i].h if _whole(rows) and cols == segs[i].tokens.shape[1] else states[i].h[rows, :cols]
+              for i, rows, cols in runs]
         sizes = [(x.shape[0], x.shape[1]) for x in xs]
         ams = [None if states[i].adapter is None else states[i].adapter if _whole(rows) and cols == segs[i].tokens.shape[1]
                else states[i].adapter[rows, :cols] for i, rows, cols in runs]
@@ -422,8 +433,9 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             s, st = segs[i], states[i]
             qj, kj, vj = (_heads_part(y, sizes, j) for y in (q, k, v))
             if st.rope is not None:
-                cos, sin = st.rope[0][rows, :, :cols], st.rope[1][rows, :, :cols]
-                qj, kj = qj * cos + rotate_half(qj) * sin, kj * cos + rotate_half(kj) * sin
+                cos, sin = st.rope if _whole(rows) and cols == s.tokens.shape[1] else (
+                    st.rope[0][rows, :, :cols], st.rope[1][rows, :, :cols])
+                qj, kj = apply_rope(qj, cos, sin), apply_rope(kj, cos, sin)
             b = s.tokens.shape[0]
             if cache is not None:
                 cr = _compose(s.cache_rows, rows, b, dev)
