@@ -139,6 +139,21 @@ def test_stop_tokens_and_compaction(llama):
     assert len(stopper[0].token_ids) == 5 and stopper[0].finish_reason == "stop"
 
 
+def test_ignore_eos_generates_through_eos(llama):
+    model = SkipModel(llama)
+    free = Engine(model, max_batch=4, max_len=64).generate(PROMPTS, SamplingParams(max_tokens=8))
+    eos = free[0].token_ids[2]  # EOS for this engine: row 0 would stop at its 3rd token
+    engine = Engine(model, max_batch=4, max_len=64, eos_token_ids=(eos,))
+    stopped = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
+    assert stopped[0].token_ids == free[0].token_ids[:3] and stopped[0].finish_reason == "stop"
+    through = engine.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [o.token_ids for o in through] == [f.token_ids for f in free]
+    assert all(o.finish_reason == "length" for o in through)
+    stop_tokens_still_stop = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, ignore_eos=True,
+                                                                          stop_token_ids=(eos,)))
+    assert stop_tokens_still_stop[0].token_ids == free[0].token_ids[:3]
+
+
 def test_stream_yields_tokens_in_order(llama):
     engine = Engine(SkipModel(llama), max_batch=2, max_len=64)
     events = list(engine.stream([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=5)))

@@ -137,6 +137,22 @@ def test_openai_chat_logprobs_are_the_step_log_softmax(app):
     assert [x.token for x in got] == [app["tok"].decode([t]) for t in out.token_ids]
 
 
+def test_ignore_eos_generates_through_eos(app, monkeypatch):
+    ids = [5, 6, 7, 8]
+    _, out = engine_text(app, ids, 6)
+    eos = out.token_ids[1]
+    k = out.token_ids.index(eos) + 1  # where a request that honours EOS stops
+    monkeypatch.setattr(app["engine"], "eos_token_ids", (eos,))
+    client = oai(app)
+    stopped = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    assert stopped.usage.completion_tokens == k and stopped.choices[0].finish_reason == "stop"
+    through = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert through.usage.completion_tokens == 6 and through.choices[0].finish_reason == "length"
+    with pytest.raises(Exception, match="ignore_eos"):  # a bool, strictly
+        client.completions.create(model="tiny", prompt=ids, max_tokens=6, extra_body={"ignore_eos": "yes"})
+
+
 def test_openai_completion_logprobs_stream_and_whole_agree(app):
     c = oai(app)
     kw = {"model": "tiny", "prompt": "The cat", "max_tokens": 6, "temperature": 0, "logprobs": 3}
