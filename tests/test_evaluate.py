@@ -73,3 +73,19 @@ def test_eval_report(tmp_path, tiny_model_dir):
     assert {"report.json", "report.md", "quality_vs_speedup.png"} <= files
     assert json.loads((tmp_path / "out" / "report.json").read_text())["n"] == 3
     assert "| schedule |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_eval_in_bf16_scores_the_bf16_model_against_the_fp32_base(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["Hello there", "What is a cat?"]}), prompts)
+    rep = evaluate(str(tiny_model_dir), str(prompts), ["full"], str(tmp_path / "out"), max_new=8, batch=2,
+                   base_spec=str(tiny_model_dir), dtype="bfloat16")
+    (full,) = rep["results"]
+    (full32,) = evaluate(str(tiny_model_dir), str(prompts), ["full"], str(tmp_path / "out32"), max_new=8, batch=2,
+                         base_spec=str(tiny_model_dir))["results"]
+    assert rep["dtype"] == "bfloat16" and full["avg_layers"] == pytest.approx(6.0)
+    # the same weights in bf16 at full depth: close to the fp32 base, but not the base itself
+    assert full["perplexity_of_full_output"] == pytest.approx(full32["perplexity_of_full_output"], rel=0.05)
+    assert full["perplexity_of_full_output"] != full32["perplexity_of_full_output"]
+    with pytest.raises(ValueError, match="dtype"):
+        evaluate(str(tiny_model_dir), str(prompts), ["full"], str(tmp_path / "x"), dtype="float16")
