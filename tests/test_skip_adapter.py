@@ -191,7 +191,7 @@ def test_merged_inference_weights_follow_adapter_updates():
     sched = SkipSchedule(L, L - 1, 2, decay_tokens=4, drop_order=shuffled_order(L))
     engine = Engine(model, sched, max_batch=4, max_len=64)
     before = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
-    assert model._merges  # the merged path ran
+    assert model.lora.merges  # the merged path ran
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:

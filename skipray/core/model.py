@@ -23,8 +23,9 @@ attention reads only the slots the layer holds, and a write past them raises ``I
 ``SkipModel`` wraps a Hugging Face causal LM (Llama family: Llama, SmolLM2, Mistral, Qwen2/3; OPT); what
 differs between families is one small class each in ``skipray.core.architectures``, which call the Hugging
 Face module's own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its linear
-layers run through ``skipray.core.kernels.PackedLinears`` (prepacked oneDNN weights for fp32 inference on
-CPU; the module itself otherwise).
+layers run through ``skipray.core.lora.AdapterLinears`` (the skip adapter only where a segment's adapter
+mask marks) and ``skipray.core.kernels.PackedLinears`` (prepacked oneDNN weights for fp32/bf16 inference
+on CPU; the module itself otherwise).
 
 Callers build the ``Segment`` by field name: the training layout needs only ``tokens``, ``positions``,
 ``plan``, ``real`` (and ``logits_at``, ``adapter``); the engine's ``skipray.core.runner`` adds cache rows
@@ -43,6 +44,7 @@ from torch import nn
 from skipray.core.architectures import FAMILIES
 from skipray.core.cache import KVCache
 from skipray.core.kernels import PackedLinears
+from skipray.core.lora import AdapterLinears
 
 LayerRun = tuple[slice | torch.Tensor, int | None] | None
 
@@ -70,9 +72,7 @@ class SkipModel(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.linear = PackedLinears(packed_linears)  # linear(module, x) == module(x)
-        self._merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights (inference)
-        self._low_ranks: dict[nn.Module, tuple[tuple, list]] = {}  # LoRA layer -> (A, B * scaling) (inference)
-        self._last_adapter: tuple[torch.Tensor, bool, bool] | None = None  # see _adapter_flags
+        self.lora = AdapterLinears(self.linear)  # lin(modules, x, adapter): LoRA only where adapter marks
         cfg = hf_model.config
         self.arch = cfg.model_type
         if self.arch not in FAMILIES:
@@ -112,91 +112,9 @@ class SkipModel(nn.Module):
         return self.linear(self.hf.lm_head, self.family.final(h))
 
     def lin(self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """``[m(x) for m in modules]`` for linear layers that read the same input ``x`` (``(..., d_in)``);
-        for a peft LoRA layer, its base layer plus the LoRA update only where ``adapter`` (bool,
-        ``x.shape[:-1]``) is true: the skip adapter changes generated positions of a skipping schedule
-        and nothing else, so prompts and full-depth requests see the base model exactly. At inference
-        the modules run as one matmul where they can (``PackedLinears.many``): the base weights, or the
-        merged ones when every position uses the adapter (the base model's cost), or the base weights
-        plus a cached low-rank update where only some positions do (rows in both phases)."""
-        if torch.is_grad_enabled():  # training: LoRA as peft computes it, masked
-            return [self._lin_train(m, x, adapter) for m in modules]
-        use, every = self._adapter_flags(adapter)
-        lora = [use and hasattr(m, "base_layer") and not m.merged and not m.disable_adapters for m in modules]
-        run = tuple((self._merged(m) if every else m.base_layer) if on else getattr(m, "base_layer", m)
-                    for m, on in zip(modules, lora))
-        ys = self.linear.many(run, x)
-        if use and not every:
-            mask = adapter[..., None].to(ys[0].dtype)
-            for y, m, on in zip(ys, modules, lora):
-                for a, b in self._low_rank(m) if on else ():
-                    y.addcmul_(F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype), mask)
-        return ys
-
-    def _adapter_flags(self, adapter: torch.Tensor | None) -> tuple[bool, bool]:
-        """(any, all) of the adapter mask, remembered for the last mask seen: a pass hands every linear
-        layer of a layer (and, on whole batches, of every layer) the same mask tensor, and each check
-        is a device read. Masks are never changed in place."""
-        if adapter is None:
-            return False, False
-        last = self._last_adapter
-        if last is None or last[0] is not adapter:
-            use = bool(adapter.any())
-            last = self._last_adapter = (adapter, use, use and bool(adapter.all()))
-        return last[1], last[2]
-
-    def _lin_train(self, module: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None) -> torch.Tensor:
-        base = getattr(module, "base_layer", None)
-        if base is None:
-            return self.linear(module, x)
-        y = self.linear(base, x)
-        if adapter is None or module.merged or module.disable_adapters or not bool(adapter.any()):
-            return y
-        for name in module.active_adapters:
-            if name in module.lora_A:
-                d = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](x))) * module.scaling[name]
-                y = y + (d if bool(adapter.all()) else d * adapter[..., None].to(d.dtype))
-        return y
-
-    def _from_weights(self, store: dict, module: nn.Module, with_base: bool, make):
-        """``make(names)`` for ``module``'s active LoRA adapters, cached in ``store`` and remade when the
-        weights it reads change (tensor versions), so training then decoding never reads stale weights.
-        Built outside inference mode: normal tensors, usable in any mode."""
-        names = [n for n in module.active_adapters if n in module.lora_A]
-        parts = ([module.base_layer.weight] if with_base else []) + [
-            w for n in names for w in (module.lora_A[n].weight, module.lora_B[n].weight)]
-        key = tuple((p.data_ptr(), p._version) for p in parts)
-        hit = store.get(module)
-        if hit is None or hit[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                hit = store[module] = (key, make(names))
-        return hit[1]
-
-    def _low_rank(self, module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per active LoRA adapter of ``module``: ``(A, B * scaling)`` for the inference update
-        ``x @ A.T @ (B * scaling).T`` (LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3; dropout is the
-        identity at inference). Cached by ``_from_weights``."""
-        return self._from_weights(self._low_ranks, module, False, lambda names: [
-            (module.lora_A[n].weight.detach().clone(), module.lora_B[n].weight.detach() * module.scaling[n])
-            for n in names])
-
-    def _merged(self, module: nn.Module) -> nn.Linear:
-        """The LoRA layer's base weight plus its update, as one ``nn.Linear`` (inference only: decode
-        steps where every row uses the adapter then cost what the base model costs). Cached by
-        ``_from_weights``. Memory: one more copy of each adapted weight (its prepacked copy too, on CPU)."""
-        def make(names: list[str]) -> nn.Linear:
-            base = module.base_layer
-            w = base.weight.detach().clone()
-            for n in names:
-                w += (module.lora_B[n].weight @ module.lora_A[n].weight).to(w.dtype) * module.scaling[n]
-            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                               device=w.device, dtype=w.dtype).requires_grad_(False)
-            merged.weight.copy_(w)
-            if base.bias is not None:
-                merged.bias.copy_(base.bias)
-            return merged
-
-        return self._from_weights(self._merges, module, True, make)
+        """``[m(x) for m in modules]`` for linear layers that read the same input, with the skip adapter
+        only where ``adapter`` marks (``skipray.core.lora.AdapterLinears``)."""
+        return self.lora(modules, x, adapter)
 
     # -- sizes -----------------------------------------------------------------------------------
     def cost_model(self):
@@ -320,10 +238,9 @@ def _mask(st: _State, cache: KVCache, rows: slice | torch.Tensor, cache_rows: sl
           dtype: torch.dtype) -> torch.Tensor:
     """The ``(b, 1, t, n)`` additive attention mask (0 or -inf, in ``dtype``) of a cached pass's ``rows``
     over their first ``n`` slots: slots that hold real tokens (``valid``) up to each query's slot, and the
-    query's own slot. Every layer that runs
-    these rows in this pass gets the same mask (a layer that runs a row has just written it through the
-    query slots, and ran at every earlier slot since schedules only ever drop layers), so it is made once
-    per pass per ``(rows, n)``: one of the per-layer costs of a decode step."""
+    query's own slot. Every layer that runs these rows in this pass gets the same mask (a layer that runs
+    a row has just written it through the query slots, and ran at every earlier slot since schedules only
+    ever drop layers), so it is made once per pass per ``(rows, n)``, not once per layer."""
     key = (rows.start, rows.stop, rows.step, n) if isinstance(rows, slice) else (id(rows), n)
     hit = st.masks.get(key)
     if hit is None:

@@ -1,0 +1,114 @@
+"""The skip adapter's linear layers: a peft LoRA applied only where an adapter mask marks.
+
+Contract: ``AdapterLinears(linear)(modules, x, adapter)`` returns ``[m(x) for m in modules]`` for linear
+layers that read the same input ``x`` (``(..., d_in)``), where a peft LoRA layer adds its update only at
+the positions ``adapter`` (bool, ``x.shape[:-1]``) marks, and its base layer alone elsewhere: the skip
+adapter changes the generated positions of a skipping schedule and nothing else, so prompts and
+full-depth requests see the base model exactly. ``linear`` (``skipray.core.kernels.PackedLinears``)
+runs the matmuls.
+
+* Training (autograd on): LoRA as peft computes it, masked; gradients reach the LoRA weights.
+* Inference: the modules run as one matmul where they can (``PackedLinears.many``): the base weights;
+  or, where every position uses the adapter, merged weights (base plus update, made once and cached);
+  or, where only some do (rows in both phases), the base plus a cached low-rank update on those rows.
+  Cached weights are remade when the weights they come from change (tensor versions), so a model that
+  is trained and then decoded never reads stale weights. ``merges`` holds the merged layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skipray.core.kernels import PackedLinears
+
+
+class AdapterLinears:
+    def __init__(self, linear: PackedLinears) -> None:
+        self.linear = linear
+        self.merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights
+        self.low_ranks: dict[nn.Module, tuple[tuple, list]] = {}  # LoRA layer -> [(A, B * scaling)]
+        self._last: tuple[torch.Tensor, bool, bool] | None = None  # see _flags
+
+    def __call__(self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """-> one output per module (the module docstring's rules; where fused, views of one result).
+        Raises what the modules or the matmul raise."""
+        if torch.is_grad_enabled():  # training: LoRA as peft computes it, masked
+            return [self._train(m, x, adapter) for m in modules]
+        use, every = self._flags(adapter)
+        lora = [use and hasattr(m, "base_layer") and not m.merged and not m.disable_adapters for m in modules]
+        run = tuple((self._merged(m) if every else m.base_layer) if on else getattr(m, "base_layer", m)
+                    for m, on in zip(modules, lora))
+        ys = self.linear.many(run, x)
+        if use and not every:
+            mask = adapter[..., None].to(ys[0].dtype)
+            for y, m, on in zip(ys, modules, lora):
+                for a, b in self._low_rank(m) if on else ():
+                    y.addcmul_(F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype), mask)
+        return ys
+
+    def _flags(self, adapter: torch.Tensor | None) -> tuple[bool, bool]:
+        """(any, all) of the adapter mask, remembered for the last mask seen: a pass hands every linear
+        layer of a layer (and, on whole batches, of every layer) the same mask tensor, and each check
+        is a device read. Masks are never changed in place."""
+        if adapter is None:
+            return False, False
+        last = self._last
+        if last is None or last[0] is not adapter:
+            use = bool(adapter.any())
+            last = self._last = (adapter, use, use and bool(adapter.all()))
+        return last[1], last[2]
+
+    def _train(self, module: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None) -> torch.Tensor:
+        base = getattr(module, "base_layer", None)
+        if base is None:
+            return self.linear(module, x)
+        y = self.linear(base, x)
+        if adapter is None or module.merged or module.disable_adapters or not bool(adapter.any()):
+            return y
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                d = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](x))) * module.scaling[name]
+                y = y + (d if bool(adapter.all()) else d * adapter[..., None].to(d.dtype))
+        return y
+
+    def _from_weights(self, store: dict, module: nn.Module, with_base: bool, make):
+        """``make(names)`` for ``module``'s active LoRA adapters, cached in ``store`` and remade when the
+        weights it reads change (tensor versions), so training then decoding never reads stale weights.
+        Built outside inference mode: normal tensors, usable in any mode."""
+        names = [n for n in module.active_adapters if n in module.lora_A]
+        parts = ([module.base_layer.weight] if with_base else []) + [
+            w for n in names for w in (module.lora_A[n].weight, module.lora_B[n].weight)]
+        key = tuple((p.data_ptr(), p._version) for p in parts)
+        hit = store.get(module)
+        if hit is None or hit[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                hit = store[module] = (key, make(names))
+        return hit[1]
+
+    def _low_rank(self, module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per active LoRA adapter of ``module``: ``(A, B * scaling)`` for the inference update
+        ``x @ A.T @ (B * scaling).T`` (LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3; dropout is the
+        identity at inference). Cached by ``_from_weights``."""
+        return self._from_weights(self.low_ranks, module, False, lambda names: [
+            (module.lora_A[n].weight.detach().clone(), module.lora_B[n].weight.detach() * module.scaling[n])
+            for n in names])
+
+    def _merged(self, module: nn.Module) -> nn.Linear:
+        """The LoRA layer's base weight plus its update, as one ``nn.Linear`` (inference only: decode
+        steps where every row uses the adapter then cost what the base model costs). Cached by
+        ``_from_weights``. Memory: one more copy of each adapted weight (its prepacked copy too, on CPU)."""
+        def make(names: list[str]) -> nn.Linear:
+            base = module.base_layer
+            w = base.weight.detach().clone()
+            for n in names:
+                w += (module.lora_B[n].weight @ module.lora_A[n].weight).to(w.dtype) * module.scaling[n]
+            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                               device=w.device, dtype=w.dtype).requires_grad_(False)
+            merged.weight.copy_(w)
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+            return merged
+
+        return self._from_weights(self.merges, module, True, make)
