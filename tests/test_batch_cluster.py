@@ -147,7 +147,10 @@ def test_ray_job_submit_to_head_on_loopback(tmp_path, tiny_dir):  # noqa: F811
 def test_two_node_cluster_actors_on_both_nodes(tmp_path, tiny_dir):  # noqa: F811
     write(tmp_path / "in.parquet", prompts(24))
     res = tmp_path / "result.json"
-    env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}
+    # Ray Data starts a fixed pool's work as soon as one actor is up (wait_for_min_actors_s defaults to -1):
+    # on a loaded machine 24 rows were all done before the second actor was placed. Wait for both.
+    env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}",
+           "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"}
     temp = tempfile.mkdtemp(prefix="skipray-cluster-")  # short: Ray's socket paths live under it
     try:
         r = run_group([PY, __file__, "cluster", str(res), str(tiny_dir), str(tmp_path / "in.parquet"),
