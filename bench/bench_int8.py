@@ -43,22 +43,13 @@ def matmul(kind: str, shape: tuple[int, int]):
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-def best_seconds(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "int8.json"))
     args = ap.parse_args()
+    from bench_engine import time_it  # best of repeats, seconds
+
     rows = []
     with torch.inference_mode():
         for kind in ("fp32", "bf16", "int8"):
@@ -78,7 +69,9 @@ def main() -> int:
                     layers_pass()
                     head(xs[576])
 
-                t_layers, t_step = best_seconds(layers_pass, args.repeats), best_seconds(step, args.repeats)
+                for _ in range(3):  # warm-up
+                    step()
+                t_layers, t_step = time_it(layers_pass, args.repeats), time_it(step, args.repeats)
                 nbytes = LAYERS * sum(a * b for a, b in shapes) * bytes_per
                 rows.append({"kind": kind, "layout": layout, "layers_ms": t_layers * 1e3, "with_head_ms": t_step * 1e3,
                              "layer_weights_mb": nbytes / 1e6, "layers_gbs": nbytes / t_layers / 1e9})

@@ -120,3 +120,10 @@ def test_a_cpu_that_cannot_pack_falls_back(monkeypatch):
     with torch.inference_mode():
         torch.testing.assert_close(packed(lin, x), lin(x))
     assert not packed.enabled
+    fused, pair = PackedLinears(), (nn.Linear(8, 4, bias=False), nn.Linear(8, 4, bias=False))
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)  # the fused pack fails the same way
+    fused.enabled = True
+    with torch.inference_mode():
+        for y, m in zip(fused.many(pair, x), pair):
+            torch.testing.assert_close(y, m(x))
+    assert not fused.enabled and not fused._fused

@@ -54,12 +54,8 @@ class PackedLinears:
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.usable(module, x):
             return module(x)
-        try:
-            return torch.ops.mkldnn._linear_pointwise(x, self.pack(module), module.bias, "none", [], "")
-        except RuntimeError:  # a oneDNN build that cannot run this on this CPU: the modules from now on
-            self.enabled = False
-            self._packs.clear()
-            return module(x)
+        return self._guarded(lambda: torch.ops.mkldnn._linear_pointwise(x, self.pack(module), module.bias, "none", [], ""),
+                             lambda: module(x))
 
     def many(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
         """``[m(x) for m in modules]``: one matmul over the modules' concatenated weights (and biases) when
@@ -72,18 +68,29 @@ class PackedLinears:
         if hit is None or hit[0] != key or not self.usable(modules[0], x):  # a pack is made from usable modules
             if not all(self.usable(m, x) for m in modules) or len({m.bias is None for m in modules}) > 1:
                 return [self(m, x) for m in modules]
-            with torch.inference_mode(False), torch.no_grad():
-                w = torch.cat([m.weight.detach() for m in modules])  # one dtype: each is usable with x
-                bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
-                hit = (key, torch.ops.mkldnn._reorder_linear_weight(w), bias, [m.out_features for m in modules])
-            self._fused[modules] = hit
+            hit = None
+
+        def product() -> list[torch.Tensor]:
+            nonlocal hit
+            if hit is None:
+                with torch.inference_mode(False), torch.no_grad():
+                    w = torch.cat([m.weight.detach() for m in modules])  # one dtype: each is usable with x
+                    bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
+                    hit = self._fused[modules] = (key, torch.ops.mkldnn._reorder_linear_weight(w), bias,
+                                                  [m.out_features for m in modules])
+            return list(torch.ops.mkldnn._linear_pointwise(x, hit[1], hit[2], "none", [], "").split(hit[3], -1))
+
+        return self._guarded(product, lambda: [m(x) for m in modules])
+
+    def _guarded(self, run, fallback):
+        """``run()`` (packing and oneDNN's product); when this oneDNN build cannot run it on this CPU,
+        packing is off from then on (the modules themselves) and ``fallback()`` answers."""
         try:
-            y = torch.ops.mkldnn._linear_pointwise(x, hit[1], hit[2], "none", [], "")
+            return run()
         except RuntimeError:
             self.enabled = False
             self.clear()
-            return [m(x) for m in modules]
-        return list(y.split(hit[3], -1))
+            return fallback()
 
     def clear(self) -> None:
         """Drop every pack (frees their memory; they are remade on next use)."""

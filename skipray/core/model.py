@@ -250,10 +250,6 @@ def _mask(st: _State, cache: KVCache, rows: slice | torch.Tensor, cache_rows: sl
     return hit[1]
 
 
-def _whole(rows: slice | torch.Tensor) -> bool:
-    return isinstance(rows, slice) and rows == slice(None)
-
-
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """``scaled_dot_product_attention`` (grouped-query when ``k`` has fewer heads than ``q``). bf16 on the
     CPU runs it in fp32: this torch's bf16 CPU kernel took 76 us against fp32's 14 us for one decode
@@ -317,7 +313,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             st.diag = span[None, None, :] == qslots[:, :, None]
         states.append(st)
     for l, layer in enumerate(model.layers):
-        runs = []  # (segment, rows, cols) of the segments that run this layer
+        runs = []  # (segment, rows, cols, whole) of the segments that run this layer; whole: all rows and columns
         for i, s in enumerate(segs):
             if s.plan[l] is None:
                 continue
@@ -328,14 +324,13 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
                 continue
             if cache is not None and cols != t:
                 raise ValueError("column-limited layers are for training; the cache path takes whole columns")
-            runs.append((i, rows, cols))
+            runs.append((i, rows, cols, isinstance(rows, slice) and rows == slice(None) and cols == t))
         if not runs:
             continue
-        xs = [states[i].h if _whole(rows) and cols == segs[i].tokens.shape[1] else states[i].h[rows, :cols]
-              for i, rows, cols in runs]
+        xs = [states[i].h if whole else states[i].h[rows, :cols] for i, rows, cols, whole in runs]
         sizes = [(x.shape[0], x.shape[1]) for x in xs]
-        ams = [None if states[i].adapter is None else states[i].adapter if _whole(rows) and cols == segs[i].tokens.shape[1]
-               else states[i].adapter[rows, :cols] for i, rows, cols in runs]
+        ams = [None if states[i].adapter is None else states[i].adapter if whole else states[i].adapter[rows, :cols]
+               for i, rows, cols, whole in runs]
         if all(a is None for a in ams):
             am = None
         elif len(ams) == 1:
@@ -346,11 +341,11 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         x = _join(xs)
         q, k, v, scale = model.qkv(layer, model.attn_norm(layer, x), am)
         outs = []
-        for j, (i, rows, cols) in enumerate(runs):
+        for j, (i, rows, cols, whole) in enumerate(runs):
             s, st = segs[i], states[i]
             qj, kj, vj = (_heads_part(y, sizes, j) for y in (q, k, v))
             if st.rope is not None:
-                cos, sin = st.rope if _whole(rows) and cols == s.tokens.shape[1] else (
+                cos, sin = st.rope if whole else (
                     st.rope[0][rows, :, :cols], st.rope[1][rows, :, :cols])
                 qj, kj = apply_rope(qj, cos, sin), apply_rope(kj, cos, sin)
             b = s.tokens.shape[0]
@@ -358,7 +353,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
                 cr = _compose(s.cache_rows, rows, b, dev)
                 start = s.start if isinstance(s.start, int) else s.start[rows]
                 # on every row the pass's end is these rows' end
-                cache.write(l, cr, start, kj, vj, end=st.end if _whole(rows) else None)
+                cache.write(l, cr, start, kj, vj, end=st.end if whole else None)
                 kj, vj = cache.buffers(l, cr, st.end)
                 # a layer's cache may be shorter than the pass's span: its rows never reach past it
                 cpu_bf16 = qj.dtype == torch.bfloat16 and qj.device.type == "cpu"  # see _attention
@@ -376,9 +371,9 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             outs.append(o.transpose(1, 2).reshape(sizes[j][0], cols, -1))
         x = x + model.attn_out(layer, _join(outs), am)
         x = x + model.mlp(layer, x, am)
-        for j, (i, rows, cols) in enumerate(runs):
+        for j, (i, rows, cols, whole) in enumerate(runs):
             st, part = states[i], _part(x, sizes, j)
-            if _whole(rows) and cols == st.h.shape[1]:
+            if whole:
                 st.h = part  # the whole batch ran the layer: no copy
                 continue
             if torch.is_grad_enabled():
