@@ -18,6 +18,10 @@ Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max
 * ``--max-num-batched-tokens N[,M..]`` turns on chunked prefill with that per-iteration token budget
   (the Serve arg of the same name; ``0``: off): ``engine only`` uses the first value, ``continuous``
   runs once per value, side by side (``0,256``: without and with chunking in one run);
+* ``--max-batch N[,M..]``: the continuous deployment's ``max_batch`` (cache rows, so the most requests
+  decoding at once, vLLM's ``max_num_seqs``; default 16), one deployment per value and per
+  ``--max-num-batched-tokens`` value, side by side: on a CPU every row costs time in every step, so
+  fewer rows trade short requests' wait for long requests' speed;
 * ``--ignore-eos``: every request runs to its ``max_tokens`` (vLLM's ``ignore_eos``), so that in
   ``--max-tokens 16,128`` the long class really is long;
 * ``--only continuous`` skips the direct engine and the static deployment (quicker A/B runs);
@@ -231,6 +235,8 @@ def main() -> int:
                     help="requests run to their max_tokens (vLLM's ignore_eos), so a length class means its length")
     ap.add_argument("--max-num-batched-tokens", default=None, metavar="N[,M]",
                     help="chunked prefill in the continuous engine: tokens per iteration (>= 16); default: off")
+    ap.add_argument("--max-batch", default="16", metavar="N[,M]",
+                    help="the continuous deployment's max_batch (rows decoding at once); a comma list sweeps it")
     ap.add_argument("--only", choices=["all", "continuous"], default="all",
                     help="'continuous': skip the direct engine and the static @serve.batch deployment")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
@@ -242,6 +248,7 @@ def main() -> int:
 
     chunks = [None if x in ("0", "none") else int(x) for x in (args.max_num_batched_tokens or "0").split(",")]
     chunk, eos = chunks[0], args.ignore_eos
+    batches = [int(x) for x in args.max_batch.split(",")]
     rows = []
     if args.only == "all":
         rows.append(repeat(lambda: direct(args.model, max_tokens, threads=args.threads, ignore_eos=eos)))
@@ -270,16 +277,17 @@ def main() -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
-        for chunk in chunks:  # one deployment per chunked-prefill setting, side by side in this run
-            app_args = {"model": args.model, "model_name": "m", "max_batch": 16, "max_len": 256, "max_waiting": 64,
-                        "torch_threads": args.threads, "max_num_batched_tokens": chunk}
+        for chunk, rows_cap in [(c, b) for c in chunks for b in batches]:  # one deployment each, side by side
+            app_args = {"model": args.model, "model_name": "m", "max_batch": rows_cap, "max_len": 256,
+                        "max_waiting": 64, "torch_threads": args.threads, "max_num_batched_tokens": chunk}
             serve.run(build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
                       name="continuous", route_prefix="/c")
             mode = "continuous" if chunk is None else f"continuous, chunked {chunk}"
+            mode += "" if rows_cap == 16 else f", max_batch {rows_cap}"
             for n in levels:
                 r = repeat(lambda: load_run(f"{base}/c/v1/completions", n, args.duration, max_tokens, "m",
                                             ignore_eos=eos))
-                rows.append(dict(r, mode=mode, max_num_batched_tokens=chunk))
+                rows.append(dict(r, mode=mode, max_num_batched_tokens=chunk, max_batch=rows_cap))
                 print(f"{mode}, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
                       f"p50 by max_tokens {fmt(r)}", flush=True)
             if mix is not None:
@@ -302,15 +310,15 @@ def main() -> int:
         ray.shutdown()
 
     d = rows[0]["tok_s"]  # the direct engine's (the continuous engine's own with --only continuous)
-    print(f"\n{'mode':<30}{'clients':>8}{'tok/s':>9}{'vs direct':>11}{'p50 s':>8}{'errors':>8}  p50 by max_tokens")
+    print(f"\n{'mode':<40}{'clients':>8}{'tok/s':>9}{'vs direct':>11}{'p50 s':>8}{'errors':>8}  p50 by max_tokens")
     for r in rows:
-        print(f"{r['mode']:<30}{r['clients']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / d:>10.2f}x"
+        print(f"{r['mode']:<40}{r['clients']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / d:>10.2f}x"
               f"{(r['p50_s'] or 0):>8.2f}{r.get('errors', 0):>8}  {fmt(r) if r.get('p50_by_max_tokens') else ''}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "max_tokens": max_tokens, "duration_s": args.duration,
                                "threads": args.threads, "runs": args.runs, "skip_mix": mix,
-                               "max_num_batched_tokens": chunks, "ignore_eos": eos, "only": args.only,
+                               "max_num_batched_tokens": chunks, "max_batch": batches, "ignore_eos": eos, "only": args.only,
                                "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0
