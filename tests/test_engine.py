@@ -314,3 +314,16 @@ def test_a_failing_row_raises_or_ends_alone(llama):
     assert got[0].token_ids == engine.generate([[5, 6]], params[0])[0].token_ids
     with pytest.raises(ValueError, match="stop strings need"):
         engine.generate([[5, 6]], SamplingParams(stop=["x"]))
+
+
+def test_rms_norm_is_hugging_faces_in_fp32_and_the_module_otherwise(llama):
+    from skipray.core.architectures import rms_norm
+
+    d = llama.config.hidden_size
+    norm = type(llama.model.layers[0].input_layernorm)(d, eps=1e-5)  # a fresh one: the fixture stays as it is
+    with torch.no_grad():
+        norm.weight.normal_()
+        x = torch.randn(3, 5, d) * 4
+        assert torch.equal(rms_norm(norm, x), norm(x))
+        norm.to(torch.bfloat16)
+        assert torch.equal(rms_norm(norm, x.bfloat16()), norm(x.bfloat16()))

@@ -127,3 +127,16 @@ def test_a_cpu_that_cannot_pack_falls_back(monkeypatch):
         for y, m in zip(fused.many(pair, x), pair):
             torch.testing.assert_close(y, m(x))
     assert not fused.enabled and not fused._fused
+
+
+def test_fused_and_single_packs_follow_replaced_weights():
+    """A weight assigned anew (a new Parameter, not an in-place update) is seen too, by both paths."""
+    a, b, packed = nn.Linear(16, 8), nn.Linear(16, 4), PackedLinears()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        packed.many((a, b), x), packed(a, x)
+        a.weight = nn.Parameter(torch.randn(8, 16))
+        ya, yb = packed.many((a, b), x)
+        torch.testing.assert_close(ya, a(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(yb, b(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed(a, x), a(x), atol=1e-5, rtol=1e-5)

@@ -210,6 +210,32 @@ def test_merged_inference_weights_follow_adapter_updates():
     assert [c.token_ids for c in before] != [c.token_ids for c in after]
 
 
+def test_inference_linears_follow_peft_flags_and_replaced_adapter_weights():
+    """The cached choice of merged or base weights (``AdapterLinears._resolve``) follows peft's
+    ``disable_adapter`` and an adapter weight assigned anew, not only in-place updates."""
+    hf = tiny_llama()
+    peft_model = with_random_lora(hf)
+    model = SkipModel(hf)
+    attn = hf.model.layers[0].self_attn
+    mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+    x = torch.randn(2, 3, hf.config.hidden_size)
+    every = torch.ones(2, 3, dtype=torch.bool)
+
+    def expected():
+        return [m(x) for m in mods]  # peft's own forward: base plus LoRA where enabled
+
+    with torch.no_grad():
+        for got, want in zip(model.lin(mods, x, every), expected()):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with peft_model.disable_adapter():
+            for got, m in zip(model.lin(mods, x, every), mods):
+                torch.testing.assert_close(got, m.base_layer(x), atol=1e-5, rtol=1e-5)
+        name = mods[0].active_adapters[0]
+        mods[0].lora_B[name].weight = torch.nn.Parameter(torch.randn_like(mods[0].lora_B[name].weight))
+        for got, want in zip(model.lin(mods, x, every), expected()):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_on_policy_rollouts_are_the_skip_models_tokens_scored_by_the_base_model():
     """distill(policy=...): the answers are the skip model's own greedy tokens under the policy, and the
     teacher columns are the base model's (adapter off) top-k after the same prefix, as Hugging Face

@@ -22,6 +22,20 @@ from torch import nn
 Lin = Callable[[tuple[nn.Module, ...], torch.Tensor, "torch.Tensor | None"], list[torch.Tensor]]  # SkipModel.lin
 
 
+HF_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for a Hugging Face RMSNorm of the Llama family (Zhang & Sennrich 2019, arXiv 1910.07467:
+    ``x / sqrt(mean(x^2) + eps) * weight``), in fp32 as one ``F.rms_norm`` instead of the module's eight
+    tensor ops (the same numbers). Other dtypes and norm modules: ``norm(x)`` (in bf16 Hugging Face rounds
+    the normalized value before the weight multiply, which ``F.rms_norm`` does not)."""
+    if x.dtype != torch.float32 or type(norm).__name__ not in HF_RMS_NORMS:
+        return norm(x)
+    w = norm._parameters["weight"]  # not norm.weight: nn.Module.__getattr__ costs more than the norm's arithmetic
+    return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
+
+
 class LlamaFamily:
     """Llama family (Llama, SmolLM2, Mistral, Qwen2/3): RoPE, RMSNorm before attention and MLP, a gated
     MLP, Qwen3's q/k norms. Every method calls the Hugging Face module's own submodules."""
@@ -44,7 +58,7 @@ class LlamaFamily:
         return cos[:, None], sin[:, None]
 
     def attn_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return layer.input_layernorm(x)
+        return rms_norm(layer.input_layernorm, x)
 
     def qkv(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None):
         """Normed input ``(b, t, d)`` -> q, k, v as ``(b, heads, t, head_dim)`` and the attention scale."""
@@ -59,13 +73,13 @@ class LlamaFamily:
         return lin((layer.self_attn.o_proj,), o, adapter)[0]
 
     def mlp(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
-        mlp, x = layer.mlp, layer.post_attention_layernorm(x)
+        mlp, x = layer.mlp, rms_norm(layer.post_attention_layernorm, x)
         gate, up = lin((mlp.gate_proj, mlp.up_proj), x, adapter)
         return lin((mlp.down_proj,), mlp.act_fn(gate) * up, adapter)[0]
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm (the lm_head is the model's)."""
-        return self.body.norm(h)
+        return rms_norm(self.body.norm, h)
 
 
 class OPTFamily:

@@ -25,11 +25,24 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def _stamp(modules: tuple[nn.Module, ...]) -> list[tuple]:
+    """What a pack of ``modules`` was made from: per module its parameter dict, weight tensor, storage and
+    version, so ``_fresh`` can tell a stale pack with plain reads (no ``nn.Module.__getattr__``)."""
+    return [(m._parameters, m._parameters["weight"], m._parameters["weight"].data_ptr(), m._parameters["weight"]._version)
+            for m in modules]
+
+
+def _fresh(stamp: list[tuple]) -> bool:
+    """Whether every weight a pack was made from is still its module's, at the same storage and version
+    (an optimizer step bumps the version, ``.to()`` moves the storage, assignment replaces the tensor)."""
+    return all(d["weight"] is w and w.data_ptr() == ptr and w._version == v for d, w, ptr, v in stamp)
+
+
 class PackedLinears:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and onednn_available()
-        self._packs: dict[nn.Module, tuple[tuple[int, int], torch.Tensor]] = {}
-        self._fused: dict[tuple[nn.Module, ...], tuple[tuple, torch.Tensor, torch.Tensor | None, list[int]]] = {}
+        self._packs: dict[nn.Module, tuple[list[tuple], torch.Tensor]] = {}
+        self._fused: dict[tuple[nn.Module, ...], tuple[list[tuple], torch.Tensor, torch.Tensor | None, list[int]]] = {}
 
     def usable(self, module: nn.Module, x: torch.Tensor) -> bool:
         return (
@@ -37,17 +50,15 @@ class PackedLinears:
             and type(module) is nn.Linear
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16)
-            and module.weight.dtype == x.dtype
+            and module._parameters["weight"].dtype == x.dtype
             and not torch.is_grad_enabled()
         )
 
     def pack(self, module: nn.Linear) -> torch.Tensor:
-        w = module.weight
-        key = (w.data_ptr(), w._version)
         hit = self._packs.get(module)
-        if hit is None or hit[0] != key:
+        if hit is None or not _fresh(hit[0]):
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in any mode
-                hit = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+                hit = (_stamp((module,)), torch.ops.mkldnn._reorder_linear_weight(module.weight.detach()))
             self._packs[module] = hit
         return hit[1]
 
@@ -64,8 +75,7 @@ class PackedLinears:
         if len(modules) == 1:
             return [self(modules[0], x)]
         hit = self._fused.get(modules)
-        key = tuple([(w.data_ptr(), w._version) for w in [m.weight for m in modules]])
-        if hit is None or hit[0] != key or not self.usable(modules[0], x):  # a pack is made from usable modules
+        if hit is None or not (self.usable(modules[0], x) and _fresh(hit[0])):  # a pack is made from usable modules
             if not all(self.usable(m, x) for m in modules) or len({m.bias is None for m in modules}) > 1:
                 return [self(m, x) for m in modules]
             hit = None
@@ -76,7 +86,7 @@ class PackedLinears:
                 with torch.inference_mode(False), torch.no_grad():
                     w = torch.cat([m.weight.detach() for m in modules])  # one dtype: each is usable with x
                     bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
-                    hit = self._fused[modules] = (key, torch.ops.mkldnn._reorder_linear_weight(w), bias,
+                    hit = self._fused[modules] = (_stamp(modules), torch.ops.mkldnn._reorder_linear_weight(w), bias,
                                                   [m.out_features for m in modules])
             return list(torch.ops.mkldnn._linear_pointwise(x, hit[1], hit[2], "none", [], "").split(hit[3], -1))
 
