@@ -118,6 +118,9 @@ def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
 
 
 def main() -> None:
+    from skipray.env import apply, worker_env
+
+    apply()  # as skipray's entry points run (before torch allocates)
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="default")
     p.add_argument("--input", default=str(ROOT / "examples" / "prompts.parquet"))
@@ -169,7 +172,7 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+             runtime_env={"env_vars": worker_env()})
     try:
         res["job_bucketed"] = job(tmp / "in.parquet", schedule, 8192, args, True)
         if not args.skip_unbucketed_job:

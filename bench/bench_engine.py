@@ -29,7 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from skipray.env import apply as apply_env
+
+apply_env()  # huge pages for the weights, as skipray's entry points run (before torch allocates)
+import torch  # noqa: E402
 
 
 def prompts_for(tok, n: int) -> list[list[int]]:

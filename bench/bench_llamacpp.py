@@ -145,6 +145,9 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 
 
 def main() -> int:
+    from skipray.env import apply
+
+    apply()  # as skipray's entry points run (before torch allocates)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32, help="prompts in the throughput run")
     ap.add_argument("--new-tokens", type=int, default=64)

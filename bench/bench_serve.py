@@ -220,6 +220,9 @@ def fmt(r: dict) -> str:
 
 
 def main() -> int:
+    from skipray.env import apply, worker_env
+
+    apply()  # as skipray's entry points run (before torch allocates)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of load per level")
@@ -273,7 +276,7 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+             runtime_env={"env_vars": worker_env()})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from skipray.env import apply
+
+    apply()  # before torch allocates: huge pages for the weights (skipray.env)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

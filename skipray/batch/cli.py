@@ -75,12 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray binds to loopback
     import ray
 
+    from skipray.env import worker_env
+
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+            ray.init(runtime_env={"env_vars": worker_env()})
         else:  # embedded local Ray with a bounded object store
             ray.init(object_store_memory=512 * 1024**2, include_dashboard=False,
-                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+                     runtime_env={"env_vars": worker_env()})
     if args.resource_wait > 0:
         from skipray.resources import Unschedulable, check_schedulable
 

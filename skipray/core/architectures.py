@@ -46,6 +46,8 @@ class LlamaFamily:
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.qk_norm = hasattr(hf.model.layers[0].self_attn, "q_norm")  # Qwen3
+        self.silu = getattr(cfg, "hidden_act", None) == "silu"  # F.silu, not the module (a call's overhead per layer)
         self.sliding_window = None  # reported, not applied: see README limitations
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             self.sliding_window = cfg.sliding_window
@@ -65,7 +67,7 @@ class LlamaFamily:
         attn, (b, t, _) = layer.self_attn, x.shape
         q, k, v = (y.view(b, t, -1, self.head_dim) for y in lin((attn.q_proj, attn.k_proj, attn.v_proj), x, adapter))
         v = v.transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # Qwen3
+        if self.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2), v, attn.scaling
 
@@ -75,7 +77,7 @@ class LlamaFamily:
     def mlp(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
         mlp, x = layer.mlp, rms_norm(layer.post_attention_layernorm, x)
         gate, up = lin((mlp.gate_proj, mlp.up_proj), x, adapter)
-        return lin((mlp.down_proj,), mlp.act_fn(gate) * up, adapter)[0]
+        return lin((mlp.down_proj,), (F.silu(gate) if self.silu else mlp.act_fn(gate)) * up, adapter)[0]
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm (the lm_head is the model's)."""

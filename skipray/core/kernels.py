@@ -65,7 +65,8 @@ class PackedLinears:
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.usable(module, x):
             return module(x)
-        return self._guarded(lambda: torch.ops.mkldnn._linear_pointwise(x, self.pack(module), module.bias, "none", [], ""),
+        bias = module._parameters["bias"]  # not module.bias: see _stamp
+        return self._guarded(lambda: torch.ops.mkldnn._linear_pointwise(x, self.pack(module), bias, "none", [], ""),
                              lambda: module(x))
 
     def many(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:

@@ -55,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from skipray.env import worker_env
     from skipray.serve.app import build_app
 
     def _stop(signum, frame):  # SIGTERM (service managers, `kill`) stops like Ctrl-C
@@ -62,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     ray.init(num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}})
+             runtime_env={"env_vars": worker_env()})
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(app_args, dep_opts), name=app_cfg.get("name", "skipray"),

@@ -51,8 +51,10 @@ def train_distributed(cfg: TrainConfig, workers: int, resume: bool = False, use_
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from skipray.env import worker_env
+
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+        ray.init(runtime_env={"env_vars": worker_env()})
     config = {**asdict(cfg), "resume": resume, "threads": int(max(1, cpus_per_worker))}
     trainer = TorchTrainer(
         _loop,
