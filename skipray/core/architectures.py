@@ -36,6 +36,20 @@ def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
 
 
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, signed_sin)`` for ``apply_rope``: ``signed_sin`` is ``sin`` with its first half negated."""
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (RoFormer, Su et al. 2021, arXiv 2104.09864, eq. 34) in Hugging Face's
+    half-split layout: ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x) = cat(-x2, x1)``. As
+    ``roll(x, d/2) * signed_sin`` is ``cat(x2 * -sin1, x1 * sin2)``, the same numbers (a sign flip is
+    exact), it costs four tensor ops instead of six, once per layer for q and k."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
 class LlamaFamily:
     """Llama family (Llama, SmolLM2, Mistral, Qwen2/3): RoPE, RMSNorm before attention and MLP, a gated
     MLP, Qwen3's q/k norms. Every method calls the Hugging Face module's own submodules."""

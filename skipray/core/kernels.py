@@ -26,16 +26,16 @@ def onednn_available() -> bool:
 
 
 def _stamp(modules: tuple[nn.Module, ...]) -> list[tuple]:
-    """What a pack of ``modules`` was made from: per module its parameter dict, weight tensor, storage and
-    version, so ``_fresh`` can tell a stale pack with plain reads (no ``nn.Module.__getattr__``)."""
-    return [(m._parameters, m._parameters["weight"], m._parameters["weight"].data_ptr(), m._parameters["weight"]._version)
-            for m in modules]
+    """What a pack of ``modules`` was made from: per weight and bias its parameter dict, name, tensor, storage
+    and version, so ``fresh`` can tell a stale pack with plain reads (no ``nn.Module.__getattr__``)."""
+    return [(m._parameters, n, t, t.data_ptr(), t._version)
+            for m in modules for n in ("weight", "bias") if (t := m._parameters.get(n)) is not None]
 
 
-def _fresh(stamp: list[tuple]) -> bool:
-    """Whether every weight a pack was made from is still its module's, at the same storage and version
+def fresh(stamp: list[tuple]) -> bool:
+    """Whether every tensor a pack was made from is still its module's, at the same storage and version
     (an optimizer step bumps the version, ``.to()`` moves the storage, assignment replaces the tensor)."""
-    return all(d["weight"] is w and w.data_ptr() == ptr and w._version == v for d, w, ptr, v in stamp)
+    return all(d.get(n) is t and t.data_ptr() == ptr and t._version == v for d, n, t, ptr, v in stamp)
 
 
 class PackedLinears:
@@ -56,7 +56,7 @@ class PackedLinears:
 
     def pack(self, module: nn.Linear) -> torch.Tensor:
         hit = self._packs.get(module)
-        if hit is None or not _fresh(hit[0]):
+        if hit is None or not fresh(hit[0]):
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in any mode
                 hit = (_stamp((module,)), torch.ops.mkldnn._reorder_linear_weight(module.weight.detach()))
             self._packs[module] = hit
@@ -75,23 +75,46 @@ class PackedLinears:
         along the last dimension. Otherwise each module through ``__call__``."""
         if len(modules) == 1:
             return [self(modules[0], x)]
+        hit = self.packed(modules, x)
+        if hit is None:
+            return [self(m, x) for m in modules]
+        return self._guarded(lambda: list(self.apply(x, hit)), lambda: [m(x) for m in modules])
+
+    def packed(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> tuple | None:
+        """The prepacked product of ``modules`` for inputs like ``x``, for ``apply``: made on first use and
+        remade when stale; ``None`` when they cannot run packed (then: the modules themselves). One module:
+        its own pack (``pack``); several: one pack of their concatenated weights."""
+        if len(modules) == 1:
+            m = modules[0]
+            if not self.usable(m, x):
+                return None
+
+            def single() -> tuple:
+                packed = self.pack(m)
+                return self._packs[m][0], packed, m._parameters["bias"], None
+
+            return self._guarded(single, lambda: None)
         hit = self._fused.get(modules)
-        if hit is None or not (self.usable(modules[0], x) and _fresh(hit[0])):  # a pack is made from usable modules
-            if not all(self.usable(m, x) for m in modules) or len({m.bias is None for m in modules}) > 1:
-                return [self(m, x) for m in modules]
-            hit = None
+        if hit is not None and self.usable(modules[0], x) and fresh(hit[0]):  # a pack is made from usable modules
+            return hit
+        if not all(self.usable(m, x) for m in modules) or len({m.bias is None for m in modules}) > 1:
+            return None
 
-        def product() -> list[torch.Tensor]:
-            nonlocal hit
-            if hit is None:
-                with torch.inference_mode(False), torch.no_grad():
-                    w = torch.cat([m.weight.detach() for m in modules])  # one dtype: each is usable with x
-                    bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
-                    hit = self._fused[modules] = (_stamp(modules), torch.ops.mkldnn._reorder_linear_weight(w), bias,
-                                                  [m.out_features for m in modules])
-            return list(torch.ops.mkldnn._linear_pointwise(x, hit[1], hit[2], "none", [], "").split(hit[3], -1))
+        def make() -> tuple:
+            with torch.inference_mode(False), torch.no_grad():
+                w = torch.cat([m.weight.detach() for m in modules])  # one dtype: each is usable with x
+                bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
+                hit = self._fused[modules] = (_stamp(modules), torch.ops.mkldnn._reorder_linear_weight(w), bias,
+                                              [m.out_features for m in modules])
+            return hit
 
-        return self._guarded(product, lambda: [m(x) for m in modules])
+        return self._guarded(make, lambda: None)
+
+    @staticmethod
+    def apply(x: torch.Tensor, packed: tuple) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``x`` through a ``packed`` product: one output, or for several modules a view of each's columns."""
+        y = torch.ops.mkldnn._linear_pointwise(x, packed[1], packed[2], "none", [], "")
+        return y if packed[3] is None else y.split(packed[3], -1)
 
     def _guarded(self, run, fallback):
         """``run()`` (packing and oneDNN's product); when this oneDNN build cannot run it on this CPU,

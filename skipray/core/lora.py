@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipray.core.kernels import PackedLinears
+from skipray.core.kernels import PackedLinears, _stamp, fresh
 
 
 class AdapterLinears:
@@ -53,30 +53,41 @@ class AdapterLinears:
         module's merged weights (``_merged``) where its adapter is on and ``merged``, else its base layer
         (the module itself when it is not a LoRA layer). Cached with what the answer depends on (each
         LoRA layer's peft flags and active adapters; each merged weight's tensor, storage and version),
-        which ``_fresh`` checks on every call with a few plain reads per module, where resolving anew
+        which ``fresh`` checks on every call with a few plain reads per module, where resolving anew
         reads a dozen submodules through ``nn.Module.__getattr__`` (with the packs' own checks, that made
         the shipped default's batch-1 bf16 decode ~12% slower)."""
         key = (modules, merged)
-        hit = self._resolved.get(key)
-        if hit is not None and (not merged or self._fresh(*hit[:2])):  # base layers: fixed
-            return hit[2]
+        if self.still_resolved(modules, merged):
+            return self._resolved[key][2]
         lora = [merged and hasattr(m, "base_layer") and not m.merged and not m.disable_adapters for m in modules]
         run = tuple(self._merged(m) if on else getattr(m, "base_layer", m) for m, on in zip(modules, lora))
         loras = [(m, self._peft_flags(m)) for m in modules if hasattr(m, "lora_A")]
-        weights = [(o._parameters, o.weight, o.weight.data_ptr(), o.weight._version)
-                   for m, on in zip(modules, lora) if on for o in self._merge_inputs(m)]
+        weights = _stamp(tuple(o for m, on in zip(modules, lora) if on for o in self._merge_inputs(m)))
         self._resolved[key] = (loras, weights, run)
         return run
 
+    def still_resolved(self, modules: tuple[nn.Module, ...], merged: bool) -> bool:
+        """Whether ``_resolve(modules, merged)`` has an answer that nothing it depends on has changed since."""
+        hit = self._resolved.get((modules, merged))
+        return hit is not None and (not merged or self.fresh(*hit[:2]))  # base layers: fixed
+
+    def depends(self, modules: tuple[nn.Module, ...], merged: bool) -> tuple[list, list]:
+        """What the (made) answer of ``_resolve(modules, merged)`` depends on, for ``fresh``: (LoRA layers with
+        their peft flags, weight stamps); nothing for base layers."""
+        loras, weights, _ = self._resolved[(modules, merged)]
+        return (loras, weights) if merged else ([], [])
+
     @staticmethod
     def _peft_flags(m: nn.Module) -> tuple:
-        return m.merged, m.disable_adapters, tuple(m.active_adapters)
+        return m.merged, m.disable_adapters, m.active_adapter
 
-    def _fresh(self, loras: list[tuple[nn.Module, tuple]], weights: list[tuple]) -> bool:
+    def fresh(self, loras: list[tuple[nn.Module, tuple]], weights: list[tuple]) -> bool:
         """Whether a ``_resolve`` answer still holds: the LoRA layers' peft flags and active adapters are
         as they were, and each weight it read is still its module's, at the same storage and version."""
-        return (all(self._peft_flags(m) == f for m, f in loras)
-                and all(d["weight"] is w and w.data_ptr() == ptr and w._version == v for d, w, ptr, v in weights))
+        for m, flags in loras:
+            if self._peft_flags(m) != flags:
+                return False
+        return fresh(weights)
 
     @staticmethod
     def _merge_inputs(module: nn.Module) -> list[nn.Module]:

@@ -13,6 +13,8 @@ which is exactly what skipping a residual block means.
 * training: no cache; layer ``l`` runs on the column prefix that the decoder would have run it on
   (the prompt plus the generation steps whose schedule includes ``l``), so the parallel forward
   computes what cached decoding computes;
+* the decode hot path: a pass with one segment, whole rows and a Llama-family model runs its layers
+  through ``skipray.core.fastpath`` (the same arithmetic, resolved once per layer and pass);
 * mixed passes (``forward_segments``): several cached batches (``Segment``), say a decode step and
   a prompt chunk, share one pass: each layer's linear layers run once on all their tokens, attention
   runs per segment. Each segment gets what ``forward`` would give it alone.
@@ -41,26 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipray.core.architectures import FAMILIES
+from skipray.core.architectures import FAMILIES, apply_rope, rope_tables
 from skipray.core.cache import KVCache
+from skipray.core.fastpath import layer_kernels, run_layers
 from skipray.core.kernels import PackedLinears
 from skipray.core.lora import AdapterLinears
 
 LayerRun = tuple[slice | torch.Tensor, int | None] | None
-
-
-def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, signed_sin)`` for ``apply_rope``: ``signed_sin`` is ``sin`` with its first half negated."""
-    half = sin.shape[-1] // 2
-    return cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (RoFormer, Su et al. 2021, arXiv 2104.09864, eq. 34) in Hugging Face's
-    half-split layout: ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x) = cat(-x2, x1)``. As
-    ``roll(x, d/2) * signed_sin`` is ``cat(x2 * -sin1, x1 * sin2)``, the same numbers (a sign flip is
-    exact), it costs four tensor ops instead of six, once per layer for q and k."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class SkipModel(nn.Module):
@@ -73,6 +62,7 @@ class SkipModel(nn.Module):
         self.hf = hf_model
         self.linear = PackedLinears(packed_linears)  # linear(module, x) == module(x)
         self.lora = AdapterLinears(self.linear)  # lin(modules, x, adapter): LoRA only where adapter marks
+        self.fast_layers: dict = {}  # skipray.core.fastpath's resolved layers, checked on every pass
         cfg = hf_model.config
         self.arch = cfg.model_type
         if self.arch not in FAMILIES:
@@ -287,6 +277,35 @@ def _heads_part(x: torch.Tensor, sizes: list[tuple[int, int]], j: int) -> torch.
     return x[0, :, off : off + b * t].reshape(x.shape[1], b, t, x.shape[-1]).transpose(0, 1)
 
 
+def _attend(l: int, s: Segment, st: _State, rows, cols: int, whole: bool, q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, scale: float, cache: KVCache | None, prefix: KVCache | None) -> torch.Tensor:
+    """Layer ``l``'s attention for rows ``rows`` and columns ``:cols`` of segment ``s`` (``whole``: all of
+    them): RoPE, then with a cache the write of ``k``/``v`` and attention over the rows' slots, without one
+    causal attention over the columns (after ``prefix``'s prompt). -> ``(b, heads, cols, head_dim)``."""
+    dev = q.device
+    if st.rope is not None:
+        cos, sin = st.rope if whole else (st.rope[0][rows, :, :cols], st.rope[1][rows, :, :cols])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    b = s.tokens.shape[0]
+    if cache is not None:
+        cr = _compose(s.cache_rows, rows, b, dev)
+        start = s.start if isinstance(s.start, int) else s.start[rows]
+        cache.write(l, cr, start, k, v, end=st.end if whole else None)  # on every row the pass's end is these rows'
+        k, v = cache.buffers(l, cr, st.end)  # a layer's cache may be shorter than the pass's span
+        cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # see _attention
+        mask = _mask(st, cache, rows, cr, k.shape[2], torch.float32 if cpu_bf16 else q.dtype)
+    else:
+        idx = torch.arange(cols, device=dev)
+        causal_t = idx[None, :, None] >= idx[None, None, :]
+        mask = (s.real[rows, None, :cols] & causal_t) | torch.eye(cols, dtype=torch.bool, device=dev)
+        if prefix is not None:
+            pk, pv, readable = prefix.keys(l, _compose(slice(None), rows, b, dev), st.prefix_len)
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+            mask = torch.cat([readable[:, None, :].expand(-1, cols, -1), mask], -1)
+        mask = mask[:, None]
+    return _attention(q, k, v, mask, scale)
+
+
 def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: KVCache | None) -> list[torch.Tensor]:
     """The layer loop behind ``forward`` and ``forward_segments``."""
     for s in segs:
@@ -312,7 +331,12 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             st.causal = span[None, None, :] <= qslots[:, :, None]  # (b, t, end)
             st.diag = span[None, None, :] == qslots[:, :, None]
         states.append(st)
-    for l, layer in enumerate(model.layers):
+    kernels = layer_kernels(model, segs, states, cache)  # the lean loop where the pass allows (fastpath)
+    if kernels is not None:
+        s, st = segs[0], states[0]
+        st.h = run_layers(kernels, st.h, lambda l, q, k, v, scale: _attend(
+            l, s, st, slice(None), s.tokens.shape[1], True, q, k, v, scale, cache, None))
+    for l, layer in enumerate(model.layers if kernels is None else ()):
         runs = []  # (segment, rows, cols, whole) of the segments that run this layer; whole: all rows and columns
         for i, s in enumerate(segs):
             if s.plan[l] is None:
@@ -342,32 +366,8 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         q, k, v, scale = model.qkv(layer, model.attn_norm(layer, x), am)
         outs = []
         for j, (i, rows, cols, whole) in enumerate(runs):
-            s, st = segs[i], states[i]
             qj, kj, vj = (_heads_part(y, sizes, j) for y in (q, k, v))
-            if st.rope is not None:
-                cos, sin = st.rope if whole else (
-                    st.rope[0][rows, :, :cols], st.rope[1][rows, :, :cols])
-                qj, kj = apply_rope(qj, cos, sin), apply_rope(kj, cos, sin)
-            b = s.tokens.shape[0]
-            if cache is not None:
-                cr = _compose(s.cache_rows, rows, b, dev)
-                start = s.start if isinstance(s.start, int) else s.start[rows]
-                # on every row the pass's end is these rows' end
-                cache.write(l, cr, start, kj, vj, end=st.end if whole else None)
-                kj, vj = cache.buffers(l, cr, st.end)
-                # a layer's cache may be shorter than the pass's span: its rows never reach past it
-                cpu_bf16 = qj.dtype == torch.bfloat16 and qj.device.type == "cpu"  # see _attention
-                mask = _mask(st, cache, rows, cr, kj.shape[2], torch.float32 if cpu_bf16 else qj.dtype)
-            else:
-                idx = torch.arange(cols, device=dev)
-                causal_t = idx[None, :, None] >= idx[None, None, :]
-                mask = (s.real[rows, None, :cols] & causal_t) | torch.eye(cols, dtype=torch.bool, device=dev)
-                if prefix is not None:
-                    pk, pv, readable = prefix.keys(l, _compose(slice(None), rows, b, dev), st.prefix_len)
-                    kj, vj = torch.cat([pk, kj], 2), torch.cat([pv, vj], 2)
-                    mask = torch.cat([readable[:, None, :].expand(-1, cols, -1), mask], -1)
-                mask = mask[:, None]
-            o = _attention(qj, kj, vj, mask, scale)
+            o = _attend(l, segs[i], states[i], rows, cols, whole, qj, kj, vj, scale, cache, prefix)
             outs.append(o.transpose(1, 2).reshape(sizes[j][0], cols, -1))
         x = x + model.attn_out(layer, _join(outs), am)
         x = x + model.mlp(layer, x, am)
