@@ -22,6 +22,9 @@ Contract: ``python bench/bench_serve.py [--model default] [--duration 30] [--max
   decoding at once, vLLM's ``max_num_seqs``; default 16), one deployment per value and per
   ``--max-num-batched-tokens`` value, side by side: on a CPU every row costs time in every step, so
   fewer rows trade short requests' wait for long requests' speed;
+* ``--priority-long``: the continuous runs send the longest class with ``priority: -1`` (vLLM's request
+  priority; admitted before the default 0), so with ``--max-batch`` below the client count long
+  requests never queue behind short ones;
 * ``--ignore-eos``: every request runs to its ``max_tokens`` (vLLM's ``ignore_eos``), so that in
   ``--max-tokens 16,128`` the long class really is long;
 * ``--only continuous`` skips the direct engine and the static deployment (quicker A/B runs);
@@ -175,7 +178,7 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
 
 
 def load_run(url: str, clients: int, duration: float, max_tokens: list[int], model: str,
-             mix: dict | None = None, ignore_eos: bool = False) -> dict:
+             mix: dict | None = None, ignore_eos: bool = False, priority_long: bool = False) -> dict:
     import requests
 
     lat, toks, errors, by_len = [], [], [], {}
@@ -190,6 +193,8 @@ def load_run(url: str, clients: int, duration: float, max_tokens: list[int], mod
                 body = {"model": model, "prompt": PROMPTS[(k + i) % 16], "temperature": 0, "max_tokens": n}
                 if ignore_eos:
                     body["ignore_eos"] = True
+                if priority_long and n == max(max_tokens):
+                    body["priority"] = -1  # vLLM's request priority: admitted before the default 0
                 if mix is not None and (k + i) % 2:
                     body["skip"] = mix
                 t0 = time.perf_counter()
@@ -240,6 +245,8 @@ def main() -> int:
                     help="chunked prefill in the continuous engine: tokens per iteration (>= 16); default: off")
     ap.add_argument("--max-batch", default="16", metavar="N[,M]",
                     help="the continuous deployment's max_batch (rows decoding at once); a comma list sweeps it")
+    ap.add_argument("--priority-long", action="store_true",
+                    help="continuous runs: the longest max_tokens class is sent with priority -1 (admitted first)")
     ap.add_argument("--only", choices=["all", "continuous"], default="all",
                     help="'continuous': skip the direct engine and the static @serve.batch deployment")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
@@ -286,10 +293,10 @@ def main() -> int:
             serve.run(build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
                       name="continuous", route_prefix="/c")
             mode = "continuous" if chunk is None else f"continuous, chunked {chunk}"
-            mode += "" if rows_cap == 16 else f", max_batch {rows_cap}"
+            mode += ("" if rows_cap == 16 else f", max_batch {rows_cap}") + (", long first" if args.priority_long else "")
             for n in levels:
                 r = repeat(lambda: load_run(f"{base}/c/v1/completions", n, args.duration, max_tokens, "m",
-                                            ignore_eos=eos))
+                                            ignore_eos=eos, priority_long=args.priority_long))
                 rows.append(dict(r, mode=mode, max_num_batched_tokens=chunk, max_batch=rows_cap))
                 print(f"{mode}, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
                       f"p50 by max_tokens {fmt(r)}", flush=True)
@@ -321,7 +328,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "max_tokens": max_tokens, "duration_s": args.duration,
                                "threads": args.threads, "runs": args.runs, "skip_mix": mix,
-                               "max_num_batched_tokens": chunks, "max_batch": batches, "ignore_eos": eos, "only": args.only,
+                               "max_num_batched_tokens": chunks, "max_batch": batches, "priority_long": args.priority_long, "ignore_eos": eos, "only": args.only,
                                "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -63,6 +63,16 @@ def test_queue_bound_and_offline_class():
     assert len(s.offline_waiting) == 1
 
 
+def test_online_requests_are_admitted_by_priority_then_arrival():
+    s = Scheduler(max_batch=2)
+    for rid, prio in [("a", 0), ("b", 1), ("c", -1), ("d", 0), ("e", -1)]:
+        r = req(rid)
+        r.priority = prio
+        s.add(r)
+    assert [r.request_id for r in s.take_admissions()] == ["c", "e"]  # lower first, then first come
+    assert [r.request_id for r in s.waiting] == ["a", "d", "b"]
+
+
 def test_rows_follow_their_requests_and_layers_run_on_one_range():
     s = Scheduler(max_batch=6)
     rows = Rows(s)

@@ -153,6 +153,22 @@ def test_ignore_eos_generates_through_eos(app, monkeypatch):
         client.completions.create(model="tiny", prompt=ids, max_tokens=6, extra_body={"ignore_eos": "yes"})
 
 
+def test_priority_reaches_the_scheduler(app, monkeypatch):
+    seen = []
+    add = app["engine"].add_request
+
+    def spy(*a, **kw):
+        seen.append(kw.get("priority"))
+        return add(*a, **kw)
+
+    monkeypatch.setattr(app["engine"], "add_request", spy)
+    client = oai(app)
+    out = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2, extra_body={"priority": -3})
+    assert out.usage.completion_tokens == 2 and seen == [-3]
+    with pytest.raises(Exception, match="priority"):  # an int, strictly
+        client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2, extra_body={"priority": "high"})
+
+
 def test_openai_completion_logprobs_stream_and_whole_agree(app):
     c = oai(app)
     kw = {"model": "tiny", "prompt": "The cat", "max_tokens": 6, "temperature": 0, "logprobs": 3}

@@ -143,7 +143,7 @@ class Engine:
                     f"sized for {self.cache_schedule.describe()} and prompts of at most {self.max_prompt_len} tokens")
 
     def _request(self, prompt: Sequence[int], params: SamplingParams, schedule: SkipSchedule | None,
-                 request_id: str | None, offline: bool = False) -> Request:
+                 request_id: str | None, offline: bool = False, priority: int = 0) -> Request:
         schedule = schedule or self.schedule
         check_schedule(schedule, self.model.num_layers)
         validate_request(prompt, params, self.model.vocab_size, self.model.max_positions)
@@ -153,7 +153,8 @@ class Engine:
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         except (RuntimeError, OverflowError) as e:
             raise ValueError(f"invalid seed {params.seed}: {e}") from None
-        return Request(request_id or f"req-{next(self._ids)}", list(prompt), params, schedule, gen, offline)
+        return Request(request_id or f"req-{next(self._ids)}", list(prompt), params, schedule, gen, offline,
+                       priority=priority)
 
     def add_request(
         self,
@@ -162,10 +163,12 @@ class Engine:
         schedule: SkipSchedule | None = None,
         request_id: str | None = None,
         offline: bool = False,
+        priority: int = 0,
     ) -> str:
         """Queue a request; it joins the batch at the next iteration with a free row. -> request id.
+        ``priority``: online requests are admitted lower value first (vLLM's; ``skipray.core.scheduler``).
         Raises ``ValueError`` for invalid input and ``QueueFull`` when ``max_waiting`` online requests wait."""
-        req = self._request(prompt, params, schedule, request_id, offline)
+        req = self._request(prompt, params, schedule, request_id, offline, priority)
         self._check_fits(req)
         self.scheduler.add(req)
         return req.request_id

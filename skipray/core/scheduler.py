@@ -4,7 +4,8 @@ Contract (no torch; ``skipray.core.engine.Engine`` drives it and applies its dec
 
 * Queues: ``add`` puts a ``Request`` in the online queue (bounded by ``max_waiting``: ``QueueFull``
   beyond it) or, with ``offline=True``, in the offline queue (unbounded). Online requests are admitted
-  first come, first served; offline ones only when no online request waits, holding at most
+  by ``priority`` (vLLM's: lower first, default 0), first come, first served within one priority (no
+  preemption: a running request keeps its row); offline ones only when no online request waits, holding at most
   ``max_offline_rows`` rows at once (default: all but a quarter of ``max_batch``), so online arrivals
   find rows free. ``abort`` may be called from any thread; ``take_aborts`` applies the aborts.
 * Admission: ``take_admissions`` (prefill in one right-padded pass) takes requests into free rows
@@ -47,6 +48,7 @@ class Request:
     schedule: SkipSchedule
     generator: Any = None
     offline: bool = False  # the offline admission class
+    priority: int = 0  # online admission order: lower first (vLLM's request priority)
     seq: int = -1  # admission order
     prefilled: int = 0  # prompt tokens in the cache (chunked prefill)
     generated: list[int] = field(default_factory=list)
@@ -94,7 +96,10 @@ class Scheduler:
                 return
             if bounded and len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests already waiting")
-            self.waiting.append(req)
+            at = len(self.waiting)  # behind every request of the same or a lower priority value
+            while at > 0 and self.waiting[at - 1].priority > req.priority:
+                at -= 1
+            self.waiting.insert(at, req)
 
     def abort(self, request_id: str) -> None:
         """Mark a request aborted; ``take_aborts`` drops it at the next iteration (unknown ids: nothing)."""

@@ -76,9 +76,10 @@ class EngineLoop:
         self._stop = True
         self._wake.set()
 
-    async def generate(self, prompt: list[int], params, schedule=None, offline: bool = False) -> AsyncIterator[Any]:
+    async def generate(self, prompt: list[int], params, schedule=None, offline: bool = False,
+                       priority: int = 0) -> AsyncIterator[Any]:
         """Submit a request and yield its engine events (see the module contract); ``offline``: the
-        engine's offline admission class (``skipray.core.scheduler``)."""
+        engine's offline admission class, ``priority``: its online admission order (``skipray.core.scheduler``)."""
         if not self.alive:
             raise LoopStopped("the engine loop is not running")
         rid = uuid.uuid4().hex
@@ -87,7 +88,7 @@ class EngineLoop:
             self._sinks[rid] = sink
         done = False
         try:
-            self.engine.add_request(prompt, params, schedule, request_id=rid, offline=offline)
+            self.engine.add_request(prompt, params, schedule, request_id=rid, offline=offline, priority=priority)
             self._wake.set()
             while True:
                 item = await sink.queue.get()

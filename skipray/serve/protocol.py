@@ -139,6 +139,7 @@ class _Common(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(0, ge=-1)  # vLLM extension; 0 or -1: off
     ignore_eos: StrictBool = False  # vLLM extension: generate through EOS up to the token limit (benchmarks)
+    priority: StrictInt = Field(0, ge=-INT64, lt=INT64)  # vLLM extension: admission order, lower first
     seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] = Field(default_factory=list)
     stream: StrictBool = False

@@ -149,7 +149,7 @@ class OpenAIServer:
         try:
             req, ids = self._parse(body, chat)
             params, schedule, top = self._prepare(req, ids)
-            events = self.loop.generate(ids, params, schedule)
+            events = self.loop.generate(ids, params, schedule, priority=req.priority)
             try:
                 first = await anext(events)  # surfaces 400/503/500 before any byte is sent
             except BaseException:  # also cancelled (client gone) while waiting: free the row
