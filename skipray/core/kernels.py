@@ -25,7 +25,7 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def _stamp(modules: tuple[nn.Module, ...]) -> list[tuple]:
+def stamp(modules: tuple[nn.Module, ...]) -> list[tuple]:
     """What a pack of ``modules`` was made from: per weight and bias its parameter dict, name, tensor, storage
     and version, so ``fresh`` can tell a stale pack with plain reads (no ``nn.Module.__getattr__``)."""
     return [(m._parameters, n, t, t.data_ptr(), t._version)
@@ -58,14 +58,14 @@ class PackedLinears:
         hit = self._packs.get(module)
         if hit is None or not fresh(hit[0]):
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in any mode
-                hit = (_stamp((module,)), torch.ops.mkldnn._reorder_linear_weight(module.weight.detach()))
+                hit = (stamp((module,)), torch.ops.mkldnn._reorder_linear_weight(module.weight.detach()))
             self._packs[module] = hit
         return hit[1]
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.usable(module, x):
             return module(x)
-        bias = module._parameters["bias"]  # not module.bias: see _stamp
+        bias = module._parameters["bias"]  # not module.bias: see stamp
         return self._guarded(lambda: torch.ops.mkldnn._linear_pointwise(x, self.pack(module), bias, "none", [], ""),
                              lambda: module(x))
 
@@ -104,7 +104,7 @@ class PackedLinears:
             with torch.inference_mode(False), torch.no_grad():
                 w = torch.cat([m.weight.detach() for m in modules])  # one dtype: each is usable with x
                 bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
-                hit = self._fused[modules] = (_stamp(modules), torch.ops.mkldnn._reorder_linear_weight(w), bias,
+                hit = self._fused[modules] = (stamp(modules), torch.ops.mkldnn._reorder_linear_weight(w), bias,
                                               [m.out_features for m in modules])
             return hit
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipray.core.kernels import PackedLinears, _stamp, fresh
+from skipray.core.kernels import PackedLinears, fresh, stamp
 
 
 class AdapterLinears:
@@ -30,7 +30,7 @@ class AdapterLinears:
         self.merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights
         self.low_ranks: dict[nn.Module, tuple[tuple, list]] = {}  # LoRA layer -> [(A, B * scaling)]
         self._last: tuple[torch.Tensor, bool, bool] | None = None  # see _flags
-        self._resolved: dict[tuple, tuple] = {}  # (modules, merged) -> (stamp, tensors, what to run), see _resolve
+        self._resolved: dict[tuple, tuple] = {}  # (modules, merged) -> (LoRA layers and flags, weight stamps, what to run): _resolve
 
     def __call__(self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None) -> list[torch.Tensor]:
         """-> one output per module (the module docstring's rules; where fused, views of one result).
@@ -62,7 +62,7 @@ class AdapterLinears:
         lora = [merged and hasattr(m, "base_layer") and not m.merged and not m.disable_adapters for m in modules]
         run = tuple(self._merged(m) if on else getattr(m, "base_layer", m) for m, on in zip(modules, lora))
         loras = [(m, self._peft_flags(m)) for m in modules if hasattr(m, "lora_A")]
-        weights = _stamp(tuple(o for m, on in zip(modules, lora) if on for o in self._merge_inputs(m)))
+        weights = stamp(tuple(o for m, on in zip(modules, lora) if on for o in self._merge_inputs(m)))
         self._resolved[key] = (loras, weights, run)
         return run
 
