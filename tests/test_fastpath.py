@@ -94,3 +94,38 @@ def test_fast_loop_follows_peft_toggles_and_weight_updates():
     plain_after, _ = passes(base, adapter=True)
     for a, p in zip(after, plain_after):
         torch.testing.assert_close(a, p, atol=2e-5, rtol=1e-4)
+
+
+def test_fast_loop_follows_peft_merge_replaced_layers_and_adapters_and_cleared_packs():
+    """Writes peft makes through ``.data`` (merge), a replaced decoder layer, a replaced adapter module
+    and ``PackedLinears.clear()``: the fast loop's next pass reads the model as it is now."""
+    import copy
+
+    hf = tiny_llama()
+    peft_model = with_random_lora(hf)
+    model = SkipModel(hf)
+
+    def check(adapter: bool):
+        got, seen = passes(model, adapter)
+        want, _ = passes(SkipModel(hf, packed_linears=False), adapter)
+        assert all(k is not None for k in seen)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+    check(False)
+    check(True)
+    peft_model.merge_adapter()  # base weights += delta through .data: no version bump
+    check(False)
+    peft_model.unmerge_adapter()
+    check(True)
+    layers = hf.model.layers
+    layers[1] = copy.deepcopy(layers[2])  # a replaced decoder layer
+    check(False)
+    q = layers[0].self_attn.q_proj
+    name = q.active_adapters[0]
+    q.lora_B[name] = torch.nn.Linear(q.lora_B[name].in_features, q.lora_B[name].out_features, bias=False)
+    check(True)  # a replaced adapter module
+    nbytes = model.linear.nbytes
+    model.linear.clear()
+    check(True)
+    assert 0 < model.linear.nbytes <= nbytes  # repacked once (without the replaced layer's), not held twice

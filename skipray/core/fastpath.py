@@ -54,6 +54,7 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
     if cache is None or len(segs) != 1 or torch.is_grad_enabled() or not isinstance(fam, LlamaFamily):
         return None
     if fam.qk_norm or not fam.silu or not model.linear.enabled:
+        model.fast_layers.clear()  # packing off (or failed on this CPU): hold no packs
         return None
     s, st = segs[0], states[0]
     x = st.h
@@ -72,9 +73,9 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
         if (cols is not None and cols < t) or not isinstance(rows, slice) or rows.step not in (None, 1) \
                 or (rows.start or 0) != 0 or (rows.stop is not None and rows.stop < b):
             return None  # some rows or columns only: the generic loop
-        key = (l, use, x.dtype)
+        key = (l, use)  # one entry per layer and adapter use: a dtype change replaces it
         hit = model.fast_layers.get(key)
-        if hit is None or not _still_valid(model, *hit[1:]):
+        if hit is None or hit[1] != x.dtype or not _still_valid(model, *hit[2:]):
             hit = _resolve_layer(model, l, use, x)
             if hit is None:
                 return None
@@ -88,23 +89,34 @@ def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> tuple | None:
     layer = model.layers[l]
     attn, mlp = layer.self_attn, layer.mlp
     groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
-    packs = [model.linear.packed(model.lora._resolve(g, use), x) for g in groups]
+    runs = [model.lora._resolve(g, use) for g in groups]
+    packs = [model.linear.packed(r, x) for r in runs]
     if any(p is None for p in packs):
         return None
-    links = [(parent._modules, name, parent._modules[name]) for parent, names in (
-        (layer, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
-        (attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj"))) for name in names]
+    links = [(model.layers._modules, str(l), layer)] + [
+        (parent._modules, name, parent._modules[name]) for parent, names in (
+            (layer, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
+            (attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj")))
+        for name in names]
+    links += [(r, model.linear.entry(r)) for r in runs]  # the packs are still PackedLinears' own
     kernels = LayerKernels(l, layer.input_layernorm, *packs[:2], layer.post_attention_layernorm, *packs[2:],
                            (model.num_heads, model.kv_heads, model.head_dim), attn.scaling)
     deps = [model.lora.depends(g, use) for g in groups]
-    return kernels, links, [p[0] for p in packs], ([x for d in deps for x in d[0]], [x for d in deps for x in d[1]])
+    return (kernels, x.dtype, links, [p[0] for p in packs],
+            ([x for d in deps for x in d[0]], ([x for d in deps for x in d[1][0]], [x for d in deps for x in d[1][1]])))
 
 
 def _still_valid(model, links: list, stamps: list, lora: tuple) -> bool:
-    """Whether a layer's kernels still hold: the same submodules, packs made from the tensors the modules
-    hold now, and (for merged adapter weights) the same peft flags and adapter tensors. A few plain reads
+    """Whether a layer's kernels still hold: the same layer and submodules, packs that ``PackedLinears``
+    still holds, made from the tensors the modules hold now, and the same peft flags and adapter tensors. A few plain reads
     per module, against a dozen ``nn.Module.__getattr__`` calls and checks to resolve anew."""
-    return all(d.get(n) is m for d, n, m in links) and all(fresh(s) for s in stamps) and model.lora.fresh(*lora)
+    for link in links:
+        if len(link) == 2:  # (modules run, PackedLinears entry)
+            if model.linear.entry(link[0]) is not link[1]:
+                return False
+        elif link[0].get(link[1]) is not link[2]:
+            return False
+    return all(fresh(s) for s in stamps) and model.lora.fresh(*lora)
 
 
 def run_layers(kernels: list[LayerKernels | None], h: torch.Tensor, attend: Attend) -> torch.Tensor:

@@ -4,9 +4,10 @@ Contract: ``PackedLinears()(module, x)`` returns ``module(x)``. Where it can, it
 product with oneDNN from a copy of the weight prepacked into oneDNN's blocked layout: a plain
 ``nn.Linear``, fp32 or bf16 input and weight (one dtype) on the CPU, no autograd (training and LoRA
 layers go through the module as usual), a torch built with oneDNN. Otherwise, or if oneDNN fails on
-this CPU, it calls the module. A pack is remade when its weight changes (an optimizer step bumps the
-tensor's version; ``.to()`` moves its storage), so a model that is trained and then decoded never
-reads a stale pack. Results equal ``F.linear``'s up to summation order (about 1e-6 relative in fp32).
+this CPU, it calls the module. A pack is remade when its weight or bias changes (an optimizer step
+bumps the tensor's version; ``.to()`` moves its storage; assignment replaces the tensor), so a model
+that is trained and then decoded never reads a stale pack. Writes through ``.data`` bump no version:
+after them call ``forget(module)`` or ``clear()`` (``AdapterLinears`` does when peft merges or unmerges). Results equal ``F.linear``'s up to summation order (about 1e-6 relative in fp32).
 
 Why: on this project's CPU (AVX-512, one thread) ``F.linear`` in fp32 runs MKL's sgemm, and the
 prepacked oneDNN kernel ran the default model's matmuls 1.8x faster at batch 1 and 2.3x at batch 8 to
@@ -125,6 +126,17 @@ class PackedLinears:
             self.enabled = False
             self.clear()
             return fallback()
+
+    def entry(self, modules: tuple[nn.Module, ...]):
+        """The cache entry a ``packed(modules, ...)`` answer comes from (``None`` once forgotten or cleared)."""
+        return self._packs.get(modules[0]) if len(modules) == 1 else self._fused.get(modules)
+
+    def forget(self, module: nn.Module) -> None:
+        """Drop the packs made from ``module`` (alone or fused): for weights changed where tensor versions
+        do not show it (writes through ``.data``, as peft's merge does), and for modules that are gone."""
+        self._packs.pop(module, None)
+        for key in [k for k in self._fused if module in k]:
+            del self._fused[key]
 
     def clear(self) -> None:
         """Drop every pack (frees their memory; they are remade on next use)."""

@@ -30,7 +30,7 @@ class AdapterLinears:
         self.merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights
         self.low_ranks: dict[nn.Module, tuple[tuple, list]] = {}  # LoRA layer -> [(A, B * scaling)]
         self._last: tuple[torch.Tensor, bool, bool] | None = None  # see _flags
-        self._resolved: dict[tuple, tuple] = {}  # (modules, merged) -> (LoRA layers and flags, weight stamps, what to run): _resolve
+        self._resolved: dict[tuple, tuple] = {}  # (modules, merged) -> (LoRA layers and flags, links and stamps, run)
 
     def __call__(self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None) -> list[torch.Tensor]:
         """-> one output per module (the module docstring's rules; where fused, views of one result).
@@ -59,41 +59,53 @@ class AdapterLinears:
         key = (modules, merged)
         if self.still_resolved(modules, merged):
             return self._resolved[key][2]
+        old = self._resolved.get(key)
+        for m, flags in old[0] if old else ():
+            if self._peft_flags(m) != flags:  # peft merged or unmerged through .data: no version bump
+                self.linear.forget(m.base_layer)
         lora = [merged and hasattr(m, "base_layer") and not m.merged and not m.disable_adapters for m in modules]
         run = tuple(self._merged(m) if on else getattr(m, "base_layer", m) for m, on in zip(modules, lora))
         loras = [(m, self._peft_flags(m)) for m in modules if hasattr(m, "lora_A")]
-        weights = stamp(tuple(o for m, on in zip(modules, lora) if on for o in self._merge_inputs(m)))
-        self._resolved[key] = (loras, weights, run)
+        inputs = [o for m, on in zip(modules, lora) if on for o in self._merge_inputs(m)]
+        links = [(m._modules, "base_layer", m.base_layer) for m, _ in loras] + [
+            (d._modules, n, d[n]) for m, on in zip(modules, lora) if on
+            for n in self._names(m) for d in (m.lora_A, m.lora_B)]
+        self._resolved[key] = (loras, (links, stamp(tuple(inputs))), run)
         return run
 
     def still_resolved(self, modules: tuple[nn.Module, ...], merged: bool) -> bool:
         """Whether ``_resolve(modules, merged)`` has an answer that nothing it depends on has changed since."""
         hit = self._resolved.get((modules, merged))
-        return hit is not None and (not merged or self.fresh(*hit[:2]))  # base layers: fixed
+        return hit is not None and self.fresh(*hit[:2])
 
     def depends(self, modules: tuple[nn.Module, ...], merged: bool) -> tuple[list, list]:
         """What the (made) answer of ``_resolve(modules, merged)`` depends on, for ``fresh``: (LoRA layers with
-        their peft flags, weight stamps); nothing for base layers."""
+        their peft flags, (submodule links, weight stamps))."""
         loras, weights, _ = self._resolved[(modules, merged)]
-        return (loras, weights) if merged else ([], [])
+        return loras, weights
 
     @staticmethod
     def _peft_flags(m: nn.Module) -> tuple:
-        return m.merged, m.disable_adapters, m.active_adapter
+        return m.merged, m.disable_adapters, tuple(m.active_adapters)
 
-    def fresh(self, loras: list[tuple[nn.Module, tuple]], weights: list[tuple]) -> bool:
+    def fresh(self, loras: list[tuple[nn.Module, tuple]], weights: tuple[list, list]) -> bool:
         """Whether a ``_resolve`` answer still holds: the LoRA layers' peft flags and active adapters are
-        as they were, and each weight it read is still its module's, at the same storage and version."""
+        as they were, their base layers and adapter submodules are the same modules, and each weight it
+        read is still its module's, at the same storage and version."""
         for m, flags in loras:
             if self._peft_flags(m) != flags:
                 return False
-        return fresh(weights)
+        links, stamps = weights
+        return all(d.get(n) is o for d, n, o in links) and fresh(stamps)
+
+    @staticmethod
+    def _names(module: nn.Module) -> list[str]:
+        return [n for n in module.active_adapters if n in module.lora_A]
 
     @staticmethod
     def _merge_inputs(module: nn.Module) -> list[nn.Module]:
         """The modules whose weights a merge of ``module`` reads: its base layer and each active adapter's A and B."""
-        names = [n for n in module.active_adapters if n in module.lora_A]
-        return [module.base_layer] + [w for n in names for w in (module.lora_A[n], module.lora_B[n])]
+        return [module.base_layer] + [w for n in AdapterLinears._names(module) for w in (module.lora_A[n], module.lora_B[n])]
 
     def _flags(self, adapter: torch.Tensor | None) -> tuple[bool, bool]:
         """(any, all) of the adapter mask, remembered for the last mask seen: a pass hands every linear
@@ -124,11 +136,14 @@ class AdapterLinears:
         """``make(names)`` for ``module``'s active LoRA adapters, cached in ``store`` and remade when the
         weights it reads change (tensor versions), so training then decoding never reads stale weights.
         Built outside inference mode: normal tensors, usable in any mode."""
-        names = [n for n in module.active_adapters if n in module.lora_A]
-        parts = [m.weight for m in self._merge_inputs(module)[(0 if with_base else 1):]]
-        key = tuple((p.data_ptr(), p._version) for p in parts)
+        names = self._names(module)
+        parts = [t for m in self._merge_inputs(module)[(0 if with_base else 1):]
+                 for t in (m.weight, m.bias) if t is not None]
+        key = (tuple((p.data_ptr(), p._version) for p in parts), tuple(module.scaling[n] for n in names))
         hit = store.get(module)
         if hit is None or hit[0] != key:
+            if hit is not None and isinstance(hit[1], nn.Module):
+                self.linear.forget(hit[1])  # the replaced merged layer's pack goes with it
             with torch.inference_mode(False), torch.no_grad():
                 hit = store[module] = (key, make(names))
         return hit[1]
