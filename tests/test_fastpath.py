@@ -129,3 +129,19 @@ def test_fast_loop_follows_peft_merge_replaced_layers_and_adapters_and_cleared_p
     model.linear.clear()
     check(True)
     assert 0 < model.linear.nbytes <= nbytes  # repacked once (without the replaced layer's), not held twice
+
+
+def test_a_failing_onednn_product_in_the_fast_loop_falls_back_to_the_generic_loop(monkeypatch):
+    hf = tiny_llama()
+    model, generic = SkipModel(hf), SkipModel(hf, packed_linears=False)
+    want, _ = passes(generic, adapter=False)
+    passes(model, adapter=False)  # packs made, fast kernels resolved
+
+    def refuse(x, packed):
+        raise RuntimeError("oneDNN cannot run here")
+
+    monkeypatch.setattr(fastpath.PackedLinears, "apply", staticmethod(refuse))
+    got, seen = passes(model, adapter=False)
+    assert seen[0] is not None and not model.linear.enabled and not model.linear.nbytes
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
