@@ -328,7 +328,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "max_tokens": max_tokens, "duration_s": args.duration,
                                "threads": args.threads, "runs": args.runs, "skip_mix": mix,
-                               "max_num_batched_tokens": chunks, "max_batch": batches, "priority_long": args.priority_long, "ignore_eos": eos, "only": args.only,
+                               "max_num_batched_tokens": chunks, "max_batch": batches,
+                               "priority_long": args.priority_long, "ignore_eos": eos, "only": args.only,
                                "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -211,7 +211,7 @@ def test_merged_inference_weights_follow_adapter_updates():
 
 
 def test_inference_linears_follow_peft_flags_and_replaced_adapter_weights():
-    """The cached choice of merged or base weights (``AdapterLinears._resolve``) follows peft's
+    """The cached choice of merged or base weights (``AdapterLinears.resolve``) follows peft's
     ``disable_adapter`` and an adapter weight assigned anew, not only in-place updates."""
     hf = tiny_llama()
     peft_model = with_random_lora(hf)

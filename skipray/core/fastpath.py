@@ -4,7 +4,7 @@ Contract: ``layer_kernels(model, segs, states, cache)`` -> for each layer a ``La
 the pass skips the layer), or ``None`` when the pass does not qualify; ``run_layers(kernels, h, attend)``
 -> the hidden state after those layers. The arithmetic is the generic loop's (``skipray.core.model._run``):
 the same norms, the same prepacked products (``PackedLinears.packed``, made and checked for staleness as
-there) of the same modules (``AdapterLinears._resolve``: base weights, or merged skip-adapter weights where
+there) of the same modules (``AdapterLinears.resolve``: base weights, or merged skip-adapter weights where
 every position uses the adapter), and attention through the caller's ``attend`` (the generic loop's
 ``_attend``: RoPE, cache write, mask, ``scaled_dot_product_attention``). So both loops give the same logits
 (tests compare them); this one is shorter per layer: one resolution per layer and pass, then a dozen tensor
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipray.core.architectures import LlamaFamily, rms_norm
-from skipray.core.kernels import PackedLinears, fresh
+from skipray.core.kernels import PackedLinears, fresh, linked
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]  # (layer, q, k, v, scale) -> o
 
@@ -61,7 +61,7 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     b, t = s.tokens.shape
-    use, every = model.lora._flags(st.adapter)
+    use, every = model.lora.flags(st.adapter)
     if use and not every:
         return None
     out: list[LayerKernels | None] = []
@@ -85,11 +85,12 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
 
 
 def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> tuple | None:
-    """Layer ``l``'s kernels and what they depend on: (kernels, module links, pack stamps, LoRA groups)."""
+    """Layer ``l``'s kernels and what they depend on: (kernels, dtype, module links, pack entries, pack
+    stamps, LoRA dependencies)."""
     layer = model.layers[l]
     attn, mlp = layer.self_attn, layer.mlp
     groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
-    runs = [model.lora._resolve(g, use) for g in groups]
+    runs = [model.lora.resolve(g, use) for g in groups]
     packs = [model.linear.packed(r, x) for r in runs]
     if any(p is None for p in packs):
         return None
@@ -98,25 +99,19 @@ def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> tuple | None:
             (layer, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
             (attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj")))
         for name in names]
-    links += [(r, model.linear.entry(r)) for r in runs]  # the packs are still PackedLinears' own
+    entries = [(r, model.linear.entry(r)) for r in runs]  # the packs are still PackedLinears' own
     kernels = LayerKernels(l, layer.input_layernorm, *packs[:2], layer.post_attention_layernorm, *packs[2:],
                            (model.num_heads, model.kv_heads, model.head_dim), attn.scaling)
-    deps = [model.lora.depends(g, use) for g in groups]
-    return (kernels, x.dtype, links, [p[0] for p in packs],
-            ([x for d in deps for x in d[0]], ([x for d in deps for x in d[1][0]], [x for d in deps for x in d[1][1]])))
+    return kernels, x.dtype, links, entries, [p[0] for p in packs], model.lora.depends(list(groups), use)
 
 
-def _still_valid(model, links: list, stamps: list, lora: tuple) -> bool:
+def _still_valid(model, links: list, entries: list, stamps: list, lora: tuple) -> bool:
     """Whether a layer's kernels still hold: the same layer and submodules, packs that ``PackedLinears``
-    still holds, made from the tensors the modules hold now, and the same peft flags and adapter tensors. A few plain reads
-    per module, against a dozen ``nn.Module.__getattr__`` calls and checks to resolve anew."""
-    for link in links:
-        if len(link) == 2:  # (modules run, PackedLinears entry)
-            if model.linear.entry(link[0]) is not link[1]:
-                return False
-        elif link[0].get(link[1]) is not link[2]:
-            return False
-    return all(fresh(s) for s in stamps) and model.lora.fresh(*lora)
+    still holds, made from the tensors the modules hold now, and the same peft flags and adapter tensors.
+    A few plain reads per module, against a dozen ``nn.Module.__getattr__`` calls and checks to resolve
+    anew."""
+    return (linked(links) and all(model.linear.entry(r) is e for r, e in entries)
+            and all(fresh(s) for s in stamps) and model.lora.fresh(*lora))
 
 
 def run_layers(kernels: list[LayerKernels | None], h: torch.Tensor, attend: Attend) -> torch.Tensor:

@@ -7,7 +7,8 @@ layers go through the module as usual), a torch built with oneDNN. Otherwise, or
 this CPU, it calls the module. A pack is remade when its weight or bias changes (an optimizer step
 bumps the tensor's version; ``.to()`` moves its storage; assignment replaces the tensor), so a model
 that is trained and then decoded never reads a stale pack. Writes through ``.data`` bump no version:
-after them call ``forget(module)`` or ``clear()`` (``AdapterLinears`` does when peft merges or unmerges). Results equal ``F.linear``'s up to summation order (about 1e-6 relative in fp32).
+after them call ``forget(module)`` or ``clear()`` (``AdapterLinears`` does when peft merges or
+unmerges). Results equal ``F.linear``'s up to summation order (about 1e-6 relative in fp32).
 
 Why: on this project's CPU (AVX-512, one thread) ``F.linear`` in fp32 runs MKL's sgemm, and the
 prepacked oneDNN kernel ran the default model's matmuls 1.8x faster at batch 1 and 2.3x at batch 8 to
@@ -37,6 +38,11 @@ def fresh(stamp: list[tuple]) -> bool:
     """Whether every tensor a pack was made from is still its module's, at the same storage and version
     (an optimizer step bumps the version, ``.to()`` moves the storage, assignment replaces the tensor)."""
     return all(d.get(n) is t and t.data_ptr() == ptr and t._version == v for d, n, t, ptr, v in stamp)
+
+
+def linked(links: list[tuple[dict, str, object]]) -> bool:
+    """Whether each ``(parent._modules, name, module)`` still holds: the parent has not swapped the child."""
+    return all(d.get(n) is o for d, n, o in links)
 
 
 class PackedLinears:
@@ -123,9 +129,13 @@ class PackedLinears:
         try:
             return run()
         except RuntimeError:
-            self.enabled = False
-            self.clear()
+            self.disable()
             return fallback()
+
+    def disable(self) -> None:
+        """Packing off from now on (a oneDNN build that cannot run on this CPU), its packs dropped."""
+        self.enabled = False
+        self.clear()
 
     def entry(self, modules: tuple[nn.Module, ...]):
         """The cache entry a ``packed(modules, ...)`` answer comes from (``None`` once forgotten or cleared)."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipray.core.kernels import PackedLinears, fresh, stamp
+from skipray.core.kernels import PackedLinears, fresh, linked, stamp
 
 
 class AdapterLinears:
@@ -29,7 +29,7 @@ class AdapterLinears:
         self.linear = linear
         self.merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights
         self.low_ranks: dict[nn.Module, tuple[tuple, list]] = {}  # LoRA layer -> [(A, B * scaling)]
-        self._last: tuple[torch.Tensor, bool, bool] | None = None  # see _flags
+        self._last: tuple[torch.Tensor, bool, bool] | None = None  # see flags
         self._resolved: dict[tuple, tuple] = {}  # (modules, merged) -> (LoRA layers and flags, links and stamps, run)
 
     def __call__(self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -37,10 +37,10 @@ class AdapterLinears:
         Raises what the modules or the matmul raise."""
         if torch.is_grad_enabled():  # training: LoRA as peft computes it, masked
             return [self._train(m, x, adapter) for m in modules]
-        use, every = self._flags(adapter)
+        use, every = self.flags(adapter)
         if not use or every:  # one matmul: base weights, or where every position uses the adapter, merged ones
-            return self.linear.many(self._resolve(modules, use), x)
-        ys = self.linear.many(self._resolve(modules, False), x)  # some positions use the adapter: the base,
+            return self.linear.many(self.resolve(modules, use), x)
+        ys = self.linear.many(self.resolve(modules, False), x)  # some positions use the adapter: the base,
         mask = adapter[..., None].to(ys[0].dtype)  # plus the low-rank update on those positions
         for y, m in zip(ys, modules):
             if hasattr(m, "base_layer") and not m.merged and not m.disable_adapters:
@@ -48,7 +48,7 @@ class AdapterLinears:
                     y.addcmul_(F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype), mask)
         return ys
 
-    def _resolve(self, modules: tuple[nn.Module, ...], merged: bool) -> tuple[nn.Module, ...]:
+    def resolve(self, modules: tuple[nn.Module, ...], merged: bool) -> tuple[nn.Module, ...]:
         """What runs for ``modules`` at positions that all use the adapter (``merged``) or none do: each
         module's merged weights (``_merged``) where its adapter is on and ``merged``, else its base layer
         (the module itself when it is not a LoRA layer). Cached with what the answer depends on (each
@@ -74,29 +74,30 @@ class AdapterLinears:
         return run
 
     def still_resolved(self, modules: tuple[nn.Module, ...], merged: bool) -> bool:
-        """Whether ``_resolve(modules, merged)`` has an answer that nothing it depends on has changed since."""
+        """Whether ``resolve(modules, merged)`` has an answer that nothing it depends on has changed since."""
         hit = self._resolved.get((modules, merged))
         return hit is not None and self.fresh(*hit[:2])
 
-    def depends(self, modules: tuple[nn.Module, ...], merged: bool) -> tuple[list, list]:
-        """What the (made) answer of ``_resolve(modules, merged)`` depends on, for ``fresh``: (LoRA layers with
-        their peft flags, (submodule links, weight stamps))."""
-        loras, weights, _ = self._resolved[(modules, merged)]
-        return loras, weights
+    def depends(self, groups: list[tuple[nn.Module, ...]], merged: bool) -> tuple[list, tuple[list, list]]:
+        """What the (made) answers of ``resolve(modules, merged)`` for each of ``groups`` depend on, for one
+        ``fresh`` call: (LoRA layers with their peft flags, (submodule links, weight stamps))."""
+        hits = [self._resolved[(g, merged)] for g in groups]
+        return ([x for h in hits for x in h[0]],
+                ([x for h in hits for x in h[1][0]], [x for h in hits for x in h[1][1]]))
 
     @staticmethod
     def _peft_flags(m: nn.Module) -> tuple:
         return m.merged, m.disable_adapters, tuple(m.active_adapters)
 
     def fresh(self, loras: list[tuple[nn.Module, tuple]], weights: tuple[list, list]) -> bool:
-        """Whether a ``_resolve`` answer still holds: the LoRA layers' peft flags and active adapters are
+        """Whether a ``resolve`` answer still holds: the LoRA layers' peft flags and active adapters are
         as they were, their base layers and adapter submodules are the same modules, and each weight it
         read is still its module's, at the same storage and version."""
         for m, flags in loras:
             if self._peft_flags(m) != flags:
                 return False
         links, stamps = weights
-        return all(d.get(n) is o for d, n, o in links) and fresh(stamps)
+        return linked(links) and fresh(stamps)
 
     @staticmethod
     def _names(module: nn.Module) -> list[str]:
@@ -107,7 +108,7 @@ class AdapterLinears:
         """The modules whose weights a merge of ``module`` reads: its base layer and each active adapter's A and B."""
         return [module.base_layer] + [w for n in AdapterLinears._names(module) for w in (module.lora_A[n], module.lora_B[n])]
 
-    def _flags(self, adapter: torch.Tensor | None) -> tuple[bool, bool]:
+    def flags(self, adapter: torch.Tensor | None) -> tuple[bool, bool]:
         """(any, all) of the adapter mask, remembered for the last mask seen: a pass hands every linear
         layer of a layer (and, on whole batches, of every layer) the same mask tensor, and each check
         is a device read. Masks are never changed in place."""

@@ -338,8 +338,8 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             st.h = run_layers(kernels, st.h, lambda l, q, k, v, scale: _attend(
                 l, s, st, slice(None), s.tokens.shape[1], True, q, k, v, scale, cache, None))
         except RuntimeError:  # as PackedLinears._guarded: packing off, and the generic loop reruns the
-            model.linear.enabled, kernels = False, None  # layers (same cache writes; it raises what is not oneDNN's)
-            model.linear.clear()
+            model.linear.disable()  # layers (same cache writes; it raises what is not oneDNN's)
+            kernels = None
     for l, layer in enumerate(model.layers if kernels is None else ()):
         runs = []  # (segment, rows, cols, whole) of the segments that run this layer; whole: all rows and columns
         for i, s in enumerate(segs):
