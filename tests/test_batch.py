@@ -66,8 +66,17 @@ def write(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path
 
 
 def read_out(out: Path) -> pa.Table:
-    files = sorted(str(p) for p in out.rglob("*.parquet"))
+    files = sorted(str(p) for p in out.rglob("*.parquet") if not any(
+        part.startswith(("_", ".")) for part in p.relative_to(out).parts))
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+
+
+def own_name(k: int = 0) -> str:
+    """A file name of the job's own (``skipray.batch.output.JobFiles``)."""
+    return f"skipray-{k:032x}_{k:06}-0.parquet"
+
+
+LEGACY_NAME = f"0AbCdEfGhIjKlMnOpQrStU_{'e' * 32}_000000-0.parquet"  # Ray Data's default write name
 
 
 def prompts(n: int, start: int = 0) -> list[dict]:
@@ -84,13 +93,18 @@ def test_admission_order_buckets_within_window():
 
 
 def prepared(tmp_path: Path, rows: list[dict], cfg: batch.JobConfig, done: list[dict] | None = None,
-             schema: pa.Schema | None = None) -> pa.Table:
-    """The job's read and tokenizing steps over ``rows`` (no Ray): plan, ``read_units``, ``prepare_rows``."""
+             schema: pa.Schema | None = None, table: pa.Table | None = None) -> pa.Table:
+    """The job's read and tokenizing steps over ``rows`` (or ``table``; no Ray): plan, ``read_units``,
+    ``prepare_rows``."""
     from skipray.batch.resume import read_units
 
-    write(tmp_path / "in.parquet", rows, schema)
+    if table is not None:
+        (tmp_path).mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp_path / "in.parquet")
+    else:
+        write(tmp_path / "in.parquet", rows, schema)
     if done:
-        write(tmp_path / "out" / "done.parquet", done)
+        write(tmp_path / "out" / LEGACY_NAME, done)  # an output of skipray before the manifest
     p = batch.plan(str(tmp_path / "in.parquet"), str(tmp_path / "out"), cfg)
     block = read_units(pa.Table.from_pylist(p.units), None, p.check.schema, cfg.prompt_column, cfg.id_column)
     return batch.prepare_rows(block, p.processor.row_context)
@@ -114,14 +128,15 @@ def test_prepare_block_marks_bad_rows(tmp_path, tiny_dir):
     assert "duplicate id 'f'" in errs["dup"] and "duplicate id" in errs["dup again"] and errs["no id"] == "id is null"
 
 
-def test_prepare_block_non_string_prompt_and_renamed_columns(tmp_path, tiny_dir):
+def test_prepare_block_renamed_columns_and_non_string_prompt_column(tmp_path, tiny_dir):
     cfg = config(tiny_dir, prompt_column="question", id_column="key")
-    out = prepared(tmp_path, [{"key": 1, "question": 7, "prompt": "other"}, {"key": 2, "question": 8, "prompt": "other"}],
-                   cfg)
-    assert out.column("id").to_pylist() == [1, 2]
+    out = prepared(tmp_path, [{"key": 1, "question": "q1", "prompt": "other"},
+                              {"key": 2, "question": "q2", "prompt": "other"}], cfg)
+    assert out.column("id").to_pylist() == [1, 2] and out.column("prompt").to_pylist() == ["q1", "q2"]
     assert out.column("input_prompt").to_pylist() == ["other", "other"]
-    assert out.column("prompt").to_pylist() == [None, None]
-    assert all("not a string (got int)" in e for e in out.column("error").to_pylist())
+    # a whole prompt column of another type is a planning error naming it, not a row error per row
+    with pytest.raises(batch.InputError, match="'question' has type int64: prompts must be strings"):
+        prepared(tmp_path, [{"key": 1, "question": 7}], cfg)
 
 
 def test_check_input_fails_fast(tmp_path):
@@ -161,7 +176,7 @@ def test_local_parquet_end_to_end(ray_local, tmp_path, tiny_dir):
     cfg = config(tiny_dir)
     s = batch.run(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
     t = read_out(tmp_path / "out")
-    assert t.column_names[:8] == list(batch.OUTPUT_COLUMNS) and "extra" in t.column_names
+    assert t.column_names[: len(batch.OUTPUT_COLUMNS)] == list(batch.OUTPUT_COLUMNS) and "extra" in t.column_names
     assert batch.TOKENS not in t.column_names
     assert sorted(t.column("id").to_pylist()) == [f"r{i:03d}" for i in range(21)]
     rows = t.to_pylist()
@@ -200,18 +215,19 @@ def test_bad_row_corpus(ray_local, tmp_path, tiny_dir):
 
 
 def test_resume_skips_done_ids_and_redoes_partial_files(ray_local, tmp_path, tiny_dir):
-    write(tmp_path / "half.parquet", prompts(8))
-    write(tmp_path / "all.parquet", prompts(20))
+    write(tmp_path / "in" / "a.parquet", prompts(8))
     cfg = config(tiny_dir)
-    s1 = batch.run(str(tmp_path / "half.parquet"), str(tmp_path / "out"), cfg)
+    s1 = batch.run(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
     assert s1.rows == 8
-    (tmp_path / "out" / "zz-cut-short.parquet").write_bytes(b"PAR1 truncated")  # a write a crash cut short
-    s2 = batch.run(str(tmp_path / "all.parquet"), str(tmp_path / "out"), cfg)
+    (tmp_path / "out" / own_name(7)).write_bytes(b"PAR1 truncated")  # a write of its own a crash cut short
+    write(tmp_path / "in" / "b.parquet", prompts(12, start=8))  # the input grew
+    s2 = batch.run(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
     assert (s2.rows, s2.skipped) == (12, 8)
-    assert not (tmp_path / "out" / "zz-cut-short.parquet").exists()
+    assert not (tmp_path / "out" / own_name(7)).exists()  # moved aside, never deleted:
+    assert [p.name[-len(own_name(7)):] for p in (tmp_path / "out" / "_skipray_quarantine").iterdir()] == [own_name(7)]
     ids = read_out(tmp_path / "out").column("id").to_pylist()
     assert sorted(ids) == [f"r{i:03d}" for i in range(20)]  # every id exactly once
-    s3 = batch.run(str(tmp_path / "all.parquet"), str(tmp_path / "out"), cfg)
+    s3 = batch.run(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
     assert (s3.rows, s3.skipped) == (0, 20)
 
 
@@ -290,7 +306,8 @@ def test_s3_round_trip_with_moto(ray_local, tmp_path, tiny_dir, monkeypatch):
             assert secret.encode() not in shipped, "a driver credential would be serialized into task arguments"
         s = batch.execute(p)  # the tasks read and write S3 with their own credentials (standard chain)
         assert s.rows == 10
-        files = [i.path for i in s3.get_file_info(fs.FileSelector("bucket/out", recursive=True))]
+        files = [i.path for i in s3.get_file_info(fs.FileSelector("bucket/out", recursive=True))
+                 if i.path.rpartition("/")[2].startswith("skipray-")]  # the job's own files (not its manifest)
         t = pa.concat_tables([pq.read_table(f, filesystem=s3) for f in files])
         assert sorted(t.column("id").to_pylist()) == [f"r{i:03d}" for i in range(10)]
         s2 = batch.run("s3://bucket/in/", "s3://bucket/out", config(tiny_dir), s3_endpoint=endpoint)

@@ -64,7 +64,7 @@ def cluster_main(result: str, model: str, inp: str, out: str, tmp: str) -> None:
         ray.init(address=cluster.address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
         cluster.wait_for_nodes()
         # 2 logical CPUs an actor on 3-CPU nodes: two actors cannot share a node, reads still fit
-        cfg = config(model, actors=(2, 2), cpus_per_actor=2.0, threads_per_actor=1)
+        cfg = config(model, actors=(2, 2), cpus_per_actor=2.0, threads_per_actor=1, shared_mount=True)
         s = batch.run(inp, out, cfg)
         from ray.util.state import list_actors
 
@@ -121,7 +121,8 @@ def test_ray_job_submit_to_head_on_loopback(tmp_path, tiny_dir):  # noqa: F811
             time.sleep(2)
         submit = [str(Path(PY).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
                   "--", "python", "jobs/generate.py", "--input", str(tmp_path / "in.parquet"), "--output",
-                  str(tmp_path / "out"), "--model", str(tiny_dir), "--max-new-tokens", "4", "--cpus-per-actor", "0.5"]
+                  str(tmp_path / "out"), "--model", str(tiny_dir), "--max-new-tokens", "4", "--cpus-per-actor", "0.5",
+                  "--shared-mount"]  # the head and this test share one disk
         for _ in range(6):  # the job server answers before its agent is up: "No available agent", retry (bounded)
             r = run_group(submit, 300, env)
             if "No available agent" not in r.stdout + r.stderr:

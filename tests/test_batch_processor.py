@@ -118,10 +118,10 @@ def test_resume_plan_is_per_row_group(tmp_path):
     path = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist([{"id": i, "prompt": "p"} for i in range(12)] + [{"id": None, "prompt": "p"}]),
                    path, row_group_size=4)
-    write(tmp_path / "out" / "1.parquet", [{"id": i, "source_file": str(path), "source_row": i} for i in range(5)]
-          + [{"id": None, "source_file": str(path), "source_row": 12}])
+    done = write(tmp_path / "out" / "1.parquet", [{"id": i, "source_file": str(path), "source_row": i} for i in range(5)]
+                 + [{"id": None, "source_file": str(path), "source_row": 12}])
     chk = batch.check_input(str(path), None, "prompt", "id")
-    units, pending = plan_units(chk, read_done(str(tmp_path / "out"), None), None)
+    units, pending = plan_units(chk, read_done([str(done)], None), None)
     assert pending == 7 and [u["row_group"] for u in units] == [1, 2]  # group 0 done; the null id (row 12) too
     assert list(unbits(units[0]["done"], 4)) == [True, False, False, False] and units[1]["done"] is None
     assert all(len(u["done"] or b"") <= 1 for u in units)  # a unit carries its own rows' bits, not the done ids

@@ -9,7 +9,9 @@ actors that need it). Modules, in the order a row meets them:
   callable (tokenize tasks, then the ``Generator`` actor pool);
 * ``actor``: the ``Generator`` actor: one engine and KV cache per actor, fed a window at a time with
   continuous batching (a finished row's cache row takes the window's next prompt);
-* ``files`` (input checks, filesystems, the summary) and ``resume`` (skip work a re-run already did);
+* ``files`` (input checks, filesystems, the summary), ``paths`` (globs, overlap), ``output`` (what the job
+  owns in its output: manifest, recovery without deletion), ``lock`` (one job per output) and ``resume``
+  (skip work a re-run already did);
 * ``job``: the file job (``plan``, ``execute``, ``run``); ``cli``: its command line
   (``python -m skipray.batch``, ``jobs/generate.py``).
 
@@ -21,6 +23,7 @@ from skipray.batch.files import InputCheck, InputError, Summary, check_input, fi
 from skipray.batch.job import (
     JobConfig, Plan, build_pipeline, execute, gpu_job_limits, job_columns, model_facts, plan, run,
 )
+from skipray.batch.output import OutputError
 from skipray.batch.processor import SkipDecodeProcessor, build_processor
 from skipray.batch.resume import OUTPUT_COLUMNS, SOURCE_COLUMNS
 from skipray.batch.rows import TOKENS, SkipDecodeProcessorConfig, prepare_rows
@@ -28,6 +31,6 @@ from skipray.batch.rows import TOKENS, SkipDecodeProcessorConfig, prepare_rows
 __all__ = [
     "Generator", "admission_order", "InputCheck", "InputError", "Summary", "check_input", "filesystem_for",
     "summarize", "JobConfig", "Plan", "build_pipeline", "execute", "gpu_job_limits", "job_columns",
-    "model_facts", "plan", "run", "SkipDecodeProcessor", "build_processor", "OUTPUT_COLUMNS",
+    "model_facts", "plan", "run", "OutputError", "SkipDecodeProcessor", "build_processor", "OUTPUT_COLUMNS",
     "SOURCE_COLUMNS", "TOKENS", "SkipDecodeProcessorConfig", "prepare_rows",
 ]

@@ -10,20 +10,25 @@ when ``bucket`` (rows prefilled together then have similar lengths), and a row t
 cache row for the next prompt of the window at once, instead of the batch running until its longest
 row ends. A seeded row samples from its own generator, so what shares its batch changes nothing.
 Error rows pass through with no text, no tokens and 0 generated tokens. Faults stay with their rows:
-a row that failed (alone, or in a pass it shared) is run again alone, and one that fails alone gets
-``error = "generation failed: ..."``; the other rows are unaffected.
+a row that failed (alone, or in a pass it shared) is run again alone. A failure of the engine itself
+(``fault_kind`` "engine": out of memory, a device error) is retried on a fresh engine (a new KV cache),
+at most ``engine_retries`` times; a row that still fails gets ``error = "engine fault: ..."`` and
+``error_kind = "engine"`` (the file job retries it on a re-run), one that fails on its own input
+``error = "generation failed: ..."`` and ``error_kind = "input"`` (as rows refused before generation);
+the other rows are unaffected.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from skipray.batch.rows import GENERATED_COLUMNS, INTERNAL_COLUMNS, PARAMS, TOKENS, schedule_for
+from skipray.batch.rows import ERROR_KIND, GENERATED_COLUMNS, INTERNAL_COLUMNS, PARAMS, TOKENS, schedule_for
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,13 @@ class ActorSpec:
     threads: int = 0  # torch threads (0: the node's cores / max_actors)
     max_actors: int = 1
     device: str | None = None
+    engine_retries: int = 2  # a window's rows that an engine fault failed run again on a fresh engine
+
+
+def fault_kind(error: BaseException) -> str:
+    """"input" for an error of the row's own input (the engine refused it: ``ValueError``, ``TypeError``),
+    "engine" for a failure of the engine itself (out of memory, a device error, anything else)."""
+    return "input" if isinstance(error, (ValueError, TypeError)) else "engine"
 
 
 def admission_order(lengths: list[int], bucket: bool) -> list[int]:
@@ -63,8 +75,22 @@ class Generator:
         self.m = load(spec.model, device=spec.device)
         self.schedule = SkipSchedule.from_dict(spec.schedule)
         self.trained = self.m.schedule.to_dict() if self.m.schedule else None
-        self.engine = Engine(self.m.model, self.schedule, max_batch=spec.batch_size, max_len=spec.max_len,
-                             eos_token_ids=self.m.eos_token_ids, detokenize=detokenizer(self.m.tokenizer))
+        self._new_engine = lambda: Engine(self.m.model, self.schedule, max_batch=spec.batch_size,
+                                          max_len=spec.max_len, eos_token_ids=self.m.eos_token_ids,
+                                          detokenize=detokenizer(self.m.tokenizer))
+        self.engine = self._new_engine()
+
+    def _fresh_engine(self) -> None:
+        """Drop the engine (its KV cache) and build a new one, after an engine fault."""
+        import gc
+
+        import torch
+
+        self.engine = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.engine = self._new_engine()
 
     @functools.lru_cache(maxsize=64)
     def _schedule(self, flags: str | None):
@@ -85,7 +111,24 @@ class Generator:
         return c.error if c.finish_reason == "error" else c
 
     def _run(self, prompts: list[list[int]], params: list, schedules: list) -> list:
-        """Generate for the window's rows; -> a ``Completion`` or the exception of each row. A row that
+        """``_attempt``, then the rows an engine fault failed (``fault_kind``) again on a fresh engine, at most
+        ``engine_retries`` times; -> a ``Completion`` or the exception of each row."""
+        comps = self._attempt(prompts, params, schedules)
+        for attempt in range(self.spec.engine_retries):
+            failed = [k for k, c in enumerate(comps) if isinstance(c, BaseException) and fault_kind(c) == "engine"]
+            if not failed:
+                break
+            print(f"[skipray] engine fault on {len(failed)} rows ({comps[failed[0]]!r}); retry {attempt + 1} of "
+                  f"{self.spec.engine_retries} on a fresh engine", file=sys.stderr)
+            self._fresh_engine()
+            again = self._attempt([prompts[k] for k in failed], [params[k] for k in failed],
+                                  [schedules[k] for k in failed])
+            for k, c in zip(failed, again):
+                comps[k] = c
+        return comps
+
+    def _attempt(self, prompts: list[list[int]], params: list, schedules: list) -> list:
+        """Generate for the window's rows once; -> a ``Completion`` or the exception of each row. A row that
         failed is run again alone (faults stay with their rows).
 
         When the rows ask for different ``max_tokens``, the whole window goes to the engine at once and a
@@ -121,6 +164,7 @@ class Generator:
         avg: list[float | None] = [None] * n
         reason: list[str | None] = [None] * n
         errors = block.column("error").to_pylist()
+        kinds = ["input" if e is not None else None for e in errors]
         toks = block.column(TOKENS).to_pylist()
         params = block.column(PARAMS).to_pylist()
         ok = [i for i in range(n) if errors[i] is None]
@@ -129,7 +173,8 @@ class Generator:
                           [self._schedule(params[r]["skip"]) for r in rows]) if rows else []
         for r, c in zip(rows, comps):
             if isinstance(c, BaseException):
-                errors[r] = f"generation failed: {c!r}"
+                kinds[r] = fault_kind(c)
+                errors[r] = f"{'engine fault' if kinds[r] == 'engine' else 'generation failed'}: {c!r}"
                 continue
             text[r] = decode(self.m.tokenizer, c.token_ids, params[r]["stop"] or ())
             tokens[r], gen[r] = list(c.token_ids), len(c.token_ids)
@@ -138,7 +183,8 @@ class Generator:
         for name, values, typ in (("generated_text", text, pa.string()),
                                   ("generated_tokens", tokens, pa.list_(pa.int32())),
                                   ("num_generated_tokens", gen, pa.int32()), ("avg_layers", avg, pa.float32()),
-                                  ("finish_reason", reason, pa.string()), ("error", errors, pa.string())):
+                                  ("finish_reason", reason, pa.string()), ("error", errors, pa.string()),
+                                  (ERROR_KIND, kinds, pa.string())):
             out = out.append_column(name, pa.array(values, typ))
         first = [c for c in out.column_names if c not in GENERATED_COLUMNS]
         return out.select(first + list(GENERATED_COLUMNS))

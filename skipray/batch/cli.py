@@ -4,9 +4,12 @@ Contract: argument parsing, Ray start-up and the summary line only; the pipeline
 ``skipray.batch.job``. Run it as ``python -m skipray.batch ...`` or ``python jobs/generate.py ...``
 (starts an embedded local Ray), or as ``ray job submit --working-dir . -- python jobs/generate.py ...``
 (joins the cluster in RAY_ADDRESS).
-Exit status: 0 done (bad rows are counted, not fatal), 2 unusable input or arguments, or an actor that no
-node of the cluster can hold, now or after the autoscaler adds one (``skipray.resources.check_schedulable``:
-the message names the resource; ``--resource-wait 0`` skips that check).
+Exit status: 0 done (rows with bad input are error rows, counted, not fatal); 2 unusable input, output or
+arguments (overlapping paths, an output the job does not own or that another job is writing, an input
+changed while the job ran), or an actor that no node of the cluster can hold, now or after the autoscaler
+adds one (``skipray.resources.check_schedulable``: the message names the resource; ``--resource-wait 0``
+skips that check); 3 the engine failed on some rows after its retries (written with ``error_kind``
+"engine", or not written when actors kept crashing): re-running the same command retries exactly those.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resource-wait", type=float, default=45.0,
                    help="seconds to wait for the autoscaler to start a node that can hold one actor when none "
                         "can now, before failing (0: skip this check)")
+    p.add_argument("--engine-retries", type=int, default=2,
+                   help="times a window's rows that failed from an engine fault (out of memory, a device error, a "
+                        "crashed actor) run again on a fresh engine or actor (default 2)")
+    p.add_argument("--allow-foreign-files", action="store_true",
+                   help="write into an output directory that holds files this job did not write (they are never "
+                        "read or touched)")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="add rows to an output written with other settings (model, schedule, sampling, input, "
+                        "columns); the manifest then records the new ones")
+    p.add_argument("--shared-mount", action="store_true",
+                   help="local --input/--output paths are a mount every node of the cluster shares (needed for "
+                        "local paths when the job joins a cluster)")
     p.add_argument("--s3-endpoint", default=None,
                    help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000 (credentials: AWS_* env vars)")
     add_schedule_args(p)
@@ -66,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             max_positions=max_positions, batch_size=args.batch_size, bucket_window=args.bucket_window,
             actors=parse_actors(args.actors), cpus_per_actor=args.cpus_per_actor,
             gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor, device=args.device,
+            engine_retries=args.engine_retries, allow_foreign_files=args.allow_foreign_files,
+            allow_changed_settings=args.allow_changed_settings, shared_mount=args.shared_mount,
         )
+        if args.engine_retries < 0:
+            raise ValueError("--engine-retries must be >= 0")
         todo = plan(args.input, args.output, cfg, s3_endpoint=args.s3_endpoint)  # fails fast, before Ray
-    except (ValueError, FileNotFoundError) as e:  # InputError is a ValueError
+    except (ValueError, FileNotFoundError) as e:  # InputError and OutputError are ValueErrors
         print(f"generate: error: {e}", file=sys.stderr)
         return 2
     if not os.environ.get("RAY_ADDRESS"):
@@ -94,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generate: error: {e} (--resource-wait 0 skips this check)", file=sys.stderr)
             return 2
         print(f"[skipray] resources: one actor {how}", file=sys.stderr)
-    s = execute(todo)
+    try:
+        s = execute(todo)
+    except Exception as e:  # noqa: BLE001 - sorted into the exit statuses of the module contract
+        return _failed(e)
     ok = s.rows - s.errors
     new = s.generated_tokens / ok if ok else 0
     speed = theoretical_speedup(schedule, cost, round(s.prompt_tokens / ok) if ok else 1, round(new)) if ok else 1.0
@@ -103,4 +125,30 @@ def main(argv: list[str] | None = None) -> int:
         f"{s.generated_tokens} | {s.tokens_per_s:.1f} tok/s over {s.seconds:.1f}s | avg layers {s.avg_layers:.2f} "
         f"of {schedule.num_layers} | theoretical speedup {speed:.2f}x | {schedule.describe()} | output {args.output}"
     )
+    if s.engine_errors:
+        print(f"generate: {s.engine_errors} rows failed from engine faults after {args.engine_retries} retries "
+              "(error_kind 'engine'); re-run the same command to retry exactly those rows", file=sys.stderr)
+        return 3
     return 0
+
+
+def _failed(e: BaseException) -> int:
+    """Exit status and message for a failure of ``execute`` (module contract)."""
+    from skipray.batch.output import OutputError
+    from skipray.batch.resume import InputChanged
+
+    chain, x = [], e
+    while x is not None and len(chain) < 20:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    for x in chain:
+        if isinstance(x, (OutputError, InputChanged)):
+            print(f"generate: error: {x}", file=sys.stderr)
+            return 2
+    if any(type(x).__name__ == "InputChanged" or "changed after the job planned it" in str(x) for x in chain):
+        print(f"generate: error: an input file changed while the job ran; nothing of it was written ({e})",
+              file=sys.stderr)
+        return 2
+    print(f"generate: error: the job stopped: {e!r}\nRows written so far are kept; re-run the same command to "
+          "finish the rest (actors that keep crashing: see --engine-retries)", file=sys.stderr)
+    return 3

@@ -11,13 +11,14 @@ layers. Resume (what an existing output already holds) is ``skipray.batch.resume
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from skipray.batch.paths import glob_base, glob_match, has_magic
 
 
 class InputError(ValueError):
@@ -50,14 +51,14 @@ def uri(fs, path: str) -> str:
 
 
 def list_files(fs, path: str) -> list[str]:
-    """Parquet files of a file, directory (recursive, skipping ``.``/``_`` names) or glob, sorted."""
+    """Parquet files of a file, directory (recursive, skipping ``.``/``_`` names) or glob (Python's
+    ``glob(recursive=True)``: ``skipray.batch.paths.glob_match``), sorted."""
     from pyarrow import fs as pafs
 
     fs = fs or pafs.LocalFileSystem()
-    if any(ch in path for ch in "*?["):
-        base = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rpartition("/")[0] or "/"
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+    if has_magic(path):
+        infos = fs.get_file_info(pafs.FileSelector(glob_base(path), recursive=True, allow_not_found=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and glob_match(path, i.path))
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [path]
@@ -78,6 +79,64 @@ def map_files(fn, files: list[str], threads: int = 16) -> list:
         return list(pool.map(fn, files))
 
 
+def file_identity(fs, path: str) -> tuple[int | None, int | None]:
+    """(size in bytes, modification time in ns) of a file, as pyarrow reports them locally and on S3."""
+    from pyarrow import fs as pafs
+
+    info = (fs or pafs.LocalFileSystem()).get_file_info(path)
+    return info.size, info.mtime_ns
+
+
+def utf8_columns(table: pa.Table, null_columns: tuple[str, ...] = ()) -> tuple[pa.Table, list[str | None]]:
+    """``table`` with invalid UTF-8 in its columns repaired, and per row the first column that had some.
+
+    Top-level string columns keep their values with invalid bytes replaced by U+FFFD, except
+    ``null_columns`` (ids: a replaced id would name another row), which become null there; a nested
+    column (lists, structs) becomes null in a row whose value holds invalid UTF-8."""
+    bad: list[str | None] = [None] * table.num_rows
+    for idx, name in enumerate(table.column_names):
+        col = table.column(name)
+        try:
+            col.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        arr = col.combine_chunks()
+        if (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)) and name not in null_columns:
+            values = []
+            for i, b in enumerate(arr.cast(pa.large_binary()).to_pylist()):
+                try:
+                    values.append(None if b is None else b.decode("utf-8"))
+                except UnicodeDecodeError:
+                    values.append(b.decode("utf-8", errors="replace"))
+                    bad[i] = bad[i] or name
+            fixed = pa.array(values, arr.type)
+        else:
+            take = []
+            for i in range(len(arr)):
+                try:
+                    arr.slice(i, 1).validate(full=True)
+                    take.append(i)
+                except pa.ArrowInvalid:
+                    take.append(None)
+                    bad[i] = bad[i] or name
+            fixed = arr.take(pa.array(take, pa.int64()))
+        table = table.set_column(idx, name, fixed)
+    return table, bad
+
+
+def _column_type_error(name: str, typ: pa.DataType, id_column: str, prompt_column: str) -> str | None:
+    """Why a column the job reads per row has a type no row could use (a planning error), or None."""
+    t = pa.types
+    if name == id_column and not (t.is_integer(typ) or t.is_string(typ) or t.is_large_string(typ)):
+        return "ids must be integers or strings"
+    if name == prompt_column and not (t.is_string(typ) or t.is_large_string(typ) or t.is_null(typ)):
+        return "prompts must be strings"
+    if name in ("sampling_params", "skip") and not (t.is_struct(typ) or t.is_map(typ) or t.is_null(typ)):
+        return "it must hold a dict (a struct or map) per row"
+    return None
+
+
 @dataclass
 class InputCheck:
     files: list[str]
@@ -85,6 +144,7 @@ class InputCheck:
     duplicate_ids: pa.Array  # ids that occur more than once
     schema: pa.Schema | None = None  # the input's columns, one type each (files cast to it when read)
     row_groups: list[list[int]] = field(default_factory=list)  # rows of each row group, per file
+    identities: list[tuple[int | None, int | None]] = field(default_factory=list)  # file_identity, per file
 
     @property
     def num_rows(self) -> int:
@@ -136,37 +196,45 @@ def check_input(path: str, fs, prompt_column: str, id_column: str) -> InputCheck
 
     def footer(f: str):
         try:
+            ident = file_identity(fs, f)
             meta = pq.ParquetFile(f, filesystem=fs).metadata
-            return meta.schema.to_arrow_schema(), [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            return meta.schema.to_arrow_schema(), rows, ident
         except Exception as e:  # noqa: BLE001
             raise InputError(f"cannot read input {uri(fs, f)!r} as Parquet: {e}") from e
 
     footers = map_files(footer, files)
-    schemas = [s for s, _ in footers]
+    schemas = [s for s, _, _ in footers]
     for f, s in zip(files, schemas):
         for col, flag in ((prompt_column, "--prompt-column"), (id_column, "--id-column")):
             if col not in s.names:
                 where = repr(path) if len(files) == 1 else f"{uri(fs, f)!r} (of {path!r})"
                 raise InputError(f"input {where} has no column {col!r} (columns: {s.names}); pass {flag}")
     schema = unify_schemas([uri(fs, f) for f in files], schemas, id_column)
+    for fld in schema:
+        why = _column_type_error(fld.name, fld.type, id_column, prompt_column)
+        if why:
+            raise InputError(f"input column {fld.name!r} has type {fld.type}: {why}")
     id_type = schema.field(id_column).type
 
     def ids_of(f: str) -> pa.Array:
         try:
-            return pq.read_table(f, columns=[id_column], filesystem=fs).column(id_column).cast(id_type).combine_chunks()
+            t = pq.read_table(f, columns=[id_column], filesystem=fs)
+            return utf8_columns(t, null_columns=(id_column,))[0].column(id_column).cast(id_type).combine_chunks()
         except Exception as e:  # noqa: BLE001
             raise InputError(f"cannot read input {uri(fs, f)!r}: {e}") from e
 
     ids = pa.chunked_array(map_files(ids_of, files), id_type)
     counts = pc.value_counts(ids.drop_null()) if len(ids) else pa.array([], pa.struct([("values", id_type)]))
     dups = counts.filter(pc.greater(counts.field("counts"), 1)).field("values") if len(counts) else pa.array([], id_type)
-    return InputCheck(files, ids, dups, schema, [rg for _, rg in footers])
+    return InputCheck(files, ids, dups, schema, [rg for _, rg, _ in footers], [i for _, _, i in footers])
 
 
 @dataclass
 class Summary:
     rows: int = 0
     errors: int = 0
+    engine_errors: int = 0  # rows whose error_kind is "engine" (a re-run retries them)
     generated_tokens: int = 0
     prompt_tokens: int = 0
     avg_layers: float = 0.0
@@ -179,23 +247,23 @@ class Summary:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def summarize(output: str, fs, before: list[str], seconds: float, skipped: int) -> Summary:
-    """Counts over the output files this run added (those not in ``before``)."""
+def summarize(files: list[str], fs, seconds: float, skipped: int) -> Summary:
+    """Counts over the output ``files`` this run wrote."""
     import pyarrow.parquet as pq
 
-    new = [f for f in list_files(fs, output) if f not in set(before)]
-    s = Summary(seconds=seconds, skipped=skipped, files=new)
+    s = Summary(seconds=seconds, skipped=skipped, files=list(files))
     layer_tokens = 0.0
-    for f in new:
-        t = pq.read_table(f, columns=["error", "num_prompt_tokens", "num_generated_tokens", "avg_layers"], filesystem=fs)
+    for f in files:
+        t = pq.read_table(f, columns=["error", "error_kind", "num_prompt_tokens", "num_generated_tokens",
+                                      "avg_layers"], filesystem=fs)
         ok = pc.is_null(t.column("error"))
         s.rows += t.num_rows
         s.errors += t.num_rows - pc.sum(ok.cast(pa.int64())).as_py() if t.num_rows else 0
+        s.engine_errors += pc.sum(pc.fill_null(pc.equal(t.column("error_kind"), "engine"), False)
+                                  .cast(pa.int64())).as_py() or 0
         g = pc.filter(t.column("num_generated_tokens"), ok).cast(pa.float64())
         s.generated_tokens += int(pc.sum(g).as_py() or 0)
         s.prompt_tokens += int(pc.sum(pc.filter(t.column("num_prompt_tokens"), ok)).as_py() or 0)
         layer_tokens += pc.sum(pc.multiply(g, pc.filter(t.column("avg_layers"), ok).cast(pa.float64()))).as_py() or 0.0
     s.avg_layers = layer_tokens / s.generated_tokens if s.generated_tokens else 0.0
     return s
-
-

@@ -37,15 +37,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from skipray.batch.files import InputCheck, InputError, Summary, check_input, filesystem_for, summarize
-from skipray.batch.processor import SkipDecodeProcessor, build_processor
-from skipray.batch.resume import OUTPUT_COLUMNS, SOURCE_COLUMNS, plan_units, read_done, read_units
+from skipray.batch.files import InputCheck, InputError, Summary, check_input, filesystem_for, summarize, uri
+from skipray.batch.lock import OutputLock
+from skipray.batch.output import (MANIFEST, Claim, JobFiles, Manifest, OutputError, claim, inspect, quarantine,
+                                  write_text)
+from skipray.batch.paths import LOCAL_SCHEME, overlap, split_scheme
+from skipray.batch.processor import SkipDecodeProcessor, build_processor  # noqa: F401 (re-exported)
+from skipray.batch.resume import (OUTPUT_COLUMNS, SOURCE_COLUMNS, Done, plan_units, read_done, read_units,
+                                  supersede)
 from skipray.batch.rows import SkipDecodeProcessorConfig
 
 
@@ -70,6 +76,10 @@ class JobConfig:
     gpus_per_actor: float = 0.0
     threads_per_actor: int = 0  # 0: the node's cores / max actors
     device: str | None = None
+    engine_retries: int = 2  # engine faults: retries of a window's failed rows on a fresh engine or actor
+    allow_foreign_files: bool = False  # write beside files the job did not write (never reading them)
+    allow_changed_settings: bool = False  # add rows made with settings other than the output's manifest
+    shared_mount: bool = False  # local paths are the same shared mount on every node of the cluster
 
     @property
     def window(self) -> int:
@@ -82,6 +92,7 @@ class JobConfig:
             concurrency=tuple(self.actors), num_cpus_per_actor=self.cpus_per_actor,
             num_gpus_per_actor=self.gpus_per_actor, torch_threads=self.threads_per_actor, device=self.device,
             apply_chat_template=self.chat, schedule=self.schedule, id_column="id", max_model_len=self.max_positions,
+            engine_retries=self.engine_retries,
             sampling_params={"max_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                              "top_k": self.top_k, "seed": self.seed, "stop": list(self.stop)})
 
@@ -129,23 +140,66 @@ class Plan:
     out_path: str
     check: InputCheck
     units: list[dict]  # input row groups with rows left (batch_resume.plan_units)
-    before: list[str]  # output files present before this run
+    before: list[str]  # the job's own output files present before this run
     pending: int
     processor: SkipDecodeProcessor | None = None
     planning_s: float = 0.0
+    claim: Claim | None = None
+    cut_short: list[str] = field(default_factory=list)  # own files a crash cut short (quarantined by execute)
+    done: Done | None = None
+    s3_endpoint: str | None = None
+    local_input: bool = False  # Ray's local:// form: read tasks run on the driver's node
+    local_output: bool = False
 
 
-def plan(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None) -> Plan:
-    """Driver-side checks and planning (no Ray needed): raises ``InputError`` for an unusable input."""
+def manifest_for(input_path: str, cfg: JobConfig) -> Manifest:
+    """The settings this run records in (and compares with) the output's manifest."""
+    from skipray import __version__
+
+    return Manifest(input=input_path, model=cfg.model, schedule=cfg.schedule,
+                    sampling={"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                              "top_k": cfg.top_k, "seed": cfg.seed, "stop": list(cfg.stop)},
+                    chat=cfg.chat, prompt_column=cfg.prompt_column, id_column=cfg.id_column,
+                    skipray_version=__version__)
+
+
+def check_paths(input_path: str, output: str, cfg: JobConfig, joined: bool) -> None:
+    """Refuse (``InputError``) an input and output that overlap, and local paths on a cluster the job
+    joined unless declared a shared mount (``shared_mount``) or in Ray's ``local://`` form."""
+    why = overlap(input_path, output)
+    if why:
+        raise InputError(f"--input and --output overlap: {why}; write the output elsewhere")
+    if joined and not cfg.shared_mount:
+        for flag, path in (("--input", input_path), ("--output", output)):
+            if not path.startswith(("s3://", LOCAL_SCHEME)):
+                raise InputError(
+                    f"{flag} {path!r} is a local path, and this job runs on a Ray cluster it joined: each node would "
+                    f"see its own disk. Use s3://, declare a mount every node shares with --shared-mount, or use "
+                    f"{LOCAL_SCHEME}{path} (files on the driver's node only)")
+
+
+def plan(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None,
+         joined: bool | None = None) -> Plan:
+    """Driver-side checks and planning; reads only, writes nothing (no Ray needed). Raises ``InputError``
+    for an unusable input or paths, ``OutputError`` for an output the job may not use or cannot read.
+    ``joined``: whether the job runs on a cluster it joined (default: ``RAY_ADDRESS`` is set)."""
     t0 = time.perf_counter()
+    joined = bool(os.environ.get("RAY_ADDRESS")) if joined is None else joined
+    check_paths(input_path, output, cfg, joined)
+    local_in, input_path = split_scheme(input_path)
+    local_out, output = split_scheme(output)
     in_fs, in_path = filesystem_for(input_path, s3_endpoint)
     out_fs, out_path = filesystem_for(output, s3_endpoint)
     check = check_input(in_path, in_fs, cfg.prompt_column, cfg.id_column)
-    done = read_done(out_path, out_fs)
+    where = lambda p: uri(out_fs, p)  # noqa: E731
+    claimed = claim(out_fs, out_path, manifest_for(uri(in_fs, in_path), cfg), cfg.allow_foreign_files,
+                    cfg.allow_changed_settings, where=uri(out_fs, out_path))
+    cut = inspect(out_fs, claimed.files, where)
+    done = read_done([f for f in claimed.files if f not in cut], out_fs, where)
     units, pending = plan_units(check, done, in_fs)
     processor = SkipDecodeProcessor(cfg.processor_config()) if pending else None
-    return Plan(cfg, in_fs, out_fs, out_path, check, units, done.files, pending, processor,
-                time.perf_counter() - t0)
+    return Plan(cfg, in_fs, out_fs, out_path, check, units, claimed.files, pending, processor,
+                time.perf_counter() - t0, claimed, cut, done, s3_endpoint, local_in, local_out)
 
 
 def build_pipeline(p: Plan):
@@ -153,37 +207,66 @@ def build_pipeline(p: Plan):
     import ray
 
     cfg = p.cfg
+    pin: dict[str, Any] = {}
+    if p.local_input:  # local:// input: the files are on the driver's node
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        pin["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                    soft=False)
     ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
     ds = ds.map_batches(read_units, batch_format="pyarrow", batch_size=1, num_cpus=0.25,
                         fn_kwargs={"fs": p.in_fs, "schema": p.check.schema, "prompt_column": cfg.prompt_column,
-                                   "id_column": cfg.id_column})
+                                   "id_column": cfg.id_column}, **pin)
     ds = p.processor.generate(ds)
     return ds.map_batches(job_columns, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
 
 
+def _write(p: Plan) -> None:
+    import ray
+    from ray.data import DataContext, ExecutionResources
+
+    options = DataContext.get_current().execution_options
+    before = options.resource_limits
+    if p.cfg.gpus_per_actor > 0:
+        cpu, gpu = gpu_job_limits(p.cfg, ray.nodes())
+        options.resource_limits = ExecutionResources.for_limits(cpu=cpu, gpu=gpu)
+        # Ray Data 2.60's default ("RATE_BASED") cluster autoscaler sizes its requests by throughput and
+        # launched GPU nodes for its tasks' CPUs (tests/test_autoscaling.py: 4 GPU nodes for a 2-actor
+        # pool); "V2" keeps its requests within the resource limits above. Read by the driver at execute.
+        os.environ.setdefault("RAY_DATA_CLUSTER_AUTOSCALER", "V2")
+    target = LOCAL_SCHEME + p.out_path if p.local_output else p.out_path
+    try:
+        build_pipeline(p).write_parquet(target, filesystem=None if p.local_output else p.out_fs,
+                                        filename_provider=JobFiles())
+    finally:
+        options.resource_limits = before
+
+
 def execute(p: Plan) -> Summary:
-    """Run the pipeline and write; Ray must be initialized by the caller."""
+    """Lock the output, check it is as planned, move cut-short files aside, record the manifest, run the
+    pipeline and write, then drop the engine-error rows this run superseded. Ray must be initialized by
+    the caller when rows are pending. Raises ``OutputError`` (lock held elsewhere, output changed)."""
     t0 = time.perf_counter()
-    if p.pending:
-        import ray
-        from ray.data import DataContext, ExecutionResources
+    where = lambda f: uri(p.out_fs, f)  # noqa: E731
+    with OutputLock(p.out_fs, p.out_path, where(p.out_path), p.s3_endpoint):
+        now = claim(p.out_fs, p.out_path, p.claim.manifest, True, True).files
+        if now != p.before:
+            raise OutputError(f"the output {where(p.out_path)!r} changed since the job planned it; re-run")
+        for message in p.claim.messages:
+            print(f"[skipray] {message}", file=sys.stderr)
+        quarantine(p.out_fs, p.out_path, p.cut_short, where)
+        write_text(p.out_fs, f"{p.out_path}/{MANIFEST}", p.claim.manifest.to_json())
+        if p.pending:
+            _write(p)
+        new = [f for f in claim(p.out_fs, p.out_path, p.claim.manifest, True, True).files if f not in set(p.before)]
+        dropped = supersede(p.out_fs, p.out_path, p.done, new) if p.done else 0
+        if dropped:
+            print(f"[skipray] replaced {dropped} engine-error rows of earlier runs with this run's rows",
+                  file=sys.stderr)
+    return summarize(new, p.out_fs, time.perf_counter() - t0, p.check.num_rows - p.pending)
 
-        options = DataContext.get_current().execution_options
-        before = options.resource_limits
-        if p.cfg.gpus_per_actor > 0:
-            cpu, gpu = gpu_job_limits(p.cfg, ray.nodes())
-            options.resource_limits = ExecutionResources.for_limits(cpu=cpu, gpu=gpu)
-            # Ray Data 2.60's default ("RATE_BASED") cluster autoscaler sizes its requests by throughput and
-            # launched GPU nodes for its tasks' CPUs (tests/test_autoscaling.py: 4 GPU nodes for a 2-actor
-            # pool); "V2" keeps its requests within the resource limits above. Read by the driver at execute.
-            os.environ.setdefault("RAY_DATA_CLUSTER_AUTOSCALER", "V2")
-        try:
-            build_pipeline(p).write_parquet(p.out_path, filesystem=p.out_fs)
-        finally:
-            options.resource_limits = before
-    return summarize(p.out_path, p.out_fs, p.before, time.perf_counter() - t0, p.check.num_rows - p.pending)
 
-
-def run(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None) -> Summary:
+def run(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None,
+        joined: bool | None = None) -> Summary:
     """``plan`` then ``execute``."""
-    return execute(plan(input_path, output, cfg, s3_endpoint))
+    return execute(plan(input_path, output, cfg, s3_endpoint, joined))

@@ -12,8 +12,9 @@ lazy like any Ray Data transform. ``processor(ds)`` runs
 
 Without a postprocess the output rows are the input rows (columns that clash with the output names
 renamed ``input_<name>``, see ``batch_rows``) plus ``num_input_tokens``, ``generated_text``,
-``generated_tokens``, ``num_generated_tokens``, ``avg_layers``, ``finish_reason`` and ``error``
-(null unless the row could not be generated). The postprocess sees every row, error rows too.
+``generated_tokens``, ``num_generated_tokens``, ``avg_layers``, ``finish_reason``, ``error`` (null
+unless the row could not be generated) and ``error_kind`` ("input": the row's own input; "engine": a
+failure of the engine that outlasted ``engine_retries``). The postprocess sees every row, error rows too.
 
 ``build_processor`` works in the driver: it resolves the model (a ``.gguf`` file is converted there,
 once per node through the cache), reads its config on the meta device (depth, context), resolves the
@@ -105,7 +106,7 @@ class SkipDecodeProcessor:
         self.actor_spec = ActorSpec(
             model=config.model_source, schedule=self.schedule.to_dict(), batch_size=config.batch_size,
             bucket=config.bucket_window > 1, max_len=min(context, 256 + max_tokens), threads=config.torch_threads,
-            max_actors=config.pool[1], device=config.device)
+            max_actors=config.pool[1], device=config.device, engine_retries=config.engine_retries)
 
     def __call__(self, ds):
         """preprocess -> generate -> postprocess (lazy)."""
@@ -126,7 +127,9 @@ class SkipDecodeProcessor:
         ds = ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
                             fn_kwargs={"ctx": self.row_context})
         lo, hi = cfg.pool
-        remote: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_actor}
+        # an actor that crashes on a window (a device error that kills the process) is restarted and the window
+        # retried engine_retries times; then the job fails, and rows not written are left for a re-run
+        remote: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_actor, "max_task_retries": cfg.engine_retries}
         if cfg.num_gpus_per_actor:
             remote["num_gpus"] = cfg.num_gpus_per_actor
         if cfg.accelerator_type:
@@ -134,7 +137,6 @@ class SkipDecodeProcessor:
         # looked up at call time, so a subclass set on the module (bench/bench_batch.py's timing) is used
         return ds.map_batches(batch_actor.Generator, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow",
                               batch_size=cfg.window, compute=ActorPoolStrategy(min_size=lo, max_size=hi), **remote)
-        # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: dead actors are replaced
 
 
 def build_processor(config: SkipDecodeProcessorConfig, preprocess: Callable | None = None,

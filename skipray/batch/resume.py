@@ -22,7 +22,6 @@ Contract:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,61 +29,107 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from skipray.batch.files import InputCheck, InputError, list_files, map_files, uri
-from skipray.batch.rows import GENERATED_COLUMNS, INTERNAL_COLUMNS, PRE_ERROR, unique_renames
+from skipray.batch.files import InputCheck, InputError, file_identity, map_files, uri, utf8_columns
+from skipray.batch.rows import ERROR_KIND, GENERATED_COLUMNS, INTERNAL_COLUMNS, PRE_ERROR, unique_renames
 
 SOURCE_COLUMNS = ("source_file", "source_row")
 # the job's output columns, first in every output file (``num_prompt_tokens``: the job's older name of
 # ``num_input_tokens``, kept so outputs and readers of earlier versions go on working)
 OUTPUT_COLUMNS = ("id", "prompt", "generated_text", "num_prompt_tokens", "num_generated_tokens",
-                  "avg_layers", "finish_reason", "error")
+                  "avg_layers", "finish_reason", "error", ERROR_KIND)
 JOB_RESERVED = frozenset(OUTPUT_COLUMNS) | set(GENERATED_COLUMNS) | set(SOURCE_COLUMNS) | set(INTERNAL_COLUMNS) | {
     "messages"}  # the prompt column is the prompt: an input ``messages`` column is kept, renamed
 
 
 @dataclass
 class Done:
-    """What an output already holds."""
+    """What an output already holds (rows whose ``error_kind`` is "engine" are not done: they are redone)."""
 
     ids: pa.Array | None  # non-null ids written
     null_positions: set[tuple[str, int]] = field(default_factory=set)  # (source_file, source_row) of null ids
-    files: list[str] = field(default_factory=list)  # the readable output files
+    files: list[str] = field(default_factory=list)  # the job's own files that were read
+    engine_files: list[str] = field(default_factory=list)  # those holding engine-error rows (to supersede)
 
     @property
     def empty(self) -> bool:
         return self.ids is None and not self.null_positions
 
 
-def read_done(path: str, fs) -> Done:
-    """The ids (and null-id positions) under an existing output; deletes unreadable files."""
+def read_done(files: list[str], fs, where=lambda p: p) -> Done:
+    """The ids (and null-id positions) in the job's own output ``files`` (``skipray.batch.output.claim``,
+    minus those cut short). Raises ``OutputError`` when one cannot be read: nothing is ever deleted."""
     import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
 
-    def one(f: str):
+    from skipray.batch.output import OutputError
+
+    def one(f: str) -> pa.Table:
         try:
             pf = pq.ParquetFile(f, filesystem=fs)
-            cols = ["id"] + [c for c in SOURCE_COLUMNS if c in pf.schema_arrow.names]
+            cols = ["id"] + [c for c in (*SOURCE_COLUMNS, ERROR_KIND) if c in pf.schema_arrow.names]
             return pf.read(columns=cols)
-        except Exception as e:  # noqa: BLE001 - a file cut short by a crash: its rows are redone
-            print(f"[skipray] resume: removing unreadable output file {f} ({e})", file=sys.stderr)
-            (fs or pafs.LocalFileSystem()).delete_file(f)
-            return None
+        except Exception as e:  # noqa: BLE001 - throttling, permission, network: never a reason to delete
+            raise OutputError(f"cannot read output file {where(f)!r}: {e}; nothing was moved or written; "
+                              "re-run when it is readable") from e
 
-    files = list_files(fs, path)
     tables = map_files(one, files)
-    good = [f for f, t in zip(files, tables) if t is not None]
-    ids, nulls = [], set()
-    for t in tables:
-        if t is None or not t.num_rows:
+    ids, nulls, engine_files = [], set(), []
+    for f, t in zip(files, tables):
+        if not t.num_rows:
             continue
+        if ERROR_KIND in t.column_names:
+            engine = pc.fill_null(pc.equal(t.column(ERROR_KIND).cast(pa.string()), "engine"), False)
+            if pc.any(engine).as_py():
+                engine_files.append(f)
+                t = t.filter(pc.invert(engine))
         col = t.column("id")
         ids.append(col.drop_null().combine_chunks())
         if col.null_count and "source_file" in t.column_names:
             sub = t.filter(pc.is_null(col))
             nulls.update(zip(sub.column("source_file").to_pylist(), sub.column("source_row").to_pylist()))
+    ids = [a for a in ids if len(a)]
     if not ids:
-        return Done(None, nulls, good)
-    return Done(pa.chunked_array(ids).combine_chunks(), nulls, good)
+        return Done(None, nulls, list(files), engine_files)
+    return Done(pa.chunked_array(ids).combine_chunks(), nulls, list(files), engine_files)
+
+
+def _keys(t: pa.Table) -> set:
+    """Row keys of an output table: the id, or (source_file, source_row) for a null id."""
+    src = t.column_names
+    ids = t.column("id").to_pylist()
+    files = t.column("source_file").to_pylist() if "source_file" in src else [None] * len(ids)
+    rows = t.column("source_row").to_pylist() if "source_row" in src else [None] * len(ids)
+    return {(("id", i) if i is not None else ("pos", f, r)) for i, f, r in zip(ids, files, rows)}
+
+
+def supersede(fs, out: str, done: Done, new_files: list[str]) -> int:
+    """Drop the engine-error rows of ``done.engine_files`` whose key a file of this run (``new_files``)
+    holds again, rewriting each such file in place (``output.replace_file``; a file left with no rows is
+    removed: it is the job's own and fully superseded). -> rows dropped."""
+    import pyarrow.parquet as pq
+
+    from skipray.batch.output import local, replace_file
+
+    if not done.engine_files or not new_files:
+        return 0
+    cols = lambda pf: ["id"] + [c for c in SOURCE_COLUMNS if c in pf.schema_arrow.names]  # noqa: E731
+    fresh: set = set()
+    for f in new_files:
+        pf = pq.ParquetFile(f, filesystem=fs)
+        fresh |= _keys(pf.read(columns=cols(pf)))
+    dropped = 0
+    for f in done.engine_files:
+        t = pq.read_table(f, filesystem=fs)
+        engine = pc.fill_null(pc.equal(t.column(ERROR_KIND).cast(pa.string()), "engine"), False).to_pylist()
+        keys = [next(iter(_keys(t.slice(i, 1)))) for i in range(t.num_rows)]
+        keep = [not (e and k in fresh) for e, k in zip(engine, keys)]
+        if all(keep):
+            continue
+        dropped += keep.count(False)
+        if any(keep):
+            replace_file(fs, out, f, t.filter(pa.array(keep)))
+        else:
+            local(fs).delete_file(f)
+    return dropped
 
 
 def _bits(mask: np.ndarray) -> bytes | None:
@@ -131,7 +176,8 @@ def plan_units(check: InputCheck, done: Done, fs) -> tuple[list[dict[str, Any]],
             span = slice(offset + first, offset + first + rows)
             if rows and not done_mask[span].all():
                 units.append({"file": f, "uri": name, "row_group": g, "first_row": first, "num_rows": rows,
-                              "done": _bits(done_mask[span]), "dup": _bits(dup_mask[span])})
+                              "done": _bits(done_mask[span]), "dup": _bits(dup_mask[span]),
+                              "identity": list(check.identities[fi])})
             first += rows
         offset += first
     return units, n - int(done_mask.sum())
@@ -144,24 +190,40 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+class InputChanged(RuntimeError):
+    """An input file changed after the job planned it: its rows cannot be matched to the plan."""
+
+
+def _check_identity(fs, u: dict) -> None:
+    if file_identity(fs, u["file"]) != tuple(u["identity"]):
+        raise InputChanged(f"input {u['uri']} changed after the job planned it (size or modification time): "
+                           "the job stopped before writing its rows; re-run it")
+
+
 def read_units(units: pa.Table, fs, schema: pa.Schema, prompt_column: str, id_column: str) -> pa.Table:
-    """The pending rows of ``units`` (rows of ``plan_units``), ready for ``batch_rows.prepare_rows``."""
+    """The pending rows of ``units`` (rows of ``plan_units``), ready for ``batch_rows.prepare_rows``.
+    Raises ``InputChanged`` when a file is not the one planned (checked before and after reading)."""
     import pyarrow.parquet as pq
 
     schema = pa.schema(list(schema))  # without file metadata
     out = []
     for u in units.to_pylist():
+        _check_identity(fs, u)
         t = conform(pq.ParquetFile(u["file"], filesystem=fs).read_row_group(u["row_group"]), schema)
+        _check_identity(fs, u)
         n = t.num_rows
         if n != u["num_rows"]:
-            raise RuntimeError(f"{u['uri']} row group {u['row_group']} has {n} rows, planned {u['num_rows']}: "
+            raise InputChanged(f"{u['uri']} row group {u['row_group']} has {n} rows, planned {u['num_rows']}: "
                                f"the input changed while the job ran")
+        t, bad = utf8_columns(t, null_columns=(id_column,))
         keep = ~unbits(u["done"], n)
         dup = unbits(u["dup"], n)
         ids = t.column(id_column)
         errors = [None] * n
         for i, (v, d) in enumerate(zip(ids.to_pylist(), dup)):
-            if v is None:
+            if bad[i]:
+                errors[i] = f"column {bad[i]!r} is not valid UTF-8 (invalid bytes replaced by U+FFFD)"
+            elif v is None:
                 errors[i] = "id is null"
             elif d:
                 errors[i] = f"duplicate id {v!r}: it occurs more than once in the input"

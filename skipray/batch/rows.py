@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +40,9 @@ import pyarrow as pa
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 # columns the processor adds (Ray Data LLM's names, plus skip decoding's and the error column)
+ERROR_KIND = "error_kind"  # why a row has an error: "input" (permanent) or "engine" (a re-run retries it)
 GENERATED_COLUMNS = ("num_input_tokens", "generated_text", "generated_tokens", "num_generated_tokens",
-                     "avg_layers", "finish_reason", "error")
+                     "avg_layers", "finish_reason", "error", ERROR_KIND)
 TOKENS = "__skipray_token_ids"  # internal: the prompt's token ids
 PARAMS = "__skipray_params"  # internal: the row's resolved sampling params and schedule flags
 PRE_ERROR = "__skipray_error"  # internal: an error found before tokenizing (the file job's id checks)
@@ -66,6 +68,8 @@ class SkipDecodeProcessorConfig(BaseModel):
     ``seed`` None, ``stop`` []). ``schedule``: skip flags as the Serve ``skip`` field, or a resolved
     ``SkipSchedule`` (None: the model's trained schedule, full depth if it has none). ``id_column``:
     the column that keys seeds. ``max_model_len``: the context for the length check (None: the model's).
+    ``engine_retries``: how often a window's rows that a failure of the engine itself failed (out of memory,
+    a device error, a crashed actor) run again on a fresh engine or actor.
     """
 
     model_config = ConfigDict(protected_namespaces=(), arbitrary_types_allowed=True, populate_by_name=True)
@@ -84,6 +88,7 @@ class SkipDecodeProcessorConfig(BaseModel):
     schedule: Any = None  # dict of skip flags | SkipSchedule | None
     id_column: str | None = "id"
     max_model_len: int | None = Field(None, ge=1)
+    engine_retries: int = Field(2, ge=0)
 
     @field_validator("concurrency")
     @classmethod
@@ -198,8 +203,35 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
+INT_RANGES = {"max_tokens": (1, 2**31 - 1), "top_k": (-1, 2**31 - 1), "seed": (-(2**63), 2**63 - 1)}
+
+
+def _checked(name: str, v: Any) -> Any:
+    """One sampling param, type- and range-checked (``ValueError`` naming it): ints within their Arrow
+    column's range, finite floats, stop strings."""
+    if name in INT_RANGES:
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"sampling_params.{name} must be an integer, got {v!r}")
+        lo, hi = INT_RANGES[name]
+        if not lo <= v <= hi:
+            raise ValueError(f"sampling_params.{name} must be in [{lo}, {hi}], got {v}")
+    elif name in ("temperature", "top_p"):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"sampling_params.{name} must be a finite number, got {v!r}")
+        v = float(v)
+    elif name == "stop":
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            raise ValueError(f"sampling_params.stop must be a string or a list of strings, got {v!r}")
+        v = list(v)
+    return v
+
+
 def _params(row_params: Any, defaults: dict) -> dict:
-    """The row's sampling params over the defaults, vLLM names: -> dict of ``SAMPLING_KEYS``."""
+    """The row's sampling params over the defaults, vLLM names: -> dict of ``SAMPLING_KEYS``, each checked
+    (``_checked``); ``ValueError`` naming the field otherwise."""
     given = row_params if isinstance(row_params, dict) else {}
     if row_params is not None and not isinstance(row_params, dict):
         raise ValueError(f"sampling_params must be a dict, got {type(row_params).__name__}")
@@ -209,9 +241,7 @@ def _params(row_params: Any, defaults: dict) -> dict:
     base = {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": []}
     base.update({k: v for k, v in defaults.items() if v is not None})
     base.update({k: v for k, v in given.items() if v is not None})
-    stop = base["stop"]
-    base["stop"] = [stop] if isinstance(stop, str) else [str(s) for s in stop]
-    return base
+    return {k: (None if v is None else _checked(k, v)) for k, v in base.items()}
 
 
 def _skip_flags(value: Any, ctx: RowContext) -> str | None:
@@ -270,12 +300,16 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
         if err is None:
             try:
                 p = _params(row_params[i], ctx.defaults)
-                sp = SamplingParams(max_tokens=int(p["max_tokens"]), temperature=float(p["temperature"]),
-                                    top_p=float(p["top_p"]), top_k=int(p["top_k"]))
+                sp = SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
+                                    top_k=p["top_k"])
                 sp.validate()
+            except Exception as e:  # noqa: BLE001 - any value a row holds is that row's error, never the job's
+                err = f"invalid sampling_params: {e}"
+        if err is None:
+            try:
                 skip = _skip_flags(skips[i], ctx)
-            except (ValueError, TypeError) as e:
-                err = f"invalid sampling_params or skip: {e}"
+            except Exception as e:  # noqa: BLE001
+                err = f"invalid skip: {e}"
         if err is None:
             if p["seed"] is not None and row_params[i] and row_params[i].get("seed") is not None:
                 seed = int(p["seed"])  # the row's own seed
