@@ -382,3 +382,48 @@ def test_a_killed_job_reruns_to_completion_with_every_id_once(tmp_path, tiny_dir
     assert r.returncode == 0, r.stderr
     ids = read_out(tmp_path / "out").column("id").to_pylist()
     assert sorted(ids) == [f"r{i:03d}" for i in range(80)]
+
+
+def test_ownership_and_recovery_on_s3(tmp_path, tiny_dir, monkeypatch):
+    from skipray.batch.output import quarantine
+
+    with moto_s3(monkeypatch, buckets=["bucket"]) as endpoint:
+        s3, _ = batch.filesystem_for("s3://bucket/x", endpoint)
+        with s3.open_output_stream("bucket/in/p.parquet") as f:
+            pq.write_table(pa.Table.from_pylist(prompts(4)), f)
+        with s3.open_output_stream("bucket/out/export.parquet") as f:
+            f.write(b"id,prompt\n")
+        with pytest.raises(OutputError, match="holds 'export.parquet'"):
+            batch.plan("s3://bucket/in/", "s3://bucket/out", config(tiny_dir), s3_endpoint=endpoint)
+        s3.delete_file("bucket/out/export.parquet")
+        with s3.open_output_stream(f"bucket/out/{own_name(5)}") as f:
+            f.write(b"PAR1 cut")
+        with s3.open_output_stream(f"bucket/out/{LEGACY_NAME}") as f:
+            pq.write_table(pa.Table.from_pylist([{"id": "r000"}]), f)
+        p = batch.plan("s3://bucket/in/", "s3://bucket/out", config(tiny_dir), s3_endpoint=endpoint)
+        assert p.cut_short == [f"bucket/out/{own_name(5)}"] and p.pending == 3
+        quarantine(s3, "bucket/out", p.cut_short)
+        from pyarrow import fs as pafs
+
+        left = [i.path for i in s3.get_file_info(pafs.FileSelector("bucket/out", recursive=True))]
+        assert f"bucket/out/{own_name(5)}" not in left and any(QUARANTINE in x and own_name(5) in x for x in left)
+        with pytest.raises(batch.InputError, match="overlap"):
+            batch.plan("s3://bucket/in/", "s3://bucket/in/out", config(tiny_dir), s3_endpoint=endpoint)
+
+
+def test_exit_statuses_of_a_failed_run():
+    from skipray.batch.cli import _failed
+    from skipray.batch.resume import InputChanged
+
+    def wrapped(inner: BaseException) -> BaseException:  # as Ray Data hands a task's exception to the driver
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise RuntimeError("UserCodeException: a task failed") from e
+        except RuntimeError as outer:
+            return outer
+
+    assert _failed(wrapped(InputChanged("input x changed after the job planned it"))) == 2
+    assert _failed(wrapped(OutputError("another job is writing"))) == 2
+    assert _failed(wrapped(RuntimeError("actor died 3 times"))) == 3

@@ -158,7 +158,7 @@ def claim(fs, out: str, want: Manifest, allow_foreign: bool = False, allow_chang
         manifest = Manifest(**{**asdict(want), "file_patterns": patterns})
         existing = True
     else:
-        legacy = re.compile(LEGACY_PATTERN)
+        legacy = re.compile(f"(?:{LEGACY_PATTERN})|(?:{OWN_PATTERN})")
         adopt = bool(others) and all(e.type == pafs.FileType.File and legacy.fullmatch(_name(e.path))
                                      for e in others)
         if others and not adopt and not allow_foreign:
