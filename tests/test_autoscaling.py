@@ -331,7 +331,8 @@ def test_gpu_autoscaling_job(tmp_path, tiny_model_dir):
         drv = subprocess.Popen(
             [PY, "jobs/generate.py", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
              "--model", str(tiny_model_dir), "--actors", "1,2", "--gpus-per-actor", "1", "--device", "cpu",
-             "--batch-size", "4", "--bucket-window", "1", "--max-new-tokens", "4"],
+             "--batch-size", "4", "--bucket-window", "1", "--max-new-tokens", "4",
+             "--shared-mount"],  # the fake cluster's nodes share this machine's disk
             stdout=out_log, stderr=err_log, env=env, cwd=ROOT, start_new_session=True)
         up = None
         seen_nodes: dict[str, str] = {}
@@ -387,7 +388,8 @@ def test_job_asking_for_impossible_gpus_fails_fast(tmp_path, tiny_model_dir):
         t0 = time.time()
         drv = subprocess.Popen(
             [PY, "jobs/generate.py", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
-             "--model", str(tiny_model_dir), "--gpus-per-actor", "2", "--device", "cpu", "--max-new-tokens", "4"],
+             "--model", str(tiny_model_dir), "--gpus-per-actor", "2", "--device", "cpu", "--max-new-tokens", "4",
+             "--shared-mount"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
         try:
             out, err = drv.communicate(timeout=60)
