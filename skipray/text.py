@@ -9,6 +9,8 @@ the server sends it whole; the streamed deltas always add up to ``TextStream.tex
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Sequence
 
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the first generated one (vLLM's initial offset)
@@ -43,6 +45,50 @@ def decode(tokenizer, token_ids: Sequence[int], stop: Sequence[str] = ()) -> str
 def token_strings(tokenizer, token_ids: Sequence[int]) -> list[str]:
     """Each id decoded alone, special tokens kept (the ``token`` of an OpenAI log-prob entry)."""
     return tokenizer.batch_decode([[int(t)] for t in token_ids], skip_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: the character a byte-level BPE vocabulary uses -> the byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return type(decoder).__name__ == "ByteLevel" or "ByteLevel" in repr(decoder)
+
+
+def token_bytes(tokenizer, token_ids: Sequence[int]) -> list[bytes]:
+    """Each token's own bytes (OpenAI's log-prob ``bytes``), also for a token that holds only part of a
+    UTF-8 character, where decoding it alone gives U+FFFD. Byte-level BPE vocabularies (GPT-2, Llama 3,
+    SmolLM2, Qwen) map each character back to its byte; SentencePiece byte tokens (``<0xE2>``) are that
+    byte and ``▁`` is a space; special tokens are their text."""
+    pieces = tokenizer.convert_ids_to_tokens([int(t) for t in token_ids])
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    byte_level = _is_byte_level(tokenizer)
+    table = _byte_decoder()
+    out = []
+    for piece in pieces:
+        if piece is None:
+            out.append(b"")
+        elif piece in special:
+            out.append(piece.encode())
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
+        elif byte_level and all(c in table for c in piece):
+            out.append(bytes(table[c] for c in piece))
+        else:
+            out.append(piece.replace("\u2581", " ").encode())
+    return out
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.ray
 SKIP = {"max_layers": 4, "min_layers": 2, "decay_tokens": 8, "warmup_layers": 1}
 TINY_ARGS = {"model_name": "tiny", "schedule": SKIP, "max_batch": 16, "max_len": 256, "max_waiting": 16,
              "max_tokens_limit": 200, "default_max_tokens": 32}
-SMALL = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 32, "max_queued_requests": 32}
+SMALL = {"ray_actor_options": {"num_cpus": 0.25}}
 
 
 def free_port() -> int:
@@ -360,7 +360,7 @@ def test_backpressure_sheds_load_fast(server):
     from skipray.serve.app import build_app
 
     args = dict(TINY_ARGS, model=str(server["tiny"]), max_batch=1, max_waiting=1)
-    opts = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 4, "max_queued_requests": 2}
+    opts = {"ray_actor_options": {"num_cpus": 0.25}}  # the deployment's own max_ongoing_requests: the app decides
     serve.run(build_app(args, opts), name="tight", route_prefix="/tight")
     try:
         body = {"model": "tiny", "prompt": "a b c", "max_tokens": 200, "temperature": 0}
@@ -374,9 +374,8 @@ def test_backpressure_sheds_load_fast(server):
             results = list(pool.map(call, range(12)))
         codes = [c for c, _, _ in results]
         assert set(codes) <= {200, 503} and codes.count(200) >= 2 and codes.count(503) >= 1, codes
-        # the replica's own queue answers OpenAI error JSON; Serve's proxy queue (max_queued_requests) plain text
-        assert all(body for c, _, body in results if c == 503)
-        assert any(body.startswith('{"error"') for c, _, body in results if c == 503) or codes.count(503) > 0
+        # every shed request gets an OpenAI error object from the replica itself, never the proxy's plain text
+        assert all(json.loads(body)["error"]["code"] == "server_overloaded" for c, _, body in results if c == 503)
         assert max(t for c, t, _ in results if c == 503) < 2.0
     finally:
         serve.delete("tight")
@@ -514,3 +513,43 @@ def test_load_16_clients_60s(server):
           f"{sum(toks) / wall:.1f} tok/s, latency p50 {q[49]:.3f}s p99 {q[98]:.3f}s, "
           f"TTFT p50 {tq[49]:.3f}s p99 {tq[98]:.3f}s")
     assert len(lat) >= 16 and sum(toks) > 0
+
+
+def test_sick_replica_is_replaced_and_later_requests_succeed(server, tmp_path):
+    """A replica whose every step fails (NaN weights: a broken device) fails /health and Serve's health check;
+    Serve replaces it, and the new replica (the weights repaired on disk meanwhile) serves."""
+    import requests
+    import torch
+    from ray import serve
+    from safetensors.torch import load_file, save_file
+
+    from skipray.serve.app import build_app
+
+    model = tmp_path / "model"
+    shutil.copytree(server["tiny"], model)
+    good = load_file(str(model / "model.safetensors"))
+    save_file({k: torch.full_like(v, float("nan")) if "embed_tokens" in k else v for k, v in good.items()},
+              str(model / "model.safetensors"), metadata={"format": "pt"})
+    args = dict(TINY_ARGS, model=str(model), health_max_failed_steps=2)
+    opts = {"ray_actor_options": {"num_cpus": 0.25}, "health_check_period_s": 1, "health_check_timeout_s": 10}
+    serve.run(build_app(args, opts), name="sick", route_prefix="/sick")
+    base = f"{server['base']}/sick"
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    try:
+        codes = [requests.post(f"{base}/v1/completions", json=body, timeout=60).status_code for _ in range(2)]
+        assert codes == [500, 500]
+        save_file(good, str(model / "model.safetensors"), metadata={"format": "pt"})  # the device is repaired
+        sick = requests.get(f"{base}/health", timeout=10)
+        deadline, ok = time.time() + 120, None
+        while time.time() < deadline:
+            try:
+                ok = requests.post(f"{base}/v1/completions", json=body, timeout=30)
+            except requests.RequestException:
+                ok = None
+            if ok is not None and ok.status_code == 200:
+                break
+            time.sleep(1)
+        assert sick.status_code in (503, 404, 500) and ok is not None and ok.status_code == 200, (sick.text, ok)
+    finally:
+        serve.delete("sick")
+

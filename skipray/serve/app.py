@@ -11,12 +11,18 @@ Contract:
   prefill: tokens per engine iteration, one per decoding row plus prompt chunks, at least
   ``max_batch``; unset or null: off, see ``skipray.core.scheduler``), ``max_offline_rows`` (rows the batch
   job's requests may hold; default all but a quarter of ``max_batch``), ``max_tokens_limit``,
-  ``default_max_tokens``, ``torch_threads``, ``device``. ``deployment_options`` (Python callers
-  only) are passed to ``SkipServer.options``; with ``serve run`` the YAML's ``deployments`` do that.
+  ``default_max_tokens``, ``torch_threads``, ``device``, ``api_keys`` (a list; with
+  ``SKIPRAY_API_KEY`` from the environment, ``skipray.serve.guard``), ``limits`` (``guard.ServeLimits``
+  fields), ``scheduling_policy`` (``fcfs`` or ``priority``), ``health_max_failed_steps`` (3) and
+  ``health_stall_s`` (60). ``deployment_options`` (Python callers only) are passed to
+  ``SkipServer.options``; with ``serve run`` the YAML's ``deployments`` do that.
 * Each replica loads the model, builds one ``skipray.core.engine.Engine`` and an ``OpenAIServer``
   (``skipray.serve.server``: request handling, engine loop thread) and serves the FastAPI app of
-  ``skipray.serve.routes`` (built in the replica, after the constructor). Serve's health check fails
-  when the engine loop thread is gone, so Serve replaces the replica.
+  ``skipray.serve.routes`` (built in the replica, after the constructor). Serve's health check fails for
+  the reasons ``/health`` answers 503 (``EngineLoop.problem``: the loop is gone, steps keep failing, or
+  work waits and no step succeeds), so Serve replaces a sick replica. When Serve stops a replica
+  (scale-down, redeploy) it drains: new requests get 503, streams still open end with an error event.
+  The handle methods need no API key (they are reachable only inside the cluster).
 * The same replicas serve the batch job: ``completions`` / ``chat`` are handle methods (Ray Data
   LLM's ``ServeDeploymentProcessorConfig`` with ``method=`` and skipray's request models in
   ``dtype_mapping``; the HTTP routes take a Starlette request, these a request model). They yield
@@ -45,6 +51,7 @@ def server_from_args(args: dict[str, Any]):
     from skipray.options import schedule_from_args
     from skipray.core.engine import Engine
     from skipray.text import detokenizer
+    from skipray.serve.guard import ServeLimits
     from skipray.serve.server import OpenAIServer
 
     if args.get("torch_threads"):
@@ -63,19 +70,28 @@ def server_from_args(args: dict[str, Any]):
     )
     return OpenAIServer(m.tokenizer, engine, schedule, m.schedule, model_name=args.get("model_name", "skipray"),
                         max_tokens_limit=limit, default_max_tokens=int(args.get("default_max_tokens", min(256, limit))),
-                        metrics=EngineMetrics("serve"))
+                        metrics=EngineMetrics("serve"), limits=ServeLimits.from_args(args),
+                        scheduling_policy=args.get("scheduling_policy") or "fcfs",
+                        max_failed_steps=int(args.get("health_max_failed_steps", 3)),
+                        health_stall_s=float(args.get("health_stall_s", 60.0)))
 
 
-@serve.deployment(max_ongoing_requests=48, ray_actor_options={"num_cpus": 1})
+# max_ongoing_requests: far above what a replica's engine and waiting queue hold, so that the replica's own
+# queue sheds load with an OpenAI error object and Serve's proxy never answers a plain-text 503
+@serve.deployment(max_ongoing_requests=1000, graceful_shutdown_timeout_s=120, ray_actor_options={"num_cpus": 1})
 @serve.ingress()
 class SkipServer:
     def __init__(self, args: dict[str, Any]) -> None:
+        from skipray.serve.guard import api_keys_from
+
+        self.keys = api_keys_from(args)
         self.server = server_from_args(args)
 
     def __serve_build_asgi_app__(self):
+        from skipray.serve.guard import ApiKeys
         from skipray.serve.routes import build_api
 
-        return build_api(self.server)
+        return build_api(self.server, ApiKeys(self.keys))
 
     async def completions(self, request: Any) -> AsyncIterator[dict]:
         """Handle method for the batch job (Ray Data LLM's ``ServeDeploymentProcessorConfig`` with
@@ -88,12 +104,14 @@ class SkipServer:
         yield await self.server.respond(_body(request), chat=True)
 
     def check_health(self) -> None:
-        if not self.server.loop.alive:
-            raise RuntimeError("engine loop thread died")
+        why = self.server.problem()
+        if why is not None:
+            raise RuntimeError(f"unhealthy: {why}")
 
     def __del__(self) -> None:
         server = getattr(self, "server", None)
-        if server is not None:
+        if server is not None:  # Serve waited for in-flight requests (graceful_shutdown_timeout_s); drain the rest
+            server.loop.drain()
             server.loop.close()
 
 

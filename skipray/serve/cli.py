@@ -2,7 +2,9 @@
 
 Contract: ``register(subparsers)`` adds the subcommand; ``cmd_serve(args) -> int`` reads the Serve
 config YAML (default: the packaged ``skipray/serve/config.yaml``), applies ``--host``/``--port``/
-``--model``/``--num-cpus`` overrides, starts a loopback-only local Ray and Serve, runs the first
+``--model``/``--num-cpus``/``--scheduling-policy`` overrides and ``--api-key`` s (given to the replicas
+through ``SKIPRAY_API_KEY`` in the environment, never in the app's args), warns when it binds an address
+other than loopback with no key, starts a loopback-only local Ray and Serve, runs the first
 application of the config through ``skipray.serve.app.build_app`` with that application's
 ``deployments[0]`` options, and shuts both down on exit. Ray is imported only when the command runs.
 """
@@ -23,6 +25,12 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: the config's, 8000)")
     p.add_argument("--model", default=None, help="model spec: 'default', 'smollm2-base', a dir or .gguf")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (repeatable; "
+                        "also SKIPRAY_API_KEY, several separated by commas)")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
+                   help="fcfs (default): requests are admitted in arrival order and a non-zero 'priority' is a 400; "
+                        "priority: lower 'priority' first")
     p.set_defaults(func=cmd_serve)
 
 
@@ -47,6 +55,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app_args = dict(app_cfg.get("args") or {})
     if args.model:
         app_args["model"] = args.model
+    if args.scheduling_policy:
+        app_args["scheduling_policy"] = args.scheduling_policy
+    if args.api_key:  # to the replicas through the environment the embedded Ray inherits, never in the args
+        from skipray.serve.guard import API_KEY_ENV
+
+        os.environ[API_KEY_ENV] = ",".join([*args.api_key, os.environ.get(API_KEY_ENV, "")]).strip(",")
+    from skipray.serve.guard import api_keys_from
+
+    if not api_keys_from(app_args) and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"[skipray] warning: no API key is set and the server binds {host}: anyone who can reach "
+              f"port {port} can use it (pass --api-key or set SKIPRAY_API_KEY)", file=sys.stderr)
     deployments = app_cfg.get("deployments") or []
     dep_opts = {k: v for k, v in (deployments[0] if deployments else {}).items() if k != "name"}
 

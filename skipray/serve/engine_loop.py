@@ -16,6 +16,12 @@ Contract:
   once (``EngineFailed``), is logged with its traceback, and the loop serves new requests from a
   reset engine. If the thread dies anyway, every pending request fails and ``alive`` is false (the
   replica's health check reports it).
+* Health (``problem(max_failed_steps, stall_s)``): the reason the replica cannot serve, or None. It is
+  unhealthy when the loop thread is gone, while it drains for shutdown (``drain()``: new requests get
+  ``LoopStopped``), when ``max_failed_steps`` steps in a row failed (a step fails when it raises, or when
+  every event it produced ended its request with an error), or when work waits and no step has
+  succeeded for ``stall_s`` seconds (counted from when the work arrived). It reads counters the loop
+  thread keeps and never waits for a step.
 * Metrics (``skipray.metrics.EngineMetrics``) are recorded per step when given; a metrics failure
   is logged, never fatal.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -64,6 +71,10 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
+        self.draining = False
+        self.failed_steps = 0  # steps in a row that failed
+        self.last_ok = time.monotonic()  # when a step last succeeded
+        self.busy_since: float | None = None  # when the loop last went from idle to having work
         self._thread = threading.Thread(target=self._run, name="skipray-engine", daemon=True)
         self._thread.start()
 
@@ -76,12 +87,31 @@ class EngineLoop:
         self._stop = True
         self._wake.set()
 
+    def drain(self) -> None:
+        """Refuse new requests (``LoopStopped``); running ones go on."""
+        self.draining = True
+
+    def problem(self, max_failed_steps: int, stall_s: float) -> str | None:
+        """Why this loop cannot serve, or None (module contract)."""
+        if not self.alive:
+            return "the engine loop is not running"
+        if self.draining:
+            return "draining for shutdown"
+        if self.failed_steps >= max_failed_steps:
+            return f"the last {self.failed_steps} engine steps failed"
+        busy = self.busy_since
+        if busy is not None and time.monotonic() - max(self.last_ok, busy) > stall_s:
+            return f"requests wait and no engine step has succeeded for over {stall_s:g} s"
+        return None
+
     async def generate(self, prompt: list[int], params, schedule=None, offline: bool = False,
                        priority: int = 0) -> AsyncIterator[Any]:
         """Submit a request and yield its engine events (see the module contract); ``offline``: the
         engine's offline admission class, ``priority``: its online admission order (``skipray.core.scheduler``)."""
         if not self.alive:
             raise LoopStopped("the engine loop is not running")
+        if self.draining:
+            raise LoopStopped("the replica is shutting down; retry on another")
         rid = uuid.uuid4().hex
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), [] if offline else None)
         with self._lock:
@@ -116,15 +146,23 @@ class EngineLoop:
             while not self._stop:
                 self._wake.clear()
                 if not self.engine.has_work():
+                    self.busy_since = None
                     self._wake.wait(0.05)
                     continue
+                if self.busy_since is None:
+                    self.busy_since = time.monotonic()
                 try:
                     events = self.engine.step()
                 except Exception as e:  # not contained by the engine: fail everything pending, go on
                     logger.exception("engine loop step failed; failing every pending request")
+                    self.failed_steps += 1
                     self.engine.reset()
                     self._fail_all(EngineFailed(f"the engine failed: {e!r}"))
                     continue
+                if events and all(ev.finish_reason == "error" for ev in events):
+                    self.failed_steps += 1
+                else:  # a step that made progress (tokens, or a prompt chunk with no event yet)
+                    self.failed_steps, self.last_ok = 0, time.monotonic()
                 self._record(events)
                 for ev in events:
                     self._deliver(ev.request_id, ev)

@@ -4,10 +4,16 @@ Contract: ``OpenAIServer(tokenizer, engine, ...)`` owns an ``EngineLoop`` over t
 ``skipray.core.engine.Engine``. ``create(body, chat)`` answers a ``/v1/completions`` or ``/v1/chat/completions``
 body (already parsed JSON) with a Starlette response: the whole reply as JSON, or with ``stream:
 true`` OpenAI's server-sent events ending with ``data: [DONE]``. ``tokenize`` / ``detokenize`` /
-``models`` / ``health`` / ``version`` answer the utility routes as dicts (vLLM's shapes for the first
-two). Errors are OpenAI error JSON (``protocol.error_body``), mapped by ``error_status``: client
-mistakes 4xx, a full queue 503, a failure of the request in the engine 500, and a failure that
-reaches a stream after its first byte is sent as one ``data: {"error": ...}`` event before the end.
+``models`` / ``model`` / ``version`` answer the utility routes as dicts (vLLM's shapes for the first
+two), ``health`` as (status, body): 503 with the reason when the replica cannot serve (``EngineLoop.problem``).
+Before any work a body is bounded (``guard.check_sizes``: prompt characters, messages, stop strings,
+token-id prompts) and parsed and tokenized in a worker thread, so no request stalls the event loop that
+serves the others. Errors are OpenAI error JSON (``protocol.error_body``), mapped by ``error_status``:
+client mistakes 4xx with their message, a full queue or a draining replica 503, and server faults 500
+with a generic message and the request id (the traceback goes to the log); a failure that reaches a
+stream after its first byte is sent as one ``data: {"error": ...}`` event before the end. Every object of
+one reply shares ``id``, ``created``, ``model`` and ``system_fingerprint``. A non-zero ``priority`` is a
+400 unless the server runs with ``scheduling_policy="priority"`` (vLLM's ``--scheduling-policy``).
 Streamed deltas and the non-streamed text come from the same ``skipray.text.TextStream``, so they
 are equal. Only ``stream_options.include_usage`` puts usage in a stream (one last chunk with
 ``choices: []``). ``respond(body, chat, offline=True)`` answers the same bodies with the reply as a dict
@@ -17,6 +23,7 @@ are equal. Only ``stream_options.include_usage`` puts usage in a stream (one las
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import time
@@ -29,12 +36,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from skipray.serve import protocol as P
 from skipray.serve import responses as R
 from skipray.serve.engine_loop import EngineFailed, EngineLoop, LoopStopped, RequestFailed
+from skipray.serve.guard import ServeLimits, check_sizes
 
 logger = logging.getLogger("skipray.serve")
 
 
-def error_status(e: BaseException) -> tuple[int, dict]:
-    """HTTP status and OpenAI error body for an exception raised while answering a request."""
+def error_status(e: BaseException, request_id: str | None = None) -> tuple[int, dict]:
+    """HTTP status and OpenAI error body for an exception raised while answering a request. Client
+    mistakes are 4xx with their message; server faults are a 500 with a generic message and the request
+    id, their traceback goes to the log only."""
     from skipray.core.requests import QueueFull
 
     if isinstance(e, P.RequestError):
@@ -49,16 +59,15 @@ def error_status(e: BaseException) -> tuple[int, dict]:
                                  code="server_overloaded")
     if isinstance(e, LoopStopped):
         return 503, P.error_body(str(e), "server_error", code="engine_stopped")
-    if isinstance(e, RequestFailed):
-        if isinstance(e.cause, ValueError):
-            return 400, P.error_body(f"invalid request: {e.cause}", code="invalid_value")
-        return 500, P.error_body(str(e), "server_error", code="generation_failed")
-    if isinstance(e, EngineFailed):
-        return 500, P.error_body(str(e), "server_error", code="engine_failed")
-    if isinstance(e, ValueError):  # the engine's own validation of a request
-        return 400, P.error_body(str(e), code="invalid_value")
-    logger.error("request failed", exc_info=e)
-    return 500, P.error_body(f"internal error: {e!r}", "server_error", code="internal_error")
+    if isinstance(e, RequestFailed) and isinstance(e.cause, ValueError):
+        return 400, P.error_body(f"invalid request: {e.cause}", code="invalid_value")
+    if isinstance(e, ValueError) and not isinstance(e, (RequestFailed, EngineFailed)):
+        return 400, P.error_body(str(e), code="invalid_value")  # the engine's own validation of a request
+    rid = request_id or R.Meta.new("req", "", "").id
+    logger.error("request %s failed", rid, exc_info=e)
+    code = {RequestFailed: "generation_failed", EngineFailed: "engine_failed"}.get(type(e), "internal_error")
+    return 500, P.error_body(f"the server failed to answer this request (request id {rid}); it has been logged",
+                             "server_error", code=code)
 
 
 def _sse(obj: dict) -> str:
@@ -77,7 +86,7 @@ class _Reply:
         self.out = ""  # the text handed out so far
 
     def add(self, ev) -> tuple[str, list[R.TokenLogprob]]:
-        from skipray.text import token_strings
+        from skipray.text import token_bytes, token_strings
 
         self.layers.append(ev.layers)
         delta = self.text.add(ev.token_id, final=ev.finish_reason is not None)
@@ -85,30 +94,56 @@ class _Reply:
         if self.top is None or ev.logprobs is None:
             return delta, []
         lp = ev.logprobs
-        names = token_strings(self.tokenizer, [ev.token_id, *lp.top_ids[: self.top]])
-        return delta, [R.TokenLogprob(names[0], lp.logprob, list(zip(names[1:], lp.top_logprobs[: self.top])))]
+        ids = [ev.token_id, *lp.top_ids[: self.top]]
+        names, raw = token_strings(self.tokenizer, ids), token_bytes(self.tokenizer, ids)
+        top = list(zip(names[1:], lp.top_logprobs[: self.top], raw[1:]))
+        return delta, [R.TokenLogprob(names[0], lp.logprob, top, raw[0])]
 
 
 class OpenAIServer:
     def __init__(self, tokenizer, engine, schedule, trained=None, model_name: str = "skipray",
-                 max_tokens_limit: int = 512, default_max_tokens: int = 256, metrics=None) -> None:
+                 max_tokens_limit: int = 512, default_max_tokens: int = 256, metrics=None,
+                 limits: ServeLimits | None = None, scheduling_policy: str = "fcfs", max_failed_steps: int = 3,
+                 health_stall_s: float = 60.0) -> None:
+        from skipray import __version__
+
+        if scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {scheduling_policy!r}")
         self.tokenizer, self.engine, self.schedule, self.trained = tokenizer, engine, schedule, trained
         self.model_name, self.metrics = model_name, metrics
         self.num_layers = engine.model.num_layers
         self.context = min(engine.max_len, engine.model.max_positions)
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
+        self.limits = limits or ServeLimits()
+        self.scheduling_policy = scheduling_policy
+        self.max_failed_steps, self.health_stall_s = max_failed_steps, health_stall_s
+        self.fingerprint = f"skipray-{__version__}-{model_name}"
         self.loop = EngineLoop(engine, metrics)
 
     # -- utility routes -------------------------------------------------------------------------------
-    def health(self) -> dict:
-        return {"status": "ok" if self.loop.alive else "engine stopped", "live": self.engine.num_running,
-                "waiting": self.engine.num_waiting, "steps": self.engine.steps}
+    def problem(self) -> str | None:
+        """Why this replica cannot serve (``EngineLoop.problem``), or None."""
+        return self.loop.problem(self.max_failed_steps, self.health_stall_s)
+
+    def health(self) -> tuple[int, dict]:
+        """(200, status) when the replica can serve, else (503, an OpenAI error object with the reason)."""
+        why = self.problem()
+        if why is not None:
+            return 503, P.error_body(f"unhealthy: {why}", "server_error", code="unhealthy")
+        return 200, {"status": "ok", "live": self.engine.num_running, "waiting": self.engine.num_waiting,
+                     "steps": self.engine.steps}
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "skipray",
+                "schedule": self.schedule.to_dict(), "context_length": self.context, "max_model_len": self.context}
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": 0, "owned_by": "skipray",
-            "schedule": self.schedule.to_dict(), "context_length": self.context, "max_model_len": self.context,
-        }]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    def model(self, model_id: str) -> dict:
+        """``GET /v1/models/{id}``; 404 error object for another id."""
+        self._check_model(model_id)
+        return self._model_card()
 
     def version(self) -> dict:
         from skipray import __version__
@@ -143,11 +178,14 @@ class OpenAIServer:
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
     # -- completions ----------------------------------------------------------------------------------
-    async def create(self, body: Any, chat: bool) -> Response:
-        """Answer a completions (``chat=False``) or chat completions request body."""
+    async def create(self, body: Any, chat: bool, request_id: str | None = None) -> Response:
+        """Answer a completions (``chat=False``) or chat completions request body; the response carries
+        ``X-Request-Id``: ``request_id`` (the client's) or the reply's ``id``."""
         t0 = time.perf_counter()
+        meta = R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint)
+        headers = {"X-Request-Id": request_id or meta.id}
         try:
-            req, ids = self._parse(body, chat)
+            req, ids = await asyncio.to_thread(self._parse, body, chat)  # tokenizing never blocks the loop
             params, schedule, top = self._prepare(req, ids)
             events = self.loop.generate(ids, params, schedule, priority=req.priority)
             try:
@@ -156,15 +194,14 @@ class OpenAIServer:
                 await events.aclose()
                 raise
         except Exception as e:
-            status, err = error_status(e)
-            return JSONResponse(err, status_code=status)
+            status, err = error_status(e, meta.id)
+            return JSONResponse(err, status_code=status, headers=headers)
         ttft = time.perf_counter() - t0
-        rid = R.new_id("chatcmpl" if chat else "cmpl")
         reply = _Reply(self.tokenizer, ids, req.stop, top)
         echo = "" if chat or not req.echo else self._prompt_text(req, ids)
         if req.stream:
-            gen = self._stream(rid, req, chat, echo, reply, first, events, t0, ttft)
-            return StreamingResponse(gen, media_type="text/event-stream")
+            gen = self._stream(meta, req, chat, echo, reply, first, events, t0, ttft)
+            return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
         entries = []
         try:
             ev = first
@@ -174,17 +211,17 @@ class OpenAIServer:
                     break
                 ev = await anext(events)
         except Exception as e:
-            status, err = error_status(e)
-            return JSONResponse(err, status_code=status)
+            status, err = error_status(e, meta.id)
+            return JSONResponse(err, status_code=status, headers=headers)
         finally:
             await events.aclose()
         self._record(t0, reply, ttft)
         use = R.usage(len(ids), reply.layers)
         if chat:
             lp = R.chat_logprobs(entries) if top is not None else None
-            return JSONResponse(R.chat_response(rid, self.model_name, reply.out, ev.finish_reason, use, lp))
+            return JSONResponse(R.chat_response(meta, reply.out, ev.finish_reason, use, lp), headers=headers)
         lp = R.completion_logprobs(entries) if top is not None else None
-        return JSONResponse(R.completion_response(rid, self.model_name, echo + reply.out, ev.finish_reason, use, lp))
+        return JSONResponse(R.completion_response(meta, echo + reply.out, ev.finish_reason, use, lp), headers=headers)
 
     async def respond(self, body: Any, chat: bool, offline: bool = True) -> dict:
         """The whole (non-streamed) reply to a completions or chat body as OpenAI's JSON object, for the
@@ -195,7 +232,7 @@ class OpenAIServer:
         if isinstance(body, dict) and body.get("stream"):
             raise P.RequestError("stream is not supported here: the handle returns the whole reply", "stream")
         try:
-            req, ids = self._parse(body, chat)
+            req, ids = await asyncio.to_thread(self._parse, body, chat)
         except ValidationError as e:  # not picklable: the caller may be in another process
             raise P.RequestError(error_status(e)[1]["error"]["message"]) from None
         params, schedule, top = self._prepare(req, ids)
@@ -213,21 +250,22 @@ class OpenAIServer:
             await events.aclose()
         if not offline:  # the request metrics (latency, time to first token) are the online traffic's
             self._record(t0, reply, ttft or 0.0)
-        rid, use = R.new_id("chatcmpl" if chat else "cmpl"), R.usage(len(ids), reply.layers)
+        meta, use = R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint), \
+            R.usage(len(ids), reply.layers)
         if chat:
             lp = R.chat_logprobs(entries) if top is not None else None
-            return R.chat_response(rid, self.model_name, reply.out, ev.finish_reason, use, lp)
+            return R.chat_response(meta, reply.out, ev.finish_reason, use, lp)
         lp = R.completion_logprobs(entries) if top is not None else None
-        return R.completion_response(rid, self.model_name, echo + reply.out, ev.finish_reason, use, lp)
+        return R.completion_response(meta, echo + reply.out, ev.finish_reason, use, lp)
 
-    async def _stream(self, rid, req, chat, echo, reply, first, events, t0, ttft) -> AsyncIterator[str]:
+    async def _stream(self, meta, req, chat, echo, reply, first, events, t0, ttft) -> AsyncIterator[str]:
         with_usage = req.stream_options.include_usage
-        name, offset, pending = self.model_name, len(echo), []
+        offset, pending = len(echo), []
         try:
             if chat:
-                yield _sse(R.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, None, with_usage))
+                yield _sse(R.chat_chunk(meta, {"role": "assistant", "content": ""}, None, None, with_usage))
             elif echo:
-                yield _sse(R.completion_chunk(rid, name, echo, None, None, with_usage))
+                yield _sse(R.completion_chunk(meta, echo, None, None, with_usage))
             ev = first
             while True:
                 delta, entries = reply.add(ev)
@@ -236,21 +274,21 @@ class OpenAIServer:
                 if delta or finish is not None:
                     if chat:
                         lp = R.chat_logprobs(pending) if reply.top is not None else None
-                        chunk = R.chat_chunk(rid, name, {"content": delta} if delta else {}, finish, lp, with_usage)
+                        chunk = R.chat_chunk(meta, {"content": delta} if delta else {}, finish, lp, with_usage)
                     else:
                         lp = R.completion_logprobs(pending, offset) if reply.top is not None else None
                         offset += sum(len(e.token) for e in pending)
-                        chunk = R.completion_chunk(rid, name, delta, finish, lp, with_usage)
+                        chunk = R.completion_chunk(meta, delta, finish, lp, with_usage)
                     pending = []
                     yield _sse(chunk)
                 if finish is not None:
                     break
                 ev = await anext(events)
             if with_usage:
-                yield _sse(R.usage_chunk(rid, name, chat, R.usage(reply.prompt_len, reply.layers)))
+                yield _sse(R.usage_chunk(meta, chat, R.usage(reply.prompt_len, reply.layers)))
             self._record(t0, reply, ttft)
         except Exception as e:  # the request failed after the stream began: tell the client, then end
-            yield _sse(error_status(e)[1])
+            yield _sse(error_status(e, meta.id)[1])
         finally:
             await events.aclose()  # client gone mid-stream: abort the request and free its row
         yield "data: [DONE]\n\n"
@@ -261,6 +299,7 @@ class OpenAIServer:
 
         if not isinstance(body, dict):
             raise P.RequestError("request body must be a JSON object", code="invalid_json")
+        check_sizes(body, chat, self.limits, self.context)
         P.check_unsupported(body, chat)
         req = (P.ChatRequest if chat else P.CompletionRequest).model_validate(body)
         if chat:
@@ -280,6 +319,9 @@ class OpenAIServer:
         from skipray.core.requests import SamplingParams
 
         self._check_model(req.model)
+        if req.priority != 0 and self.scheduling_policy != "priority":
+            raise P.RequestError("priority is honoured only when the server runs with --scheduling-policy priority "
+                                 "(scheduling_policy: priority in the Serve config); omit it or send 0", "priority")
         field, max_tokens = req.length_field
         if max_tokens is not None and max_tokens > self.max_tokens_limit:
             raise P.RequestError(f"{field} must be <= {self.max_tokens_limit}", field)
