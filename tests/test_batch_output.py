@@ -212,8 +212,8 @@ def test_lock_refuses_a_second_job_and_takes_over_a_dead_ones(tmp_path):
 def test_lock_on_s3_is_a_conditional_write(monkeypatch):
     from skipray.batch.lock import OutputLock
 
-    with moto_s3(monkeypatch, buckets=["bucket"]) as endpoint:
-        s3, path = batch.filesystem_for("s3://bucket/out", endpoint)
+    with moto_s3(monkeypatch, buckets=["locks"]) as endpoint:
+        s3, path = batch.filesystem_for("s3://locks/out", endpoint)
         a = OutputLock(s3, path, s3_endpoint=endpoint)
         a.acquire()
         with pytest.raises(OutputError, match="another job is writing"):
@@ -387,28 +387,28 @@ def test_a_killed_job_reruns_to_completion_with_every_id_once(tmp_path, tiny_dir
 def test_ownership_and_recovery_on_s3(tmp_path, tiny_dir, monkeypatch):
     from skipray.batch.output import quarantine
 
-    with moto_s3(monkeypatch, buckets=["bucket"]) as endpoint:
-        s3, _ = batch.filesystem_for("s3://bucket/x", endpoint)
-        with s3.open_output_stream("bucket/in/p.parquet") as f:
+    with moto_s3(monkeypatch, buckets=["owned"]) as endpoint:  # moto's state outlives its server: a bucket of its own
+        s3, _ = batch.filesystem_for("s3://owned/x", endpoint)
+        with s3.open_output_stream("owned/in/p.parquet") as f:
             pq.write_table(pa.Table.from_pylist(prompts(4)), f)
-        with s3.open_output_stream("bucket/out/export.parquet") as f:
+        with s3.open_output_stream("owned/out/export.parquet") as f:
             f.write(b"id,prompt\n")
         with pytest.raises(OutputError, match="holds 'export.parquet'"):
-            batch.plan("s3://bucket/in/", "s3://bucket/out", config(tiny_dir), s3_endpoint=endpoint)
-        s3.delete_file("bucket/out/export.parquet")
-        with s3.open_output_stream(f"bucket/out/{own_name(5)}") as f:
+            batch.plan("s3://owned/in/", "s3://owned/out", config(tiny_dir), s3_endpoint=endpoint)
+        s3.delete_file("owned/out/export.parquet")
+        with s3.open_output_stream(f"owned/out/{own_name(5)}") as f:
             f.write(b"PAR1 cut")
-        with s3.open_output_stream(f"bucket/out/{LEGACY_NAME}") as f:
+        with s3.open_output_stream(f"owned/out/{LEGACY_NAME}") as f:
             pq.write_table(pa.Table.from_pylist([{"id": "r000"}]), f)
-        p = batch.plan("s3://bucket/in/", "s3://bucket/out", config(tiny_dir), s3_endpoint=endpoint)
-        assert p.cut_short == [f"bucket/out/{own_name(5)}"] and p.pending == 3
-        quarantine(s3, "bucket/out", p.cut_short)
+        p = batch.plan("s3://owned/in/", "s3://owned/out", config(tiny_dir), s3_endpoint=endpoint)
+        assert p.cut_short == [f"owned/out/{own_name(5)}"] and p.pending == 3
+        quarantine(s3, "owned/out", p.cut_short)
         from pyarrow import fs as pafs
 
-        left = [i.path for i in s3.get_file_info(pafs.FileSelector("bucket/out", recursive=True))]
-        assert f"bucket/out/{own_name(5)}" not in left and any(QUARANTINE in x and own_name(5) in x for x in left)
+        left = [i.path for i in s3.get_file_info(pafs.FileSelector("owned/out", recursive=True))]
+        assert f"owned/out/{own_name(5)}" not in left and any(QUARANTINE in x and own_name(5) in x for x in left)
         with pytest.raises(batch.InputError, match="overlap"):
-            batch.plan("s3://bucket/in/", "s3://bucket/in/out", config(tiny_dir), s3_endpoint=endpoint)
+            batch.plan("s3://owned/in/", "s3://owned/in/out", config(tiny_dir), s3_endpoint=endpoint)
 
 
 def test_exit_statuses_of_a_failed_run():
