@@ -36,10 +36,23 @@ def encode_messages(tokenizer, messages: Sequence[dict], add_generation_prompt: 
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def decode(tokenizer, token_ids: Sequence[int], stop: Sequence[str] = ()) -> str:
-    """Text of generated ids without special tokens, cut before the first stop string."""
+def decode(tokenizer, token_ids: Sequence[int], stop: Sequence[str] = (), include_stop: bool = False) -> str:
+    """Text of generated ids without special tokens, cut before the first stop string (after it with
+    ``include_stop``, vLLM's ``include_stop_str_in_output``)."""
     text = tokenizer.decode(list(token_ids), skip_special_tokens=True)
-    return truncate_at_stop(text, stop)
+    return truncate_at_stop(text, stop, include_stop)
+
+
+def bad_words_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
+    """Token-id sequences of vLLM's ``bad_words``: each word as encoded alone and after a space (its two
+    usual spellings in generated text), without special tokens; empty encodings dropped."""
+    out: list[list[int]] = []
+    for w in words:
+        for text in (w, " " + w.lstrip()):
+            ids = list(tokenizer.encode(text, add_special_tokens=False))
+            if ids and ids not in out:
+                out.append(ids)
+    return out
 
 
 def token_strings(tokenizer, token_ids: Sequence[int]) -> list[str]:
@@ -91,9 +104,13 @@ def token_bytes(tokenizer, token_ids: Sequence[int]) -> list[bytes]:
     return out
 
 
-def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    return text if cut < 0 else text[:cut]
+def truncate_at_stop(text: str, stop: Sequence[str], include: bool = False) -> str:
+    """``text`` cut before the first stop string in it (after it with ``include``)."""
+    hits = [(i, len(s)) for s in stop if s and (i := text.find(s)) >= 0]
+    if not hits:
+        return text
+    cut, n = min(hits)
+    return text[: cut + n] if include else text[:cut]
 
 
 def detokenizer(tokenizer) -> Callable[[list[int]], str]:
@@ -108,12 +125,14 @@ class TextStream:
     ``add(token_id, final)`` returns the new text that may be sent: never half a character (an
     unfinished byte sequence waits for its next token), never the head of a stop string (the last
     ``len(longest stop) - 1`` characters wait until the reply is final), and on the final token the
-    text is cut before the first stop string. ``prompt`` (its last few ids) is decoding context only:
+    text is cut before the first stop string (after it with ``include_stop``). ``prompt`` (its last few
+    ids) is decoding context only:
     the first generated token gets the leading space it has after the prompt.
     """
 
-    def __init__(self, tokenizer, prompt: Sequence[int] = (), stop: Sequence[str] = ()) -> None:
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+    def __init__(self, tokenizer, prompt: Sequence[int] = (), stop: Sequence[str] = (),
+                 include_stop: bool = False) -> None:
+        self.tokenizer, self.stop, self.include_stop = tokenizer, [s for s in stop if s], include_stop
         self.ids = list(prompt[-CONTEXT_TOKENS:])
         self.prefix, self.read = 0, len(self.ids)  # ids[prefix:read] decode to text already emitted
         self.text = ""  # the reply decoded so far (after the final token: cut at the stop string)
@@ -132,7 +151,7 @@ class TextStream:
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
         if final:
-            self.text = truncate_at_stop(self.text, self.stop)
+            self.text = truncate_at_stop(self.text, self.stop, self.include_stop)
             end = len(self.text)
         else:
             end = len(self.text) - self.hold

@@ -31,8 +31,8 @@ def test_config_validates_like_ray_data_llm():
     assert batch.SkipDecodeProcessorConfig(concurrency=2).pool == (2, 2)
     with pytest.raises(ValueError, match="concurrency"):
         batch.SkipDecodeProcessorConfig(concurrency=(3, 1))
-    with pytest.raises(ValueError, match="unsupported sampling params.*presence_penalty"):
-        batch.SkipDecodeProcessorConfig(sampling_params={"presence_penalty": 0.5})
+    with pytest.raises(ValueError, match="unsupported sampling params.*guided_grammar"):
+        batch.SkipDecodeProcessorConfig(sampling_params={"guided_grammar": "root ::= x"})
 
 
 def test_unique_renames_never_collide():
@@ -84,14 +84,14 @@ def test_invalid_rows_become_error_rows(tiny_dir):
     ctx = SkipDecodeProcessor(proc_config(tiny_dir)).row_context
     block = pa.Table.from_pylist([
         {"prompt": "ok", "sampling_params": None, "skip": None, "messages": None},  # from_pylist: keys of row 0
-        {"prompt": "bad param", "sampling_params": {"presence_penalty": 1.0}},
+        {"prompt": "bad param", "sampling_params": {"logits_processors": ["x"]}},
         {"prompt": "bad temperature", "sampling_params": {"temperature": -1.0}},
         {"prompt": "bad skip", "skip": {"max_layers": 99}},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "text": None}]}]},
     ])
     errs = batch.prepare_rows(block, ctx).column("error").to_pylist()
     assert errs[0] is None
-    assert "presence_penalty" in errs[1] and "temperature" in errs[2] and "skip" in errs[3]
+    assert "logits_processors" in errs[1] and "temperature" in errs[2] and "skip" in errs[3]
     assert "text only" in errs[4]
 
 
@@ -242,3 +242,29 @@ def test_job_resumes_null_ids_and_clashing_columns(ray_local, tmp_path, tiny_dir
     assert by_id[None]["error"] == "id is null" and by_id[None]["source_row"] == 3
     s2 = batch.run(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
     assert (s2.rows, s2.skipped) == (0, 5)  # the null-id row is not written again
+
+
+def test_vllm_sampling_params_in_batch_rows(tiny_dir):
+    """Ray Data LLM's documented example params work; every implemented vLLM field is accepted; n > 1 and
+    refused fields are error rows naming them."""
+    from skipray.batch.processor import SkipDecodeProcessor
+
+    ctx = SkipDecodeProcessor(proc_config(tiny_dir)).row_context
+    rows = [
+        {"prompt": "a", "sampling_params": {"temperature": 0.3, "max_tokens": 20, "detokenize": False}},
+        {"prompt": "b", "sampling_params": {"presence_penalty": 0.5, "frequency_penalty": 0.1, "repetition_penalty": 1.2,
+                                            "min_p": 0.05, "min_tokens": 2, "stop_token_ids": [3], "bad_words": ["x"],
+                                            "logit_bias": {"5": 1.0}, "ignore_eos": True,
+                                            "include_stop_str_in_output": True, "skip_special_tokens": True}},
+        {"prompt": "c", "sampling_params": {"n": 2}},
+        {"prompt": "d", "sampling_params": {"guided_decoding": {"json": {}}}},
+    ]
+    out = batch.prepare_rows(pa.Table.from_pylist(rows), ctx)
+    errs = out.column("error").to_pylist()
+    assert errs[:2] == [None, None] and "n > 1" in errs[2] and "guided_decoding" in errs[3]
+    from skipray.batch.params import sampling_params
+
+    from skipray.batch.rows import PARAMS
+
+    sp = sampling_params(out.column(PARAMS).to_pylist()[1])
+    assert sp.min_tokens == 2 and sp.logit_bias == {5: 1.0} and sp.bad_words_ids and sp.ignore_eos

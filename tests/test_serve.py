@@ -282,8 +282,9 @@ def test_null_means_default(server):
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("response_format", {"type": "json_object"}),
-    ("n", 2), ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"100": 5}),
-    ("tool_choice", "required"), ("reasoning_effort", "low"), ("min_tokens", 3), ("guided_json", {}),
+    ("n", 2), ("frequency_penalty", 2.5), ("presence_penalty", -3), ("logit_bias", {"100": 500}),
+    ("logit_bias", {"token": 1}), ("tool_choice", "required"), ("reasoning_effort", "low"), ("min_tokens", -1),
+    ("guided_json", {}), ("min_p", 1.5),
 ])
 def test_fields_that_would_change_the_answer_get_a_400_naming_them(server, field, value):
     r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],

@@ -286,3 +286,51 @@ def test_a_failing_engine_step_answers_every_request_at_once(app, monkeypatch, c
     assert "engine loop step failed" in caplog.text
     ok = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "after", "max_tokens": 3}, timeout=30)
     assert ok.status_code == 200 and engine.num_running == 0  # the loop serves on
+
+
+# -- vLLM's sampling controls ----------------------------------------------------------------------------
+def test_sampling_controls_reach_the_engine(app):
+    import requests
+
+    base, ids = app["base"], [5, 6, 7, 8]
+    _, out = engine_text(app, ids, 6)
+    first = out.token_ids[0]
+
+    def complete(**kw):
+        body = {"model": "tiny", "prompt": ids, "max_tokens": 6, "temperature": 0, "logprobs": 1, **kw}
+        r = requests.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    plain = complete()
+    assert complete(logit_bias={str(first): -100})["logprobs"]["tokens"][0] != plain["logprobs"]["tokens"][0]
+    stopped = complete(stop_token_ids=[out.token_ids[1]])
+    assert stopped["finish_reason"] == "stop" and len(stopped["logprobs"]["tokens"]) == 2
+    assert complete(stop_token_ids=[out.token_ids[1]], min_tokens=4)["finish_reason"] == "length"
+    word = app["tok"].decode([first]).strip()
+    if word:
+        assert complete(bad_words=[word])["logprobs"]["tokens"][0] != plain["logprobs"]["tokens"][0]
+    strict = complete(repetition_penalty=1e6, max_tokens=12)["logprobs"]["tokens"]
+    assert len(set(strict)) == len(strict)  # nothing of the prompt or the output repeats
+    assert complete(presence_penalty=2.0, frequency_penalty=2.0, min_p=0.5)["finish_reason"] in ("stop", "length")
+
+
+def test_include_stop_str_and_continuous_usage(app):
+    import json
+
+    import requests
+
+    base = app["base"]
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
+    text = requests.post(f"{base}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    if stop.strip():
+        cut = requests.post(f"{base}/v1/completions", json={**body, "stop": [stop]}, timeout=60).json()
+        kept = requests.post(f"{base}/v1/completions", json={**body, "stop": [stop],
+                                                             "include_stop_str_in_output": True}, timeout=60).json()
+        assert kept["choices"][0]["text"] == cut["choices"][0]["text"] + stop
+    with requests.post(f"{base}/v1/completions", json={**body, "stream": True, "stream_options": {
+            "continuous_usage_stats": True}}, timeout=60, stream=True) as r:
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert counts and counts == sorted(counts) and counts[-1] == chunks[-1]["usage"]["completion_tokens"]

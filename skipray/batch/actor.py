@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from skipray.batch.params import sampling_params
 from skipray.batch.rows import ERROR_KIND, GENERATED_COLUMNS, INTERNAL_COLUMNS, PARAMS, TOKENS, schedule_for
 
 
@@ -96,12 +97,6 @@ class Generator:
     def _schedule(self, flags: str | None):
         return self.schedule if flags is None else schedule_for(flags, self.m.model.num_layers, self.trained)
 
-    def _params(self, p: dict):
-        from skipray.core.requests import SamplingParams
-
-        return SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
-                              top_k=p["top_k"], seed=p["seed"], stop=tuple(p["stop"] or ()))
-
     def _alone(self, prompt: list[int], params, schedule):
         """One row run by itself; -> its ``Completion`` or what it failed with."""
         try:
@@ -169,14 +164,14 @@ class Generator:
         params = block.column(PARAMS).to_pylist()
         ok = [i for i in range(n) if errors[i] is None]
         rows = [ok[j] for j in admission_order([len(toks[i]) for i in ok], spec.bucket)]
-        comps = self._run([toks[r] for r in rows], [self._params(params[r]) for r in rows],
+        comps = self._run([toks[r] for r in rows], [sampling_params(params[r]) for r in rows],
                           [self._schedule(params[r]["skip"]) for r in rows]) if rows else []
         for r, c in zip(rows, comps):
             if isinstance(c, BaseException):
                 kinds[r] = fault_kind(c)
                 errors[r] = f"{'engine fault' if kinds[r] == 'engine' else 'generation failed'}: {c!r}"
                 continue
-            text[r] = decode(self.m.tokenizer, c.token_ids, params[r]["stop"] or ())
+            text[r] = decode(self.m.tokenizer, c.token_ids, params[r]["stop"] or (), bool(params[r]["include_stop"]))
             tokens[r], gen[r] = list(c.token_ids), len(c.token_ids)
             avg[r], reason[r] = round(c.avg_layers, 3), c.finish_reason
         out = block.drop_columns([c for c in INTERNAL_COLUMNS if c in block.column_names] + ["error"])

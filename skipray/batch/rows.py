@@ -6,10 +6,10 @@ Contract:
   configs (``model_source``, ``batch_size``, ``concurrency``, ``accelerator_type``, ...; fields below).
 * Input rows carry ``prompt`` (a string) or ``messages`` (OpenAI chat messages: ``role`` and
   ``content``, a string or a list of ``{"type": "text", "text"}`` parts; rendered by the model's chat
-  template, ready for the reply). A row may carry ``sampling_params``, a dict with any of
-  ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop`` (vLLM's names; null or
-  missing fields take the config's ``sampling_params``; any other non-null field makes the row an
-  error row), and ``skip``, a dict of skip-schedule flags as in the Serve app's ``skip`` field
+  template, ready for the reply). A row may carry ``sampling_params``, a dict of vLLM's
+  ``SamplingParams`` fields (``skipray.batch.params``: the implemented ones, the ones accepted without
+  effect, the rest an error row naming them; null or missing fields take the config's
+  ``sampling_params``), and ``skip``, a dict of skip-schedule flags as in the Serve app's ``skip`` field
   (``{"full": true}``, ``max_layers``, ``min_layers``, ...; null: the config's schedule).
 * ``prepare_rows(block, ctx)`` runs as a Ray Data task per block. It renames input columns whose names
   the processor writes (``input_<name>``; if that is taken too, ``input_<name>_2``, ``_3``, ...), then
@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from skipray.batch.params import PARAMS_TYPE, resolve, sampling_params, to_row
 
 # columns the processor adds (Ray Data LLM's names, plus skip decoding's and the error column)
 ERROR_KIND = "error_kind"  # why a row has an error: "input" (permanent) or "engine" (a re-run retries it)
@@ -47,10 +48,6 @@ TOKENS = "__skipray_token_ids"  # internal: the prompt's token ids
 PARAMS = "__skipray_params"  # internal: the row's resolved sampling params and schedule flags
 PRE_ERROR = "__skipray_error"  # internal: an error found before tokenizing (the file job's id checks)
 INTERNAL_COLUMNS = (TOKENS, PARAMS, PRE_ERROR)
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-PARAMS_TYPE = pa.struct([("max_tokens", pa.int32()), ("temperature", pa.float64()), ("top_p", pa.float64()),
-                         ("top_k", pa.int32()), ("seed", pa.int64()), ("stop", pa.list_(pa.string())),
-                         ("skip", pa.string())])
 
 
 class SkipDecodeProcessorConfig(BaseModel):
@@ -101,9 +98,7 @@ class SkipDecodeProcessorConfig(BaseModel):
     @field_validator("sampling_params")
     @classmethod
     def _sampling(cls, v):
-        unknown = sorted(k for k, x in v.items() if k not in SAMPLING_KEYS and x is not None)
-        if unknown:
-            raise ValueError(f"unsupported sampling params {unknown}; supported: {list(SAMPLING_KEYS)}")
+        resolve(v, {})  # the defaults of every row: refused fields and bad values fail the config at once
         return v
 
     @property
@@ -203,47 +198,6 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-INT_RANGES = {"max_tokens": (1, 2**31 - 1), "top_k": (-1, 2**31 - 1), "seed": (-(2**63), 2**63 - 1)}
-
-
-def _checked(name: str, v: Any) -> Any:
-    """One sampling param, type- and range-checked (``ValueError`` naming it): ints within their Arrow
-    column's range, finite floats, stop strings."""
-    if name in INT_RANGES:
-        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-            v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"sampling_params.{name} must be an integer, got {v!r}")
-        lo, hi = INT_RANGES[name]
-        if not lo <= v <= hi:
-            raise ValueError(f"sampling_params.{name} must be in [{lo}, {hi}], got {v}")
-    elif name in ("temperature", "top_p"):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"sampling_params.{name} must be a finite number, got {v!r}")
-        v = float(v)
-    elif name == "stop":
-        v = [v] if isinstance(v, str) else v
-        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
-            raise ValueError(f"sampling_params.stop must be a string or a list of strings, got {v!r}")
-        v = list(v)
-    return v
-
-
-def _params(row_params: Any, defaults: dict) -> dict:
-    """The row's sampling params over the defaults, vLLM names: -> dict of ``SAMPLING_KEYS``, each checked
-    (``_checked``); ``ValueError`` naming the field otherwise."""
-    given = row_params if isinstance(row_params, dict) else {}
-    if row_params is not None and not isinstance(row_params, dict):
-        raise ValueError(f"sampling_params must be a dict, got {type(row_params).__name__}")
-    unknown = sorted(k for k, v in given.items() if k not in SAMPLING_KEYS and v is not None)
-    if unknown:
-        raise ValueError(f"unsupported sampling params {unknown}; supported: {list(SAMPLING_KEYS)}")
-    base = {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": []}
-    base.update({k: v for k, v in defaults.items() if v is not None})
-    base.update({k: v for k, v in given.items() if v is not None})
-    return {k: (None if v is None else _checked(k, v)) for k, v in base.items()}
-
-
 def _skip_flags(value: Any, ctx: RowContext) -> str | None:
     """Validated skip flags as canonical JSON (None: the config's schedule); ``ValueError`` if invalid."""
     if value is None:
@@ -279,8 +233,7 @@ def schedule_for(flags_json: str, num_layers: int, trained: dict | None):
 # -- the tokenizing step -----------------------------------------------------------------------------------
 def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
     """Rename clashing columns, tokenize, resolve params and mark bad rows (module contract)."""
-    from skipray.core.requests import SamplingParams
-    from skipray.text import encode_messages, encode_prompt
+    from skipray.text import bad_words_ids, encode_messages, encode_prompt
 
     reserved = set(GENERATED_COLUMNS) | {TOKENS, PARAMS}
     renames = unique_renames(block.column_names, reserved)
@@ -299,10 +252,9 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
         ids_i, err, prm = [], pre[i], None
         if err is None:
             try:
-                p = _params(row_params[i], ctx.defaults)
-                sp = SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
-                                    top_k=p["top_k"])
-                sp.validate()
+                p = resolve(row_params[i], ctx.defaults)
+                banned = bad_words_ids(tok, p["bad_words"]) if p["bad_words"] else []
+                sampling_params(to_row(p, None, None, banned)).validate()
             except Exception as e:  # noqa: BLE001 - any value a row holds is that row's error, never the job's
                 err = f"invalid sampling_params: {e}"
         if err is None:
@@ -318,11 +270,10 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
                 seed = row_seed(int(p["seed"]), key)
             else:
                 seed = None
-            prm = {"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
-                   "top_k": sp.top_k, "seed": seed, "stop": p["stop"], "skip": skip}
+            prm = to_row(p, seed, skip, banned)
             ids_i, err = _encode(tok, prompts[i], messages[i], ctx.apply_chat_template, encode_prompt, encode_messages)
-            if err is None and len(ids_i) + sp.max_tokens > ctx.max_model_len:
-                err = (f"prompt too long: {len(ids_i)} tokens + max_tokens {sp.max_tokens} exceed the "
+            if err is None and len(ids_i) + p["max_tokens"] > ctx.max_model_len:
+                err = (f"prompt too long: {len(ids_i)} tokens + max_tokens {p['max_tokens']} exceed the "
                        f"model's context of {ctx.max_model_len}")
         token_ids.append([] if err else ids_i)
         lengths.append(len(ids_i) if ids_i else 0)

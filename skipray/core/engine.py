@@ -309,7 +309,8 @@ class Engine:
 
     def _emit(self, reqs: list[Request], logits: torch.Tensor, layers: list[int], events: list[Event]) -> list[Request]:
         """Sample one token per request (row ``i`` of ``logits``); -> the requests that finished."""
-        picked, lps = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        picked, lps = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs],
+                                  [r.prompt for r in reqs], [r.generated for r in reqs], self.eos_token_ids)
         done = []
         for i, req in enumerate(reqs):
             tok, reason, err = picked[i], None, None

@@ -15,7 +15,7 @@ Contract:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
@@ -39,6 +39,14 @@ class SamplingParams:
     stop_fn: Callable[[list[int]], bool] | None = None  # any predicate over the generated ids
     logprobs: int = 0  # return the top-N log-probs of each step's logits (0: none; vLLM's `logprobs`)
     ignore_eos: bool = False  # vLLM's: EOS does not end the request (stop tokens and strings still do)
+    # vLLM's logits controls (skipray.core.logits): off at their defaults
+    repetition_penalty: float = 1.0  # > 0; tokens of the prompt or output: logit / p if > 0 else logit * p
+    presence_penalty: float = 0.0  # [-2, 2]: logit -= presence * [count > 0] over the output
+    frequency_penalty: float = 0.0  # [-2, 2]: logit -= frequency * count over the output
+    min_p: float = 0.0  # [0, 1]: drop tokens below min_p x the top token's probability (after temperature)
+    min_tokens: int = 0  # EOS, stop tokens and stop strings do not end the request before this many tokens
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit, [-100, 100]
+    bad_words_ids: Sequence[Sequence[int]] = ()  # token-id sequences never generated
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible settings."""
@@ -51,6 +59,19 @@ class SamplingParams:
         if isinstance(self.stop, str):
             raise ValueError("stop must be a list of strings, not one string")
         validate(self.temperature, self.top_k, self.top_p)
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if any(not -100.0 <= float(v) <= 100.0 for v in (self.logit_bias or {}).values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if any(not w for w in self.bad_words_ids):
+            raise ValueError("bad_words_ids must not hold an empty sequence")
 
 
 @dataclass
@@ -112,6 +133,8 @@ def finish_reason(
     """``"stop"`` for a stop token, EOS (unless ``ignore_eos``), a stop string in the decoded tail or ``stop_fn``; ``"length"`` once
     ``max_tokens`` tokens exist; else ``None``. Raises whatever ``detokenize`` or ``stop_fn`` raise, and
     ``ValueError`` for stop strings without ``detokenize``."""
+    if len(generated) < p.min_tokens:  # nothing but the length ends a request before min_tokens
+        return "length" if len(generated) >= p.max_tokens else None
     if generated[-1] in p.stop_token_ids or (generated[-1] in eos_token_ids and not p.ignore_eos):
         return "stop"
     stops = [s for s in p.stop if s]
@@ -134,6 +157,9 @@ def validate_request(prompt: Sequence[int], p: SamplingParams, vocab_size: int, 
         raise ValueError("prompt is empty")
     if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt):
         raise ValueError(f"prompt has token ids outside [0, {vocab_size})")
+    ids = [*(p.logit_bias or {}), *p.stop_token_ids, *(t for w in p.bad_words_ids for t in w)]
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in ids):
+        raise ValueError(f"logit_bias, stop_token_ids and bad words take token ids in [0, {vocab_size})")
     p.validate()
     if len(prompt) + p.max_tokens > context:
         raise ValueError(f"{len(prompt)} prompt tokens + {p.max_tokens} new tokens exceed the context of {context}")

@@ -2,12 +2,13 @@
 
 ``temperature < MIN_TEMPERATURE`` (1e-5, as vLLM) is greedy: argmax, no randomness; a temperature
 that small cannot be divided by without overflowing the logits. Otherwise logits are divided by the
-temperature, filtered by ``top_k`` (0: off) and nucleus ``top_p`` (1.0: off), and one token is drawn
+temperature, filtered by ``min_p`` (0: off), ``top_k`` (0: off) and nucleus ``top_p`` (1.0: off), and one token is drawn
 with ``generator``. The same generator state gives the same token. Logits that are not finite (a
 model fault) raise ``FloatingPointError`` instead of drawing from a meaningless distribution.
 
 ``sample_rows`` is the engine's batched sampler: one token per row of a ``(n, vocab)`` logits tensor,
-each row with its own ``SamplingParams`` and generator; greedy rows share one ``argmax``; what fails for
+each row with its own ``SamplingParams`` and generator, after the logits controls of ``skipray.core.logits``
+(penalties, bans, biases; rows that ask for none are untouched); greedy rows share one ``argmax``; what fails for
 one row (non-finite logits, a bad generator) is that row's exception, never its batch-mates'.
 ``top_logprobs`` gives the top-N log-softmax entries a request asked for.
 """
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from skipray.core.logits import min_p_filter, process
 from skipray.core.requests import SamplingParams, TopLogprobs
 
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (vLLM's _SAMPLING_EPS)
@@ -29,11 +31,15 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    min_p: float = 0.0,
 ) -> int:
-    """Pick one token id from a ``(vocab,)`` logits vector."""
+    """Pick one token id from a ``(vocab,)`` logits vector (``min_p``: ``skipray.core.logits.min_p_filter``,
+    after temperature)."""
     if temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
     logits = logits.float() / temperature
+    if min_p > 0:
+        logits = min_p_filter(logits, min_p)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -71,13 +77,21 @@ def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int]) 
 
 
 def sample_rows(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+    prompts: Sequence[Sequence[int]] | None = None, outputs: Sequence[Sequence[int]] | None = None,
+    eos_token_ids: Sequence[int] = (),
 ) -> tuple[list[int | BaseException], list[TopLogprobs | None]]:
-    """One token per row of ``logits`` ``(n, vocab)`` with row ``i``'s ``params[i]`` and ``generators[i]``.
+    """One token per row of ``logits`` ``(n, vocab)`` with row ``i``'s ``params[i]`` and ``generators[i]``;
+    ``prompts`` / ``outputs`` (each row's token ids so far) feed the logits controls of
+    ``skipray.core.logits`` (penalties, bans, biases), applied first.
 
-    -> (token id or the exception that row raised, per row; its ``TopLogprobs`` when ``params[i].logprobs``,
-    else ``None``). Greedy rows take one batched ``argmax`` (the same ids ``sample`` gives them)."""
-    finite = torch.isfinite(logits.sum(-1)).tolist()  # a NaN or inf logit makes the sum NaN or inf (one
+    -> (token id or the exception that row raised, per row; its ``TopLogprobs`` (of the raw logits) when
+    ``params[i].logprobs``, else ``None``). Greedy rows take one batched ``argmax`` (the same ids ``sample``
+    gives them)."""
+    raw = logits
+    if prompts is not None and outputs is not None:
+        logits = process(logits, params, prompts, outputs, eos_token_ids)
+    finite = torch.isfinite(raw.sum(-1)).tolist()  # the model's logits: a NaN or inf makes the sum NaN or inf (one
     # reduction instead of isfinite's four full passes; finite fp32 logits would need ~1e34 each to overflow)
     greedy = [i for i, p in enumerate(params) if p.temperature < MIN_TEMPERATURE and finite[i]]
     picked: list[int | BaseException] = [0] * len(params)
@@ -90,14 +104,14 @@ def sample_rows(
             picked[i] = FloatingPointError("the model produced non-finite logits for this request")
         elif p.temperature >= MIN_TEMPERATURE:
             try:
-                picked[i] = sample(logits[i], p.temperature, p.top_k, p.top_p, generators[i])
+                picked[i] = sample(logits[i], p.temperature, p.top_k, p.top_p, generators[i], p.min_p)
             except Exception as e:  # this row's failure, not its batch-mates'
                 picked[i] = e
     lps: list[TopLogprobs | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs and isinstance(picked[i], int)]
     if want:
         try:
-            got = top_logprobs(logits[want], [picked[i] for i in want], [params[i].logprobs for i in want])
+            got = top_logprobs(raw[want], [picked[i] for i in want], [params[i].logprobs for i in want])
             for i, g in zip(want, got):
                 lps[i] = g
         except Exception as e:

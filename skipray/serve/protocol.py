@@ -7,9 +7,10 @@ Contract:
 * JSON ``null`` means "the default" for every optional field, at any depth, as OpenAI accepts it.
 * ``check_unsupported(body, chat)`` raises ``RequestError`` (400, ``param`` = the field) for a field
   this server does not implement when its value would change the answer (``tools: [...]``,
-  ``response_format: {"type": "json_object"}``, ``n: 2``, a non-zero penalty, vLLM's guided
-  decoding, ...); the same fields with a value that changes nothing (``tools: []``, ``n: 1``,
-  ``logit_bias: {}``, zero penalties, ``response_format: {"type": "text"}``) are accepted. Other
+  ``response_format: {"type": "json_object"}``, ``n: 2``, vLLM's guided decoding, ...); the same
+  fields with a value that changes nothing (``tools: []``, ``n: 1``, ``response_format: {"type":
+  "text"}``) are accepted. The penalties, ``logit_bias``, ``min_p``, ``min_tokens``,
+  ``stop_token_ids``, ``bad_words`` and ``include_stop_str_in_output`` are implemented fields. Other
   unknown top-level fields (``user``, ``store``, ``metadata``, ``service_tier``, ...) are ignored:
   they do not change the output. The ``skip`` extension and ``stream_options`` are strict.
 * ``ChatRequest.prompt_messages()`` gives the messages for the chat template: content given as
@@ -31,19 +32,10 @@ INT64 = 2**63
 _never = lambda v: False  # noqa: E731 - any value but null changes the answer
 # Fields this server does not implement, each with the values that change nothing (null always does).
 NO_EFFECT_ONLY: dict[str, Any] = {
-    "frequency_penalty": lambda v: v == 0,
-    "presence_penalty": lambda v: v == 0,
-    "repetition_penalty": lambda v: v == 1,
     "length_penalty": lambda v: v == 1,
-    "logit_bias": lambda v: v == {},
     "n": lambda v: v == 1,
     "best_of": lambda v: v == 1,
     "use_beam_search": lambda v: v is False,
-    "min_p": lambda v: v == 0,
-    "min_tokens": lambda v: v == 0,
-    "stop_token_ids": lambda v: v == [],
-    "bad_words": lambda v: v == [],
-    "include_stop_str_in_output": lambda v: v is False,
     "skip_special_tokens": lambda v: v is True,
     "spaces_between_special_tokens": lambda v: v is True,
     "prompt_logprobs": _never,
@@ -128,7 +120,7 @@ class StreamOptions(_Body):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False  # one last chunk with ``choices: []`` and ``usage``
     include_obfuscation: StrictBool = True  # accepted; changes nothing here (no obfuscation padding is sent)
-    continuous_usage_stats: Literal[False] = False  # vLLM's usage in every chunk: not implemented
+    continuous_usage_stats: StrictBool = False  # vLLM's: usage (so far) in every chunk
 
 
 class _Common(_Body):
@@ -142,6 +134,16 @@ class _Common(_Body):
     priority: StrictInt = Field(0, ge=-INT64, lt=INT64)  # vLLM extension: admission order, lower first
     seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] = Field(default_factory=list)
+    # vLLM's logits controls (skipray.core.logits), OpenAI's penalties and logit_bias
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_tokens: StrictInt = Field(0, ge=0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's) -> bias in [-100, 100]
+    stop_token_ids: list[StrictInt] = Field(default_factory=list)
+    bad_words: list[str] = Field(default_factory=list)
+    include_stop_str_in_output: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     skip: SkipOptions | None = None
@@ -153,6 +155,16 @@ class _Common(_Body):
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
         return [s for s in stops if s]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for k, b in (v or {}).items():
+            if not k.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {k!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b}")
+        return v
 
     @property
     def length_field(self) -> tuple[str, int | None]:

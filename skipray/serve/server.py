@@ -77,11 +77,12 @@ def _sse(obj: dict) -> str:
 class _Reply:
     """One request's events turned into text deltas, log-prob entries and usage."""
 
-    def __init__(self, tokenizer, prompt: list[int], stop: list[str], top: int | None) -> None:
+    def __init__(self, tokenizer, prompt: list[int], stop: list[str], top: int | None,
+                 include_stop: bool = False) -> None:
         from skipray.text import TextStream
 
         self.tokenizer, self.top = tokenizer, top  # top: top log-probs per token; None: no log-probs
-        self.text = TextStream(tokenizer, prompt, stop)
+        self.text = TextStream(tokenizer, prompt, stop, include_stop)
         self.prompt_len, self.layers = len(prompt), []
         self.out = ""  # the text handed out so far
 
@@ -197,7 +198,7 @@ class OpenAIServer:
             status, err = error_status(e, meta.id)
             return JSONResponse(err, status_code=status, headers=headers)
         ttft = time.perf_counter() - t0
-        reply = _Reply(self.tokenizer, ids, req.stop, top)
+        reply = _Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output)
         echo = "" if chat or not req.echo else self._prompt_text(req, ids)
         if req.stream:
             gen = self._stream(meta, req, chat, echo, reply, first, events, t0, ttft)
@@ -236,7 +237,7 @@ class OpenAIServer:
         except ValidationError as e:  # not picklable: the caller may be in another process
             raise P.RequestError(error_status(e)[1]["error"]["message"]) from None
         params, schedule, top = self._prepare(req, ids)
-        reply = _Reply(self.tokenizer, ids, req.stop, top)
+        reply = _Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output)
         echo = "" if chat or not req.echo else self._prompt_text(req, ids)
         entries, ttft, ev = [], None, None
         events = self.loop.generate(ids, params, schedule, offline=offline)
@@ -259,13 +260,20 @@ class OpenAIServer:
         return R.completion_response(meta, echo + reply.out, ev.finish_reason, use, lp)
 
     async def _stream(self, meta, req, chat, echo, reply, first, events, t0, ttft) -> AsyncIterator[str]:
-        with_usage = req.stream_options.include_usage
+        continuous = req.stream_options.continuous_usage_stats
+        with_usage = req.stream_options.include_usage or continuous
         offset, pending = len(echo), []
+
+        def sse(chunk: dict) -> str:  # vLLM's continuous_usage_stats: the usage so far in every chunk
+            if continuous and chunk["choices"]:
+                chunk["usage"] = R.usage(reply.prompt_len, reply.layers)
+            return _sse(chunk)
+
         try:
             if chat:
-                yield _sse(R.chat_chunk(meta, {"role": "assistant", "content": ""}, None, None, with_usage))
+                yield sse(R.chat_chunk(meta, {"role": "assistant", "content": ""}, None, None, with_usage))
             elif echo:
-                yield _sse(R.completion_chunk(meta, echo, None, None, with_usage))
+                yield sse(R.completion_chunk(meta, echo, None, None, with_usage))
             ev = first
             while True:
                 delta, entries = reply.add(ev)
@@ -280,7 +288,7 @@ class OpenAIServer:
                         offset += sum(len(e.token) for e in pending)
                         chunk = R.completion_chunk(meta, delta, finish, lp, with_usage)
                     pending = []
-                    yield _sse(chunk)
+                    yield sse(chunk)
                 if finish is not None:
                     break
                 ev = await anext(events)
@@ -341,9 +349,20 @@ class OpenAIServer:
             top = (req.top_logprobs or 0) if req.logprobs else None
         else:
             top = req.logprobs
+        from skipray.text import bad_words_ids
+
+        try:
+            banned = bad_words_ids(self.tokenizer, req.bad_words)
+        except Exception as e:  # noqa: BLE001 - what the tokenizer refuses is the client's
+            raise P.RequestError(f"cannot encode bad_words: {e}", "bad_words") from None
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 top_k=max(req.top_k, 0), seed=req.seed, stop=list(req.stop),
-                                logprobs=0 if top is None else max(top, 1), ignore_eos=req.ignore_eos)
+                                logprobs=0 if top is None else max(top, 1), ignore_eos=req.ignore_eos,
+                                repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                                frequency_penalty=req.frequency_penalty, min_p=req.min_p,
+                                min_tokens=min(req.min_tokens, max_tokens), stop_token_ids=list(req.stop_token_ids),
+                                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()} or None,
+                                bad_words_ids=banned)
         return params, schedule, top
 
     def _check_model(self, model: str | None) -> None:

@@ -1,0 +1,155 @@
+"""A batch row's ``sampling_params``: vLLM's ``SamplingParams`` fields, checked per row (no Ray, no torch).
+
+Contract:
+
+* ``IMPLEMENTED``: fields that change the output and that skipray implements, with their defaults
+  (vLLM's names and meanings; the logits controls are ``skipray.core.logits``). ``NO_OP``: fields that
+  cannot change what a row's output holds here, accepted with any value (``detokenize``: the job always
+  writes text and token ids; ``output_kind``: rows are always final) or only at the value that changes
+  nothing (``n`` 1: one row per id, so a row with ``n`` > 1 is an error row; ``skip_special_tokens``
+  true, ``spaces_between_special_tokens`` true, ``logprobs`` / ``prompt_logprobs`` none or 0). Any other
+  field, and ``guided_decoding`` / ``structured_outputs``, is refused by name (an error row).
+* ``resolve(row_params, defaults)`` merges a row's dict over the config's defaults (null = default) and
+  checks every value (``ValueError`` naming the field): integers within their Arrow column's range,
+  finite floats, the right types, and the ranges ``SamplingParams.validate`` enforces.
+* ``PARAMS_TYPE`` is the Arrow struct the tokenizing step hands the actor; ``to_row`` / ``from_row``
+  convert between a resolved dict (``bad_words`` already token ids) and that struct's values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyarrow as pa
+
+IMPLEMENTED: dict[str, Any] = {
+    "max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": [],
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0,
+    "stop_token_ids": [], "bad_words": [], "ignore_eos": False, "logit_bias": None,
+    "include_stop_str_in_output": False,
+}
+NO_OP: dict[str, Any] = {  # field -> predicate of the values that change nothing
+    "n": lambda v: v == 1,
+    "best_of": lambda v: v in (1, None),
+    "detokenize": lambda v: isinstance(v, bool),
+    "output_kind": lambda v: True,
+    "skip_special_tokens": lambda v: v is True,
+    "spaces_between_special_tokens": lambda v: v is True,
+    "logprobs": lambda v: v in (0, None),
+    "prompt_logprobs": lambda v: v in (0, None),
+}
+INT_RANGES = {"max_tokens": (1, 2**31 - 1), "top_k": (-1, 2**31 - 1), "seed": (-(2**63), 2**63 - 1),
+              "min_tokens": (0, 2**31 - 1)}
+FLOAT_RANGES = {"temperature": (0.0, math.inf), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
+                "frequency_penalty": (-2.0, 2.0), "repetition_penalty": (0.0, math.inf), "min_p": (0.0, 1.0)}
+PARAMS_TYPE = pa.struct([
+    ("max_tokens", pa.int32()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()),
+    ("seed", pa.int64()), ("stop", pa.list_(pa.string())), ("skip", pa.string()),
+    ("presence_penalty", pa.float64()), ("frequency_penalty", pa.float64()), ("repetition_penalty", pa.float64()),
+    ("min_p", pa.float64()), ("min_tokens", pa.int32()), ("stop_token_ids", pa.list_(pa.int32())),
+    ("bad_words_ids", pa.list_(pa.list_(pa.int32()))), ("ignore_eos", pa.bool_()),
+    ("logit_bias_ids", pa.list_(pa.int32())), ("logit_bias_values", pa.list_(pa.float64())),
+    ("include_stop", pa.bool_()),
+])
+
+
+def _int(name: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"sampling_params.{name} must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ValueError(f"sampling_params.{name} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _strings(name: str, v: Any) -> list[str]:
+    v = [v] if isinstance(v, str) else v
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"sampling_params.{name} must be a string or a list of strings, got {v!r}")
+    return list(v)
+
+
+def checked(name: str, v: Any) -> Any:
+    """One implemented field, type- and range-checked (``ValueError`` naming it)."""
+    if name in INT_RANGES:
+        return _int(name, v, *INT_RANGES[name])
+    if name in FLOAT_RANGES:
+        lo, hi = FLOAT_RANGES[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"sampling_params.{name} must be a finite number, got {v!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"sampling_params.{name} must be in [{lo}, {hi}], got {v}")
+        return float(v)
+    if name in ("stop", "bad_words"):
+        return _strings(name, v)
+    if name == "stop_token_ids":
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"sampling_params.stop_token_ids must be a list of token ids, got {v!r}")
+        return [_int(name, t, 0, 2**31 - 1) for t in v]
+    if name in ("ignore_eos", "include_stop_str_in_output"):
+        if not isinstance(v, bool):
+            raise ValueError(f"sampling_params.{name} must be true or false, got {v!r}")
+        return v
+    if name == "logit_bias":
+        items = v.items() if isinstance(v, dict) else v if isinstance(v, list) else None  # Arrow maps: pairs
+        if items is None:
+            raise ValueError(f"sampling_params.logit_bias must map token ids to biases, got {v!r}")
+        out = {}
+        for k, b in items:
+            tok = _int("logit_bias", int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k, 0, 2**31 - 1)
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                raise ValueError(f"sampling_params.logit_bias values must be numbers in [-100, 100], got {b!r}")
+            out[tok] = float(b)
+        return out
+    return v
+
+
+def resolve(row_params: Any, defaults: dict) -> dict:
+    """The row's implemented fields over the defaults (module contract); ``ValueError`` naming a field."""
+    if row_params is not None and not isinstance(row_params, dict):
+        raise ValueError(f"sampling_params must be a dict, got {type(row_params).__name__}")
+    given = {k: v for k, v in (row_params or {}).items() if v is not None}
+    for k, v in given.items():
+        if k in NO_OP and not NO_OP[k](v):
+            why = ("n > 1 is not supported in batch rows: the job writes one row per id" if k == "n"
+                   else f"{k}={v!r} is not supported (it would change the output); omit it or use its default")
+            raise ValueError(why)
+    unknown = sorted(k for k in given if k not in IMPLEMENTED and k not in NO_OP)
+    if unknown:
+        raise ValueError(f"unsupported sampling params {unknown}; supported: {sorted(IMPLEMENTED)} "
+                         f"(accepted without effect: {sorted(NO_OP)})")
+    base = dict(IMPLEMENTED)
+    base.update({k: v for k, v in defaults.items() if v is not None and k in IMPLEMENTED})
+    base.update({k: v for k, v in given.items() if k in IMPLEMENTED})
+    out = {k: (None if v is None else checked(k, v)) for k, v in base.items()}
+    if out["min_tokens"] > out["max_tokens"]:
+        raise ValueError(f"sampling_params.min_tokens ({out['min_tokens']}) exceeds max_tokens ({out['max_tokens']})")
+    return out
+
+
+def to_row(p: dict, seed: int | None, skip: str | None, bad_words_ids: list[list[int]]) -> dict:
+    """A resolved dict (``resolve``) as ``PARAMS_TYPE`` values."""
+    bias = p["logit_bias"] or {}
+    return {"max_tokens": p["max_tokens"], "temperature": p["temperature"], "top_p": p["top_p"],
+            "top_k": max(p["top_k"], 0), "seed": seed, "stop": p["stop"], "skip": skip,
+            "presence_penalty": p["presence_penalty"], "frequency_penalty": p["frequency_penalty"],
+            "repetition_penalty": p["repetition_penalty"], "min_p": p["min_p"], "min_tokens": p["min_tokens"],
+            "stop_token_ids": p["stop_token_ids"], "bad_words_ids": bad_words_ids, "ignore_eos": p["ignore_eos"],
+            "logit_bias_ids": list(bias), "logit_bias_values": list(bias.values()),
+            "include_stop": p["include_stop_str_in_output"]}
+
+
+def sampling_params(row: dict):
+    """The engine's ``SamplingParams`` of ``PARAMS_TYPE`` values."""
+    from skipray.core.requests import SamplingParams
+
+    bias = dict(zip(row["logit_bias_ids"] or [], row["logit_bias_values"] or []))
+    return SamplingParams(
+        max_tokens=row["max_tokens"], temperature=row["temperature"], top_p=row["top_p"], top_k=row["top_k"],
+        seed=row["seed"], stop=tuple(row["stop"] or ()), presence_penalty=row["presence_penalty"],
+        frequency_penalty=row["frequency_penalty"], repetition_penalty=row["repetition_penalty"],
+        min_p=row["min_p"], min_tokens=row["min_tokens"], stop_token_ids=tuple(row["stop_token_ids"] or ()),
+        bad_words_ids=tuple(tuple(w) for w in row["bad_words_ids"] or ()), ignore_eos=bool(row["ignore_eos"]),
+        logit_bias=bias or None)
