@@ -40,8 +40,9 @@ def row_max_tokens(n: int, args, mixed: bool) -> list[int]:
     return [MIXED[i % 2] for i in range(n)] if mixed else [args.max_new_tokens] * n
 
 
-def direct(m, schedule, prompts: list[list[int]], args, bucket: bool, mixed: bool = False,
-           static: bool = False) -> dict:
+def direct(
+    m, schedule, prompts: list[list[int]], args, bucket: bool, mixed: bool = False, static: bool = False
+) -> dict:
     from skipray.batch import admission_order
     from skipray.core.engine import Engine, SamplingParams
 
@@ -56,7 +57,9 @@ def direct(m, schedule, prompts: list[list[int]], args, bucket: bool, mixed: boo
         step = args.batch_size if static else len(order)  # the actor: static unless the budgets differ
         for b in range(0, len(order), step):
             part = order[b : b + step]
-            tokens += sum(len(c.token_ids) for c in engine.generate([prompts[i] for i in part], [params[i] for i in part]))
+            tokens += sum(
+                len(c.token_ids) for c in engine.generate([prompts[i] for i in part], [params[i] for i in part])
+            )
     dt = time.perf_counter() - t0
     return {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 1)}
 
@@ -95,10 +98,16 @@ def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
     plain = batch_actor.Generator
     batch_actor.Generator = timed_generator(log)  # the processor looks the class up at call time
     try:
-        cfg = batch.JobConfig(model=args.model, schedule=schedule.to_dict(), max_positions=max_positions,
-                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              bucket_window=args.bucket_window if bucket else 1, actors=(1, 1),
-                              threads_per_actor=args.threads)
+        cfg = batch.JobConfig(
+            model=args.model,
+            schedule=schedule.to_dict(),
+            max_positions=max_positions,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            bucket_window=args.bucket_window if bucket else 1,
+            actors=(1, 1),
+            threads_per_actor=args.threads,
+        )
         t0 = time.time()
         s = batch.run(str(inp), str(out / "gen"), cfg)
         events = [json.loads(line) for line in log.read_text().splitlines()]
@@ -106,12 +115,18 @@ def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
         wins = sorted((e for e in events if e["ev"] == "window"), key=lambda e: e["end"])
         rest = wins[1:]
         steady = (sum(e["tokens"] for e in rest) / (rest[-1]["end"] - wins[0]["end"])) if rest else None
-        return {"tokens": s.generated_tokens, "seconds": round(s.seconds, 2),
-                "tokens_per_s": round(s.tokens_per_s, 1), "rows": s.rows, "errors": s.errors,
-                "actor_start_s": round(init["start"] - t0, 2), "actor_init_s": round(init["end"] - init["start"], 2),
-                "first_window_s": round(wins[0]["end"] - wins[0]["start"], 2),
-                "later_windows_s": round(sum(e["end"] - e["start"] for e in rest) / max(1, len(rest)), 2),
-                "steady_tokens_per_s": round(steady, 1) if steady else None}
+        return {
+            "tokens": s.generated_tokens,
+            "seconds": round(s.seconds, 2),
+            "tokens_per_s": round(s.tokens_per_s, 1),
+            "rows": s.rows,
+            "errors": s.errors,
+            "actor_start_s": round(init["start"] - t0, 2),
+            "actor_init_s": round(init["end"] - init["start"], 2),
+            "first_window_s": round(wins[0]["end"] - wins[0]["start"], 2),
+            "later_windows_s": round(sum(e["end"] - e["start"] for e in rest) / max(1, len(rest)), 2),
+            "steady_tokens_per_s": round(steady, 1) if steady else None,
+        }
     finally:
         batch_actor.Generator = plain
         shutil.rmtree(out, ignore_errors=True)
@@ -127,52 +142,73 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--copies", type=int, default=1, help="repeat the prompts this many times (new ids)")
-    p.add_argument("--skip-unbucketed-job", action="store_true", help="the unbucketed comparison on the direct engine only")
-    p.add_argument("--mixed", action="store_true",
-                   help=f"also run direct and job with max_tokens {MIXED[0]} / {MIXED[1]} on alternate prompts")
+    p.add_argument(
+        "--skip-unbucketed-job", action="store_true", help="the unbucketed comparison on the direct engine only"
+    )
+    p.add_argument(
+        "--mixed",
+        action="store_true",
+        help=f"also run direct and job with max_tokens {MIXED[0]} / {MIXED[1]} on alternate prompts",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bucket-window", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads, same for both (on a loaded 2-core box 2 threads ran ~10x slower than 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, same for both (on a loaded 2-core box 2 threads ran ~10x slower than 1)",
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "batch.json"))
     args = p.parse_args()
 
     import pyarrow.parquet as pq
+    import torch
 
     from skipray.loading import load
     from skipray.options import SCHEDULE_FLAGS, schedule_from_args
     from skipray.text import encode_prompt
 
-    import torch
-
     torch.set_num_threads(args.threads)
     import pyarrow as pa
 
     table = pq.read_table(args.input).slice(0, args.limit).select(["id", "prompt"])
-    table = pa.concat_tables([table.set_column(0, "id", pa.array([f"{i}-{k}" for i in table.column("id").to_pylist()]))
-                              for k in range(args.copies)])
+    table = pa.concat_tables(
+        [
+            table.set_column(0, "id", pa.array([f"{i}-{k}" for i in table.column("id").to_pylist()]))
+            for k in range(args.copies)
+        ]
+    )
     tmp = Path(tempfile.mkdtemp(prefix="skipray-bench-in-"))
     pq.write_table(table, tmp / "in.parquet")
     t0 = time.perf_counter()
     m = load(args.model, device="cpu")
     load_s = time.perf_counter() - t0
-    schedule = schedule_from_args(argparse.Namespace(full=False, **{k: None for k in SCHEDULE_FLAGS}),
-                                  m.model.num_layers, m.schedule)
+    schedule = schedule_from_args(
+        argparse.Namespace(full=False, **{k: None for k in SCHEDULE_FLAGS}), m.model.num_layers, m.schedule
+    )
     prompts = [encode_prompt(m.tokenizer, t) for t in table.column("prompt").to_pylist()]
-    res = {"direct_bucketed": direct(m, schedule, prompts, args, True, static=True),
-           "direct_unbucketed": direct(m, schedule, prompts, args, False, static=True)}
+    res = {
+        "direct_bucketed": direct(m, schedule, prompts, args, True, static=True),
+        "direct_unbucketed": direct(m, schedule, prompts, args, False, static=True),
+    }
     if args.mixed:
         res["direct_mixed_static"] = direct(m, schedule, prompts, args, True, mixed=True, static=True)
         res["direct_mixed"] = direct(m, schedule, prompts, args, True, mixed=True)
-        mixed = table.append_column("sampling_params", pa.array(
-            [{"max_tokens": n} for n in row_max_tokens(table.num_rows, args, True)]))
+        mixed = table.append_column(
+            "sampling_params", pa.array([{"max_tokens": n} for n in row_max_tokens(table.num_rows, args, True)])
+        )
         pq.write_table(mixed, tmp / "mixed.parquet")
     del m
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": worker_env()})
+    ray.init(
+        num_cpus=2,
+        object_store_memory=512 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": worker_env()},
+    )
     try:
         res["job_bucketed"] = job(tmp / "in.parquet", schedule, 8192, args, True)
         if not args.skip_unbucketed_job:
@@ -183,23 +219,38 @@ def main() -> None:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = res["job_bucketed"]["tokens_per_s"] / res["direct_bucketed"]["tokens_per_s"]
-    meta = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "mixed": list(MIXED) if args.mixed else None,
-            "batch_size": args.batch_size,
-            "bucket_window": args.bucket_window, "model": args.model, "schedule": schedule.describe(),
-            "model_load_s": round(load_s, 1), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "threads": args.threads, "job_vs_direct": round(ratio, 3)}
-    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
-          f"window {args.batch_size * args.bucket_window}, {schedule.describe()}, {os.cpu_count()} cores")
+    meta = {
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "mixed": list(MIXED) if args.mixed else None,
+        "batch_size": args.batch_size,
+        "bucket_window": args.bucket_window,
+        "model": args.model,
+        "schedule": schedule.describe(),
+        "model_load_s": round(load_s, 1),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "job_vs_direct": round(ratio, 3),
+    }
+    print(
+        f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
+        f"window {args.batch_size * args.bucket_window}, {schedule.describe()}, {os.cpu_count()} cores"
+    )
     print(f"{'run':<20}{'tokens':>8}{'seconds':>9}{'tok/s':>9}")
     for name, r in res.items():
         print(f"{name:<20}{r['tokens']:>8}{r['seconds']:>9}{r['tokens_per_s']:>9}")
     j = res["job_bucketed"]
     steady = j["steady_tokens_per_s"] / res["direct_bucketed"]["tokens_per_s"] if j["steady_tokens_per_s"] else None
     meta["job_steady_vs_direct"] = round(steady, 3) if steady else None
-    print(f"job / direct (bucketed): {ratio:.2f}x end to end (target >= 0.85x; job time includes actor start "
-          f"and model load)")
-    print(f"job start-up: actor started after {j['actor_start_s']}s, its __init__ (imports, model load) took "
-          f"{j['actor_init_s']}s; first window {j['first_window_s']}s, later windows {j['later_windows_s']}s each")
+    print(
+        f"job / direct (bucketed): {ratio:.2f}x end to end (target >= 0.85x; job time includes actor start "
+        f"and model load)"
+    )
+    print(
+        f"job start-up: actor started after {j['actor_start_s']}s, its __init__ (imports, model load) took "
+        f"{j['actor_init_s']}s; first window {j['first_window_s']}s, later windows {j['later_windows_s']}s each"
+    )
     if steady:
         print(f"job after its first window: {j['steady_tokens_per_s']} tok/s = {steady:.2f}x the direct engine")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,13 @@ def stats(samples: list) -> dict:
     if not lat:
         return {"n": 0}
     pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
-    return {"n": len(lat), "p50_ms": 1e3 * statistics.median(lat), "p95_ms": 1e3 * pick(0.95),
-            "max_ms": 1e3 * lat[-1], "codes": sorted({c for _, c in samples})}
+    return {
+        "n": len(lat),
+        "p50_ms": 1e3 * statistics.median(lat),
+        "p95_ms": 1e3 * pick(0.95),
+        "max_ms": 1e3 * lat[-1],
+        "codes": sorted({c for _, c in samples}),
+    }
 
 
 def main() -> int:
@@ -61,8 +66,9 @@ def main() -> int:
     from skipray.serve.app import build_app
     from skipray.serve.cli import load_config
 
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": worker_env()})
+    ray.init(
+        num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, runtime_env={"env_vars": worker_env()}
+    )
     import socket
 
     with socket.socket() as sock:
@@ -81,8 +87,12 @@ def main() -> int:
         t.join()
         stop = threading.Event()
         t = threading.Thread(target=poll, args=(f"{base}/health", stop, busy))
-        body = {"model": app_args.get("model_name", "skipray"), "max_tokens": a.max_tokens, "temperature": 0,
-                "messages": [{"role": "user", "content": "Tell me about the history of bridges."}]}
+        body = {
+            "model": app_args.get("model_name", "skipray"),
+            "max_tokens": a.max_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Tell me about the history of bridges."}],
+        }
 
         def chat(_):
             try:
@@ -100,15 +110,25 @@ def main() -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    result = {"model": a.model, "burst": a.burst, "max_tokens": a.max_tokens, "threads": a.threads,
-              "burst_seconds": burst_s, "status_codes": {str(c): codes.count(c) for c in sorted(set(codes))},
-              "health_quiet": stats(quiet), "health_during_burst": stats(busy),
-              "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs"}
+    result = {
+        "model": a.model,
+        "burst": a.burst,
+        "max_tokens": a.max_tokens,
+        "threads": a.threads,
+        "burst_seconds": burst_s,
+        "status_codes": {str(c): codes.count(c) for c in sorted(set(codes))},
+        "health_quiet": stats(quiet),
+        "health_during_burst": stats(busy),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPUs",
+    }
     print(f"{'phase':<18}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}  codes")
     for name in ("health_quiet", "health_during_burst"):
         s = result[name]
-        print(f"{name:<18}{s['n']:>6}{s.get('p50_ms', 0):>10.1f}{s.get('p95_ms', 0):>10.1f}{s.get('max_ms', 0):>10.1f}"
-              f"  {s.get('codes')}")
+        print(
+            f"{name:<18}{s['n']:>6}{s.get('p50_ms', 0):>10.1f}{s.get('p95_ms', 0):>10.1f}{s.get('max_ms', 0):>10.1f}"
+            f"  {s.get('codes')}"
+        )
     print(f"burst of {a.burst} chat requests: {result['status_codes']} in {burst_s:.1f} s")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))

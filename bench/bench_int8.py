@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -60,12 +59,12 @@ def main() -> int:
                 head = matmul(kind, HEAD)
                 xs = {k: torch.randn(1, k, dtype=x_dtype) for k in (576, 1536)}
 
-                def layers_pass():
+                def layers_pass(layers=layers, xs=xs):
                     for layer in layers:
                         for f, k in layer:
                             f(xs[k])
 
-                def step():
+                def step(layers_pass=layers_pass, head=head, xs=xs):
                     layers_pass()
                     head(xs[576])
 
@@ -73,13 +72,23 @@ def main() -> int:
                     step()
                 t_layers, t_step = time_it(layers_pass, args.repeats), time_it(step, args.repeats)
                 nbytes = LAYERS * sum(a * b for a, b in shapes) * bytes_per
-                rows.append({"kind": kind, "layout": layout, "layers_ms": t_layers * 1e3, "with_head_ms": t_step * 1e3,
-                             "layer_weights_mb": nbytes / 1e6, "layers_gbs": nbytes / t_layers / 1e9})
+                rows.append(
+                    {
+                        "kind": kind,
+                        "layout": layout,
+                        "layers_ms": t_layers * 1e3,
+                        "with_head_ms": t_step * 1e3,
+                        "layer_weights_mb": nbytes / 1e6,
+                        "layers_gbs": nbytes / t_layers / 1e9,
+                    }
+                )
                 del layers, head
     print(f"{'kind':<6}{'layout':<7}{'30 layers ms':>13}{'+ lm_head ms':>14}{'weights MB':>12}{'GB/s':>7}")
     for r in rows:
-        print(f"{r['kind']:<6}{r['layout']:<7}{r['layers_ms']:>13.2f}{r['with_head_ms']:>14.2f}"
-              f"{r['layer_weights_mb']:>12.0f}{r['layers_gbs']:>7.1f}")
+        print(
+            f"{r['kind']:<6}{r['layout']:<7}{r['layers_ms']:>13.2f}{r['with_head_ms']:>14.2f}"
+            f"{r['layer_weights_mb']:>12.0f}{r['layers_gbs']:>7.1f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows}, indent=2))

@@ -53,23 +53,36 @@ def main() -> None:
     head16 = nn.Linear(D, VOCAB, bias=False).bfloat16()
     packed = PackedLinears()
     rows = []
-    print(f"one decode step's matmuls (30 layers + lm_head), one thread; packed = oneDNN prepacked, fp32")
-    print(f"{'batch':>5} {'F.linear fp32 ms':>17} {'packed fp32 ms':>15} {'gain':>6} {'max |diff|':>11} "
-          f"{'F.linear bf16 ms':>17} {'packed bf16 ms':>15}")
+    print("one decode step's matmuls (30 layers + lm_head), one thread; packed = oneDNN prepacked, fp32")
+    print(
+        f"{'batch':>5} {'F.linear fp32 ms':>17} {'packed fp32 ms':>15} {'gain':>6} {'max |diff|':>11} "
+        f"{'F.linear bf16 ms':>17} {'packed bf16 ms':>15}"
+    )
     with torch.inference_mode():
         for b in (1, 8, 32, 320):
             x_d, x_i = torch.randn(b, D), torch.randn(b, I)
-            diff = max(float((packed(m, x) - F.linear(x, m.weight)).abs().max())
-                       for m, x in ((layers[0][0], x_d), (layers[0][6], x_i), (head, x_d)))
+            diff = max(
+                float((packed(m, x) - F.linear(x, m.weight)).abs().max())
+                for m, x in ((layers[0][0], x_d), (layers[0][6], x_i), (head, x_d))
+            )
             plain = step_ms(lambda m, x: F.linear(x, m.weight), x_d, x_i, layers, head)
             fast = step_ms(packed, x_d, x_i, layers, head)
             bf16 = step_ms(lambda m, x: F.linear(x, m.weight), x_d.bfloat16(), x_i.bfloat16(), layers16, head16)
             bf16_packed = step_ms(packed, x_d.bfloat16(), x_i.bfloat16(), layers16, head16)
-            row = {"batch": b, "f_linear_fp32_ms": plain, "packed_fp32_ms": fast, "gain": plain / fast,
-                   "max_abs_diff": diff, "f_linear_bf16_ms": bf16, "packed_bf16_ms": bf16_packed}
+            row = {
+                "batch": b,
+                "f_linear_fp32_ms": plain,
+                "packed_fp32_ms": fast,
+                "gain": plain / fast,
+                "max_abs_diff": diff,
+                "f_linear_bf16_ms": bf16,
+                "packed_bf16_ms": bf16_packed,
+            }
             rows.append(row)
-            print(f"{b:>5} {plain:>17.1f} {fast:>15.1f} {plain / fast:>5.2f}x {diff:>11.1e} {bf16:>17.1f} "
-                  f"{bf16_packed:>15.1f}")
+            print(
+                f"{b:>5} {plain:>17.1f} {fast:>15.1f} {plain / fast:>5.2f}x {diff:>11.1e} {bf16:>17.1f} "
+                f"{bf16_packed:>15.1f}"
+            )
     out = Path(__file__).parent / "results" / "linear.json"
     out.write_text(json.dumps({"threads": 1, "rows": rows}, indent=2))
     print(f"wrote {out}")

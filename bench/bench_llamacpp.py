@@ -44,8 +44,10 @@ def import_llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        sys.exit(f"bench_llamacpp: llama-cpp-python is not installed. It is an optional benchmark dependency that "
-                 f"builds llama.cpp from source (a few minutes): {INSTALL}  (or run with --no-llamacpp)")
+        sys.exit(
+            f"bench_llamacpp: llama-cpp-python is not installed. It is an optional benchmark dependency that "
+            f"builds llama.cpp from source (a few minutes): {INSTALL}  (or run with --no-llamacpp)"
+        )
     try:
         from llama_cpp._logger import set_verbose
 
@@ -86,6 +88,7 @@ class LlamaCpp:
             raise RuntimeError("llama.cpp could not create a context")
         batch = L.llama_batch_init(cp.n_batch, 0, 1)
         try:
+
             def decode(items: list[tuple[int, int, int, bool]]) -> list[int]:
                 """Tokens (id, position, sequence, wants logits) in one llama_decode; -> argmax per wanted."""
                 for i, (tok, pos, seq, out) in enumerate(items):
@@ -95,11 +98,16 @@ class LlamaCpp:
                 rc = L.llama_decode(ctx, batch)
                 if rc != 0:
                     raise RuntimeError(f"llama_decode returned {rc}")
-                return [int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,)).argmax())
-                        for i, it in enumerate(items) if it[3]]
+                return [
+                    int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,)).argmax())
+                    for i, it in enumerate(items)
+                    if it[3]
+                ]
 
             t0 = time.perf_counter()
-            first = decode([(tok, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, tok in enumerate(ids)])
+            first = decode(
+                [(tok, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, tok in enumerate(ids)]
+            )
             t_first = time.perf_counter() - t0
             out = [[t] for t in first]
             for step in range(new_tokens - 1):
@@ -131,10 +139,21 @@ def time_skipray(engine, prompts, new_tokens: int, schedule, repeats: int):
     return best
 
 
-def row(name: str, batch: int, n: int, first_s: float, total_s: float, weight_bytes: int, extra: dict | None = None) -> dict:
+def row(
+    name: str, batch: int, n: int, first_s: float, total_s: float, weight_bytes: int, extra: dict | None = None
+) -> dict:
     decode = batch * (n - 1) / (total_s - first_s) if n > 1 and total_s > first_s else None
-    return {"engine": name, "batch": batch, "new_tokens": n, "tok_s": batch * n / total_s, "decode_tok_s": decode,
-            "ttft_s": first_s, "seconds": total_s, "weight_mb": weight_bytes / 1e6, **(extra or {})}
+    return {
+        "engine": name,
+        "batch": batch,
+        "new_tokens": n,
+        "tok_s": batch * n / total_s,
+        "decode_tok_s": decode,
+        "ttft_s": first_s,
+        "seconds": total_s,
+        "weight_mb": weight_bytes / 1e6,
+        **(extra or {}),
+    }
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -164,8 +183,8 @@ def main() -> int:
         import_llama_cpp()  # fail before minutes of skipray runs
 
     import torch
-
     from bench_engine import prompts_for
+
     from skipray.core.engine import Engine
     from skipray.loading import default_gguf, load
 
@@ -173,10 +192,12 @@ def main() -> int:
     torch.set_num_threads(threads)
     n, batches = args.new_tokens, [1, args.batch]
     rows, ref = [], {}
-    for name, spec, dtype, skip in [("skipray fp32, full depth", "smollm2-base", torch.float32, False),
-                                    ("skipray bf16, full depth", "smollm2-base", torch.bfloat16, False),
-                                    ("skipray fp32, default model and schedule", "default", torch.float32, True),
-                                    ("skipray bf16, default model and schedule", "default", torch.bfloat16, True)]:
+    for name, spec, dtype, skip in [
+        ("skipray fp32, full depth", "smollm2-base", torch.float32, False),
+        ("skipray bf16, full depth", "smollm2-base", torch.bfloat16, False),
+        ("skipray fp32, default model and schedule", "default", torch.float32, True),
+        ("skipray bf16, default model and schedule", "default", torch.bfloat16, True),
+    ]:
         m = load(spec, device="cpu", dtype=dtype)
         schedule = m.schedule if skip else None
         engine = Engine(m.model, schedule, max_batch=args.batch, max_len=256)
@@ -189,8 +210,11 @@ def main() -> int:
             rows.append(row(name, b, n, first, total, wb, extra))
             if name.startswith("skipray fp32, full"):
                 ref[b] = ids
-            print(f"{name:<42} batch {b:>3}: {rows[-1]['tok_s']:8.1f} tok/s, decode {rows[-1]['decode_tok_s'] or 0:8.1f} "
-                  f"tok/s, first token {first:.3f}s", flush=True)
+            print(
+                f"{name:<42} batch {b:>3}: {rows[-1]['tok_s']:8.1f} tok/s, decode {rows[-1]['decode_tok_s'] or 0:8.1f} "
+                f"tok/s, first token {first:.3f}s",
+                flush=True,
+            )
         del m, engine
         gc.collect()
     if not args.no_llamacpp:
@@ -208,21 +232,29 @@ def main() -> int:
                 same = [shared_prefix(a, r) for a, r in zip(ids, ref.get(b, []))]
                 extra = {"gguf": str(path), "shared_prefix_with_skipray_fp32": sum(same) / max(len(same), 1)}
                 rows.append(row("llama.cpp (GGUF as shipped)", b, n, first, total, llm.weight_bytes, extra))
-                print(f"{'llama.cpp (GGUF as shipped)':<42} batch {b:>3}: {rows[-1]['tok_s']:8.1f} tok/s, decode "
-                      f"{rows[-1]['decode_tok_s'] or 0:8.1f} tok/s, first token {first:.3f}s, "
-                      f"{extra['shared_prefix_with_skipray_fp32']:.1f} leading tokens shared with skipray fp32", flush=True)
+                print(
+                    f"{'llama.cpp (GGUF as shipped)':<42} batch {b:>3}: {rows[-1]['tok_s']:8.1f} tok/s, decode "
+                    f"{rows[-1]['decode_tok_s'] or 0:8.1f} tok/s, first token {first:.3f}s, "
+                    f"{extra['shared_prefix_with_skipray_fp32']:.1f} leading tokens shared with skipray fp32",
+                    flush=True,
+                )
         finally:
             llm.close()
 
     print(f"\n{n} new tokens, greedy, {threads} thread(s)")
     print(f"{'engine':<42}{'batch':>6}{'tok/s':>9}{'decode tok/s':>14}{'first token s':>15}{'weights MB':>12}")
     for r in rows:
-        print(f"{r['engine']:<42}{r['batch']:>6}{r['tok_s']:>9.1f}{r['decode_tok_s'] or 0:>14.1f}"
-              f"{r['ttft_s']:>15.3f}{r['weight_mb']:>12.0f}")
+        print(
+            f"{r['engine']:<42}{r['batch']:>6}{r['tok_s']:>9.1f}{r['decode_tok_s'] or 0:>14.1f}"
+            f"{r['ttft_s']:>15.3f}{r['weight_mb']:>12.0f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": threads, "new_tokens": n, "batches": batches, "repeats": args.repeats,
-                               "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"threads": threads, "new_tokens": n, "batches": batches, "repeats": args.repeats, "rows": rows}, indent=2
+        )
+    )
     print(f"wrote {out}")
     return 0
 

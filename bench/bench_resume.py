@@ -45,12 +45,20 @@ def synthesize(tmp: Path, args) -> tuple[Path, Path, int]:
     for f in range(args.files):
         ids = [f"r{f * per_file + i:09d}" for i in range(per_file)]
         path = inp / f"part-{f:04d}.parquet"
-        pq.write_table(pa.table({"id": ids, "prompt": ["Tell me about owls."] * per_file}), path,
-                       row_group_size=args.row_group)
+        pq.write_table(
+            pa.table({"id": ids, "prompt": ["Tell me about owls."] * per_file}), path, row_group_size=args.row_group
+        )
         mask = rng.random(per_file) < args.done
         rows = np.flatnonzero(mask)
-        done_rows.append(pa.table({"id": pa.array(ids).take(pa.array(rows)), "source_file": [str(path)] * len(rows),
-                                   "source_row": pa.array(rows, pa.int64())}))
+        done_rows.append(
+            pa.table(
+                {
+                    "id": pa.array(ids).take(pa.array(rows)),
+                    "source_file": [str(path)] * len(rows),
+                    "source_row": pa.array(rows, pa.int64()),
+                }
+            )
+        )
     done = pa.concat_tables(done_rows)
     done = done.take(pa.array(rng.permutation(done.num_rows)))  # outputs are written in no input order
     n = args.output_file_rows
@@ -72,8 +80,12 @@ def old_design(check, done_ids, args) -> dict:
         pc.filter(block, pc.invert(pc.fill_null(pc.is_in(block, value_set=value_set), False)))
     per_block = (time.perf_counter() - t0) / args.old_blocks
     blocks = -(-check.num_rows // args.window)
-    return {"bytes_per_task": len(payload), "seconds_per_block": round(per_block, 4), "blocks": blocks,
-            "task_seconds_all_blocks": round(per_block * blocks, 1)}
+    return {
+        "bytes_per_task": len(payload),
+        "seconds_per_block": round(per_block, 4),
+        "blocks": blocks,
+        "task_seconds_all_blocks": round(per_block * blocks, 1),
+    }
 
 
 def main() -> None:
@@ -113,12 +125,25 @@ def main() -> None:
         t_skip = time.perf_counter() - t0
         assert read == pending == args.rows - n_done, (read, pending, n_done)
         res = {
-            "rows": args.rows, "done": n_done, "pending": pending, "input_files": args.files,
-            "row_group_rows": args.row_group, "output_files": len(done.files), "setup_s": round(setup, 1),
-            "plan": {"check_input_s": round(t_check, 2), "read_done_s": round(t_done, 2),
-                     "plan_units_s": round(t_units, 2), "total_s": round(t_check + t_done + t_units, 2)},
-            "skip": {"units": len(units), "bytes_per_unit_max": max(sizes, default=0),
-                     "read_and_skip_s": round(t_skip, 2), "rows_read_per_s": round(args.rows / t_skip)},
+            "rows": args.rows,
+            "done": n_done,
+            "pending": pending,
+            "input_files": args.files,
+            "row_group_rows": args.row_group,
+            "output_files": len(done.files),
+            "setup_s": round(setup, 1),
+            "plan": {
+                "check_input_s": round(t_check, 2),
+                "read_done_s": round(t_done, 2),
+                "plan_units_s": round(t_units, 2),
+                "total_s": round(t_check + t_done + t_units, 2),
+            },
+            "skip": {
+                "units": len(units),
+                "bytes_per_unit_max": max(sizes, default=0),
+                "read_and_skip_s": round(t_skip, 2),
+                "rows_read_per_s": round(args.rows / t_skip),
+            },
             "old_design": old_design(check, done.ids, args),
         }
     finally:

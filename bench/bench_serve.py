@@ -46,9 +46,27 @@ import threading
 import time
 from pathlib import Path
 
-PROMPTS = [f"Write a short story about a {w} who learns to fly." for w in
-           ("cat", "dog", "robot", "fish", "tree", "teacher", "river", "child",
-            "lamp", "cloud", "horse", "baker", "clock", "stone", "king", "bird")]
+PROMPTS = [
+    f"Write a short story about a {w} who learns to fly."
+    for w in (
+        "cat",
+        "dog",
+        "robot",
+        "fish",
+        "tree",
+        "teacher",
+        "river",
+        "child",
+        "lamp",
+        "cloud",
+        "horse",
+        "baker",
+        "clock",
+        "stone",
+        "king",
+        "bird",
+    )
+]
 
 
 def direct(model_spec: str, max_tokens: list[int], threads: int, ignore_eos: bool = False) -> dict:
@@ -66,17 +84,31 @@ def direct(model_spec: str, max_tokens: list[int], threads: int, ignore_eos: boo
     n, calls, t0 = 0, [], time.perf_counter()
     while time.perf_counter() - t0 < 20 or len(calls) < 2:  # whole batches, >= 20 s, like a load level
         t = time.perf_counter()
-        params = [SamplingParams(max_tokens=max_tokens[k % len(max_tokens)], ignore_eos=ignore_eos)
-                  for k in range(len(ids))]
+        params = [
+            SamplingParams(max_tokens=max_tokens[k % len(max_tokens)], ignore_eos=ignore_eos) for k in range(len(ids))
+        ]
         n += sum(len(o.token_ids) for o in eng.generate(ids, params))
         calls.append(time.perf_counter() - t)
     dt = time.perf_counter() - t0
-    return {"mode": "direct", "clients": 16, "tokens": n, "seconds": dt, "tok_s": n / dt,
-            "p50_s": statistics.median(calls)}
+    return {
+        "mode": "direct",
+        "clients": 16,
+        "tokens": n,
+        "seconds": dt,
+        "tok_s": n / dt,
+        "p50_s": statistics.median(calls),
+    }
 
 
-def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: float = 20.0,
-                mix: dict | None = None, batched_tokens: int | None = None, ignore_eos: bool = False) -> dict:
+def engine_only(
+    model_spec: str,
+    max_tokens: list[int],
+    threads: int,
+    duration: float = 20.0,
+    mix: dict | None = None,
+    batched_tokens: int | None = None,
+    ignore_eos: bool = False,
+) -> dict:
     """``Engine`` without Serve or HTTP: 16 requests always in flight (a finished one is
     replaced at once by the next prompt), as 16 closed-loop clients would keep it; generated tokens/s.
     ``mix``: skip flags of a second schedule that every other request uses."""
@@ -89,15 +121,24 @@ def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: 
     torch.set_num_threads(threads)
     m = load(model_spec, device="cpu")
     ids = [encode_prompt(m.tokenizer, p, chat=False) for p in PROMPTS]
-    eng = Engine(m.model, m.schedule, max_batch=16, max_len=256, eos_token_ids=m.eos_token_ids,
-                 max_num_batched_tokens=batched_tokens)
+    eng = Engine(
+        m.model,
+        m.schedule,
+        max_batch=16,
+        max_len=256,
+        eos_token_ids=m.eos_token_ids,
+        max_num_batched_tokens=batched_tokens,
+    )
     schedules = [eng.schedule] if mix is None else [eng.schedule, mix_schedule(m, mix)]
     sent = 0
 
     def submit() -> None:
         nonlocal sent
-        eng.add_request(ids[sent % 16], SamplingParams(max_tokens=max_tokens[sent % len(max_tokens)], ignore_eos=ignore_eos),
-                        schedules[sent % len(schedules)])
+        eng.add_request(
+            ids[sent % 16],
+            SamplingParams(max_tokens=max_tokens[sent % len(max_tokens)], ignore_eos=ignore_eos),
+            schedules[sent % len(schedules)],
+        )
         sent += 1
 
     for _ in range(16):
@@ -110,8 +151,15 @@ def engine_only(model_spec: str, max_tokens: list[int], threads: int, duration: 
                 done += 1
                 submit()
     dt = time.perf_counter() - t0
-    return {"mode": "engine only" + (" (2 schedules)" if mix else ""), "clients": 16, "requests": done,
-            "tokens": tokens, "seconds": dt, "tok_s": tokens / dt, "p50_s": None}
+    return {
+        "mode": "engine only" + (" (2 schedules)" if mix else ""),
+        "clients": 16,
+        "requests": done,
+        "tokens": tokens,
+        "seconds": dt,
+        "tok_s": tokens / dt,
+        "p50_s": None,
+    }
 
 
 def mix_flags(model_spec: str, given: str) -> dict:
@@ -156,15 +204,17 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
 
             torch.set_num_threads(threads)
             self.m = load(model_spec, device="cpu")
-            self.engine = Engine(self.m.model, self.m.schedule, max_batch=16, max_len=256,
-                                 eos_token_ids=self.m.eos_token_ids)
+            self.engine = Engine(
+                self.m.model, self.m.schedule, max_batch=16, max_len=256, eos_token_ids=self.m.eos_token_ids
+            )
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
         async def run(self, items: list[tuple[list[int], int, bool]]) -> list[dict]:
             from skipray.core.engine import SamplingParams
 
-            outs = self.engine.generate([i for i, _, _ in items],
-                                        [SamplingParams(max_tokens=n, ignore_eos=e) for _, n, e in items])
+            outs = self.engine.generate(
+                [i for i, _, _ in items], [SamplingParams(max_tokens=n, ignore_eos=e) for _, n, e in items]
+            )
             return [{"usage": {"completion_tokens": len(o.token_ids), "avg_layers": o.avg_layers}} for o in outs]
 
         async def __call__(self, request: Request) -> dict:
@@ -177,8 +227,16 @@ def static_app(model_spec: str, max_tokens_cap: int, threads: int):
     return StaticServer.bind()
 
 
-def load_run(url: str, clients: int, duration: float, max_tokens: list[int], model: str,
-             mix: dict | None = None, ignore_eos: bool = False, priority_long: bool = False) -> dict:
+def load_run(
+    url: str,
+    clients: int,
+    duration: float,
+    max_tokens: list[int],
+    model: str,
+    mix: dict | None = None,
+    ignore_eos: bool = False,
+    priority_long: bool = False,
+) -> dict:
     import requests
 
     lat, toks, errors, by_len = [], [], [], {}
@@ -215,9 +273,16 @@ def load_run(url: str, clients: int, duration: float, max_tokens: list[int], mod
     for t in threads:
         t.join()
     wall = time.time() - t0
-    return {"clients": clients, "requests": len(lat), "errors": len(errors), "tokens": sum(toks),
-            "seconds": wall, "tok_s": sum(toks) / wall, "p50_s": statistics.median(lat) if lat else None,
-            "p50_by_max_tokens": {n: statistics.median(v) for n, v in sorted(by_len.items())}}
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "errors": len(errors),
+        "tokens": sum(toks),
+        "seconds": wall,
+        "tok_s": sum(toks) / wall,
+        "p50_s": statistics.median(lat) if lat else None,
+        "p50_by_max_tokens": {n: statistics.median(v) for n, v in sorted(by_len.items())},
+    }
 
 
 def fmt(r: dict) -> str:
@@ -231,24 +296,51 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of load per level")
-    ap.add_argument("--max-tokens", default="64",
-                    help="max_tokens per request; a comma list (e.g. 8,128) cycles through mixed lengths")
+    ap.add_argument(
+        "--max-tokens",
+        default="64",
+        help="max_tokens per request; a comma list (e.g. 8,128) cycles through mixed lengths",
+    )
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the direct engine and each replica")
-    ap.add_argument("--skip-mix", nargs="?", const="auto", default=None, metavar="JSON",
-                    help="also run with every other request on a second skip schedule (JSON skip flags; "
-                         "without a value: the model's schedule with decay_tokens + 1)")
+    ap.add_argument(
+        "--skip-mix",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="JSON",
+        help="also run with every other request on a second skip schedule (JSON skip flags; "
+        "without a value: the model's schedule with decay_tokens + 1)",
+    )
     ap.add_argument("--runs", type=int, default=1, help="repeat each measurement and report the median")
-    ap.add_argument("--ignore-eos", action="store_true",
-                    help="requests run to their max_tokens (vLLM's ignore_eos), so a length class means its length")
-    ap.add_argument("--max-num-batched-tokens", default=None, metavar="N[,M]",
-                    help="chunked prefill in the continuous engine: tokens per iteration (>= 16); default: off")
-    ap.add_argument("--max-batch", default="16", metavar="N[,M]",
-                    help="the continuous deployment's max_batch (rows decoding at once); a comma list sweeps it")
-    ap.add_argument("--priority-long", action="store_true",
-                    help="continuous runs: the longest max_tokens class is sent with priority -1 (admitted first)")
-    ap.add_argument("--only", choices=["all", "continuous"], default="all",
-                    help="'continuous': skip the direct engine and the static @serve.batch deployment")
+    ap.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="requests run to their max_tokens (vLLM's ignore_eos), so a length class means its length",
+    )
+    ap.add_argument(
+        "--max-num-batched-tokens",
+        default=None,
+        metavar="N[,M]",
+        help="chunked prefill in the continuous engine: tokens per iteration (>= 16); default: off",
+    )
+    ap.add_argument(
+        "--max-batch",
+        default="16",
+        metavar="N[,M]",
+        help="the continuous deployment's max_batch (rows decoding at once); a comma list sweeps it",
+    )
+    ap.add_argument(
+        "--priority-long",
+        action="store_true",
+        help="continuous runs: the longest max_tokens class is sent with priority -1 (admitted first)",
+    )
+    ap.add_argument(
+        "--only",
+        choices=["all", "continuous"],
+        default="all",
+        help="'continuous': skip the direct engine and the static @serve.batch deployment",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
@@ -263,15 +355,24 @@ def main() -> int:
     if args.only == "all":
         rows.append(repeat(lambda: direct(args.model, max_tokens, threads=args.threads, ignore_eos=eos)))
         print(f"direct engine, batch 16: {rows[0]['tok_s']:.1f} tok/s", flush=True)
-    rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads, batched_tokens=chunk,
-                                           ignore_eos=eos)))
+    rows.append(
+        repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads, batched_tokens=chunk, ignore_eos=eos))
+    )
     print(f"continuous engine without Serve, 16 in flight: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
     if mix is not None:
-        rows.append(repeat(lambda: engine_only(args.model, max_tokens, threads=args.threads, mix=mix,
-                                               batched_tokens=chunk, ignore_eos=eos)))
+        rows.append(
+            repeat(
+                lambda: engine_only(
+                    args.model, max_tokens, threads=args.threads, mix=mix, batched_tokens=chunk, ignore_eos=eos
+                )
+            )
+        )
         rows[-1]["mix_vs_single"] = rows[-1]["tok_s"] / rows[-2]["tok_s"]
-        print(f"continuous engine without Serve, 2 schedules ({mix}): {rows[-1]['tok_s']:.1f} tok/s "
-              f"({rows[-1]['mix_vs_single']:.2f}x the single schedule)", flush=True)
+        print(
+            f"continuous engine without Serve, 2 schedules ({mix}): {rows[-1]['tok_s']:.1f} tok/s "
+            f"({rows[-1]['mix_vs_single']:.2f}x the single schedule)",
+            flush=True,
+        )
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -282,39 +383,77 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": worker_env()})
+    ray.init(
+        num_cpus=2,
+        object_store_memory=512 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": worker_env()},
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
         for chunk, rows_cap in [(c, b) for c in chunks for b in batches]:  # one deployment each, side by side
-            app_args = {"model": args.model, "model_name": "m", "max_batch": rows_cap, "max_len": 256,
-                        "max_waiting": 64, "torch_threads": args.threads, "max_num_batched_tokens": chunk}
-            serve.run(build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
-                      name="continuous", route_prefix="/c")
+            app_args = {
+                "model": args.model,
+                "model_name": "m",
+                "max_batch": rows_cap,
+                "max_len": 256,
+                "max_waiting": 64,
+                "torch_threads": args.threads,
+                "max_num_batched_tokens": chunk,
+            }
+            serve.run(
+                build_app(app_args, {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}),
+                name="continuous",
+                route_prefix="/c",
+            )
             mode = "continuous" if chunk is None else f"continuous, chunked {chunk}"
-            mode += ("" if rows_cap == 16 else f", max_batch {rows_cap}") + (", long first" if args.priority_long else "")
+            mode += ("" if rows_cap == 16 else f", max_batch {rows_cap}") + (
+                ", long first" if args.priority_long else ""
+            )
             for n in levels:
-                r = repeat(lambda: load_run(f"{base}/c/v1/completions", n, args.duration, max_tokens, "m",
-                                            ignore_eos=eos, priority_long=args.priority_long))
+                r = repeat(
+                    lambda n=n: load_run(
+                        f"{base}/c/v1/completions",
+                        n,
+                        args.duration,
+                        max_tokens,
+                        "m",
+                        ignore_eos=eos,
+                        priority_long=args.priority_long,
+                    )
+                )
                 rows.append(dict(r, mode=mode, max_num_batched_tokens=chunk, max_batch=rows_cap))
-                print(f"{mode}, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
-                      f"p50 by max_tokens {fmt(r)}", flush=True)
+                print(
+                    f"{mode}, {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
+                    f"p50 by max_tokens {fmt(r)}",
+                    flush=True,
+                )
             if mix is not None:
                 single = rows[-1]
-                r = repeat(lambda: load_run(f"{base}/c/v1/completions", levels[-1], args.duration, max_tokens, "m",
-                                            mix, ignore_eos=eos))
+                r = repeat(
+                    lambda: load_run(
+                        f"{base}/c/v1/completions", levels[-1], args.duration, max_tokens, "m", mix, ignore_eos=eos
+                    )
+                )
                 rows.append(dict(r, mode=f"{mode} (2 schedules)", mix_vs_single=r["tok_s"] / single["tok_s"]))
-                print(f"{mode}, {levels[-1]:2d} clients, 2 schedules: {r['tok_s']:.1f} tok/s "
-                      f"({rows[-1]['mix_vs_single']:.2f}x the single schedule), p50 {r['p50_s']:.2f}s", flush=True)
+                print(
+                    f"{mode}, {levels[-1]:2d} clients, 2 schedules: {r['tok_s']:.1f} tok/s "
+                    f"({rows[-1]['mix_vs_single']:.2f}x the single schedule), p50 {r['p50_s']:.2f}s",
+                    flush=True,
+                )
             serve.delete("continuous")
         if args.only == "all":
             serve.run(static_app(args.model, 256, args.threads), name="static", route_prefix="/s")
         for n in levels if args.only == "all" else []:
-            r = repeat(lambda: load_run(f"{base}/s", n, args.duration, max_tokens, "m", ignore_eos=eos))
+            r = repeat(lambda n=n: load_run(f"{base}/s", n, args.duration, max_tokens, "m", ignore_eos=eos))
             rows.append(dict(r, mode="static"))
-            print(f"static,     {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
-                  f"p50 by max_tokens {fmt(r)}", flush=True)
+            print(
+                f"static,     {n:2d} clients: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f}s, "
+                f"p50 by max_tokens {fmt(r)}",
+                flush=True,
+            )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -322,15 +461,31 @@ def main() -> int:
     d = rows[0]["tok_s"]  # the direct engine's (the continuous engine's own with --only continuous)
     print(f"\n{'mode':<40}{'clients':>8}{'tok/s':>9}{'vs direct':>11}{'p50 s':>8}{'errors':>8}  p50 by max_tokens")
     for r in rows:
-        print(f"{r['mode']:<40}{r['clients']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / d:>10.2f}x"
-              f"{(r['p50_s'] or 0):>8.2f}{r.get('errors', 0):>8}  {fmt(r) if r.get('p50_by_max_tokens') else ''}")
+        print(
+            f"{r['mode']:<40}{r['clients']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / d:>10.2f}x"
+            f"{(r['p50_s'] or 0):>8.2f}{r.get('errors', 0):>8}  {fmt(r) if r.get('p50_by_max_tokens') else ''}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "max_tokens": max_tokens, "duration_s": args.duration,
-                               "threads": args.threads, "runs": args.runs, "skip_mix": mix,
-                               "max_num_batched_tokens": chunks, "max_batch": batches,
-                               "priority_long": args.priority_long, "ignore_eos": eos, "only": args.only,
-                               "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "max_tokens": max_tokens,
+                "duration_s": args.duration,
+                "threads": args.threads,
+                "runs": args.runs,
+                "skip_mix": mix,
+                "max_num_batched_tokens": chunks,
+                "max_batch": batches,
+                "priority_long": args.priority_long,
+                "ignore_eos": eos,
+                "only": args.only,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

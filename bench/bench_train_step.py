@@ -27,15 +27,18 @@ def main() -> None:
 
     import torch
 
+    from skipray.core.schedule import SkipSchedule
+    from skipray.options import read_schedule_file
     from skipray.training import train as T
     from skipray.training.data import batches, collate, load_examples
-    from skipray.options import read_schedule_file
-    from skipray.core.schedule import SkipSchedule
 
     cfg = T.TrainConfig(data=args.data, out="/tmp/skipray-bench-train", schedule={}, batch_size=args.batch_size)
     loaded, model, teacher, params = T.prepare(cfg)
-    sched = (read_schedule_file(args.schedule_file, model.num_layers) if args.schedule_file
-             else SkipSchedule(model.num_layers, 30, 10, 36, shape="power", power=1.5))
+    sched = (
+        read_schedule_file(args.schedule_file, model.num_layers)
+        if args.schedule_file
+        else SkipSchedule(model.num_layers, 30, 10, 36, shape="power", power=1.5)
+    )
     examples = load_examples(args.data, loaded.tokenizer, max_len=192)
     data = batches(examples, args.batch_size, seed=0)
     step_batches = [collate(next(data), loaded.tokenizer.pad_token_id or 0) for _ in range(args.steps + 1)]
@@ -48,8 +51,9 @@ def main() -> None:
             if mode == "live teacher":
                 b.pop("teacher_ids"), b.pop("teacher_logprobs")
             t0 = time.perf_counter()
-            loss, _ = T.skip_loss(model, teacher, b, sched, 1.0, 0.0,
-                                  cached_prompt=mode == "cached teacher + cached prompt")
+            loss, _ = T.skip_loss(
+                model, teacher, b, sched, 1.0, 0.0, cached_prompt=mode == "cached teacher + cached prompt"
+            )
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -63,8 +67,17 @@ def main() -> None:
     for m, s in rows.items():
         print(f"| {m} | {s:.2f} | {rows['live teacher'] / s:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"schedule": sched.to_dict(), "batch_size": args.batch_size,
-                                          "tokens_per_step": tokens, "seconds_per_step": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "schedule": sched.to_dict(),
+                "batch_size": args.batch_size,
+                "tokens_per_step": tokens,
+                "seconds_per_step": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

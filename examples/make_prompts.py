@@ -12,29 +12,67 @@ import sys
 from pathlib import Path
 
 QUESTIONS = [
-    "What is the capital of {place}?", "Why is the sky blue?", "How do bees make honey?",
-    "What causes the seasons on Earth?", "Who invented the printing press?", "How does a rainbow form?",
-    "What is photosynthesis?", "Why do cats purr?", "How far away is the Moon?", "What is a prime number?",
-    "How does a refrigerator keep food cold?", "Why does ice float on water?", "What is gravity?",
-    "How do airplanes stay in the air?", "What is the largest ocean?", "Why do leaves change color in autumn?",
-    "What does a compiler do?", "How does the heart pump blood?", "What is inflation in economics?",
+    "What is the capital of {place}?",
+    "Why is the sky blue?",
+    "How do bees make honey?",
+    "What causes the seasons on Earth?",
+    "Who invented the printing press?",
+    "How does a rainbow form?",
+    "What is photosynthesis?",
+    "Why do cats purr?",
+    "How far away is the Moon?",
+    "What is a prime number?",
+    "How does a refrigerator keep food cold?",
+    "Why does ice float on water?",
+    "What is gravity?",
+    "How do airplanes stay in the air?",
+    "What is the largest ocean?",
+    "Why do leaves change color in autumn?",
+    "What does a compiler do?",
+    "How does the heart pump blood?",
+    "What is inflation in economics?",
     "Why do we have time zones?",
 ]
 PLACES = ["France", "Japan", "Canada", "Kenya", "Brazil", "Norway", "Egypt", "India", "Chile", "Poland"]
 INSTRUCTIONS = [
-    "Write a {form} about {topic}.", "Give {count} tips for {task}.", "Explain {topic} to {audience}.",
-    "List five words that rhyme with {word}.", "Summarize the story of {story} in two sentences.",
-    "Write a short thank-you note to {person}.", "Describe {topic} in one sentence.",
-    "Suggest a name for a {pet}.", "Translate 'good morning' into {language}.",
+    "Write a {form} about {topic}.",
+    "Give {count} tips for {task}.",
+    "Explain {topic} to {audience}.",
+    "List five words that rhyme with {word}.",
+    "Summarize the story of {story} in two sentences.",
+    "Write a short thank-you note to {person}.",
+    "Describe {topic} in one sentence.",
+    "Suggest a name for a {pet}.",
+    "Translate 'good morning' into {language}.",
     "What is one surprising fact about {topic}?",
 ]
 FORMS = ["haiku", "limerick", "short poem", "two-line rhyme", "product slogan"]
 COUNTS = ["two", "three", "five"]
 AUDIENCES = ["a ten-year-old", "a grandparent", "a busy engineer"]
-TOPICS = ["the ocean", "autumn leaves", "a rainy city", "mountains", "coffee", "the night sky", "trains",
-          "a quiet library", "volcanoes", "friendship", "machine learning", "the water cycle"]
-TASKS = ["learning a new language", "sleeping better", "saving money", "staying focused", "cooking rice",
-         "running a first marathon", "writing clean code", "keeping houseplants alive"]
+TOPICS = [
+    "the ocean",
+    "autumn leaves",
+    "a rainy city",
+    "mountains",
+    "coffee",
+    "the night sky",
+    "trains",
+    "a quiet library",
+    "volcanoes",
+    "friendship",
+    "machine learning",
+    "the water cycle",
+]
+TASKS = [
+    "learning a new language",
+    "sleeping better",
+    "saving money",
+    "staying focused",
+    "cooking rice",
+    "running a first marathon",
+    "writing clean code",
+    "keeping houseplants alive",
+]
 WORDS = ["cat", "light", "day", "stone", "tree", "blue"]
 STORIES = ["Cinderella", "the tortoise and the hare", "Little Red Riding Hood", "Jack and the beanstalk"]
 PEOPLE = ["a teacher", "a neighbour", "a nurse", "an old friend", "a bus driver"]
@@ -62,9 +100,19 @@ LONG = [
 
 def make(n: int = 200, seed: int = 7) -> list[dict]:
     rng = random.Random(seed)
-    fill = {"place": PLACES, "topic": TOPICS, "task": TASKS, "word": WORDS, "story": STORIES,
-            "person": PEOPLE, "pet": PETS, "language": LANGUAGES, "form": FORMS, "count": COUNTS,
-            "audience": AUDIENCES}
+    fill = {
+        "place": PLACES,
+        "topic": TOPICS,
+        "task": TASKS,
+        "word": WORDS,
+        "story": STORIES,
+        "person": PEOPLE,
+        "pet": PETS,
+        "language": LANGUAGES,
+        "form": FORMS,
+        "count": COUNTS,
+        "audience": AUDIENCES,
+    }
     rows, seen = [], set()
     for _ in range(100 * n):  # bounded: stops with fewer rows rather than spinning
         if len(rows) >= n:

@@ -28,14 +28,26 @@ passwords; encryption; robots; artificial intelligence; friendship; kindness; ga
 tomatoes; apples; bananas; cats; dogs; horses; owls; spiders; butterflies; frogs; sharks; octopuses;
 the sun; Mars; Jupiter; comets; telescopes; microscopes; cells; DNA; bones; muscles; teeth; water;
 salt; sugar; fire; ice; glass; paper; cotton; wool; clocks; calendars; birthdays; holidays; cooking pasta;
-baking cookies; camping; hiking; swimming; painting; photography; movies; theater; newspapers; radio""".replace("\n", " ")
+baking cookies; camping; hiking; swimming; painting; photography; movies; theater; newspapers; radio""".replace(
+    "\n", " "
+)
 
 TEMPLATES = [
-    "What is {t}?", "Explain {t} in simple terms.", "Give me three facts about {t}.",
-    "Why is {t} important?", "Write a short paragraph about {t}.", "How would you explain {t} to a child?",
-    "What are the main benefits of {t}?", "Write a haiku about {t}.", "List some common questions about {t}.",
-    "Describe {t} in two sentences.", "What is a surprising fact about {t}?", "Tell me a short story involving {t}.",
-    "What should a beginner know about {t}?", "Compare {t} with something similar.", "Summarize the history of {t}.",
+    "What is {t}?",
+    "Explain {t} in simple terms.",
+    "Give me three facts about {t}.",
+    "Why is {t} important?",
+    "Write a short paragraph about {t}.",
+    "How would you explain {t} to a child?",
+    "What are the main benefits of {t}?",
+    "Write a haiku about {t}.",
+    "List some common questions about {t}.",
+    "Describe {t} in two sentences.",
+    "What is a surprising fact about {t}?",
+    "Tell me a short story involving {t}.",
+    "What should a beginner know about {t}?",
+    "Compare {t} with something similar.",
+    "Summarize the history of {t}.",
 ]
 
 

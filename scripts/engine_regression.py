@@ -5,6 +5,7 @@ Usage, alternating runs on one quiet machine (the median of 3 per checkout is wh
 Static generate, 64 new tokens (EOS ignored), fp32, batch 1/8/32, full depth and a ~2x schedule, best of 3;
 prints one JSON line of tokens/s.
 """
+
 import json
 import time
 
@@ -12,17 +13,31 @@ try:
     from skipray.core.engine import Engine
     from skipray.core.requests import SamplingParams
     from skipray.core.schedule import SkipSchedule
-    P = lambda n: SamplingParams(max_tokens=n)
+
+    def P(n):
+        return SamplingParams(max_tokens=n)
 except ImportError:
     from skipray.engine import Engine, SamplingParams
     from skipray.schedule import SkipSchedule
-    P = lambda n: SamplingParams(max_new_tokens=n)
+
+    def P(n):
+        return SamplingParams(max_new_tokens=n)
+
+
 from skipray.loading import load
+
 m = load("smollm2-base", device="cpu")
 tok = m.tokenizer
-base = ["Tell me about owls.", "What is the capital of France?", "Write a haiku about rain.",
-        "Explain photosynthesis briefly.", "List three uses of copper.", "Why is the sky blue?",
-        "Describe a good breakfast.", "How do bees make honey?"]
+base = [
+    "Tell me about owls.",
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "Explain photosynthesis briefly.",
+    "List three uses of copper.",
+    "Why is the sky blue?",
+    "Describe a good breakfast.",
+    "How do bees make honey?",
+]
 out = {}
 eng = Engine(m.model, max_batch=32, max_len=256)
 sk = SkipSchedule(30, 16, 6, 64, warmup_layers=4)

@@ -37,8 +37,9 @@ def main(src: str = "docs/eval", out: str = "docs/quality_vs_speedup.png") -> No
         rep = json.loads(path.read_text())
         for row in rep["results"]:
             if row["schedule"].startswith("ref:"):
-                floors.setdefault(row["schedule"], {"facts": row.get("fact_retention"),
-                                                    "rouge": row.get("rouge_l_ids_vs_full")})
+                floors.setdefault(
+                    row["schedule"], {"facts": row.get("fact_retention"), "rouge": row.get("rouge_l_ids_vs_full")}
+                )
                 continue
             if row["theoretical_speedup"] <= 1.0001:
                 continue
@@ -48,8 +49,11 @@ def main(src: str = "docs/eval", out: str = "docs/quality_vs_speedup.png") -> No
                 if row.get(key) is not None:
                     ax.scatter(x, row[key], s=22)
                     ax.annotate(label, (x, row[key]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    for ax, key, title in zip(axes, ("facts", "rouge"), ("fact retention (questions the full model answers)",
-                                                          "ROUGE-L over token ids vs full depth")):
+    for ax, key, title in zip(
+        axes,
+        ("facts", "rouge"),
+        ("fact retention (questions the full model answers)", "ROUGE-L over token ids vs full depth"),
+    ):
         for name, f in floors.items():
             if f.get(key) is not None:
                 ax.axhline(f[key], ls=":", lw=1, color="gray")

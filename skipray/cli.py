@@ -14,9 +14,9 @@ import time
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from skipray.core.engine import Engine
+    from skipray.core.requests import SamplingParams
     from skipray.loading import load
     from skipray.options import schedule_from_args
-    from skipray.core.requests import SamplingParams
     from skipray.text import decode, detokenizer, encode_prompt
 
     t0 = time.perf_counter()
@@ -26,22 +26,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     m = load(args.model, device=args.device, dtype=dtype)
     schedule = schedule_from_args(args, m.model.num_layers, m.schedule)
     prompts = [encode_prompt(m.tokenizer, p, chat=args.chat) for p in args.prompt]
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop or ())
-    engine = Engine(m.model, schedule, max_batch=len(prompts), max_len=max(map(len, prompts)) + args.max_new_tokens,
-                    eos_token_ids=m.eos_token_ids, max_tokens=args.max_new_tokens, cache_schedule=schedule,
-                    detokenize=detokenizer(m.tokenizer))  # the cache sized for the schedule
+    params = SamplingParams(
+        max_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or (),
+    )
+    engine = Engine(
+        m.model,
+        schedule,
+        max_batch=len(prompts),
+        max_len=max(map(len, prompts)) + args.max_new_tokens,
+        eos_token_ids=m.eos_token_ids,
+        max_tokens=args.max_new_tokens,
+        cache_schedule=schedule,
+        detokenize=detokenizer(m.tokenizer),
+    )  # the cache sized for the schedule
     t1 = time.perf_counter()
     outs = engine.generate(prompts, params)
     t2 = time.perf_counter()
     for prompt, out in zip(args.prompt, outs):
         text = decode(m.tokenizer, out.token_ids, args.stop)
         if args.json:
-            print(json.dumps({
-                "prompt": prompt, "text": text, "token_ids": out.token_ids,
-                "num_prompt_tokens": out.prompt_len, "layers_per_token": out.layers_per_token,
-                "avg_layers": round(out.avg_layers, 3), "finish_reason": out.finish_reason,
-            }))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": text,
+                        "token_ids": out.token_ids,
+                        "num_prompt_tokens": out.prompt_len,
+                        "layers_per_token": out.layers_per_token,
+                        "avg_layers": round(out.avg_layers, 3),
+                        "finish_reason": out.finish_reason,
+                    }
+                )
+            )
         else:
             print(f"### {prompt}\n{text}\n")
     n = sum(len(o.token_ids) for o in outs)
@@ -61,13 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text for one or more prompts")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    g.add_argument("--model", default="default", help="'default' (~1.5x skip adapter), 'default-2x', 'smollm2-base', a model dir or a .gguf file")
+    g.add_argument(
+        "--model",
+        default="default",
+        help="'default' (~1.5x skip adapter), 'default-2x', 'smollm2-base', a model dir or a .gguf file",
+    )
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations (auto: bfloat16 on CUDA, float32 on CPU, where skipray's "
-                        "prepacked fp32 kernels ran as fast as bfloat16 in our benchmark)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations (auto: bfloat16 on CUDA, float32 on CPU, where skipray's "
+        "prepacked fp32 kernels ran as fast as bfloat16 in our benchmark)",
+    )
     add_schedule_args(g)
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)

@@ -36,7 +36,7 @@ META_FILE = "skipray.json"
 
 @dataclass
 class Loaded:
-    model: "SkipModel"  # noqa: F821
+    model: SkipModel  # noqa: F821
     tokenizer: object
     schedule: SkipSchedule | None  # what the checkpoint was trained for; None: full depth only
     source: str

@@ -136,8 +136,9 @@ class EngineMetrics:
         if ttft_s is not None:
             m["skipray_ttft_s"].observe(max(ttft_s, 0.0), tags=t)
 
-    def record_batch(self, completions: Sequence[Any], num_layers: int, max_rows: int, latency_s: float,
-                     steps: int | None = None) -> None:
+    def record_batch(
+        self, completions: Sequence[Any], num_layers: int, max_rows: int, latency_s: float, steps: int | None = None
+    ) -> None:
         """A whole ``Engine.generate`` call: one request per completion (``prompt_len``, ``token_ids``,
         ``layers_per_token``), their layers, the engine ``steps`` it took (default: its longest row's
         tokens) and the batch's occupancy (rows in use of ``max_rows``, at most all of them)."""

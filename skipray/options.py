@@ -22,10 +22,16 @@ def add_schedule_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-layers", type=int, help="lowest layers that always run (default 1)")
     g.add_argument("--shape", choices=["linear", "power"], help="decay shape (default linear)")
     g.add_argument("--power", type=float, help="exponent of the power shape: n(i) = max - (max-min)(i/decay)^power")
-    g.add_argument("--drop-order", type=lambda v: [int(x) for x in v.split(",")],
-                   help="comma-separated layers in the order they stop running (default: SkipDecode's)")
-    g.add_argument("--schedule-file", help="a schedule JSON (from `skipray calibrate`, or a model's skipray.json); "
-                                           "the flags above override its fields")
+    g.add_argument(
+        "--drop-order",
+        type=lambda v: [int(x) for x in v.split(",")],
+        help="comma-separated layers in the order they stop running (default: SkipDecode's)",
+    )
+    g.add_argument(
+        "--schedule-file",
+        help="a schedule JSON (from `skipray calibrate`, or a model's skipray.json); "
+        "the flags above override its fields",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
@@ -77,10 +83,18 @@ def schedule_from_args(args: argparse.Namespace, num_layers: int, trained: SkipS
 
 
 def _override(start: SkipSchedule | None, given: dict, num_layers: int) -> dict:
-    base = start.to_dict() if start else {
-        "num_layers": num_layers, "max_layers": num_layers, "min_layers": num_layers,
-        "decay_tokens": 64, "warmup_layers": 1, "shape": "linear",
-    }
+    base = (
+        start.to_dict()
+        if start
+        else {
+            "num_layers": num_layers,
+            "max_layers": num_layers,
+            "min_layers": num_layers,
+            "decay_tokens": 64,
+            "warmup_layers": 1,
+            "shape": "linear",
+        }
+    )
     base.update(given, num_layers=num_layers)
     if "max_layers" in given and "min_layers" not in given:
         base["min_layers"] = min(base["min_layers"], base["max_layers"])

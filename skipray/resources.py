@@ -100,9 +100,11 @@ def _message(what: str, demand: Mapping[str, float], totals: list[Mapping[str, f
     names = _short(totals, demand)
     have = ", ".join(f"{k} {_fmt(max((t.get(k, 0.0) for t in totals), default=0.0))}" for k in names)
     want = ", ".join(f"{k} {_fmt(demand[k])}" for k in names)
-    return (f"not enough {' and '.join(names)}: {what} needs {want} on one node "
-            f"({json.dumps({k: v for k, v in demand.items() if v > 0})}), but no node of this cluster has that "
-            f"now (the most on one node: {have}) and {why}")
+    return (
+        f"not enough {' and '.join(names)}: {what} needs {want} on one node "
+        f"({json.dumps({k: v for k, v in demand.items() if v > 0})}), but no node of this cluster has that "
+        f"now (the most on one node: {have}) and {why}"
+    )
 
 
 def _alive_totals() -> list[dict[str, float]]:
@@ -134,12 +136,16 @@ def _autoscaler_view(probe_hex: str, demand: Mapping[str, float]) -> dict:
         reply.ParseFromString(ray._private.worker.global_worker.gcs_client.get_cluster_status(timeout_s=5))
         a, c = reply.autoscaling_state, reply.cluster_resource_state
         if a.autoscaler_state_version > 0 or a.last_seen_cluster_resource_state_version > 0:
-            view.update(v2=True, seen=a.last_seen_cluster_resource_state_version,
-                        launching=bool(len(a.pending_instance_requests) or len(a.pending_instances)))
+            view.update(
+                v2=True,
+                seen=a.last_seen_cluster_resource_state_version,
+                launching=bool(len(a.pending_instance_requests) or len(a.pending_instances)),
+            )
             if any(probe_hex in g.details for g in c.pending_gang_resource_requests):
                 view["pending_at"] = c.cluster_resource_state_version
-            view["infeasible"] = any(probe_hex in g.details or want in _bundles(g.requests)
-                                     for g in a.infeasible_gang_resource_requests)
+            view["infeasible"] = any(
+                probe_hex in g.details or want in _bundles(g.requests) for g in a.infeasible_gang_resource_requests
+            )
             return view
     except Exception:  # noqa: BLE001 - an older or unreachable GCS: fall back to the v1 status
         pass
@@ -152,8 +158,14 @@ def _autoscaler_view(probe_hex: str, demand: Mapping[str, float]) -> dict:
     return view
 
 
-def check_schedulable(demand: Mapping[str, float], what: str = "one actor", *, can_grow: bool = True,
-                      wait_s: float = 45.0, poll_s: float = 0.5) -> str:
+def check_schedulable(
+    demand: Mapping[str, float],
+    what: str = "one actor",
+    *,
+    can_grow: bool = True,
+    wait_s: float = 45.0,
+    poll_s: float = 0.5,
+) -> str:
     """Raise ``Unschedulable`` (naming the resource) when the cluster can never place one ``demand``
     bundle; return how it can (a line for the log). Ray must be initialised; see the module contract.
 
@@ -183,10 +195,15 @@ def check_schedulable(demand: Mapping[str, float], what: str = "one actor", *, c
                 return f"a node that fits came up in {time.time() - t0:.1f}s"
             view = _autoscaler_view(probe.id.hex(), demand)
             if view["infeasible"]:
-                raise Unschedulable(_message(
-                    what, demand, _alive_totals(),
-                    "the autoscaler reports it infeasible: no node type can hold it (or the cluster is at "
-                    "max_workers)"))
+                raise Unschedulable(
+                    _message(
+                        what,
+                        demand,
+                        _alive_totals(),
+                        "the autoscaler reports it infeasible: no node type can hold it (or the cluster is at "
+                        "max_workers)",
+                    )
+                )
             if view["v2"]:
                 pending_at = view["pending_at"] if pending_at is None else pending_at
                 if pending_at is not None and view["seen"] > pending_at:  # decided with the probe in view
@@ -194,9 +211,14 @@ def check_schedulable(demand: Mapping[str, float], what: str = "one actor", *, c
             elif view["launching"]:
                 return "the autoscaler is launching a node"
             if time.time() - t0 > wait_s:
-                raise Unschedulable(_message(
-                    what, demand, _alive_totals(),
-                    f"the autoscaler started no node for it in {wait_s:g}s (no node type fits, or no autoscaler)"))
+                raise Unschedulable(
+                    _message(
+                        what,
+                        demand,
+                        _alive_totals(),
+                        f"the autoscaler started no node for it in {wait_s:g}s (no node type fits, or no autoscaler)",
+                    )
+                )
             time.sleep(poll_s)
     finally:
         remove_placement_group(probe)
@@ -224,13 +246,18 @@ class ModelShape:
         return self.num_layers * layer + embed + h
 
     @classmethod
-    def from_config(cls, cfg: Any, name: str = "model") -> "ModelShape":
+    def from_config(cls, cfg: Any, name: str = "model") -> ModelShape:
         """From a Hugging Face Llama-style config object."""
         heads = cfg.num_attention_heads
         return cls(
-            name, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, heads,
+            name,
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            heads,
             getattr(cfg, "num_key_value_heads", None) or heads,
-            getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, cfg.vocab_size,
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            cfg.vocab_size,
             bool(getattr(cfg, "tie_word_embeddings", False)),
         )
 
@@ -278,7 +305,8 @@ def sizing_table(
             for n in lengths:
                 kv = kv_cache_bytes(s, b, n, dtype)
                 rows.append(
-                    f"| {s.name} | {s.params / 1e9:.2f}B | {w / GIB:.2f} | {b} | {n} | {kv / GIB:.2f} | {(w + kv) / GIB:.2f} |"
+                    f"| {s.name} | {s.params / 1e9:.2f}B | {w / GIB:.2f} | {b} | {n} | {kv / GIB:.2f} | "
+                    f"{(w + kv) / GIB:.2f} |"
                 )
     return "\n".join(rows)
 
@@ -290,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, action="append", help="prompt + new tokens, repeatable")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
     p.add_argument("--gpu-gib", type=float, default=None, help="also print the largest batch per length")
-    p.add_argument("--new-tokens", type=int, default=64,
-                   help="with --gpu-gib: generated tokens of each length, for the KV cache under skip schedules")
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=64,
+        help="with --gpu-gib: generated tokens of each length, for the KV cache under skip schedules",
+    )
     a = p.parse_args(argv)
     shapes = [KNOWN_SHAPES[m] for m in a.model] if a.model else list(KNOWN_SHAPES.values())
     lengths = a.length or [512, 2048, 4096]
@@ -304,8 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def skip_memory_tables(shapes: Sequence[ModelShape], lengths: Sequence[int], new_tokens: int, dtype: str,
-                       gpu_gib: float, reserve: float = 0.2) -> str:
+def skip_memory_tables(
+    shapes: Sequence[ModelShape],
+    lengths: Sequence[int],
+    new_tokens: int,
+    dtype: str,
+    gpu_gib: float,
+    reserve: float = 0.2,
+) -> str:
     """Per shape and length (prompt + ``new_tokens``): KV cache per row and the largest batch in ``gpu_gib``
     at full depth and under the benchmark's ~2x / ~3x schedules, where each layer's cache holds only what
     the schedule can fill (``skipray.core.memory``). Lengths not above ``new_tokens`` are skipped."""
@@ -316,11 +354,25 @@ def skip_memory_tables(shapes: Sequence[ModelShape], lengths: Sequence[int], new
         for n in lengths:
             if n <= new_tokens or s.num_layers < 23:
                 continue
-            rows = memory_report(preset_schedules(s.num_layers), s.kv_heads, s.head_dim, dtype_bytes(dtype),
-                                 n - new_tokens, new_tokens, int(gpu_gib * GIB), weights_bytes(s, dtype), reserve)
-            out.append(format_report(rows, f"\n{s.name}, {dtype}, prompt {n - new_tokens} + {new_tokens} new tokens, "
-                                           f"{gpu_gib:g} GiB ({reserve:.0%} reserve), cache sized per layer",
-                                     gpu_gib))
+            rows = memory_report(
+                preset_schedules(s.num_layers),
+                s.kv_heads,
+                s.head_dim,
+                dtype_bytes(dtype),
+                n - new_tokens,
+                new_tokens,
+                int(gpu_gib * GIB),
+                weights_bytes(s, dtype),
+                reserve,
+            )
+            out.append(
+                format_report(
+                    rows,
+                    f"\n{s.name}, {dtype}, prompt {n - new_tokens} + {new_tokens} new tokens, "
+                    f"{gpu_gib:g} GiB ({reserve:.0%} reserve), cache sized per layer",
+                    gpu_gib,
+                )
+            )
     return "\n".join(out)
 
 

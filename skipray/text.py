@@ -10,7 +10,6 @@ the server sends it whole; the streamed deltas always add up to ``TextStream.tex
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable, Sequence
 
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the first generated one (vLLM's initial offset)
@@ -25,14 +24,23 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False, add_special_tokens
     return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def encode_messages(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
+def encode_messages(
+    tokenizer,
+    messages: Sequence[dict],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    add_special_tokens: bool = False,
+) -> list[int]:
     """Token ids of a chat conversation through the model's chat template, by default ready for the reply
     (``add_generation_prompt``); ``continue_final_message`` leaves the last message open instead."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template")
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         continue_final_message=continue_final_message)
+    text = tokenizer.apply_chat_template(
+        list(messages),
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+    )
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
@@ -130,8 +138,9 @@ class TextStream:
     the first generated token gets the leading space it has after the prompt.
     """
 
-    def __init__(self, tokenizer, prompt: Sequence[int] = (), stop: Sequence[str] = (),
-                 include_stop: bool = False) -> None:
+    def __init__(
+        self, tokenizer, prompt: Sequence[int] = (), stop: Sequence[str] = (), include_stop: bool = False
+    ) -> None:
         self.tokenizer, self.stop, self.include_stop = tokenizer, [s for s in stop if s], include_stop
         self.ids = list(prompt[-CONTEXT_TOKENS:])
         self.prefix, self.read = 0, len(self.ids)  # ids[prefix:read] decode to text already emitted
@@ -145,16 +154,16 @@ class TextStream:
     def add(self, token_id: int, final: bool = False) -> str:
         """Append one generated token; -> the text that may be sent now."""
         self.ids.append(int(token_id))
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self.prefix, self.read = self.read, len(self.ids)
         if final:
             self.text = truncate_at_stop(self.text, self.stop, self.include_stop)
             end = len(self.text)
         else:
             end = len(self.text) - self.hold
-        delta = self.text[self.sent:end] if end > self.sent else ""
+        delta = self.text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return delta

@@ -20,9 +20,17 @@ def tiny_llama(num_layers: int = 6, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -32,8 +40,16 @@ def tiny_opt(num_layers: int = 5, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = OPTConfig(
-        vocab_size=97, hidden_size=32, ffn_dim=64, num_hidden_layers=num_layers, num_attention_heads=4,
-        max_position_embeddings=256, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=97,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=32,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     return OPTForCausalLM(cfg).eval()
 
@@ -45,9 +61,17 @@ def tiny_other(kind: str, num_layers: int = 5, seed: int = 0):
     torch.manual_seed(seed)
     name = {"qwen2": "Qwen2", "mistral": "Mistral"}[kind]
     cfg = getattr(transformers, f"{name}Config")(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     return getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
 
@@ -60,8 +84,13 @@ def moto_s3(monkeypatch, buckets=(), **credentials: str):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", **credentials}
+    env = {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        **credentials,
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
@@ -86,8 +115,15 @@ def decode_step(runner, tokens, positions, slot, active, adapter=False):
 
     n = tokens.shape[0]
     ones = torch.ones_like(tokens, dtype=torch.bool)
-    seg = Segment(tokens, positions[:, None], step_plan(active, runner.model.num_layers), ones,
-                  cache_rows=slice(0, n), start=slot, adapter=ones if adapter else None)
+    seg = Segment(
+        tokens,
+        positions[:, None],
+        step_plan(active, runner.model.num_layers),
+        ones,
+        cache_rows=slice(0, n),
+        start=slot,
+        adapter=ones if adapter else None,
+    )
     return runner.run([seg])[0][:, 0].float()
 
 
@@ -113,8 +149,12 @@ def smol():
 
 # The workers' own S3 credentials for moto (tests/test_batch.py), as a cluster's nodes have theirs (instance
 # profile, environment): the batch job's tasks find credentials through the standard AWS chain, never the driver's.
-WORKER_AWS_ENV = {"AWS_ACCESS_KEY_ID": "worker-key", "AWS_SECRET_ACCESS_KEY": "worker-secret",
-                  "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+WORKER_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "worker-key",
+    "AWS_SECRET_ACCESS_KEY": "worker-secret",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 @pytest.fixture(scope="session")
@@ -130,8 +170,11 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(
             address="local",  # never join a cluster some other process left running
-            num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
-            log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **WORKER_AWS_ENV}},
+            num_cpus=2,
+            object_store_memory=512 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **WORKER_AWS_ENV}},
         )
     yield ray
     ray.shutdown()
@@ -148,9 +191,16 @@ def tiny_model_dir(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(src)
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
     )
     out = tmp_path_factory.mktemp("tiny-llama")

@@ -46,9 +46,15 @@ CPU_DIVISOR = 4  # aws.yaml's vCPUs / 4: the head 8 -> 2 logical CPUs, each GPU 
 IDLE_TIMEOUT_MINUTES = 0.1  # aws.yaml says 5; 6 s keeps the test short
 OBJECT_STORE = 80 * 1024**2  # per node
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # ray.autoscaler._private.fake_multi_node.node_provider.FAKE_HEAD_NODE_ID
-ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-       "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-       "PATH": f"{Path(PY).parent}:{os.environ.get('PATH', '')}"}
+ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_ADDRESS": "",
+    "OMP_NUM_THREADS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PATH": f"{Path(PY).parent}:{os.environ.get('PATH', '')}",
+}
 
 
 def free_port() -> int:
@@ -74,9 +80,17 @@ def node_types_from_launcher(path: Path = AWS, cpu_divisor: int = CPU_DIVISOR) -
         r = dict(t["resources"])
         r["CPU"] = scale(r.get("CPU", 1))
         r["object_store_memory"] = OBJECT_STORE
-        workers[name] = {"resources": r, "node_config": {}, "min_workers": t.get("min_workers", 0),
-                         "max_workers": t.get("max_workers", cfg["max_workers"])}
-    return head_resources, workers, {"max_workers": cfg["max_workers"], "upscaling_speed": cfg.get("upscaling_speed", 1.0)}
+        workers[name] = {
+            "resources": r,
+            "node_config": {},
+            "min_workers": t.get("min_workers", 0),
+            "max_workers": t.get("max_workers", cfg["max_workers"]),
+        }
+    return (
+        head_resources,
+        workers,
+        {"max_workers": cfg["max_workers"], "upscaling_speed": cfg.get("upscaling_speed", 1.0)},
+    )
 
 
 def _autoscaling_cluster_class():
@@ -100,19 +114,37 @@ def _autoscaling_cluster_class():
 
         def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
             cfg = {
-                "cluster_name": "skipray-fake", "max_workers": 8, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
-                "provider": {"type": "external",
-                             "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
-                             "use_node_id_as_ip": True, "disable_node_updaters": True,
-                             "disable_launch_config_check": True, "launch_multiple": True,
-                             "head_node_id": FAKE_HEAD_NODE_ID},
-                "available_node_types": {**worker_node_types, "ray.head.default": {
-                    "resources": dict(head_resources), "node_config": {}, "max_workers": 0}},
-                "head_node_type": "ray.head.default", "auth": {}, "docker": {},
-                "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-                "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
-                "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-                "rsync_exclude": [], "rsync_filter": [],
+                "cluster_name": "skipray-fake",
+                "max_workers": 8,
+                "upscaling_speed": 1.0,
+                "idle_timeout_minutes": 0.1,
+                "provider": {
+                    "type": "external",
+                    "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                    "use_node_id_as_ip": True,
+                    "disable_node_updaters": True,
+                    "disable_launch_config_check": True,
+                    "launch_multiple": True,
+                    "head_node_id": FAKE_HEAD_NODE_ID,
+                },
+                "available_node_types": {
+                    **worker_node_types,
+                    "ray.head.default": {"resources": dict(head_resources), "node_config": {}, "max_workers": 0},
+                },
+                "head_node_type": "ray.head.default",
+                "auth": {},
+                "docker": {},
+                "initialization_commands": [],
+                "setup_commands": [],
+                "head_setup_commands": [],
+                "worker_setup_commands": [],
+                "head_start_ray_commands": [],
+                "worker_start_ray_commands": [],
+                "file_mounts": {},
+                "cluster_synced_files": [],
+                "file_mounts_sync_continuously": False,
+                "rsync_exclude": [],
+                "rsync_filter": [],
             }
             cfg.update(config_kwargs)
             return cfg
@@ -124,20 +156,53 @@ def _autoscaling_cluster_class():
             self._config["provider"]["gcs_address"] = self.address
             conf = Path(self.tmp) / "autoscaling.json"
             conf.write_text(json.dumps(self._config))
-            env = {**os.environ, **ENV, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                   "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
-                   "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID, **(override_env or {})}
-            cmd = [RAY, "start", "--head", "--block", f"--autoscaling-config={conf}", "--port", str(port),
-                   "--node-ip-address", "127.0.0.1", "--num-cpus", str(self._head_resources["CPU"]),
-                   "--object-store-memory", str(OBJECT_STORE), "--temp-dir", self.tmp,
-                   "--include-dashboard", "true" if self.dashboard_port else "false", "--disable-usage-stats",
-                   *(["--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port)]
-                     if self.dashboard_port else []),
-                   "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                   "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+            env = {
+                **os.environ,
+                **ENV,
+                "RAY_FAKE_CLUSTER": "1",
+                "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                "RAY_enable_autoscaler_v2": "1",
+                "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+                **(override_env or {}),
+            }
+            cmd = [
+                RAY,
+                "start",
+                "--head",
+                "--block",
+                f"--autoscaling-config={conf}",
+                "--port",
+                str(port),
+                "--node-ip-address",
+                "127.0.0.1",
+                "--num-cpus",
+                str(self._head_resources["CPU"]),
+                "--object-store-memory",
+                str(OBJECT_STORE),
+                "--temp-dir",
+                self.tmp,
+                "--include-dashboard",
+                "true" if self.dashboard_port else "false",
+                "--disable-usage-stats",
+                *(
+                    ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port)]
+                    if self.dashboard_port
+                    else []
+                ),
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+                "--dashboard-agent-grpc-port",
+                str(free_port()),
+                "--metrics-export-port",
+                str(free_port()),
+                "--runtime-env-agent-port",
+                str(free_port()),
+            ]
             self.log = open(Path(self.tmp) / "head.log", "w")
-            self.head = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, cwd=ROOT)
+            self.head = subprocess.Popen(
+                cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT
+            )
             from ray._raylet import GcsClient
 
             deadline = time.time() + 90
@@ -191,8 +256,15 @@ def _autoscaling_cluster_class():
         def nodes(self) -> list[dict]:
             out = []
             for nid, n in self.gcs.get_all_node_info(timeout=10).items():
-                out.append({"id": nid.hex(), "alive": n.state == 0, "head": n.is_head_node,
-                            "gpu": float(dict(n.resources_total).get("GPU", 0)), "type": n.node_type_name})
+                out.append(
+                    {
+                        "id": nid.hex(),
+                        "alive": n.state == 0,
+                        "head": n.is_head_node,
+                        "gpu": float(dict(n.resources_total).get("GPU", 0)),
+                        "type": n.node_type_name,
+                    }
+                )
             return out
 
         def gpu_nodes(self) -> list[dict]:
@@ -207,9 +279,12 @@ def _autoscaling_cluster_class():
                 return await self.gcs.async_get_all_actor_info(timeout=10)
 
             infos = asyncio.run(fetch())
-            return [{"class": a.class_name, "node": a.address.node_id.hex(), "state": a.state}
-                    for a in infos.values() if dict(a.required_resources).get("GPU", 0) > 0
-                    and (a.state == 2 if alive_only else any(a.address.node_id))]
+            return [
+                {"class": a.class_name, "node": a.address.node_id.hex(), "state": a.state}
+                for a in infos.values()
+                if dict(a.required_resources).get("GPU", 0) > 0
+                and (a.state == 2 if alive_only else any(a.address.node_id))
+            ]
 
     return LocalAutoscalingCluster
 
@@ -257,18 +332,36 @@ def serve_main(address: str, model: str, port: str) -> None:
 
     ray.init(address=address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": int(port)})
-    opts = {"ray_actor_options": replica_options(gpus=1), "max_ongoing_requests": 16, "autoscaling_config": {
-        "min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-        "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2, "metrics_interval_s": 0.5}}
-    args = {"model": model, "model_name": "tiny", "device": "cpu", "torch_threads": 1, "max_batch": 8,
-            "max_len": 256, "max_tokens_limit": 128, "default_max_tokens": 32}
+    opts = {
+        "ray_actor_options": replica_options(gpus=1),
+        "max_ongoing_requests": 16,
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "initial_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 3,
+            "look_back_period_s": 2,
+            "metrics_interval_s": 0.5,
+        },
+    }
+    args = {
+        "model": model,
+        "model_name": "tiny",
+        "device": "cpu",
+        "torch_threads": 1,
+        "max_batch": 8,
+        "max_len": 256,
+        "max_tokens_limit": 128,
+        "default_max_tokens": 32,
+    }
     serve.run(build_app(args, opts), name="skipray", route_prefix="/")  # returns once a replica is up
     print("[deployed]", flush=True)
 
 
 # -- tests ------------------------------------------------------------------------------------------
 import pytest  # noqa: E402
-
 from test_batch import prompts, read_out, write  # noqa: E402
 
 
@@ -314,7 +407,8 @@ def test_check_schedulable_on_a_ray_that_cannot_grow(ray_local):
     with pytest.raises(Unschedulable, match=r"not enough CPU.*started no node for it"):
         check_schedulable({"CPU": 64}, "one actor", can_grow=True, wait_s=3)
     assert ray_local.util.placement_group_table() == {} or all(
-        p["state"] == "REMOVED" for p in ray_local.util.placement_group_table().values()), "the probe is removed"
+        p["state"] == "REMOVED" for p in ray_local.util.placement_group_table().values()
+    ), "the probe is removed"
 
 
 @pytest.mark.slow
@@ -329,11 +423,35 @@ def test_gpu_autoscaling_job(tmp_path, tiny_model_dir):
         env = {**os.environ, **ENV, "RAY_ADDRESS": c.address}
         t0 = time.time()
         drv = subprocess.Popen(
-            [PY, "jobs/generate.py", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
-             "--model", str(tiny_model_dir), "--actors", "1,2", "--gpus-per-actor", "1", "--device", "cpu",
-             "--batch-size", "4", "--bucket-window", "1", "--max-new-tokens", "4",
-             "--shared-mount"],  # the fake cluster's nodes share this machine's disk
-            stdout=out_log, stderr=err_log, env=env, cwd=ROOT, start_new_session=True)
+            [
+                PY,
+                "jobs/generate.py",
+                "--input",
+                str(tmp_path / "in.parquet"),
+                "--output",
+                str(tmp_path / "out"),
+                "--model",
+                str(tiny_model_dir),
+                "--actors",
+                "1,2",
+                "--gpus-per-actor",
+                "1",
+                "--device",
+                "cpu",
+                "--batch-size",
+                "4",
+                "--bucket-window",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--shared-mount",
+            ],  # the fake cluster's nodes share this machine's disk
+            stdout=out_log,
+            stderr=err_log,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         up = None
         seen_nodes: dict[str, str] = {}
         actors: dict[tuple[str, str], float] = {}
@@ -373,10 +491,12 @@ def test_gpu_autoscaling_job(tmp_path, tiny_model_dir):
     assert all(node in seen_nodes and node != head_id for _, node in actors), (actors, seen_nodes, head_id)
     assert not left, f"GPU nodes not removed {down:.0f}s after the job: {left}"
     how = [x for x in stderr.splitlines() if x.startswith("[skipray] resources")]
-    print(f"\n[autoscaling job] first GPU node alive {up:.1f}s after submit; {len(seen_nodes)} GPU node(s) "
-          f"{sorted(set(seen_nodes.values()))}; {len(actors)} actor(s) on them; job {wall:.1f}s; GPU nodes gone "
-          f"{idle:.1f}s after the last actor was seen, {down:.1f}s after the job ended (idle timeout "
-          f"{IDLE_TIMEOUT_MINUTES * 60:.0f}s); {how[:1]}")
+    print(
+        f"\n[autoscaling job] first GPU node alive {up:.1f}s after submit; {len(seen_nodes)} GPU node(s) "
+        f"{sorted(set(seen_nodes.values()))}; {len(actors)} actor(s) on them; job {wall:.1f}s; GPU nodes gone "
+        f"{idle:.1f}s after the last actor was seen, {down:.1f}s after the job ended (idle timeout "
+        f"{IDLE_TIMEOUT_MINUTES * 60:.0f}s); {how[:1]}"
+    )
 
 
 @pytest.mark.slow
@@ -387,15 +507,35 @@ def test_job_asking_for_impossible_gpus_fails_fast(tmp_path, tiny_model_dir):
         env = {**os.environ, **ENV, "RAY_ADDRESS": c.address}
         t0 = time.time()
         drv = subprocess.Popen(
-            [PY, "jobs/generate.py", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
-             "--model", str(tiny_model_dir), "--gpus-per-actor", "2", "--device", "cpu", "--max-new-tokens", "4",
-             "--shared-mount"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
+            [
+                PY,
+                "jobs/generate.py",
+                "--input",
+                str(tmp_path / "in.parquet"),
+                "--output",
+                str(tmp_path / "out"),
+                "--model",
+                str(tiny_model_dir),
+                "--gpus-per-actor",
+                "2",
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "4",
+                "--shared-mount",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         try:
             out, err = drv.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             _kill_group(drv)
-            raise AssertionError("an impossible GPU request was still waiting after 60 s")
+            raise AssertionError("an impossible GPU request was still waiting after 60 s") from None
         wall = time.time() - t0
         assert c.gpu_nodes() == [], "nothing to launch for it"
     assert drv.returncode == 2, (out[-2000:], err[-3000:])
@@ -417,8 +557,14 @@ def test_gpu_autoscaling_serve(tmp_path, tiny_model_dir):
         env = {**os.environ, **ENV, "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}
         t0 = time.time()
         with open(tmp_path / "deploy.log", "w") as log:
-            dep = subprocess.Popen([PY, __file__, "serve", c.address, str(tiny_model_dir), str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+            dep = subprocess.Popen(
+                [PY, __file__, "serve", c.address, str(tiny_model_dir), str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,
+            )
             first_node = None
             try:
                 while dep.poll() is None and time.time() - t0 < 120:
@@ -440,8 +586,11 @@ def test_gpu_autoscaling_serve(tmp_path, tiny_model_dir):
         def client():
             with requests.Session() as h:
                 while not stop.is_set():
-                    r = h.post(f"{base}/v1/completions", timeout=60,
-                               json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 96})
+                    r = h.post(
+                        f"{base}/v1/completions",
+                        timeout=60,
+                        json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 96},
+                    )
                     codes.append(r.status_code)
 
         threads = [threading.Thread(target=client) for _ in range(8)]
@@ -470,14 +619,22 @@ def test_gpu_autoscaling_serve(tmp_path, tiny_model_dir):
             time.sleep(0.5)
         down = time.time() - t2
         nodes, reps = c.gpu_nodes(), c.gpu_actors()
-        assert len(nodes) == 1 and len(reps) == 1, f"not back to one GPU node {down:.0f}s after the load: {nodes} {reps}"
-        assert requests.post(f"{base}/v1/completions", timeout=30,
-                             json={"model": "tiny", "prompt": "Hi", "max_tokens": 4}).status_code == 200
+        assert len(nodes) == 1 and len(reps) == 1, (
+            f"not back to one GPU node {down:.0f}s after the load: {nodes} {reps}"
+        )
+        assert (
+            requests.post(
+                f"{base}/v1/completions", timeout=30, json={"model": "tiny", "prompt": "Hi", "max_tokens": 4}
+            ).status_code
+            == 200
+        )
     assert codes and set(codes) == {200}, {x: codes.count(x) for x in set(codes)}
-    print(f"\n[autoscaling serve] first GPU node alive {first_node:.1f}s after the deployer started, its replica "
-          f"serving at {first_up:.1f}s; under load (8 clients) "
-          f"second GPU node alive in {second_node:.1f}s, second replica's actor alive on it in {second_replica:.1f}s; "
-          f"{len(codes)} requests, all 200; back to one GPU node {down:.1f}s after the load ended")
+    print(
+        f"\n[autoscaling serve] first GPU node alive {first_node:.1f}s after the deployer started, its replica "
+        f"serving at {first_up:.1f}s; under load (8 clients) "
+        f"second GPU node alive in {second_node:.1f}s, second replica's actor alive on it in {second_replica:.1f}s; "
+        f"{len(codes)} requests, all 200; back to one GPU node {down:.1f}s after the load ended"
+    )
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "serve":

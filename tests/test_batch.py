@@ -6,9 +6,7 @@ test runs the real default model. Ray-cluster tests (job submit, 2 nodes) are in
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,11 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import moto_s3
 
 from skipray import batch
 from skipray.core.schedule import SkipSchedule
-
-from conftest import moto_s3
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,9 +31,19 @@ def make_tiny_model(path: Path, num_layers: int = 4, max_positions: int = 96) ->
 
     tok = AutoTokenizer.from_pretrained(convert_gguf(default_gguf()))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -48,13 +55,22 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def config(model: Path | str, **kw) -> batch.JobConfig:
-    from skipray.options import SCHEDULE_FLAGS
     import argparse
+
+    from skipray.options import SCHEDULE_FLAGS
 
     ns = argparse.Namespace(full=False, **{k: None for k in SCHEDULE_FLAGS})
     sched, _, max_pos = batch.model_facts(str(model), ns)
-    base = dict(model=str(model), schedule=sched.to_dict(), max_positions=max_pos, max_new_tokens=6,
-                batch_size=4, bucket_window=2, cpus_per_actor=0.5, threads_per_actor=1)
+    base = dict(
+        model=str(model),
+        schedule=sched.to_dict(),
+        max_positions=max_pos,
+        max_new_tokens=6,
+        batch_size=4,
+        bucket_window=2,
+        cpus_per_actor=0.5,
+        threads_per_actor=1,
+    )
     base.update(kw)
     return batch.JobConfig(**base)
 
@@ -66,8 +82,11 @@ def write(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path
 
 
 def read_out(out: Path) -> pa.Table:
-    files = sorted(str(p) for p in out.rglob("*.parquet") if not any(
-        part.startswith(("_", ".")) for part in p.relative_to(out).parts))
+    files = sorted(
+        str(p)
+        for p in out.rglob("*.parquet")
+        if not any(part.startswith(("_", ".")) for part in p.relative_to(out).parts)
+    )
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
 
 
@@ -81,8 +100,10 @@ LEGACY_NAME = f"0AbCdEfGhIjKlMnOpQrStU_{'e' * 32}_000000-0.parquet"  # Ray Data'
 
 def prompts(n: int, start: int = 0) -> list[dict]:
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    return [{"id": f"r{i:03d}", "prompt": "Tell me about " + " ".join(words[: 1 + i % 12]) + ".", "extra": i}
-            for i in range(start, start + n)]
+    return [
+        {"id": f"r{i:03d}", "prompt": "Tell me about " + " ".join(words[: 1 + i % 12]) + ".", "extra": i}
+        for i in range(start, start + n)
+    ]
 
 
 # -- no Ray ------------------------------------------------------------------------------------------
@@ -92,8 +113,14 @@ def test_admission_order_buckets_within_window():
     assert [lengths[i] for i in batch.admission_order(lengths, bucket=True)] == sorted(lengths)
 
 
-def prepared(tmp_path: Path, rows: list[dict], cfg: batch.JobConfig, done: list[dict] | None = None,
-             schema: pa.Schema | None = None, table: pa.Table | None = None) -> pa.Table:
+def prepared(
+    tmp_path: Path,
+    rows: list[dict],
+    cfg: batch.JobConfig,
+    done: list[dict] | None = None,
+    schema: pa.Schema | None = None,
+    table: pa.Table | None = None,
+) -> pa.Table:
     """The job's read and tokenizing steps over ``rows`` (or ``table``; no Ray): plan, ``read_units``,
     ``prepare_rows``."""
     from skipray.batch.resume import read_units
@@ -113,9 +140,13 @@ def prepared(tmp_path: Path, rows: list[dict], cfg: batch.JobConfig, done: list[
 def test_prepare_block_marks_bad_rows(tmp_path, tiny_dir):
     cfg = config(tiny_dir, max_new_tokens=8)
     long = "word " * 200  # > 96 positions with 8 new tokens
-    rows = [{"id": i, "prompt": p, "error": "x"}  # an input column that clashes with an output column is kept, renamed
-            for i, p in zip(["a", "b", "c", "d", "e", "f", None, "done", "f"],
-                            ["Hello there", None, "", "   ", long, "dup", "no id", "already", "dup again"])]
+    rows = [
+        {"id": i, "prompt": p, "error": "x"}  # an input column that clashes with an output column is kept, renamed
+        for i, p in zip(
+            ["a", "b", "c", "d", "e", "f", None, "done", "f"],
+            ["Hello there", None, "", "   ", long, "dup", "no id", "already", "dup again"],
+        )
+    ]
     out = prepared(tmp_path, rows, cfg, done=[{"id": "done"}])
     rows = {r["prompt"]: r for r in out.to_pylist()}
     assert "already" not in rows and out.num_rows == 8
@@ -130,8 +161,11 @@ def test_prepare_block_marks_bad_rows(tmp_path, tiny_dir):
 
 def test_prepare_block_renamed_columns_and_non_string_prompt_column(tmp_path, tiny_dir):
     cfg = config(tiny_dir, prompt_column="question", id_column="key")
-    out = prepared(tmp_path, [{"key": 1, "question": "q1", "prompt": "other"},
-                              {"key": 2, "question": "q2", "prompt": "other"}], cfg)
+    out = prepared(
+        tmp_path,
+        [{"key": 1, "question": "q1", "prompt": "other"}, {"key": 2, "question": "q2", "prompt": "other"}],
+        cfg,
+    )
     assert out.column("id").to_pylist() == [1, 2] and out.column("prompt").to_pylist() == ["q1", "q2"]
     assert out.column("input_prompt").to_pylist() == ["other", "other"]
     # a whole prompt column of another type is a planning error naming it, not a row error per row
@@ -160,9 +194,22 @@ def test_job_cli_fails_fast_on_missing_column(tmp_path, tiny_dir):
 
     write(tmp_path / "in.parquet", [{"id": "1", "text": "hi"}])
     t0 = time.time()
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "generate.py"), "--input", str(tmp_path / "in.parquet"),
-                        "--output", str(tmp_path / "out"), "--model", str(tiny_dir)],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "generate.py"),
+            "--input",
+            str(tmp_path / "in.parquet"),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert r.returncode == 2, r.stderr
     assert "no column 'prompt'" in r.stderr
     assert "Started a local Ray instance" not in r.stderr + r.stdout  # failed before Ray/actors started
@@ -201,7 +248,8 @@ def test_skip_schedule_reaches_the_actor(ray_local, tmp_path, tiny_dir):
 
 def test_bad_row_corpus(ray_local, tmp_path, tiny_dir):
     rows = prompts(6) + [
-        {"id": "null", "prompt": None, "extra": 0}, {"id": "empty", "prompt": "", "extra": 0},
+        {"id": "null", "prompt": None, "extra": 0},
+        {"id": "empty", "prompt": "", "extra": 0},
         {"id": "long", "prompt": "word " * 300, "extra": 0},
         {"id": "r001", "prompt": "a second r001", "extra": 0},
     ]
@@ -224,7 +272,7 @@ def test_resume_skips_done_ids_and_redoes_partial_files(ray_local, tmp_path, tin
     s2 = batch.run(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
     assert (s2.rows, s2.skipped) == (12, 8)
     assert not (tmp_path / "out" / own_name(7)).exists()  # moved aside, never deleted:
-    assert [p.name[-len(own_name(7)):] for p in (tmp_path / "out" / "_skipray_quarantine").iterdir()] == [own_name(7)]
+    assert [p.name[-len(own_name(7)) :] for p in (tmp_path / "out" / "_skipray_quarantine").iterdir()] == [own_name(7)]
     ids = read_out(tmp_path / "out").column("id").to_pylist()
     assert sorted(ids) == [f"r{i:03d}" for i in range(20)]  # every id exactly once
     s3 = batch.run(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
@@ -261,8 +309,11 @@ def test_actor_killed_mid_job_is_replaced(ray_local, tmp_path, tiny_dir):
             procs = generator_processes()
             seen.update(procs)
             # busy: running a method (".submit"), not still constructing (".__init__") or idle
-            busy = [pid for pid, title in procs.items() if title.rstrip().rsplit(")", 1)[1].startswith(".")
-                    and "__init__" not in title]
+            busy = [
+                pid
+                for pid, title in procs.items()
+                if title.rstrip().rsplit(")", 1)[1].startswith(".") and "__init__" not in title
+            ]
             if busy and not killed:
                 os.kill(busy[0], signal.SIGKILL)
                 killed.append(procs[busy[0]])
@@ -292,8 +343,11 @@ def test_s3_round_trip_with_moto(ray_local, tmp_path, tiny_dir, monkeypatch):
     from pyarrow import fs
 
     # the driver's credentials differ from the workers' (conftest.WORKER_AWS_ENV); moto takes any
-    driver = {"AWS_ACCESS_KEY_ID": "driver-key-1d2c", "AWS_SECRET_ACCESS_KEY": "driver-secret-9f4e",
-              "AWS_SESSION_TOKEN": "driver-token-77ab"}
+    driver = {
+        "AWS_ACCESS_KEY_ID": "driver-key-1d2c",
+        "AWS_SECRET_ACCESS_KEY": "driver-secret-9f4e",
+        "AWS_SESSION_TOKEN": "driver-token-77ab",
+    }
     with moto_s3(monkeypatch, buckets=["bucket"], **driver) as endpoint:
         host_port = endpoint.removeprefix("http://")
         s3, _ = batch.filesystem_for("s3://b/x", endpoint)
@@ -306,8 +360,11 @@ def test_s3_round_trip_with_moto(ray_local, tmp_path, tiny_dir, monkeypatch):
             assert secret.encode() not in shipped, "a driver credential would be serialized into task arguments"
         s = batch.execute(p)  # the tasks read and write S3 with their own credentials (standard chain)
         assert s.rows == 10
-        files = [i.path for i in s3.get_file_info(fs.FileSelector("bucket/out", recursive=True))
-                 if i.path.rpartition("/")[2].startswith("skipray-")]  # the job's own files (not its manifest)
+        files = [
+            i.path
+            for i in s3.get_file_info(fs.FileSelector("bucket/out", recursive=True))
+            if i.path.rpartition("/")[2].startswith("skipray-")
+        ]  # the job's own files (not its manifest)
         t = pa.concat_tables([pq.read_table(f, filesystem=s3) for f in files])
         assert sorted(t.column("id").to_pylist()) == [f"r{i:03d}" for i in range(10)]
         s2 = batch.run("s3://bucket/in/", "s3://bucket/out", config(tiny_dir), s3_endpoint=endpoint)
@@ -317,8 +374,10 @@ def test_s3_round_trip_with_moto(ray_local, tmp_path, tiny_dir, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_real_default_model_end_to_end(ray_local, tmp_path):
-    write(tmp_path / "in.parquet", [{"id": 1, "prompt": "What is the capital of France?"},
-                                     {"id": 2, "prompt": "Name a primary color."}])
+    write(
+        tmp_path / "in.parquet",
+        [{"id": 1, "prompt": "What is the capital of France?"}, {"id": 2, "prompt": "Name a primary color."}],
+    )
     cfg = config("smollm2-base", max_new_tokens=12, chat=True, cpus_per_actor=1.0, threads_per_actor=2)
     s = batch.run(str(tmp_path / "in.parquet"), str(tmp_path / "out"), cfg)
     t = {r["id"]: r for r in read_out(tmp_path / "out").to_pylist()}

@@ -20,12 +20,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import moto_s3
+from test_batch import LEGACY_NAME, ROOT, config, own_name, prompts, read_out, tiny_dir, write  # noqa: F401
 
 from skipray import batch
 from skipray.batch.output import MANIFEST, QUARANTINE, OutputError
-
-from conftest import moto_s3
-from test_batch import LEGACY_NAME, ROOT, config, own_name, prompts, read_out, tiny_dir, write  # noqa: F401
 
 ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
 
@@ -35,25 +34,44 @@ def snapshot(d: Path) -> dict[str, bytes]:
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "generate.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env or ENV, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "generate.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or ENV,
+        cwd=ROOT,
+    )
 
 
 # -- paths ---------------------------------------------------------------------------------------------
 def test_globs_behave_as_python_glob_recursive(tmp_path):
-    for rel in ("in/a.parquet", "in/sub/b.parquet", "in/sub/deep/c.parquet", "in/_tmp/d.parquet",
-                "in/.hidden.parquet"):
+    for rel in ("in/a.parquet", "in/sub/b.parquet", "in/sub/deep/c.parquet", "in/_tmp/d.parquet", "in/.hidden.parquet"):
         write(tmp_path / rel, [{"id": rel, "prompt": "p"}])
-    names = lambda pattern: [Path(f).relative_to(tmp_path).as_posix()  # noqa: E731
-                             for f in batch.check_input(str(tmp_path / pattern), None, "prompt", "id").files]
+
+    def names(pattern: str) -> list[str]:
+        return [
+            Path(f).relative_to(tmp_path).as_posix()
+            for f in batch.check_input(str(tmp_path / pattern), None, "prompt", "id").files
+        ]
+
     assert names("in/*.parquet") == ["in/a.parquet"]  # '*' stays within one segment
     assert names("in/**/*.parquet") == ["in/a.parquet", "in/sub/b.parquet", "in/sub/deep/c.parquet"]  # none too
     assert names("in/*/*.parquet") == ["in/sub/b.parquet"]
     assert names("in") == ["in/a.parquet", "in/sub/b.parquet", "in/sub/deep/c.parquet"]
 
 
-@pytest.mark.parametrize("inp,out", [("d/in", "d/in"), ("d", "d/in/out"), ("d/in/x.parquet", "d/in"),
-                                     ("d/in", "d/in/out"), ("d/**/*.parquet", "d/out"), ("d/in/*.parquet", "d")])
+@pytest.mark.parametrize(
+    "inp,out",
+    [
+        ("d/in", "d/in"),
+        ("d", "d/in/out"),
+        ("d/in/x.parquet", "d/in"),
+        ("d/in", "d/in/out"),
+        ("d/**/*.parquet", "d/out"),
+        ("d/in/*.parquet", "d"),
+    ],
+)
 def test_overlapping_input_and_output_are_refused(tmp_path, tiny_dir, inp, out):
     write(tmp_path / "d" / "in" / "x.parquet", prompts(2))
     with pytest.raises(batch.InputError, match="overlap"):
@@ -75,8 +93,15 @@ def test_overlap_sees_links_and_s3_keys(tmp_path, tiny_dir):
 def test_local_paths_on_a_joined_cluster_are_refused_before_ray(tmp_path, tiny_dir):
     write(tmp_path / "in.parquet", prompts(2))
     t0 = time.time()
-    r = cli("--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(tiny_dir),
-            env={**ENV, "RAY_ADDRESS": "127.0.0.1:1"})  # no cluster there: the refusal comes first
+    r = cli(
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_dir),
+        env={**ENV, "RAY_ADDRESS": "127.0.0.1:1"},
+    )  # no cluster there: the refusal comes first
     assert r.returncode == 2 and "is a local path" in r.stderr and "--shared-mount" in r.stderr, r.stderr
     assert "local://" in r.stderr and time.time() - t0 < 90 and not (tmp_path / "out").exists()
     cfg = config(tiny_dir, shared_mount=True)
@@ -120,8 +145,11 @@ def test_changed_settings_are_refused_unless_allowed(tmp_path, tiny_dir):
     assert batch.plan(str(tmp_path / "in.parquet"), str(tmp_path / "out"), cfg).pending == 2
     with pytest.raises(OutputError, match=r"other settings \(sampling: .*--allow-changed-settings"):
         batch.plan(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config(tiny_dir, max_new_tokens=9))
-    p = batch.plan(str(tmp_path / "in.parquet"), str(tmp_path / "out"),
-                   config(tiny_dir, max_new_tokens=9, allow_changed_settings=True))
+    p = batch.plan(
+        str(tmp_path / "in.parquet"),
+        str(tmp_path / "out"),
+        config(tiny_dir, max_new_tokens=9, allow_changed_settings=True),
+    )
     assert p.claim.manifest.sampling["max_tokens"] == 9 and "settings changed" in p.claim.messages[0]
 
 
@@ -142,22 +170,55 @@ class FlakyReads:
                     self.fails -= 1
                     raise OSError("SlowDown: please reduce your request rate (injected)")
 
-            def get_type_name(self): return "flaky"
-            def normalize_path(self, p): return p
-            def equals(self, other): return self is other
-            def get_file_info(self, paths): return self.base.get_file_info(paths)
-            def get_file_info_selector(self, sel): return self.base.get_file_info(sel)
-            def create_dir(self, p, recursive): self.base.create_dir(p, recursive=recursive)
-            def delete_dir(self, p): self.base.delete_dir(p)
-            def delete_dir_contents(self, p, missing_dir_ok=False): self.base.delete_dir_contents(p, missing_dir_ok)
-            def delete_root_dir_contents(self): raise OSError("no")
-            def delete_file(self, p): self.base.delete_file(p)
-            def move(self, a, b): self.base.move(a, b)
-            def copy_file(self, a, b): self.base.copy_file(a, b)
-            def open_input_stream(self, p): self._maybe_fail(); return self.base.open_input_stream(p)  # noqa: E702
-            def open_input_file(self, p): self._maybe_fail(); return self.base.open_input_file(p)  # noqa: E702
-            def open_output_stream(self, p, metadata): return self.base.open_output_stream(p)
-            def open_append_stream(self, p, metadata): return self.base.open_append_stream(p)
+            def get_type_name(self):
+                return "flaky"
+
+            def normalize_path(self, p):
+                return p
+
+            def equals(self, other):
+                return self is other
+
+            def get_file_info(self, paths):
+                return self.base.get_file_info(paths)
+
+            def get_file_info_selector(self, sel):
+                return self.base.get_file_info(sel)
+
+            def create_dir(self, p, recursive):
+                self.base.create_dir(p, recursive=recursive)
+
+            def delete_dir(self, p):
+                self.base.delete_dir(p)
+
+            def delete_dir_contents(self, p, missing_dir_ok=False):
+                self.base.delete_dir_contents(p, missing_dir_ok)
+
+            def delete_root_dir_contents(self):
+                raise OSError("no")
+
+            def delete_file(self, p):
+                self.base.delete_file(p)
+
+            def move(self, a, b):
+                self.base.move(a, b)
+
+            def copy_file(self, a, b):
+                self.base.copy_file(a, b)
+
+            def open_input_stream(self, p):
+                self._maybe_fail()
+                return self.base.open_input_stream(p)  # noqa: E702
+
+            def open_input_file(self, p):
+                self._maybe_fail()
+                return self.base.open_input_file(p)  # noqa: E702
+
+            def open_output_stream(self, p, metadata):
+                return self.base.open_output_stream(p)
+
+            def open_append_stream(self, p, metadata):
+                return self.base.open_append_stream(p)
 
         handler = Handler()
         return pafs.PyFileSystem(handler), handler
@@ -168,8 +229,11 @@ def test_read_errors_stop_planning_and_nothing_is_moved_or_deleted(tmp_path, tin
 
     write(tmp_path / "in.parquet", prompts(6))
     out = tmp_path / "out"
-    write(out / own_name(1), [{"id": f"r{i:03d}", "error_kind": None} for i in range(3)],
-          pa.schema([("id", pa.string()), ("error_kind", pa.string())]))
+    write(
+        out / own_name(1),
+        [{"id": f"r{i:03d}", "error_kind": None} for i in range(3)],
+        pa.schema([("id", pa.string()), ("error_kind", pa.string())]),
+    )
     (out / own_name(2)).write_bytes(b"PAR1 cut short")  # cut short by a crash
     (out / own_name(3)).write_bytes(b"x" * 40)  # long enough, but no PAR1 footer: cut short too
     write(out / "foreign.parquet", [{"x": 1}])
@@ -188,7 +252,7 @@ def test_read_errors_stop_planning_and_nothing_is_moved_or_deleted(tmp_path, tin
     from skipray.batch.output import quarantine
 
     quarantine(None, str(out), p.cut_short)
-    assert sorted(x.name[-len(own_name(2)):] for x in (out / QUARANTINE).iterdir()) == [own_name(2), own_name(3)]
+    assert sorted(x.name[-len(own_name(2)) :] for x in (out / QUARANTINE).iterdir()) == [own_name(2), own_name(3)]
     assert (out / "foreign.parquet").exists() and (out / own_name(1)).exists()
 
 
@@ -238,26 +302,51 @@ def test_every_row_value_is_validated_per_row(tmp_path, tiny_dir):
 
     ctx = SkipDecodeProcessor(batch.SkipDecodeProcessorConfig(model_source=str(tiny_dir))).row_context
     rows = [
-        ("ok", {"temperature": 0.5}), ("topk", {"top_k": 2**40}), ("seed", {"seed": 2**64 - 1}),
-        ("nan", {"temperature": math.nan}), ("inf", {"top_p": math.inf}), ("maxneg", {"max_tokens": -(2**62)}),
+        ("ok", {"temperature": 0.5}),
+        ("topk", {"top_k": 2**40}),
+        ("seed", {"seed": 2**64 - 1}),
+        ("nan", {"temperature": math.nan}),
+        ("inf", {"top_p": math.inf}),
+        ("maxneg", {"max_tokens": -(2**62)}),
         ("stop", {"stop": "x"}),
     ]
-    sp_type = pa.struct([("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int64()),
-                         ("seed", pa.uint64()), ("max_tokens", pa.int64()), ("stop", pa.string())])
-    table = pa.table({"id": [i for i, _ in rows], "prompt": ["Hello there"] * len(rows),
-                      "sampling_params": pa.array([sp for _, sp in rows], sp_type)})
+    sp_type = pa.struct(
+        [
+            ("temperature", pa.float64()),
+            ("top_p", pa.float64()),
+            ("top_k", pa.int64()),
+            ("seed", pa.uint64()),
+            ("max_tokens", pa.int64()),
+            ("stop", pa.string()),
+        ]
+    )
+    table = pa.table(
+        {
+            "id": [i for i, _ in rows],
+            "prompt": ["Hello there"] * len(rows),
+            "sampling_params": pa.array([sp for _, sp in rows], sp_type),
+        }
+    )
     out = {r["id"]: r["error"] for r in prepared(tmp_path / "a", [], config(tiny_dir), table=table).to_pylist()}
     assert out["ok"] is None and out["stop"] is None
     assert "top_k must be in" in out["topk"] and "seed must be in" in out["seed"]
     assert "temperature must be a finite number" in out["nan"] and "top_p must be a finite" in out["inf"]
     assert "max_tokens must be in" in out["maxneg"]
-    assert "max_tokens must be an integer" in batch.prepare_rows(
-        pa.table({"prompt": ["x"], "sampling_params": [{"max_tokens": True}]}), ctx).column("error")[0].as_py()
+    assert (
+        "max_tokens must be an integer"
+        in batch.prepare_rows(pa.table({"prompt": ["x"], "sampling_params": [{"max_tokens": True}]}), ctx)
+        .column("error")[0]
+        .as_py()
+    )
     # values of the wrong type inside skip and messages; a prompt with bytes that are not UTF-8
-    table = pa.table({"id": ["a", "b", "c", "d"],
-                      "prompt": invalid_utf8([b"good", b"bad \xff\xfe byte", b"fine", b"fine"]),
-                      "skip": [None, None, {"max_layers": "many"}, None],
-                      "note": invalid_utf8([b"n", b"n", b"n", b"\xc3"])})
+    table = pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "prompt": invalid_utf8([b"good", b"bad \xff\xfe byte", b"fine", b"fine"]),
+            "skip": [None, None, {"max_layers": "many"}, None],
+            "note": invalid_utf8([b"n", b"n", b"n", b"\xc3"]),
+        }
+    )
     out = {r["id"]: r for r in prepared(tmp_path / "b", [], config(tiny_dir), table=table).to_pylist()}
     assert out["a"]["error"] is None
     assert "column 'prompt' is not valid UTF-8" in out["b"]["error"] and out["b"]["prompt"] == "bad \ufffd\ufffd byte"
@@ -295,8 +384,7 @@ def test_engine_faults_retry_on_a_fresh_engine_then_become_engine_rows(tiny_dir)
 
     assert fault_kind(ValueError("x")) == "input" and fault_kind(RuntimeError("CUDA error")) == "engine"
     assert fault_kind(FloatingPointError("nan")) == "engine"
-    spec = ActorSpec(model=str(tiny_dir), schedule=config(tiny_dir).schedule, batch_size=2, threads=1,
-                     engine_retries=2)
+    spec = ActorSpec(model=str(tiny_dir), schedule=config(tiny_dir).schedule, batch_size=2, threads=1, engine_retries=2)
     gen = Generator(spec)
     model, real = gen.m.model, gen.m.model.embed
     calls = {"fail": 0}
@@ -341,8 +429,22 @@ def test_engine_fault_rows_exit_3_and_a_rerun_replaces_them_exactly_once(tmp_pat
 
     write(tmp_path / "in.parquet", prompts(5) + [{"id": "bad", "prompt": None, "extra": 0}])
     model = nan_model(tiny_dir, tmp_path / "model")
-    args = ("--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(model),
-            "--max-new-tokens", "4", "--batch-size", "4", "--cpus-per-actor", "0.5", "--engine-retries", "1")
+    args = (
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(model),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "4",
+        "--cpus-per-actor",
+        "0.5",
+        "--engine-retries",
+        "1",
+    )
     r = cli(*args)
     assert r.returncode == 3 and "5 rows failed from engine faults" in r.stderr and "re-run" in r.stderr, r.stderr
     t = read_out(tmp_path / "out").to_pylist()
@@ -361,11 +463,27 @@ def test_a_killed_job_reruns_to_completion_with_every_id_once(tmp_path, tiny_dir
     import signal
 
     write(tmp_path / "in.parquet", prompts(80))
-    args = [sys.executable, str(ROOT / "jobs" / "generate.py"), "--input", str(tmp_path / "in.parquet"),
-            "--output", str(tmp_path / "out"), "--model", str(tiny_dir), "--max-new-tokens", "16",
-            "--batch-size", "2", "--bucket-window", "1", "--cpus-per-actor", "0.5"]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
-                         start_new_session=True)
+    args = [
+        sys.executable,
+        str(ROOT / "jobs" / "generate.py"),
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_dir),
+        "--max-new-tokens",
+        "16",
+        "--batch-size",
+        "2",
+        "--bucket-window",
+        "1",
+        "--cpus-per-actor",
+        "0.5",
+    ]
+    p = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT, start_new_session=True
+    )
     deadline = time.time() + 180
     while time.time() < deadline and not list((tmp_path / "out").glob("skipray-*.parquet")) and p.poll() is None:
         time.sleep(0.2)

@@ -11,15 +11,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_batch import config, read_out, tiny_dir, write  # noqa: F401  (tiny_dir: fixture)
 
 from skipray import batch
 from skipray.batch.rows import row_seed, unique_renames
-from test_batch import config, read_out, tiny_dir, write  # noqa: F401  (tiny_dir: fixture)
 
 
 def proc_config(model, **kw) -> batch.SkipDecodeProcessorConfig:
-    base = dict(model=str(model), batch_size=2, bucket_window=2, num_cpus_per_actor=0.5, torch_threads=1,
-                sampling_params={"max_tokens": 4})
+    base = dict(
+        model=str(model),
+        batch_size=2,
+        bucket_window=2,
+        num_cpus_per_actor=0.5,
+        torch_threads=1,
+        sampling_params={"max_tokens": 4},
+    )
     base.update(kw)
     return batch.SkipDecodeProcessorConfig(**base)
 
@@ -82,13 +88,15 @@ def test_invalid_rows_become_error_rows(tiny_dir):
     from skipray.batch.processor import SkipDecodeProcessor
 
     ctx = SkipDecodeProcessor(proc_config(tiny_dir)).row_context
-    block = pa.Table.from_pylist([
-        {"prompt": "ok", "sampling_params": None, "skip": None, "messages": None},  # from_pylist: keys of row 0
-        {"prompt": "bad param", "sampling_params": {"logits_processors": ["x"]}},
-        {"prompt": "bad temperature", "sampling_params": {"temperature": -1.0}},
-        {"prompt": "bad skip", "skip": {"max_layers": 99}},
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "text": None}]}]},
-    ])
+    block = pa.Table.from_pylist(
+        [
+            {"prompt": "ok", "sampling_params": None, "skip": None, "messages": None},  # from_pylist: keys of row 0
+            {"prompt": "bad param", "sampling_params": {"logits_processors": ["x"]}},
+            {"prompt": "bad temperature", "sampling_params": {"temperature": -1.0}},
+            {"prompt": "bad skip", "skip": {"max_layers": 99}},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "text": None}]}]},
+        ]
+    )
     errs = batch.prepare_rows(block, ctx).column("error").to_pylist()
     assert errs[0] is None
     assert "logits_processors" in errs[1] and "temperature" in errs[2] and "skip" in errs[3]
@@ -96,14 +104,26 @@ def test_invalid_rows_become_error_rows(tiny_dir):
 
 
 def test_mixed_column_types_across_files(tmp_path, tiny_dir):
-    write(tmp_path / "a" / "1.parquet", [{"id": 1, "prompt": "p"}], pa.schema([("id", pa.int64()), ("prompt", pa.string())]))
+    write(
+        tmp_path / "a" / "1.parquet",
+        [{"id": 1, "prompt": "p"}],
+        pa.schema([("id", pa.int64()), ("prompt", pa.string())]),
+    )
     write(tmp_path / "a" / "2.parquet", [{"id": "x", "prompt": "q"}])
-    with pytest.raises(batch.InputError, match=r"column 'id' has type int64 in .*1\.parquet but string in .*2\.parquet"):
+    with pytest.raises(
+        batch.InputError, match=r"column 'id' has type int64 in .*1\.parquet but string in .*2\.parquet"
+    ):
         batch.check_input(str(tmp_path / "a"), None, "prompt", "id")
-    write(tmp_path / "b" / "1.parquet", [{"id": 1, "prompt": "p", "score": 1}],
-          pa.schema([("id", pa.int32()), ("prompt", pa.string()), ("score", pa.int32())]))
-    write(tmp_path / "b" / "2.parquet", [{"id": 2, "prompt": "q", "score": 0.5}],
-          pa.schema([("id", pa.int64()), ("prompt", pa.large_string()), ("score", pa.float64())]))
+    write(
+        tmp_path / "b" / "1.parquet",
+        [{"id": 1, "prompt": "p", "score": 1}],
+        pa.schema([("id", pa.int32()), ("prompt", pa.string()), ("score", pa.int32())]),
+    )
+    write(
+        tmp_path / "b" / "2.parquet",
+        [{"id": 2, "prompt": "q", "score": 0.5}],
+        pa.schema([("id", pa.int64()), ("prompt", pa.large_string()), ("score", pa.float64())]),
+    )
     chk = batch.check_input(str(tmp_path / "b"), None, "prompt", "id")  # widening types: read as one
     assert chk.schema.field("id").type == pa.int64() and chk.schema.field("score").type == pa.float64()
     write(tmp_path / "c" / "1.parquet", [{"id": 1.5, "prompt": "p"}])
@@ -116,10 +136,16 @@ def test_resume_plan_is_per_row_group(tmp_path):
     from skipray.batch.resume import plan_units, read_done, unbits
 
     path = tmp_path / "in.parquet"
-    pq.write_table(pa.Table.from_pylist([{"id": i, "prompt": "p"} for i in range(12)] + [{"id": None, "prompt": "p"}]),
-                   path, row_group_size=4)
-    done = write(tmp_path / "out" / "1.parquet", [{"id": i, "source_file": str(path), "source_row": i} for i in range(5)]
-                 + [{"id": None, "source_file": str(path), "source_row": 12}])
+    pq.write_table(
+        pa.Table.from_pylist([{"id": i, "prompt": "p"} for i in range(12)] + [{"id": None, "prompt": "p"}]),
+        path,
+        row_group_size=4,
+    )
+    done = write(
+        tmp_path / "out" / "1.parquet",
+        [{"id": i, "source_file": str(path), "source_row": i} for i in range(5)]
+        + [{"id": None, "source_file": str(path), "source_row": 12}],
+    )
     chk = batch.check_input(str(path), None, "prompt", "id")
     units, pending = plan_units(chk, read_done([str(done)], None), None)
     assert pending == 7 and [u["row_group"] for u in units] == [1, 2]  # group 0 done; the null id (row 12) too
@@ -184,25 +210,45 @@ def test_processor_on_a_users_dataset(ray_local, tiny_dir):
 
     processor = batch.build_processor(
         proc_config(tiny_dir),
-        preprocess=lambda row: {"prompt": f"Question {row['n']}: {row['question']}",
-                                "sampling_params": {"max_tokens": 2 if row["n"] % 2 else 3}},
-        postprocess=lambda row: {"n": row["n"], "answer": row["generated_text"], "tokens": row["num_generated_tokens"],
-                                 "error": row["error"]})
+        preprocess=lambda row: {
+            "prompt": f"Question {row['n']}: {row['question']}",
+            "sampling_params": {"max_tokens": 2 if row["n"] % 2 else 3},
+        },
+        postprocess=lambda row: {
+            "n": row["n"],
+            "answer": row["generated_text"],
+            "tokens": row["num_generated_tokens"],
+            "error": row["error"],
+        },
+    )
     rows = processor(ray.data.from_items([{"n": i, "question": "what is skip decoding?"} for i in range(6)])).take_all()
     assert sorted(r["n"] for r in rows) == list(range(6))
     assert all(r["error"] is None and isinstance(r["answer"], str) for r in rows)
     assert all(1 <= r["tokens"] <= (2 if r["n"] % 2 else 3) for r in rows)
 
     plain = batch.build_processor(proc_config(tiny_dir, apply_chat_template=True))
-    ds = ray.data.from_items([
-        {"prompt": "Hi", "error": "mine", "input_error": "also mine"},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-         "skip": {"full": True}},
-        {"prompt": ""},
-    ])
+    ds = ray.data.from_items(
+        [
+            {"prompt": "Hi", "error": "mine", "input_error": "also mine"},
+            {
+                "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                "skip": {"full": True},
+            },
+            {"prompt": ""},
+        ]
+    )
     out = {r["input_error_2"] if r["input_error_2"] else r["error"] or "chat": r for r in plain(ds).take_all()}
-    for name in ("generated_text", "generated_tokens", "num_input_tokens", "num_generated_tokens", "avg_layers",
-                 "finish_reason", "error", "input_error", "input_error_2"):
+    for name in (
+        "generated_text",
+        "generated_tokens",
+        "num_input_tokens",
+        "num_generated_tokens",
+        "avg_layers",
+        "finish_reason",
+        "error",
+        "input_error",
+        "input_error_2",
+    ):
         assert all(name in r for r in out.values()), name
     assert out["mine"]["input_error"] == "also mine" and out["mine"]["error"] is None
     assert out["chat"]["num_generated_tokens"] == len(out["chat"]["generated_tokens"]) >= 1
@@ -227,11 +273,20 @@ def test_samples_depend_on_the_row_not_its_batch_or_actors(ray_local, tiny_dir):
 
 
 def test_job_resumes_null_ids_and_clashing_columns(ray_local, tmp_path, tiny_dir):
-    schema = pa.schema([("id", pa.int32()), ("prompt", pa.string()), ("error", pa.string()), ("input_error", pa.string())])
-    write(tmp_path / "in" / "a.parquet", [{"id": i, "prompt": f"p{i}", "error": "e", "input_error": "ie"} for i in range(3)]
-          + [{"id": None, "prompt": "no id", "error": "e", "input_error": "ie"}], schema)
-    write(tmp_path / "in" / "b.parquet", [{"id": 10, "prompt": "p10"}],
-          pa.schema([("id", pa.int64()), ("prompt", pa.string())]))
+    schema = pa.schema(
+        [("id", pa.int32()), ("prompt", pa.string()), ("error", pa.string()), ("input_error", pa.string())]
+    )
+    write(
+        tmp_path / "in" / "a.parquet",
+        [{"id": i, "prompt": f"p{i}", "error": "e", "input_error": "ie"} for i in range(3)]
+        + [{"id": None, "prompt": "no id", "error": "e", "input_error": "ie"}],
+        schema,
+    )
+    write(
+        tmp_path / "in" / "b.parquet",
+        [{"id": 10, "prompt": "p10"}],
+        pa.schema([("id", pa.int64()), ("prompt", pa.string())]),
+    )
     cfg = config(tiny_dir)
     s1 = batch.run(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
     t = read_out(tmp_path / "out")
@@ -252,10 +307,22 @@ def test_vllm_sampling_params_in_batch_rows(tiny_dir):
     ctx = SkipDecodeProcessor(proc_config(tiny_dir)).row_context
     rows = [
         {"prompt": "a", "sampling_params": {"temperature": 0.3, "max_tokens": 20, "detokenize": False}},
-        {"prompt": "b", "sampling_params": {"presence_penalty": 0.5, "frequency_penalty": 0.1, "repetition_penalty": 1.2,
-                                            "min_p": 0.05, "min_tokens": 2, "stop_token_ids": [3], "bad_words": ["x"],
-                                            "logit_bias": {"5": 1.0}, "ignore_eos": True,
-                                            "include_stop_str_in_output": True, "skip_special_tokens": True}},
+        {
+            "prompt": "b",
+            "sampling_params": {
+                "presence_penalty": 0.5,
+                "frequency_penalty": 0.1,
+                "repetition_penalty": 1.2,
+                "min_p": 0.05,
+                "min_tokens": 2,
+                "stop_token_ids": [3],
+                "bad_words": ["x"],
+                "logit_bias": {"5": 1.0},
+                "ignore_eos": True,
+                "include_stop_str_in_output": True,
+                "skip_special_tokens": True,
+            },
+        },
         {"prompt": "c", "sampling_params": {"n": 2}},
         {"prompt": "d", "sampling_params": {"guided_decoding": {"json": {}}}},
     ]
@@ -263,7 +330,6 @@ def test_vllm_sampling_params_in_batch_rows(tiny_dir):
     errs = out.column("error").to_pylist()
     assert errs[:2] == [None, None] and "n > 1" in errs[2] and "guided_decoding" in errs[3]
     from skipray.batch.params import sampling_params
-
     from skipray.batch.rows import PARAMS
 
     sp = sampling_params(out.column(PARAMS).to_pylist()[1])

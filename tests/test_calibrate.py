@@ -1,12 +1,11 @@
 """`skipray calibrate`: block-influence and greedy-KL drop orders on a tiny model."""
 
 import torch
+from conftest import tiny_llama
 
-from skipray.training.calibrate import block_influence_order, greedy_kl_order, zero_shot_agreement
 from skipray.core.model import SkipModel
 from skipray.core.schedule import SkipSchedule
-
-from conftest import tiny_llama
+from skipray.training.calibrate import block_influence_order, greedy_kl_order, zero_shot_agreement
 
 SEQS = [([5, 6, 7, 8], list(range(20, 32))), ([9, 10], list(range(40, 52))), ([3, 4, 5, 6, 7, 8], list(range(60, 72)))]
 
@@ -24,8 +23,8 @@ def test_greedy_kl_first_drop_is_the_cheapest_single_layer():
     order, kls = greedy_kl_order(model, SEQS, length=8, min_layers=2, progress=False)
     assert sorted(order) == list(range(L)) and len(kls) == L - 2
     # brute force: teacher-forced agreement/KL with one layer skipped for every answer token
-    from skipray.training.calibrate import _batch
     from skipray.core.model import Segment, forward, full_plan
+    from skipray.training.calibrate import _batch
 
     tokens, real, pos, P = _batch(SEQS, 8)
     T = tokens.shape[1]

@@ -13,9 +13,9 @@ from conftest import tiny_llama, tiny_opt
 from test_scheduler import alone, run_staggered
 
 from skipray.core.engine import Engine
-from skipray.core.requests import SamplingParams
 from skipray.core.memory import layer_slots
 from skipray.core.model import SkipModel
+from skipray.core.requests import SamplingParams
 from skipray.core.schedule import SkipSchedule
 
 BAD = 95  # a prompt of only this token marks the request a test makes fail
@@ -23,8 +23,15 @@ BAD = 95  # a prompt of only this token marks the request a test makes fail
 
 def long_jobs(vocab: int, n: int, seed: int, max_prompt: int = 40):
     rng = random.Random(seed)
-    return [(rng.randint(0, 15), [rng.randrange(3, vocab - 3) for _ in range(rng.randint(2, max_prompt))],
-             SamplingParams(max_tokens=rng.randint(4, 18)), None) for _ in range(n)]
+    return [
+        (
+            rng.randint(0, 15),
+            [rng.randrange(3, vocab - 3) for _ in range(rng.randint(2, max_prompt))],
+            SamplingParams(max_tokens=rng.randint(4, 18)),
+            None,
+        )
+        for _ in range(n)
+    ]
 
 
 def spy_passes(eng: Engine) -> list[list]:
@@ -87,8 +94,9 @@ def test_decode_rows_keep_stepping_while_a_long_prompt_is_chunked():
     chunks = [s for p in passes[1:] for s in p if not is_decode(s)]
     assert [(s.start, s.tokens.shape[1]) for s in chunks] == [(7 * i, 7) for i in range(7)] + [(49, 1)]
     eng2 = Engine(model, sched, max_batch=4, max_len=128, max_num_batched_tokens=8)
-    res = run_staggered(eng2, [(0, short, SamplingParams(max_tokens=30), None),
-                               (1, long_prompt, SamplingParams(max_tokens=5), None)])
+    res = run_staggered(
+        eng2, [(0, short, SamplingParams(max_tokens=30), None), (1, long_prompt, SamplingParams(max_tokens=5), None)]
+    )
     assert res["r0"] == alone(model, short, SamplingParams(max_tokens=30), sched)
     assert res["r1"] == alone(model, long_prompt, SamplingParams(max_tokens=5), sched)
 
@@ -97,8 +105,7 @@ def test_decode_rows_keep_stepping_while_a_long_prompt_is_chunked():
 def test_token_budget_is_respected(budget, prefill_cap):
     model = SkipModel(tiny_llama(num_layers=4))
     sched = SkipSchedule(4, max_layers=4, min_layers=2, decay_tokens=4, warmup_layers=1)
-    eng = Engine(model, sched, max_batch=5, max_len=64, max_num_batched_tokens=budget,
-                           max_prefill_tokens=prefill_cap)
+    eng = Engine(model, sched, max_batch=5, max_len=64, max_num_batched_tokens=budget, max_prefill_tokens=prefill_cap)
     passes = spy_passes(eng)
     jobs = long_jobs(model.vocab_size, 12, seed=5, max_prompt=30)
     got = run_staggered(eng, jobs)
@@ -141,8 +148,10 @@ def test_a_failing_chunk_ends_only_its_request(monkeypatch):
         for ev in eng.step():
             evs[ev.request_id].append(ev)
     # the failing pass carried the decode step, bad's second chunk and mate's first; rerun alone, only bad's failed
-    assert [[(is_decode(s), -1 if is_decode(s) else s.start) for s in p] for p in failed_passes] == \
-        [[(True, -1), (False, 15), (False, 0)], [(False, 15)]]
+    assert [[(is_decode(s), -1 if is_decode(s) else s.start) for s in p] for p in failed_passes] == [
+        [(True, -1), (False, 15), (False, 0)],
+        [(False, 15)],
+    ]
     assert [(e.token_id, e.finish_reason) for e in evs["bad"]] == [(None, "error")]
     assert "chunk fault" in str(evs["bad"][0].error)
     assert len(evs["old"]) == 7 and len(evs["mate"]) == 8  # "old" made its first token before the loop
@@ -160,8 +169,13 @@ def test_a_failing_decode_step_spares_the_prompts_being_chunked(monkeypatch):
     eng.add_request(prompt, SamplingParams(max_tokens=4), request_id="chunked")
     eng.step()  # its first chunk
     real_run = eng.runner.run
-    monkeypatch.setattr(eng.runner, "run", lambda segs: (_ for _ in ()).throw(RuntimeError("decode fault"))
-                        if any(is_decode(s) for s in segs) else real_run(segs))
+    monkeypatch.setattr(
+        eng.runner,
+        "run",
+        lambda segs: (
+            (_ for _ in ()).throw(RuntimeError("decode fault")) if any(is_decode(s) for s in segs) else real_run(segs)
+        ),
+    )
     evs = eng.step()
     assert [(e.request_id, e.finish_reason) for e in evs] == [("dec", "error")]
     monkeypatch.undo()
@@ -185,8 +199,9 @@ def test_abort_while_prefilling_frees_the_row():
 def test_continuous_cache_is_sized_for_its_schedule():
     model = SkipModel(tiny_llama(num_layers=6))
     sched = SkipSchedule(6, max_layers=5, min_layers=2, decay_tokens=4, warmup_layers=1)
-    eng = Engine(model, sched, max_batch=3, max_len=64, max_prompt_len=16, cache_schedule=sched,
-                           max_num_batched_tokens=8)
+    eng = Engine(
+        model, sched, max_batch=3, max_len=64, max_prompt_len=16, cache_schedule=sched, max_num_batched_tokens=8
+    )
     lens = [min(64, n) for n in layer_slots(sched, 16, 64)]
     assert eng.cache.layer_lens == lens and max(lens) == 64 and min(lens) == 16
     full = Engine(model, sched, max_batch=3, max_len=64).cache
@@ -253,12 +268,15 @@ def test_real_model_chunked_prefill_equals_alone(smol):
 
     model, L = smol.model, smol.model.num_layers
     sched = smol.schedule or SkipSchedule(L, max_layers=L, min_layers=L // 2, decay_tokens=12, warmup_layers=2)
-    prompts = [encode_prompt(smol.tokenizer, p, chat=True) for p in
-               ("What is the capital of France?", "Name three colors.", "Write a haiku about rain.")]
+    prompts = [
+        encode_prompt(smol.tokenizer, p, chat=True)
+        for p in ("What is the capital of France?", "Name three colors.", "Write a haiku about rain.")
+    ]
     params = SamplingParams(max_tokens=12)
     jobs = [(0, prompts[0], params, None), (2, prompts[1], params, None), (3, prompts[2], params, None)]
-    eng = Engine(model, sched, max_batch=4, max_len=128, eos_token_ids=smol.eos_token_ids,
-                           max_num_batched_tokens=12)  # ~30-token chat prompts: 3-4 chunks each
+    eng = Engine(
+        model, sched, max_batch=4, max_len=128, eos_token_ids=smol.eos_token_ids, max_num_batched_tokens=12
+    )  # ~30-token chat prompts: 3-4 chunks each
     got = run_staggered(eng, jobs)
     for k, (_, prompt, p, _) in enumerate(jobs):
         assert got[f"r{k}"] == alone(model, prompt, p, sched, smol.eos_token_ids)

@@ -15,11 +15,11 @@ import importlib.util
 import json
 import re
 import shlex
-import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 import skipray.resources as res
@@ -239,7 +239,7 @@ def test_rayjob_entrypoint_names_real_files_and_flags():
     script, args = rayjob_args()
     home = docker_env()["SKIPRAY_HOME"]
     assert script.startswith(home + "/"), f"{script} is not under the image's SKIPRAY_HOME {home}"
-    rel = script[len(home) + 1:]
+    rel = script[len(home) + 1 :]
     assert rel == "jobs/generate.py"
     mod = _generate_parser()
     assert (ROOT / rel).exists()
@@ -382,7 +382,9 @@ def test_known_shapes_and_table():
     assert res.kv_cache_bytes(res.SMOLLM2_135M, 1, 1, "bf16") == 2 * 30 * 3 * 64 * 2
     table = res.sizing_table(batches=[1, 8], lengths=[1024])
     assert table.count("\n") == 1 + 3 * 2
-    assert res.max_batch(res.LLAMA2_7B, 4096, 24 * res.GIB) == 3  # A10G: 19.2 GiB usable - 12.55 GiB weights = 3 x 2 GiB
+    assert (
+        res.max_batch(res.LLAMA2_7B, 4096, 24 * res.GIB) == 3
+    )  # A10G: 19.2 GiB usable - 12.55 GiB weights = 3 x 2 GiB
     assert res.main(["--model", "smollm2-135m", "--batch", "8", "--length", "512", "--gpu-gib", "24"]) == 0
 
 

@@ -3,14 +3,13 @@ padding invariance, cache discipline, sampling determinism, stop handling and ba
 
 import pytest
 import torch
+from conftest import decode_step
 
 from skipray.core.engine import Engine
+from skipray.core.model import Segment, SkipModel, forward, training_plan
 from skipray.core.requests import SamplingParams
 from skipray.core.runner import pad_prompts
-from skipray.core.model import Segment, SkipModel, forward, training_plan
 from skipray.core.schedule import SkipSchedule
-
-from conftest import decode_step
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
 
@@ -18,8 +17,9 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
 def hf_greedy(hf, prompts, n):
     ids, real = pad_prompts(prompts)
     P = ids.shape[1]
-    out = hf.generate(ids, attention_mask=real.long(), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                      pad_token_id=0)
+    out = hf.generate(
+        ids, attention_mask=real.long(), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     return [row[P:].tolist() for row in out]
 
 
@@ -58,7 +58,14 @@ def test_cached_skip_decode_equals_training_forward(hf_model, sized):
     sched = schedule_for(model)
     n = 12
     P0 = max(map(len, PROMPTS))
-    engine = Engine(model, sched, max_batch=4, max_len=P0 + n if sized else 64, max_tokens=n if sized else None, cache_schedule=sched)
+    engine = Engine(
+        model,
+        sched,
+        max_batch=4,
+        max_len=P0 + n if sized else 64,
+        max_tokens=n if sized else None,
+        cache_schedule=sched,
+    )
     if sized:  # the skipped layers hold fewer slots than the others
         assert min(engine.cache.layer_lens) < max(engine.cache.layer_lens) == P0 + n
     gen, step_logits = decode_logits(engine, PROMPTS, sched, n)
@@ -149,8 +156,9 @@ def test_ignore_eos_generates_through_eos(llama):
     through = engine.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))
     assert [o.token_ids for o in through] == [f.token_ids for f in free]
     assert all(o.finish_reason == "length" for o in through)
-    stop_tokens_still_stop = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, ignore_eos=True,
-                                                                          stop_token_ids=(eos,)))
+    stop_tokens_still_stop = engine.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=(eos,))
+    )
     assert stop_tokens_still_stop[0].token_ids == free[0].token_ids[:3]
 
 
@@ -244,7 +252,9 @@ def test_cache_shrinks_with_the_schedule(llama):
     cache = skip.cache
     got = skip.generate(PROMPTS, SamplingParams(max_tokens=n))
     assert skip.cache is cache
-    assert [c.token_ids for c in got] == [c.token_ids for c in full.generate(PROMPTS, SamplingParams(max_tokens=n), sched)]
+    assert [c.token_ids for c in got] == [
+        c.token_ids for c in full.generate(PROMPTS, SamplingParams(max_tokens=n), sched)
+    ]
     # a full-depth call needs more: the cache grows to what it needs, and the answer is full depth's
     deep = skip.generate(PROMPTS, SamplingParams(max_tokens=n), SkipSchedule.full(L))
     assert skip.cache is not cache and skip.cache.layer_lens == [P + n] * L
@@ -258,7 +268,9 @@ def test_writing_past_a_layers_slots_raises(llama):
 
     model = SkipModel(llama)
     sched = SkipSchedule(model.num_layers, 4, 2, decay_tokens=3, warmup_layers=1)
-    engine = Engine(model, sched, max_batch=2, max_len=10, max_tokens=4, cache_schedule=sched)  # prompt budget 6: layer 1 has 6 slots
+    engine = Engine(
+        model, sched, max_batch=2, max_len=10, max_tokens=4, cache_schedule=sched
+    )  # prompt budget 6: layer 1 has 6 slots
     assert engine.cache.layer_lens[1] == 6
     logits = engine.runner.prefill([[4, 5, 6]])
     tok = logits.argmax(-1)[:, None]
@@ -284,8 +296,10 @@ def test_more_prompts_than_rows_refill_rows_and_change_no_sample(llama):
     model = SkipModel(llama)
     sched = schedule_for(model)
     prompts = [[5, 6, 7], [9, 9], [3, 4, 3, 4, 3], [50], [11, 12, 13, 14]]
-    params = [SamplingParams(max_tokens=n, temperature=0.9, seed=k) if k % 2 else SamplingParams(max_tokens=n)
-              for k, n in enumerate([3, 12, 5, 9, 2])]
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.9, seed=k) if k % 2 else SamplingParams(max_tokens=n)
+        for k, n in enumerate([3, 12, 5, 9, 2])
+    ]
     schedules = [sched, None, SkipSchedule.full(model.num_layers), sched, None]
     engine = Engine(model, sched, max_batch=2, max_len=64)
     steps = engine.steps
@@ -293,8 +307,11 @@ def test_more_prompts_than_rows_refill_rows_and_change_no_sample(llama):
     assert engine.steps - steps < sum(p.max_tokens for p in params) - 1  # rows really ran side by side
     for p, sp, s, c in zip(prompts, params, schedules, got):
         alone = Engine(model, sched, max_batch=1, max_len=64).generate([p], sp, s)[0]
-        assert (c.token_ids, c.layers_per_token, c.finish_reason) == (alone.token_ids, alone.layers_per_token,
-                                                                      alone.finish_reason)
+        assert (c.token_ids, c.layers_per_token, c.finish_reason) == (
+            alone.token_ids,
+            alone.layers_per_token,
+            alone.finish_reason,
+        )
 
 
 def test_a_failing_row_raises_or_ends_alone(llama):

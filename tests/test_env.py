@@ -40,13 +40,16 @@ def thp_mode() -> str:
     return text[text.index("[") + 1 : text.index("]")]
 
 
-@pytest.mark.skipif(thp_mode() not in ("always", "madvise") or not Path("/proc/self/smaps_rollup").exists(),
-                    reason="needs Linux transparent huge pages in 'always' or 'madvise' mode")
+@pytest.mark.skipif(
+    thp_mode() not in ("always", "madvise") or not Path("/proc/self/smaps_rollup").exists(),
+    reason="needs Linux transparent huge pages in 'always' or 'madvise' mode",
+)
 def test_apply_before_torch_puts_large_buffers_in_huge_pages():
     def huge_kib(mode: str) -> int:
         clean = {k: v for k, v in __import__("os").environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-        r = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=ROOT, env=clean,
-                           timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=ROOT, env=clean, timeout=120
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         return int(r.stdout.split()[-1])
 

@@ -50,14 +50,31 @@ def test_parse_schedule():
 
 def test_eval_report(tmp_path, tiny_model_dir):
     prompts = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["Hello there", "What is a cat?", "Count to three"],
-                             "reference": ["hi", "an animal", "one two three"]}), prompts)
+    pq.write_table(
+        pa.table(
+            {
+                "prompt": ["Hello there", "What is a cat?", "Count to three"],
+                "reference": ["hi", "an animal", "one two three"],
+            }
+        ),
+        prompts,
+    )
     questions = tmp_path / "q.parquet"
-    pq.write_table(pa.table({"question": ["Name a thing.", "Name another thing."],
-                             "answers": [[""], ["zzqqxxyy-never"]]}), questions)
-    rep = evaluate(str(tiny_model_dir), str(prompts), ["full", "5,3,4,1", "ref:t0.3", "ref:bf16"],
-                   str(tmp_path / "out"), max_new=8, batch=2, base_spec=str(tiny_model_dir),
-                   questions_path=str(questions), question_tokens=4)
+    pq.write_table(
+        pa.table({"question": ["Name a thing.", "Name another thing."], "answers": [[""], ["zzqqxxyy-never"]]}),
+        questions,
+    )
+    rep = evaluate(
+        str(tiny_model_dir),
+        str(prompts),
+        ["full", "5,3,4,1", "ref:t0.3", "ref:bf16"],
+        str(tmp_path / "out"),
+        max_new=8,
+        batch=2,
+        base_spec=str(tiny_model_dir),
+        questions_path=str(questions),
+        question_tokens=4,
+    )
     full, skip, sampled, bf16 = rep["results"]
     assert full["rouge_l_vs_full"] == pytest.approx(1.0) and full["top1_agreement"] == pytest.approx(1.0)
     assert full["rouge_l_ids_vs_full"] == pytest.approx(1.0) and full["on_policy_agreement"] == pytest.approx(1.0)
@@ -78,11 +95,26 @@ def test_eval_report(tmp_path, tiny_model_dir):
 def test_eval_in_bf16_scores_the_bf16_model_against_the_fp32_base(tmp_path, tiny_model_dir):
     prompts = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["Hello there", "What is a cat?"]}), prompts)
-    rep = evaluate(str(tiny_model_dir), str(prompts), ["full"], str(tmp_path / "out"), max_new=8, batch=2,
-                   base_spec=str(tiny_model_dir), dtype="bfloat16")
+    rep = evaluate(
+        str(tiny_model_dir),
+        str(prompts),
+        ["full"],
+        str(tmp_path / "out"),
+        max_new=8,
+        batch=2,
+        base_spec=str(tiny_model_dir),
+        dtype="bfloat16",
+    )
     (full,) = rep["results"]
-    (full32,) = evaluate(str(tiny_model_dir), str(prompts), ["full"], str(tmp_path / "out32"), max_new=8, batch=2,
-                         base_spec=str(tiny_model_dir))["results"]
+    (full32,) = evaluate(
+        str(tiny_model_dir),
+        str(prompts),
+        ["full"],
+        str(tmp_path / "out32"),
+        max_new=8,
+        batch=2,
+        base_spec=str(tiny_model_dir),
+    )["results"]
     assert rep["dtype"] == "bfloat16" and full["avg_layers"] == pytest.approx(6.0)
     # the same weights in bf16 at full depth: close to the fp32 base, but not the base itself
     assert full["perplexity_of_full_output"] == pytest.approx(full32["perplexity_of_full_output"], rel=0.05)

@@ -3,14 +3,13 @@ should and no others, and never runs stale weights or adapter state."""
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_opt, tiny_other
+from test_skip_adapter import with_random_lora
 
 from skipray.core import fastpath
 from skipray.core.cache import KVCache
 from skipray.core.model import Segment, SkipModel, forward_segments, full_plan, step_plan
 from skipray.core.runner import pad_prompts
-
-from conftest import tiny_llama, tiny_opt, tiny_other
-from test_skip_adapter import with_random_lora
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3]]
 
@@ -23,13 +22,31 @@ def passes(model: SkipModel, adapter: bool, layers=None):
     L = model.num_layers
     cache = model.new_cache(n, 32)
     seen, out = [], []
-    segs = [Segment(ids, torch.arange(P).expand(n, P), full_plan(L, slice(0, n)), real, cache_rows=slice(0, n),
-                    start=0, logits_at=slice(P - 1, P))]
+    segs = [
+        Segment(
+            ids,
+            torch.arange(P).expand(n, P),
+            full_plan(L, slice(0, n)),
+            real,
+            cache_rows=slice(0, n),
+            start=0,
+            logits_at=slice(P - 1, P),
+        )
+    ]
     for step in range(2):
         tok = torch.tensor([[7 + step]] * n)
         ones = torch.ones_like(tok, dtype=torch.bool)
-        segs.append(Segment(tok, torch.full((n, 1), P + step), step_plan(layers or range(L), L, slice(0, n)), ones,
-                            cache_rows=slice(0, n), start=P + step, adapter=ones if adapter else None))
+        segs.append(
+            Segment(
+                tok,
+                torch.full((n, 1), P + step),
+                step_plan(layers or range(L), L, slice(0, n)),
+                ones,
+                cache_rows=slice(0, n),
+                start=P + step,
+                adapter=ones if adapter else None,
+            )
+        )
     orig = fastpath.layer_kernels
 
     def spy(*a):
@@ -37,6 +54,7 @@ def passes(model: SkipModel, adapter: bool, layers=None):
         return seen[-1]
 
     import skipray.core.model as model_module
+
     model_module.layer_kernels, saved = spy, model_module.layer_kernels
     try:
         with torch.no_grad():
@@ -68,8 +86,12 @@ def test_other_families_and_grad_take_the_generic_loop(make):
     assert all((k is not None) == qwen2 for k in seen)  # Qwen2 (q/k/v bias) is Llama-family; OPT is not
     with torch.enable_grad():
         st = type("S", (), {"h": torch.zeros(1, 1, 4), "adapter": None})()
-        seg = Segment(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), full_plan(model.num_layers),
-                      torch.ones(1, 1, dtype=torch.bool))
+        seg = Segment(
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.zeros(1, 1, dtype=torch.long),
+            full_plan(model.num_layers),
+            torch.ones(1, 1, dtype=torch.bool),
+        )
         assert fastpath.layer_kernels(model, [seg], [st], KVCache(model.num_layers, 1, 1, 4, 1)) is None
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+from conftest import moto_s3
 
 from skipray.io import read_table, write_table
-
-from conftest import moto_s3
 
 
 def test_local_round_trip(tmp_path):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
+from torch import nn
+
 from skipray.core.engine import Engine, SamplingParams
 from skipray.core.kernels import PackedLinears, onednn_available
 from skipray.core.model import SkipModel
 from skipray.core.schedule import SkipSchedule
-from torch import nn
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN (the module path is used)")
 

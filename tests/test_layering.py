@@ -31,8 +31,9 @@ print(len(names))
 
 
 def test_every_module_outside_the_ray_shims_imports_without_ray():
-    r = subprocess.run([sys.executable, "-c", PROBE, ",".join(SHIMS)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, ",".join(SHIMS)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.split()[-1]) >= 30  # core, training, batch, serve and the top-level modules
 

@@ -34,7 +34,9 @@ def test_min_p_equals_hugging_face():
     x = logits(1)[0] / 0.7  # after temperature, as both apply it
     got = min_p_filter(x, 0.1)
     want = hf.MinPLogitsWarper(0.1)(torch.tensor([[0]]), x[None].clone())[0]
-    assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got[~torch.isinf(got)], x[~torch.isinf(got)])
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(
+        got[~torch.isinf(got)], x[~torch.isinf(got)]
+    )
 
 
 def test_min_tokens_equals_hugging_face():
@@ -80,8 +82,17 @@ def test_rows_without_controls_are_untouched_and_rows_are_independent():
     assert not torch.equal(got[1], x[1])
 
 
-@pytest.mark.parametrize("field,value", [("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("min_p", 1.5),
-                                         ("min_tokens", 99), ("logit_bias", {1: 101.0}), ("bad_words_ids", ((),))])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("repetition_penalty", 0.0),
+        ("presence_penalty", 2.5),
+        ("min_p", 1.5),
+        ("min_tokens", 99),
+        ("logit_bias", {1: 101.0}),
+        ("bad_words_ids", ((),)),
+    ],
+)
 def test_impossible_values_are_refused(field, value):
     with pytest.raises(ValueError, match=field.split("_ids")[0]):
         SamplingParams(max_tokens=16, **{field: value}).validate()

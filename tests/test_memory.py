@@ -4,8 +4,7 @@ the report and its command line."""
 from __future__ import annotations
 
 from skipray.core.cache import KVCache
-from skipray.core.memory import (cache_bytes_per_row, largest_batch, layer_slots, main, memory_report,
-                            preset_schedules)
+from skipray.core.memory import cache_bytes_per_row, largest_batch, layer_slots, main, memory_report, preset_schedules
 from skipray.core.schedule import SkipSchedule
 
 

@@ -64,7 +64,8 @@ WITH_RAY = textwrap.dedent(
 
         rec = Recorder.remote()
         assert ray.get(rec.run.remote()) is True
-        want = {"ray_skipray_layers_computed_total", "ray_skipray_request_latency_s_count", "ray_skipray_batch_occupancy"}
+        want = {"ray_skipray_layers_computed_total", "ray_skipray_request_latency_s_count",
+                "ray_skipray_batch_occupancy"}
         deadline, text = time.time() + 45, ""
         while time.time() < deadline:
             try:
@@ -115,17 +116,27 @@ def test_metrics_reach_prometheus_endpoint(tmp_path):
     script = tmp_path / "record.py"
     script.write_text(WITH_RAY)
     out = subprocess.run(
-        [sys.executable, str(script), str(_free_port())], capture_output=True, text=True, timeout=120,
-        env=env, cwd=tmp_path,
+        [sys.executable, str(script), str(_free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     assert line, out.stdout[-3000:] + out.stderr[-3000:]
-    samples = json.loads(line[-1][len("RESULT "):])
+    samples = json.loads(line[-1][len("RESULT ") :])
     a = {k.split("/", 1)[1]: v for k, v in samples.items() if k.startswith("testactor/")}
     b = {k.split("/", 1)[1]: v for k, v in samples.items() if k.startswith("testbatch/")}
-    for name in ("skipray_requests", "skipray_prompt_tokens", "skipray_generated_tokens",
-                 "skipray_layers_computed", "skipray_layers_skipped", "skipray_decode_steps"):
+    for name in (
+        "skipray_requests",
+        "skipray_prompt_tokens",
+        "skipray_generated_tokens",
+        "skipray_layers_computed",
+        "skipray_layers_skipped",
+        "skipray_decode_steps",
+    ):
         assert f"ray_{name}_total" in a, (name, sorted(samples))
     assert a["ray_skipray_layers_computed_total"] == 70
     assert a["ray_skipray_layers_skipped_total"] == 80

@@ -7,14 +7,13 @@ import time
 
 import pytest
 import torch
+from conftest import decode_step
 
 from skipray.core.engine import Engine, SamplingParams
-from skipray.core.runner import pad_prompts
 from skipray.core.model import Segment, forward, training_plan
+from skipray.core.runner import pad_prompts
 from skipray.core.schedule import SkipSchedule
 from skipray.text import decode, encode_prompt
-
-from conftest import decode_step
 
 pytestmark = pytest.mark.real_model
 QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbow."]
@@ -30,8 +29,14 @@ def test_full_depth_equals_hf_generate_batched_and_single(smol):
     engine = Engine(smol.model, max_batch=2, max_len=128)
     ours = engine.generate(prompts, SamplingParams(max_tokens=20))
     ids, am, P = left_pad(prompts, smol.tokenizer.pad_token_id)
-    ref = smol.model.hf.generate(ids, attention_mask=am, max_new_tokens=20, do_sample=False,
-                                 eos_token_id=None, pad_token_id=smol.tokenizer.pad_token_id)
+    ref = smol.model.hf.generate(
+        ids,
+        attention_mask=am,
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=smol.tokenizer.pad_token_id,
+    )
     for b, c in enumerate(ours):
         n = len(c.token_ids)  # ours stops at EOS; HF was told not to
         assert c.token_ids == ref[b, P : P + n].tolist()
@@ -80,16 +85,31 @@ def run_cli(*args, timeout=180):
 
 
 def test_cli_generate_json_and_untrained_skip_warning():
-    r = run_cli("generate", "--model", "smollm2-base", "--prompt", QUESTIONS[0], "--chat", "--json",
-                "--max-new-tokens", "12")
+    r = run_cli(
+        "generate", "--model", "smollm2-base", "--prompt", QUESTIONS[0], "--chat", "--json", "--max-new-tokens", "12"
+    )
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout.strip().splitlines()[0])
     assert {"text", "token_ids", "layers_per_token", "finish_reason"} <= obj.keys()
     assert obj["layers_per_token"] == [30] * len(obj["token_ids"]) and "Paris" in obj["text"]
     assert "not trained for skipping" not in r.stderr
 
-    r = run_cli("generate", "--model", "smollm2-base", "--prompt", "Hi", "--json", "--max-new-tokens", "6",
-                "--max-layers", "20", "--min-layers", "10", "--decay-tokens", "4")
+    r = run_cli(
+        "generate",
+        "--model",
+        "smollm2-base",
+        "--prompt",
+        "Hi",
+        "--json",
+        "--max-new-tokens",
+        "6",
+        "--max-layers",
+        "20",
+        "--min-layers",
+        "10",
+        "--decay-tokens",
+        "4",
+    )
     assert r.returncode == 0, r.stderr
     assert "not trained for skipping" in r.stderr
     obj = json.loads(r.stdout.strip().splitlines()[0])
@@ -121,7 +141,8 @@ def test_default_model_is_the_shipped_skip_trained_adapter():
     assert m.schedule is not None and not m.schedule.is_full and m.schedule.num_layers == 30
     ids = encode_prompt(m.tokenizer, QUESTIONS[0], chat=True)
     out = Engine(m.model, m.schedule, max_batch=1, max_len=128, eos_token_ids=m.eos_token_ids).generate(
-        [ids], SamplingParams(max_tokens=24))[0]
+        [ids], SamplingParams(max_tokens=24)
+    )[0]
     assert out.layers_per_token == m.schedule.layers_per_token(len(out.token_ids))
     assert decode(m.tokenizer, out.token_ids).strip()  # it says something; quality is measured by `skipray eval`
     fast = load("default-2x", device="cpu")  # the ~2x adapter: a deeper-skipping schedule, same drop order
@@ -130,16 +151,17 @@ def test_default_model_is_the_shipped_skip_trained_adapter():
 
 def test_default_model_at_full_depth_is_the_base_model_exactly(smol):
     """The skip adapter never touches full depth: `--full` on the default gives HF greedy of the base."""
-    from skipray.loading import load
     from skipray.core.schedule import SkipSchedule
+    from skipray.loading import load
 
     m = load("default", device="cpu")
     prompts = [encode_prompt(m.tokenizer, q, chat=True) for q in QUESTIONS[:2]]
     engine = Engine(m.model, SkipSchedule.full(30), max_batch=2, max_len=160, eos_token_ids=())
     got = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=24))]
     for p, g in zip(prompts, got):
-        want = smol.model.hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                      pad_token_id=0)[0, len(p):].tolist()
+        want = smol.model.hf.generate(
+            torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(p) :].tolist()
         assert g == want
 
 
@@ -156,6 +178,7 @@ def test_shipped_default_is_the_base_model_until_its_first_skipping_step(smol):
     engine = Engine(m.model, m.schedule, max_batch=2, max_len=160, eos_token_ids=())
     got = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=k + 4))]
     for p, g in zip(prompts, got):
-        want = smol.model.hf.generate(torch.tensor([p]), max_new_tokens=k + 4, do_sample=False, eos_token_id=None,
-                                      pad_token_id=0)[0, len(p):].tolist()
+        want = smol.model.hf.generate(
+            torch.tensor([p]), max_new_tokens=k + 4, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(p) :].tolist()
         assert g[: k + 1] == want[: k + 1]

@@ -37,8 +37,12 @@ def test_sample_rows_batches_rows_with_their_own_params_and_isolates_faults():
 
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
     logits[2, 7] = float("inf")  # row 2's model fault
-    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=5, logprobs=3), SamplingParams(),
-              SamplingParams(temperature=0.8, top_k=5, seed=6)]
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.8, seed=5, logprobs=3),
+        SamplingParams(),
+        SamplingParams(temperature=0.8, top_k=5, seed=6),
+    ]
     gens = [None, torch.Generator().manual_seed(5), None, torch.Generator().manual_seed(6)]
     picked, lps = sample_rows(logits, params, gens)
     assert picked[0] == int(logits[0].argmax())  # greedy rows: one batched argmax

@@ -115,9 +115,7 @@ def test_drop_order_roundtrip_and_unknown_keys_refused():
         SkipSchedule.from_dict({**d, "drop_ordr": [1]})
 
 
-@pytest.mark.parametrize(
-    "order, match", [([1, 1, 2], "distinct"), ([30], r"\[0, 30\)"), ([1, 2, 3], "drops 24")]
-)
+@pytest.mark.parametrize("order, match", [([1, 1, 2], "distinct"), ([30], r"\[0, 30\)"), ([1, 2, 3], "drops 24")])
 def test_bad_drop_order(order, match):
     with pytest.raises(ValueError, match=match):
         SkipSchedule(30, 16, 6, 64, drop_order=order)

@@ -6,9 +6,10 @@ import random
 
 import pytest
 from conftest import tiny_llama, tiny_opt
+
 from skipray.core.engine import Engine
-from skipray.core.requests import QueueFull, SamplingParams
 from skipray.core.model import SkipModel
+from skipray.core.requests import QueueFull, SamplingParams
 from skipray.core.schedule import SkipSchedule
 
 
@@ -42,7 +43,7 @@ def alone(model: SkipModel, prompt, params, schedule, eos=()):
 def make_jobs(vocab: int, n: int, seed: int = 0, max_new=(4, 20)):
     rng = random.Random(seed)
     jobs = []
-    for k in range(n):
+    for _ in range(n):
         prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 12))]
         jobs.append((rng.randint(0, 15), prompt, SamplingParams(max_tokens=rng.randint(*max_new)), None))
     return jobs
@@ -89,8 +90,9 @@ def test_rows_at_different_steps_run_different_layers():
     assert by[b] == [8, sched.num_active(0)]  # b's prefill token, then its step 0
     # per-token layers recorded by the engine match the schedule for each request
     eng2 = Engine(model, sched, max_batch=4, max_len=64)
-    got = run_staggered(eng2, [(0, [5, 6, 7], SamplingParams(max_tokens=12), None),
-                               (4, [8, 9], SamplingParams(max_tokens=12), None)])
+    got = run_staggered(
+        eng2, [(0, [5, 6, 7], SamplingParams(max_tokens=12), None), (4, [8, 9], SamplingParams(max_tokens=12), None)]
+    )
     for rid in ("r0", "r1"):
         assert got[rid][1] == sched.layers_per_token(12)
 
@@ -101,7 +103,9 @@ def test_simultaneous_arrivals_share_one_prefill(monkeypatch):
     eng = Engine(model, sched, max_batch=8, max_len=64, eos_token_ids=(2,))
     passes = []
     real_prefill = eng.runner.prefill
-    monkeypatch.setattr(eng.runner, "prefill", lambda prompts, row: passes.append(len(prompts)) or real_prefill(prompts, row))
+    monkeypatch.setattr(
+        eng.runner, "prefill", lambda prompts, row: passes.append(len(prompts)) or real_prefill(prompts, row)
+    )
     jobs = [(0, [3 + k] * (2 + 3 * k), SamplingParams(max_tokens=6 + k), None) for k in range(5)]
     jobs.append((3, [9, 8, 7], SamplingParams(max_tokens=5), None))  # joins rows already decoding
     got = run_staggered(eng, jobs)
@@ -115,8 +119,11 @@ def test_prefill_token_budget_splits_admission(monkeypatch):
     eng = Engine(model, max_batch=8, max_len=64, max_prefill_tokens=20)
     passes = []
     real_prefill = eng.runner.prefill
-    monkeypatch.setattr(eng.runner, "prefill", lambda prompts, row: passes.append([len(p) for p in prompts])
-                        or real_prefill(prompts, row))
+    monkeypatch.setattr(
+        eng.runner,
+        "prefill",
+        lambda prompts, row: passes.append([len(p) for p in prompts]) or real_prefill(prompts, row),
+    )
     jobs = [(0, [4 + k] * n, SamplingParams(max_tokens=3), None) for k, n in enumerate([4, 6, 30, 5, 5])]
     got = run_staggered(eng, jobs)
     # 2 x 6 padded tokens fit 20, a third would not; the 30-token prompt goes alone (never starved)
@@ -130,8 +137,10 @@ def test_prefill_token_budget_splits_admission(monkeypatch):
 def test_seeded_sampling_equals_alone():
     model = SkipModel(tiny_llama())
     sched = SkipSchedule(6, max_layers=6, min_layers=3, decay_tokens=8)
-    jobs = [(k * 2, [4 + k, 9, 11], SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=k), None)
-            for k in range(4)]
+    jobs = [
+        (k * 2, [4 + k, 9, 11], SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=k), None)
+        for k in range(4)
+    ]
     got = run_staggered(Engine(model, sched, max_batch=3, max_len=64), jobs)
     for k, (_, prompt, params, _) in enumerate(jobs):
         assert got[f"r{k}"] == alone(model, prompt, params, sched)
@@ -167,8 +176,10 @@ def test_real_model_staggered_equals_alone(smol):
     model = smol.model
     L = model.num_layers
     sched = smol.schedule or SkipSchedule(L, max_layers=L, min_layers=L // 2, decay_tokens=12, warmup_layers=2)
-    prompts = [encode_prompt(smol.tokenizer, p, chat=True) for p in
-               ("What is the capital of France?", "Name three colors.", "Write a haiku about rain.")]
+    prompts = [
+        encode_prompt(smol.tokenizer, p, chat=True)
+        for p in ("What is the capital of France?", "Name three colors.", "Write a haiku about rain.")
+    ]
     params = SamplingParams(max_tokens=16)
     jobs = [(0, prompts[0], params, None), (3, prompts[1], params, None), (7, prompts[2], params, None)]
     eng = Engine(model, sched, max_batch=4, max_len=128, eos_token_ids=smol.eos_token_ids)
@@ -286,15 +297,23 @@ def test_offline_requests_fill_only_rows_online_leaves_free():
     offline = [eng.add_request([5, 6, 7], long, offline=True) for _ in range(6)]  # beyond max_waiting: no QueueFull
     assert eng.num_waiting == 0 and len(eng.scheduler.offline_waiting) == 6
     eng.step()
-    assert len(eng.scheduler.live) == 3 and all(r.offline for r in eng.scheduler.live)  # one row stays free for online requests
+    assert len(eng.scheduler.live) == 3 and all(
+        r.offline for r in eng.scheduler.live
+    )  # one row stays free for online requests
     online = eng.add_request([8, 9], SamplingParams(max_tokens=30))
     with pytest.raises(QueueFull):  # the online bound is untouched by the offline queue
         eng.add_request([8, 9], SamplingParams(max_tokens=2))
     eng.step()
-    assert online in {r.request_id for r in eng.scheduler.live} and len(eng.scheduler.live) == 4  # joined at the next iteration
+    assert (
+        online in {r.request_id for r in eng.scheduler.live} and len(eng.scheduler.live) == 4
+    )  # joined at the next iteration
     eng.abort(offline[0])
     eng.step()  # a row freed by an offline request: no online request waits, so offline fills it
-    assert len(eng.scheduler.live) == 4 and sum(r.offline for r in eng.scheduler.live) == 3 and len(eng.scheduler.offline_waiting) == 2
+    assert (
+        len(eng.scheduler.live) == 4
+        and sum(r.offline for r in eng.scheduler.live) == 3
+        and len(eng.scheduler.offline_waiting) == 2
+    )
     # while an online request waits, a freed row goes to it, never to an offline one
     eng.add_request([8, 9, 10], SamplingParams(max_tokens=30))
     eng.abort(offline[1])

@@ -21,8 +21,15 @@ import pytest
 pytestmark = pytest.mark.ray
 
 SKIP = {"max_layers": 4, "min_layers": 2, "decay_tokens": 8, "warmup_layers": 1}
-TINY_ARGS = {"model_name": "tiny", "schedule": SKIP, "max_batch": 16, "max_len": 256, "max_waiting": 16,
-             "max_tokens_limit": 200, "default_max_tokens": 32}
+TINY_ARGS = {
+    "model_name": "tiny",
+    "schedule": SKIP,
+    "max_batch": 16,
+    "max_len": 256,
+    "max_waiting": 16,
+    "max_tokens_limit": 200,
+    "default_max_tokens": 32,
+}
 SMALL = {"ray_actor_options": {"num_cpus": 0.25}}
 
 
@@ -41,9 +48,19 @@ def make_tiny_dir(path):
 
     src = convert_gguf(default_gguf())
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     for f in src.iterdir():
         if f.name not in ("config.json", "generation_config.json") and not f.name.endswith(".safetensors"):
@@ -74,15 +91,16 @@ def client(base: str, prefix: str = "/tiny", **kw):
 def local_engine_text(tiny, prompt: str, max_tokens: int) -> str:
     """The same request through the direct (static-batch) Engine, for comparison."""
     from skipray.core.engine import Engine, SamplingParams
-    from skipray.loading import load
     from skipray.core.schedule import SkipSchedule
+    from skipray.loading import load
     from skipray.text import decode, encode_prompt
 
     m = load(str(tiny), device="cpu")
     sched = SkipSchedule(m.model.num_layers, **SKIP)
     ids = encode_prompt(m.tokenizer, prompt)
     out = Engine(m.model, sched, max_batch=1, max_len=256, eos_token_ids=m.eos_token_ids).generate(
-        [ids], SamplingParams(max_tokens=max_tokens))[0]
+        [ids], SamplingParams(max_tokens=max_tokens)
+    )[0]
     return decode(m.tokenizer, out.token_ids)
 
 
@@ -129,19 +147,31 @@ def test_chat_plain_and_stream(server):
 def test_raw_sse_ends_with_done_and_skip_extension(server):
     import requests
 
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "stream": True, "temperature": 0,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "tiny",
+        "prompt": "hello",
+        "max_tokens": 5,
+        "stream": True,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
     with requests.post(f"{server['base']}/tiny/v1/completions", json=body, timeout=60, stream=True) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines(decode_unicode=True) if ln]
     assert lines[-1] == "data: [DONE]"
-    last = json.loads(lines[-2][len("data: "):])
+    last = json.loads(lines[-2][len("data: ") :])
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
-    full = requests.post(f"{server['base']}/tiny/v1/completions", timeout=60,
-                      json={"model": "tiny", "prompt": "hello", "max_tokens": 5, "skip": {"full": True}}).json()
+    full = requests.post(
+        f"{server['base']}/tiny/v1/completions",
+        timeout=60,
+        json={"model": "tiny", "prompt": "hello", "max_tokens": 5, "skip": {"full": True}},
+    ).json()
     assert full["usage"]["avg_layers"] == 4
-    custom = requests.post(f"{server['base']}/tiny/v1/completions", timeout=60, json={
-        "model": "tiny", "prompt": "hello", "max_tokens": 5, "skip": {"max_layers": 3, "min_layers": 3}}).json()
+    custom = requests.post(
+        f"{server['base']}/tiny/v1/completions",
+        timeout=60,
+        json={"model": "tiny", "prompt": "hello", "max_tokens": 5, "skip": {"max_layers": 3, "min_layers": 3}},
+    ).json()
     assert custom["usage"]["avg_layers"] == pytest.approx((4 + 3 * 4) / 5)
 
 
@@ -176,13 +206,17 @@ def test_malformed_json_chat_and_unknown_route(server):
     import requests
 
     base = server["base"]
-    r = requests.post(f"{base}/tiny/v1/chat/completions", data=b"{not json", timeout=30,
-                   headers={"content-type": "application/json"})
+    r = requests.post(
+        f"{base}/tiny/v1/chat/completions", data=b"{not json", timeout=30, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = requests.post(f"{base}/tiny/v1/chat/completions", json={"model": "tiny", "messages": []}, timeout=30)
     assert r.status_code == 400 and "error" in r.json()
-    r = requests.post(f"{base}/tiny/v1/chat/completions", timeout=30,
-                   json={"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]})
+    r = requests.post(
+        f"{base}/tiny/v1/chat/completions",
+        timeout=30,
+        json={"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
+    )
     assert r.status_code == 400
     r = requests.get(f"{base}/tiny/v1/nothing", timeout=30)
     assert r.status_code == 404 and "error" in r.json()
@@ -209,8 +243,12 @@ def test_tiny_temperature_is_greedy_and_spares_its_batch_mate(server):
     prompt, out = "The quick brown fox", {}
 
     def long_stream():
-        with post(server, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 150,
-                                              "temperature": 0, "stream": True}, stream=True) as r:
+        with post(
+            server,
+            "/v1/completions",
+            {"model": "tiny", "prompt": prompt, "max_tokens": 150, "temperature": 0, "stream": True},
+            stream=True,
+        ) as r:
             out["status"] = r.status_code
             out["lines"] = []
             for ln in r.iter_lines(decode_unicode=True):
@@ -222,11 +260,15 @@ def test_tiny_temperature_is_greedy_and_spares_its_batch_mate(server):
     deadline = time.time() + 60
     while not out.get("lines") and t.is_alive() and time.time() < deadline:
         time.sleep(0.005)
-    tiny = post(server, "/v1/completions", {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8,
-                                             "temperature": 1e-45})
+    tiny = post(
+        server,
+        "/v1/completions",
+        {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1e-45},
+    )
     t.join()
-    greedy = post(server, "/v1/completions", {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8,
-                                              "temperature": 0})
+    greedy = post(
+        server, "/v1/completions", {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    )
     assert tiny.status_code == 200, tiny.text
     assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
     assert out["status"] == 200 and out["lines"][-1] == "data: [DONE]"
@@ -238,8 +280,11 @@ def test_max_completion_tokens_bounds_the_reply_and_wins(server):
     msgs = [{"role": "user", "content": "Count from 1 to 100."}]
     r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_completion_tokens": 4}).json()
     assert r["usage"]["completion_tokens"] == 4 and r["choices"][0]["finish_reason"] == "length"
-    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_tokens": 10,
-                                               "max_completion_tokens": 4}).json()
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": msgs, "max_tokens": 10, "max_completion_tokens": 4},
+    ).json()
     assert r["usage"]["completion_tokens"] == 4
     r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_completion_tokens": 201})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
@@ -247,8 +292,11 @@ def test_max_completion_tokens_bounds_the_reply_and_wins(server):
 
 def test_content_parts_equal_the_plain_string(server):
     def chat(content):
-        return post(server, "/v1/chat/completions", {"model": "tiny", "max_tokens": 8, "temperature": 0,
-                                                      "messages": [{"role": "user", "content": content}]})
+        return post(
+            server,
+            "/v1/chat/completions",
+            {"model": "tiny", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": content}]},
+        )
 
     plain, parts = chat("Hi").json(), chat([{"type": "text", "text": "Hi"}]).json()
     assert parts["choices"][0]["message"] == plain["choices"][0]["message"]
@@ -260,10 +308,34 @@ def test_content_parts_equal_the_plain_string(server):
     assert img.json()["error"]["param"] == "messages[0].content[1]"
 
 
-NULLS = {k: None for k in (
-    "temperature", "top_p", "n", "stream", "stop", "seed", "max_tokens", "max_completion_tokens", "user",
-    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "stream_options",
-    "response_format", "tools", "tool_choice", "skip", "top_k", "metadata", "store", "service_tier")}
+NULLS = {
+    k: None
+    for k in (
+        "temperature",
+        "top_p",
+        "n",
+        "stream",
+        "stop",
+        "seed",
+        "max_tokens",
+        "max_completion_tokens",
+        "user",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "stream_options",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "skip",
+        "top_k",
+        "metadata",
+        "store",
+        "service_tier",
+    )
+}
 
 
 def test_null_means_default(server):
@@ -274,29 +346,68 @@ def test_null_means_default(server):
     plain = post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "temperature": 0}).json()
     assert nulls["choices"] == plain["choices"] and nulls["usage"] == plain["usage"]
     assert plain["usage"]["completion_tokens"] == TINY_ARGS["default_max_tokens"]
-    done = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3, "echo": None,
-                                             "suffix": None, "best_of": None, "stop": None, "temperature": None})
+    done = post(
+        server,
+        "/v1/completions",
+        {
+            "model": "tiny",
+            "prompt": "x",
+            "max_tokens": 3,
+            "echo": None,
+            "suffix": None,
+            "best_of": None,
+            "stop": None,
+            "temperature": None,
+        },
+    )
     assert done.status_code == 200, done.text
 
 
-@pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("response_format", {"type": "json_object"}),
-    ("n", 2), ("frequency_penalty", 2.5), ("presence_penalty", -3), ("logit_bias", {"100": 500}),
-    ("logit_bias", {"token": 1}), ("tool_choice", "required"), ("reasoning_effort", "low"), ("min_tokens", -1),
-    ("guided_json", {}), ("min_p", 1.5),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("response_format", {"type": "json_object"}),
+        ("n", 2),
+        ("frequency_penalty", 2.5),
+        ("presence_penalty", -3),
+        ("logit_bias", {"100": 500}),
+        ("logit_bias", {"token": 1}),
+        ("tool_choice", "required"),
+        ("reasoning_effort", "low"),
+        ("min_tokens", -1),
+        ("guided_json", {}),
+        ("min_p", 1.5),
+    ],
+)
 def test_fields_that_would_change_the_answer_get_a_400_naming_them(server, field, value):
-    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
-                                               "max_tokens": 3, field: value})
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, field: value},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 def test_fields_that_change_nothing_are_accepted(server):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
-            "user": "u1", "store": False, "metadata": {"k": "v"}, "frequency_penalty": 0, "presence_penalty": 0.0,
-            "n": 1, "tools": [], "logit_bias": {}, "response_format": {"type": "text"}, "parallel_tool_calls": True,
-            "service_tier": "auto", "stream_options": {"include_usage": True}}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 3,
+        "temperature": 0,
+        "user": "u1",
+        "store": False,
+        "metadata": {"k": "v"},
+        "frequency_penalty": 0,
+        "presence_penalty": 0.0,
+        "n": 1,
+        "tools": [],
+        "logit_bias": {},
+        "response_format": {"type": "text"},
+        "parallel_tool_calls": True,
+        "service_tier": "auto",
+        "stream_options": {"include_usage": True},
+    }
     r = post(server, "/v1/chat/completions", body)
     assert r.status_code == 200, r.text
     for bad in ({"suffix": " end"}, {"best_of": 2}, {"echo": True, "logprobs": 1}):
@@ -305,27 +416,44 @@ def test_fields_that_change_nothing_are_accepted(server):
 
 
 def test_logprobs_and_echo(server):
-    chat = post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
-                                                  "max_tokens": 4, "temperature": 0, "logprobs": True,
-                                                  "top_logprobs": 3}).json()
+    chat = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 3,
+        },
+    ).json()
     content = chat["choices"][0]["logprobs"]["content"]
     assert len(content) == 4 and all(len(x["top_logprobs"]) == 3 for x in content)
     assert all(x["logprob"] == pytest.approx(x["top_logprobs"][0]["logprob"]) for x in content)  # greedy
     assert "".join(x["token"] for x in content) == chat["choices"][0]["message"]["content"]
-    comp = post(server, "/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 4, "temperature": 0,
-                                             "logprobs": 2}).json()["choices"][0]
+    comp = post(
+        server, "/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 4, "temperature": 0, "logprobs": 2}
+    ).json()["choices"][0]
     lp = comp["logprobs"]
     assert len(lp["tokens"]) == 4 and len(lp["token_logprobs"]) == 4 and lp["text_offset"][0] == 0
     assert all(len(t) == 2 for t in lp["top_logprobs"]) and "".join(lp["tokens"]) == comp["text"]
-    echo = post(server, "/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 4, "temperature": 0,
-                                             "echo": True}).json()["choices"][0]
+    echo = post(
+        server, "/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 4, "temperature": 0, "echo": True}
+    ).json()["choices"][0]
     assert echo["text"] == "Once" + comp["text"] and echo["logprobs"] is None
 
 
 def test_stream_usage_only_with_include_usage(server):
     def sse(extra):
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True,
-                "temperature": 0, **extra}
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 5,
+            "stream": True,
+            "temperature": 0,
+            **extra,
+        }
         with post(server, "/v1/chat/completions", body, stream=True) as r:
             return [json.loads(ln[6:]) for ln in r.iter_lines(decode_unicode=True) if ln and ln != "data: [DONE]"]
 
@@ -390,13 +518,20 @@ def test_real_model_chat_and_disconnect_frees_row(server):
     from skipray.serve.app import build_app
 
     opts = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 8}
-    serve.run(build_app({"model": "smollm2-base", "model_name": "smol", "max_len": 512, "max_batch": 4}, opts),
-              name="real", route_prefix="/real")
+    serve.run(
+        build_app({"model": "smollm2-base", "model_name": "smol", "max_len": 512, "max_batch": 4}, opts),
+        name="real",
+        route_prefix="/real",
+    )
     base = f"{server['base']}/real"
     try:
         c = client(server["base"], "/real")
-        r = c.chat.completions.create(model="smol", temperature=0, max_tokens=12,
-                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
+        r = c.chat.completions.create(
+            model="smol",
+            temperature=0,
+            max_tokens=12,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
         assert "Paris" in r.choices[0].message.content
         assert r.usage.model_extra["avg_layers"] == 30  # smollm2 without a trained schedule: full depth
         steps0 = requests.get(f"{base}/health").json()["steps"]
@@ -436,9 +571,20 @@ def test_autoscale_up_and_down(server):
 
     from skipray.serve.app import build_app
 
-    opts = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 16, "autoscaling_config": {
-        "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 2,
-        "upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2, "metrics_interval_s": 0.5}}
+    opts = {
+        "ray_actor_options": {"num_cpus": 0.25},
+        "max_ongoing_requests": 16,
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "initial_replicas": 1,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 2,
+            "look_back_period_s": 2,
+            "metrics_interval_s": 0.5,
+        },
+    }
     serve.run(build_app(dict(TINY_ARGS, model=str(server["tiny"])), opts), name="auto", route_prefix="/auto")
     stop = threading.Event()
     errors = []
@@ -446,10 +592,14 @@ def test_autoscale_up_and_down(server):
     def hammer():
         with requests.Session() as h:
             while not stop.is_set():
-                r = h.post(f"{server['base']}/auto/v1/completions",
-                           json={"model": "tiny", "prompt": "go", "max_tokens": 150}, timeout=60)
+                r = h.post(
+                    f"{server['base']}/auto/v1/completions",
+                    json={"model": "tiny", "prompt": "go", "max_tokens": 150},
+                    timeout=60,
+                )
                 if r.status_code != 200:
                     errors.append(r.status_code)
+
     try:
         assert replicas("auto") == 1
         threads = [threading.Thread(target=hammer) for _ in range(8)]
@@ -487,9 +637,15 @@ def test_load_16_clients_60s(server):
             t0 = time.perf_counter()
             first, n = None, 0
             try:
-                for ch in c.completions.create(model="tiny", prompt=f"client {k} says", max_tokens=64,
-                                               temperature=0.7, seed=k, stream=True,
-                                               stream_options={"include_usage": True}):
+                for ch in c.completions.create(
+                    model="tiny",
+                    prompt=f"client {k} says",
+                    max_tokens=64,
+                    temperature=0.7,
+                    seed=k,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                ):
                     if first is None:
                         first = time.perf_counter() - t0
                     if ch.usage is not None:
@@ -510,9 +666,11 @@ def test_load_16_clients_60s(server):
     assert not errors, errors[:3]
     q = statistics.quantiles(lat, n=100)
     tq = statistics.quantiles(ttft, n=100)
-    print(f"\n[load] 16 clients x {wall:.0f}s: {len(lat)} requests, {sum(toks)} tokens, "
-          f"{sum(toks) / wall:.1f} tok/s, latency p50 {q[49]:.3f}s p99 {q[98]:.3f}s, "
-          f"TTFT p50 {tq[49]:.3f}s p99 {tq[98]:.3f}s")
+    print(
+        f"\n[load] 16 clients x {wall:.0f}s: {len(lat)} requests, {sum(toks)} tokens, "
+        f"{sum(toks) / wall:.1f} tok/s, latency p50 {q[49]:.3f}s p99 {q[98]:.3f}s, "
+        f"TTFT p50 {tq[49]:.3f}s p99 {tq[98]:.3f}s"
+    )
     assert len(lat) >= 16 and sum(toks) > 0
 
 
@@ -529,8 +687,11 @@ def test_sick_replica_is_replaced_and_later_requests_succeed(server, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(server["tiny"], model)
     good = load_file(str(model / "model.safetensors"))
-    save_file({k: torch.full_like(v, float("nan")) if "embed_tokens" in k else v for k, v in good.items()},
-              str(model / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: torch.full_like(v, float("nan")) if "embed_tokens" in k else v for k, v in good.items()},
+        str(model / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     args = dict(TINY_ARGS, model=str(model), health_max_failed_steps=2)
     opts = {"ray_actor_options": {"num_cpus": 0.25}, "health_check_period_s": 1, "health_check_timeout_s": 10}
     serve.run(build_app(args, opts), name="sick", route_prefix="/sick")
@@ -553,4 +714,3 @@ def test_sick_replica_is_replaced_and_later_requests_succeed(server, tmp_path):
         assert sick.status_code in (503, 404, 500) and ok is not None and ok.status_code == 200, (sick.text, ok)
     finally:
         serve.delete("sick")
-

@@ -14,27 +14,33 @@ import threading
 import time
 
 import pytest
-
 from test_serve import SKIP, free_port, make_tiny_dir
 
 pytestmark = pytest.mark.ray
 
 APP = "shared"
-ARGS = {"model_name": "tiny", "schedule": SKIP, "max_batch": 16, "max_len": 256, "max_waiting": 16,
-        "max_tokens_limit": 200, "default_max_tokens": 32, "max_offline_rows": 4}
+ARGS = {
+    "model_name": "tiny",
+    "schedule": SKIP,
+    "max_batch": 16,
+    "max_len": 256,
+    "max_waiting": 16,
+    "max_tokens_limit": 200,
+    "default_max_tokens": 32,
+    "max_offline_rows": 4,
+}
 MIN_CORES = 8  # the latency test measures priority, not a CPU fight: see its skip reason
 OPTIONS = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 48, "max_queued_requests": 64}
 
 
 @pytest.fixture(scope="module")
 def app(ray_local, tmp_path_factory):
-    from ray import serve
-
-    from skipray.serve.app import build_app
-
     import sys
 
     import ray.cloudpickle
+    from ray import serve
+
+    from skipray.serve.app import build_app
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # completion_row runs in Ray Data's tasks
     tiny = make_tiny_dir(tmp_path_factory.mktemp("tiny"))
@@ -51,27 +57,49 @@ def processor(batch_size: int = 4, **kw):
     from skipray.serve.protocol import ChatRequest, CompletionRequest
 
     config = ServeDeploymentProcessorConfig(
-        deployment_name="SkipServer", app_name=APP, batch_size=batch_size, concurrency=1,
+        deployment_name="SkipServer",
+        app_name=APP,
+        batch_size=batch_size,
+        concurrency=1,
         dtype_mapping={"CompletionRequest": CompletionRequest, "ChatRequest": ChatRequest},
-        should_continue_on_error=True)
-    return build_processor(config, preprocess_map_kwargs={"num_cpus": 0.1},
-                           postprocess_map_kwargs={"num_cpus": 0.1}, **kw)
+        should_continue_on_error=True,
+    )
+    return build_processor(
+        config, preprocess_map_kwargs={"num_cpus": 0.1}, postprocess_map_kwargs={"num_cpus": 0.1}, **kw
+    )
 
 
 def completion_row(row: dict) -> dict:
     if row["kind"] == "chat":
-        return {"method": "chat", "dtype": "ChatRequest", "request_kwargs": {
-            "model": "tiny", "messages": [{"role": "user", "content": row["text"]}], "max_tokens": row["max_tokens"],
-            "temperature": 0.0}}
-    return {"method": "completions", "dtype": "CompletionRequest", "request_kwargs": {
-        "model": "tiny", "prompt": row["text"], "max_tokens": row["max_tokens"], "temperature": 0.0}}
+        return {
+            "method": "chat",
+            "dtype": "ChatRequest",
+            "request_kwargs": {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": row["text"]}],
+                "max_tokens": row["max_tokens"],
+                "temperature": 0.0,
+            },
+        }
+    return {
+        "method": "completions",
+        "dtype": "CompletionRequest",
+        "request_kwargs": {"model": "tiny", "prompt": row["text"], "max_tokens": row["max_tokens"], "temperature": 0.0},
+    }
 
 
 def test_batch_job_on_the_serve_replicas(app):
     import ray
 
-    rows = [{"n": i, "kind": "chat" if i % 2 else "text", "text": f"Tell me about owl number {i}.",
-             "max_tokens": 0 if i == 5 else 3 + i % 3} for i in range(8)]
+    rows = [
+        {
+            "n": i,
+            "kind": "chat" if i % 2 else "text",
+            "text": f"Tell me about owl number {i}.",
+            "max_tokens": 0 if i == 5 else 3 + i % 3,
+        }
+        for i in range(8)
+    ]
     p = processor(preprocess=completion_row)
     out = {r["n"]: r for r in p(ray.data.from_items(rows)).take_all()}
     assert sorted(out) == list(range(8))
@@ -92,8 +120,10 @@ def _online_latencies(base: str, n: int, stop: threading.Event | None = None) ->
     with httpx.Client(timeout=60) as c:
         for i in range(n):
             t0 = time.perf_counter()
-            r = c.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": f"Online request {i}.",
-                                                        "max_tokens": 16, "temperature": 0})
+            r = c.post(
+                f"{base}/v1/completions",
+                json={"model": "tiny", "prompt": f"Online request {i}.", "max_tokens": 16, "temperature": 0},
+            )
             assert r.status_code == 200, r.text
             out.append(time.perf_counter() - t0)
             if stop is not None and stop.is_set():
@@ -102,9 +132,13 @@ def _online_latencies(base: str, n: int, stop: threading.Event | None = None) ->
 
 
 @pytest.mark.slow
-@pytest.mark.skipif((os.cpu_count() or 1) < MIN_CORES, reason=(
-    f"needs {MIN_CORES}+ cores: with fewer, the batch's own processes (Ray Data's executor, its actor and "
-    "tasks) take the CPU the server needs; on a busy 2-core machine even GET /v1/models went from 6 to 43 ms"))
+@pytest.mark.skipif(
+    (os.cpu_count() or 1) < MIN_CORES,
+    reason=(
+        f"needs {MIN_CORES}+ cores: with fewer, the batch's own processes (Ray Data's executor, its actor and "
+        "tasks) take the CPU the server needs; on a busy 2-core machine even GET /v1/models went from 6 to 43 ms"
+    ),
+)
 def test_online_requests_keep_priority_while_the_batch_runs(app):
     import ray
 
@@ -125,8 +159,10 @@ def test_online_requests_keep_priority_while_the_batch_runs(app):
     still_running = t.is_alive()
     t.join(600)
     busy = statistics.median(during)
-    print(f"\n[shared replicas] online p50 alone {alone:.3f}s, with the batch running {busy:.3f}s "
-          f"({busy / alone:.2f}x); batch of {len(rows)} rows in {result.get('seconds', 0):.1f}s")
+    print(
+        f"\n[shared replicas] online p50 alone {alone:.3f}s, with the batch running {busy:.3f}s "
+        f"({busy / alone:.2f}x); batch of {len(rows)} rows in {result.get('seconds', 0):.1f}s"
+    )
     assert still_running, "the batch ended before the online requests: no overlap measured"
     assert len(result["rows"]) == len(rows) and all(r["__inference_error__"] == "" for r in result["rows"])
     assert busy <= 1.5 * alone, (alone, busy)

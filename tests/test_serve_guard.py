@@ -32,13 +32,21 @@ def serving(model_dir, keys=(), **server_kw):
 
     m = load(str(model_dir), device="cpu")
     sched = SkipSchedule(4, **SKIP)
-    engine = Engine(m.model, sched, max_batch=4, max_len=256, eos_token_ids=m.eos_token_ids, max_waiting=8,
-                    detokenize=detokenizer(m.tokenizer))
+    engine = Engine(
+        m.model,
+        sched,
+        max_batch=4,
+        max_len=256,
+        eos_token_ids=m.eos_token_ids,
+        max_waiting=8,
+        detokenize=detokenizer(m.tokenizer),
+    )
     kw = {"model_name": "tiny", "max_tokens_limit": 16, "default_max_tokens": 8, **server_kw}
     server = OpenAIServer(m.tokenizer, engine, sched, None, **kw)
     port = free_port()
-    web = uvicorn.Server(uvicorn.Config(build_api(server, ApiKeys(list(keys))), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    web = uvicorn.Server(
+        uvicorn.Config(build_api(server, ApiKeys(list(keys))), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=web.run, daemon=True)
     thread.start()
     while not web.started:
@@ -68,8 +76,9 @@ def post(app, path, body=None, key=KEY, raw=None, **kw):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     headers.update(kw.pop("headers", {}))
     data = raw if raw is not None else json.dumps(body)
-    return requests.post(app["base"] + path, data=data, headers={"Content-Type": "application/json", **headers},
-                         timeout=60, **kw)
+    return requests.post(
+        app["base"] + path, data=data, headers={"Content-Type": "application/json", **headers}, timeout=60, **kw
+    )
 
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -102,8 +111,14 @@ def test_api_keys_from_args_and_environment(monkeypatch):
     monkeypatch.setenv("SKIPRAY_API_KEY", " a1 ,b2,,")
     assert api_keys_from({"api_keys": ["c3"]}) == ["a1", "b2", "c3"]
     keys = ApiKeys(["a1", "b2"])
-    assert keys.allows("Bearer b2") and keys.allows("bearer a1") and not keys.allows("Bearer a") and \
-        not keys.allows(None) and not keys.allows("b2") and "a1" not in repr(keys)
+    assert (
+        keys.allows("Bearer b2")
+        and keys.allows("bearer a1")
+        and not keys.allows("Bearer a")
+        and not keys.allows(None)
+        and not keys.allows("b2")
+        and "a1" not in repr(keys)
+    )
     assert ApiKeys([]).allows(None)
 
 
@@ -112,14 +127,19 @@ def nested(depth: int, leaf: str = "1") -> str:
     return "[" * depth + leaf + "]" * depth
 
 
-@pytest.mark.parametrize("path,raw", [
-    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "tools": '
-     + nested(100_000) + "}"),
-    ("/v1/completions", '{"model": "tiny", "prompt": "Hi", "metadata": {"a": ' + nested(100_000) + "}}"),
-    ("/v1/chat/completions", nested(100_000)),
-    ("/tokenize", '{"prompt": "hi", "x": ' + nested(100_000) + "}"),
-    ("/v1/chat/completions", '{"model": "tiny", "messages": [], "tools": ' + nested(65) + "}"),
-])
+@pytest.mark.parametrize(
+    "path,raw",
+    [
+        (
+            "/v1/chat/completions",
+            '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "tools": ' + nested(100_000) + "}",
+        ),
+        ("/v1/completions", '{"model": "tiny", "prompt": "Hi", "metadata": {"a": ' + nested(100_000) + "}}"),
+        ("/v1/chat/completions", nested(100_000)),
+        ("/tokenize", '{"prompt": "hi", "x": ' + nested(100_000) + "}"),
+        ("/v1/chat/completions", '{"model": "tiny", "messages": [], "tools": ' + nested(65) + "}"),
+    ],
+)
 def test_deep_json_is_a_400_never_a_500(app, path, raw):
     r = post(app, path, raw=raw)
     assert r.status_code == 400 and r.json()["error"]["code"] == "json_too_deep", r.text[:300]
@@ -149,8 +169,9 @@ def test_health_answers_while_a_large_prompt_is_tokenized(app):
 
     prompt = "lorem ipsum dolor " * 30_000  # within the character bound, over the context: a 400 after tokenizing
     done = {}
-    t = threading.Thread(target=lambda: done.setdefault("r", post(app, "/v1/completions",
-                                                                   {"model": "tiny", "prompt": prompt})))
+    t = threading.Thread(
+        target=lambda: done.setdefault("r", post(app, "/v1/completions", {"model": "tiny", "prompt": prompt}))
+    )
     t.start()
     times = []
     while t.is_alive():
@@ -163,8 +184,12 @@ def test_health_answers_while_a_large_prompt_is_tokenized(app):
 
 # -- stream and field details ------------------------------------------------------------------------------
 def test_stream_chunks_share_their_metadata_and_request_ids_are_echoed(app):
-    r = post(app, "/v1/chat/completions", dict(CHAT, max_tokens=16, stream=True,
-                                               stream_options={"include_usage": True}), stream=True)
+    r = post(
+        app,
+        "/v1/chat/completions",
+        dict(CHAT, max_tokens=16, stream=True, stream_options={"include_usage": True}),
+        stream=True,
+    )
     chunks = [json.loads(ln[6:]) for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: {")]
     assert len(chunks) >= 3
     meta = {(c["id"], c["created"], c["model"], c["system_fingerprint"]) for c in chunks}
@@ -209,19 +234,27 @@ def test_health_is_503_when_steps_keep_failing_or_stall(tiny, caplog):
         real = model.embed
         model.embed = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost (the test's model)"))
         for _ in range(2):
-            r = requests.post(base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
-                              timeout=30)
+            r = requests.post(
+                base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=30
+            )
             assert r.status_code == 500 and "device lost" not in r.text and r.headers["x-request-id"] in r.text
         h = requests.get(base + "/health", timeout=10)
         assert h.status_code == 503 and "engine steps failed" in h.json()["error"]["message"]
         assert server.problem() is not None
         model.embed = real  # the device is back: one good step makes the replica healthy again
-        assert requests.post(base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
-                             timeout=30).status_code == 200
+        assert (
+            requests.post(
+                base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=30
+            ).status_code
+            == 200
+        )
         assert requests.get(base + "/health", timeout=10).status_code == 200
         model.embed = lambda *a, **k: (time.sleep(1.0), real(*a, **k))[1]  # slow: a step takes a second
-        t = threading.Thread(target=lambda: requests.post(
-            base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1}, timeout=30))
+        t = threading.Thread(
+            target=lambda: requests.post(
+                base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1}, timeout=30
+            )
+        )
         t.start()
         time.sleep(0.6)
         h = requests.get(base + "/health", timeout=10)
@@ -270,8 +303,7 @@ def test_fuzzed_requests_never_get_a_5xx(app):
         strategies.append(st.tuples(st.just(path), from_schema(schema)))
     seen = {"n": 0}
 
-    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(st.one_of(strategies))
     def check(case):
         path, body = case

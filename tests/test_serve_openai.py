@@ -24,20 +24,30 @@ def app(tmp_path_factory):
     import uvicorn
     from transformers import AutoTokenizer
 
-    from skipray.loading import load
-    from skipray.core.schedule import SkipSchedule
     from skipray.core.engine import Engine
+    from skipray.core.schedule import SkipSchedule
+    from skipray.loading import load
     from skipray.serve.routes import build_api
     from skipray.serve.server import OpenAIServer
     from skipray.text import detokenizer
 
     tiny = make_tiny_dir(tmp_path_factory.mktemp("tiny"))
     m = load(str(tiny), device="cpu")
-    tok = AutoTokenizer.from_pretrained(tiny, clean_up_tokenization_spaces=True,
-                                        clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
+    tok = AutoTokenizer.from_pretrained(
+        tiny,
+        clean_up_tokenization_spaces=True,
+        clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True,
+    )
     sched = SkipSchedule(4, **SKIP)
-    engine = Engine(m.model, sched, max_batch=8, max_len=256, eos_token_ids=m.eos_token_ids, max_waiting=16,
-                    detokenize=detokenizer(tok))
+    engine = Engine(
+        m.model,
+        sched,
+        max_batch=8,
+        max_len=256,
+        eos_token_ids=m.eos_token_ids,
+        max_waiting=16,
+        detokenize=detokenizer(tok),
+    )
     server = OpenAIServer(tok, engine, sched, None, model_name="tiny", max_tokens_limit=200, default_max_tokens=32)
     port = free_port()
     web = uvicorn.Server(uvicorn.Config(build_api(server), host="127.0.0.1", port=port, log_level="warning"))
@@ -45,8 +55,14 @@ def app(tmp_path_factory):
     thread.start()
     while not web.started:
         time.sleep(0.02)
-    yield {"base": f"http://127.0.0.1:{port}", "server": server, "engine": engine, "model": m.model, "tok": tok,
-           "schedule": sched}
+    yield {
+        "base": f"http://127.0.0.1:{port}",
+        "server": server,
+        "engine": engine,
+        "model": m.model,
+        "tok": tok,
+        "schedule": sched,
+    }
     web.should_exit = True
     thread.join(10)
     server.loop.close()
@@ -71,7 +87,8 @@ def engine_text(app, ids: list[int], n: int) -> tuple[str, list[int]]:
 
     eos = app["engine"].eos_token_ids
     out = Engine(app["model"], app["schedule"], max_batch=1, max_len=256, eos_token_ids=eos).generate(
-        [ids], SamplingParams(max_tokens=n, logprobs=2))[0]
+        [ids], SamplingParams(max_tokens=n, logprobs=2)
+    )[0]
     ts = TextStream(app["tok"], ids)
     for i, t in enumerate(out.token_ids):
         ts.add(t, final=i == len(out.token_ids) - 1)
@@ -125,15 +142,22 @@ def test_langchain_tools_and_json_mode_are_refused_not_ignored(app):
 # -- the openai client ----------------------------------------------------------------------------------
 def test_openai_chat_logprobs_are_the_step_log_softmax(app):
     c = oai(app)
-    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=5,
-                                  temperature=0, logprobs=True, top_logprobs=2)
+    r = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_completion_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     ids = app["server"].tokenize({"messages": [{"role": "user", "content": "Hi"}]})["tokens"]
     text, out = engine_text(app, ids, 5)
     assert r.choices[0].message.content == text
     got = r.choices[0].logprobs.content
     assert [x.logprob for x in got] == pytest.approx([x.logprob for x in out.logprobs], abs=1e-4)
     assert [t.logprob for x in got for t in x.top_logprobs] == pytest.approx(
-        [v for x in out.logprobs for v in x.top_logprobs], abs=1e-4)
+        [v for x in out.logprobs for v in x.top_logprobs], abs=1e-4
+    )
     assert [x.token for x in got] == [app["tok"].decode([t]) for t in out.token_ids]
 
 
@@ -146,8 +170,9 @@ def test_ignore_eos_generates_through_eos(app, monkeypatch):
     client = oai(app)
     stopped = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
     assert stopped.usage.completion_tokens == k and stopped.choices[0].finish_reason == "stop"
-    through = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0,
-                                        extra_body={"ignore_eos": True})
+    through = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert through.usage.completion_tokens == 6 and through.choices[0].finish_reason == "length"
     with pytest.raises(Exception, match="ignore_eos"):  # a bool, strictly
         client.completions.create(model="tiny", prompt=ids, max_tokens=6, extra_body={"ignore_eos": "yes"})
@@ -234,11 +259,18 @@ def test_a_failing_request_ends_alone_and_its_batch_mate_finishes(app, broken_sa
         time.sleep(0.001)
     broken_sampling["after"] = 3
     with caplog.at_level(logging.WARNING):
-        bad = requests.post(f"{base}/v1/completions", timeout=60,
-                            json={"model": "tiny", "prompt": "x", "max_tokens": 50, "temperature": MARK})
+        bad = requests.post(
+            f"{base}/v1/completions",
+            timeout=60,
+            json={"model": "tiny", "prompt": "x", "max_tokens": 50, "temperature": MARK},
+        )
         broken_sampling["n"] = 0
-        with requests.post(f"{base}/v1/completions", timeout=60, stream=True, json={
-                "model": "tiny", "prompt": "y", "max_tokens": 50, "temperature": MARK, "stream": True}) as r:
+        with requests.post(
+            f"{base}/v1/completions",
+            timeout=60,
+            stream=True,
+            json={"model": "tiny", "prompt": "y", "max_tokens": 50, "temperature": MARK, "stream": True},
+        ) as r:
             assert r.status_code == 200  # its first tokens were fine: the stream began
             lines = [ln for ln in r.iter_lines(decode_unicode=True) if ln]
     t.join()
@@ -268,8 +300,11 @@ def test_a_failing_engine_step_answers_every_request_at_once(app, monkeypatch, c
     results = {}
 
     def call(k):
-        results[k] = requests.post(f"{base}/v1/completions", timeout=30,
-                                   json={"model": "tiny", "prompt": f"p{k}", "max_tokens": 100, "temperature": 0})
+        results[k] = requests.post(
+            f"{base}/v1/completions",
+            timeout=30,
+            json={"model": "tiny", "prompt": f"p{k}", "max_tokens": 100, "temperature": 0},
+        )
 
     threads = [threading.Thread(target=call, args=(k,)) for k in range(3)]
     with caplog.at_level(logging.ERROR):
@@ -281,8 +316,10 @@ def test_a_failing_engine_step_answers_every_request_at_once(app, monkeypatch, c
         for t in threads:
             t.join()
     assert {k: r.status_code for k, r in results.items()} == {0: 500, 1: 500, 2: 500}
-    assert all(r.json()["error"]["code"] == "engine_failed" and "injected" not in r.json()["error"]["message"]
-               for r in results.values())
+    assert all(
+        r.json()["error"]["code"] == "engine_failed" and "injected" not in r.json()["error"]["message"]
+        for r in results.values()
+    )
     assert "engine loop step failed" in caplog.text
     ok = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "after", "max_tokens": 3}, timeout=30)
     assert ok.status_code == 200 and engine.num_running == 0  # the loop serves on
@@ -323,14 +360,19 @@ def test_include_stop_str_and_continuous_usage(app):
     base = app["base"]
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
     text = requests.post(f"{base}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     if stop.strip():
         cut = requests.post(f"{base}/v1/completions", json={**body, "stop": [stop]}, timeout=60).json()
-        kept = requests.post(f"{base}/v1/completions", json={**body, "stop": [stop],
-                                                             "include_stop_str_in_output": True}, timeout=60).json()
+        kept = requests.post(
+            f"{base}/v1/completions", json={**body, "stop": [stop], "include_stop_str_in_output": True}, timeout=60
+        ).json()
         assert kept["choices"][0]["text"] == cut["choices"][0]["text"] + stop
-    with requests.post(f"{base}/v1/completions", json={**body, "stream": True, "stream_options": {
-            "continuous_usage_stats": True}}, timeout=60, stream=True) as r:
+    with requests.post(
+        f"{base}/v1/completions",
+        json={**body, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+        timeout=60,
+        stream=True,
+    ) as r:
         chunks = [json.loads(ln[6:]) for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: {")]
     counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
     assert counts and counts == sorted(counts) and counts[-1] == chunks[-1]["usage"]["completion_tokens"]

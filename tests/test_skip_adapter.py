@@ -3,14 +3,13 @@ cached decoding equal to the parallel training forward; cached teacher top-k giv
 
 import pytest
 import torch
+from conftest import decode_step, tiny_llama, tiny_opt
 
 from skipray.core.engine import Engine, SamplingParams
-from skipray.core.runner import pad_prompts
 from skipray.core.model import Segment, SkipModel, forward, training_plan
+from skipray.core.runner import pad_prompts
 from skipray.core.schedule import SkipSchedule
 from skipray.training.train import adapter_mask, topk_kl
-
-from conftest import decode_step, tiny_llama, tiny_opt
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
 
@@ -20,8 +19,11 @@ def with_random_lora(hf, seed=1):
     from peft import LoraConfig, get_peft_model
 
     names = {n.split(".")[-1] for n, _ in hf.named_modules()}
-    targets = [t for t in ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj",
-                           "down_proj", "fc1", "fc2") if t in names]
+    targets = [
+        t
+        for t in ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")
+        if t in names
+    ]
     peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -57,8 +59,9 @@ def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make,
     for i in range(n):
         tok = logits.argmax(-1)
         toks.append(tok)
-        logits = decode_step(engine.runner, tok[:, None], positions + i, P + i, sched.active_layers(i),
-                             adapter=sched.skips(i))
+        logits = decode_step(
+            engine.runner, tok[:, None], positions + i, P + i, sched.active_layers(i), adapter=sched.skips(i)
+        )
         steps.append(logits)
     gen, step_logits = torch.stack(toks, 1), torch.stack(steps, 1)
     prompt, prompt_real = pad_prompts(PROMPTS)
@@ -66,15 +69,18 @@ def test_cached_decode_equals_training_forward_with_adapter_and_drop_order(make,
     real = torch.cat([prompt_real, torch.ones_like(gen, dtype=torch.bool)], 1)
     pos = (real.long().cumsum(-1) - 1).clamp(min=0)
     adapter = adapter_mask(sched, len(PROMPTS), P, P + n)
-    par = forward(model, Segment(tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n),
-                                 adapter=adapter))
+    par = forward(
+        model,
+        Segment(tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n), adapter=adapter),
+    )
     torch.testing.assert_close(par.detach(), step_logits, atol=1e-4, rtol=1e-4)
     # the adapter really changes the skip output (else the test above would prove nothing about it)
     plain = forward(model, Segment(tokens, pos, training_plan(sched, P, P + n), real, logits_at=slice(P - 1, P + n)))
     assert (plain.detach() - step_logits).abs().max() > 1e-2
     # full-depth steps (the prompt's pass and the steps before the first drop) are the base model's
-    torch.testing.assert_close(plain[:, : full_steps + 1].detach(), step_logits[:, : full_steps + 1],
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        plain[:, : full_steps + 1].detach(), step_logits[:, : full_steps + 1], atol=1e-4, rtol=1e-4
+    )
     # the engine decides the same per step: its tokens are those of greedy decoding over these logits
     out = engine.generate(PROMPTS, SamplingParams(max_tokens=n))
     assert [c.token_ids for c in out] == [gen[b, : len(c.token_ids)].tolist() for b, c in enumerate(out)]
@@ -143,8 +149,9 @@ def test_engine_logprobs_are_the_step_log_softmax():
     P = len(PROMPTS[0])
     from skipray.core.model import full_plan
 
-    seg = Segment(tokens, torch.arange(tokens.shape[1])[None], full_plan(model.num_layers), real,
-                  logits_at=slice(P - 1, P + 3))
+    seg = Segment(
+        tokens, torch.arange(tokens.shape[1])[None], full_plan(model.num_layers), real, logits_at=slice(P - 1, P + 3)
+    )
     lp = torch.log_softmax(forward(model, seg)[0], -1)
     for i, x in enumerate(out.logprobs):
         assert x.top_ids == lp[i].topk(3).indices.tolist()
@@ -163,14 +170,29 @@ def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
     model = SkipModel(hf)
     L = model.num_layers
     sched = SkipSchedule(L, L - 1, 2, decay_tokens=5, drop_order=shuffled_order(L))
-    batch = collate([([5, 6, 7, 8], [20, 21, 22, 23, 24, 25, 26]), ([9, 10], [30, 31, 32]),
-                     ([3, 4, 5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48])], pad_id=0)
+    batch = collate(
+        [
+            ([5, 6, 7, 8], [20, 21, 22, 23, 24, 25, 26]),
+            ([9, 10], [30, 31, 32]),
+            ([3, 4, 5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48]),
+        ],
+        pad_id=0,
+    )
     tokens, real, pos, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
     T = tokens.shape[1]
-    whole = forward(model, Segment(tokens, pos, training_plan(sched, P, T), real, logits_at=slice(P - 1, T - 1),
-                                   adapter=adapter_mask(sched, 3, P, T)))
+    whole = forward(
+        model,
+        Segment(
+            tokens,
+            pos,
+            training_plan(sched, P, T),
+            real,
+            logits_at=slice(P - 1, T - 1),
+            adapter=adapter_mask(sched, 3, P, T),
+        ),
+    )
     split = answer_logits(model, batch, sched)
-    mask = batch["loss_mask"][:, P - 1:]
+    mask = batch["loss_mask"][:, P - 1 :]
     torch.testing.assert_close(split[mask], whole[mask].float(), atol=1e-4, rtol=1e-4)
     lora = [p for n, p in hf.named_parameters() if "lora_" in n]
     g_whole = torch.autograd.grad(whole[mask].float().square().sum(), lora, allow_unused=True)
@@ -199,13 +221,22 @@ def test_merged_inference_weights_follow_adapter_updates():
     after = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
     # the same tokens the unmerged path gives for the updated adapter (training forward, grad on)
     prompt, prompt_real = pad_prompts(PROMPTS)
-    P, n = prompt.shape[1], 8
+    n = 8
     for c, p in zip(after, PROMPTS):
         toks = torch.tensor([p + c.token_ids[:-1]])
         real = torch.ones_like(toks, dtype=torch.bool)
         T = toks.shape[1]
-        logits = forward(model, Segment(toks, torch.arange(T)[None], training_plan(sched, len(p), T), real,
-                                        logits_at=slice(len(p) - 1, T), adapter=adapter_mask(sched, 1, len(p), T)))
+        logits = forward(
+            model,
+            Segment(
+                toks,
+                torch.arange(T)[None],
+                training_plan(sched, len(p), T),
+                real,
+                logits_at=slice(len(p) - 1, T),
+                adapter=adapter_mask(sched, 1, len(p), T),
+            ),
+        )
         assert logits[0].argmax(-1).tolist() == c.token_ids
     assert [c.token_ids for c in before] != [c.token_ids for c in after]
 

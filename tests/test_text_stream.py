@@ -3,7 +3,8 @@ reply (which the server sends non-streamed), stop strings cut it, no half charac
 tokenizer whose decode cleans up spaces streams the same text as it returns whole.
 
 Tokens are fed as the engine emits them: the token that completes a stop string is the last one
-(``skipray.core.requests.finish_reason`` with the ``detokenizer`` hook is the engine's own test), and the stream must never have sent any of the stop string.
+(``skipray.core.requests.finish_reason`` with the ``detokenizer`` hook is the engine's own test), and the
+stream must never have sent any of the stop string.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def cleanup_tokenizer():
     from skipray.loading import convert_gguf, default_gguf
 
     tok = AutoTokenizer.from_pretrained(
-        convert_gguf(default_gguf()), clean_up_tokenization_spaces=True,
-        clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
+        convert_gguf(default_gguf()),
+        clean_up_tokenization_spaces=True,
+        clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True,
+    )
     assert tok.decode(tok.encode("a , b", add_special_tokens=False)) == "a, b"  # it really cleans up
     return tok
 

@@ -17,7 +17,7 @@ SCHED = {"max_layers": 5, "min_layers": 3, "decay_tokens": 8, "warmup_layers": 1
 def data_path(tmp_path_factory):
     rng = torch.Generator().manual_seed(0)
     rows = []
-    for i in range(16):
+    for _ in range(16):
         p = torch.randint(3, 2000, (int(torch.randint(3, 9, (1,), generator=rng)),), generator=rng).tolist()
         r = torch.randint(3, 2000, (int(torch.randint(4, 14, (1,), generator=rng)),), generator=rng).tolist()
         rows.append({"prompt_ids": p, "response_ids": r})
@@ -33,9 +33,20 @@ def strong_model_dir(tmp_path_factory, tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    c = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                    initializer_range=0.25, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    c = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.25,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     out = tmp_path_factory.mktemp("strong")
     LlamaForCausalLM(c).save_pretrained(out)
     tok.save_pretrained(out)
@@ -43,8 +54,19 @@ def strong_model_dir(tmp_path_factory, tiny_model_dir):
 
 
 def cfg(tmp_path, data_path, model_dir, **kw):
-    base = dict(data=data_path, out=str(tmp_path / "out"), model=str(model_dir), schedule=SCHED, steps=12,
-                batch_size=4, lr=3e-3, warmup_steps=2, save_every=4, kl_weight=1.0, ce_weight=0.0)
+    base = dict(
+        data=data_path,
+        out=str(tmp_path / "out"),
+        model=str(model_dir),
+        schedule=SCHED,
+        steps=12,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        save_every=4,
+        kl_weight=1.0,
+        ce_weight=0.0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -61,8 +83,9 @@ def test_collate_layout():
     assert b["positions"][1].tolist()[2:] == [0, 1, 2, 3]
 
 
-def test_lora_distillation_lowers_loss_and_roundtrips(tmp_path, data_path, strong_model_dir, tiny_model_dir,
-                                                      monkeypatch):
+def test_lora_distillation_lowers_loss_and_roundtrips(
+    tmp_path, data_path, strong_model_dir, tiny_model_dir, monkeypatch
+):
     monkeypatch.setenv("SKIPRAY_CACHE", str(tmp_path / "cache"))
     sched = {"max_layers": 4, "min_layers": 2, "decay_tokens": 6, "warmup_layers": 1, "shape": "linear"}
     out = train(cfg(tmp_path, data_path, strong_model_dir, schedule=sched, steps=15, lr=1e-2), progress=False)
@@ -81,8 +104,9 @@ def test_lora_distillation_lowers_loss_and_roundtrips(tmp_path, data_path, stron
     assert base.schedule is None
     # the adapter is attached unmerged: the base weights stay, full depth is the base model exactly,
     # and the trained schedule (with the adapter on its generated tokens) differs from the base
-    assert torch.equal(loaded.model.layers[5].self_attn.q_proj.base_layer.weight,
-                       base.model.layers[5].self_attn.q_proj.weight)
+    assert torch.equal(
+        loaded.model.layers[5].self_attn.q_proj.base_layer.weight, base.model.layers[5].self_attn.q_proj.weight
+    )
     from skipray.core.engine import Engine, SamplingParams
     from skipray.core.schedule import SkipSchedule
 
@@ -106,8 +130,9 @@ def test_resume_continues_from_checkpoint(tmp_path, data_path, tiny_model_dir):
 
 
 def test_full_finetune_with_ce(tmp_path, data_path, tiny_model_dir):
-    out = train(cfg(tmp_path, data_path, tiny_model_dir, full_finetune=True, ce_weight=0.5, lr=1e-3, steps=6),
-                progress=False)
+    out = train(
+        cfg(tmp_path, data_path, tiny_model_dir, full_finetune=True, ce_weight=0.5, lr=1e-3, steps=6), progress=False
+    )
     assert (out / "model.safetensors").exists() and (out / "skipray.json").exists()
     assert "ce" in losses(out)[0]
 

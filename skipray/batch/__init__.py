@@ -21,7 +21,15 @@ The names below are the public API, re-exported here.
 from skipray.batch.actor import Generator, admission_order
 from skipray.batch.files import InputCheck, InputError, Summary, check_input, filesystem_for, summarize
 from skipray.batch.job import (
-    JobConfig, Plan, build_pipeline, execute, gpu_job_limits, job_columns, model_facts, plan, run,
+    JobConfig,
+    Plan,
+    build_pipeline,
+    execute,
+    gpu_job_limits,
+    job_columns,
+    model_facts,
+    plan,
+    run,
 )
 from skipray.batch.output import OutputError
 from skipray.batch.processor import SkipDecodeProcessor, build_processor
@@ -29,8 +37,29 @@ from skipray.batch.resume import OUTPUT_COLUMNS, SOURCE_COLUMNS
 from skipray.batch.rows import TOKENS, SkipDecodeProcessorConfig, prepare_rows
 
 __all__ = [
-    "Generator", "admission_order", "InputCheck", "InputError", "Summary", "check_input", "filesystem_for",
-    "summarize", "JobConfig", "Plan", "build_pipeline", "execute", "gpu_job_limits", "job_columns",
-    "model_facts", "plan", "run", "OutputError", "SkipDecodeProcessor", "build_processor", "OUTPUT_COLUMNS",
-    "SOURCE_COLUMNS", "TOKENS", "SkipDecodeProcessorConfig", "prepare_rows",
+    "Generator",
+    "admission_order",
+    "InputCheck",
+    "InputError",
+    "Summary",
+    "check_input",
+    "filesystem_for",
+    "summarize",
+    "JobConfig",
+    "Plan",
+    "build_pipeline",
+    "execute",
+    "gpu_job_limits",
+    "job_columns",
+    "model_facts",
+    "plan",
+    "run",
+    "OutputError",
+    "SkipDecodeProcessor",
+    "build_processor",
+    "OUTPUT_COLUMNS",
+    "SOURCE_COLUMNS",
+    "TOKENS",
+    "SkipDecodeProcessorConfig",
+    "prepare_rows",
 ]

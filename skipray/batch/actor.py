@@ -20,7 +20,6 @@ the other rows are unaffected.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -48,7 +47,7 @@ class ActorSpec:
 
 
 def fault_kind(error: BaseException) -> str:
-    """"input" for an error of the row's own input (the engine refused it: ``ValueError``, ``TypeError``),
+    """ "input" for an error of the row's own input (the engine refused it: ``ValueError``, ``TypeError``),
     "engine" for a failure of the engine itself (out of memory, a device error, anything else)."""
     return "input" if isinstance(error, (ValueError, TypeError)) else "engine"
 
@@ -65,9 +64,9 @@ class Generator:
         import torch
 
         from skipray.core.engine import Engine
+        from skipray.core.schedule import SkipSchedule
         from skipray.loading import load
         from skipray.metrics import EngineMetrics
-        from skipray.core.schedule import SkipSchedule
         from skipray.text import detokenizer
 
         self.metrics = EngineMetrics("batch")
@@ -76,9 +75,15 @@ class Generator:
         self.m = load(spec.model, device=spec.device)
         self.schedule = SkipSchedule.from_dict(spec.schedule)
         self.trained = self.m.schedule.to_dict() if self.m.schedule else None
-        self._new_engine = lambda: Engine(self.m.model, self.schedule, max_batch=spec.batch_size,
-                                          max_len=spec.max_len, eos_token_ids=self.m.eos_token_ids,
-                                          detokenize=detokenizer(self.m.tokenizer))
+        self._schedules: dict[str, object] = {}
+        self._new_engine = lambda: Engine(
+            self.m.model,
+            self.schedule,
+            max_batch=spec.batch_size,
+            max_len=spec.max_len,
+            eos_token_ids=self.m.eos_token_ids,
+            detokenize=detokenizer(self.m.tokenizer),
+        )
         self.engine = self._new_engine()
 
     def _fresh_engine(self) -> None:
@@ -93,9 +98,13 @@ class Generator:
             torch.cuda.empty_cache()
         self.engine = self._new_engine()
 
-    @functools.lru_cache(maxsize=64)
     def _schedule(self, flags: str | None):
-        return self.schedule if flags is None else schedule_for(flags, self.m.model.num_layers, self.trained)
+        """The schedule of a row's ``skip`` flags (JSON), resolved once per distinct value."""
+        if flags is None:
+            return self.schedule
+        if flags not in self._schedules:
+            self._schedules[flags] = schedule_for(flags, self.m.model.num_layers, self.trained)
+        return self._schedules[flags]
 
     def _alone(self, prompt: list[int], params, schedule):
         """One row run by itself; -> its ``Completion`` or what it failed with."""
@@ -113,11 +122,15 @@ class Generator:
             failed = [k for k, c in enumerate(comps) if isinstance(c, BaseException) and fault_kind(c) == "engine"]
             if not failed:
                 break
-            print(f"[skipray] engine fault on {len(failed)} rows ({comps[failed[0]]!r}); retry {attempt + 1} of "
-                  f"{self.spec.engine_retries} on a fresh engine", file=sys.stderr)
+            print(
+                f"[skipray] engine fault on {len(failed)} rows ({comps[failed[0]]!r}); retry {attempt + 1} of "
+                f"{self.spec.engine_retries} on a fresh engine",
+                file=sys.stderr,
+            )
             self._fresh_engine()
-            again = self._attempt([prompts[k] for k in failed], [params[k] for k in failed],
-                                  [schedules[k] for k in failed])
+            again = self._attempt(
+                [prompts[k] for k in failed], [params[k] for k in failed], [schedules[k] for k in failed]
+            )
             for k, c in zip(failed, again):
                 comps[k] = c
         return comps
@@ -136,16 +149,22 @@ class Generator:
         t0, steps = time.perf_counter(), self.engine.steps
         size = len(prompts) if len({p.max_tokens for p in params}) > 1 else self.spec.batch_size
         try:
-            comps: list = [c for b in range(0, len(prompts), size) for c in self.engine.generate(
-                prompts[b : b + size], params[b : b + size], schedules[b : b + size], raise_errors=False)]
+            comps: list = [
+                c
+                for b in range(0, len(prompts), size)
+                for c in self.engine.generate(
+                    prompts[b : b + size], params[b : b + size], schedules[b : b + size], raise_errors=False
+                )
+            ]
         except Exception:  # noqa: BLE001 - the call refused some row's input: find it, run each alone
             return [self._alone(*row) for row in zip(prompts, params, schedules)]
         for k, c in enumerate(comps):
             if c.finish_reason == "error":
                 comps[k] = self._alone(prompts[k], params[k], schedules[k])
         done = [c for c in comps if not isinstance(c, BaseException)]
-        self.metrics.record_batch(done, self.m.model.num_layers, self.spec.batch_size, time.perf_counter() - t0,
-                                  self.engine.steps - steps)
+        self.metrics.record_batch(
+            done, self.m.model.num_layers, self.spec.batch_size, time.perf_counter() - t0, self.engine.steps - steps
+        )
         return comps
 
     def __call__(self, block: pa.Table) -> pa.Table:
@@ -164,8 +183,15 @@ class Generator:
         params = block.column(PARAMS).to_pylist()
         ok = [i for i in range(n) if errors[i] is None]
         rows = [ok[j] for j in admission_order([len(toks[i]) for i in ok], spec.bucket)]
-        comps = self._run([toks[r] for r in rows], [sampling_params(params[r]) for r in rows],
-                          [self._schedule(params[r]["skip"]) for r in rows]) if rows else []
+        comps = (
+            self._run(
+                [toks[r] for r in rows],
+                [sampling_params(params[r]) for r in rows],
+                [self._schedule(params[r]["skip"]) for r in rows],
+            )
+            if rows
+            else []
+        )
         for r, c in zip(rows, comps):
             if isinstance(c, BaseException):
                 kinds[r] = fault_kind(c)
@@ -175,12 +201,15 @@ class Generator:
             tokens[r], gen[r] = list(c.token_ids), len(c.token_ids)
             avg[r], reason[r] = round(c.avg_layers, 3), c.finish_reason
         out = block.drop_columns([c for c in INTERNAL_COLUMNS if c in block.column_names] + ["error"])
-        for name, values, typ in (("generated_text", text, pa.string()),
-                                  ("generated_tokens", tokens, pa.list_(pa.int32())),
-                                  ("num_generated_tokens", gen, pa.int32()), ("avg_layers", avg, pa.float32()),
-                                  ("finish_reason", reason, pa.string()), ("error", errors, pa.string()),
-                                  (ERROR_KIND, kinds, pa.string())):
+        for name, values, typ in (
+            ("generated_text", text, pa.string()),
+            ("generated_tokens", tokens, pa.list_(pa.int32())),
+            ("num_generated_tokens", gen, pa.int32()),
+            ("avg_layers", avg, pa.float32()),
+            ("finish_reason", reason, pa.string()),
+            ("error", errors, pa.string()),
+            (ERROR_KIND, kinds, pa.string()),
+        ):
             out = out.append_column(name, pa.array(values, typ))
         first = [c for c in out.column_names if c not in GENERATED_COLUMNS]
         return out.select(first + list(GENERATED_COLUMNS))
-

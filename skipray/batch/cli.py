@@ -30,30 +30,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", default="id")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--batch-size", type=int, default=32, help="rows per engine batch")
-    p.add_argument("--bucket-window", type=int, default=4,
-                   help="batches per window that is sorted by prompt length (1: no bucketing)")
+    p.add_argument(
+        "--bucket-window",
+        type=int,
+        default=4,
+        help="batches per window that is sorted by prompt length (1: no bucketing)",
+    )
     p.add_argument("--actors", default="1,1", help="MIN,MAX actors of the autoscaling pool (one engine each)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--threads-per-actor", type=int, default=0, help="torch threads (0: node cores / MAX actors)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the actor has a GPU)")
-    p.add_argument("--resource-wait", type=float, default=45.0,
-                   help="seconds to wait for the autoscaler to start a node that can hold one actor when none "
-                        "can now, before failing (0: skip this check)")
-    p.add_argument("--engine-retries", type=int, default=2,
-                   help="times a window's rows that failed from an engine fault (out of memory, a device error, a "
-                        "crashed actor) run again on a fresh engine or actor (default 2)")
-    p.add_argument("--allow-foreign-files", action="store_true",
-                   help="write into an output directory that holds files this job did not write (they are never "
-                        "read or touched)")
-    p.add_argument("--allow-changed-settings", action="store_true",
-                   help="add rows to an output written with other settings (model, schedule, sampling, input, "
-                        "columns); the manifest then records the new ones")
-    p.add_argument("--shared-mount", action="store_true",
-                   help="local --input/--output paths are a mount every node of the cluster shares (needed for "
-                        "local paths when the job joins a cluster)")
-    p.add_argument("--s3-endpoint", default=None,
-                   help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000 (credentials: AWS_* env vars)")
+    p.add_argument(
+        "--resource-wait",
+        type=float,
+        default=45.0,
+        help="seconds to wait for the autoscaler to start a node that can hold one actor when none "
+        "can now, before failing (0: skip this check)",
+    )
+    p.add_argument(
+        "--engine-retries",
+        type=int,
+        default=2,
+        help="times a window's rows that failed from an engine fault (out of memory, a device error, a "
+        "crashed actor) run again on a fresh engine or actor (default 2)",
+    )
+    p.add_argument(
+        "--allow-foreign-files",
+        action="store_true",
+        help="write into an output directory that holds files this job did not write (they are never read or touched)",
+    )
+    p.add_argument(
+        "--allow-changed-settings",
+        action="store_true",
+        help="add rows to an output written with other settings (model, schedule, sampling, input, "
+        "columns); the manifest then records the new ones",
+    )
+    p.add_argument(
+        "--shared-mount",
+        action="store_true",
+        help="local --input/--output paths are a mount every node of the cluster shares (needed for "
+        "local paths when the job joins a cluster)",
+    )
+    p.add_argument(
+        "--s3-endpoint",
+        default=None,
+        help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000 (credentials: AWS_* env vars)",
+    )
     add_schedule_args(p)
     add_sampling_args(p, max_new_tokens=64)
     return p
@@ -75,14 +98,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         schedule, cost, max_positions = model_facts(args.model, args)
         cfg = JobConfig(
-            model=args.model, prompt_column=args.prompt_column, id_column=args.id_column, chat=args.chat,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, seed=args.seed, stop=args.stop, schedule=schedule.to_dict(),
-            max_positions=max_positions, batch_size=args.batch_size, bucket_window=args.bucket_window,
-            actors=parse_actors(args.actors), cpus_per_actor=args.cpus_per_actor,
-            gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor, device=args.device,
-            engine_retries=args.engine_retries, allow_foreign_files=args.allow_foreign_files,
-            allow_changed_settings=args.allow_changed_settings, shared_mount=args.shared_mount,
+            model=args.model,
+            prompt_column=args.prompt_column,
+            id_column=args.id_column,
+            chat=args.chat,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=args.stop,
+            schedule=schedule.to_dict(),
+            max_positions=max_positions,
+            batch_size=args.batch_size,
+            bucket_window=args.bucket_window,
+            actors=parse_actors(args.actors),
+            cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor,
+            threads_per_actor=args.threads_per_actor,
+            device=args.device,
+            engine_retries=args.engine_retries,
+            allow_foreign_files=args.allow_foreign_files,
+            allow_changed_settings=args.allow_changed_settings,
+            shared_mount=args.shared_mount,
         )
         if args.engine_retries < 0:
             raise ValueError("--engine-retries must be >= 0")
@@ -100,15 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(runtime_env={"env_vars": worker_env()})
         else:  # embedded local Ray with a bounded object store
-            ray.init(object_store_memory=512 * 1024**2, include_dashboard=False,
-                     runtime_env={"env_vars": worker_env()})
+            ray.init(object_store_memory=512 * 1024**2, include_dashboard=False, runtime_env={"env_vars": worker_env()})
     if args.resource_wait > 0:
         from skipray.resources import Unschedulable, check_schedulable
 
         try:
-            how = check_schedulable({"CPU": args.cpus_per_actor, "GPU": args.gpus_per_actor},
-                                    "one generation actor (--cpus-per-actor, --gpus-per-actor)",
-                                    can_grow=bool(os.environ.get("RAY_ADDRESS")), wait_s=args.resource_wait)
+            how = check_schedulable(
+                {"CPU": args.cpus_per_actor, "GPU": args.gpus_per_actor},
+                "one generation actor (--cpus-per-actor, --gpus-per-actor)",
+                can_grow=bool(os.environ.get("RAY_ADDRESS")),
+                wait_s=args.resource_wait,
+            )
         except Unschedulable as e:
             print(f"generate: error: {e} (--resource-wait 0 skips this check)", file=sys.stderr)
             return 2
@@ -126,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         f"of {schedule.num_layers} | theoretical speedup {speed:.2f}x | {schedule.describe()} | output {args.output}"
     )
     if s.engine_errors:
-        print(f"generate: {s.engine_errors} rows failed from engine faults after {args.engine_retries} retries "
-              "(error_kind 'engine'); re-run the same command to retry exactly those rows", file=sys.stderr)
+        print(
+            f"generate: {s.engine_errors} rows failed from engine faults after {args.engine_retries} retries "
+            "(error_kind 'engine'); re-run the same command to retry exactly those rows",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
@@ -146,9 +189,14 @@ def _failed(e: BaseException) -> int:
             print(f"generate: error: {x}", file=sys.stderr)
             return 2
     if any(type(x).__name__ == "InputChanged" or "changed after the job planned it" in str(x) for x in chain):
-        print(f"generate: error: an input file changed while the job ran; nothing of it was written ({e})",
-              file=sys.stderr)
+        print(
+            f"generate: error: an input file changed while the job ran; nothing of it was written ({e})",
+            file=sys.stderr,
+        )
         return 2
-    print(f"generate: error: the job stopped: {e!r}\nRows written so far are kept; re-run the same command to "
-          "finish the rest (actors that keep crashing: see --engine-retries)", file=sys.stderr)
+    print(
+        f"generate: error: the job stopped: {e!r}\nRows written so far are kept; re-run the same command to "
+        "finish the rest (actors that keep crashing: see --engine-retries)",
+        file=sys.stderr,
+    )
     return 3

@@ -25,7 +25,6 @@ class InputError(ValueError):
     """The input cannot be used at all (unreadable, no such column): the job stops before any actor."""
 
 
-
 # -- file systems and paths (driver) -------------------------------------------------------------------
 def filesystem_for(path: str, s3_endpoint: str | None = None) -> tuple[Any, str]:
     """-> (pyarrow filesystem or None for local, path as that filesystem spells it).
@@ -42,7 +41,7 @@ def filesystem_for(path: str, s3_endpoint: str | None = None) -> tuple[Any, str]
     if s3_endpoint:
         scheme, _, host = s3_endpoint.rpartition("://")
         kw.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
-    return fs.S3FileSystem(**kw), path[len("s3://"):].rstrip("/")
+    return fs.S3FileSystem(**kw), path[len("s3://") :].rstrip("/")
 
 
 def uri(fs, path: str) -> str:
@@ -64,8 +63,13 @@ def list_files(fs, path: str) -> list[str]:
         return [path]
     if info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                      and not any(part.startswith((".", "_")) for part in i.path[len(path):].split("/")))
+        return sorted(
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and i.path.endswith(".parquet")
+            and not any(part.startswith((".", "_")) for part in i.path[len(path) :].split("/"))
+        )
     return []
 
 
@@ -154,7 +158,8 @@ class InputCheck:
 def _same_family(types: list[pa.DataType]) -> bool:
     """True when ids of these types compare as one type: all integers, or all strings."""
     return all(pa.types.is_integer(t) for t in types) or all(
-        pa.types.is_string(t) or pa.types.is_large_string(t) for t in types)
+        pa.types.is_string(t) or pa.types.is_large_string(t) for t in types
+    )
 
 
 def unify_schemas(files: list[str], schemas: list[pa.Schema], id_column: str) -> pa.Schema:
@@ -172,13 +177,16 @@ def unify_schemas(files: list[str], schemas: list[pa.Schema], id_column: str) ->
             ok = _same_family([first_type, t]) if name == id_column else True
             if ok:
                 try:
-                    pa.unify_schemas([pa.schema([(name, first_type)]), pa.schema([(name, t)])],
-                                     promote_options="permissive")
+                    pa.unify_schemas(
+                        [pa.schema([(name, first_type)]), pa.schema([(name, t)])], promote_options="permissive"
+                    )
                 except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                     ok = False
             if not ok:
-                raise InputError(f"column {name!r} has type {first_type} in {first_file} but {t} in {f}: "
-                                 f"the files must agree on it (convert one of them)")
+                raise InputError(
+                    f"column {name!r} has type {first_type} in {first_file} but {t} in {f}: "
+                    f"the files must agree on it (convert one of them)"
+                )
     return pa.unify_schemas(schemas, promote_options="permissive")
 
 
@@ -226,7 +234,9 @@ def check_input(path: str, fs, prompt_column: str, id_column: str) -> InputCheck
 
     ids = pa.chunked_array(map_files(ids_of, files), id_type)
     counts = pc.value_counts(ids.drop_null()) if len(ids) else pa.array([], pa.struct([("values", id_type)]))
-    dups = counts.filter(pc.greater(counts.field("counts"), 1)).field("values") if len(counts) else pa.array([], id_type)
+    dups = (
+        counts.filter(pc.greater(counts.field("counts"), 1)).field("values") if len(counts) else pa.array([], id_type)
+    )
     return InputCheck(files, ids, dups, schema, [rg for _, rg, _ in footers], [i for _, _, i in footers])
 
 
@@ -254,13 +264,15 @@ def summarize(files: list[str], fs, seconds: float, skipped: int) -> Summary:
     s = Summary(seconds=seconds, skipped=skipped, files=list(files))
     layer_tokens = 0.0
     for f in files:
-        t = pq.read_table(f, columns=["error", "error_kind", "num_prompt_tokens", "num_generated_tokens",
-                                      "avg_layers"], filesystem=fs)
+        t = pq.read_table(
+            f, columns=["error", "error_kind", "num_prompt_tokens", "num_generated_tokens", "avg_layers"], filesystem=fs
+        )
         ok = pc.is_null(t.column("error"))
         s.rows += t.num_rows
         s.errors += t.num_rows - pc.sum(ok.cast(pa.int64())).as_py() if t.num_rows else 0
-        s.engine_errors += pc.sum(pc.fill_null(pc.equal(t.column("error_kind"), "engine"), False)
-                                  .cast(pa.int64())).as_py() or 0
+        s.engine_errors += (
+            pc.sum(pc.fill_null(pc.equal(t.column("error_kind"), "engine"), False).cast(pa.int64())).as_py() or 0
+        )
         g = pc.filter(t.column("num_generated_tokens"), ok).cast(pa.float64())
         s.generated_tokens += int(pc.sum(g).as_py() or 0)
         s.prompt_tokens += int(pc.sum(pc.filter(t.column("num_prompt_tokens"), ok)).as_py() or 0)

@@ -46,12 +46,20 @@ import pyarrow as pa
 
 from skipray.batch.files import InputCheck, InputError, Summary, check_input, filesystem_for, summarize, uri
 from skipray.batch.lock import OutputLock
-from skipray.batch.output import (MANIFEST, Claim, JobFiles, Manifest, OutputError, claim, inspect, quarantine,
-                                  write_text)
+from skipray.batch.output import (
+    MANIFEST,
+    Claim,
+    JobFiles,
+    Manifest,
+    OutputError,
+    claim,
+    inspect,
+    quarantine,
+    write_text,
+)
 from skipray.batch.paths import LOCAL_SCHEME, overlap, split_scheme
 from skipray.batch.processor import SkipDecodeProcessor, build_processor  # noqa: F401 (re-exported)
-from skipray.batch.resume import (OUTPUT_COLUMNS, SOURCE_COLUMNS, Done, plan_units, read_done, read_units,
-                                  supersede)
+from skipray.batch.resume import OUTPUT_COLUMNS, SOURCE_COLUMNS, Done, plan_units, read_done, read_units, supersede
 from skipray.batch.rows import SkipDecodeProcessorConfig
 
 
@@ -88,13 +96,28 @@ class JobConfig:
     def processor_config(self) -> SkipDecodeProcessorConfig:
         """The processor's config for this job (rows are named ``prompt`` and ``id`` by ``read_units``)."""
         return SkipDecodeProcessorConfig(
-            model_source=self.model, batch_size=self.batch_size, bucket_window=max(1, self.bucket_window),
-            concurrency=tuple(self.actors), num_cpus_per_actor=self.cpus_per_actor,
-            num_gpus_per_actor=self.gpus_per_actor, torch_threads=self.threads_per_actor, device=self.device,
-            apply_chat_template=self.chat, schedule=self.schedule, id_column="id", max_model_len=self.max_positions,
+            model_source=self.model,
+            batch_size=self.batch_size,
+            bucket_window=max(1, self.bucket_window),
+            concurrency=tuple(self.actors),
+            num_cpus_per_actor=self.cpus_per_actor,
+            num_gpus_per_actor=self.gpus_per_actor,
+            torch_threads=self.threads_per_actor,
+            device=self.device,
+            apply_chat_template=self.chat,
+            schedule=self.schedule,
+            id_column="id",
+            max_model_len=self.max_positions,
             engine_retries=self.engine_retries,
-            sampling_params={"max_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                             "top_k": self.top_k, "seed": self.seed, "stop": list(self.stop)})
+            sampling_params={
+                "max_tokens": self.max_new_tokens,
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "top_k": self.top_k,
+                "seed": self.seed,
+                "stop": list(self.stop),
+            },
+        )
 
 
 def model_facts(spec: str, schedule_args: argparse.Namespace) -> tuple[Any, Any, int]:
@@ -156,11 +179,23 @@ def manifest_for(input_path: str, cfg: JobConfig) -> Manifest:
     """The settings this run records in (and compares with) the output's manifest."""
     from skipray import __version__
 
-    return Manifest(input=input_path, model=cfg.model, schedule=cfg.schedule,
-                    sampling={"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                              "top_k": cfg.top_k, "seed": cfg.seed, "stop": list(cfg.stop)},
-                    chat=cfg.chat, prompt_column=cfg.prompt_column, id_column=cfg.id_column,
-                    skipray_version=__version__)
+    return Manifest(
+        input=input_path,
+        model=cfg.model,
+        schedule=cfg.schedule,
+        sampling={
+            "max_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "top_k": cfg.top_k,
+            "seed": cfg.seed,
+            "stop": list(cfg.stop),
+        },
+        chat=cfg.chat,
+        prompt_column=cfg.prompt_column,
+        id_column=cfg.id_column,
+        skipray_version=__version__,
+    )
 
 
 def check_paths(input_path: str, output: str, cfg: JobConfig, joined: bool) -> None:
@@ -175,11 +210,13 @@ def check_paths(input_path: str, output: str, cfg: JobConfig, joined: bool) -> N
                 raise InputError(
                     f"{flag} {path!r} is a local path, and this job runs on a Ray cluster it joined: each node would "
                     f"see its own disk. Use s3://, declare a mount every node shares with --shared-mount, or use "
-                    f"{LOCAL_SCHEME}{path} (files on the driver's node only)")
+                    f"{LOCAL_SCHEME}{path} (files on the driver's node only)"
+                )
 
 
-def plan(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None,
-         joined: bool | None = None) -> Plan:
+def plan(
+    input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None, joined: bool | None = None
+) -> Plan:
     """Driver-side checks and planning; reads only, writes nothing (no Ray needed). Raises ``InputError``
     for an unusable input or paths, ``OutputError`` for an output the job may not use or cannot read.
     ``joined``: whether the job runs on a cluster it joined (default: ``RAY_ADDRESS`` is set)."""
@@ -192,14 +229,36 @@ def plan(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None =
     out_fs, out_path = filesystem_for(output, s3_endpoint)
     check = check_input(in_path, in_fs, cfg.prompt_column, cfg.id_column)
     where = lambda p: uri(out_fs, p)  # noqa: E731
-    claimed = claim(out_fs, out_path, manifest_for(uri(in_fs, in_path), cfg), cfg.allow_foreign_files,
-                    cfg.allow_changed_settings, where=uri(out_fs, out_path))
+    claimed = claim(
+        out_fs,
+        out_path,
+        manifest_for(uri(in_fs, in_path), cfg),
+        cfg.allow_foreign_files,
+        cfg.allow_changed_settings,
+        where=uri(out_fs, out_path),
+    )
     cut = inspect(out_fs, claimed.files, where)
     done = read_done([f for f in claimed.files if f not in cut], out_fs, where)
     units, pending = plan_units(check, done, in_fs)
     processor = SkipDecodeProcessor(cfg.processor_config()) if pending else None
-    return Plan(cfg, in_fs, out_fs, out_path, check, units, claimed.files, pending, processor,
-                time.perf_counter() - t0, claimed, cut, done, s3_endpoint, local_in, local_out)
+    return Plan(
+        cfg,
+        in_fs,
+        out_fs,
+        out_path,
+        check,
+        units,
+        claimed.files,
+        pending,
+        processor,
+        time.perf_counter() - t0,
+        claimed,
+        cut,
+        done,
+        s3_endpoint,
+        local_in,
+        local_out,
+    )
 
 
 def build_pipeline(p: Plan):
@@ -211,12 +270,21 @@ def build_pipeline(p: Plan):
     if p.local_input:  # local:// input: the files are on the driver's node
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        pin["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                    soft=False)
+        pin["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
-    ds = ds.map_batches(read_units, batch_format="pyarrow", batch_size=1, num_cpus=0.25,
-                        fn_kwargs={"fs": p.in_fs, "schema": p.check.schema, "prompt_column": cfg.prompt_column,
-                                   "id_column": cfg.id_column}, **pin)
+    ds = ds.map_batches(
+        read_units,
+        batch_format="pyarrow",
+        batch_size=1,
+        num_cpus=0.25,
+        fn_kwargs={
+            "fs": p.in_fs,
+            "schema": p.check.schema,
+            "prompt_column": cfg.prompt_column,
+            "id_column": cfg.id_column,
+        },
+        **pin,
+    )
     ds = p.processor.generate(ds)
     return ds.map_batches(job_columns, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
 
@@ -236,8 +304,9 @@ def _write(p: Plan) -> None:
         os.environ.setdefault("RAY_DATA_CLUSTER_AUTOSCALER", "V2")
     target = LOCAL_SCHEME + p.out_path if p.local_output else p.out_path
     try:
-        build_pipeline(p).write_parquet(target, filesystem=None if p.local_output else p.out_fs,
-                                        filename_provider=JobFiles())
+        build_pipeline(p).write_parquet(
+            target, filesystem=None if p.local_output else p.out_fs, filename_provider=JobFiles()
+        )
     finally:
         options.resource_limits = before
 
@@ -261,12 +330,14 @@ def execute(p: Plan) -> Summary:
         new = [f for f in claim(p.out_fs, p.out_path, p.claim.manifest, True, True).files if f not in set(p.before)]
         dropped = supersede(p.out_fs, p.out_path, p.done, new) if p.done else 0
         if dropped:
-            print(f"[skipray] replaced {dropped} engine-error rows of earlier runs with this run's rows",
-                  file=sys.stderr)
+            print(
+                f"[skipray] replaced {dropped} engine-error rows of earlier runs with this run's rows", file=sys.stderr
+            )
     return summarize(new, p.out_fs, time.perf_counter() - t0, p.check.num_rows - p.pending)
 
 
-def run(input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None,
-        joined: bool | None = None) -> Summary:
+def run(
+    input_path: str, output: str, cfg: JobConfig, s3_endpoint: str | None = None, joined: bool | None = None
+) -> Summary:
     """``plan`` then ``execute``."""
     return execute(plan(input_path, output, cfg, s3_endpoint, joined))

@@ -6,7 +6,8 @@ boto3 because pyarrow's filesystem cannot make conditional writes). It holds the
 token, host, pid, start time) and a heartbeat time that a daemon thread refreshes every ``heartbeat_s``
 seconds while the job runs. A second job finds the lock and is refused (``OutputError``, naming the
 owner) while the heartbeat is younger than ``stale_s`` and, when the holder ran on the same host, its
-process lives; otherwise the lock was left by a dead job and is taken over with a message. ``release()`` stops the heartbeat and removes the lock if it is still ours.
+process lives; otherwise the lock was left by a dead job and is taken over with a message.
+``release()`` stops the heartbeat and removes the lock if it is still ours.
 Clocks: staleness compares the holder's clock with the reader's; keep hosts within ``stale_s`` of each
 other (NTP). Taking over a stale lock deletes it and creates a new one conditionally, so two jobs
 taking over at once cannot both win.
@@ -43,8 +44,15 @@ def _dead_here(held: dict) -> bool:
 class OutputLock:
     """The output's lock (module contract)."""
 
-    def __init__(self, fs, out: str, where: str | None = None, s3_endpoint: str | None = None,
-                 heartbeat_s: float = 10.0, stale_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        fs,
+        out: str,
+        where: str | None = None,
+        s3_endpoint: str | None = None,
+        heartbeat_s: float = 10.0,
+        stale_s: float = 120.0,
+    ) -> None:
         from pyarrow import fs as pafs
 
         self.fs = fs or pafs.LocalFileSystem()
@@ -58,8 +66,15 @@ class OutputLock:
         self._thread: threading.Thread | None = None
 
     def _body(self) -> str:
-        return json.dumps({"owner": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "started": self.started, "heartbeat": time.time()})
+        return json.dumps(
+            {
+                "owner": self.token,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": self.started,
+                "heartbeat": time.time(),
+            }
+        )
 
     @property
     def s3(self) -> bool:
@@ -109,10 +124,14 @@ class OutputLock:
                 if held is not None and age < self.stale_s and not _dead_here(held):
                     raise OutputError(
                         f"another job is writing {self.where!r} (host {held.get('host')}, pid {held.get('pid')}, "
-                        f"last heartbeat {age:.0f} s ago); wait for it to finish, or use another --output")
+                        f"last heartbeat {age:.0f} s ago); wait for it to finish, or use another --output"
+                    )
                 if held:
-                    print(f"[skipray] taking over the lock of a job that stopped (host {held.get('host')}, "
-                          f"pid {held.get('pid')}, last heartbeat {age:.0f} s ago)", file=sys.stderr)
+                    print(
+                        f"[skipray] taking over the lock of a job that stopped (host {held.get('host')}, "
+                        f"pid {held.get('pid')}, last heartbeat {age:.0f} s ago)",
+                        file=sys.stderr,
+                    )
                 if held is not None:
                     self.fs.delete_file(self.path)
                 if not self._create():

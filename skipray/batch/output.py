@@ -122,8 +122,9 @@ class Claim:
     messages: list[str] = field(default_factory=list)
 
 
-def claim(fs, out: str, want: Manifest, allow_foreign: bool = False, allow_changed: bool = False,
-          where: str | None = None) -> Claim:
+def claim(
+    fs, out: str, want: Manifest, allow_foreign: bool = False, allow_changed: bool = False, where: str | None = None
+) -> Claim:
     """The job's own files under ``out`` (module contract). Raises ``OutputError``; writes nothing."""
     from pyarrow import fs as pafs
 
@@ -132,10 +133,11 @@ def claim(fs, out: str, want: Manifest, allow_foreign: bool = False, allow_chang
         info = fs.get_file_info(out)
         if info.type == pafs.FileType.File:
             raise OutputError(f"--output {where!r} is a file; give a directory (the job writes several files)")
-        entries = sorted(fs.get_file_info(pafs.FileSelector(out, recursive=False))
-                         if info.type == pafs.FileType.Directory else [], key=lambda e: e.path)
-        have = (_read_text(fs, f"{out}/{MANIFEST}")
-                if any(_name(e.path) == MANIFEST for e in entries) else None)
+        entries = sorted(
+            fs.get_file_info(pafs.FileSelector(out, recursive=False)) if info.type == pafs.FileType.Directory else [],
+            key=lambda e: e.path,
+        )
+        have = _read_text(fs, f"{out}/{MANIFEST}") if any(_name(e.path) == MANIFEST for e in entries) else None
     except OutputError:
         raise
     except Exception as e:  # noqa: BLE001 - network, permission: nothing can be decided safely
@@ -150,8 +152,10 @@ def claim(fs, out: str, want: Manifest, allow_foreign: bool = False, allow_chang
         diff = {k: (v, want.compared()[k]) for k, v in manifest.compared().items() if v != want.compared()[k]}
         if diff and not allow_changed:
             lines = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
-            raise OutputError(f"the output {where!r} was written with other settings ({lines}); use a new --output, "
-                              "or pass --allow-changed-settings to add rows made with the new ones")
+            raise OutputError(
+                f"the output {where!r} was written with other settings ({lines}); use a new --output, "
+                "or pass --allow-changed-settings to add rows made with the new ones"
+            )
         if diff:
             messages.append(f"settings changed for {sorted(diff)} (--allow-changed-settings); recorded in {MANIFEST}")
         patterns = manifest.file_patterns
@@ -159,14 +163,14 @@ def claim(fs, out: str, want: Manifest, allow_foreign: bool = False, allow_chang
         existing = True
     else:
         legacy = re.compile(f"(?:{LEGACY_PATTERN})|(?:{OWN_PATTERN})")
-        adopt = bool(others) and all(e.type == pafs.FileType.File and legacy.fullmatch(_name(e.path))
-                                     for e in others)
+        adopt = bool(others) and all(e.type == pafs.FileType.File and legacy.fullmatch(_name(e.path)) for e in others)
         if others and not adopt and not allow_foreign:
-            foreign = next(e for e in others if not (e.type == pafs.FileType.File and
-                                                     legacy.fullmatch(_name(e.path))))
-            raise OutputError(f"the output {where!r} holds {_name(foreign.path)!r} and no {MANIFEST}: it is not a "
-                              "skipray job's output; use a new --output, or pass --allow-foreign-files to write "
-                              "beside those files (they are never read or touched)")
+            foreign = next(e for e in others if not (e.type == pafs.FileType.File and legacy.fullmatch(_name(e.path))))
+            raise OutputError(
+                f"the output {where!r} holds {_name(foreign.path)!r} and no {MANIFEST}: it is not a "
+                "skipray job's output; use a new --output, or pass --allow-foreign-files to write "
+                "beside those files (they are never read or touched)"
+            )
         manifest = Manifest(**{**asdict(want), "file_patterns": [OWN_PATTERN] + ([LEGACY_PATTERN] if adopt else [])})
         if adopt:
             messages.append(f"adopting {len(others)} output files of an earlier skipray version in {where!r}")
@@ -194,8 +198,10 @@ def inspect(fs, files: list[str], where=lambda p: p) -> list[str]:
                 f.seek(size - 4)
                 return f.read(4) != PARQUET_MAGIC
         except Exception as e:  # noqa: BLE001 - throttling, permission, network: never a reason to move
-            raise OutputError(f"cannot check output file {where(path)!r}: {e}; nothing was moved or written; "
-                              "re-run when it is readable") from e
+            raise OutputError(
+                f"cannot check output file {where(path)!r}: {e}; nothing was moved or written; "
+                "re-run when it is readable"
+            ) from e
 
     return [f for f, bad in zip(files, map_files(cut_short, files)) if bad]
 
@@ -209,8 +215,11 @@ def quarantine(fs, out: str, files: list[str], where=lambda p: p) -> list[str]:
     for f in files:
         dest = f"{out}/{QUARANTINE}/{time.strftime('%Y%m%dT%H%M%S')}-{_name(f)}"
         fs.move(f, dest)
-        print(f"[skipray] resume: {where(f)} was cut short by a crash; moved to {where(dest)} "
-              "(its rows are generated again)", file=sys.stderr)
+        print(
+            f"[skipray] resume: {where(f)} was cut short by a crash; moved to {where(dest)} "
+            "(its rows are generated again)",
+            file=sys.stderr,
+        )
         moved.append(dest)
     return moved
 

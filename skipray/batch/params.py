@@ -24,9 +24,21 @@ from typing import Any
 import pyarrow as pa
 
 IMPLEMENTED: dict[str, Any] = {
-    "max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": [],
-    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0,
-    "stop_token_ids": [], "bad_words": [], "ignore_eos": False, "logit_bias": None,
+    "max_tokens": 64,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "seed": None,
+    "stop": [],
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_p": 0.0,
+    "min_tokens": 0,
+    "stop_token_ids": [],
+    "bad_words": [],
+    "ignore_eos": False,
+    "logit_bias": None,
     "include_stop_str_in_output": False,
 }
 NO_OP: dict[str, Any] = {  # field -> predicate of the values that change nothing
@@ -39,19 +51,42 @@ NO_OP: dict[str, Any] = {  # field -> predicate of the values that change nothin
     "logprobs": lambda v: v in (0, None),
     "prompt_logprobs": lambda v: v in (0, None),
 }
-INT_RANGES = {"max_tokens": (1, 2**31 - 1), "top_k": (-1, 2**31 - 1), "seed": (-(2**63), 2**63 - 1),
-              "min_tokens": (0, 2**31 - 1)}
-FLOAT_RANGES = {"temperature": (0.0, math.inf), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
-                "frequency_penalty": (-2.0, 2.0), "repetition_penalty": (0.0, math.inf), "min_p": (0.0, 1.0)}
-PARAMS_TYPE = pa.struct([
-    ("max_tokens", pa.int32()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()),
-    ("seed", pa.int64()), ("stop", pa.list_(pa.string())), ("skip", pa.string()),
-    ("presence_penalty", pa.float64()), ("frequency_penalty", pa.float64()), ("repetition_penalty", pa.float64()),
-    ("min_p", pa.float64()), ("min_tokens", pa.int32()), ("stop_token_ids", pa.list_(pa.int32())),
-    ("bad_words_ids", pa.list_(pa.list_(pa.int32()))), ("ignore_eos", pa.bool_()),
-    ("logit_bias_ids", pa.list_(pa.int32())), ("logit_bias_values", pa.list_(pa.float64())),
-    ("include_stop", pa.bool_()),
-])
+INT_RANGES = {
+    "max_tokens": (1, 2**31 - 1),
+    "top_k": (-1, 2**31 - 1),
+    "seed": (-(2**63), 2**63 - 1),
+    "min_tokens": (0, 2**31 - 1),
+}
+FLOAT_RANGES = {
+    "temperature": (0.0, math.inf),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "repetition_penalty": (0.0, math.inf),
+    "min_p": (0.0, 1.0),
+}
+PARAMS_TYPE = pa.struct(
+    [
+        ("max_tokens", pa.int32()),
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("top_k", pa.int32()),
+        ("seed", pa.int64()),
+        ("stop", pa.list_(pa.string())),
+        ("skip", pa.string()),
+        ("presence_penalty", pa.float64()),
+        ("frequency_penalty", pa.float64()),
+        ("repetition_penalty", pa.float64()),
+        ("min_p", pa.float64()),
+        ("min_tokens", pa.int32()),
+        ("stop_token_ids", pa.list_(pa.int32())),
+        ("bad_words_ids", pa.list_(pa.list_(pa.int32()))),
+        ("ignore_eos", pa.bool_()),
+        ("logit_bias_ids", pa.list_(pa.int32())),
+        ("logit_bias_values", pa.list_(pa.float64())),
+        ("include_stop", pa.bool_()),
+    ]
+)
 
 
 def _int(name: str, v: Any, lo: int, hi: int) -> int:
@@ -113,13 +148,18 @@ def resolve(row_params: Any, defaults: dict) -> dict:
     given = {k: v for k, v in (row_params or {}).items() if v is not None}
     for k, v in given.items():
         if k in NO_OP and not NO_OP[k](v):
-            why = ("n > 1 is not supported in batch rows: the job writes one row per id" if k == "n"
-                   else f"{k}={v!r} is not supported (it would change the output); omit it or use its default")
+            why = (
+                "n > 1 is not supported in batch rows: the job writes one row per id"
+                if k == "n"
+                else f"{k}={v!r} is not supported (it would change the output); omit it or use its default"
+            )
             raise ValueError(why)
     unknown = sorted(k for k in given if k not in IMPLEMENTED and k not in NO_OP)
     if unknown:
-        raise ValueError(f"unsupported sampling params {unknown}; supported: {sorted(IMPLEMENTED)} "
-                         f"(accepted without effect: {sorted(NO_OP)})")
+        raise ValueError(
+            f"unsupported sampling params {unknown}; supported: {sorted(IMPLEMENTED)} "
+            f"(accepted without effect: {sorted(NO_OP)})"
+        )
     base = dict(IMPLEMENTED)
     base.update({k: v for k, v in defaults.items() if v is not None and k in IMPLEMENTED})
     base.update({k: v for k, v in given.items() if k in IMPLEMENTED})
@@ -132,13 +172,26 @@ def resolve(row_params: Any, defaults: dict) -> dict:
 def to_row(p: dict, seed: int | None, skip: str | None, bad_words_ids: list[list[int]]) -> dict:
     """A resolved dict (``resolve``) as ``PARAMS_TYPE`` values."""
     bias = p["logit_bias"] or {}
-    return {"max_tokens": p["max_tokens"], "temperature": p["temperature"], "top_p": p["top_p"],
-            "top_k": max(p["top_k"], 0), "seed": seed, "stop": p["stop"], "skip": skip,
-            "presence_penalty": p["presence_penalty"], "frequency_penalty": p["frequency_penalty"],
-            "repetition_penalty": p["repetition_penalty"], "min_p": p["min_p"], "min_tokens": p["min_tokens"],
-            "stop_token_ids": p["stop_token_ids"], "bad_words_ids": bad_words_ids, "ignore_eos": p["ignore_eos"],
-            "logit_bias_ids": list(bias), "logit_bias_values": list(bias.values()),
-            "include_stop": p["include_stop_str_in_output"]}
+    return {
+        "max_tokens": p["max_tokens"],
+        "temperature": p["temperature"],
+        "top_p": p["top_p"],
+        "top_k": max(p["top_k"], 0),
+        "seed": seed,
+        "stop": p["stop"],
+        "skip": skip,
+        "presence_penalty": p["presence_penalty"],
+        "frequency_penalty": p["frequency_penalty"],
+        "repetition_penalty": p["repetition_penalty"],
+        "min_p": p["min_p"],
+        "min_tokens": p["min_tokens"],
+        "stop_token_ids": p["stop_token_ids"],
+        "bad_words_ids": bad_words_ids,
+        "ignore_eos": p["ignore_eos"],
+        "logit_bias_ids": list(bias),
+        "logit_bias_values": list(bias.values()),
+        "include_stop": p["include_stop_str_in_output"],
+    }
 
 
 def sampling_params(row: dict):
@@ -147,9 +200,19 @@ def sampling_params(row: dict):
 
     bias = dict(zip(row["logit_bias_ids"] or [], row["logit_bias_values"] or []))
     return SamplingParams(
-        max_tokens=row["max_tokens"], temperature=row["temperature"], top_p=row["top_p"], top_k=row["top_k"],
-        seed=row["seed"], stop=tuple(row["stop"] or ()), presence_penalty=row["presence_penalty"],
-        frequency_penalty=row["frequency_penalty"], repetition_penalty=row["repetition_penalty"],
-        min_p=row["min_p"], min_tokens=row["min_tokens"], stop_token_ids=tuple(row["stop_token_ids"] or ()),
-        bad_words_ids=tuple(tuple(w) for w in row["bad_words_ids"] or ()), ignore_eos=bool(row["ignore_eos"]),
-        logit_bias=bias or None)
+        max_tokens=row["max_tokens"],
+        temperature=row["temperature"],
+        top_p=row["top_p"],
+        top_k=row["top_k"],
+        seed=row["seed"],
+        stop=tuple(row["stop"] or ()),
+        presence_penalty=row["presence_penalty"],
+        frequency_penalty=row["frequency_penalty"],
+        repetition_penalty=row["repetition_penalty"],
+        min_p=row["min_p"],
+        min_tokens=row["min_tokens"],
+        stop_token_ids=tuple(row["stop_token_ids"] or ()),
+        bad_words_ids=tuple(tuple(w) for w in row["bad_words_ids"] or ()),
+        ignore_eos=bool(row["ignore_eos"]),
+        logit_bias=bias or None,
+    )

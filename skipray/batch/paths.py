@@ -29,7 +29,7 @@ def has_magic(path: str) -> bool:
 def split_scheme(path: str) -> tuple[bool, str]:
     """-> (whether the path had Ray's ``local://`` prefix, the path without it)."""
     if path.startswith(LOCAL_SCHEME):
-        return True, path[len(LOCAL_SCHEME):]
+        return True, path[len(LOCAL_SCHEME) :]
     return False, path
 
 
@@ -60,8 +60,8 @@ def glob_match(pattern: str, path: str) -> bool:
     base = glob_base(pattern)
     if not (path == base or path.startswith(base.rstrip("/") + "/")):
         return False
-    rest_pat = pattern[len(base):].strip("/").split("/")
-    rest = path[len(base):].strip("/").split("/")
+    rest_pat = pattern[len(base) :].strip("/").split("/")
+    rest = path[len(base) :].strip("/").split("/")
     if any(p.startswith((".", "_")) for p in rest):
         return False
     return _match_segments(rest_pat, rest)
@@ -85,7 +85,7 @@ def overlap(input_path: str, output_path: str, probe_name: str = "skipray-probe.
     in_s3, out_s3 = input_path.startswith("s3://"), output_path.startswith("s3://")
     if in_s3 != out_s3:
         return None
-    strip = (lambda p: p[len("s3://"):]) if in_s3 else (lambda p: split_scheme(p)[1])
+    strip = (lambda p: p[len("s3://") :]) if in_s3 else (lambda p: split_scheme(p)[1])
     inp, out = strip(input_path).rstrip("/"), strip(output_path).rstrip("/")
     out_segs = _segments(out, not in_s3)
     if has_magic(inp):
@@ -93,8 +93,8 @@ def overlap(input_path: str, output_path: str, probe_name: str = "skipray-probe.
         if _is_prefix(out_segs, base_segs):
             return f"the output {output_path!r} contains the input glob's directory"
         if _is_prefix(base_segs, out_segs):
-            rest = "/".join([*out_segs[len(base_segs):], probe_name])
-            pattern = "/".join(["", *base_segs, inp[len(glob_base(inp)):].strip("/")])
+            rest = "/".join([*out_segs[len(base_segs) :], probe_name])
+            pattern = "/".join(["", *base_segs, inp[len(glob_base(inp)) :].strip("/")])
             if glob_match(pattern, "/" + "/".join(base_segs) + "/" + rest):
                 return f"the input glob {input_path!r} would match the job's files in {output_path!r}"
         return None

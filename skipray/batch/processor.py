@@ -52,8 +52,8 @@ def model_facts(spec: str) -> ModelFacts:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from skipray.loading import resolve, trained_schedule
     from skipray.core.model import SkipModel
+    from skipray.loading import resolve, trained_schedule
 
     base, adapter = resolve(spec)
     with torch.device("meta"):
@@ -63,8 +63,8 @@ def model_facts(spec: str) -> ModelFacts:
 
 def resolve_schedule(schedule: Any, facts: ModelFacts):
     """The config's ``schedule`` (skip flags, a ``SkipSchedule`` or its dict form, None) -> ``SkipSchedule``."""
-    from skipray.options import schedule_from_args
     from skipray.core.schedule import SkipSchedule
+    from skipray.options import schedule_from_args
 
     if isinstance(schedule, SkipSchedule):
         return schedule
@@ -85,9 +85,15 @@ def _merge(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
 class SkipDecodeProcessor:
     """``Dataset -> Dataset`` (module contract). Built by ``build_processor``."""
 
-    def __init__(self, config: SkipDecodeProcessorConfig, preprocess: Callable | None = None,
-                 postprocess: Callable | None = None, preprocess_map_kwargs: dict | None = None,
-                 postprocess_map_kwargs: dict | None = None, facts: ModelFacts | None = None) -> None:
+    def __init__(
+        self,
+        config: SkipDecodeProcessorConfig,
+        preprocess: Callable | None = None,
+        postprocess: Callable | None = None,
+        preprocess_map_kwargs: dict | None = None,
+        postprocess_map_kwargs: dict | None = None,
+        facts: ModelFacts | None = None,
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
@@ -98,15 +104,26 @@ class SkipDecodeProcessor:
         self.schedule = resolve_schedule(config.schedule, self.facts)
         context = min(config.max_model_len or self.facts.max_positions, self.facts.max_positions)
         self.row_context = RowContext(
-            tokenizer=ShippedTokenizer(AutoTokenizer.from_pretrained(self.facts.base)), max_model_len=context,
-            num_layers=self.facts.num_layers, trained=self.facts.trained.to_dict() if self.facts.trained else None,
-            apply_chat_template=config.apply_chat_template, defaults=dict(config.sampling_params),
-            id_column=config.id_column)
+            tokenizer=ShippedTokenizer(AutoTokenizer.from_pretrained(self.facts.base)),
+            max_model_len=context,
+            num_layers=self.facts.num_layers,
+            trained=self.facts.trained.to_dict() if self.facts.trained else None,
+            apply_chat_template=config.apply_chat_template,
+            defaults=dict(config.sampling_params),
+            id_column=config.id_column,
+        )
         max_tokens = int(config.sampling_params.get("max_tokens") or 64)
         self.actor_spec = ActorSpec(
-            model=config.model_source, schedule=self.schedule.to_dict(), batch_size=config.batch_size,
-            bucket=config.bucket_window > 1, max_len=min(context, 256 + max_tokens), threads=config.torch_threads,
-            max_actors=config.pool[1], device=config.device, engine_retries=config.engine_retries)
+            model=config.model_source,
+            schedule=self.schedule.to_dict(),
+            batch_size=config.batch_size,
+            bucket=config.bucket_window > 1,
+            max_len=min(context, 256 + max_tokens),
+            threads=config.torch_threads,
+            max_actors=config.pool[1],
+            device=config.device,
+            engine_retries=config.engine_retries,
+        )
 
     def __call__(self, ds):
         """preprocess -> generate -> postprocess (lazy)."""
@@ -124,8 +141,9 @@ class SkipDecodeProcessor:
         cfg = self.config
         spec = self.actor_spec
         ds = ds.repartition(target_num_rows_per_block=cfg.window)
-        ds = ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
-                            fn_kwargs={"ctx": self.row_context})
+        ds = ds.map_batches(
+            prepare_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5, fn_kwargs={"ctx": self.row_context}
+        )
         lo, hi = cfg.pool
         # an actor that crashes on a window (a device error that kills the process) is restarted and the window
         # retried engine_retries times; then the job fails, and rows not written are left for a re-run
@@ -135,13 +153,23 @@ class SkipDecodeProcessor:
         if cfg.accelerator_type:
             remote["accelerator_type"] = cfg.accelerator_type
         # looked up at call time, so a subclass set on the module (bench/bench_batch.py's timing) is used
-        return ds.map_batches(batch_actor.Generator, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow",
-                              batch_size=cfg.window, compute=ActorPoolStrategy(min_size=lo, max_size=hi), **remote)
+        return ds.map_batches(
+            batch_actor.Generator,
+            fn_constructor_kwargs={"spec": spec},
+            batch_format="pyarrow",
+            batch_size=cfg.window,
+            compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+            **remote,
+        )
 
 
-def build_processor(config: SkipDecodeProcessorConfig, preprocess: Callable | None = None,
-                    postprocess: Callable | None = None, preprocess_map_kwargs: dict | None = None,
-                    postprocess_map_kwargs: dict | None = None) -> SkipDecodeProcessor:
+def build_processor(
+    config: SkipDecodeProcessorConfig,
+    preprocess: Callable | None = None,
+    postprocess: Callable | None = None,
+    preprocess_map_kwargs: dict | None = None,
+    postprocess_map_kwargs: dict | None = None,
+) -> SkipDecodeProcessor:
     """A skip-decoding processor (module contract). Raises ``FileNotFoundError`` / ``ValueError`` for a
     model or schedule that cannot be used, before any Ray work."""
     return SkipDecodeProcessor(config, preprocess, postprocess, preprocess_map_kwargs, postprocess_map_kwargs)

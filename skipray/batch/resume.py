@@ -35,10 +35,20 @@ from skipray.batch.rows import ERROR_KIND, GENERATED_COLUMNS, INTERNAL_COLUMNS, 
 SOURCE_COLUMNS = ("source_file", "source_row")
 # the job's output columns, first in every output file (``num_prompt_tokens``: the job's older name of
 # ``num_input_tokens``, kept so outputs and readers of earlier versions go on working)
-OUTPUT_COLUMNS = ("id", "prompt", "generated_text", "num_prompt_tokens", "num_generated_tokens",
-                  "avg_layers", "finish_reason", "error", ERROR_KIND)
-JOB_RESERVED = frozenset(OUTPUT_COLUMNS) | set(GENERATED_COLUMNS) | set(SOURCE_COLUMNS) | set(INTERNAL_COLUMNS) | {
-    "messages"}  # the prompt column is the prompt: an input ``messages`` column is kept, renamed
+OUTPUT_COLUMNS = (
+    "id",
+    "prompt",
+    "generated_text",
+    "num_prompt_tokens",
+    "num_generated_tokens",
+    "avg_layers",
+    "finish_reason",
+    "error",
+    ERROR_KIND,
+)
+JOB_RESERVED = (
+    frozenset(OUTPUT_COLUMNS) | set(GENERATED_COLUMNS) | set(SOURCE_COLUMNS) | set(INTERNAL_COLUMNS) | {"messages"}
+)  # the prompt column is the prompt: an input ``messages`` column is kept, renamed
 
 
 @dataclass
@@ -68,8 +78,9 @@ def read_done(files: list[str], fs, where=lambda p: p) -> Done:
             cols = ["id"] + [c for c in (*SOURCE_COLUMNS, ERROR_KIND) if c in pf.schema_arrow.names]
             return pf.read(columns=cols)
         except Exception as e:  # noqa: BLE001 - throttling, permission, network: never a reason to delete
-            raise OutputError(f"cannot read output file {where(f)!r}: {e}; nothing was moved or written; "
-                              "re-run when it is readable") from e
+            raise OutputError(
+                f"cannot read output file {where(f)!r}: {e}; nothing was moved or written; re-run when it is readable"
+            ) from e
 
     tables = map_files(one, files)
     ids, nulls, engine_files = [], set(), []
@@ -158,11 +169,16 @@ def plan_units(check: InputCheck, done: Done, fs) -> tuple[list[dict[str, Any]],
         try:
             value_set = done.ids.cast(check.ids.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise InputError(f"the output's ids ({done.ids.type}) do not match the input's ({check.ids.type}): "
-                             f"write to a new output ({e})") from e
+            raise InputError(
+                f"the output's ids ({done.ids.type}) do not match the input's ({check.ids.type}): "
+                f"write to a new output ({e})"
+            ) from e
         done_mask = _to_numpy(pc.is_in(check.ids, value_set=value_set))
-    dup_mask = (_to_numpy(pc.is_in(check.ids, value_set=check.duplicate_ids)) if len(check.duplicate_ids)
-                else np.zeros(n, dtype=bool))
+    dup_mask = (
+        _to_numpy(pc.is_in(check.ids, value_set=check.duplicate_ids))
+        if len(check.duplicate_ids)
+        else np.zeros(n, dtype=bool)
+    )
     units, offset = [], 0
     for fi, (f, groups) in enumerate(zip(check.files, check.row_groups)):
         name = uri(fs, f)
@@ -175,9 +191,18 @@ def plan_units(check: InputCheck, done: Done, fs) -> tuple[list[dict[str, Any]],
         for g, rows in enumerate(groups):
             span = slice(offset + first, offset + first + rows)
             if rows and not done_mask[span].all():
-                units.append({"file": f, "uri": name, "row_group": g, "first_row": first, "num_rows": rows,
-                              "done": _bits(done_mask[span]), "dup": _bits(dup_mask[span]),
-                              "identity": list(check.identities[fi])})
+                units.append(
+                    {
+                        "file": f,
+                        "uri": name,
+                        "row_group": g,
+                        "first_row": first,
+                        "num_rows": rows,
+                        "done": _bits(done_mask[span]),
+                        "dup": _bits(dup_mask[span]),
+                        "identity": list(check.identities[fi]),
+                    }
+                )
             first += rows
         offset += first
     return units, n - int(done_mask.sum())
@@ -185,8 +210,10 @@ def plan_units(check: InputCheck, done: Done, fs) -> tuple[list[dict[str, Any]],
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with exactly ``schema``'s columns and types (missing columns null)."""
-    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-            for f in schema]
+    cols = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
     return pa.Table.from_arrays(cols, schema=schema)
 
 
@@ -196,8 +223,10 @@ class InputChanged(RuntimeError):
 
 def _check_identity(fs, u: dict) -> None:
     if file_identity(fs, u["file"]) != tuple(u["identity"]):
-        raise InputChanged(f"input {u['uri']} changed after the job planned it (size or modification time): "
-                           "the job stopped before writing its rows; re-run it")
+        raise InputChanged(
+            f"input {u['uri']} changed after the job planned it (size or modification time): "
+            "the job stopped before writing its rows; re-run it"
+        )
 
 
 def read_units(units: pa.Table, fs, schema: pa.Schema, prompt_column: str, id_column: str) -> pa.Table:
@@ -213,8 +242,10 @@ def read_units(units: pa.Table, fs, schema: pa.Schema, prompt_column: str, id_co
         _check_identity(fs, u)
         n = t.num_rows
         if n != u["num_rows"]:
-            raise InputChanged(f"{u['uri']} row group {u['row_group']} has {n} rows, planned {u['num_rows']}: "
-                               f"the input changed while the job ran")
+            raise InputChanged(
+                f"{u['uri']} row group {u['row_group']} has {n} rows, planned {u['num_rows']}: "
+                f"the input changed while the job ran"
+            )
         t, bad = utf8_columns(t, null_columns=(id_column,))
         keep = ~unbits(u["done"], n)
         dup = unbits(u["dup"], n)
@@ -227,15 +258,19 @@ def read_units(units: pa.Table, fs, schema: pa.Schema, prompt_column: str, id_co
                 errors[i] = "id is null"
             elif d:
                 errors[i] = f"duplicate id {v!r}: it occurs more than once in the input"
-        t = (t.append_column(SOURCE_COLUMNS[0], pa.array([u["uri"]] * n, pa.string()))
-              .append_column(SOURCE_COLUMNS[1], pa.array(np.arange(u["first_row"], u["first_row"] + n), pa.int64()))
-              .append_column(PRE_ERROR, pa.array(errors, pa.string())))
+        t = (
+            t.append_column(SOURCE_COLUMNS[0], pa.array([u["uri"]] * n, pa.string()))
+            .append_column(SOURCE_COLUMNS[1], pa.array(np.arange(u["first_row"], u["first_row"] + n), pa.int64()))
+            .append_column(PRE_ERROR, pa.array(errors, pa.string()))
+        )
         out.append(t.filter(pa.array(keep)) if not keep.all() else t)
     if not out:  # no units: an empty table of the same columns
         empty = conform(pa.table({}), schema)
-        out = [empty.append_column(SOURCE_COLUMNS[0], pa.array([], pa.string()))
-                    .append_column(SOURCE_COLUMNS[1], pa.array([], pa.int64()))
-                    .append_column(PRE_ERROR, pa.array([], pa.string()))]
+        out = [
+            empty.append_column(SOURCE_COLUMNS[0], pa.array([], pa.string()))
+            .append_column(SOURCE_COLUMNS[1], pa.array([], pa.int64()))
+            .append_column(PRE_ERROR, pa.array([], pa.string()))
+        ]
     return job_names(pa.concat_tables(out), prompt_column, id_column)
 
 
@@ -243,7 +278,6 @@ def job_names(table: pa.Table, prompt_column: str, id_column: str) -> pa.Table:
     """Rename clashing input columns (``input_<name>``, unique), then the prompt and id columns."""
     own = {SOURCE_COLUMNS[0], SOURCE_COLUMNS[1], PRE_ERROR}
     names = table.column_names
-    renames = unique_renames([c for c in names if c not in own and c not in (prompt_column, id_column)],
-                             JOB_RESERVED)
+    renames = unique_renames([c for c in names if c not in own and c not in (prompt_column, id_column)], JOB_RESERVED)
     renames[prompt_column], renames[id_column] = "prompt", "id"
     return table.rename_columns([renames.get(c, c) for c in names])

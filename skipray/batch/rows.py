@@ -42,8 +42,16 @@ from skipray.batch.params import PARAMS_TYPE, resolve, sampling_params, to_row
 
 # columns the processor adds (Ray Data LLM's names, plus skip decoding's and the error column)
 ERROR_KIND = "error_kind"  # why a row has an error: "input" (permanent) or "engine" (a re-run retries it)
-GENERATED_COLUMNS = ("num_input_tokens", "generated_text", "generated_tokens", "num_generated_tokens",
-                     "avg_layers", "finish_reason", "error", ERROR_KIND)
+GENERATED_COLUMNS = (
+    "num_input_tokens",
+    "generated_text",
+    "generated_tokens",
+    "num_generated_tokens",
+    "avg_layers",
+    "finish_reason",
+    "error",
+    ERROR_KIND,
+)
 TOKENS = "__skipray_token_ids"  # internal: the prompt's token ids
 PARAMS = "__skipray_params"  # internal: the row's resolved sampling params and schedule flags
 PRE_ERROR = "__skipray_error"  # internal: an error found before tokenizing (the file job's id checks)
@@ -215,8 +223,8 @@ def schedule_for(flags_json: str, num_layers: int, trained: dict | None):
     import contextlib
     import io
 
-    from skipray.options import SCHEDULE_FLAGS, schedule_from_args
     from skipray.core.schedule import SkipSchedule
+    from skipray.options import SCHEDULE_FLAGS, schedule_from_args
 
     flags = json.loads(flags_json)
     unknown = sorted(set(flags) - set(SCHEDULE_FLAGS) - {"full"})
@@ -224,8 +232,9 @@ def schedule_for(flags_json: str, num_layers: int, trained: dict | None):
         raise ValueError(f"unknown skip flags {unknown}; known: {['full', *SCHEDULE_FLAGS]}")
     with contextlib.redirect_stderr(io.StringIO()):  # the untrained-model warning, once per row otherwise
         try:
-            return schedule_from_args(argparse.Namespace(**flags), num_layers,
-                                      SkipSchedule.from_dict(trained) if trained else None)
+            return schedule_from_args(
+                argparse.Namespace(**flags), num_layers, SkipSchedule.from_dict(trained) if trained else None
+            )
         except TypeError as e:
             raise ValueError(f"invalid skip flags: {e}") from None
 
@@ -273,8 +282,10 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
             prm = to_row(p, seed, skip, banned)
             ids_i, err = _encode(tok, prompts[i], messages[i], ctx.apply_chat_template, encode_prompt, encode_messages)
             if err is None and len(ids_i) + p["max_tokens"] > ctx.max_model_len:
-                err = (f"prompt too long: {len(ids_i)} tokens + max_tokens {p['max_tokens']} exceed the "
-                       f"model's context of {ctx.max_model_len}")
+                err = (
+                    f"prompt too long: {len(ids_i)} tokens + max_tokens {p['max_tokens']} exceed the "
+                    f"model's context of {ctx.max_model_len}"
+                )
         token_ids.append([] if err else ids_i)
         lengths.append(len(ids_i) if ids_i else 0)
         errors.append(err)
@@ -282,17 +293,24 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
     if "prompt" in block.column_names:
         ptype = block.column("prompt").type
         if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype)):
-            block = block.set_column(block.column_names.index("prompt"), "prompt",
-                                     pa.array([p if isinstance(p, str) else None for p in prompts], pa.string()))
+            block = block.set_column(
+                block.column_names.index("prompt"),
+                "prompt",
+                pa.array([p if isinstance(p, str) else None for p in prompts], pa.string()),
+            )
     if PRE_ERROR in block.column_names:
         block = block.drop_columns([PRE_ERROR])
-    return (block.append_column("num_input_tokens", pa.array(lengths, pa.int32()))
-                 .append_column("error", pa.array(errors, pa.string()))
-                 .append_column(TOKENS, pa.array(token_ids, pa.list_(pa.int32())))
-                 .append_column(PARAMS, pa.array(params, PARAMS_TYPE)))
+    return (
+        block.append_column("num_input_tokens", pa.array(lengths, pa.int32()))
+        .append_column("error", pa.array(errors, pa.string()))
+        .append_column(TOKENS, pa.array(token_ids, pa.list_(pa.int32())))
+        .append_column(PARAMS, pa.array(params, PARAMS_TYPE))
+    )
 
 
-def _encode(tok, prompt: Any, messages: Any, chat: bool, encode_prompt, encode_messages) -> tuple[list[int], str | None]:
+def _encode(
+    tok, prompt: Any, messages: Any, chat: bool, encode_prompt, encode_messages
+) -> tuple[list[int], str | None]:
     """-> (token ids, None) or ([], why the row cannot be generated)."""
     try:
         if messages is not None:

@@ -145,5 +145,10 @@ class OPTFamily:
         return h
 
 
-FAMILIES = {"llama": LlamaFamily, "mistral": LlamaFamily, "qwen2": LlamaFamily, "qwen3": LlamaFamily,
-            "opt": OPTFamily}  # Hugging Face model_type -> its family
+FAMILIES = {
+    "llama": LlamaFamily,
+    "mistral": LlamaFamily,
+    "qwen2": LlamaFamily,
+    "qwen3": LlamaFamily,
+    "opt": OPTFamily,
+}  # Hugging Face model_type -> its family

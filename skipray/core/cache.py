@@ -71,8 +71,15 @@ class KVCache:
         self.filled[:, rows] = 0
         self.valid[rows] = False
 
-    def write(self, layer: int, rows: slice | torch.Tensor, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              end: int | None = None) -> None:
+    def write(
+        self,
+        layer: int,
+        rows: slice | torch.Tensor,
+        start: int | torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        end: int | None = None,
+    ) -> None:
         """Write ``k``/``v`` of shape ``(b, heads, t, head_dim)`` into cache ``rows``.
 
         ``start`` is the first slot: an int shared by all rows (prefill, static batches), or a
@@ -118,7 +125,9 @@ class KVCache:
         n = min(length, self.layer_lens[layer])
         return self.k[layer][rows, :, :n], self.v[layer][rows, :, :n]
 
-    def keys(self, layer: int, rows: slice | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def keys(
+        self, layer: int, rows: slice | torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``buffers`` and the ``(b, n)`` mask of the slots layer ``layer`` may read (``valid`` and
         below ``filled``)."""
         k, v = self.buffers(layer, rows, length)

@@ -18,7 +18,8 @@ forward passes over KV-cache rows) and the batched sampler (``skipray.core.sampl
   iterations while the decoding rows keep producing a token at every iteration.
 * ``generate`` / ``stream`` (a batch of prompts on an idle engine) are loops over ``step``: every prompt
   is queued as ``add_request`` queues it (without its size limits and queue bound: the cache grows first
-  when the call needs more slots than it has), rows are refilled as they finish. They raise what a request failed with (``raise_errors=False``:
+  when the call needs more slots than it has), rows are refilled as they finish. They raise what a
+  request failed with (``raise_errors=False``:
   the failed request ends with ``finish_reason="error"``, the others go on).
 * Offline requests (``add_request(offline=True)``) are their own admission class (``Scheduler``).
 * The cache: layer ``l`` holds ``min(max_len, max_prompt_len + k_l)`` slots, ``k_l`` the steps of
@@ -131,8 +132,9 @@ class Engine:
         """Raise ``ValueError`` for a request this engine, as it is sized, can never serve."""
         context = min(self.max_len, self.model.max_positions)
         if len(req.prompt) + req.params.max_tokens > context:
-            raise ValueError(f"{len(req.prompt)} prompt tokens + {req.params.max_tokens} new tokens exceed the "
-                             f"context of {context}")
+            raise ValueError(
+                f"{len(req.prompt)} prompt tokens + {req.params.max_tokens} new tokens exceed the context of {context}"
+            )
         if len(req.prompt) > self.max_prompt_len:
             raise ValueError(f"prompt has {len(req.prompt)} tokens; this engine takes at most {self.max_prompt_len}")
         need = layer_slots(req.schedule, len(req.prompt), req.params.max_tokens)
@@ -140,10 +142,18 @@ class Engine:
             if n > have:
                 raise ValueError(
                     f"this request's schedule needs {n} cache slots at layer {l}, which holds {have}: the cache is "
-                    f"sized for {self.cache_schedule.describe()} and prompts of at most {self.max_prompt_len} tokens")
+                    f"sized for {self.cache_schedule.describe()} and prompts of at most {self.max_prompt_len} tokens"
+                )
 
-    def _request(self, prompt: Sequence[int], params: SamplingParams, schedule: SkipSchedule | None,
-                 request_id: str | None, offline: bool = False, priority: int = 0) -> Request:
+    def _request(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        schedule: SkipSchedule | None,
+        request_id: str | None,
+        offline: bool = False,
+        priority: int = 0,
+    ) -> Request:
         schedule = schedule or self.schedule
         check_schedule(schedule, self.model.num_layers)
         validate_request(prompt, params, self.model.vocab_size, self.model.max_positions)
@@ -153,13 +163,14 @@ class Engine:
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         except (RuntimeError, OverflowError) as e:
             raise ValueError(f"invalid seed {params.seed}: {e}") from None
-        return Request(request_id or f"req-{next(self._ids)}", list(prompt), params, schedule, gen, offline,
-                       priority=priority)
+        return Request(
+            request_id or f"req-{next(self._ids)}", list(prompt), params, schedule, gen, offline, priority=priority
+        )
 
     def add_request(
         self,
         prompt: Sequence[int],
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams | None = None,
         schedule: SkipSchedule | None = None,
         request_id: str | None = None,
         offline: bool = False,
@@ -168,7 +179,7 @@ class Engine:
         """Queue a request; it joins the batch at the next iteration with a free row. -> request id.
         ``priority``: online requests are admitted lower value first (vLLM's; ``skipray.core.scheduler``).
         Raises ``ValueError`` for invalid input and ``QueueFull`` when ``max_waiting`` online requests wait."""
-        req = self._request(prompt, params, schedule, request_id, offline, priority)
+        req = self._request(prompt, params or SamplingParams(), schedule, request_id, offline, priority)
         self._check_fits(req)
         self.scheduler.add(req)
         return req.request_id
@@ -189,7 +200,7 @@ class Engine:
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
-        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
         schedule: SkipSchedule | Sequence[SkipSchedule | None] | None = None,
         raise_errors: bool = True,
     ) -> list[Completion]:
@@ -208,7 +219,7 @@ class Engine:
     def stream(
         self,
         prompts: Sequence[Sequence[int]],
-        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
         schedule: SkipSchedule | Sequence[SkipSchedule | None] | None = None,
         raise_errors: bool = True,
     ) -> Iterator[TokenEvent]:
@@ -220,6 +231,7 @@ class Engine:
         has requests of its own. A request that fails (a fault of its own, or of a pass it shared): with
         ``raise_errors`` its exception is raised and the call's other requests are dropped; without, its
         last event has ``finish_reason="error"`` and the ``error``, and the others go on."""
+        params = SamplingParams() if params is None else params
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         slist = list(schedule) if isinstance(schedule, Sequence) else [schedule] * len(prompts)
         if not len(plist) == len(slist) == len(prompts):
@@ -243,8 +255,9 @@ class Engine:
                 for ev in self.step():
                     if raise_errors and ev.finish_reason in ("error", "abort"):
                         raise ev.error or RuntimeError(f"request {ev.request_id} was aborted")
-                    yield TokenEvent(int(ev.request_id[4:]), ev.token_id, ev.layers, ev.finish_reason, ev.logprobs,
-                                     ev.error)
+                    yield TokenEvent(
+                        int(ev.request_id[4:]), ev.token_id, ev.layers, ev.finish_reason, ev.logprobs, ev.error
+                    )
         finally:
             self.scheduler.reset()  # a consumer that stops early, or a failure, leaves no request behind
 
@@ -298,8 +311,12 @@ class Engine:
     def _decode_segment(self):
         live = self.scheduler.live
         rows, layers = self.scheduler.layer_rows()
-        seg = self.runner.decode_segment([r.generated[-1] for r in live], [len(r.prompt) + r.step for r in live],
-                                         rows, [r.schedule.skips(r.step) for r in live])  # adapter where the step skips
+        seg = self.runner.decode_segment(
+            [r.generated[-1] for r in live],
+            [len(r.prompt) + r.step for r in live],
+            rows,
+            [r.schedule.skips(r.step) for r in live],
+        )  # adapter where the step skips
         return seg, layers
 
     def _decode(self) -> tuple[torch.Tensor, list[int]]:
@@ -309,8 +326,14 @@ class Engine:
 
     def _emit(self, reqs: list[Request], logits: torch.Tensor, layers: list[int], events: list[Event]) -> list[Request]:
         """Sample one token per request (row ``i`` of ``logits``); -> the requests that finished."""
-        picked, lps = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs],
-                                  [r.prompt for r in reqs], [r.generated for r in reqs], self.eos_token_ids)
+        picked, lps = sample_rows(
+            logits,
+            [r.params for r in reqs],
+            [r.generator for r in reqs],
+            [r.prompt for r in reqs],
+            [r.generated for r in reqs],
+            self.eos_token_ids,
+        )
         done = []
         for i, req in enumerate(reqs):
             tok, reason, err = picked[i], None, None
@@ -341,8 +364,9 @@ class Engine:
         if s.live:
             seg, layers = self._decode_segment()
             segments.append(seg)
-        segments += [self.runner.chunk_segment(r.prompt[a : a + n], s.row(r), a, a + n == len(r.prompt))
-                     for r, a, n in chunks]
+        segments += [
+            self.runner.chunk_segment(r.prompt[a : a + n], s.row(r), a, a + n == len(r.prompt)) for r, a, n in chunks
+        ]
         if not segments:
             return
         outs = self.runner.run_isolated(segments)
@@ -370,5 +394,9 @@ class Engine:
         if ready:
             gone += self._emit(ready, torch.cat(logits), [self.model.num_layers] * len(ready), events)
         out_ids = {id(r) for r in gone}
-        self.runner.move_rows(*s.arrange([r for r in s.live + ready if id(r) not in out_ids],
-                                         [r for r in s.prefilling if id(r) not in out_ids and r.prefilled < len(r.prompt)]))
+        self.runner.move_rows(
+            *s.arrange(
+                [r for r in s.live + ready if id(r) not in out_ids],
+                [r for r in s.prefilling if id(r) not in out_ids and r.prefilled < len(r.prompt)],
+            )
+        )

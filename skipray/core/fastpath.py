@@ -70,8 +70,13 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
             out.append(None)
             continue
         rows, cols = run
-        if (cols is not None and cols < t) or not isinstance(rows, slice) or rows.step not in (None, 1) \
-                or (rows.start or 0) != 0 or (rows.stop is not None and rows.stop < b):
+        if (
+            (cols is not None and cols < t)
+            or not isinstance(rows, slice)
+            or rows.step not in (None, 1)
+            or (rows.start or 0) != 0
+            or (rows.stop is not None and rows.stop < b)
+        ):
             return None  # some rows or columns only: the generic loop
         key = (l, use)  # one entry per layer and adapter use: a dtype change replaces it
         hit = model.fast_layers.get(key)
@@ -95,13 +100,24 @@ def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> tuple | None:
     if any(p is None for p in packs):
         return None
     links = [(model.layers._modules, str(l), layer)] + [
-        (parent._modules, name, parent._modules[name]) for parent, names in (
+        (parent._modules, name, parent._modules[name])
+        for parent, names in (
             (layer, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
-            (attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj")))
-        for name in names]
+            (attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+            (mlp, ("gate_proj", "up_proj", "down_proj")),
+        )
+        for name in names
+    ]
     entries = [(r, model.linear.entry(r)) for r in runs]  # the packs are still PackedLinears' own
-    kernels = LayerKernels(l, layer.input_layernorm, *packs[:2], layer.post_attention_layernorm, *packs[2:],
-                           (model.num_heads, model.kv_heads, model.head_dim), attn.scaling)
+    kernels = LayerKernels(
+        l,
+        layer.input_layernorm,
+        *packs[:2],
+        layer.post_attention_layernorm,
+        *packs[2:],
+        (model.num_heads, model.kv_heads, model.head_dim),
+        attn.scaling,
+    )
     return kernels, x.dtype, links, entries, [p[0] for p in packs], model.lora.depends(list(groups), use)
 
 
@@ -110,8 +126,12 @@ def _still_valid(model, links: list, entries: list, stamps: list, lora: tuple) -
     still holds, made from the tensors the modules hold now, and the same peft flags and adapter tensors.
     A few plain reads per module, against a dozen ``nn.Module.__getattr__`` calls and checks to resolve
     anew."""
-    return (linked(links) and all(model.linear.entry(r) is e for r, e in entries)
-            and all(fresh(s) for s in stamps) and model.lora.fresh(*lora))
+    return (
+        linked(links)
+        and all(model.linear.entry(r) is e for r, e in entries)
+        and all(fresh(s) for s in stamps)
+        and model.lora.fresh(*lora)
+    )
 
 
 def run_layers(kernels: list[LayerKernels | None], h: torch.Tensor, attend: Attend) -> torch.Tensor:
@@ -125,8 +145,13 @@ def run_layers(kernels: list[LayerKernels | None], h: torch.Tensor, attend: Atte
             continue
         nq, nkv, hd = k.heads
         q, key, v = apply(rms_norm(k.attn_norm, h), k.qkv)
-        o = attend(k.index, q.view(b, t, nq, hd).transpose(1, 2), key.view(b, t, nkv, hd).transpose(1, 2),
-                   v.view(b, t, nkv, hd).transpose(1, 2), k.scale)
+        o = attend(
+            k.index,
+            q.view(b, t, nq, hd).transpose(1, 2),
+            key.view(b, t, nkv, hd).transpose(1, 2),
+            v.view(b, t, nkv, hd).transpose(1, 2),
+            k.scale,
+        )
         h = h + apply(o.transpose(1, 2).reshape(b, t, nq * hd), k.o)
         gate, up = apply(rms_norm(k.mlp_norm, h), k.gate_up)
         h = h + apply(F.silu(gate) * up, k.down)

@@ -30,8 +30,12 @@ def onednn_available() -> bool:
 def stamp(modules: tuple[nn.Module, ...]) -> list[tuple]:
     """What a pack of ``modules`` was made from: per weight and bias its parameter dict, name, tensor, storage
     and version, so ``fresh`` can tell a stale pack with plain reads (no ``nn.Module.__getattr__``)."""
-    return [(m._parameters, n, t, t.data_ptr(), t._version)
-            for m in modules for n in ("weight", "bias") if (t := m._parameters.get(n)) is not None]
+    return [
+        (m._parameters, n, t, t.data_ptr(), t._version)
+        for m in modules
+        for n in ("weight", "bias")
+        if (t := m._parameters.get(n)) is not None
+    ]
 
 
 def fresh(stamp: list[tuple]) -> bool:
@@ -73,8 +77,9 @@ class PackedLinears:
         if not self.usable(module, x):
             return module(x)
         bias = module._parameters["bias"]  # not module.bias: see stamp
-        return self._guarded(lambda: torch.ops.mkldnn._linear_pointwise(x, self.pack(module), bias, "none", [], ""),
-                             lambda: module(x))
+        return self._guarded(
+            lambda: torch.ops.mkldnn._linear_pointwise(x, self.pack(module), bias, "none", [], ""), lambda: module(x)
+        )
 
     def many(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
         """``[m(x) for m in modules]``: one matmul over the modules' concatenated weights (and biases) when
@@ -111,8 +116,12 @@ class PackedLinears:
             with torch.inference_mode(False), torch.no_grad():
                 w = torch.cat([m.weight.detach() for m in modules])  # one dtype: each is usable with x
                 bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
-                hit = self._fused[modules] = (stamp(modules), torch.ops.mkldnn._reorder_linear_weight(w), bias,
-                                              [m.out_features for m in modules])
+                hit = self._fused[modules] = (
+                    stamp(modules),
+                    torch.ops.mkldnn._reorder_linear_weight(w),
+                    bias,
+                    [m.out_features for m in modules],
+                )
             return hit
 
         return self._guarded(make, lambda: None)
@@ -155,6 +164,6 @@ class PackedLinears:
 
     @property
     def nbytes(self) -> int:
-        return (sum(p.numel() * p.element_size() for _, p in self._packs.values())
-                + sum(p.numel() * p.element_size() for _, p, _, _ in self._fused.values()))
-
+        return sum(p.numel() * p.element_size() for _, p in self._packs.values()) + sum(
+            p.numel() * p.element_size() for _, p, _, _ in self._fused.values()
+        )

@@ -31,21 +31,28 @@ from skipray.core.requests import SamplingParams
 
 def needs_processing(p: SamplingParams) -> bool:
     """Whether a row asks for any control this module applies (``min_p`` is the sampler's)."""
-    return bool(p.logit_bias or p.bad_words_ids or p.min_tokens or p.repetition_penalty != 1.0
-                or p.presence_penalty or p.frequency_penalty)
+    return bool(
+        p.logit_bias
+        or p.bad_words_ids
+        or p.min_tokens
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty
+        or p.frequency_penalty
+    )
 
 
 def _banned_by_bad_words(bad: Sequence[Sequence[int]], output: Sequence[int]) -> list[int]:
     out = []
     for word in bad:
         head = list(word[:-1])
-        if not head or (len(output) >= len(head) and list(output[len(output) - len(head):]) == head):
+        if not head or (len(output) >= len(head) and list(output[len(output) - len(head) :]) == head):
             out.append(word[-1])
     return out
 
 
-def process_row(row: torch.Tensor, p: SamplingParams, prompt: Sequence[int], output: Sequence[int],
-                eos_token_ids: Sequence[int]) -> torch.Tensor:
+def process_row(
+    row: torch.Tensor, p: SamplingParams, prompt: Sequence[int], output: Sequence[int], eos_token_ids: Sequence[int]
+) -> torch.Tensor:
     """One row's ``(vocab,)`` logits (float32) with ``p``'s controls applied (module contract)."""
     row = row.clone()
     vocab = row.shape[-1]
@@ -69,8 +76,13 @@ def process_row(row: torch.Tensor, p: SamplingParams, prompt: Sequence[int], out
     return row
 
 
-def process(logits: torch.Tensor, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]],
-            outputs: Sequence[Sequence[int]], eos_token_ids: Sequence[int] = ()) -> torch.Tensor:
+def process(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+    eos_token_ids: Sequence[int] = (),
+) -> torch.Tensor:
     """``logits`` ``(n, vocab)`` with each row's controls applied (module contract); the same tensor when
     no row asks for any."""
     rows = [i for i, p in enumerate(params) if needs_processing(p)]

@@ -32,7 +32,9 @@ class AdapterLinears:
         self._last: tuple[torch.Tensor, bool, bool] | None = None  # see flags
         self._resolved: dict[tuple, tuple] = {}  # (modules, merged) -> (LoRA layers and flags, links and stamps, run)
 
-    def __call__(self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def __call__(
+        self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """-> one output per module (the module docstring's rules; where fused, views of one result).
         Raises what the modules or the matmul raise."""
         if torch.is_grad_enabled():  # training: LoRA as peft computes it, masked
@@ -68,8 +70,12 @@ class AdapterLinears:
         loras = [(m, self._peft_flags(m)) for m in modules if hasattr(m, "lora_A")]
         inputs = [o for m, on in zip(modules, lora) if on for o in self._merge_inputs(m)]
         links = [(m._modules, "base_layer", m.base_layer) for m, _ in loras] + [
-            (d._modules, n, d[n]) for m, on in zip(modules, lora) if on
-            for n in self._names(m) for d in (m.lora_A, m.lora_B)]
+            (d._modules, n, d[n])
+            for m, on in zip(modules, lora)
+            if on
+            for n in self._names(m)
+            for d in (m.lora_A, m.lora_B)
+        ]
         self._resolved[key] = (loras, (links, stamp(tuple(inputs))), run)
         return run
 
@@ -82,8 +88,10 @@ class AdapterLinears:
         """What the (made) answers of ``resolve(modules, merged)`` for each of ``groups`` depend on, for one
         ``fresh`` call: (LoRA layers with their peft flags, (submodule links, weight stamps))."""
         hits = [self._resolved[(g, merged)] for g in groups]
-        return ([x for h in hits for x in h[0]],
-                ([x for h in hits for x in h[1][0]], [x for h in hits for x in h[1][1]]))
+        return (
+            [x for h in hits for x in h[0]],
+            ([x for h in hits for x in h[1][0]], [x for h in hits for x in h[1][1]]),
+        )
 
     @staticmethod
     def _peft_flags(m: nn.Module) -> tuple:
@@ -106,7 +114,9 @@ class AdapterLinears:
     @staticmethod
     def _merge_inputs(module: nn.Module) -> list[nn.Module]:
         """The modules whose weights a merge of ``module`` reads: its base layer and each active adapter's A and B."""
-        return [module.base_layer] + [w for n in AdapterLinears._names(module) for w in (module.lora_A[n], module.lora_B[n])]
+        return [module.base_layer] + [
+            w for n in AdapterLinears._names(module) for w in (module.lora_A[n], module.lora_B[n])
+        ]
 
     def flags(self, adapter: torch.Tensor | None) -> tuple[bool, bool]:
         """(any, all) of the adapter mask, remembered for the last mask seen: a pass hands every linear
@@ -138,8 +148,12 @@ class AdapterLinears:
         weights it reads change (tensor versions), so training then decoding never reads stale weights.
         Built outside inference mode: normal tensors, usable in any mode."""
         names = self._names(module)
-        parts = [t for m in self._merge_inputs(module)[(0 if with_base else 1):]
-                 for t in (m.weight, m.bias) if t is not None]
+        parts = [
+            t
+            for m in self._merge_inputs(module)[(0 if with_base else 1) :]
+            for t in (m.weight, m.bias)
+            if t is not None
+        ]
         key = (tuple((p.data_ptr(), p._version) for p in parts), tuple(module.scaling[n] for n in names))
         hit = store.get(module)
         if hit is None or hit[0] != key:
@@ -153,21 +167,29 @@ class AdapterLinears:
         """Per active LoRA adapter of ``module``: ``(A, B * scaling)`` for the inference update
         ``x @ A.T @ (B * scaling).T`` (LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3; dropout is the
         identity at inference). Cached by ``_from_weights``."""
-        return self._from_weights(self.low_ranks, module, False, lambda names: [
-            (module.lora_A[n].weight.detach().clone(), module.lora_B[n].weight.detach() * module.scaling[n])
-            for n in names])
+        return self._from_weights(
+            self.low_ranks,
+            module,
+            False,
+            lambda names: [
+                (module.lora_A[n].weight.detach().clone(), module.lora_B[n].weight.detach() * module.scaling[n])
+                for n in names
+            ],
+        )
 
     def _merged(self, module: nn.Module) -> nn.Linear:
         """The LoRA layer's base weight plus its update, as one ``nn.Linear`` (inference only: decode
         steps where every row uses the adapter then cost what the base model costs). Cached by
         ``_from_weights``. Memory: one more copy of each adapted weight (its prepacked copy too, on CPU)."""
+
         def make(names: list[str]) -> nn.Linear:
             base = module.base_layer
             w = base.weight.detach().clone()
             for n in names:
                 w += (module.lora_B[n].weight @ module.lora_A[n].weight).to(w.dtype) * module.scaling[n]
-            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                               device=w.device, dtype=w.dtype).requires_grad_(False)
+            merged = nn.Linear(
+                base.in_features, base.out_features, bias=base.bias is not None, device=w.device, dtype=w.dtype
+            ).requires_grad_(False)
             merged.weight.copy_(w)
             if base.bias is not None:
                 merged.bias.copy_(base.bias)

@@ -90,7 +90,9 @@ def memory_report(
     if not schedules:
         return []
     L = next(iter(schedules.values())).num_layers
-    full = cache_bytes_per_row(layer_slots(SkipSchedule.full(L), prompt_len, new_tokens), kv_heads, head_dim, dtype_bytes)
+    full = cache_bytes_per_row(
+        layer_slots(SkipSchedule.full(L), prompt_len, new_tokens), kv_heads, head_dim, dtype_bytes
+    )
     rows = []
     for name, s in schedules.items():
         per = cache_bytes_per_row(layer_slots(s, prompt_len, new_tokens), kv_heads, head_dim, dtype_bytes)
@@ -103,37 +105,58 @@ def format_report(rows: Sequence[MemoryRow], title: str = "", budget_gib: float 
     """A markdown table of ``memory_report`` rows."""
     fit = f" | max batch in {budget_gib:g} GiB" if budget_gib is not None else ""
     out = [title] if title else []
-    out += [f"| schedule | avg layers / token | KV cache per row | vs full depth{fit} |",
-            "|---|---:|---:|---:" + ("|---:|" if budget_gib is not None else "|")]
+    out += [
+        f"| schedule | avg layers / token | KV cache per row | vs full depth{fit} |",
+        "|---|---:|---:|---:" + ("|---:|" if budget_gib is not None else "|"),
+    ]
     for r in rows:
         b = f" | {r.max_batch}" if budget_gib is not None else ""
-        out.append(f"| {r.name}: {r.description} | {r.avg_layers:.2f} | {r.bytes_per_row / 1024:.1f} KiB | "
-                   f"{r.vs_full:.2f}x{b} |")
+        out.append(
+            f"| {r.name}: {r.description} | {r.avg_layers:.2f} | {r.bytes_per_row / 1024:.1f} KiB | "
+            f"{r.vs_full:.2f}x{b} |"
+        )
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     from skipray.resources import DTYPE_BYTES, KNOWN_SHAPES, weights_bytes
 
-    p = argparse.ArgumentParser(prog="python -m skipray.core.memory",
-                                description="KV cache per row under skip schedules, and the largest batch for a budget")
+    p = argparse.ArgumentParser(
+        prog="python -m skipray.core.memory",
+        description="KV cache per row under skip schedules, and the largest batch for a budget",
+    )
     p.add_argument("--model", action="append", choices=sorted(KNOWN_SHAPES), help="repeatable (default: smollm2-135m)")
     p.add_argument("--prompt-len", type=int, action="append", help="repeatable (default: 128 and 512)")
     p.add_argument("--new-tokens", type=int, action="append", help="repeatable (default: 64 and 512)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
     p.add_argument("--budget-gib", type=float, default=24.0, help="memory for weights + KV cache (GiB)")
-    p.add_argument("--reserve", type=float, default=0.2,
-                   help="share of the budget kept for activations and the runtime (as skipray.resources)")
+    p.add_argument(
+        "--reserve",
+        type=float,
+        default=0.2,
+        help="share of the budget kept for activations and the runtime (as skipray.resources)",
+    )
     a = p.parse_args(argv)
     for key in a.model or ["smollm2-135m"]:
         shape = KNOWN_SHAPES[key]
         nbytes, wb = DTYPE_BYTES[a.dtype], weights_bytes(shape, a.dtype)
         for prompt in a.prompt_len or [128, 512]:
             for new in a.new_tokens or [64, 512]:
-                rows = memory_report(preset_schedules(shape.num_layers), shape.kv_heads, shape.head_dim, nbytes,
-                                     prompt, new, int(a.budget_gib * GIB), wb, a.reserve)
-                title = (f"\n{shape.name}, {a.dtype}, prompt {prompt} + {new} new tokens (weights {wb / GIB:.2f} "
-                         f"GiB; {a.reserve:.0%} of the {a.budget_gib:g} GiB budget kept for activations)")
+                rows = memory_report(
+                    preset_schedules(shape.num_layers),
+                    shape.kv_heads,
+                    shape.head_dim,
+                    nbytes,
+                    prompt,
+                    new,
+                    int(a.budget_gib * GIB),
+                    wb,
+                    a.reserve,
+                )
+                title = (
+                    f"\n{shape.name}, {a.dtype}, prompt {prompt} + {new} new tokens (weights {wb / GIB:.2f} "
+                    f"GiB; {a.reserve:.0%} of the {a.budget_gib:g} GiB budget kept for activations)"
+                )
                 print(format_report(rows, title, a.budget_gib))
     return 0
 

@@ -101,7 +101,9 @@ class SkipModel(nn.Module):
         """Final norm and lm_head: logits."""
         return self.linear(self.hf.lm_head, self.family.final(h))
 
-    def lin(self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def lin(
+        self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """``[m(x) for m in modules]`` for linear layers that read the same input, with the skip adapter
         only where ``adapter`` marks (``skipray.core.lora.AdapterLinears``)."""
         return self.lora(modules, x, adapter)
@@ -134,9 +136,7 @@ def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun]:
     """Columns ``[0, prompt_len)`` hold the (left-padded) prompt, column ``prompt_len + i`` the token
     consumed at generation step ``i``. Layer ``l`` runs on the prompt plus the steps that include it."""
     horizon = max(total_len - prompt_len, 0)
-    return [
-        (slice(None), prompt_len + schedule.steps_running(l, horizon)) for l in range(schedule.num_layers)
-    ]
+    return [(slice(None), prompt_len + schedule.steps_running(l, horizon)) for l in range(schedule.num_layers)]
 
 
 def _compose(outer: slice | torch.Tensor, inner: slice | torch.Tensor, n: int, dev) -> slice | torch.Tensor:
@@ -224,8 +224,9 @@ class _State:
     adapter: torch.Tensor | None = None  # the segment's adapter mask; None when it marks nothing
 
 
-def _mask(st: _State, cache: KVCache, rows: slice | torch.Tensor, cache_rows: slice | torch.Tensor, n: int,
-          dtype: torch.dtype) -> torch.Tensor:
+def _mask(
+    st: _State, cache: KVCache, rows: slice | torch.Tensor, cache_rows: slice | torch.Tensor, n: int, dtype: torch.dtype
+) -> torch.Tensor:
     """The ``(b, 1, t, n)`` additive attention mask (0 or -inf, in ``dtype``) of a cached pass's ``rows``
     over their first ``n`` slots: slots that hold real tokens (``valid``) up to each query's slot, and the
     query's own slot. Every layer that runs these rows in this pass gets the same mask (a layer that runs
@@ -246,8 +247,14 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     token over 100 slots, more than the casts cost; fp32 attention is also the more exact."""
     gqa = k.shape[1] != q.shape[1]
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float() if mask.is_floating_point()
-                                           else mask, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(
+            q.float(),
+            k.float(),
+            v.float(),
+            attn_mask=mask.float() if mask.is_floating_point() else mask,
+            scale=scale,
+            enable_gqa=gqa,
+        )
         return o.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
@@ -277,8 +284,20 @@ def _heads_part(x: torch.Tensor, sizes: list[tuple[int, int]], j: int) -> torch.
     return x[0, :, off : off + b * t].reshape(x.shape[1], b, t, x.shape[-1]).transpose(0, 1)
 
 
-def _attend(l: int, s: Segment, st: _State, rows, cols: int, whole: bool, q: torch.Tensor, k: torch.Tensor,
-            v: torch.Tensor, scale: float, cache: KVCache | None, prefix: KVCache | None) -> torch.Tensor:
+def _attend(
+    l: int,
+    s: Segment,
+    st: _State,
+    rows,
+    cols: int,
+    whole: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    cache: KVCache | None,
+    prefix: KVCache | None,
+) -> torch.Tensor:
     """Layer ``l``'s attention for rows ``rows`` and columns ``:cols`` of segment ``s`` (``whole``: all of
     them): RoPE, then with a cache the write of ``k``/``v`` and attention over the rows' slots, without one
     causal attention over the columns (after ``prefix``'s prompt). -> ``(b, heads, cols, head_dim)``."""
@@ -335,8 +354,13 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
     if kernels is not None:
         s, st = segs[0], states[0]
         try:
-            st.h = run_layers(kernels, st.h, lambda l, q, k, v, scale: _attend(
-                l, s, st, slice(None), s.tokens.shape[1], True, q, k, v, scale, cache, None))
+            st.h = run_layers(
+                kernels,
+                st.h,
+                lambda l, q, k, v, scale: _attend(
+                    l, s, st, slice(None), s.tokens.shape[1], True, q, k, v, scale, cache, None
+                ),
+            )
         except RuntimeError:  # as PackedLinears._guarded: packing off, and the generic loop reruns the
             model.linear.disable()  # layers (same cache writes; it raises what is not oneDNN's)
             kernels = None
@@ -357,15 +381,21 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             continue
         xs = [states[i].h if whole else states[i].h[rows, :cols] for i, rows, cols, whole in runs]
         sizes = [(x.shape[0], x.shape[1]) for x in xs]
-        ams = [None if states[i].adapter is None else states[i].adapter if whole else states[i].adapter[rows, :cols]
-               for i, rows, cols, whole in runs]
+        ams = [
+            None if states[i].adapter is None else states[i].adapter if whole else states[i].adapter[rows, :cols]
+            for i, rows, cols, whole in runs
+        ]
         if all(a is None for a in ams):
             am = None
         elif len(ams) == 1:
             am = ams[0]  # the same tensor for every layer on all rows: SkipModel.lin reads its flags once
         else:
-            am = _join([(a if a is not None else torch.zeros(sz, dtype=torch.bool, device=dev))[..., None]
-                        for a, sz in zip(ams, sizes)])[..., 0]
+            am = _join(
+                [
+                    (a if a is not None else torch.zeros(sz, dtype=torch.bool, device=dev))[..., None]
+                    for a, sz in zip(ams, sizes)
+                ]
+            )[..., 0]
         x = _join(xs)
         q, k, v, scale = model.qkv(layer, model.attn_norm(layer, x), am)
         outs = []

@@ -130,7 +130,8 @@ def finish_reason(
     eos_token_ids: Sequence[int],
     detokenize: Callable[[list[int]], str] | None = None,
 ) -> str | None:
-    """``"stop"`` for a stop token, EOS (unless ``ignore_eos``), a stop string in the decoded tail or ``stop_fn``; ``"length"`` once
+    """``"stop"`` for a stop token, EOS (unless ``ignore_eos``), a stop string in the decoded tail or
+    ``stop_fn``; ``"length"`` once
     ``max_tokens`` tokens exist; else ``None``. Raises whatever ``detokenize`` or ``stop_fn`` raise, and
     ``ValueError`` for stop strings without ``detokenize``."""
     if len(generated) < p.min_tokens:  # nothing but the length ends a request before min_tokens
@@ -141,7 +142,7 @@ def finish_reason(
     if stops:
         if detokenize is None:
             raise ValueError("stop strings need an engine built with a detokenizer (Engine(detokenize=...))")
-        tail = detokenize(generated[-(max(map(len, stops)) + STOP_WINDOW_SPARE):])
+        tail = detokenize(generated[-(max(map(len, stops)) + STOP_WINDOW_SPARE) :])
         if any(s in tail for s in stops):
             return "stop"
     if p.stop_fn is not None and p.stop_fn(generated):

@@ -108,12 +108,14 @@ class ModelRunner:
         positions = torch.arange(width, device=self.device)[None].expand(k, width)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         self.cache.reset_rows(cache_rows)
-        seg = Segment(tokens, positions, full_plan(self.model.num_layers), real, cache_rows=cache_rows, start=0,
-                      logits_at=last)
+        seg = Segment(
+            tokens, positions, full_plan(self.model.num_layers), real, cache_rows=cache_rows, start=0, logits_at=last
+        )
         return self.run([seg])[0][:, 0].float()
 
-    def decode_segment(self, tokens: Sequence[int], slots: Sequence[int], layer_rows: Sequence[Sequence[int]],
-                       adapter: Sequence[bool]) -> Segment:
+    def decode_segment(
+        self, tokens: Sequence[int], slots: Sequence[int], layer_rows: Sequence[Sequence[int]], adapter: Sequence[bool]
+    ) -> Segment:
         """One token per live row ``i`` (cache row ``i``) at slot ``slots[i]`` (its position too), layer
         ``l`` on rows ``layer_rows[l]``, the skip adapter where ``adapter[i]``."""
         n = len(tokens)
@@ -127,8 +129,15 @@ class ModelRunner:
             plan.append(made[tuple(r)] if r else None)
         am = torch.tensor(adapter, device=self.device)[:, None]
         same = all(x == slots[0] for x in slots)  # one shared slot (a static batch, batch 1): plain slices
-        return Segment(tok, start[:, None], plan, torch.ones_like(tok, dtype=torch.bool), cache_rows=slice(0, n),
-                       start=int(slots[0]) if same else start, adapter=am)
+        return Segment(
+            tok,
+            start[:, None],
+            plan,
+            torch.ones_like(tok, dtype=torch.bool),
+            cache_rows=slice(0, n),
+            start=int(slots[0]) if same else start,
+            adapter=am,
+        )
 
     def chunk_segment(self, tokens: Sequence[int], row: int, start: int, last: bool) -> Segment:
         """Prompt ``tokens`` at slots ``start..`` of cache ``row``, full depth; the last token's logits
@@ -136,5 +145,12 @@ class ModelRunner:
         n = len(tokens)
         tok = torch.tensor([list(tokens)], device=self.device)
         positions = torch.arange(start, start + n, device=self.device)[None]
-        return Segment(tok, positions, full_plan(self.model.num_layers), torch.ones_like(tok, dtype=torch.bool),
-                       cache_rows=slice(row, row + 1), start=start, logits_at=slice(n - 1, n) if last else slice(0, 0))
+        return Segment(
+            tok,
+            positions,
+            full_plan(self.model.num_layers),
+            torch.ones_like(tok, dtype=torch.bool),
+            cache_rows=slice(row, row + 1),
+            start=start,
+            logits_at=slice(n - 1, n) if last else slice(0, 0),
+        )

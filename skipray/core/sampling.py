@@ -77,8 +77,11 @@ def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int]) 
 
 
 def sample_rows(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-    prompts: Sequence[Sequence[int]] | None = None, outputs: Sequence[Sequence[int]] | None = None,
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    prompts: Sequence[Sequence[int]] | None = None,
+    outputs: Sequence[Sequence[int]] | None = None,
     eos_token_ids: Sequence[int] = (),
 ) -> tuple[list[int | BaseException], list[TopLogprobs | None]]:
     """One token per row of ``logits`` ``(n, vocab)`` with row ``i``'s ``params[i]`` and ``generators[i]``;

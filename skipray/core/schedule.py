@@ -128,7 +128,8 @@ class SkipSchedule:
         return self.num_active(step) < self.num_layers
 
     def active_layers(self, step: int) -> tuple[int, ...]:
-        """Indices of the layers that run at ``step``, ascending: all but the first ``L - n(step)`` of the drop order."""
+        """Indices of the layers that run at ``step``, ascending: all but the first ``L - n(step)`` of the
+        drop order."""
         dropped = set(self.order[: self.num_layers - self.num_active(step)])
         return tuple(l for l in range(self.num_layers) if l not in dropped)
 
@@ -162,7 +163,10 @@ class SkipSchedule:
         if self.is_full:
             return f"full depth ({self.num_layers} layers)"
         how = f"warm-up {self.warmup_layers}" if self.drop_order is None else f"drop order {list(self.drop_order)}"
-        return f"{self.shape} {self.max_layers}->{self.min_layers} of {self.num_layers} layers over {self.decay_tokens} tokens, {how}"
+        return (
+            f"{self.shape} {self.max_layers}->{self.min_layers} of {self.num_layers} layers over "
+            f"{self.decay_tokens} tokens, {how}"
+        )
 
 
 @dataclass(frozen=True)
@@ -186,9 +190,7 @@ class CostModel:
         return num_layers_run * self.layer_flops(context) + 2.0 * self.head_params
 
 
-def theoretical_speedup(
-    schedule: SkipSchedule, cost: CostModel, prompt_len: int, new_tokens: int
-) -> float:
+def theoretical_speedup(schedule: SkipSchedule, cost: CostModel, prompt_len: int, new_tokens: int) -> float:
     """FLOP ratio full depth / schedule for decoding ``new_tokens`` after a ``prompt_len`` prompt.
 
     Counts every decode step (steps 0..new_tokens-2; the prompt pass is identical under both and

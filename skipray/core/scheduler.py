@@ -66,15 +66,23 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_waiting: int = 64, max_prefill_tokens: int = 2048,
-                 max_num_batched_tokens: int | None = None, max_offline_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        max_batch: int,
+        max_waiting: int = 64,
+        max_prefill_tokens: int = 2048,
+        max_num_batched_tokens: int | None = None,
+        max_offline_rows: int | None = None,
+    ) -> None:
         """Raises ``ValueError`` for a ``max_prefill_tokens`` below 1 or a ``max_num_batched_tokens``
         below ``max_batch`` (every iteration must step every decoding row and still prefill)."""
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         if max_num_batched_tokens is not None and max_num_batched_tokens < max_batch:
-            raise ValueError(f"max_num_batched_tokens must be >= max_batch ({max_batch}), so every iteration can "
-                             f"step every decoding row and still prefill, got {max_num_batched_tokens}")
+            raise ValueError(
+                f"max_num_batched_tokens must be >= max_batch ({max_batch}), so every iteration can "
+                f"step every decoding row and still prefill, got {max_num_batched_tokens}"
+            )
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.max_prefill_tokens, self.max_num_batched_tokens = max_prefill_tokens, max_num_batched_tokens
         self.max_offline_rows = max_batch - max(1, max_batch // 4) if max_offline_rows is None else max_offline_rows
@@ -218,8 +226,9 @@ class Scheduler:
         if not reqs:
             return [], 0
         gone = {id(r) for r in reqs}
-        return self.arrange([r for r in self.live if id(r) not in gone],
-                            [r for r in self.prefilling if id(r) not in gone])
+        return self.arrange(
+            [r for r in self.live if id(r) not in gone], [r for r in self.prefilling if id(r) not in gone]
+        )
 
     def layer_rows(self) -> tuple[list[list[int]], list[int]]:
         """-> (for each layer, the live rows that run it at their own step; layers run per live row)."""

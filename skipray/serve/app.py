@@ -46,13 +46,13 @@ def server_from_args(args: dict[str, Any]):
     """Load the model and build the replica's ``OpenAIServer`` from the builder ``args``."""
     import torch
 
+    from skipray.core.engine import Engine
     from skipray.loading import load
     from skipray.metrics import EngineMetrics
     from skipray.options import schedule_from_args
-    from skipray.core.engine import Engine
-    from skipray.text import detokenizer
     from skipray.serve.guard import ServeLimits
     from skipray.serve.server import OpenAIServer
+    from skipray.text import detokenizer
 
     if args.get("torch_threads"):
         torch.set_num_threads(int(args["torch_threads"]))
@@ -62,18 +62,31 @@ def server_from_args(args: dict[str, Any]):
     max_len = min(int(args.get("max_len", 1024)), m.model.max_positions)
     limit = int(args.get("max_tokens_limit", min(512, max_len)))
     engine = Engine(
-        m.model, schedule, max_batch=int(args.get("max_batch", 16)), max_len=max_len, detokenize=detokenizer(m.tokenizer),
-        eos_token_ids=m.eos_token_ids, max_waiting=int(args.get("max_waiting", 32)),
+        m.model,
+        schedule,
+        max_batch=int(args.get("max_batch", 16)),
+        max_len=max_len,
+        detokenize=detokenizer(m.tokenizer),
+        eos_token_ids=m.eos_token_ids,
+        max_waiting=int(args.get("max_waiting", 32)),
         max_prefill_tokens=int(args.get("max_prefill_tokens", 2048)),
         max_num_batched_tokens=int(args["max_num_batched_tokens"]) if args.get("max_num_batched_tokens") else None,
         max_offline_rows=int(args["max_offline_rows"]) if args.get("max_offline_rows") is not None else None,
     )
-    return OpenAIServer(m.tokenizer, engine, schedule, m.schedule, model_name=args.get("model_name", "skipray"),
-                        max_tokens_limit=limit, default_max_tokens=int(args.get("default_max_tokens", min(256, limit))),
-                        metrics=EngineMetrics("serve"), limits=ServeLimits.from_args(args),
-                        scheduling_policy=args.get("scheduling_policy") or "fcfs",
-                        max_failed_steps=int(args.get("health_max_failed_steps", 3)),
-                        health_stall_s=float(args.get("health_stall_s", 60.0)))
+    return OpenAIServer(
+        m.tokenizer,
+        engine,
+        schedule,
+        m.schedule,
+        model_name=args.get("model_name", "skipray"),
+        max_tokens_limit=limit,
+        default_max_tokens=int(args.get("default_max_tokens", min(256, limit))),
+        metrics=EngineMetrics("serve"),
+        limits=ServeLimits.from_args(args),
+        scheduling_policy=args.get("scheduling_policy") or "fcfs",
+        max_failed_steps=int(args.get("health_max_failed_steps", 3)),
+        health_stall_s=float(args.get("health_stall_s", 60.0)),
+    )
 
 
 # max_ongoing_requests: far above what a replica's engine and waiting queue hold, so that the replica's own

@@ -25,12 +25,21 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: the config's, 8000)")
     p.add_argument("--model", default=None, help="model spec: 'default', 'smollm2-base', a dir or .gguf")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
-    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (repeatable; "
-                        "also SKIPRAY_API_KEY, several separated by commas)")
-    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
-                   help="fcfs (default): requests are admitted in arrival order and a non-zero 'priority' is a 400; "
-                        "priority: lower 'priority' first")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (repeatable; "
+        "also SKIPRAY_API_KEY, several separated by commas)",
+    )
+    p.add_argument(
+        "--scheduling-policy",
+        choices=("fcfs", "priority"),
+        default=None,
+        help="fcfs (default): requests are admitted in arrival order and a non-zero 'priority' is a 400; "
+        "priority: lower 'priority' first",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -64,8 +73,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from skipray.serve.guard import api_keys_from
 
     if not api_keys_from(app_args) and host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"[skipray] warning: no API key is set and the server binds {host}: anyone who can reach "
-              f"port {port} can use it (pass --api-key or set SKIPRAY_API_KEY)", file=sys.stderr)
+        print(
+            f"[skipray] warning: no API key is set and the server binds {host}: anyone who can reach "
+            f"port {port} can use it (pass --api-key or set SKIPRAY_API_KEY)",
+            file=sys.stderr,
+        )
     deployments = app_cfg.get("deployments") or []
     dep_opts = {k: v for k, v in (deployments[0] if deployments else {}).items() if k != "name"}
 
@@ -81,14 +93,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    ray.init(num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": worker_env()})
+    ray.init(
+        num_cpus=args.num_cpus,
+        object_store_memory=512 * 1024**2,
+        include_dashboard=False,
+        runtime_env={"env_vars": worker_env()},
+    )
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(app_args, dep_opts), name=app_cfg.get("name", "skipray"),
-                  route_prefix=app_cfg.get("route_prefix", "/"))
-        print(f"[skipray] serving {app_args.get('model', 'default')} as {app_args.get('model_name', 'skipray')!r} "
-              f"on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        serve.run(
+            build_app(app_args, dep_opts),
+            name=app_cfg.get("name", "skipray"),
+            route_prefix=app_cfg.get("route_prefix", "/"),
+        )
+        print(
+            f"[skipray] serving {app_args.get('model', 'default')} as {app_args.get('model_name', 'skipray')!r} "
+            f"on http://{host}:{port}/v1 (Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -104,8 +104,9 @@ class EngineLoop:
             return f"requests wait and no engine step has succeeded for over {stall_s:g} s"
         return None
 
-    async def generate(self, prompt: list[int], params, schedule=None, offline: bool = False,
-                       priority: int = 0) -> AsyncIterator[Any]:
+    async def generate(
+        self, prompt: list[int], params, schedule=None, offline: bool = False, priority: int = 0
+    ) -> AsyncIterator[Any]:
         """Submit a request and yield its engine events (see the module contract); ``offline``: the
         engine's offline admission class, ``priority``: its online admission order (``skipray.core.scheduler``)."""
         if not self.alive:

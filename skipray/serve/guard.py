@@ -56,8 +56,9 @@ class ServeLimits:
 
 async def read_body(request, limits: ServeLimits) -> bytes:
     """The body of a Starlette ``request``, read in chunks; 413 as soon as it passes ``max_body_bytes``."""
-    too_big = RequestError(f"the request body is larger than {limits.max_body_bytes} bytes", None,
-                           "request_too_large", status=413)
+    too_big = RequestError(
+        f"the request body is larger than {limits.max_body_bytes} bytes", None, "request_too_large", status=413
+    )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise too_big
@@ -85,8 +86,9 @@ def _depth(obj: Any, limit: int) -> int:
 
 def parse_json(raw: bytes, limits: ServeLimits) -> Any:
     """Parse a request body; ``RequestError`` for invalid JSON or nesting deeper than ``max_json_depth``."""
-    too_deep = RequestError(f"the JSON body is nested more than {limits.max_json_depth} levels deep", None,
-                            "json_too_deep")
+    too_deep = RequestError(
+        f"the JSON body is nested more than {limits.max_json_depth} levels deep", None, "json_too_deep"
+    )
     try:
         body = json.loads(raw)
     except RecursionError:
@@ -119,17 +121,28 @@ def check_sizes(body: Any, chat: bool, limits: ServeLimits, context: int) -> Non
         if isinstance(msgs, list) and len(msgs) > limits.max_messages:
             raise RequestError(f"at most {limits.max_messages} messages per request", "messages")
         if _chars(msgs) > max_chars:
-            raise RequestError(f"the messages hold more than {max_chars} characters, more than this model's "
-                               f"context of {context} tokens can take", "messages", "context_length_exceeded")
+            raise RequestError(
+                f"the messages hold more than {max_chars} characters, more than this model's "
+                f"context of {context} tokens can take",
+                "messages",
+                "context_length_exceeded",
+            )
     else:
         prompt = body.get("prompt")
         ids = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list) else prompt
         if isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids) and len(ids) > context:
-            raise RequestError(f"the prompt has {len(ids)} token ids; this model's context is {context} tokens",
-                               "prompt", "context_length_exceeded")
+            raise RequestError(
+                f"the prompt has {len(ids)} token ids; this model's context is {context} tokens",
+                "prompt",
+                "context_length_exceeded",
+            )
         if _chars(prompt) > max_chars:
-            raise RequestError(f"the prompt has more than {max_chars} characters, more than this model's context "
-                               f"of {context} tokens can take", "prompt", "context_length_exceeded")
+            raise RequestError(
+                f"the prompt has more than {max_chars} characters, more than this model's context "
+                f"of {context} tokens can take",
+                "prompt",
+                "context_length_exceeded",
+            )
     stop = body.get("stop")
     for s in [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []:
         if isinstance(s, str) and len(s) > limits.max_stop_chars:

@@ -72,8 +72,14 @@ CHAT_NO_EFFECT_ONLY: dict[str, Any] = {
 class RequestError(ValueError):
     """A client mistake found past schema validation: HTTP ``status`` and OpenAI's error fields."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = "invalid_value",
-                 status: int = 400, type_: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = "invalid_value",
+        status: int = 400,
+        type_: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.type = message, param, code, status, type_
 
@@ -85,8 +91,12 @@ def check_unsupported(body: dict, chat: bool) -> None:
         v = body.get(name)
         if v is not None and not harmless(v):
             shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
-            raise RequestError(f"{name}={shown} is not supported by this server (it would change the output and "
-                               f"skipray does not implement it); omit it or send null", name, "unsupported_parameter")
+            raise RequestError(
+                f"{name}={shown} is not supported by this server (it would change the output and "
+                f"skipray does not implement it); omit it or send null",
+                name,
+                "unsupported_parameter",
+            )
 
 
 class _Body(BaseModel):
@@ -227,12 +237,18 @@ def render_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if m.role in ("tool", "function"):
-            raise RequestError(f"{where}: {m.role} messages are not supported (this server has no tool calling)",
-                               f"{where}.role", "unsupported_parameter")
+            raise RequestError(
+                f"{where}: {m.role} messages are not supported (this server has no tool calling)",
+                f"{where}.role",
+                "unsupported_parameter",
+            )
         if m.tool_calls or m.function_call is not None:
             field = "tool_calls" if m.tool_calls else "function_call"
-            raise RequestError(f"{where}.{field} is not supported (this server has no tool calling)",
-                               f"{where}.{field}", "unsupported_parameter")
+            raise RequestError(
+                f"{where}.{field} is not supported (this server has no tool calling)",
+                f"{where}.{field}",
+                "unsupported_parameter",
+            )
         if m.content is None and m.role != "assistant":
             raise RequestError(f"{where}.content is required", f"{where}.content")
         content = m.content or ""
@@ -241,9 +257,12 @@ def render_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
             for j, part in enumerate(content):
                 kind = part.get("type")
                 if kind != "text" or not isinstance(part.get("text"), str):
-                    raise RequestError(f"{where}.content[{j}] has type {kind!r}: this model takes text only "
-                                       f"(content parts of type 'text')", f"{where}.content[{j}]",
-                                       "unsupported_content")
+                    raise RequestError(
+                        f"{where}.content[{j}] has type {kind!r}: this model takes text only "
+                        f"(content parts of type 'text')",
+                        f"{where}.content[{j}]",
+                        "unsupported_content",
+                    )
                 texts.append(part["text"])
             content = "\n".join(texts)
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
@@ -279,7 +298,8 @@ class DetokenizeRequest(_Body):
     tokens: list[StrictInt]
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     """OpenAI's error JSON."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -46,16 +46,27 @@ class Meta:
 
 def usage(prompt_tokens: int, layers: list[int]) -> dict:
     n = len(layers)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n,
-            "avg_layers": round(sum(layers) / max(n, 1), 3)}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": prompt_tokens + n,
+        "avg_layers": round(sum(layers) / max(n, 1), 3),
+    }
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> dict:
-    return {"content": [
-        {"token": e.token, "logprob": e.logprob, "bytes": list(e.token_bytes),
-         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, lp, b in e.top]}
-        for e in entries
-    ], "refusal": None}
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": list(e.token_bytes),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, lp, b in e.top],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
 
 
 def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
@@ -64,45 +75,67 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
     for e in entries:
         offsets.append(offset)
         offset += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for t, lp, _ in e.top} for e in entries], "text_offset": offsets}
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t: lp for t, lp, _ in e.top} for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def _envelope(meta: Meta, obj: str, choices: list) -> dict:
-    return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model,
-            "system_fingerprint": meta.system_fingerprint, "choices": choices}
+    return {
+        "id": meta.id,
+        "object": obj,
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": meta.system_fingerprint,
+        "choices": choices,
+    }
 
 
-def completion_response(meta: Meta, text: str, finish: str | None, use: dict,
-                        logprobs: dict | None = None) -> dict:
-    out = _envelope(meta, "text_completion",
-                    [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}])
+def completion_response(meta: Meta, text: str, finish: str | None, use: dict, logprobs: dict | None = None) -> dict:
+    out = _envelope(
+        meta, "text_completion", [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]
+    )
     out["usage"] = use
     return out
 
 
-def completion_chunk(meta: Meta, text: str, finish: str | None, logprobs: dict | None = None,
-                     with_usage: bool = False) -> dict:
-    out = _envelope(meta, "text_completion",
-                    [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}])
+def completion_chunk(
+    meta: Meta, text: str, finish: str | None, logprobs: dict | None = None, with_usage: bool = False
+) -> dict:
+    out = _envelope(
+        meta, "text_completion", [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]
+    )
     if with_usage:
         out["usage"] = None
     return out
 
 
-def chat_response(meta: Meta, text: str, finish: str | None, use: dict,
-                  logprobs: dict | None = None) -> dict:
-    out = _envelope(meta, "chat.completion", [{
-        "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-        "finish_reason": finish}])
+def chat_response(meta: Meta, text: str, finish: str | None, use: dict, logprobs: dict | None = None) -> dict:
+    out = _envelope(
+        meta,
+        "chat.completion",
+        [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
+        ],
+    )
     out["usage"] = use
     return out
 
 
-def chat_chunk(meta: Meta, delta: dict, finish: str | None, logprobs: dict | None = None,
-               with_usage: bool = False) -> dict:
-    out = _envelope(meta, "chat.completion.chunk",
-                    [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+def chat_chunk(
+    meta: Meta, delta: dict, finish: str | None, logprobs: dict | None = None, with_usage: bool = False
+) -> dict:
+    out = _envelope(
+        meta, "chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+    )
     if with_usage:
         out["usage"] = None
     return out

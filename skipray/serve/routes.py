@@ -39,8 +39,12 @@ def _error(e: BaseException) -> JSONResponse:
 
 
 REF = "#/components/schemas/{model}"
-BODIES = {"/v1/completions": [P.CompletionRequest], "/v1/chat/completions": [P.ChatRequest],
-          "/tokenize": [P.TokenizeCompletionRequest, P.TokenizeChatRequest], "/detokenize": [P.DetokenizeRequest]}
+BODIES = {
+    "/v1/completions": [P.CompletionRequest],
+    "/v1/chat/completions": [P.ChatRequest],
+    "/tokenize": [P.TokenizeCompletionRequest, P.TokenizeChatRequest],
+    "/detokenize": [P.DetokenizeRequest],
+}
 
 
 def _openapi(api: FastAPI) -> dict:
@@ -59,8 +63,10 @@ def _openapi(api: FastAPI) -> dict:
                 schemas[m.__name__] = js
                 refs.append({"$ref": REF.format(model=m.__name__)})
             schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
-            doc["paths"][path]["post"]["requestBody"] = {"required": True,
-                                                         "content": {"application/json": {"schema": schema}}}
+            doc["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": schema}},
+            }
         api.openapi_schema = doc
     return api.openapi_schema
 
@@ -76,10 +82,15 @@ def build_api(server: OpenAIServer, api_keys: ApiKeys | None = None) -> FastAPI:
 
     @api.middleware("http")
     async def _auth(request: Request, call_next):
-        if keys.enabled and request.url.path.startswith(PROTECTED) and not keys.allows(
-                request.headers.get("authorization")):
-            return JSONResponse(P.error_body("invalid or missing API key (send Authorization: Bearer <key>)",
-                                             code="invalid_api_key"), status_code=401)
+        if (
+            keys.enabled
+            and request.url.path.startswith(PROTECTED)
+            and not keys.allows(request.headers.get("authorization"))
+        ):
+            return JSONResponse(
+                P.error_body("invalid or missing API key (send Authorization: Bearer <key>)", code="invalid_api_key"),
+                status_code=401,
+            )
         return await call_next(request)
 
     @api.exception_handler(StarletteHTTPException)
@@ -113,8 +124,7 @@ def build_api(server: OpenAIServer, api_keys: ApiKeys | None = None) -> FastAPI:
 
     @api.post("/v1/completions")
     async def completions(request: Request):
-        return await server.create(await body_of(request), chat=False,
-                                   request_id=request.headers.get("x-request-id"))
+        return await server.create(await body_of(request), chat=False, request_id=request.headers.get("x-request-id"))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):

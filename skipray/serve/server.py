@@ -55,8 +55,9 @@ def error_status(e: BaseException, request_id: str | None = None) -> tuple[int, 
         msg = "; ".join(f"{'.'.join(map(str, x.get('loc', ())))}: {x.get('msg')}" for x in errs[:5])
         return 400, P.error_body(msg or "invalid request", param=".".join(loc) or None, code="invalid_value")
     if isinstance(e, QueueFull):
-        return 503, P.error_body(f"server is at capacity ({e}); retry later", "server_overloaded",
-                                 code="server_overloaded")
+        return 503, P.error_body(
+            f"server is at capacity ({e}); retry later", "server_overloaded", code="server_overloaded"
+        )
     if isinstance(e, LoopStopped):
         return 503, P.error_body(str(e), "server_error", code="engine_stopped")
     if isinstance(e, RequestFailed) and isinstance(e.cause, ValueError):
@@ -66,8 +67,9 @@ def error_status(e: BaseException, request_id: str | None = None) -> tuple[int, 
     rid = request_id or R.Meta.new("req", "", "").id
     logger.error("request %s failed", rid, exc_info=e)
     code = {RequestFailed: "generation_failed", EngineFailed: "engine_failed"}.get(type(e), "internal_error")
-    return 500, P.error_body(f"the server failed to answer this request (request id {rid}); it has been logged",
-                             "server_error", code=code)
+    return 500, P.error_body(
+        f"the server failed to answer this request (request id {rid}); it has been logged", "server_error", code=code
+    )
 
 
 def _sse(obj: dict) -> str:
@@ -77,8 +79,9 @@ def _sse(obj: dict) -> str:
 class _Reply:
     """One request's events turned into text deltas, log-prob entries and usage."""
 
-    def __init__(self, tokenizer, prompt: list[int], stop: list[str], top: int | None,
-                 include_stop: bool = False) -> None:
+    def __init__(
+        self, tokenizer, prompt: list[int], stop: list[str], top: int | None, include_stop: bool = False
+    ) -> None:
         from skipray.text import TextStream
 
         self.tokenizer, self.top = tokenizer, top  # top: top log-probs per token; None: no log-probs
@@ -102,10 +105,21 @@ class _Reply:
 
 
 class OpenAIServer:
-    def __init__(self, tokenizer, engine, schedule, trained=None, model_name: str = "skipray",
-                 max_tokens_limit: int = 512, default_max_tokens: int = 256, metrics=None,
-                 limits: ServeLimits | None = None, scheduling_policy: str = "fcfs", max_failed_steps: int = 3,
-                 health_stall_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        engine,
+        schedule,
+        trained=None,
+        model_name: str = "skipray",
+        max_tokens_limit: int = 512,
+        default_max_tokens: int = 256,
+        metrics=None,
+        limits: ServeLimits | None = None,
+        scheduling_policy: str = "fcfs",
+        max_failed_steps: int = 3,
+        health_stall_s: float = 60.0,
+    ) -> None:
         from skipray import __version__
 
         if scheduling_policy not in ("fcfs", "priority"):
@@ -131,12 +145,23 @@ class OpenAIServer:
         why = self.problem()
         if why is not None:
             return 503, P.error_body(f"unhealthy: {why}", "server_error", code="unhealthy")
-        return 200, {"status": "ok", "live": self.engine.num_running, "waiting": self.engine.num_waiting,
-                     "steps": self.engine.steps}
+        return 200, {
+            "status": "ok",
+            "live": self.engine.num_running,
+            "waiting": self.engine.num_waiting,
+            "steps": self.engine.steps,
+        }
 
     def _model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "skipray",
-                "schedule": self.schedule.to_dict(), "context_length": self.context, "max_model_len": self.context}
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "skipray",
+            "schedule": self.schedule.to_dict(),
+            "context_length": self.context,
+            "max_model_len": self.context,
+        }
 
     def models(self) -> dict:
         return {"object": "list", "data": [self._model_card()]}
@@ -158,12 +183,20 @@ class OpenAIServer:
         req = _validate(P.TokenizeChatRequest if chat else P.TokenizeCompletionRequest, body)
         self._check_model(req.model)
         if chat:
-            ids = self._encode(lambda: encode_messages(
-                self.tokenizer, P.render_messages(req.messages), req.add_generation_prompt,
-                req.continue_final_message, req.add_special_tokens), "messages")
+            ids = self._encode(
+                lambda: encode_messages(
+                    self.tokenizer,
+                    P.render_messages(req.messages),
+                    req.add_generation_prompt,
+                    req.continue_final_message,
+                    req.add_special_tokens,
+                ),
+                "messages",
+            )
         else:
-            ids = self._encode(lambda: encode_prompt(self.tokenizer, req.prompt,
-                                                     add_special_tokens=req.add_special_tokens), "prompt")
+            ids = self._encode(
+                lambda: encode_prompt(self.tokenizer, req.prompt, add_special_tokens=req.add_special_tokens), "prompt"
+            )
         out = {"count": len(ids), "max_model_len": self.context, "tokens": ids}
         if req.return_token_strs:
             out["token_strs"] = self.tokenizer.convert_ids_to_tokens(ids)
@@ -251,8 +284,10 @@ class OpenAIServer:
             await events.aclose()
         if not offline:  # the request metrics (latency, time to first token) are the online traffic's
             self._record(t0, reply, ttft or 0.0)
-        meta, use = R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint), \
-            R.usage(len(ids), reply.layers)
+        meta, use = (
+            R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint),
+            R.usage(len(ids), reply.layers),
+        )
         if chat:
             lp = R.chat_logprobs(entries) if top is not None else None
             return R.chat_response(meta, reply.out, ev.finish_reason, use, lp)
@@ -323,21 +358,27 @@ class OpenAIServer:
 
     def _prepare(self, req, ids: list[int]):
         """-> (SamplingParams, schedule, top log-probs per token or None)."""
-        from skipray.options import schedule_from_args
         from skipray.core.requests import SamplingParams
+        from skipray.options import schedule_from_args
 
         self._check_model(req.model)
         if req.priority != 0 and self.scheduling_policy != "priority":
-            raise P.RequestError("priority is honoured only when the server runs with --scheduling-policy priority "
-                                 "(scheduling_policy: priority in the Serve config); omit it or send 0", "priority")
+            raise P.RequestError(
+                "priority is honoured only when the server runs with --scheduling-policy priority "
+                "(scheduling_policy: priority in the Serve config); omit it or send 0",
+                "priority",
+            )
         field, max_tokens = req.length_field
         if max_tokens is not None and max_tokens > self.max_tokens_limit:
             raise P.RequestError(f"{field} must be <= {self.max_tokens_limit}", field)
         if max_tokens is None:
             max_tokens = min(self.default_max_tokens, self.context - len(ids))
         if max_tokens < 1 or len(ids) + max_tokens > self.context:
-            raise P.RequestError(f"this model's context is {self.context} tokens; the prompt has {len(ids)} and "
-                                 f"{field} is {max_tokens}", field, "context_length_exceeded")
+            raise P.RequestError(
+                f"this model's context is {self.context} tokens; the prompt has {len(ids)} and {field} is {max_tokens}",
+                field,
+                "context_length_exceeded",
+            )
         schedule = self.schedule
         if req.skip is not None:
             flags = req.skip.model_dump(exclude_none=True)
@@ -355,20 +396,35 @@ class OpenAIServer:
             banned = bad_words_ids(self.tokenizer, req.bad_words)
         except Exception as e:  # noqa: BLE001 - what the tokenizer refuses is the client's
             raise P.RequestError(f"cannot encode bad_words: {e}", "bad_words") from None
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                top_k=max(req.top_k, 0), seed=req.seed, stop=list(req.stop),
-                                logprobs=0 if top is None else max(top, 1), ignore_eos=req.ignore_eos,
-                                repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                                frequency_penalty=req.frequency_penalty, min_p=req.min_p,
-                                min_tokens=min(req.min_tokens, max_tokens), stop_token_ids=list(req.stop_token_ids),
-                                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()} or None,
-                                bad_words_ids=banned)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=max(req.top_k, 0),
+            seed=req.seed,
+            stop=list(req.stop),
+            logprobs=0 if top is None else max(top, 1),
+            ignore_eos=req.ignore_eos,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            min_p=req.min_p,
+            min_tokens=min(req.min_tokens, max_tokens),
+            stop_token_ids=list(req.stop_token_ids),
+            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()} or None,
+            bad_words_ids=banned,
+        )
         return params, schedule, top
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise P.RequestError(f"model {model!r} does not exist; this server serves {self.model_name!r}",
-                                 "model", "model_not_found", status=404, type_="not_found_error")
+            raise P.RequestError(
+                f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                "model_not_found",
+                status=404,
+                type_="not_found_error",
+            )
 
     @staticmethod
     def _encode(fn, param: str) -> list[int]:

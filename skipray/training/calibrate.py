@@ -48,6 +48,7 @@ def block_influence_order(model, seqs, length: int = 32) -> tuple[list[int], lis
             x = args[0] if args else kwargs["hidden_states"]
             y = out[0] if isinstance(out, tuple) else out
             seen[l] = (x[:, P:].float(), y[:, P:].float())
+
         return fn
 
     handles = [layer.register_forward_hook(hook(l), with_kwargs=True) for l, layer in enumerate(model.layers)]
@@ -61,8 +62,9 @@ def block_influence_order(model, seqs, length: int = 32) -> tuple[list[int], lis
 
 
 @torch.inference_mode()
-def greedy_kl_order(model, seqs, length: int = 32, min_layers: int = 1, progress: bool = True,
-                    start: Sequence[int] = ()) -> tuple[list[int], list[float]]:
+def greedy_kl_order(
+    model, seqs, length: int = 32, min_layers: int = 1, progress: bool = True, start: Sequence[int] = ()
+) -> tuple[list[int], list[float]]:
     """Greedy drop order by teacher-forced KL with a full-depth prompt; and the KL after each drop.
     ``start``: layers already dropped, in order (continue a search that stopped at a gentler depth)."""
     from tqdm import tqdm
@@ -72,8 +74,11 @@ def greedy_kl_order(model, seqs, length: int = 32, min_layers: int = 1, progress
     tokens, real, positions, P = _batch(seqs, length)
     B, L = tokens.shape[0], model.num_layers
     cache = model.new_cache(B, P + length)
-    forward(model, Segment(tokens[:, :P], positions[:, :P], full_plan(L), real[:, :P], logits_at=slice(P - 1, P)),
-            cache=cache)
+    forward(
+        model,
+        Segment(tokens[:, :P], positions[:, :P], full_plan(L), real[:, :P], logits_at=slice(P - 1, P)),
+        cache=cache,
+    )
 
     def answer_logp(active: Sequence[int]) -> torch.Tensor:
         answer = Segment(tokens[:, P:], positions[:, P:], step_plan(active, L), real[:, P:], start=P)
@@ -118,16 +123,19 @@ def calibration_sequences(path: str, n: int, length: int) -> list[tuple[list[int
     from skipray.io import read_table
 
     t = read_table(path, columns=["prompt_ids", "response_ids"])
-    pairs = [(list(p), list(r)) for p, r in zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist())
-             if len(r) >= length]
+    pairs = [
+        (list(p), list(r))
+        for p, r in zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist())
+        if len(r) >= length
+    ]
     if len(pairs) < n:
         raise ValueError(f"{path}: only {len(pairs)} answers have >= {length} tokens; need {n}")
     return pairs[:n]
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from skipray.loading import load
     from skipray.core.schedule import SkipSchedule
+    from skipray.loading import load
 
     torch.manual_seed(0)
     m = load(args.model, device=args.device)
@@ -144,13 +152,31 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if args.from_order:  # the searched part of an earlier order: its first L - min_layers drops
             prev = json.loads(Path(args.from_order).read_text())
             start = prev["drop_order"][: model.num_layers - prev["min_layers"]]
-        orders["greedy-kl"], kls = greedy_kl_order(model, calib, args.length, start=start,
-                                                    min_layers=args.search_min_layers or args.min_layers)
+        orders["greedy-kl"], kls = greedy_kl_order(
+            model, calib, args.length, start=start, min_layers=args.search_min_layers or args.min_layers
+        )
         report["greedy_kl"] = kls
-    base = SkipSchedule(model.num_layers, args.max_layers, args.min_layers, args.decay_tokens,
-                        warmup_layers=args.warmup_layers, shape=args.shape, power=args.power)
-    report.update({"model": args.model, "data": args.data, "n": args.n, "length": args.length,
-                   "block_influence": scores, "orders": orders, "schedule": base.describe(), "agreement": {}})
+    base = SkipSchedule(
+        model.num_layers,
+        args.max_layers,
+        args.min_layers,
+        args.decay_tokens,
+        warmup_layers=args.warmup_layers,
+        shape=args.shape,
+        power=args.power,
+    )
+    report.update(
+        {
+            "model": args.model,
+            "data": args.data,
+            "n": args.n,
+            "length": args.length,
+            "block_influence": scores,
+            "orders": orders,
+            "schedule": base.describe(),
+            "agreement": {},
+        }
+    )
     print(f"zero-shot teacher-forced agreement, {base.describe()}, {len(held)} held-out answers:")
     for name, order in orders.items():
         sched = base.with_drop_order(None if name == "skipdecode" else order)
@@ -180,8 +206,12 @@ def register(sub) -> None:
     p.add_argument("--warmup-layers", type=int, default=1, help="for the SkipDecode order it is compared with")
     p.add_argument("--shape", choices=["linear", "power"], default="linear")
     p.add_argument("--power", type=float, default=2.0, help="exponent of the power shape")
-    p.add_argument("--search-min-layers", type=int, default=None,
-                   help="depth the greedy search goes down to (default: --min-layers)")
+    p.add_argument(
+        "--search-min-layers",
+        type=int,
+        default=None,
+        help="depth the greedy search goes down to (default: --min-layers)",
+    )
     p.add_argument("--from-order", help="a schedule file from an earlier greedy search: continue it deeper")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_calibrate)

@@ -33,18 +33,27 @@ def load_examples(path: str, tokenizer, chat: bool = True, max_len: int = 256) -
     t = read_table(path)
     cols = t.column_names
     if "teacher_top_ids" in cols:
-        quads = zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist(),
-                    t.column("teacher_top_ids").to_pylist(), t.column("teacher_top_logprobs").to_pylist())
-        out = [(list(p), list(r)[: max_len - len(p)], ti[: max_len - len(p)], tl[: max_len - len(p)])
-               for p, r, ti, tl in quads if p and r and len(p) < max_len - 1]
+        quads = zip(
+            t.column("prompt_ids").to_pylist(),
+            t.column("response_ids").to_pylist(),
+            t.column("teacher_top_ids").to_pylist(),
+            t.column("teacher_top_logprobs").to_pylist(),
+        )
+        out = [
+            (list(p), list(r)[: max_len - len(p)], ti[: max_len - len(p)], tl[: max_len - len(p)])
+            for p, r, ti, tl in quads
+            if p and r and len(p) < max_len - 1
+        ]
         if not out:
             raise ValueError(f"{path}: no usable training examples")
         return out
     if "prompt_ids" in cols and "response_ids" in cols:
         pairs = zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist())
     elif "prompt" in cols and "response" in cols:
-        pairs = ((encode_prompt(tokenizer, p, chat=chat), tokenizer(r, add_special_tokens=False)["input_ids"])
-                 for p, r in zip(t.column("prompt").to_pylist(), t.column("response").to_pylist()))
+        pairs = (
+            (encode_prompt(tokenizer, p, chat=chat), tokenizer(r, add_special_tokens=False)["input_ids"])
+            for p, r in zip(t.column("prompt").to_pylist(), t.column("response").to_pylist())
+        )
     elif "text" in cols:
         pairs = ((ids[:1], ids[1:]) for ids in (tokenizer(x)["input_ids"] for x in t.column("text").to_pylist()))
     else:

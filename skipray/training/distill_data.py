@@ -59,8 +59,16 @@ def too_close(prompt: str, held_out: Sequence[set[str]], threshold: float = 0.5)
 
 
 def self_prompts(
-    loaded, n: int, seed: int = 0, batch_size: int = 64, max_new_tokens: int = 48, temperature: float = 1.0,
-    top_p: float = 0.95, exclude: Iterable[str] = (), progress: bool = True, seen: set[str] | None = None,
+    loaded,
+    n: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    exclude: Iterable[str] = (),
+    progress: bool = True,
+    seen: set[str] | None = None,
 ) -> list[str]:
     """Up to ``n`` distinct user prompts written by the model itself (Magpie, arXiv 2406.08464, section 2),
     none of them in ``seen`` or close to a text of ``exclude``."""
@@ -72,15 +80,18 @@ def self_prompts(
     tok = loaded.tokenizer
     query = user_header_ids(tok)
     held = [set(_norm(x).split()) for x in exclude]
-    engine = Engine(loaded.model, max_batch=batch_size, max_len=len(query) + max_new_tokens,
-                    eos_token_ids=loaded.eos_token_ids)
+    engine = Engine(
+        loaded.model, max_batch=batch_size, max_len=len(query) + max_new_tokens, eos_token_ids=loaded.eos_token_ids
+    )
     seen = set() if seen is None else seen  # normalized prompts already taken (updated in place)
     out: list[str] = []
     bar = tqdm(total=n, desc="self-prompts", disable=not progress)
     tries = 0
     while len(out) < n and tries < 4 * n:
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 seed=seed + tries + i) for i in range(batch_size)]
+        params = [
+            SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + tries + i)
+            for i in range(batch_size)
+        ]
         tries += batch_size
         for c in engine.generate([query] * batch_size, params):
             if c.finish_reason != "stop":  # cut off mid-sentence: not a whole prompt
@@ -97,8 +108,9 @@ def self_prompts(
 
 
 @torch.no_grad()
-def teacher_topk(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], k: int,
-                 batch_size: int = 16) -> list[tuple[list[list[int]], list[list[float]]]]:
+def teacher_topk(
+    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], k: int, batch_size: int = 16
+) -> list[tuple[list[list[int]], list[list[float]]]]:
     """The full-depth model's top-``k`` (ids, log-probs) predicting each token of each response after its
     prompt: one teacher-forced forward per batch, adapter off (the base model). Per row: two lists of
     ``len(response)`` lists of ``k``, best first. Raises ``ValueError`` for an empty response."""
@@ -114,8 +126,13 @@ def teacher_topk(model, prompts: Sequence[Sequence[int]], responses: Sequence[Se
         chunk = order[s : s + batch_size]
         b = collate([(list(prompts[i]), list(responses[i])) for i in chunk], pad_id=0)
         P, T = b["prompt_len"], b["tokens"].shape[1]
-        seg = Segment(b["tokens"].to(dev), b["positions"].to(dev), full_plan(model.num_layers), b["real"].to(dev),
-                      logits_at=slice(P - 1, T - 1))
+        seg = Segment(
+            b["tokens"].to(dev),
+            b["positions"].to(dev),
+            full_plan(model.num_layers),
+            b["real"].to(dev),
+            logits_at=slice(P - 1, T - 1),
+        )
         logits = forward(model, seg).float()
         vals, ids = torch.topk(torch.log_softmax(logits, -1), k, dim=-1)
         for j, i in enumerate(chunk):
@@ -125,9 +142,18 @@ def teacher_topk(model, prompts: Sequence[Sequence[int]], responses: Sequence[Se
 
 
 def distill(
-    loaded, prompts: list[str], chat: bool, max_new_tokens: int, batch_size: int,
-    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, progress: bool = True,
-    samples: int = 1, topk: int = 0, policy=None,
+    loaded,
+    prompts: list[str],
+    chat: bool,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    samples: int = 1,
+    topk: int = 0,
+    policy=None,
 ) -> list[dict]:
     """Answers to ``prompts`` (``samples`` per prompt; seeds ``seed + row``), with the teacher's top-``topk``
     log-probs per response token when ``topk > 0``. Rows in prompt order, samples adjacent. Without
@@ -146,21 +172,40 @@ def distill(
         raise ValueError("on-policy rollouts need topk > 0: the full model's scores are their training signal")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     schedule = policy or SkipSchedule.full(loaded.model.num_layers)
-    engine = Engine(loaded.model, schedule, max_batch=batch_size,
-                    max_len=max(map(len, ids)) + max_new_tokens, eos_token_ids=loaded.eos_token_ids)
+    engine = Engine(
+        loaded.model,
+        schedule,
+        max_batch=batch_size,
+        max_len=max(map(len, ids)) + max_new_tokens,
+        eos_token_ids=loaded.eos_token_ids,
+    )
     rows: list[dict | None] = [None] * len(ids)
     bar = tqdm(total=len(ids), desc="distill", disable=not progress)
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 seed=seed + i, logprobs=0 if policy else topk) for i in chunk]
+        params = [
+            SamplingParams(
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed + i,
+                logprobs=0 if policy else topk,
+            )
+            for i in chunk
+        ]
         outs = engine.generate([ids[i] for i in chunk], params)
         if policy is not None:
             scored = teacher_topk(loaded.model, [ids[i] for i in chunk], [o.token_ids for o in outs], topk)
         for j, (i, out) in enumerate(zip(chunk, outs)):
             resp = out.token_ids
-            rows[i] = {"prompt": texts[i], "response": decode(loaded.tokenizer, resp), "prompt_ids": ids[i],
-                       "response_ids": resp, "chat": chat, "finish_reason": out.finish_reason}
+            rows[i] = {
+                "prompt": texts[i],
+                "response": decode(loaded.tokenizer, resp),
+                "prompt_ids": ids[i],
+                "response_ids": resp,
+                "chat": chat,
+                "finish_reason": out.finish_reason,
+            }
             if policy is not None:
                 rows[i]["teacher_top_ids"], rows[i]["teacher_top_logprobs"] = scored[j]
             elif topk:
@@ -223,8 +268,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.out.endswith(".parquet") and not args.shard_size:  # one file
         if args.self_prompts:
             prompts += self_prompts(loaded, args.self_prompts, seed=args.seed, exclude=_held_out_texts(args.exclude))
-        rows = distill(loaded, prompts, *distill_args, seed=args.seed, samples=args.samples, topk=args.topk,
-                       policy=policy)
+        rows = distill(
+            loaded, prompts, *distill_args, seed=args.seed, samples=args.samples, topk=args.topk, policy=policy
+        )
         out = pa.Table.from_pylist([{"id": f"{i // args.samples}-{i % args.samples}", **r} for i, r in enumerate(rows)])
         write_table(out, args.out)
         n = sum(len(r["response_ids"]) for r in rows)
@@ -238,8 +284,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     for k, s in enumerate(range(0, len(prompts), size)):
         shard = out_dir / f"part-{k:05d}.parquet"
         if not shard.exists():
-            rows = distill(loaded, prompts[s : s + size], *distill_args, seed=args.seed + s * args.samples,
-                           samples=args.samples, topk=args.topk, policy=policy)
+            rows = distill(
+                loaded,
+                prompts[s : s + size],
+                *distill_args,
+                seed=args.seed + s * args.samples,
+                samples=args.samples,
+                topk=args.topk,
+                policy=policy,
+            )
             _write_shard(rows, shard, s, args.samples)
             n += len(rows)
             print(f"[skipray] {shard.name}: {len(rows)} rows ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -252,12 +305,22 @@ def cmd_distill(args: argparse.Namespace) -> int:
                 seen |= {_norm(p) for p in pq.read_table(shard, columns=["prompt"]).column("prompt").to_pylist()}
                 continue
             made = self_prompts(loaded, size, seed=args.seed + 10**6 * (k + 1), exclude=exclude, seen=seen)
-            rows = distill(loaded, made, *distill_args, seed=args.seed + 10**6 * (k + 1), samples=args.samples,
-                           topk=args.topk, policy=policy)
+            rows = distill(
+                loaded,
+                made,
+                *distill_args,
+                seed=args.seed + 10**6 * (k + 1),
+                samples=args.samples,
+                topk=args.topk,
+                policy=policy,
+            )
             _write_shard(rows, shard, k * size, args.samples)
             n += len(rows)
-            print(f"[skipray] {shard.name}: {len(rows)} rows from model-written prompts "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"[skipray] {shard.name}: {len(rows)} rows from model-written prompts "
+                f"({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     print(f"[skipray] wrote {n} new rows to {out_dir}")
     return 0
 
@@ -266,8 +329,12 @@ def register(sub) -> None:
     p = sub.add_parser("distill-data", help="generate a self-distillation training set at full depth")
     p.add_argument("--prompts", help="Parquet with a 'prompt' column (local or s3://)")
     p.add_argument("--self-prompts", type=int, default=0, help="also have the model write N prompts (Magpie)")
-    p.add_argument("--exclude", action="append", default=[],
-                   help="Parquet of held-out prompts/questions: model-written prompts close to them are dropped")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        help="Parquet of held-out prompts/questions: model-written prompts close to them are dropped",
+    )
     p.add_argument("--out", required=True, help="a .parquet file, or a directory of resumable shards")
     p.add_argument("--shard-size", type=int, default=0, help="prompts per shard (directory output)")
     p.add_argument("--model", default="smollm2-base")
@@ -278,9 +345,12 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--samples", type=int, default=1, help="answers per prompt (use with --temperature > 0)")
     p.add_argument("--topk", type=int, default=0, help="store the teacher's top-K log-probs per response token")
-    p.add_argument("--policy", default=None,
-                   help="on-policy rollouts: the --model skip adapter answers under this schedule ('trained', "
-                        "MAX,MIN,DECAY[,WARMUP] or a .json file) and the full model scores them (needs --topk)")
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="on-policy rollouts: the --model skip adapter answers under this schedule ('trained', "
+        "MAX,MIN,DECAY[,WARMUP] or a .json file) and the full model scores them (needs --topk)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     p.add_argument("--device", default=None)

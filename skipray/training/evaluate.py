@@ -77,14 +77,17 @@ def parse_schedule(spec: str, num_layers: int, trained=None, model: str = "the m
     return SkipSchedule(num_layers, parts[0], parts[1], parts[2], warmup_layers=parts[3] if len(parts) == 4 else 1)
 
 
-def generate_all(engine, prompts, schedule, max_new: int, batch: int, temperature: float = 0.0,
-                 seed: int = 0) -> tuple[list[list[int]], float]:
+def generate_all(
+    engine, prompts, schedule, max_new: int, batch: int, temperature: float = 0.0, seed: int = 0
+) -> tuple[list[list[int]], float]:
     from skipray.core.engine import SamplingParams
 
     outs, t0 = [], time.perf_counter()
     for s in range(0, len(prompts), batch):
-        params = [SamplingParams(max_tokens=max_new, temperature=temperature, seed=seed + s + i)
-                  for i in range(len(prompts[s : s + batch]))]
+        params = [
+            SamplingParams(max_tokens=max_new, temperature=temperature, seed=seed + s + i)
+            for i in range(len(prompts[s : s + batch]))
+        ]
         outs += [c.token_ids for c in engine.generate(prompts[s : s + batch], params, schedule)]
     return outs, time.perf_counter() - t0
 
@@ -143,18 +146,29 @@ def _mean(xs) -> float | None:
 REFERENCES = {"ref:bf16": "the base model in bfloat16, greedy", "ref:t0.3": "the base model sampled at temperature 0.3"}
 
 
-def evaluate(model_spec: str, prompts_path: str, schedules: list[str], out: str, max_new: int = 64,
-             limit: int = 0, batch: int = 16, base_spec: str = "smollm2-base", chat: bool = True,
-             questions_path: str | None = None, question_tokens: int = 32, question_limit: int = 0,
-             dtype: str = "float32") -> dict:
+def evaluate(
+    model_spec: str,
+    prompts_path: str,
+    schedules: list[str],
+    out: str,
+    max_new: int = 64,
+    limit: int = 0,
+    batch: int = 16,
+    base_spec: str = "smollm2-base",
+    chat: bool = True,
+    questions_path: str | None = None,
+    question_tokens: int = 32,
+    question_limit: int = 0,
+    dtype: str = "float32",
+) -> dict:
     """Quality and speed per schedule (or reference row) against the base model's greedy full-depth output
     (fp32). ``dtype``: the evaluated model's (``bfloat16``: the skip model as a bf16 deployment runs it)."""
     from tqdm import tqdm
 
     from skipray.core.engine import Engine
+    from skipray.core.schedule import SkipSchedule
     from skipray.io import read_table
     from skipray.loading import load
-    from skipray.core.schedule import SkipSchedule
     from skipray.text import decode, encode_prompt
 
     table = read_table(prompts_path)
@@ -200,27 +214,40 @@ def evaluate(model_spec: str, prompts_path: str, schedules: list[str], out: str,
         op = [on_policy(base.model, p, x) for p, x in zip(prompts, ids)]
         ntok = sum(map(len, ids))
         row = {
-            "schedule": spec, "description": REFERENCES.get(spec) or sched.describe(),
+            "schedule": spec,
+            "description": REFERENCES.get(spec) or sched.describe(),
             "schedule_dict": sched.to_dict(),
             "rouge_l_vs_full": sum(rouge_l(a, b) for a, b in zip(txt, full_txt)) / len(txt),
             "rouge_l_ids_vs_full": sum(lcs_f1(a, b) for a, b in zip(ids, full_ids)) / len(ids),
             "fact_retention": (sum(answered(q_txt[i], accepted[i]) for i in known) / len(known)) if known else None,
-            "facts_known_by_full": len(known), "facts_asked": len(qs),
+            "facts_known_by_full": len(known),
+            "facts_asked": len(qs),
             "top1_agreement": _mean(a for a, _ in tf),
             "perplexity_of_full_output": _mean(p for _, p in tf),
             "on_policy_agreement": _mean(a for a, _ in op),
             "perplexity_under_full": _mean(p for _, p in op),
             "avg_layers": sum(sum(sched.layers_per_token(len(x))) for x in ids) / max(ntok, 1),
             "theoretical_speedup": _theory(sched, student.model, prompts, max_new),
-            "measured_speedup": 1.0 if spec in REFERENCES else _measured_speedup(engine, prompts[:batch], sched, max_new),
-            "tokens_per_s": ntok / secs, "examples": list(zip(texts[:3], txt[:3])),
+            "measured_speedup": 1.0
+            if spec in REFERENCES
+            else _measured_speedup(engine, prompts[:batch], sched, max_new),
+            "tokens_per_s": ntok / secs,
+            "examples": list(zip(texts[:3], txt[:3])),
         }
         if refs:
             row["rouge_l_vs_reference"] = sum(rouge_l(a, b or "") for a, b in zip(txt, refs)) / len(txt)
         rows.append(row)
-    report = {"model": model_spec, "dtype": dtype, "base": base_spec, "prompts": prompts_path, "n": len(texts),
-              "questions": questions_path, "max_new_tokens": max_new, "question_tokens": question_tokens,
-              "results": rows}
+    report = {
+        "model": model_spec,
+        "dtype": dtype,
+        "base": base_spec,
+        "prompts": prompts_path,
+        "n": len(texts),
+        "questions": questions_path,
+        "max_new_tokens": max_new,
+        "question_tokens": question_tokens,
+        "results": rows,
+    }
     write_report(report, Path(out))
     return report
 
@@ -254,21 +281,26 @@ def _measured_speedup(engine, prompts, sched, max_new) -> float:
 def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# skipray eval: {report['model']} on {report['prompts']} ({report['n']} prompts, "
-             f"{report['max_new_tokens']} new tokens; facts: {report.get('questions')})", "",
-             "| schedule | avg layers | theoretical speedup | measured speedup | fact retention | ROUGE-L ids vs full "
-             "| ROUGE-L words vs full | teacher-forced agreement | on-policy agreement | ppl under full |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# skipray eval: {report['model']} on {report['prompts']} ({report['n']} prompts, "
+        f"{report['max_new_tokens']} new tokens; facts: {report.get('questions')})",
+        "",
+        "| schedule | avg layers | theoretical speedup | measured speedup | fact retention | ROUGE-L ids vs full "
+        "| ROUGE-L words vs full | teacher-forced agreement | on-policy agreement | ppl under full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def f(x, fmt=".3f"):
         return "-" if x is None else format(x, fmt)
 
     for r in report["results"]:
         facts = "-" if r.get("fact_retention") is None else f"{r['fact_retention']:.1%} of {r['facts_known_by_full']}"
-        lines.append(f"| {r['description']} | {r['avg_layers']:.2f} | {r['theoretical_speedup']:.2f}x | "
-                     f"{r['measured_speedup']:.2f}x | {facts} | {f(r.get('rouge_l_ids_vs_full'))} | "
-                     f"{f(r['rouge_l_vs_full'])} | {f(r['top1_agreement'])} | {f(r.get('on_policy_agreement'))} | "
-                     f"{f(r.get('perplexity_under_full'), '.2f')} |")
+        lines.append(
+            f"| {r['description']} | {r['avg_layers']:.2f} | {r['theoretical_speedup']:.2f}x | "
+            f"{r['measured_speedup']:.2f}x | {facts} | {f(r.get('rouge_l_ids_vs_full'))} | "
+            f"{f(r['rouge_l_vs_full'])} | {f(r['top1_agreement'])} | {f(r.get('on_policy_agreement'))} | "
+            f"{f(r.get('perplexity_under_full'), '.2f')} |"
+        )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -293,9 +325,21 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    rep = evaluate(args.model, args.prompts, args.schedule or ["full", "trained"], args.out, args.max_new_tokens,
-                   args.limit, args.batch_size, args.base, args.chat, args.questions, args.question_tokens,
-                   args.question_limit, args.dtype)
+    rep = evaluate(
+        args.model,
+        args.prompts,
+        args.schedule or ["full", "trained"],
+        args.out,
+        args.max_new_tokens,
+        args.limit,
+        args.batch_size,
+        args.base,
+        args.chat,
+        args.questions,
+        args.question_tokens,
+        args.question_limit,
+        args.dtype,
+    )
     print((Path(args.out) / "report.md").read_text())
     return 0 if rep["results"] else 1
 
@@ -305,9 +349,12 @@ def register(sub) -> None:
     p.add_argument("--model", default="default", help="model to evaluate (its trained schedule is 'trained')")
     p.add_argument("--base", default="smollm2-base", help="full-depth reference model")
     p.add_argument("--prompts", required=True, help="Parquet with 'prompt' (and optional 'reference')")
-    p.add_argument("--schedule", action="append",
-                   help="'full', 'trained', MAX,MIN,DECAY[,WARMUP], a schedule .json file, or a reference row "
-                        "'ref:bf16' / 'ref:t0.3' (the base model in bf16 / sampled at 0.3); repeatable")
+    p.add_argument(
+        "--schedule",
+        action="append",
+        help="'full', 'trained', MAX,MIN,DECAY[,WARMUP], a schedule .json file, or a reference row "
+        "'ref:bf16' / 'ref:t0.3' (the base model in bf16 / sampled at 0.3); repeatable",
+    )
     p.add_argument("--questions", help="Parquet of short-answer questions (question, answers) for fact retention")
     p.add_argument("--question-tokens", type=int, default=32, help="tokens generated per question")
     p.add_argument("--question-limit", type=int, default=0)
@@ -316,6 +363,10 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="the evaluated model's dtype (the full-depth reference stays fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the evaluated model's dtype (the full-depth reference stays fp32)",
+    )
     p.set_defaults(func=cmd_eval)

@@ -92,20 +92,27 @@ def answer_logits(model, batch: dict, schedule) -> torch.Tensor:
     B, T = tokens.shape
     cache = model.new_cache(B, P)
     with torch.no_grad():
-        prompt = Segment(tokens[:, :P], positions[:, :P], full_plan(model.num_layers), real[:, :P],
-                         logits_at=slice(P - 1, P))
+        prompt = Segment(
+            tokens[:, :P], positions[:, :P], full_plan(model.num_layers), real[:, :P], logits_at=slice(P - 1, P)
+        )
         first = forward(model, prompt, cache=cache).float()
     if T - 1 == P:
         return first
     ans = slice(P, T - 1)  # response token i (i < R-1) is consumed at generation step i
-    answer = Segment(tokens[:, ans], positions[:, ans], training_plan(schedule, 0, T - 1 - P), real[:, ans],
-                     adapter=adapter_mask(schedule, B, 0, T - 1 - P, tokens.device))
+    answer = Segment(
+        tokens[:, ans],
+        positions[:, ans],
+        training_plan(schedule, 0, T - 1 - P),
+        real[:, ans],
+        adapter=adapter_mask(schedule, B, 0, T - 1 - P, tokens.device),
+    )
     rest = forward(model, answer, prefix=cache).float()
     return torch.cat([first, rest], 1)
 
 
-def skip_loss(model, teacher, batch: dict, schedule, kl_weight: float, ce_weight: float,
-              cached_prompt: bool | None = None) -> tuple[torch.Tensor, dict]:
+def skip_loss(
+    model, teacher, batch: dict, schedule, kl_weight: float, ce_weight: float, cached_prompt: bool | None = None
+) -> tuple[torch.Tensor, dict]:
     """Distillation (+ optional CE) loss of the skip student against the full-depth teacher.
     ``cached_prompt`` (default: when the student is a LoRA skip adapter, which never touches the prompt)
     runs the prompt once without gradients (``answer_logits``); else one forward covers everything."""
@@ -159,8 +166,8 @@ def prepare(cfg: TrainConfig):
     import contextlib
     import copy
 
-    from skipray.loading import load
     from skipray.core.model import SkipModel
+    from skipray.loading import load
 
     loaded = load(cfg.model, device=cfg.device, dtype=torch.float32)
     model, hf = loaded.model, loaded.model.hf  # SkipModel reaches hf's submodules at call time
@@ -172,8 +179,12 @@ def prepare(cfg: TrainConfig):
         from peft import LoraConfig, get_peft_model
 
         names = {n.split(".")[-1] for n, _ in hf.named_modules()}
-        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                          target_modules=[t for t in LORA_TARGETS if t in names])
+        lcfg = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=[t for t in LORA_TARGETS if t in names],
+        )
         peft_model = get_peft_model(hf, lcfg)  # injects LoRA layers into hf in place
 
         @contextlib.contextmanager
@@ -194,8 +205,14 @@ def prepare(cfg: TrainConfig):
 
 def save(model, loaded, cfg: TrainConfig, out: Path, schedule, step: int, extra: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"schedule": schedule.to_dict(), "base_model": cfg.model, "trained_steps": step,
-            "train_config": asdict(cfg), "command": " ".join(sys.argv), **(extra or {})}
+    meta = {
+        "schedule": schedule.to_dict(),
+        "base_model": cfg.model,
+        "trained_steps": step,
+        "train_config": asdict(cfg),
+        "command": " ".join(sys.argv),
+        **(extra or {}),
+    }
     if hasattr(model, "peft"):
         model.peft.save_pretrained(out, safe_serialization=True)
         cfg_path = out / "adapter_config.json"
@@ -215,8 +232,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, rank: int = 0, world: int = 1,
-          wrap=None) -> Path:
+def train(
+    cfg: TrainConfig, resume: bool = False, progress: bool = True, rank: int = 0, world: int = 1, wrap=None
+) -> Path:
     """Run training; returns the output directory. ``wrap``: optional DDP wrapper hook (Ray Train)."""
     from tqdm import tqdm
 
@@ -267,7 +285,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, rank: i
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in stats_acc.items()})
         if log:
-            log.write(json.dumps({"step": step, "lr": lr_at(step - 1, cfg), "time": time.perf_counter() - t0, **stats_acc}) + "\n")
+            log.write(
+                json.dumps({"step": step, "lr": lr_at(step - 1, cfg), "time": time.perf_counter() - t0, **stats_acc})
+                + "\n"
+            )
             log.flush()
         if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
             _checkpoint(model, opt, ckpt, step)
@@ -292,9 +313,15 @@ def _checkpoint(model, opt, ckpt: Path, step: int) -> None:
 
 # -- CLI ------------------------------------------------------------------------------------------
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    flags = {"max_layers": args.max_layers, "min_layers": args.min_layers, "decay_tokens": args.decay_tokens,
-             "warmup_layers": args.warmup_layers, "shape": args.shape, "power": args.power,
-             "drop_order": args.drop_order}
+    flags = {
+        "max_layers": args.max_layers,
+        "min_layers": args.min_layers,
+        "decay_tokens": args.decay_tokens,
+        "warmup_layers": args.warmup_layers,
+        "shape": args.shape,
+        "power": args.power,
+        "drop_order": args.drop_order,
+    }
     sched = {k: v for k, v in flags.items() if v is not None}
     if args.schedule_file:
         from skipray.options import read_schedule_file
@@ -334,12 +361,27 @@ def register(sub) -> None:
     p.add_argument("--warmup-layers", type=int)
     p.add_argument("--shape", choices=["linear", "power"])
     p.add_argument("--power", type=float, help="exponent of the power shape")
-    p.add_argument("--drop-order", type=lambda v: [int(x) for x in v.split(",")],
-                   help="comma-separated layers in the order they stop running (default: SkipDecode's)")
+    p.add_argument(
+        "--drop-order",
+        type=lambda v: [int(x) for x in v.split(",")],
+        help="comma-separated layers in the order they stop running (default: SkipDecode's)",
+    )
     p.add_argument("--full-finetune", action="store_true", help="train all weights instead of a LoRA adapter")
-    for name, typ in (("lora-r", int), ("lora-alpha", int), ("lr", float), ("steps", int), ("batch-size", int),
-                      ("grad-accum", int), ("warmup-steps", int), ("kl-weight", float), ("ce-weight", float),
-                      ("clip", float), ("max-len", int), ("save-every", int), ("seed", int)):
+    for name, typ in (
+        ("lora-r", int),
+        ("lora-alpha", int),
+        ("lr", float),
+        ("steps", int),
+        ("batch-size", int),
+        ("grad-accum", int),
+        ("warmup-steps", int),
+        ("kl-weight", float),
+        ("ce-weight", float),
+        ("clip", float),
+        ("max-len", int),
+        ("save-every", int),
+        ("seed", int),
+    ):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--init-adapter", help="LoRA adapter directory to start from (same rank and targets)")

@@ -43,8 +43,14 @@ def _loop(config: dict) -> None:
     ray_train.report({"done": 1})
 
 
-def train_distributed(cfg: TrainConfig, workers: int, resume: bool = False, use_gpu: bool = False,
-                      cpus_per_worker: float = 1.0, storage_path: str | None = None) -> None:
+def train_distributed(
+    cfg: TrainConfig,
+    workers: int,
+    resume: bool = False,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    storage_path: str | None = None,
+) -> None:
     import os
 
     import ray
@@ -60,9 +66,12 @@ def train_distributed(cfg: TrainConfig, workers: int, resume: bool = False, use_
         _loop,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name="skipray-train", storage_path=storage_path or os.path.abspath(os.path.join(cfg.out, "ray"))),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name="skipray-train", storage_path=storage_path or os.path.abspath(os.path.join(cfg.out, "ray"))
+        ),
     )
     result = trainer.fit()
     if result.error:
