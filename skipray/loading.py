@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +183,11 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
     from skipray.core.model import SkipModel
 
     dev, default_dtype = pick_device(device)
+    if dev.type == "cpu" and dtype == torch.bfloat16:
+        from skipray.core.kernels import CPU_BF16_SLOW, cpu_bf16_packing
+
+        if not cpu_bf16_packing():
+            warnings.warn(CPU_BF16_SLOW, stacklevel=2)
     base, adapter = resolve(spec)
     hf, tok = load_hf(base, dtype or default_dtype, dev)
     if adapter is not None:

@@ -8,7 +8,7 @@ from conftest import tiny_llama
 from torch import nn
 
 from skipray.core.engine import Engine, SamplingParams
-from skipray.core.kernels import PackedLinears, onednn_available
+from skipray.core.kernels import CPU_BF16_SLOW, PackedLinears, cpu_bf16_packing, onednn_available
 from skipray.core.model import SkipModel
 from skipray.core.schedule import SkipSchedule
 
@@ -29,7 +29,7 @@ def test_packed_equals_module(bias):
     assert len(packed._packs) == 1 and packed.nbytes > 0  # one pack, reused
 
 
-@needs_onednn
+@pytest.mark.skipif(not cpu_bf16_packing(), reason="this CPU has no oneDNN bf16 packing (x86: no AVX-512 BF16 or AMX)")
 def test_packed_bf16_close_to_module():
     torch.manual_seed(0)
     lin, packed = nn.Linear(64, 96).to(torch.bfloat16), PackedLinears()
@@ -141,3 +141,28 @@ def test_fused_and_single_packs_follow_replaced_weights():
         torch.testing.assert_close(ya, a(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(yb, b(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(packed(a, x), a(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_without_packing_falls_back_to_the_module_and_loading_warns(monkeypatch, tiny_model_dir):
+    """On a CPU that cannot pack bf16 the module runs (same numbers), and asking for bf16 warns what to expect."""
+    import warnings
+
+    from skipray import loading
+    from skipray.core import kernels
+
+    torch.manual_seed(0)
+    lin, packed = nn.Linear(64, 96).to(torch.bfloat16), PackedLinears()
+
+    def refuse(w):
+        raise RuntimeError("oneDNN: bf16 not supported on this CPU (the test's stand-in)")
+
+    if onednn_available():
+        monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(lin, x), lin(x))
+    monkeypatch.setattr(kernels, "cpu_bf16_packing", lambda: False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loading.load(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    assert any(str(w.message) == CPU_BF16_SLOW for w in seen)
