@@ -48,10 +48,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SKIPRAY_CACHE", Path.home() / ".cache" / "skipray"))
 
 
+class NoGPU(RuntimeError):
+    """CUDA was asked for and this process sees no GPU."""
+
+
+def cuda_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """bf16 on GPUs with fast bf16 (compute capability 8.0 or more: Ampere, Ada, Hopper, ...), else fp16."""
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
 def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype]:
-    """The one place that chooses device and dtype: bf16 on CUDA, fp32 on CPU."""
+    """The one place that chooses device and dtype: on CUDA bf16 where the GPU supports it
+    (``cuda_dtype``, saying so when it picks fp16), fp32 on CPU. Raises ``NoGPU`` for ``"cuda"`` in a
+    process that sees no GPU (a Ray actor that requested none gets ``CUDA_VISIBLE_DEVICES=""``)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dev.type != "cuda":
+        return dev, torch.float32
+    if not torch.cuda.is_available():
+        raise NoGPU(
+            f"device {device!r} asked for, but this process sees no GPU (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): request GPUs for it (--gpus-per-actor, num_gpus)"
+        )
+    dtype = cuda_dtype(torch.cuda.get_device_capability(dev))
+    if dtype == torch.float16:
+        warnings.warn(
+            f"{torch.cuda.get_device_name(dev)} has no fast bf16 (compute capability < 8.0): using float16",
+            stacklevel=2,
+        )
+    return dev, dtype
 
 
 def default_gguf() -> Path:

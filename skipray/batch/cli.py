@@ -139,12 +139,18 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(runtime_env={"env_vars": worker_env()})
         else:  # embedded local Ray with a bounded object store
             ray.init(object_store_memory=512 * 1024**2, include_dashboard=False, runtime_env={"env_vars": worker_env()})
+    if not cfg.gpus_per_actor and ray.cluster_resources().get("GPU", 0):
+        print(
+            "[skipray] note: the actors request no GPU (--gpus-per-actor 0), so they run on CPUs, also on GPU "
+            "nodes; pass --gpus-per-actor 1 or --device cuda to use the GPUs",
+            file=sys.stderr,
+        )
     if args.resource_wait > 0:
         from skipray.resources import Unschedulable, check_schedulable
 
         try:
             how = check_schedulable(
-                {"CPU": args.cpus_per_actor, "GPU": args.gpus_per_actor},
+                {"CPU": args.cpus_per_actor, "GPU": cfg.gpus_per_actor},  # --device cuda requests one by itself
                 "one generation actor (--cpus-per-actor, --gpus-per-actor)",
                 can_grow=bool(os.environ.get("RAY_ADDRESS")),
                 wait_s=args.resource_wait,

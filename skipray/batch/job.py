@@ -89,6 +89,10 @@ class JobConfig:
     allow_changed_settings: bool = False  # add rows made with settings other than the output's manifest
     shared_mount: bool = False  # local paths are the same shared mount on every node of the cluster
 
+    def __post_init__(self) -> None:
+        if (self.device or "").startswith("cuda") and not self.gpus_per_actor:
+            self.gpus_per_actor = 1.0  # a CUDA actor must request its GPU, or Ray hides every GPU from it
+
     @property
     def window(self) -> int:
         return self.batch_size * max(1, self.bucket_window)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from skipray.batch.params import PARAMS_TYPE, resolve, sampling_params, to_row
 
@@ -66,11 +66,12 @@ class SkipDecodeProcessorConfig(BaseModel):
     per Ray Data batch (one actor call), sorted by prompt length inside it (1: arrival order).
     ``concurrency``: ``n`` (a fixed pool of ``n`` actors) or ``(min, max)`` (autoscaling).
     ``accelerator_type`` (e.g. ``"A10G"``), ``num_gpus_per_actor``, ``num_cpus_per_actor``: each actor's
-    resources. ``torch_threads``: per actor (0: the node's cores / max actors). ``device``: ``cpu`` or
-    ``cuda`` (default: cuda when the actor sees one). ``apply_chat_template``: wrap ``prompt`` rows in
-    the chat template as one user turn (``messages`` rows always use it). ``sampling_params``: the
-    defaults of every row (``max_tokens`` 64, ``temperature`` 0 = greedy, ``top_p`` 1, ``top_k`` 0,
-    ``seed`` None, ``stop`` []). ``schedule``: skip flags as the Serve ``skip`` field, or a resolved
+    resources; ``device="cuda"`` or an ``accelerator_type`` with no GPUs asked for requests one GPU per
+    actor (a CUDA actor without a GPU would see none). ``torch_threads``: per actor (0: the node's cores /
+    max actors). ``device``: ``cpu`` or ``cuda`` (default: cuda when the actor has a GPU).
+    ``apply_chat_template``: wrap ``prompt`` rows in the chat template as one user turn (``messages`` rows
+    always use it). ``sampling_params``: the defaults of every row (``max_tokens`` 64, ``temperature`` 0 =
+    greedy, ``top_p`` 1, ``top_k`` 0, ``seed`` None, ``stop`` []). ``schedule``: skip flags as the Serve ``skip`` field, or a resolved
     ``SkipSchedule`` (None: the model's trained schedule, full depth if it has none). ``id_column``:
     the column that keys seeds. ``max_model_len``: the context for the length check (None: the model's).
     ``engine_retries``: how often a window's rows that a failure of the engine itself failed (out of memory,
@@ -94,6 +95,19 @@ class SkipDecodeProcessorConfig(BaseModel):
     id_column: str | None = "id"
     max_model_len: int | None = Field(None, ge=1)
     engine_retries: int = Field(2, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if v is not None and v.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _gpus_for_cuda(self):
+        if (self.accelerator_type or (self.device or "").startswith("cuda")) and not self.num_gpus_per_actor:
+            self.num_gpus_per_actor = 1.0
+        return self
 
     @field_validator("concurrency")
     @classmethod

@@ -10,3 +10,4 @@ Serve config for ``serve run``/``serve deploy``.
 from pathlib import Path
 
 CONFIG = Path(__file__).with_name("config.yaml")
+CONFIG_GPU = Path(__file__).with_name("config.gpu.yaml")  # the same for GPU nodes (device cuda, num_gpus 1)

@@ -15,7 +15,8 @@ Contract:
   ``SKIPRAY_API_KEY`` from the environment, ``skipray.serve.guard``), ``limits`` (``guard.ServeLimits``
   fields), ``scheduling_policy`` (``fcfs`` or ``priority``), ``health_max_failed_steps`` (3) and
   ``health_stall_s`` (60). ``deployment_options`` (Python callers only) are passed to
-  ``SkipServer.options``; with ``serve run`` the YAML's ``deployments`` do that.
+  ``SkipServer.options``; with ``serve run`` the YAML's ``deployments`` do that. ``device: cuda`` makes
+  each replica request one GPU (``ray_actor_options.num_gpus``) unless the options give a number.
 * Each replica loads the model, builds one ``skipray.core.engine.Engine`` and an ``OpenAIServer``
   (``skipray.serve.server``: request handling, engine loop thread) and serves the FastAPI app of
   ``skipray.serve.routes`` (built in the replica, after the constructor). Serve's health check fails for
@@ -145,5 +146,11 @@ def _body(request: Any) -> dict:
 def build_app(args: dict[str, Any] | None = None, deployment_options: dict[str, Any] | None = None) -> Application:
     """The Serve application (``serve run skipray.serve.app:build_app model=...`` or the YAML config)."""
     args = dict(args or {})
-    dep = SkipServer.options(**deployment_options) if deployment_options else SkipServer
+    opts = dict(deployment_options or {})
+    if str(args.get("device") or "").startswith("cuda"):  # a CUDA replica must request its GPU from Ray
+        actor = dict(opts.get("ray_actor_options") or {"num_cpus": 1})
+        if not actor.get("num_gpus"):
+            actor["num_gpus"] = 1
+        opts["ray_actor_options"] = actor
+    dep = SkipServer.options(**opts) if opts else SkipServer
     return dep.bind(args)

@@ -26,6 +26,13 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="model spec: 'default', 'smollm2-base', a dir or .gguf")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
     p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where the replicas run the model (default: the config's; cuda requests one GPU per replica "
+        "and is refused when this machine has none)",
+    )
+    p.add_argument(
         "--api-key",
         action="append",
         default=[],
@@ -64,6 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app_args = dict(app_cfg.get("args") or {})
     if args.model:
         app_args["model"] = args.model
+    if args.device:
+        app_args["device"] = args.device
     if args.scheduling_policy:
         app_args["scheduling_policy"] = args.scheduling_policy
     if args.api_key:  # to the replicas through the environment the embedded Ray inherits, never in the args
@@ -99,6 +108,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         include_dashboard=False,
         runtime_env={"env_vars": worker_env()},
     )
+    if str(app_args.get("device") or "").startswith("cuda") and not ray.cluster_resources().get("GPU", 0):
+        print(
+            "skipray serve: error: device cuda asked for, but this machine has no GPU that Ray can see "
+            "(use --device cpu)",
+            file=sys.stderr,
+        )
+        ray.shutdown()
+        return 2
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(

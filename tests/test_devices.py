@@ -1,0 +1,137 @@
+"""Devices right or refused: a CUDA config requests its GPUs, a CUDA request where no GPU is visible is
+refused with one clear line before any actor starts, and the dtype on a GPU follows its capability."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from skipray import batch
+from skipray.loading import NoGPU, cuda_dtype, pick_device
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
+
+
+def test_dtype_follows_the_gpus_capability():
+    assert cuda_dtype((8, 0)) == cuda_dtype((9, 0)) == torch.bfloat16  # A100, A10G, L4, H100
+    assert cuda_dtype((7, 5)) == cuda_dtype((7, 0)) == torch.float16  # T4, V100: no fast bf16
+    assert pick_device("cpu") == (torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a process that sees no GPU")
+def test_cuda_where_no_gpu_is_visible_is_a_clear_error():
+    with pytest.raises(NoGPU, match="sees no GPU.*request GPUs"):
+        pick_device("cuda")
+
+
+def test_cuda_configs_request_their_gpus():
+    assert batch.SkipDecodeProcessorConfig(device="cuda").num_gpus_per_actor == 1
+    assert batch.SkipDecodeProcessorConfig(accelerator_type="L4").num_gpus_per_actor == 1
+    assert batch.SkipDecodeProcessorConfig(device="cuda", num_gpus_per_actor=0.5).num_gpus_per_actor == 0.5
+    assert batch.SkipDecodeProcessorConfig().num_gpus_per_actor == 0
+    with pytest.raises(ValueError, match="device must be"):
+        batch.SkipDecodeProcessorConfig(device="tpu")
+    assert batch.JobConfig(device="cuda").gpus_per_actor == 1
+    assert batch.JobConfig(device="cuda").processor_config().num_gpus_per_actor == 1
+
+
+def test_a_cuda_serve_app_requests_a_gpu_per_replica():
+    from skipray.serve.app import build_app
+
+    def actor_options(app):
+        return app._bound_deployment.ray_actor_options
+
+    assert actor_options(build_app({"device": "cuda"}))["num_gpus"] == 1
+    assert actor_options(build_app({"device": "cuda"}, {"ray_actor_options": {"num_cpus": 2}})) == {
+        "num_cpus": 2,
+        "num_gpus": 1,
+    }
+    assert not actor_options(build_app({"device": "cpu"})).get("num_gpus")
+
+
+def test_the_gpu_serve_config_is_valid_and_asks_for_gpus():
+    from ray.serve.schema import ServeDeploySchema
+
+    from skipray.serve import CONFIG_GPU
+
+    cfg = yaml.safe_load(CONFIG_GPU.read_text())
+    ServeDeploySchema.model_validate(cfg)
+    app = cfg["applications"][0]
+    assert app["args"]["device"] == "cuda"
+    assert all(d["ray_actor_options"]["num_gpus"] == 1 for d in app["deployments"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_cuda_is_refused_at_start_where_there_is_no_gpu(tmp_path, tiny_dir):
+    from test_batch import prompts, write
+
+    write(tmp_path / "in.parquet", prompts(2))
+    t0 = time.time()
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "generate.py"),
+            "--input",
+            str(tmp_path / "in.parquet"),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_dir),
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=ENV,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2 and "GPU" in r.stderr.splitlines()[-1], r.stderr[-2000:]
+    assert "MapWorker" not in r.stderr and not list((tmp_path / "out").glob("skipray-*"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skipray.cli",
+            "serve",
+            "--device",
+            "cuda",
+            "--num-cpus",
+            "1",
+            "--model",
+            str(tiny_dir),
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=ENV,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2 and "no GPU" in r.stderr, r.stderr[-2000:]
+    assert time.time() - t0 < 170
+
+
+from test_batch import tiny_dir  # noqa: E402,F401  (fixture)
+
+
+def test_host_syncs_are_counted_on_the_cpu_too():
+    from skipray.diagnostics import HostSyncs
+
+    t = torch.arange(6.0)
+    with HostSyncs() as h:
+        t.sum().item()
+        t.tolist()
+        bool(t[1] > 0)
+        torch.nonzero(t)
+        t * 2
+    assert h.counts["scalar"] == 3 and h.counts["data_dependent"] == 1 and h.syncs == 4 and h.counts["ops"] >= 5

@@ -1,0 +1,123 @@
+"""The GPU check: the engine on a device gives the CPU's numbers (marked ``cuda``; run by scripts/gpu_check.sh).
+
+The device is ``SKIPRAY_CHECK_DEVICE`` (default ``cuda``). ``scripts/gpu_check.sh --cpu`` runs the same checks
+with the device replaced by the CPU (a dry run that CI makes, so the checks themselves stay tested); the normal
+test command deselects them (``-m "not cuda"`` in pyproject.toml). Checks: logits on the device against the CPU
+in fp32 within 2e-4 for every architecture family with a skip plan; a skip schedule with the adapter under
+continuous batching gives the CPU's greedy tokens; seeded sampling repeats exactly; the training loss on the
+device equals the CPU's within 1e-4; no CPU-only weight packs on CUDA; the cache's bytes match the sizing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_opt, tiny_other
+
+from skipray.core.engine import Engine, SamplingParams
+from skipray.core.model import Segment, SkipModel, forward, training_plan
+from skipray.core.schedule import SkipSchedule
+
+DEVICE = os.environ.get("SKIPRAY_CHECK_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        DEVICE == "cuda" and not torch.cuda.is_available(),
+        reason="no GPU: scripts/gpu_check.sh --cpu runs these checks on the CPU",
+    ),
+]
+FAMILIES = {
+    "llama": tiny_llama,
+    "opt": tiny_opt,
+    "qwen2": lambda: tiny_other("qwen2"),
+    "mistral": lambda: tiny_other("mistral"),
+}
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
+
+
+def schedule(num_layers: int) -> SkipSchedule:
+    return SkipSchedule(num_layers, num_layers, 2, 6, warmup_layers=1)
+
+
+def on_both(hf):
+    """(SkipModel on the CPU, SkipModel on the device), fp32, the same weights."""
+    cpu = SkipModel(copy.deepcopy(hf).float())
+    return cpu, SkipModel(hf.float().to(DEVICE))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_on_the_device_match_the_cpu(family):
+    cpu, dev = on_both(FAMILIES[family]())
+    torch.manual_seed(0)
+    P, T = 6, 14
+    tokens = torch.randint(3, 90, (2, T))
+    pos = torch.arange(T).expand(2, T)
+    real = torch.ones(2, T, dtype=torch.bool)
+    plan = training_plan(schedule(cpu.num_layers), P, T)
+    with torch.inference_mode():
+        want = forward(cpu, Segment(tokens, pos, plan, real, logits_at=slice(P - 1, T)))
+        got = forward(dev, Segment(tokens.to(DEVICE), pos.to(DEVICE), plan, real.to(DEVICE), logits_at=slice(P - 1, T)))
+    torch.testing.assert_close(got.float().cpu(), want.float(), atol=2e-4, rtol=2e-4)
+
+
+def staggered(model, sched) -> list[list[int]]:
+    """Greedy tokens of PROMPTS, each admitted one step after the previous (continuous batching)."""
+    eng = Engine(model, sched, max_batch=4, max_len=64)
+    ids, out = [], {}
+    for p in PROMPTS:
+        ids.append(eng.add_request(p, SamplingParams(max_tokens=10)))
+        for ev in eng.step():
+            out.setdefault(ev.request_id, []).extend([ev.token_id] if ev.token_id is not None else [])
+    while eng.has_work():
+        for ev in eng.step():
+            out.setdefault(ev.request_id, []).extend([ev.token_id] if ev.token_id is not None else [])
+    return [out[i] for i in ids]
+
+
+def test_skip_adapter_under_continuous_batching_gives_the_cpus_tokens():
+    from test_skip_adapter import with_random_lora
+
+    hf = tiny_llama()
+    with_random_lora(hf)  # in place: hf's linears become LoRA layers
+    cpu, dev = on_both(hf)
+    sched = schedule(cpu.num_layers)
+    assert staggered(dev, sched) == staggered(cpu, sched)
+
+
+def test_seeded_sampling_repeats_exactly():
+    _, dev = on_both(tiny_llama())
+    eng = Engine(dev, schedule(dev.num_layers), max_batch=4, max_len=64)
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=1234)
+    first = [c.token_ids for c in eng.generate(PROMPTS, params)]
+    assert [c.token_ids for c in eng.generate(PROMPTS, params)] == first
+
+
+def test_no_cpu_only_packs_on_the_device_and_the_cache_matches_the_sizing():
+    from skipray import resources as res
+
+    hf = tiny_llama()
+    _, dev = on_both(hf)
+    eng = Engine(dev, max_batch=3, max_len=17)
+    eng.generate(PROMPTS[:3], SamplingParams(max_tokens=4))
+    packs = getattr(dev.linear, "_packs", {})
+    if DEVICE == "cuda":
+        assert not packs, "oneDNN packs are CPU-only: a CUDA model must run its linears as modules"
+    assert all(t.device.type == torch.device(DEVICE).type for t in eng.cache.k + eng.cache.v)
+    shape = res.ModelShape.from_config(hf.config, "tiny")
+    assert res.kv_cache_bytes(shape, 3, 17, 4) == sum(t.nbytes for t in eng.cache.k + eng.cache.v)
+
+
+def test_training_loss_on_the_device_equals_the_cpus(tmp_path, data_path, tiny_model_dir):
+    from test_train import cfg, losses
+
+    from skipray.training.train import train
+
+    got = losses(train(cfg(tmp_path / "dev", data_path, tiny_model_dir, steps=1, device=DEVICE), progress=False))
+    want = losses(train(cfg(tmp_path / "cpu", data_path, tiny_model_dir, steps=1, device="cpu"), progress=False))
+    assert abs(got[0]["loss"] - want[0]["loss"]) <= 1e-4, (got[0], want[0])
+
+
+from test_train import data_path  # noqa: E402,F401  (fixture)
