@@ -61,21 +61,21 @@ INTERNAL_COLUMNS = (TOKENS, PARAMS, PRE_ERROR)
 class SkipDecodeProcessorConfig(BaseModel):
     """The skip-decoding processor's config (Ray Data LLM's ``vLLMEngineProcessorConfig`` names where they exist).
 
-    ``model_source`` (alias ``model``): a ``skipray.loading.load`` spec (``"default"``, a directory, a
-    ``.gguf`` file, an adapter). ``batch_size``: rows per engine batch. ``bucket_window``: engine batches
-    per Ray Data batch (one actor call), sorted by prompt length inside it (1: arrival order).
-    ``concurrency``: ``n`` (a fixed pool of ``n`` actors) or ``(min, max)`` (autoscaling).
-    ``accelerator_type`` (e.g. ``"A10G"``), ``num_gpus_per_actor``, ``num_cpus_per_actor``: each actor's
-    resources; ``device="cuda"`` or an ``accelerator_type`` with no GPUs asked for requests one GPU per
-    actor (a CUDA actor without a GPU would see none). ``torch_threads``: per actor (0: the node's cores /
-    max actors). ``device``: ``cpu`` or ``cuda`` (default: cuda when the actor has a GPU).
-    ``apply_chat_template``: wrap ``prompt`` rows in the chat template as one user turn (``messages`` rows
-    always use it). ``sampling_params``: the defaults of every row (``max_tokens`` 64, ``temperature`` 0 =
-    greedy, ``top_p`` 1, ``top_k`` 0, ``seed`` None, ``stop`` []). ``schedule``: skip flags as the Serve ``skip`` field, or a resolved
-    ``SkipSchedule`` (None: the model's trained schedule, full depth if it has none). ``id_column``:
-    the column that keys seeds. ``max_model_len``: the context for the length check (None: the model's).
-    ``engine_retries``: how often a window's rows that a failure of the engine itself failed (out of memory,
-    a device error, a crashed actor) run again on a fresh engine or actor.
+    ``model_source`` (alias ``model``): a ``skipray.loading.load`` spec (``"default"``, a directory, a ``.gguf``
+    file, an adapter). ``batch_size``: rows per engine batch. ``bucket_window``: engine batches per Ray Data
+    batch (one actor call), sorted by prompt length inside it (1: arrival order). ``concurrency``: ``n`` (a
+    fixed pool of ``n`` actors) or ``(min, max)`` (autoscaling). ``accelerator_type`` (e.g. ``"A10G"``),
+    ``num_gpus_per_actor``, ``num_cpus_per_actor``: each actor's resources; ``device="cuda"`` or an
+    ``accelerator_type`` with no GPUs asked for requests one GPU per actor (a CUDA actor without a GPU would see
+    none). ``torch_threads``: per actor (0: the node's cores / max actors). ``device``: ``cpu`` or ``cuda``
+    (default: cuda when the actor has a GPU). ``apply_chat_template``: wrap ``prompt`` rows in the chat template
+    as one user turn (``messages`` rows always use it). ``sampling_params``: the defaults of every row
+    (``max_tokens`` 64, ``temperature`` 0 = greedy, ``top_p`` 1, ``top_k`` 0, ``seed`` None, ``stop`` []).
+    ``schedule``: skip flags as the Serve ``skip`` field, or a resolved ``SkipSchedule`` (None: the model's
+    trained schedule, full depth if it has none). ``id_column``: the column that keys seeds. ``max_model_len``:
+    the context for the length check (None: the model's). ``engine_retries``: how often a window's rows that a
+    failure of the engine itself failed (out of memory, a device error, a crashed actor) run again on a fresh
+    engine or actor.
     """
 
     model_config = ConfigDict(protected_namespaces=(), arbitrary_types_allowed=True, populate_by_name=True)
