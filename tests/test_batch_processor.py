@@ -324,7 +324,7 @@ def test_vllm_sampling_params_in_batch_rows(tiny_dir):
             },
         },
         {"prompt": "c", "sampling_params": {"n": 2}},
-        {"prompt": "d", "sampling_params": {"guided_decoding": {"json": {}}}},
+        {"prompt": "d", "sampling_params": {"guided_decoding": {"regex": "a", "choice": ["b"]}}},
     ]
     out = batch.prepare_rows(pa.Table.from_pylist(rows), ctx)
     errs = out.column("error").to_pylist()

@@ -367,7 +367,7 @@ def test_null_means_default(server):
     "field,value",
     [
         ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("response_format", {"type": "json_object"}),
+        ("response_format", "json"),
         ("n", 2),
         ("frequency_penalty", 2.5),
         ("presence_penalty", -3),
@@ -376,7 +376,7 @@ def test_null_means_default(server):
         ("tool_choice", "required"),
         ("reasoning_effort", "low"),
         ("min_tokens", -1),
-        ("guided_json", {}),
+        ("guided_regex", 5),
         ("min_p", 1.5),
     ],
 )

@@ -76,6 +76,7 @@ class Generator:
         self.schedule = SkipSchedule.from_dict(spec.schedule)
         self.trained = self.m.schedule.to_dict() if self.m.schedule else None
         self._schedules: dict[str, object] = {}
+        self._constraints = None  # skipray.structured.Constraints, built for the first row with a grammar
         self._new_engine = lambda: Engine(
             self.m.model,
             self.schedule,
@@ -97,6 +98,18 @@ class Generator:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.engine = self._new_engine()
+
+    def _sampling(self, row: dict):
+        """The engine's ``SamplingParams`` of a row, with its structured output's constraint factory."""
+        sp = sampling_params(row)
+        grammar = row.get("grammar")
+        if grammar:
+            if self._constraints is None:
+                from skipray.structured import Constraints
+
+                self._constraints = Constraints(self.m.tokenizer, self.m.model.vocab_size, self.m.eos_token_ids)
+            sp.structured = self._constraints.factory(grammar)
+        return sp
 
     def _schedule(self, flags: str | None):
         """The schedule of a row's ``skip`` flags (JSON), resolved once per distinct value."""
@@ -186,7 +199,7 @@ class Generator:
         comps = (
             self._run(
                 [toks[r] for r in rows],
-                [sampling_params(params[r]) for r in rows],
+                [self._sampling(params[r]) for r in rows],
                 [self._schedule(params[r]["skip"]) for r in rows],
             )
             if rows

@@ -8,7 +8,9 @@ Contract:
   writes text and token ids; ``output_kind``: rows are always final) or only at the value that changes
   nothing (``n`` 1: one row per id, so a row with ``n`` > 1 is an error row; ``skip_special_tokens``
   true, ``spaces_between_special_tokens`` true, ``logprobs`` / ``prompt_logprobs`` none or 0). Any other
-  field, and ``guided_decoding`` / ``structured_outputs``, is refused by name (an error row).
+  field is refused by name (an error row). ``guided_decoding`` (Ray Data LLM's name) and
+  ``structured_outputs`` (vLLM's) take ``json`` (a schema), ``regex``, ``choice``, ``grammar`` (Lark) or
+  ``json_object: true`` (``skipray.structured``); vLLM's backend options in them are accepted without effect.
 * ``resolve(row_params, defaults)`` merges a row's dict over the config's defaults (null = default) and
   checks every value (``ValueError`` naming the field): integers within their Arrow column's range,
   finite floats, the right types, and the ranges ``SamplingParams.validate`` enforces.
@@ -40,7 +42,17 @@ IMPLEMENTED: dict[str, Any] = {
     "ignore_eos": False,
     "logit_bias": None,
     "include_stop_str_in_output": False,
+    "guided_decoding": None,
+    "structured_outputs": None,
 }
+STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+STRUCTURED_OPTIONS = (
+    "backend",
+    "whitespace_pattern",
+    "disable_fallback",
+    "disable_any_whitespace",
+    "disable_additional_properties",
+)  # vLLM backend options: accepted, no effect here
 NO_OP: dict[str, Any] = {  # field -> predicate of the values that change nothing
     "n": lambda v: v == 1,
     "best_of": lambda v: v in (1, None),
@@ -85,6 +97,7 @@ PARAMS_TYPE = pa.struct(
         ("logit_bias_ids", pa.list_(pa.int32())),
         ("logit_bias_values", pa.list_(pa.float64())),
         ("include_stop", pa.bool_()),
+        ("grammar", pa.string()),
     ]
 )
 
@@ -127,6 +140,8 @@ def checked(name: str, v: Any) -> Any:
         if not isinstance(v, bool):
             raise ValueError(f"sampling_params.{name} must be true or false, got {v!r}")
         return v
+    if name in ("guided_decoding", "structured_outputs"):
+        return structured_spec(name, v)
     if name == "logit_bias":
         items = v.items() if isinstance(v, dict) else v if isinstance(v, list) else None  # Arrow maps: pairs
         if items is None:
@@ -139,6 +154,22 @@ def checked(name: str, v: Any) -> Any:
             out[tok] = float(b)
         return out
     return v
+
+
+def structured_spec(name: str, v: Any) -> dict:
+    """A row's ``guided_decoding`` / ``structured_outputs`` dict as a ``skipray.structured`` spec."""
+    if not isinstance(v, dict):
+        raise ValueError(f"sampling_params.{name} must be a dict with one of {list(STRUCTURED_KEYS)}")
+    given = {k: x for k, x in v.items() if x is not None and x is not False}
+    unknown = sorted(set(given) - set(STRUCTURED_KEYS) - set(STRUCTURED_OPTIONS))
+    if unknown:
+        raise ValueError(f"sampling_params.{name} has unknown keys {unknown}; known: {list(STRUCTURED_KEYS)}")
+    spec = {k: x for k, x in given.items() if k in STRUCTURED_KEYS}
+    if spec.pop("json_object", None):
+        spec.setdefault("json", {"type": "object"})
+    if len(spec) != 1:
+        raise ValueError(f"sampling_params.{name} needs exactly one of {list(STRUCTURED_KEYS)}, got {sorted(spec)}")
+    return spec
 
 
 def resolve(row_params: Any, defaults: dict) -> dict:
@@ -164,12 +195,16 @@ def resolve(row_params: Any, defaults: dict) -> dict:
     base.update({k: v for k, v in defaults.items() if v is not None and k in IMPLEMENTED})
     base.update({k: v for k, v in given.items() if k in IMPLEMENTED})
     out = {k: (None if v is None else checked(k, v)) for k, v in base.items()}
+    if out["guided_decoding"] and out["structured_outputs"]:
+        raise ValueError("sampling_params: give guided_decoding or structured_outputs, not both")
     if out["min_tokens"] > out["max_tokens"]:
         raise ValueError(f"sampling_params.min_tokens ({out['min_tokens']}) exceeds max_tokens ({out['max_tokens']})")
     return out
 
 
-def to_row(p: dict, seed: int | None, skip: str | None, bad_words_ids: list[list[int]]) -> dict:
+def to_row(
+    p: dict, seed: int | None, skip: str | None, bad_words_ids: list[list[int]], grammar: str | None = None
+) -> dict:
     """A resolved dict (``resolve``) as ``PARAMS_TYPE`` values."""
     bias = p["logit_bias"] or {}
     return {
@@ -191,6 +226,7 @@ def to_row(p: dict, seed: int | None, skip: str | None, bad_words_ids: list[list
         "logit_bias_ids": list(bias),
         "logit_bias_values": list(bias.values()),
         "include_stop": p["include_stop_str_in_output"],
+        "grammar": grammar,  # the compiled structured output (skipray.structured), or None
     }
 
 

@@ -45,20 +45,37 @@ class ModelFacts:
     max_positions: int
     trained: Any  # SkipSchedule | None
     cost: Any  # schedule.CostModel
+    vocab_size: int = 0  # the logits' width
+    eos_token_ids: tuple[int, ...] = ()
 
 
 def model_facts(spec: str) -> ModelFacts:
     """Resolve ``spec`` and build the model on the meta device (no weights read)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from skipray.core.model import SkipModel
     from skipray.loading import resolve, trained_schedule
 
     base, adapter = resolve(spec)
+    config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
-        sm = SkipModel(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)))
-    return ModelFacts(base, adapter, sm.num_layers, sm.max_positions, trained_schedule(base, adapter), sm.cost_model())
+        sm = SkipModel(AutoModelForCausalLM.from_config(config))
+    try:
+        eos = GenerationConfig.from_pretrained(base).eos_token_id
+    except OSError:  # no generation_config.json: the model config's
+        eos = config.eos_token_id
+    eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ModelFacts(
+        base,
+        adapter,
+        sm.num_layers,
+        sm.max_positions,
+        trained_schedule(base, adapter),
+        sm.cost_model(),
+        sm.vocab_size,
+        eos_ids,
+    )
 
 
 def resolve_schedule(schedule: Any, facts: ModelFacts):
@@ -111,6 +128,8 @@ class SkipDecodeProcessor:
             apply_chat_template=config.apply_chat_template,
             defaults=dict(config.sampling_params),
             id_column=config.id_column,
+            vocab_size=self.facts.vocab_size or None,
+            eos_token_ids=self.facts.eos_token_ids,
         )
         max_tokens = int(config.sampling_params.get("max_tokens") or 64)
         self.actor_spec = ActorSpec(

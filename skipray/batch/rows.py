@@ -164,6 +164,8 @@ class RowContext:
     apply_chat_template: bool = False
     defaults: dict = field(default_factory=dict)  # the config's sampling_params
     id_column: str | None = "id"
+    vocab_size: int | None = None  # the model's logits width (structured output masks), None: the tokenizer's
+    eos_token_ids: tuple[int, ...] = ()
 
 
 # -- names and seeds -------------------------------------------------------------------------------------
@@ -253,6 +255,24 @@ def schedule_for(flags_json: str, num_layers: int, trained: dict | None):
             raise ValueError(f"invalid skip flags: {e}") from None
 
 
+_CONSTRAINTS: dict[str, Any] = {}  # tokenizer digest -> skipray.structured.Constraints, one per process
+
+
+def _grammar(p: dict, ctx: RowContext) -> str | None:
+    """The row's structured output compiled and checked against the tokenizer (``ValueError``), or None."""
+    spec = p["structured_outputs"] or p["guided_decoding"]
+    if spec is None:
+        return None
+    from skipray.structured import Constraints, grammar_for
+
+    key = ctx.tokenizer.key
+    if key not in _CONSTRAINTS:
+        _CONSTRAINTS[key] = Constraints(
+            ctx.tokenizer.get(), ctx.vocab_size or len(ctx.tokenizer.get()), ctx.eos_token_ids
+        )
+    return _CONSTRAINTS[key].checked(grammar_for(spec))
+
+
 # -- the tokenizing step -----------------------------------------------------------------------------------
 def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
     """Rename clashing columns, tokenize, resolve params and mark bad rows (module contract)."""
@@ -278,6 +298,7 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
                 p = resolve(row_params[i], ctx.defaults)
                 banned = bad_words_ids(tok, p["bad_words"]) if p["bad_words"] else []
                 sampling_params(to_row(p, None, None, banned)).validate()
+                grammar = _grammar(p, ctx)
             except Exception as e:  # noqa: BLE001 - any value a row holds is that row's error, never the job's
                 err = f"invalid sampling_params: {e}"
         if err is None:
@@ -293,7 +314,7 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
                 seed = row_seed(int(p["seed"]), key)
             else:
                 seed = None
-            prm = to_row(p, seed, skip, banned)
+            prm = to_row(p, seed, skip, banned, grammar)
             ids_i, err = _encode(tok, prompts[i], messages[i], ctx.apply_chat_template, encode_prompt, encode_messages)
             if err is None and len(ids_i) + p["max_tokens"] > ctx.max_model_len:
                 err = (

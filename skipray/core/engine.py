@@ -163,8 +163,16 @@ class Engine:
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         except (RuntimeError, OverflowError) as e:
             raise ValueError(f"invalid seed {params.seed}: {e}") from None
+        constraint = params.structured() if params.structured is not None else None
         return Request(
-            request_id or f"req-{next(self._ids)}", list(prompt), params, schedule, gen, offline, priority=priority
+            request_id or f"req-{next(self._ids)}",
+            list(prompt),
+            params,
+            schedule,
+            gen,
+            offline,
+            priority=priority,
+            constraint=constraint,
         )
 
     def add_request(
@@ -333,6 +341,7 @@ class Engine:
             [r.prompt for r in reqs],
             [r.generated for r in reqs],
             self.eos_token_ids,
+            [r.constraint for r in reqs],
         )
         done = []
         for i, req in enumerate(reqs):
@@ -341,7 +350,11 @@ class Engine:
                 req.generated.append(tok)
                 req.layers.append(layers[i])
                 try:
+                    if req.constraint is not None and not req.constraint.accept(tok):
+                        raise ValueError(f"token {tok} breaks this request's structured output")
                     reason = finish_reason(req.generated, req.params, self.eos_token_ids, self.detokenize)
+                    if reason is None and req.constraint is not None and req.constraint.finished():
+                        reason = "stop"  # the grammar is complete
                 except Exception as e:  # e.g. the stop-string check's tokenizer
                     reason, err = "error", e
             else:

@@ -17,10 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 FINISH_REASONS = ("stop", "length", "abort", "error")
 STOP_WINDOW_SPARE = 8  # tokens decoded beyond the longest stop string (tokens are >= 1 char; merges)
+
+
+class TokenConstraint(Protocol):
+    """What the engine asks of a per-request constraint (``skipray.structured.GrammarConstraint``)."""
+
+    def mask_logits(self, row: Any) -> None: ...  # (1, vocab) logits: disallowed tokens to -inf, in place
+    def accept(self, token_id: int) -> bool: ...  # False: the token breaks the constraint
+    def finished(self) -> bool: ...  # complete: the request ends with "stop"
 
 
 class QueueFull(RuntimeError):
@@ -47,6 +56,9 @@ class SamplingParams:
     min_tokens: int = 0  # EOS, stop tokens and stop strings do not end the request before this many tokens
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit, [-100, 100]
     bad_words_ids: Sequence[Sequence[int]] = ()  # token-id sequences never generated
+    # structured output: a factory of one fresh TokenConstraint per request (skipray.structured builds them
+    # from JSON schemas, regexes, choices and grammars at the tokenizer's side)
+    structured: Callable[[], TokenConstraint] | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible settings."""

@@ -83,10 +83,12 @@ def sample_rows(
     prompts: Sequence[Sequence[int]] | None = None,
     outputs: Sequence[Sequence[int]] | None = None,
     eos_token_ids: Sequence[int] = (),
+    constraints: Sequence | None = None,
 ) -> tuple[list[int | BaseException], list[TopLogprobs | None]]:
     """One token per row of ``logits`` ``(n, vocab)`` with row ``i``'s ``params[i]`` and ``generators[i]``;
     ``prompts`` / ``outputs`` (each row's token ids so far) feed the logits controls of
-    ``skipray.core.logits`` (penalties, bans, biases), applied first.
+    ``skipray.core.logits`` (penalties, bans, biases), applied first; ``constraints[i]`` (structured output,
+    ``skipray.core.requests.TokenConstraint``) then masks row ``i`` to the tokens its grammar allows.
 
     -> (token id or the exception that row raised, per row; its ``TopLogprobs`` (of the raw logits) when
     ``params[i].logprobs``, else ``None``). Greedy rows take one batched ``argmax`` (the same ids ``sample``
@@ -94,6 +96,15 @@ def sample_rows(
     raw = logits
     if prompts is not None and outputs is not None:
         logits = process(logits, params, prompts, outputs, eos_token_ids)
+    masked: dict[int, BaseException] = {}
+    if constraints is not None and any(c is not None for c in constraints):
+        logits = logits.float().clone() if logits is raw else logits
+        for i, c in enumerate(constraints):
+            if c is not None:
+                try:
+                    c.mask_logits(logits[i : i + 1])  # the grammar's allowed tokens (structured output)
+                except Exception as e:  # noqa: BLE001 - this row's failure
+                    masked[i] = e
     finite = torch.isfinite(raw.sum(-1)).tolist()  # the model's logits: a NaN or inf makes the sum NaN or inf (one
     # reduction instead of isfinite's four full passes; finite fp32 logits would need ~1e34 each to overflow)
     greedy = [i for i, p in enumerate(params) if p.temperature < MIN_TEMPERATURE and finite[i]]
@@ -103,7 +114,9 @@ def sample_rows(
         for i, t in zip(greedy, rows.argmax(-1).tolist()):
             picked[i] = t
     for i, p in enumerate(params):
-        if not finite[i]:
+        if i in masked:
+            picked[i] = masked[i]
+        elif not finite[i]:
             picked[i] = FloatingPointError("the model produced non-finite logits for this request")
         elif p.temperature >= MIN_TEMPERATURE:
             try:

@@ -53,6 +53,7 @@ class Request:
     prefilled: int = 0  # prompt tokens in the cache (chunked prefill)
     generated: list[int] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
+    constraint: Any = None  # this request's TokenConstraint (structured output), opaque here
 
     @property
     def step(self) -> int:

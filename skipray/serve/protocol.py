@@ -7,10 +7,13 @@ Contract:
 * JSON ``null`` means "the default" for every optional field, at any depth, as OpenAI accepts it.
 * ``check_unsupported(body, chat)`` raises ``RequestError`` (400, ``param`` = the field) for a field
   this server does not implement when its value would change the answer (``tools: [...]``,
-  ``response_format: {"type": "json_object"}``, ``n: 2``, vLLM's guided decoding, ...); the same
-  fields with a value that changes nothing (``tools: []``, ``n: 1``, ``response_format: {"type":
-  "text"}``) are accepted. The penalties, ``logit_bias``, ``min_p``, ``min_tokens``,
-  ``stop_token_ids``, ``bad_words`` and ``include_stop_str_in_output`` are implemented fields. Other
+  ``n: 2``, ...); the same fields with a value that changes nothing (``tools: []``, ``n: 1``) are
+  accepted. Structured output is implemented: ``response_format`` (``text``, ``json_object``,
+  ``json_schema``), vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``) and its
+  older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``; ``structured_spec()``
+  gives the one spec a request asks for (``skipray.structured``), or None. The penalties,
+  ``logit_bias``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``bad_words`` and
+  ``include_stop_str_in_output`` are implemented fields. Other
   unknown top-level fields (``user``, ``store``, ``metadata``, ``service_tier``, ...) are ignored:
   they do not change the output. The ``skip`` extension and ``stream_options`` are strict.
 * ``ChatRequest.prompt_messages()`` gives the messages for the chat template: content given as
@@ -42,11 +45,6 @@ NO_EFFECT_ONLY: dict[str, Any] = {
     "truncate_prompt_tokens": _never,
     "allowed_token_ids": _never,
     "logits_processors": _never,
-    "guided_json": _never,
-    "guided_regex": _never,
-    "guided_choice": _never,
-    "guided_grammar": _never,
-    "structured_outputs": _never,
     "suffix": lambda v: v == "",
 }
 CHAT_NO_EFFECT_ONLY: dict[str, Any] = {
@@ -54,7 +52,6 @@ CHAT_NO_EFFECT_ONLY: dict[str, Any] = {
     "functions": lambda v: v == [],
     "tool_choice": lambda v: v in ("none", "auto"),
     "function_call": lambda v: v in ("none", "auto"),
-    "response_format": lambda v: v == {"type": "text"},
     "modalities": lambda v: v == ["text"],
     "audio": _never,
     "reasoning_effort": _never,
@@ -154,6 +151,12 @@ class _Common(_Body):
     stop_token_ids: list[StrictInt] = Field(default_factory=list)
     bad_words: list[str] = Field(default_factory=list)
     include_stop_str_in_output: StrictBool = False
+    # structured output (skipray.structured): vLLM's names
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     stream: StrictBool = False
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     skip: SkipOptions | None = None
@@ -175,6 +178,24 @@ class _Common(_Body):
             if not -100.0 <= b <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {b}")
         return v
+
+    def structured_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """(the field that asked, the ``skipray.structured`` spec) of the structured output asked for, or None;
+        ``RequestError`` when several fields ask at once."""
+        asked = []
+        fmt = getattr(self, "response_format", None)
+        if fmt is not None and fmt.type != "text":
+            schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else {"type": "object"}
+            asked.append(("response_format", {"json": schema}))
+        if self.structured_outputs:
+            asked.append(("structured_outputs", dict(self.structured_outputs)))
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                asked.append((f"guided_{kind}", {kind: value}))
+        if len(asked) > 1:
+            raise RequestError(f"ask for structured output once; got {[a for a, _ in asked]}", asked[1][0])
+        return asked[0] if asked else None
 
     @property
     def length_field(self) -> tuple[str, int | None]:
@@ -215,8 +236,30 @@ class ChatMessage(_Body):
     function_call: Any = None
 
 
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema`` (with ``json_schema.schema``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
+
+
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -133,6 +134,7 @@ class OpenAIServer:
         self.scheduling_policy = scheduling_policy
         self.max_failed_steps, self.health_stall_s = max_failed_steps, health_stall_s
         self.fingerprint = f"skipray-{__version__}-{model_name}"
+        self._constraints, self._constraints_lock = None, threading.Lock()  # structured output, built on first use
         self.loop = EngineLoop(engine, metrics)
 
     # -- utility routes -------------------------------------------------------------------------------
@@ -219,8 +221,8 @@ class OpenAIServer:
         meta = R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint)
         headers = {"X-Request-Id": request_id or meta.id}
         try:
-            req, ids = await asyncio.to_thread(self._parse, body, chat)  # tokenizing never blocks the loop
-            params, schedule, top = self._prepare(req, ids)
+            req, ids, grammar = await asyncio.to_thread(self._parse, body, chat)  # never blocks the loop
+            params, schedule, top = self._prepare(req, ids, grammar)
             events = self.loop.generate(ids, params, schedule, priority=req.priority)
             try:
                 first = await anext(events)  # surfaces 400/503/500 before any byte is sent
@@ -266,10 +268,10 @@ class OpenAIServer:
         if isinstance(body, dict) and body.get("stream"):
             raise P.RequestError("stream is not supported here: the handle returns the whole reply", "stream")
         try:
-            req, ids = await asyncio.to_thread(self._parse, body, chat)
+            req, ids, grammar = await asyncio.to_thread(self._parse, body, chat)
         except ValidationError as e:  # not picklable: the caller may be in another process
             raise P.RequestError(error_status(e)[1]["error"]["message"]) from None
-        params, schedule, top = self._prepare(req, ids)
+        params, schedule, top = self._prepare(req, ids, grammar)
         reply = _Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output)
         echo = "" if chat or not req.echo else self._prompt_text(req, ids)
         entries, ttft, ev = [], None, None
@@ -354,9 +356,25 @@ class OpenAIServer:
             ids = list(req.prompt)  # token ids; the engine checks their range
         if not ids:
             raise P.RequestError("the prompt encodes to no tokens", "messages" if chat else "prompt")
-        return req, ids
+        return req, ids, self._structured(req)
 
-    def _prepare(self, req, ids: list[int]):
+    def _structured(self, req):
+        """The structured-output factory a request asks for (compiled here, in the worker thread), or None."""
+        asked = req.structured_spec()
+        if asked is None:
+            return None
+        field, spec = asked
+        with self._constraints_lock:
+            if self._constraints is None:
+                from skipray.structured import Constraints
+
+                self._constraints = Constraints(self.tokenizer, self.engine.model.vocab_size, self.engine.eos_token_ids)
+        try:
+            return self._constraints.for_spec(spec)
+        except ValueError as e:
+            raise P.RequestError(f"{field}: {e}", field, "invalid_structured_output") from None
+
+    def _prepare(self, req, ids: list[int], grammar=None):
         """-> (SamplingParams, schedule, top log-probs per token or None)."""
         from skipray.core.requests import SamplingParams
         from skipray.options import schedule_from_args
@@ -413,6 +431,7 @@ class OpenAIServer:
             stop_token_ids=list(req.stop_token_ids),
             logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()} or None,
             bad_words_ids=banned,
+            structured=grammar,
         )
         return params, schedule, top
 
