@@ -341,13 +341,15 @@ def test_every_row_value_is_validated_per_row(tmp_path, tiny_dir):
     # values of the wrong type inside skip and messages; a prompt with bytes that are not UTF-8
     table = pa.table(
         {
-            "id": ["a", "b", "c", "d"],
-            "prompt": invalid_utf8([b"good", b"bad \xff\xfe byte", b"fine", b"fine"]),
-            "skip": [None, None, {"max_layers": "many"}, None],
-            "note": invalid_utf8([b"n", b"n", b"n", b"\xc3"]),
+            "id": invalid_utf8([b"a", b"b", b"c", b"d", b"e\xff"]),
+            "prompt": invalid_utf8([b"good", b"bad \xff\xfe byte", b"fine", b"fine", b"fine"]),
+            "skip": [None, None, {"max_layers": "many"}, None, None],
+            "note": invalid_utf8([b"n", b"n", b"n", b"\xc3", b"n"]),
         }
     )
     out = {r["id"]: r for r in prepared(tmp_path / "b", [], config(tiny_dir), table=table).to_pylist()}
+    # an id that is not UTF-8 becomes null (a replaced id would name another row): resumed by file and row
+    assert "column 'id' is not valid UTF-8" in out[None]["error"] and out[None]["source_row"] == 4
     assert out["a"]["error"] is None
     assert "column 'prompt' is not valid UTF-8" in out["b"]["error"] and out["b"]["prompt"] == "bad \ufffd\ufffd byte"
     assert out["c"]["error"].startswith("invalid skip") and "column 'note'" in out["d"]["error"]

@@ -320,3 +320,77 @@ def test_fuzzed_requests_never_get_a_5xx(app):
 
     check()
     assert seen["n"] >= 100
+
+
+def test_structured_output_checks_are_time_bounded(tiny, monkeypatch):
+    import requests
+
+    from skipray.serve.guard import ServeLimits
+    from skipray.structured import Constraints
+
+    real = Constraints.for_spec
+
+    def slow(self, spec):  # the test's stand-in for a schema that is costly to check
+        if spec.get("regex") == "slow":
+            time.sleep(2.5)
+        return real(self, spec)
+
+    monkeypatch.setattr(Constraints, "for_spec", slow)
+    with serving(tiny, limits=ServeLimits(max_grammar_seconds=1)) as (base, _, _):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+        t0 = time.perf_counter()
+        r = requests.post(
+            base + "/v1/chat/completions", json={**body, "structured_outputs": {"regex": "slow"}}, timeout=30
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "structured_output_too_complex"
+        assert time.perf_counter() - t0 < 2.4
+        deep = {"json": {"type": "object", "properties": {"a": json.loads(nested(80, "{}"))}}}
+        r = requests.post(base + "/v1/chat/completions", json={**body, "structured_outputs": deep}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "json_too_deep"  # the body's depth bound
+        r = requests.post(
+            base + "/v1/chat/completions", json={**body, "structured_outputs": {"regex": "[ab]{2}"}}, timeout=30
+        )
+        assert r.status_code == 200
+
+
+def test_health_stays_fast_under_a_burst_of_chat_requests(app):
+    """/health never waits behind generation: 40 concurrent chat requests (bounded), /health polled meanwhile
+    (bench/bench_health.py measures 100 against the default model)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 16}
+    times, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            requests.get(app["base"] + "/health", timeout=30)
+            times.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    with ThreadPoolExecutor(40) as pool:
+        codes = list(pool.map(lambda _: post(app, "/v1/chat/completions", body).status_code, range(40)))
+    stop.set()
+    t.join()
+    assert set(codes) <= {200, 503} and 200 in codes
+    assert len(times) >= 5 and sorted(times)[int(0.95 * len(times))] < 1.0, max(times)
+
+
+def test_a_stream_cut_by_shutdown_ends_with_an_error_event(tiny):
+    import requests
+
+    with serving(tiny, max_tokens_limit=200) as (base, server, model):
+        real = model.embed
+        model.embed = lambda *a, **k: (time.sleep(0.05), real(*a, **k))[1]  # a step takes a while
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with requests.post(base + "/v1/completions", json=body, timeout=60, stream=True) as r:
+            lines = r.iter_lines(decode_unicode=True)
+            first = next(ln for ln in lines if ln.startswith("data: {"))
+            server.loop.drain()
+            server.loop.close()  # the replica is going away
+            rest = [ln for ln in lines if ln]
+        assert json.loads(first[6:])["choices"] and '"error"' in rest[-2] and rest[-1] == "data: [DONE]"

@@ -8,6 +8,8 @@ Contract:
   ``json_too_deep``; the parser's own recursion limit is caught too, never a 500); ``check_sizes``
   bounds the prompt's characters (before tokenizing), the number of messages, each stop string and the
   length of a token-id prompt. Every refusal is ``protocol.RequestError`` with OpenAI's fields.
+  Structured-output specs fall under the body and depth bounds, and checking one against the tokenizer
+  is bounded by ``max_grammar_seconds`` (the server's, in a pool of its own: a 400 beyond it).
 * ``ApiKeys`` checks ``Authorization: Bearer <key>`` against the configured keys in constant time
   (``hmac.compare_digest`` against every key, no early exit); keys are never logged or echoed.
   ``api_keys_from(args)`` gathers them from the Serve args (``api_keys``: a list) and the
@@ -40,6 +42,7 @@ class ServeLimits:
     max_prompt_chars_per_token: int = 32  # prompt characters allowed per token of context, before tokenizing
     max_messages: int = 512
     max_stop_chars: int = 256
+    max_grammar_seconds: int = 5  # checking a request's structured output (JSON schema, regex, grammar)
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServeLimits:

@@ -134,7 +134,8 @@ class OpenAIServer:
         self.scheduling_policy = scheduling_policy
         self.max_failed_steps, self.health_stall_s = max_failed_steps, health_stall_s
         self.fingerprint = f"skipray-{__version__}-{model_name}"
-        self._constraints, self._constraints_lock = None, threading.Lock()  # structured output, built on first use
+        # structured output: the tokenizer's side and a compile pool, built on first use
+        self._constraints, self._constraints_lock, self._compile_pool = None, threading.Lock(), None
         self.loop = EngineLoop(engine, metrics)
 
     # -- utility routes -------------------------------------------------------------------------------
@@ -366,13 +367,23 @@ class OpenAIServer:
         field, spec = asked
         with self._constraints_lock:
             if self._constraints is None:
+                from concurrent.futures import ThreadPoolExecutor
+
                 from skipray.structured import Constraints
 
                 self._constraints = Constraints(self.tokenizer, self.engine.model.vocab_size, self.engine.eos_token_ids)
-        try:
-            return self._constraints.for_spec(spec)
+                self._compile_pool = ThreadPoolExecutor(2, thread_name_prefix="skipray-grammar")
+        bound = self.limits.max_grammar_seconds
+        try:  # compiled in a pool of its own, with a time bound: a grammar too costly to check is a 400
+            return self._compile_pool.submit(self._constraints.for_spec, spec).result(timeout=bound)
         except ValueError as e:
             raise P.RequestError(f"{field}: {e}", field, "invalid_structured_output") from None
+        except TimeoutError:
+            raise P.RequestError(
+                f"{field}: checking this structured output took more than {bound} s; simplify it",
+                field,
+                "structured_output_too_complex",
+            ) from None
 
     def _prepare(self, req, ids: list[int], grammar=None):
         """-> (SamplingParams, schedule, top log-probs per token or None)."""
