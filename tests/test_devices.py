@@ -72,27 +72,20 @@ def test_the_gpu_serve_config_is_valid_and_asks_for_gpus():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 def test_cuda_is_refused_at_start_where_there_is_no_gpu(tmp_path, tiny_dir):
     from test_batch import prompts, write
+    from test_batch_output import cli
 
     write(tmp_path / "in.parquet", prompts(2))
     t0 = time.time()
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "jobs" / "generate.py"),
-            "--input",
-            str(tmp_path / "in.parquet"),
-            "--output",
-            str(tmp_path / "out"),
-            "--model",
-            str(tiny_dir),
-            "--device",
-            "cuda",
-        ],
-        capture_output=True,
-        text=True,
+    r = cli(
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_dir),
+        "--device",
+        "cuda",
         timeout=180,
-        env=ENV,
-        cwd=ROOT,
     )
     assert r.returncode == 2 and "GPU" in r.stderr.splitlines()[-1], r.stderr[-2000:]
     assert "MapWorker" not in r.stderr and not list((tmp_path / "out").glob("skipray-*"))

@@ -94,6 +94,18 @@ class JobConfig:
             self.gpus_per_actor = 1.0  # a CUDA actor must request its GPU, or Ray hides every GPU from it
 
     @property
+    def sampling(self) -> dict:
+        """The rows' default sampling params (vLLM's names), as the processor and the manifest take them."""
+        return {
+            "max_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": list(self.stop),
+        }
+
+    @property
     def window(self) -> int:
         return self.batch_size * max(1, self.bucket_window)
 
@@ -113,14 +125,7 @@ class JobConfig:
             id_column="id",
             max_model_len=self.max_positions,
             engine_retries=self.engine_retries,
-            sampling_params={
-                "max_tokens": self.max_new_tokens,
-                "temperature": self.temperature,
-                "top_p": self.top_p,
-                "top_k": self.top_k,
-                "seed": self.seed,
-                "stop": list(self.stop),
-            },
+            sampling_params=self.sampling,
         )
 
 
@@ -187,14 +192,7 @@ def manifest_for(input_path: str, cfg: JobConfig) -> Manifest:
         input=input_path,
         model=cfg.model,
         schedule=cfg.schedule,
-        sampling={
-            "max_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature,
-            "top_p": cfg.top_p,
-            "top_k": cfg.top_k,
-            "seed": cfg.seed,
-            "stop": list(cfg.stop),
-        },
+        sampling=cfg.sampling,
         chat=cfg.chat,
         prompt_column=cfg.prompt_column,
         id_column=cfg.id_column,
