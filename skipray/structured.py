@@ -111,11 +111,14 @@ class Constraints:
         return grammar
 
     def factory(self, grammar: str) -> Callable[[], GrammarConstraint]:
-        """A factory of fresh constraints for ``grammar`` (one per request)."""
+        """A factory of fresh constraints for ``grammar`` (one per request): the grammar is compiled here
+        once (the caller bounds its time), and each request gets a cheap copy of that matcher."""
         import llguidance
 
-        checked = self.checked(grammar)
-        return lambda: GrammarConstraint(llguidance.LLMatcher(self.lltok, checked))
+        template = llguidance.LLMatcher(self.lltok, self.checked(grammar))
+        if template.is_error():
+            raise ValueError(f"invalid structured output: {template.get_error()}")
+        return lambda: GrammarConstraint(template.deep_copy())
 
     def for_spec(self, spec: dict[str, Any]) -> Callable[[], GrammarConstraint]:
         return self.factory(grammar_for(spec))

@@ -24,8 +24,9 @@ from conftest import moto_s3
 from test_batch import LEGACY_NAME, ROOT, config, own_name, prompts, read_out, tiny_dir, write  # noqa: F401
 
 from skipray import batch
-from skipray.batch.output import MANIFEST, QUARANTINE, OutputError
+from skipray.batch.output import MANIFEST, OWN_PATTERN, QUARANTINE, OutputError
 
+OWN_FILE_7_DIGITS = __import__("re").compile(OWN_PATTERN)
 ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
 
 
@@ -129,9 +130,14 @@ def test_foreign_files_are_refused_and_never_touched(tmp_path, tiny_dir):
 
 def test_outputs_of_earlier_versions_are_adopted(tmp_path, tiny_dir):
     write(tmp_path / "in.parquet", prompts(4))
-    write(tmp_path / "out" / LEGACY_NAME, [{"id": "r000"}, {"id": "r001"}])
+    job = {"generated_text": "x", "finish_reason": "stop", "avg_layers": 4.0}
+    write(tmp_path / "out" / LEGACY_NAME, [{"id": "r000", **job}, {"id": "r001", **job}])
     p = batch.plan(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config(tiny_dir))
     assert p.pending == 2 and any("adopting 1 output files" in m for m in p.claim.messages)
+    # named like a Ray Data write is not enough: another Ray Data job's file (no skipray columns) is foreign
+    write(tmp_path / "other" / LEGACY_NAME, [{"id": "r000", "label": "cat"}])
+    with pytest.raises(OutputError, match="no _skipray_manifest.json"):
+        batch.plan(str(tmp_path / "in.parquet"), str(tmp_path / "other"), config(tiny_dir))
 
 
 def test_changed_settings_are_refused_unless_allowed(tmp_path, tiny_dir):
@@ -520,6 +526,12 @@ def test_ownership_and_recovery_on_s3(tmp_path, tiny_dir, monkeypatch):
             f.write(b"PAR1 cut")
         with s3.open_output_stream(f"owned/out/{LEGACY_NAME}") as f:
             pq.write_table(pa.Table.from_pylist([{"id": "r000"}]), f)
+        from skipray.batch.job import manifest_for
+        from skipray.batch.output import LEGACY_PATTERN, OWN_PATTERN, write_text
+
+        manifest = manifest_for("s3://owned/in", config(tiny_dir))  # the output of a job that adopted older files
+        manifest.file_patterns = [OWN_PATTERN, LEGACY_PATTERN]
+        write_text(s3, f"owned/out/{MANIFEST}", manifest.to_json())
         p = batch.plan("s3://owned/in/", "s3://owned/out", config(tiny_dir), s3_endpoint=endpoint)
         assert p.cut_short == [f"owned/out/{own_name(5)}"] and p.pending == 3
         quarantine(s3, "owned/out", p.cut_short)
@@ -547,3 +559,34 @@ def test_exit_statuses_of_a_failed_run():
     assert _failed(wrapped(InputChanged("input x changed after the job planned it"))) == 2
     assert _failed(wrapped(OutputError("another job is writing"))) == 2
     assert _failed(wrapped(RuntimeError("actor died 3 times"))) == 3
+
+
+def test_superseding_uses_good_rows_of_earlier_runs_and_lost_locks_stop_the_job(tmp_path):
+    """A run that stopped before superseding left an engine row beside a good row of the same id: the next
+    supersede drops it even with no new file. And a job whose lock another job took over stops at check()."""
+    from skipray.batch.lock import LOCK, OutputLock
+    from skipray.batch.resume import read_done, supersede
+
+    out = tmp_path / "out"
+    schema = pa.schema([("id", pa.string()), ("error", pa.string()), ("error_kind", pa.string())])
+    a = write(
+        out / own_name(1),
+        [{"id": "x", "error": "engine fault", "error_kind": "engine"}, {"id": "y", "error": None, "error_kind": None}],
+        schema,
+    )
+    b = write(out / own_name(2), [{"id": "x", "error": None, "error_kind": None}], schema)
+    done = read_done([str(a), str(b)], None)
+    assert supersede(None, str(out), done, []) == 1
+    assert read_out(out).column("id").to_pylist().count("x") == 1
+    assert OWN_FILE_7_DIGITS.fullmatch(own_name(1).replace("_000001", "_1000001"))
+    lock = OutputLock(None, str(out), heartbeat_s=0.1)
+    lock.acquire()
+    (out / LOCK).write_text(json.dumps({"owner": "another job", "heartbeat": time.time()}))
+    time.sleep(0.4)
+    with pytest.raises(OutputError, match="took over the lock"):
+        lock.check()
+    lock.release()
+    assert json.loads((out / LOCK).read_text())["owner"] == "another job"  # never removed someone else's lock
+    (out / LOCK).write_text("")  # a lock between its create and its write: held, not taken over
+    with pytest.raises(OutputError, match="another job is writing"):
+        OutputLock(None, str(out)).acquire()

@@ -115,3 +115,32 @@ def test_engine_applies_controls_per_row():
     assert both[0].token_ids == alone
     got = both[1].token_ids
     assert alone[0] not in got and len(set(got)) == len(got) and not set(got) & set(prompt)
+
+
+def test_controls_run_on_the_rows_device():
+    """Index and count tensors are made on the row's device (a CUDA row wants CUDA indices); the meta
+    device checks it on a CPU, as a device mismatch raises there too."""
+    from skipray.core.logits import process_row
+
+    p = SamplingParams(
+        logit_bias={1: 1.0},
+        repetition_penalty=1.2,
+        presence_penalty=0.5,
+        frequency_penalty=0.2,
+        bad_words_ids=((3,),),
+        min_tokens=5,
+        max_tokens=9,
+    )
+    assert process_row(torch.zeros(V, device="meta"), p, PROMPT, OUT, (2,)).device.type == "meta"
+
+
+def test_a_row_with_every_token_banned_is_its_own_input_error():
+    from skipray.core.sampling import sample_rows
+
+    x = logits(2)
+    every = SamplingParams(bad_words_ids=tuple((t,) for t in range(V)))
+    for temperature in (0.0, 1.0):
+        p = SamplingParams(temperature=temperature, bad_words_ids=every.bad_words_ids)
+        picked, _ = sample_rows(x, [p, SamplingParams()], [None, None], [PROMPT] * 2, [OUT] * 2)
+        assert isinstance(picked[0], ValueError) and "every token is banned" in str(picked[0])
+        assert picked[1] == int(x[1].argmax())

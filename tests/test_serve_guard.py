@@ -394,3 +394,36 @@ def test_a_stream_cut_by_shutdown_ends_with_an_error_event(tiny):
             server.loop.close()  # the replica is going away
             rest = [ln for ln in lines if ln]
         assert json.loads(first[6:])["choices"] and '"error"' in rest[-2] and rest[-1] == "data: [DONE]"
+
+
+def test_api_keys_hold_under_a_mount_prefix(app):
+    """Serve keeps the route prefix in the path (and uvicorn --root-path): keys are checked below it."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from skipray.serve.guard import ApiKeys
+    from skipray.serve.routes import build_api
+
+    outer = FastAPI()
+    outer.mount("/p", build_api(app["server"], ApiKeys([KEY])))
+    client = TestClient(outer)
+    assert client.get("/p/v1/models").status_code == 401
+    assert client.get("/p/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert client.get("/p/health").status_code == 200
+
+
+def test_requests_own_errors_never_make_the_replica_unhealthy(tiny):
+    import requests
+
+    with serving(tiny, max_failed_steps=2) as (base, server, _):
+        # the grammar allows only "a" and bad_words bans it: every token is banned, the request's own error
+        body = {
+            "model": "tiny",
+            "prompt": "hi",
+            "max_tokens": 4,
+            "structured_outputs": {"choice": ["a"]},
+            "bad_words": ["a"],
+        }
+        codes = [requests.post(base + "/v1/completions", json=body, timeout=30) for _ in range(3)]
+        assert all(r.status_code == 400 and "every token is banned" in r.text for r in codes), codes[0].text
+        assert requests.get(base + "/health", timeout=10).status_code == 200 and server.loop.failed_steps == 0

@@ -319,9 +319,11 @@ def execute(p: Plan) -> Summary:
     the caller when rows are pending. Raises ``OutputError`` (lock held elsewhere, output changed)."""
     t0 = time.perf_counter()
     where = lambda f: uri(p.out_fs, f)  # noqa: E731
-    with OutputLock(p.out_fs, p.out_path, where(p.out_path), p.s3_endpoint):
+    with OutputLock(p.out_fs, p.out_path, where(p.out_path), p.s3_endpoint) as lock:
         now = claim(p.out_fs, p.out_path, p.claim.manifest, True, True).files
-        if now != p.before:
+        # under the lock: the files and which of them are cut short must be as planned (a file another
+        # job was still writing when this one planned is complete now, or gone)
+        if now != p.before or set(inspect(p.out_fs, now, where)) != set(p.cut_short):
             raise OutputError(f"the output {where(p.out_path)!r} changed since the job planned it; re-run")
         for message in p.claim.messages:
             print(f"[skipray] {message}", file=sys.stderr)
@@ -329,6 +331,7 @@ def execute(p: Plan) -> Summary:
         write_text(p.out_fs, f"{p.out_path}/{MANIFEST}", p.claim.manifest.to_json())
         if p.pending:
             _write(p)
+        lock.check()  # another job took the output over meanwhile: rewrite nothing
         new = [f for f in claim(p.out_fs, p.out_path, p.claim.manifest, True, True).files if f not in set(p.before)]
         dropped = supersede(p.out_fs, p.out_path, p.done, new) if p.done else 0
         if dropped:

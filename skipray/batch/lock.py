@@ -7,10 +7,13 @@ token, host, pid, start time) and a heartbeat time that a daemon thread refreshe
 seconds while the job runs. A second job finds the lock and is refused (``OutputError``, naming the
 owner) while the heartbeat is younger than ``stale_s`` and, when the holder ran on the same host, its
 process lives; otherwise the lock was left by a dead job and is taken over with a message.
-``release()`` stops the heartbeat and removes the lock if it is still ours.
-Clocks: staleness compares the holder's clock with the reader's; keep hosts within ``stale_s`` of each
-other (NTP). Taking over a stale lock deletes it and creates a new one conditionally, so two jobs
-taking over at once cannot both win.
+A lock that is not JSON yet (its writer between create and write) is held, aged by its file's time; a
+lock that cannot be read (network, permission) is never taken over (``OutputError``). ``release()`` stops
+the heartbeat and removes the lock if it is still ours; ``check()`` raises once the heartbeat found
+another job's lock in place of ours. Clocks: staleness compares the holder's clock with the reader's;
+keep hosts within ``stale_s`` of each other (NTP). Taking over a stale lock (delete, then a conditional
+create) is not atomic: two jobs that find the same stale lock in the same instant can both take it; the
+one whose lock was replaced sees it at its next heartbeat and stops at its next ``check()``.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class OutputLock:
         self.started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost = False  # the heartbeat found another job's lock in place of ours
 
     def _body(self) -> str:
         return json.dumps(
@@ -107,13 +111,22 @@ class OutputLock:
         return True
 
     def _read(self) -> dict | None:
+        """The lock's contents; None when there is none. A lock that is not JSON (its writer between create
+        and write, or cut short) counts as held, with its file's modification time as the heartbeat.
+        Read errors (network, permission) raise: a lock that cannot be read is never taken over."""
         try:
             with self.fs.open_input_stream(self.path) as f:
-                return json.loads(f.read().decode())
+                text = f.read().decode(errors="replace")
         except FileNotFoundError:
             return None
-        except (ValueError, OSError):
-            return {}
+        try:
+            held = json.loads(text)
+            if isinstance(held, dict):
+                return held
+        except ValueError:
+            pass
+        mtime = self.fs.get_file_info(self.path).mtime
+        return {"owner": None, "host": "?", "pid": None, "heartbeat": mtime.timestamp() if mtime else time.time()}
 
     def acquire(self) -> None:
         """Take the lock or raise ``OutputError`` (module contract); starts the heartbeat."""
@@ -126,7 +139,7 @@ class OutputLock:
                         f"another job is writing {self.where!r} (host {held.get('host')}, pid {held.get('pid')}, "
                         f"last heartbeat {age:.0f} s ago); wait for it to finish, or use another --output"
                     )
-                if held:
+                if held is not None:
                     print(
                         f"[skipray] taking over the lock of a job that stopped (host {held.get('host')}, "
                         f"pid {held.get('pid')}, last heartbeat {age:.0f} s ago)",
@@ -148,11 +161,20 @@ class OutputLock:
             try:
                 held = self._read()
                 if not held or held.get("owner") != self.token:
-                    print(f"[skipray] warning: the lock of {self.where!r} is no longer this job's", file=sys.stderr)
+                    self.lost = True  # another job took it: execute stops before it touches the output again
+                    print(f"[skipray] error: the lock of {self.where!r} is no longer this job's", file=sys.stderr)
                     return
                 write_text(self.fs, self.path, self._body())
             except Exception as e:  # noqa: BLE001 - one missed heartbeat is not fatal
                 print(f"[skipray] warning: lock heartbeat failed: {e}", file=sys.stderr)
+
+    def check(self) -> None:
+        """Raise ``OutputError`` when this job lost its lock (another job took it over meanwhile)."""
+        if self.lost:
+            raise OutputError(
+                f"another job took over the lock of {self.where!r} while this one ran; the rows "
+                "this job wrote are kept; re-run when the other job is done"
+            )
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock if this job still holds it."""

@@ -10,8 +10,9 @@ Contract:
 * Refusals (``OutputError``, exit 2 at the CLI, before anything is moved or written): ``--output`` names
   a file; the directory holds anything and no manifest (unless ``allow_foreign``); the manifest's
   compared settings differ from this run's (unless ``allow_changed``; the manifest then records the new
-  settings). A directory whose every entry is a file named as Ray Data names Parquet writes (the output
-  of skipray versions before the manifest) is adopted with a message.
+  settings). A directory whose every entry is a Parquet file named as Ray Data names its writes and whose
+  footer holds the job's columns (the output of skipray versions before the manifest) is adopted with a
+  message.
 * Recovery without deletion. ``inspect`` checks each own file: one shorter than 12 bytes or not ending
   with Parquet's ``PAR1`` marker was cut short by a crash and is listed for ``quarantine``, which moves
   it to ``_skipray_quarantine/`` under the output. Any other error (network, throttling, permission)
@@ -32,11 +33,14 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from skipray.batch.files import map_files
+
 MANIFEST = "_skipray_manifest.json"
 QUARANTINE = "_skipray_quarantine"
 TMP = "_skipray_tmp"
-OWN_PATTERN = r"skipray-[0-9a-f]{32}_\d{6}(-\d+)?\.parquet"  # JobFiles' names (Ray appends -N)
-LEGACY_PATTERN = r"[0-9A-Za-z]+_[0-9a-f]{32}_\d{6}(-\d+)?\.parquet"  # Ray Data's default names
+OWN_PATTERN = r"skipray-[0-9a-f]{32}_\d{6,}(-\d+)?\.parquet"  # JobFiles' names (Ray appends -N)
+LEGACY_PATTERN = r"[0-9A-Za-z]+_[0-9a-f]{32}_\d{6,}(-\d+)?\.parquet"  # Ray Data's default names
+JOB_COLUMNS = {"generated_text", "finish_reason", "avg_layers"}  # what makes an adopted file a skipray output
 COMPARED = ("input", "model", "schedule", "sampling", "chat", "prompt_column", "id_column")
 PARQUET_MAGIC = b"PAR1"
 
@@ -163,9 +167,14 @@ def claim(
         existing = True
     else:
         legacy = re.compile(f"(?:{LEGACY_PATTERN})|(?:{OWN_PATTERN})")
-        adopt = bool(others) and all(e.type == pafs.FileType.File and legacy.fullmatch(_name(e.path)) for e in others)
+        named = [e.type == pafs.FileType.File and bool(legacy.fullmatch(_name(e.path))) for e in others]
+        # named as the job names its files is not enough: the footer must hold the job's columns
+        ours = map_files(lambda e: _holds_job_columns(fs, e.path), [e for e, n in zip(others, named) if n])
+        it = iter(ours)
+        is_ours = [n and next(it) for n in named]
+        adopt = bool(others) and all(is_ours)
         if others and not adopt and not allow_foreign:
-            foreign = next(e for e in others if not (e.type == pafs.FileType.File and legacy.fullmatch(_name(e.path))))
+            foreign = next(e for e, o in zip(others, is_ours) if not o)
             raise OutputError(
                 f"the output {where!r} holds {_name(foreign.path)!r} and no {MANIFEST}: it is not a "
                 "skipray job's output; use a new --output, or pass --allow-foreign-files to write "
@@ -182,11 +191,19 @@ def claim(
     return Claim(files, manifest, existing, messages)
 
 
+def _holds_job_columns(fs, path: str) -> bool:
+    """Whether a file's Parquet footer has the job's output columns (read-only; False when unreadable)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return JOB_COLUMNS <= set(pq.read_schema(path, filesystem=fs).names)
+    except Exception:  # noqa: BLE001 - not readable as a job's output: not adopted
+        return False
+
+
 def inspect(fs, files: list[str], where=lambda p: p) -> list[str]:
     """The own files that a crash cut short (shorter than 12 bytes, or no ``PAR1`` at the end); raises
     ``OutputError`` for any file that cannot be checked (nothing is moved then)."""
-    from skipray.batch.files import map_files
-
     fs = local(fs)
 
     def cut_short(path: str) -> bool:

@@ -113,17 +113,20 @@ def _keys(t: pa.Table) -> set:
 
 
 def supersede(fs, out: str, done: Done, new_files: list[str]) -> int:
-    """Drop the engine-error rows of ``done.engine_files`` whose key a file of this run (``new_files``)
-    holds again, rewriting each such file in place (``output.replace_file``; a file left with no rows is
+    """Drop the engine-error rows of ``done.engine_files`` whose key another row holds: one written by this
+    run (``new_files``) or a good row an earlier run wrote (``done``: a run that stopped before its own
+    supersede). Each such file is rewritten in place (``output.replace_file``; a file left with no rows is
     removed: it is the job's own and fully superseded). -> rows dropped."""
     import pyarrow.parquet as pq
 
     from skipray.batch.output import local, replace_file
 
-    if not done.engine_files or not new_files:
+    if not done.engine_files:
         return 0
     cols = lambda pf: ["id"] + [c for c in SOURCE_COLUMNS if c in pf.schema_arrow.names]  # noqa: E731
-    fresh: set = set()
+    fresh: set = {("pos", f, r) for f, r in done.null_positions}
+    if done.ids is not None:
+        fresh |= {("id", x) for x in done.ids.to_pylist()}
     for f in new_files:
         pf = pq.ParquetFile(f, filesystem=fs)
         fresh |= _keys(pf.read(columns=cols(pf)))

@@ -55,23 +55,28 @@ def process_row(
 ) -> torch.Tensor:
     """One row's ``(vocab,)`` logits (float32) with ``p``'s controls applied (module contract)."""
     row = row.clone()
-    vocab = row.shape[-1]
+    vocab, dev = row.shape[-1], row.device  # index tensors on the row's device (a CUDA row wants CUDA indices)
     if p.logit_bias:
-        ids = torch.tensor([int(t) for t in p.logit_bias], dtype=torch.long)
-        row.index_add_(0, ids, torch.tensor([float(v) for v in p.logit_bias.values()], dtype=row.dtype))
+        ids = torch.tensor([int(t) for t in p.logit_bias], dtype=torch.long, device=dev)
+        bias = torch.tensor([float(v) for v in p.logit_bias.values()], dtype=row.dtype, device=dev)
+        row.index_add_(0, ids, bias)
     banned = _banned_by_bad_words(p.bad_words_ids, output) if p.bad_words_ids else []
     if p.min_tokens and len(output) < p.min_tokens:
         banned += [*eos_token_ids, *p.stop_token_ids]
     banned = [t for t in banned if 0 <= t < vocab]
     if banned:
-        row[torch.tensor(banned, dtype=torch.long)] = float("-inf")
+        row[torch.tensor(banned, dtype=torch.long, device=dev)] = float("-inf")
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=dev)
         if len(seen):
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and output:
-        counts = torch.bincount(torch.tensor(list(output), dtype=torch.long), minlength=vocab)[:vocab].to(row.dtype)
+        out_ids = torch.tensor(list(output), dtype=torch.long, device=dev)
+        # scatter_add, not bincount: a fixed output shape (bincount's depends on the data: a sync on CUDA)
+        counts = torch.zeros(vocab, dtype=row.dtype, device=dev).scatter_add_(
+            0, out_ids, torch.ones(len(output), dtype=row.dtype, device=dev)
+        )
         row -= p.presence_penalty * (counts > 0).to(row.dtype) + p.frequency_penalty * counts
     return row
 

@@ -105,6 +105,12 @@ def sample_rows(
                     c.mask_logits(logits[i : i + 1])  # the grammar's allowed tokens (structured output)
                 except Exception as e:  # noqa: BLE001 - this row's failure
                     masked[i] = e
+    if logits is not raw:  # a row whose controls ban every token: its own input error, not the engine's
+        for i, ok in enumerate(torch.isfinite(logits.max(-1).values).tolist()):
+            if not ok and i not in masked:
+                masked[i] = ValueError(
+                    "every token is banned for this request (bad words, min_tokens or its structured output leave none)"
+                )
     finite = torch.isfinite(raw.sum(-1)).tolist()  # the model's logits: a NaN or inf makes the sum NaN or inf (one
     # reduction instead of isfinite's four full passes; finite fp32 logits would need ~1e34 each to overflow)
     greedy = [i for i, p in enumerate(params) if p.temperature < MIN_TEMPERATURE and finite[i]]

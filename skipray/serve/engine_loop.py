@@ -19,7 +19,8 @@ Contract:
 * Health (``problem(max_failed_steps, stall_s)``): the reason the replica cannot serve, or None. It is
   unhealthy when the loop thread is gone, while it drains for shutdown (``drain()``: new requests get
   ``LoopStopped``), when ``max_failed_steps`` steps in a row failed (a step fails when it raises, or when
-  every event it produced ended its request with an error), or when work waits and no step has
+  every event it produced ended its request with an error that is not the request's own input error, a
+  ``ValueError``: clients cannot make a replica unhealthy), or when work waits and no step has
   succeeded for ``stall_s`` seconds (counted from when the work arrived). It reads counters the loop
   thread keeps and never waits for a step.
 * Metrics (``skipray.metrics.EngineMetrics``) are recorded per step when given; a metrics failure
@@ -160,7 +161,9 @@ class EngineLoop:
                     self.engine.reset()
                     self._fail_all(EngineFailed(f"the engine failed: {e!r}"))
                     continue
-                if events and all(ev.finish_reason == "error" for ev in events):
+                if events and all(
+                    ev.finish_reason == "error" and not isinstance(ev.error, ValueError) for ev in events
+                ):
                     self.failed_steps += 1
                 else:  # a step that made progress (tokens, or a prompt chunk with no event yet)
                     self.failed_steps, self.last_ok = 0, time.monotonic()

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import get_route_path
 
 from skipray.serve import protocol as P
 from skipray.serve.guard import PROTECTED, ApiKeys, parse_json, read_body
@@ -84,7 +85,7 @@ def build_api(server: OpenAIServer, api_keys: ApiKeys | None = None) -> FastAPI:
     async def _auth(request: Request, call_next):
         if (
             keys.enabled
-            and request.url.path.startswith(PROTECTED)
+            and get_route_path(request.scope).startswith(PROTECTED)  # the path below a mount prefix
             and not keys.allows(request.headers.get("authorization"))
         ):
             return JSONResponse(

@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin TimeoutError before Python 3.11
 from typing import Any
 
 from pydantic import ValidationError
@@ -183,6 +184,7 @@ class OpenAIServer:
         from skipray.text import encode_messages, encode_prompt
 
         chat = isinstance(body, dict) and "messages" in body
+        check_sizes(body, chat, self.limits, self.context)  # before tokenizing, as for completions
         req = _validate(P.TokenizeChatRequest if chat else P.TokenizeCompletionRequest, body)
         self._check_model(req.model)
         if chat:
@@ -374,11 +376,13 @@ class OpenAIServer:
                 self._constraints = Constraints(self.tokenizer, self.engine.model.vocab_size, self.engine.eos_token_ids)
                 self._compile_pool = ThreadPoolExecutor(2, thread_name_prefix="skipray-grammar")
         bound = self.limits.max_grammar_seconds
+        future = self._compile_pool.submit(self._constraints.for_spec, spec)
         try:  # compiled in a pool of its own, with a time bound: a grammar too costly to check is a 400
-            return self._compile_pool.submit(self._constraints.for_spec, spec).result(timeout=bound)
+            return future.result(timeout=bound)
         except ValueError as e:
             raise P.RequestError(f"{field}: {e}", field, "invalid_structured_output") from None
-        except TimeoutError:
+        except FutureTimeout:
+            future.cancel()
             raise P.RequestError(
                 f"{field}: checking this structured output took more than {bound} s; simplify it",
                 field,
