@@ -89,7 +89,22 @@ def test_eval_report(tmp_path, tiny_model_dir):
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"report.json", "report.md", "quality_vs_speedup.png"} <= files
     assert json.loads((tmp_path / "out" / "report.json").read_text())["n"] == 3
+    # the long-answer figures: full depth is its own reference; its rep-3 is the same in every row
+    assert full["rep_tokens"] == 128 and full["rouge_l_ids_vs_full_long"] == pytest.approx(1.0)
+    assert full["rep3"] == pytest.approx(full["rep3_full"]) == pytest.approx(skip["rep3_full"])
+    assert full["on_policy_agreement_long"] == pytest.approx(1.0) and 0.0 <= (skip["rep3"] or 0.0) <= 1.0
+    assert set(skip["theoretical_speedup_by_length"]) == {"8", "16", "64", "128"}
+    assert "rep-3" in (tmp_path / "out" / "report.md").read_text()
     assert "| schedule |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_rep3_counts_repeated_trigrams_up_to_eos():
+    from skipray.training.evaluate import rep_n
+
+    assert rep_n([1, 2, 3, 4, 5]) == 0.0
+    assert rep_n([1, 2, 3, 1, 2, 3]) == pytest.approx(1 / 4)  # positions 0..3; (1, 2, 3) again at 3
+    assert rep_n([7, 7, 7, 7, 9, 9, 9], eos_token_ids=(9,)) == pytest.approx(1 / 2)  # up to EOS, excluded
+    assert rep_n([1, 2]) is None
 
 
 def test_eval_in_bf16_scores_the_bf16_model_against_the_fp32_base(tmp_path, tiny_model_dir):

@@ -10,7 +10,13 @@ held-out short-answer questions (``question``, ``answers``), greedy with the cha
   skip forward (the parallel training forward over the full model's output);
 * on-policy agreement (the share of the skip model's own greedy tokens that equal the full model's
   argmax after the same prefix) and the perplexity of the skip output under the full model;
-* average layers per token, theoretical FLOP speedup (lm_head counted) and measured speedup.
+* average layers per token, theoretical FLOP speedup (lm_head counted) and measured speedup, and the
+  theoretical speedup over the first 8, 16, 64 and 128 generated tokens;
+* the decay of long answers, over ``rep_tokens`` (128) greedy tokens: rep-3 (the share of an answer's
+  3-gram positions whose 3-gram of token ids occurred earlier in the same answer, up to EOS, EOS
+  excluded, averaged over answers) beside full depth's on the same prompts, and ROUGE-L over token ids
+  and on-policy agreement over those tokens. The 64-token figures are the first ``max_new`` tokens of
+  the same greedy answers.
 Reference rows ``ref:bf16`` and ``ref:t0.3`` (the base model in bf16; sampled at temperature 0.3) put
 a noise floor beside every figure: greedy text diverges for good after one different token.
 It writes ``report.json``, ``report.md`` and ``quality_vs_speedup.png`` to ``--out``.
@@ -53,6 +59,18 @@ def lcs_f1(a: Sequence, b: Sequence) -> float:
 def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F1 over lower-cased alphanumeric words (the rouge-score package's default tokenization)."""
     return lcs_f1(_words(candidate), _words(reference))
+
+
+def rep_n(ids: Sequence[int], eos_token_ids: Sequence[int] = (), n: int = 3) -> float | None:
+    """The share of ``ids``' n-gram positions whose n-gram occurred at an earlier position (up to the first
+    EOS, EOS excluded); None for an answer with no n-gram."""
+    end = next((i for i, t in enumerate(ids) if t in eos_token_ids), len(ids))
+    seen, repeats, positions = set(), 0, max(end - n + 1, 0)
+    for j in range(positions):
+        gram = tuple(ids[j : j + n])
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / positions if positions else None
 
 
 def parse_schedule(spec: str, num_layers: int, trained=None, model: str = "the model"):
@@ -160,6 +178,7 @@ def evaluate(
     question_tokens: int = 32,
     question_limit: int = 0,
     dtype: str = "float32",
+    rep_tokens: int = 128,
 ) -> dict:
     """Quality and speed per schedule (or reference row) against the base model's greedy full-depth output
     (fp32). ``dtype``: the evaluated model's (``bfloat16``: the skip model as a bf16 deployment runs it)."""
@@ -186,9 +205,13 @@ def evaluate(
         qt = read_table(questions_path)
         qs = [encode_prompt(tok, q, chat=chat) for q in qt.column("question").to_pylist()[: question_limit or None]]
         accepted = qt.column("answers").to_pylist()[: len(qs)]
-    max_len = max(map(len, prompts + qs)) + max(max_new, question_tokens)
-    base_engine = Engine(base.model, max_batch=batch, max_len=max_len, eos_token_ids=base.eos_token_ids)
-    full_ids, _ = generate_all(base_engine, prompts, None, max_new, batch)
+    long = max(max_new, rep_tokens)  # one greedy run per schedule: its first max_new tokens are the short answers
+    max_len = max(map(len, prompts + qs)) + max(long, question_tokens)
+    eos = base.eos_token_ids
+    base_engine = Engine(base.model, max_batch=batch, max_len=max_len, eos_token_ids=eos)
+    full_long, _ = generate_all(base_engine, prompts, None, long, batch)
+    full_ids = [x[:max_new] for x in full_long]
+    rep3_full = _mean(rep_n(x, eos) for x in full_long)
     full_txt = [decode(tok, ids) for ids in full_ids]
     full_q = [decode(tok, x) for x in generate_all(base_engine, qs, None, question_tokens, batch)[0]]
     known = [i for i, (t, a) in enumerate(zip(full_q, accepted)) if answered(t, a)]
@@ -204,7 +227,8 @@ def evaluate(
             temperature, gen_engine, sched = 0.3, base_engine, SkipSchedule.full(base.model.num_layers)
         else:
             sched = parse_schedule(spec, student.model.num_layers, student.schedule, model_spec)
-        ids, secs = generate_all(gen_engine, prompts, sched, max_new, batch, temperature)
+        ids_long, secs = generate_all(gen_engine, prompts, sched, long, batch, temperature)
+        ids = [x[:max_new] for x in ids_long]
         txt = [decode(tok, x) for x in ids]
         q_txt = [decode(tok, x) for x in generate_all(gen_engine, qs, sched, question_tokens, batch, temperature)[0]]
         if spec in REFERENCES:
@@ -212,6 +236,7 @@ def evaluate(
         else:
             tf = [teacher_forced(student.model, base.model, p, r, sched) for p, r in zip(prompts, full_ids)]
         op = [on_policy(base.model, p, x) for p, x in zip(prompts, ids)]
+        op_long = [on_policy(base.model, p, x) for p, x in zip(prompts, ids_long)] if long > max_new else op
         ntok = sum(map(len, ids))
         row = {
             "schedule": spec,
@@ -231,7 +256,15 @@ def evaluate(
             "measured_speedup": 1.0
             if spec in REFERENCES
             else _measured_speedup(engine, prompts[:batch], sched, max_new),
-            "tokens_per_s": ntok / secs,
+            "tokens_per_s": sum(map(len, ids_long)) / secs,
+            "rep_tokens": long,
+            "rep3": _mean(rep_n(x, eos) for x in ids_long),
+            "rep3_full": rep3_full,
+            "rouge_l_ids_vs_full_long": sum(lcs_f1(a, b) for a, b in zip(ids_long, full_long)) / len(ids_long),
+            "on_policy_agreement_long": _mean(a for a, _ in op_long),
+            "theoretical_speedup_by_length": {
+                str(n): _theory(sched, student.model, prompts, n) for n in (8, 16, 64, 128)
+            },
             "examples": list(zip(texts[:3], txt[:3])),
         }
         if refs:
@@ -245,6 +278,7 @@ def evaluate(
         "n": len(texts),
         "questions": questions_path,
         "max_new_tokens": max_new,
+        "rep_tokens": long,
         "question_tokens": question_tokens,
         "results": rows,
     }
@@ -301,6 +335,22 @@ def write_report(report: dict, out: Path) -> None:
             f"{f(r['rouge_l_vs_full'])} | {f(r['top1_agreement'])} | {f(r.get('on_policy_agreement'))} | "
             f"{f(r.get('perplexity_under_full'), '.2f')} |"
         )
+    lines += [
+        "",
+        f"Long answers ({report.get('rep_tokens', '-')} greedy tokens): repetition and drift",
+        "",
+        "| schedule | rep-3 | rep-3 at full depth | ROUGE-L ids vs full | on-policy agreement "
+        "| theoretical speedup over 8 / 16 / 64 / 128 tokens |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in report["results"]:
+        by = r.get("theoretical_speedup_by_length") or {}
+        lines.append(
+            f"| {r['description']} | {f(r.get('rep3'))} | {f(r.get('rep3_full'))} | "
+            f"{f(r.get('rouge_l_ids_vs_full_long'))} | {f(r.get('on_policy_agreement_long'))} | "
+            + " / ".join(f"{by[k]:.2f}x" for k in ("8", "16", "64", "128") if k in by)
+            + " |"
+        )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -339,6 +389,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.question_tokens,
         args.question_limit,
         args.dtype,
+        args.rep_tokens,
     )
     print((Path(args.out) / "report.md").read_text())
     return 0 if rep["results"] else 1
@@ -360,6 +411,12 @@ def register(sub) -> None:
     p.add_argument("--question-limit", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--rep-tokens",
+        type=int,
+        default=128,
+        help="greedy tokens per answer for the long-answer figures (rep-3, ROUGE-L, on-policy agreement)",
+    )
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
