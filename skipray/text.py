@@ -30,9 +30,12 @@ def encode_messages(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     add_special_tokens: bool = False,
+    template_kwargs: dict | None = None,
 ) -> list[int]:
     """Token ids of a chat conversation through the model's chat template, by default ready for the reply
-    (``add_generation_prompt``); ``continue_final_message`` leaves the last message open instead."""
+    (``add_generation_prompt``); ``continue_final_message`` leaves the last message open instead;
+    ``template_kwargs`` are the template's own variables (vLLM's ``chat_template_kwargs``, e.g. Qwen3's
+    ``enable_thinking``)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template")
     text = tokenizer.apply_chat_template(
@@ -40,6 +43,7 @@ def encode_messages(
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
+        **(template_kwargs or {}),
     )
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 

@@ -429,3 +429,25 @@ def test_structured_outputs_regex_choice_and_invalid_specs(app):
     assert chat(structured_outputs={"regex": "(unclosed"}).status_code == 400
     two = chat(guided_regex="a", structured_outputs={"regex": "b"})
     assert two.status_code == 400 and "once" in two.json()["error"]["message"]
+
+
+def test_chat_template_extensions(app):
+    import requests
+
+    def chat(**kw):
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}],
+            "max_tokens": 2,
+            **kw,
+        }
+        return requests.post(f"{app['base']}/v1/chat/completions", json=body, timeout=60)
+
+    usual = chat().json()["usage"]["prompt_tokens"]
+    cont = chat(continue_final_message=True).json()["usage"]["prompt_tokens"]
+    assert cont < usual  # the last message stays open: no end of turn, no new assistant header
+    assert chat(chat_template_kwargs={"enable_thinking": False}).status_code == 200  # the template's own variables
+    bad = chat(chat_template_kwargs={"tokenize": True})
+    assert bad.status_code == 400 and "chat_template_kwargs" in bad.json()["error"]["message"]
+    both = chat(add_generation_prompt=True, continue_final_message=True)
+    assert both.status_code == 400

@@ -58,11 +58,8 @@ CHAT_NO_EFFECT_ONLY: dict[str, Any] = {
     "verbosity": _never,
     "web_search_options": _never,
     "chat_template": _never,
-    "chat_template_kwargs": lambda v: v == {},
     "documents": _never,
     "echo": lambda v: v is False,
-    "add_generation_prompt": lambda v: v is True,
-    "continue_final_message": lambda v: v is False,
 }
 
 
@@ -257,9 +254,40 @@ class ResponseFormat(_Body):
         return self
 
 
+TEMPLATE_RESERVED = frozenset(
+    {
+        "tokenize",
+        "add_generation_prompt",
+        "continue_final_message",
+        "conversation",
+        "messages",
+        "chat_template",
+        "return_dict",
+        "tools",
+        "documents",
+    }
+)
+
+
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     response_format: ResponseFormat | None = None
+    # vLLM's chat extensions: how the chat template renders the conversation
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _template(self) -> ChatRequest:
+        if self.continue_final_message and "add_generation_prompt" not in self.model_fields_set:
+            self.add_generation_prompt = False
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        reserved = sorted(set(self.chat_template_kwargs) & TEMPLATE_RESERVED)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {reserved}")
+        return self
+
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 

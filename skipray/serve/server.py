@@ -352,7 +352,16 @@ class OpenAIServer:
         req = (P.ChatRequest if chat else P.CompletionRequest).model_validate(body)
         if chat:
             msgs = req.prompt_messages()
-            ids = self._encode(lambda: encode_messages(self.tokenizer, msgs), "messages")
+            ids = self._encode(
+                lambda: encode_messages(
+                    self.tokenizer,
+                    msgs,
+                    req.add_generation_prompt,
+                    req.continue_final_message,
+                    template_kwargs=req.chat_template_kwargs,
+                ),
+                "messages",
+            )
         elif isinstance(req.prompt, str):
             ids = self._encode(lambda: encode_prompt(self.tokenizer, req.prompt), "prompt")
         else:
