@@ -254,6 +254,16 @@ class ResponseFormat(_Body):
         return self
 
 
+def one_ending(req):
+    """A chat body ends the conversation one way: ``continue_final_message`` turns the default
+    ``add_generation_prompt`` off; both true is a ``ValueError``. -> ``req``."""
+    if req.continue_final_message and "add_generation_prompt" not in req.model_fields_set:
+        req.add_generation_prompt = False
+    if req.add_generation_prompt and req.continue_final_message:
+        raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+    return req
+
+
 TEMPLATE_RESERVED = frozenset(
     {
         "tokenize",
@@ -279,10 +289,7 @@ class ChatRequest(_Common):
 
     @model_validator(mode="after")
     def _template(self) -> ChatRequest:
-        if self.continue_final_message and "add_generation_prompt" not in self.model_fields_set:
-            self.add_generation_prompt = False
-        if self.add_generation_prompt and self.continue_final_message:
-            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        one_ending(self)
         reserved = sorted(set(self.chat_template_kwargs) & TEMPLATE_RESERVED)
         if reserved:
             raise ValueError(f"chat_template_kwargs may not set {reserved}")
@@ -357,11 +364,7 @@ class TokenizeChatRequest(_Body):
 
     @model_validator(mode="after")
     def _one_ending(self) -> TokenizeChatRequest:
-        if self.continue_final_message and "add_generation_prompt" not in self.model_fields_set:
-            self.add_generation_prompt = False
-        if self.add_generation_prompt and self.continue_final_message:
-            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
-        return self
+        return one_ending(self)
 
 
 class DetokenizeRequest(_Body):
