@@ -6,12 +6,29 @@ With SCHEDULE_JSON the package serves that schedule instead of the one the adapt
 """
 
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+def project_command(command: str, root: Path) -> str:
+    """The training command as run from the project root: ``skipray`` for the entry point's path, and
+    every absolute path made relative to ``root`` (or to its ``runs/`` folder, wherever that lived)."""
+    args = shlex.split(command)
+    if args and Path(args[0]).name in ("skipray", "cli.py"):
+        args[0] = "skipray"
+    for i, a in enumerate(args):
+        if a.startswith("/"):
+            p = Path(a)
+            if p.is_relative_to(root):
+                args[i] = str(p.relative_to(root))
+            elif "/runs/" in a:
+                args[i] = "runs/" + a.split("/runs/", 1)[1]
+    return shlex.join(args)
 
 
 def main(src: str, dst: str, schedule: str | None = None) -> None:
@@ -24,6 +41,8 @@ def main(src: str, dst: str, schedule: str | None = None) -> None:
     meta["base_model"] = "smollm2-base"
     meta.pop("train_config", None)
     meta["made_by"] = "scripts/train_default.sh"
+    if "command" in meta:
+        meta["command"] = project_command(meta["command"], Path(__file__).resolve().parents[1])
     if schedule:
         from skipray.core.schedule import SkipSchedule
 

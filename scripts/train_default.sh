@@ -6,7 +6,8 @@
 #   bash scripts/train_default.sh            # everything, in order (tens of core-hours)
 #   STAGE=train15 bash scripts/train_default.sh   # one stage: prompts data calibrate train15 eval15 policy15
 #                                                 # train15p eval15p policy15b hold train15h eval15h train2x
-#                                                 # eval2x hold2x package
+#                                                 # eval2x hold2x data128 fast trainfast evalfast
+#                                                 # static trainstatic evalstatic package
 # The shipped ~1.5x default is runs/skip15h: skip15 (1100 steps) -> skip15p (+500 steps with on-policy
 # rollouts) -> skip15h (+400 steps on the hold schedule: full depth for the first 12 steps, then 11 layers).
 set -euo pipefail
@@ -96,6 +97,27 @@ if stage hold2x; then  # the ~2x package's schedule: full depth for the first 9 
         --questions examples/fact_questions.parquet --schedule runs/calibrate/skip2x-hold.json --schedule trained \
         --out runs/eval-hold2x-zeroshot
 fi
+if stage data128; then  # long answers, so training sees the decay: the base model's 128-token answers to
+    # model-written prompts (none close to a held-out prompt or question), teacher top-16 per token
+    $SK distill-data --model smollm2-base --self-prompts "${SELF128_PROMPTS:-20000}" "${HELD[@]}" \
+        --out runs/data/self128 --shard-size 250 --samples 1 --temperature 0.7 --topk 16 --max-new-tokens 128 \
+        --batch-size 32 --seed 90000
+fi
+if stage fast; then  # the fast-start schedule: the calibrated drop order, 30 -> 12 layers linearly over the
+    # first 10 steps (19.31 layers per token over 16 tokens, 13.83 over 64, first token included)
+    $PY -c 'import json; s = json.load(open("runs/calibrate/skip15.json")); s.update(min_layers=12, decay_tokens=10, shape="linear"); json.dump(s, open("runs/calibrate/skip-fast.json", "w"))'
+fi
+# the fast-start adapter: warm start from the hold adapter, trained on the 128-token answers only
+stage trainfast && train runs/skipfast runs/calibrate/skip-fast.json "${STEPSF:-600}" --lr 2e-4 --warmup-steps 20 \
+    --data runs/data/self128 $( [ -f runs/skipfast/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15h )
+stage evalfast && evaluate runs/skipfast runs/eval-skipfast
+if stage static; then  # the honest baseline: 14 layers for every generated step from the first (the nearest
+    # whole number at the fast-start schedule's FLOPs), same drop order, same data, steps and warm start
+    $PY -c 'import json; s = json.load(open("runs/calibrate/skip15.json")); s.update(max_layers=14, min_layers=14, decay_tokens=0); json.dump(s, open("runs/calibrate/static14.json", "w"))'
+fi
+stage trainstatic && train runs/static14 runs/calibrate/static14.json "${STEPSF:-600}" --lr 2e-4 --warmup-steps 20 \
+    --data runs/data/self128 $( [ -f runs/static14/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15h )
+stage evalstatic && evaluate runs/static14 runs/eval-static14
 if stage package; then  # fp16 adapter + skipray.json into the package
     $PY scripts/package_adapter.py runs/skip15h skipray/assets/smollm2-skip
     [ -d runs/skip2x ] && $PY scripts/package_adapter.py runs/skip2x skipray/assets/smollm2-skip-2x \

@@ -94,6 +94,9 @@ def test_eval_report(tmp_path, tiny_model_dir):
     assert full["rep3"] == pytest.approx(full["rep3_full"]) == pytest.approx(skip["rep3_full"])
     assert full["on_policy_agreement_long"] == pytest.approx(1.0) and 0.0 <= (skip["rep3"] or 0.0) <= 1.0
     assert set(skip["theoretical_speedup_by_length"]) == {"8", "16", "64", "128"}
+    assert set(skip["measured_speedup_by_length"]) == {"8", "16", "64", "128"}
+    assert all(v > 0 for v in skip["measured_speedup_by_length"].values())
+    assert sampled["measured_speedup_by_length"] == dict.fromkeys(["8", "16", "64", "128"], 1.0)
     assert "rep-3" in (tmp_path / "out" / "report.md").read_text()
     assert "| schedule |" in (tmp_path / "out" / "report.md").read_text()
 

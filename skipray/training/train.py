@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -210,7 +211,7 @@ def save(model, loaded, cfg: TrainConfig, out: Path, schedule, step: int, extra:
         "base_model": cfg.model,
         "trained_steps": step,
         "train_config": asdict(cfg),
-        "command": " ".join(sys.argv),
+        "command": shlex.join(["skipray", *sys.argv[1:]]),  # as typed, without this machine's install path
         **(extra or {}),
     }
     if hasattr(model, "peft"):
