@@ -103,7 +103,9 @@ def main() -> None:
         for mode in ("skip", "full") if p % 2 == 0 else ("full", "skip"):
             r = run(eng, ids, params, schedules[mode], a.in_flight, a.duration)
             runs[mode].append(r)
-            print(f"pair {p} {mode}: {r['tok_s']:.1f} tok/s ({r['tokens']} tokens, {r['requests']} requests)", flush=True)
+            print(
+                f"pair {p} {mode}: {r['tok_s']:.1f} tok/s ({r['tokens']} tokens, {r['requests']} requests)", flush=True
+            )
     med = {k: statistics.median(r["tok_s"] for r in v) for k, v in runs.items()}
     realized = med["skip"] / med["full"]
     avg = m.schedule.average_layers(a.max_tokens)
@@ -112,8 +114,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     sc = m.schedule
     print(
-        f"| {a.model} | {sc.max_layers}->{sc.min_layers} over {sc.decay_tokens} steps | {avg:.2f} | {med['full']:.1f} | {med['skip']:.1f} | "
-        f"{realized:.2f}x | {theory:.2f}x | {realized / theory:.2f} |"
+        f"| {a.model} | {sc.max_layers}->{sc.min_layers} over {sc.decay_tokens} steps | {avg:.2f} | "
+        f"{med['full']:.1f} | {med['skip']:.1f} | {realized:.2f}x | {theory:.2f}x | {realized / theory:.2f} |"
     )
     out = {
         "model": a.model,
