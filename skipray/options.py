@@ -1,8 +1,8 @@
 """Command-line options shared by `skipray generate`, `skipray eval`, the Ray Data job and the server.
 
-Contract: ``add_schedule_args`` / ``add_sampling_args`` add the flags; ``schedule_from_args`` turns them
-into a ``SkipSchedule`` for a given model, applying the rule: a model's default schedule is the one it
-was trained for; a model not trained for skipping defaults to full depth, and asking it to skip warns.
+Contract: ``add_schedule_args`` / ``add_sampling_args`` add the flags; ``schedule_from_args`` reads
+``--schedule-file`` and hands the flags to ``skipray.core.schedule.resolve_schedule`` (the one rule for
+every entry point), printing its warning, if any, to stderr.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from skipray.core.schedule import SkipSchedule
+from skipray.core.schedule import SCHEDULE_FLAGS, SkipSchedule, resolve_schedule
 
 
 def add_schedule_args(p: argparse.ArgumentParser) -> None:
@@ -44,9 +44,6 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> N
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-SCHEDULE_FLAGS = ("max_layers", "min_layers", "decay_tokens", "warmup_layers", "shape", "power", "drop_order")
-
-
 def read_schedule_file(path: str, num_layers: int | None = None) -> SkipSchedule:
     """A ``SkipSchedule`` from JSON: its ``to_dict`` form, or a ``skipray.json`` holding one under ``schedule``.
     Raises ``ValueError`` on unknown keys or a schedule made for another depth than ``num_layers``."""
@@ -62,40 +59,11 @@ def read_schedule_file(path: str, num_layers: int | None = None) -> SkipSchedule
 
 
 def schedule_from_args(args: argparse.Namespace, num_layers: int, trained: SkipSchedule | None) -> SkipSchedule:
-    if getattr(args, "full", False):
-        return SkipSchedule.full(num_layers)
-    given = {k: getattr(args, k, None) for k in SCHEDULE_FLAGS}
-    given = {k: v for k, v in given.items() if v is not None}
-    start = read_schedule_file(args.schedule_file, num_layers) if getattr(args, "schedule_file", None) else trained
-    if not given and start is not None:
-        schedule = start
-    elif not given:
-        return SkipSchedule.full(num_layers)
-    else:
-        schedule = SkipSchedule.from_dict(_override(start, given, num_layers))
-    if trained is None and not schedule.is_full:
-        msg = (
-            "this model was not trained for skipping: its output under a skip schedule will be poor "
-            "(train it with `skipray train`, or use --full)"
-        )
-        print(f"warning: {msg}", file=sys.stderr)
+    """The schedule the command-line flags ask for (``resolve_schedule``'s rule); warns on stderr."""
+    flags = {k: getattr(args, k, None) for k in ("full", *SCHEDULE_FLAGS)}
+    file = getattr(args, "schedule_file", None)
+    start = read_schedule_file(file, num_layers) if file else None
+    schedule, warning = resolve_schedule(flags, num_layers, trained, start)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return schedule
-
-
-def _override(start: SkipSchedule | None, given: dict, num_layers: int) -> dict:
-    base = (
-        start.to_dict()
-        if start
-        else {
-            "num_layers": num_layers,
-            "max_layers": num_layers,
-            "min_layers": num_layers,
-            "decay_tokens": 64,
-            "warmup_layers": 1,
-            "shape": "linear",
-        }
-    )
-    base.update(given, num_layers=num_layers)
-    if "max_layers" in given and "min_layers" not in given:
-        base["min_layers"] = min(base["min_layers"], base["max_layers"])
-    return base

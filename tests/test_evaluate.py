@@ -139,3 +139,21 @@ def test_eval_in_bf16_scores_the_bf16_model_against_the_fp32_base(tmp_path, tiny
     assert full["perplexity_of_full_output"] != full32["perplexity_of_full_output"]
     with pytest.raises(ValueError, match="dtype"):
         evaluate(str(tiny_model_dir), str(prompts), ["full"], str(tmp_path / "x"), dtype="float16")
+
+
+def test_parse_schedule_specs_go_through_the_resolver():
+    from skipray.core.schedule import SkipSchedule
+    from skipray.training.evaluate import parse_schedule
+
+    trained = SkipSchedule(6, 6, 3, 4, shape="power", power=2.0, drop_order=(5, 4, 3, 2, 1, 0))
+    # the positional short form is a plain linear schedule with SkipDecode's order, as it always was
+    assert parse_schedule("5,3,4,1", 6, trained) == SkipSchedule(6, 5, 3, 4, warmup_layers=1)
+    assert parse_schedule("5,3,4", 6, None) == SkipSchedule(6, 5, 3, 4)
+    # CLI flag names override the trained schedule and keep its drop order
+    s = parse_schedule("min-layers=2,decay-tokens=6,shape=linear", 6, trained)
+    assert (s.min_layers, s.decay_tokens, s.shape, s.drop_order) == (2, 6, "linear", trained.drop_order)
+    assert parse_schedule("--power=1.5", 6, trained).power == 1.5
+    assert parse_schedule("trained", 6, trained) is trained and parse_schedule("full", 6).is_full
+    for bad in ("5,3", "a,b,c", "min-layers=x", "min-layer=2"):
+        with pytest.raises(ValueError):
+            parse_schedule(bad, 6, trained)

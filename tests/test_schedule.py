@@ -119,3 +119,29 @@ def test_drop_order_roundtrip_and_unknown_keys_refused():
 def test_bad_drop_order(order, match):
     with pytest.raises(ValueError, match=match):
         SkipSchedule(30, 16, 6, 64, drop_order=order)
+
+
+def test_resolve_schedule_is_the_one_rule_for_skip_flags():
+    from skipray.core.schedule import UNTRAINED_WARNING, resolve_schedule
+
+    trained = SkipSchedule(12, 12, 5, 8, shape="power", power=1.5, drop_order=tuple(range(11, -1, -1)))
+    # no flags: the trained schedule; an untrained model runs at full depth, without a warning
+    assert resolve_schedule({}, 12, trained) == (trained, None)
+    assert resolve_schedule(None, 12, None) == (SkipSchedule.full(12), None)
+    # full wins over every other flag
+    assert resolve_schedule({"full": True, "min_layers": 3}, 12, trained).schedule.is_full
+    # flags override the trained schedule and keep what they do not name (its drop order)
+    s, w = resolve_schedule({"min_layers": 7, "decay_tokens": None}, 12, trained)
+    assert (s.min_layers, s.decay_tokens, s.drop_order, s.power, w) == (7, 8, trained.drop_order, 1.5, None)
+    # a file's schedule (start) is overridden instead of the trained one
+    start = SkipSchedule(12, 10, 6, 4)
+    assert resolve_schedule({"decay_tokens": 2}, 12, trained, start).schedule == SkipSchedule(12, 10, 6, 2)
+    # max_layers alone lowers min_layers to it; an untrained model asked to skip gets the warning
+    s, w = resolve_schedule({"max_layers": 6}, 12, None)
+    assert (s.max_layers, s.min_layers, s.decay_tokens, w) == (6, 6, 64, UNTRAINED_WARNING)
+    with pytest.raises(ValueError, match="unknown skip flags"):
+        resolve_schedule({"min_layer": 3}, 12, trained)
+    with pytest.raises(ValueError, match="invalid skip flags"):
+        resolve_schedule({"max_layers": "six"}, 12, trained)
+    with pytest.raises(ValueError, match="min_layers"):
+        resolve_schedule({"min_layers": 13}, 12, trained)

@@ -24,7 +24,6 @@ convert the model. Only the actors load weights.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,16 +77,20 @@ def model_facts(spec: str) -> ModelFacts:
     )
 
 
-def resolve_schedule(schedule: Any, facts: ModelFacts):
+def config_schedule(schedule: Any, facts: ModelFacts):
     """The config's ``schedule`` (skip flags, a ``SkipSchedule`` or its dict form, None) -> ``SkipSchedule``."""
-    from skipray.core.schedule import SkipSchedule
-    from skipray.options import schedule_from_args
+    from skipray.core.schedule import SkipSchedule, resolve_schedule
 
     if isinstance(schedule, SkipSchedule):
         return schedule
     if isinstance(schedule, dict) and "num_layers" in schedule:
         return SkipSchedule.from_dict(schedule)
-    return schedule_from_args(argparse.Namespace(**(schedule or {})), facts.num_layers, facts.trained)
+    from skipray.options import read_schedule_file
+
+    flags = dict(schedule or {})
+    file = flags.pop("schedule_file", None)
+    start = read_schedule_file(file, facts.num_layers) if file else None
+    return resolve_schedule(flags, facts.num_layers, facts.trained, start).schedule
 
 
 def _merge(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
@@ -118,7 +121,7 @@ class SkipDecodeProcessor:
         self.preprocess_map_kwargs = preprocess_map_kwargs or {}
         self.postprocess_map_kwargs = postprocess_map_kwargs or {}
         self.facts = facts or model_facts(config.model_source)
-        self.schedule = resolve_schedule(config.schedule, self.facts)
+        self.schedule = config_schedule(config.schedule, self.facts)
         context = min(config.max_model_len or self.facts.max_positions, self.facts.max_positions)
         self.row_context = RowContext(
             tokenizer=ShippedTokenizer(AutoTokenizer.from_pretrained(self.facts.base)),

@@ -235,24 +235,12 @@ def _skip_flags(value: Any, ctx: RowContext) -> str | None:
 
 def schedule_for(flags_json: str, num_layers: int, trained: dict | None):
     """The ``SkipSchedule`` of a row's ``skip`` flags (JSON); raises ``ValueError`` for invalid flags."""
-    import argparse
-    import contextlib
-    import io
-
-    from skipray.core.schedule import SkipSchedule
-    from skipray.options import SCHEDULE_FLAGS, schedule_from_args
+    from skipray.core.schedule import SkipSchedule, resolve_schedule
 
     flags = json.loads(flags_json)
-    unknown = sorted(set(flags) - set(SCHEDULE_FLAGS) - {"full"})
-    if unknown:
-        raise ValueError(f"unknown skip flags {unknown}; known: {['full', *SCHEDULE_FLAGS]}")
-    with contextlib.redirect_stderr(io.StringIO()):  # the untrained-model warning, once per row otherwise
-        try:
-            return schedule_from_args(
-                argparse.Namespace(**flags), num_layers, SkipSchedule.from_dict(trained) if trained else None
-            )
-        except TypeError as e:
-            raise ValueError(f"invalid skip flags: {e}") from None
+    if not isinstance(flags, dict):
+        raise ValueError(f"skip must be an object of skip flags, got {type(flags).__name__}")
+    return resolve_schedule(flags, num_layers, SkipSchedule.from_dict(trained) if trained else None).schedule
 
 
 _CONSTRAINTS: dict[str, Any] = {}  # tokenizer digest -> skipray.structured.Constraints, one per process

@@ -18,14 +18,25 @@ Pure Python (no torch). Contract:
 * Every row of a batch at the same step shares the same layers.
 * ``to_dict``/``from_dict`` round-trip every field; ``from_dict`` refuses keys it does not know, so a
   schedule file never loses its drop order silently.
+* ``resolve_schedule`` is the one place skip flags (the CLI's ``--max-layers`` ... as a mapping, the
+  Serve request's ``skip``, a batch row's ``skip``, a processor config's ``schedule``, training's
+  flags) become a schedule: the rule is a model's default schedule is the one it was trained for, a
+  model not trained for skipping defaults to full depth, and asking it to skip returns a warning.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from typing import Any, NamedTuple
 
 SHAPES = ("linear", "power")
+SCHEDULE_FLAGS = ("max_layers", "min_layers", "decay_tokens", "warmup_layers", "shape", "power", "drop_order")
+UNTRAINED_WARNING = (
+    "this model was not trained for skipping: its output under a skip schedule will be poor "
+    "(train it with `skipray train`, or use --full)"
+)
 
 
 @dataclass(frozen=True)
@@ -204,3 +215,56 @@ def theoretical_speedup(schedule: SkipSchedule, cost: CostModel, prompt_len: int
         full += cost.token_flops(schedule.num_layers, ctx)
         skip += cost.token_flops(schedule.num_active(i), ctx)
     return full / skip
+
+
+class ResolvedSchedule(NamedTuple):
+    """``resolve_schedule``'s answer: the schedule, and a warning for the user or None."""
+
+    schedule: SkipSchedule
+    warning: str | None
+
+
+def resolve_schedule(
+    flags: Mapping[str, Any] | None,
+    num_layers: int,
+    trained: SkipSchedule | None = None,
+    start: SkipSchedule | None = None,
+) -> ResolvedSchedule:
+    """Skip flags -> the schedule to run. Pure: no I/O (a schedule file is read by the caller and passed
+    as ``start``).
+
+    ``flags``: ``full`` (bool) and the ``SCHEDULE_FLAGS`` (``max_layers``, ``min_layers``,
+    ``decay_tokens``, ``warmup_layers``, ``shape``, ``power``, ``drop_order``: the CLI flags' names with
+    underscores); ``None`` values count as not given. ``trained``: the schedule the model was trained
+    for (None: not trained for skipping). ``start``: the schedule the flags override (default
+    ``trained``). Rules: ``full`` wins; no flags give ``start``, else ``trained``, else full depth;
+    flags override ``start`` (else full depth with ``decay_tokens`` 64, linear, one warm-up layer), and
+    ``max_layers`` alone lowers ``min_layers`` to it. A skipping schedule for an untrained model comes
+    with ``UNTRAINED_WARNING``. Raises ``ValueError`` for an unknown flag, a value of the wrong type or
+    an invalid schedule.
+    """
+    flags = dict(flags or {})
+    unknown = sorted(set(flags) - set(SCHEDULE_FLAGS) - {"full"})
+    if unknown:
+        raise ValueError(f"unknown skip flags {unknown}; known: {['full', *SCHEDULE_FLAGS]}")
+    if flags.pop("full", False):
+        return ResolvedSchedule(SkipSchedule.full(num_layers), None)
+    given = {k: v for k, v in flags.items() if v is not None}
+    start = start if start is not None else trained
+    if not given:
+        schedule = start if start is not None else SkipSchedule.full(num_layers)
+    else:
+        base = (
+            start.to_dict()
+            if start is not None
+            else {"max_layers": num_layers, "min_layers": num_layers, "decay_tokens": 64, "shape": "linear"}
+        )
+        base.update(given, num_layers=num_layers)
+        try:
+            if "max_layers" in given and "min_layers" not in given:
+                base["min_layers"] = min(base["min_layers"], base["max_layers"])
+            schedule = SkipSchedule.from_dict(base)
+        except TypeError as e:  # e.g. a string where a number belongs
+            raise ValueError(f"invalid skip flags: {e}") from None
+    warning = UNTRAINED_WARNING if trained is None and not schedule.is_full else None
+    return ResolvedSchedule(schedule, warning)

@@ -4,8 +4,9 @@ Contract:
 
 * ``build_app(args)`` is the Serve application builder (``import_path: skipray.serve.app:build_app``);
   ``args`` (all optional): ``model`` (a ``skipray.loading.load`` spec, default ``"default"``),
-  ``model_name`` (the id served in ``model``; default ``"skipray"``), ``schedule`` (schedule flags as
-  in ``skipray.options``: ``full``, ``max_layers``, ...), ``max_batch`` (cache rows), ``max_len``
+  ``model_name`` (the id served in ``model``; default ``"skipray"``), ``schedule`` (skip flags as
+  ``skipray.core.schedule.resolve_schedule`` takes them: ``full``, ``max_layers``, ..., plus
+  ``schedule_file``), ``max_batch`` (cache rows), ``max_len``
   (cache slots), ``max_waiting`` (bounded waiting queue in the replica), ``max_prefill_tokens``
   (padded prompt tokens admitted per engine iteration), ``max_num_batched_tokens`` (chunked
   prefill: tokens per engine iteration, one per decoding row plus prompt chunks, at least
@@ -35,12 +36,14 @@ Contract:
 
 from __future__ import annotations
 
-import argparse
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 from ray.serve.deployment import Application
+
+logger = logging.getLogger(__name__)
 
 
 def server_from_args(args: dict[str, Any]):
@@ -50,7 +53,8 @@ def server_from_args(args: dict[str, Any]):
     from skipray.core.engine import Engine
     from skipray.loading import load
     from skipray.metrics import EngineMetrics
-    from skipray.options import schedule_from_args
+    from skipray.core.schedule import resolve_schedule
+    from skipray.options import read_schedule_file
     from skipray.serve.guard import ServeLimits
     from skipray.serve.server import OpenAIServer
     from skipray.text import detokenizer
@@ -58,8 +62,12 @@ def server_from_args(args: dict[str, Any]):
     if args.get("torch_threads"):
         torch.set_num_threads(int(args["torch_threads"]))
     m = load(args.get("model", "default"), device=args.get("device"))
-    flags = args.get("schedule") or {}
-    schedule = schedule_from_args(argparse.Namespace(**flags), m.model.num_layers, m.schedule)
+    flags = dict(args.get("schedule") or {})
+    file = flags.pop("schedule_file", None)
+    start = read_schedule_file(file, m.model.num_layers) if file else None
+    schedule, warning = resolve_schedule(flags, m.model.num_layers, m.schedule, start)
+    if warning:
+        logger.warning("%s", warning)
     max_len = min(int(args.get("max_len", 1024)), m.model.max_positions)
     limit = int(args.get("max_tokens_limit", min(512, max_len)))
     engine = Engine(

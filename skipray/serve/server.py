@@ -22,7 +22,6 @@ are equal. Only ``stream_options.include_usage`` puts usage in a stream (one las
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -401,7 +400,7 @@ class OpenAIServer:
     def _prepare(self, req, ids: list[int], grammar=None):
         """-> (SamplingParams, schedule, top log-probs per token or None)."""
         from skipray.core.requests import SamplingParams
-        from skipray.options import schedule_from_args
+        from skipray.core.schedule import resolve_schedule
 
         self._check_model(req.model)
         if req.priority != 0 and self.scheduling_policy != "priority":
@@ -425,8 +424,8 @@ class OpenAIServer:
         if req.skip is not None:
             flags = req.skip.model_dump(exclude_none=True)
             try:
-                schedule = schedule_from_args(argparse.Namespace(**flags), self.num_layers, self.trained)
-            except (TypeError, ValueError) as e:
+                schedule = resolve_schedule(flags, self.num_layers, self.trained).schedule
+            except ValueError as e:
                 raise P.RequestError(f"invalid skip schedule: {e}", "skip") from None
         if isinstance(req, P.ChatRequest):
             top = (req.top_logprobs or 0) if req.logprobs else None

@@ -349,7 +349,7 @@ def register(sub) -> None:
         "--policy",
         default=None,
         help="on-policy rollouts: the --model skip adapter answers under this schedule ('trained', "
-        "MAX,MIN,DECAY[,WARMUP] or a .json file) and the full model scores them (needs --topk)",
+        "skip flags such as min-layers=12, or a .json file) and the full model scores them (needs --topk)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="use only the first N prompts")

@@ -75,14 +75,21 @@ def rep_n(ids: Sequence[int], eos_token_ids: Sequence[int] = (), n: int = 3) -> 
 
 
 def parse_schedule(spec: str, num_layers: int, trained=None, model: str = "the model"):
-    """'full', 'trained' (``trained``, the schedule ``model`` records), 'MAX,MIN,DECAY[,WARMUP]', or a
-    schedule file (JSON from ``skipray calibrate``) -> SkipSchedule. Raises ``ValueError`` for 'trained'
-    when ``trained`` is None, and for a malformed spec."""
-    from skipray.core.schedule import SkipSchedule
+    """A schedule spec -> SkipSchedule, through ``skipray.core.schedule.resolve_schedule``:
+
+    * ``full``; ``trained`` (``trained``, the schedule ``model`` records);
+    * skip flags by their CLI names, comma-separated, overriding the trained schedule (full depth for an
+      untrained model), e.g. ``min-layers=13`` or ``max-layers=24,min-layers=12,decay-tokens=10,shape=power``;
+    * a schedule file (``.json``, from ``skipray calibrate`` or a model's ``skipray.json``);
+    * ``MAX,MIN,DECAY[,WARMUP]``: short for ``max-layers=MAX,min-layers=MIN,decay-tokens=DECAY[,warmup-layers=
+      WARMUP]`` over a plain linear schedule with SkipDecode's drop order (not the trained one).
+
+    Raises ``ValueError`` for 'trained' when ``trained`` is None, and for a malformed spec or flag."""
+    from skipray.core.schedule import SkipSchedule, resolve_schedule
 
     if spec == "trained":
         if trained is None:
-            raise ValueError(f"{model} records no trained schedule; pass MAX,MIN,DECAY[,WARMUP]")
+            raise ValueError(f"{model} records no trained schedule; pass skip flags such as min-layers=12")
         return trained
     if spec == "full":
         return SkipSchedule.full(num_layers)
@@ -90,10 +97,22 @@ def parse_schedule(spec: str, num_layers: int, trained=None, model: str = "the m
         from skipray.options import read_schedule_file
 
         return read_schedule_file(spec, num_layers)
-    parts = [int(x) for x in spec.split(",")]
-    if len(parts) not in (3, 4):
-        raise ValueError(f"schedule {spec!r}: expected 'full', a .json schedule file or MAX,MIN,DECAY[,WARMUP]")
-    return SkipSchedule(num_layers, parts[0], parts[1], parts[2], warmup_layers=parts[3] if len(parts) == 4 else 1)
+    parts = spec.split(",")
+    if all("=" in p for p in parts):
+        flags = {}
+        for p in parts:
+            key, value = p.split("=", 1)
+            key = key.strip().lstrip("-").replace("-", "_")
+            flags[key] = value if key == "shape" else float(value) if key == "power" else int(value)
+        return resolve_schedule(flags, num_layers, trained).schedule
+    if len(parts) not in (3, 4) or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise ValueError(
+            f"schedule {spec!r}: expected 'full', 'trained', skip flags (min-layers=12,...), a .json schedule "
+            "file or MAX,MIN,DECAY[,WARMUP]"
+        )
+    names = ("max_layers", "min_layers", "decay_tokens", "warmup_layers")
+    flags = dict(zip(names, map(int, parts)))
+    return resolve_schedule(flags, num_layers, trained, start=SkipSchedule.full(num_layers)).schedule
 
 
 def generate_all(
@@ -421,7 +440,8 @@ def register(sub) -> None:
     p.add_argument(
         "--schedule",
         action="append",
-        help="'full', 'trained', MAX,MIN,DECAY[,WARMUP], a schedule .json file, or a reference row "
+        help="'full', 'trained', skip flags by their CLI names (min-layers=13,decay-tokens=10), a schedule .json "
+        "file, MAX,MIN,DECAY[,WARMUP] (short for the first flags), or a reference row "
         "'ref:bf16' / 'ref:t0.3' (the base model in bf16 / sampled at 0.3); repeatable",
     )
     p.add_argument("--questions", help="Parquet of short-answer questions (question, answers) for fact retention")

@@ -239,11 +239,12 @@ def train(
     """Run training; returns the output directory. ``wrap``: optional DDP wrapper hook (Ray Train)."""
     from tqdm import tqdm
 
-    from skipray.core.schedule import SkipSchedule
+    from skipray.core.schedule import resolve_schedule
 
     torch.manual_seed(cfg.seed)
     loaded, model, teacher, params = prepare(cfg)
-    schedule = SkipSchedule.from_dict({**cfg.schedule, "num_layers": model.num_layers})
+    flags = {k: v for k, v in cfg.schedule.items() if k != "num_layers"}
+    schedule = resolve_schedule(flags, model.num_layers).schedule  # the rule every entry point uses
     examples = load_examples(cfg.data, loaded.tokenizer, max_len=cfg.max_len)
     examples = examples[rank::world]
     pad = loaded.tokenizer.pad_token_id or 0
@@ -314,16 +315,9 @@ def _checkpoint(model, opt, ckpt: Path, step: int) -> None:
 
 # -- CLI ------------------------------------------------------------------------------------------
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    flags = {
-        "max_layers": args.max_layers,
-        "min_layers": args.min_layers,
-        "decay_tokens": args.decay_tokens,
-        "warmup_layers": args.warmup_layers,
-        "shape": args.shape,
-        "power": args.power,
-        "drop_order": args.drop_order,
-    }
-    sched = {k: v for k, v in flags.items() if v is not None}
+    from skipray.core.schedule import SCHEDULE_FLAGS
+
+    sched = {k: getattr(args, k) for k in SCHEDULE_FLAGS if getattr(args, k) is not None}
     if args.schedule_file:
         from skipray.options import read_schedule_file
 
