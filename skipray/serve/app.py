@@ -51,9 +51,9 @@ def server_from_args(args: dict[str, Any]):
     import torch
 
     from skipray.core.engine import Engine
+    from skipray.core.schedule import resolve_schedule
     from skipray.loading import load
     from skipray.metrics import EngineMetrics
-    from skipray.core.schedule import resolve_schedule
     from skipray.options import read_schedule_file
     from skipray.serve.guard import ServeLimits
     from skipray.serve.server import OpenAIServer
