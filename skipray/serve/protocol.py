@@ -19,12 +19,15 @@ Contract:
 * ``ChatRequest.prompt_messages()`` gives the messages for the chat template: content given as
   parts (``[{"type": "text", "text": ...}]``) is joined with newlines, exactly equal to the string
   form; any other part type is a 400 that says the model takes text only; ``developer`` is
-  ``system``; tool and function messages are a 400.
+  ``system``; tool turns pass through (``render_messages``); the deprecated ``function`` messages are a 400.
+* ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` are taken here as sent and validated by
+  ``skipray.serve.tools`` (tool calling through structured output).
 * ``RequestError`` is a client mistake found past schema validation, with OpenAI's error fields.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
@@ -48,9 +51,7 @@ NO_EFFECT_ONLY: dict[str, Any] = {
     "suffix": lambda v: v == "",
 }
 CHAT_NO_EFFECT_ONLY: dict[str, Any] = {
-    "tools": lambda v: v == [],
-    "functions": lambda v: v == [],
-    "tool_choice": lambda v: v in ("none", "auto"),
+    "functions": lambda v: v == [],  # the deprecated form of tools: send tools / tool_choice
     "function_call": lambda v: v in ("none", "auto"),
     "modalities": lambda v: v == ["text"],
     "audio": _never,
@@ -230,6 +231,7 @@ class ChatMessage(_Body):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None  # accepted, not rendered (the chat template has no speaker names)
     tool_calls: list[Any] = Field(default_factory=list)
+    tool_call_id: str | None = None
     function_call: Any = None
 
 
@@ -286,6 +288,10 @@ class ChatRequest(_Common):
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # tool calling (``skipray.serve.tools`` validates them)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool = True
 
     @model_validator(mode="after")
     def _template(self) -> ChatRequest:
@@ -309,21 +315,17 @@ class ChatRequest(_Common):
         return render_messages(self.messages)
 
 
-def render_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Text-only messages for the chat template; ``RequestError`` for what the model cannot take."""
+def render_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Text-only messages for the chat template; ``RequestError`` for what the model cannot take. The
+    turns of a tool conversation pass as chat templates take them: an assistant's ``tool_calls`` with
+    their ``arguments`` parsed from the JSON string, a ``tool`` answer with its ``tool_call_id``."""
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if m.role in ("tool", "function"):
+        if m.role == "function" or m.function_call is not None:
+            field = "role" if m.role == "function" else "function_call"
             raise RequestError(
-                f"{where}: {m.role} messages are not supported (this server has no tool calling)",
-                f"{where}.role",
-                "unsupported_parameter",
-            )
-        if m.tool_calls or m.function_call is not None:
-            field = "tool_calls" if m.tool_calls else "function_call"
-            raise RequestError(
-                f"{where}.{field} is not supported (this server has no tool calling)",
+                f"{where}: the deprecated function-calling form is not supported; use tools and tool messages",
                 f"{where}.{field}",
                 "unsupported_parameter",
             )
@@ -343,8 +345,25 @@ def render_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
                     )
                 texts.append(part["text"])
             content = "\n".join(texts)
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            msg["tool_calls"] = [_template_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(m.tool_calls)]
+        if m.role == "tool" and m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
     return out
+
+
+def _template_call(call: Any, where: str) -> dict[str, Any]:
+    f = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+        raise RequestError(f'{where} must be {{"type": "function", "function": {{"name", "arguments"}}}}', where)
+    args = f.get("arguments", "{}")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        raise RequestError(f"{where}.function.arguments must be a JSON string", f"{where}.function") from None
+    return {"type": "function", "id": call.get("id"), "function": {"name": f["name"], "arguments": args}}
 
 
 class TokenizeCompletionRequest(_Body):

@@ -113,14 +113,17 @@ def completion_chunk(
     return out
 
 
-def chat_response(meta: Meta, text: str, finish: str | None, use: dict, logprobs: dict | None = None) -> dict:
+def chat_response(
+    meta: Meta, text: str, finish: str | None, use: dict, logprobs: dict | None = None, message: dict | None = None
+) -> dict:
+    """``message``: the assistant message when it is more than ``text`` (tool calls)."""
     out = _envelope(
         meta,
         "chat.completion",
         [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message or {"role": "assistant", "content": text},
                 "logprobs": logprobs,
                 "finish_reason": finish,
             }
@@ -139,6 +142,17 @@ def chat_chunk(
     if with_usage:
         out["usage"] = None
     return out
+
+
+def tool_delta(message: dict) -> dict:
+    """The one delta that streams a whole assistant message: its text, or its ``tool_calls`` with their
+    ``index`` (OpenAI's streamed tool-call shape)."""
+    if not message.get("tool_calls"):
+        return {"content": message.get("content") or ""}
+    delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}
+    if message.get("content"):
+        delta["content"] = message["content"]
+    return delta
 
 
 def usage_chunk(meta: Meta, chat: bool, use: dict) -> dict:

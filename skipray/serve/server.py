@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from skipray.serve import protocol as P
 from skipray.serve import responses as R
+from skipray.serve import tools as T
 from skipray.serve.engine_loop import EngineFailed, EngineLoop, LoopStopped, RequestFailed
 from skipray.serve.guard import ServeLimits, check_sizes
 
@@ -223,7 +224,7 @@ class OpenAIServer:
         meta = R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint)
         headers = {"X-Request-Id": request_id or meta.id}
         try:
-            req, ids, grammar = await asyncio.to_thread(self._parse, body, chat)  # never blocks the loop
+            req, ids, grammar, tools = await asyncio.to_thread(self._parse, body, chat)  # never blocks the loop
             params, schedule, top = self._prepare(req, ids, grammar)
             events = self.loop.generate(ids, params, schedule, priority=req.priority)
             try:
@@ -238,7 +239,7 @@ class OpenAIServer:
         reply = _Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output)
         echo = "" if chat or not req.echo else self._prompt_text(req, ids)
         if req.stream:
-            gen = self._stream(meta, req, chat, echo, reply, first, events, t0, ttft)
+            gen = self._stream(meta, req, chat, echo, reply, first, events, t0, ttft, tools)
             return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
         entries = []
         try:
@@ -257,7 +258,8 @@ class OpenAIServer:
         use = R.usage(len(ids), reply.layers)
         if chat:
             lp = R.chat_logprobs(entries) if top is not None else None
-            return JSONResponse(R.chat_response(meta, reply.out, ev.finish_reason, use, lp), headers=headers)
+            msg, finish = tools.message(reply.out, ev.finish_reason) if tools else (None, ev.finish_reason)
+            return JSONResponse(R.chat_response(meta, reply.out, finish, use, lp, msg), headers=headers)
         lp = R.completion_logprobs(entries) if top is not None else None
         return JSONResponse(R.completion_response(meta, echo + reply.out, ev.finish_reason, use, lp), headers=headers)
 
@@ -270,7 +272,7 @@ class OpenAIServer:
         if isinstance(body, dict) and body.get("stream"):
             raise P.RequestError("stream is not supported here: the handle returns the whole reply", "stream")
         try:
-            req, ids, grammar = await asyncio.to_thread(self._parse, body, chat)
+            req, ids, grammar, tools = await asyncio.to_thread(self._parse, body, chat)
         except ValidationError as e:  # not picklable: the caller may be in another process
             raise P.RequestError(error_status(e)[1]["error"]["message"]) from None
         params, schedule, top = self._prepare(req, ids, grammar)
@@ -294,11 +296,14 @@ class OpenAIServer:
         )
         if chat:
             lp = R.chat_logprobs(entries) if top is not None else None
-            return R.chat_response(meta, reply.out, ev.finish_reason, use, lp)
+            msg, finish = tools.message(reply.out, ev.finish_reason) if tools else (None, ev.finish_reason)
+            return R.chat_response(meta, reply.out, finish, use, lp, msg)
         lp = R.completion_logprobs(entries) if top is not None else None
         return R.completion_response(meta, echo + reply.out, ev.finish_reason, use, lp)
 
-    async def _stream(self, meta, req, chat, echo, reply, first, events, t0, ttft) -> AsyncIterator[str]:
+    async def _stream(self, meta, req, chat, echo, reply, first, events, t0, ttft, tools=None) -> AsyncIterator[str]:
+        """SSE chunks of one reply. With ``tools`` the text is held back and the last chunk carries the
+        whole message (its ``tool_calls``, or the text when it calls none)."""
         continuous = req.stream_options.continuous_usage_stats
         with_usage = req.stream_options.include_usage or continuous
         offset, pending = len(echo), []
@@ -318,10 +323,16 @@ class OpenAIServer:
                 delta, entries = reply.add(ev)
                 pending += entries
                 finish = ev.finish_reason
+                if tools is not None:  # held back: a tool call is whole or nothing
+                    delta = ""
+                    if finish is not None:
+                        msg, finish = tools.message(reply.out, finish)
+                        delta = R.tool_delta(msg)
                 if delta or finish is not None:
                     if chat:
                         lp = R.chat_logprobs(pending) if reply.top is not None else None
-                        chunk = R.chat_chunk(meta, {"content": delta} if delta else {}, finish, lp, with_usage)
+                        d = delta if isinstance(delta, dict) else {"content": delta} if delta else {}
+                        chunk = R.chat_chunk(meta, d, finish, lp, with_usage)
                     else:
                         lp = R.completion_logprobs(pending, offset) if reply.top is not None else None
                         offset += sum(len(e.token) for e in pending)
@@ -349,15 +360,14 @@ class OpenAIServer:
         check_sizes(body, chat, self.limits, self.context)
         P.check_unsupported(body, chat)
         req = (P.ChatRequest if chat else P.CompletionRequest).model_validate(body)
+        tools = None
         if chat:
             msgs = req.prompt_messages()
+            tools = T.tool_plan(req.tools, req.tool_choice, T.renders_tools(self.tokenizer), req.parallel_tool_calls)
+            kwargs = {**req.chat_template_kwargs, **({"tools": tools.template_tools} if tools else {})}
             ids = self._encode(
                 lambda: encode_messages(
-                    self.tokenizer,
-                    msgs,
-                    req.add_generation_prompt,
-                    req.continue_final_message,
-                    template_kwargs=req.chat_template_kwargs,
+                    self.tokenizer, msgs, req.add_generation_prompt, req.continue_final_message, template_kwargs=kwargs
                 ),
                 "messages",
             )
@@ -367,11 +377,15 @@ class OpenAIServer:
             ids = list(req.prompt)  # token ids; the engine checks their range
         if not ids:
             raise P.RequestError("the prompt encodes to no tokens", "messages" if chat else "prompt")
-        return req, ids, self._structured(req)
-
-    def _structured(self, req):
-        """The structured-output factory a request asks for (compiled here, in the worker thread), or None."""
         asked = req.structured_spec()
+        if tools is not None and tools.spec is not None:
+            if asked is not None:
+                raise P.RequestError(f"tool_choice {tools.mode!r} cannot be combined with {asked[0]}", asked[0])
+            asked = ("tool_choice", tools.spec)
+        return req, ids, self._structured(asked), tools
+
+    def _structured(self, asked):
+        """The structured-output factory for ``(field, spec)`` (compiled here, in the worker thread), or None."""
         if asked is None:
             return None
         field, spec = asked
