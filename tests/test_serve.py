@@ -368,7 +368,7 @@ def test_null_means_default(server):
     [
         ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         ("response_format", "json"),
-        ("n", 2),
+        ("n", 99),
         ("frequency_penalty", 2.5),
         ("presence_penalty", -3),
         ("logit_bias", {"100": 500}),

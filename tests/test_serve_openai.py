@@ -445,3 +445,25 @@ def test_chat_template_extensions(app):
     assert bad.status_code == 400 and "chat_template_kwargs" in bad.json()["error"]["message"]
     both = chat(add_generation_prompt=True, continue_final_message=True)
     assert both.status_code == 400
+
+
+def test_n_choices_are_seeded_requests_and_stream_like_the_whole_reply(app):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Go"}], max_tokens=8, temperature=1.0)
+    many = oai(app).chat.completions.create(n=3, seed=11, **kw)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    for i, c in enumerate(many.choices):  # choice i is the request seeded seed + i
+        alone = oai(app).chat.completions.create(seed=11 + i, **kw)
+        assert c.message.content == alone.choices[0].message.content
+    finished = [c.finish_reason for c in many.choices]
+    assert many.usage.completion_tokens <= 24 and (finished != ["length"] * 3 or many.usage.completion_tokens == 24)
+    texts: dict[int, str] = {}
+    for chunk in oai(app).chat.completions.create(n=3, seed=11, stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert [texts[i] for i in range(3)] == [c.message.content for c in many.choices]
+    comp = oai(app).completions.create(model="tiny", prompt="Once", n=2, max_tokens=5, temperature=1.0, seed=3)
+    assert [c.index for c in comp.choices] == [0, 1] and comp.usage.completion_tokens == 10
+    import requests
+
+    r = requests.post(f"{app['base']}/v1/chat/completions", json={**kw, "n": 17}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"

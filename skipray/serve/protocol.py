@@ -7,7 +7,7 @@ Contract:
 * JSON ``null`` means "the default" for every optional field, at any depth, as OpenAI accepts it.
 * ``check_unsupported(body, chat)`` raises ``RequestError`` (400, ``param`` = the field) for a field
   this server does not implement when its value would change the answer (``tools: [...]``,
-  ``n: 2``, ...); the same fields with a value that changes nothing (``tools: []``, ``n: 1``) are
+  ``best_of: 2``, ...); the same fields with a value that changes nothing (``best_of: 1``) are
   accepted. Structured output is implemented: ``response_format`` (``text``, ``json_object``,
   ``json_schema``), vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``) and its
   older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``; ``structured_spec()``
@@ -33,13 +33,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 MAX_LOGPROBS = 20  # top log-probs per token (OpenAI's top_logprobs bound; vLLM's default max_logprobs)
+MAX_N = 16  # choices per request (each is an engine request: a cache row while it runs)
 INT64 = 2**63
 
 _never = lambda v: False  # noqa: E731 - any value but null changes the answer
 # Fields this server does not implement, each with the values that change nothing (null always does).
 NO_EFFECT_ONLY: dict[str, Any] = {
     "length_penalty": lambda v: v == 1,
-    "n": lambda v: v == 1,
     "best_of": lambda v: v == 1,
     "use_beam_search": lambda v: v is False,
     "skip_special_tokens": lambda v: v is True,
@@ -130,6 +130,7 @@ class StreamOptions(_Body):
 
 class _Common(_Body):
     model: str
+    n: StrictInt = Field(1, ge=1, le=MAX_N)  # choices: n engine requests over the same prompt
     max_tokens: StrictInt | None = Field(None, gt=0)
     max_completion_tokens: StrictInt | None = Field(None, gt=0)  # OpenAI's current name; wins over max_tokens
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # < 1e-5: greedy

@@ -94,50 +94,43 @@ def _envelope(meta: Meta, obj: str, choices: list) -> dict:
     }
 
 
-def completion_response(meta: Meta, text: str, finish: str | None, use: dict, logprobs: dict | None = None) -> dict:
-    out = _envelope(
-        meta, "text_completion", [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]
-    )
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def completion_response(meta: Meta, choices: list[dict], use: dict) -> dict:
+    """``choices``: ``completion_choice`` s, one per ``n``."""
+    out = _envelope(meta, "text_completion", choices)
     out["usage"] = use
     return out
 
 
 def completion_chunk(
-    meta: Meta, text: str, finish: str | None, logprobs: dict | None = None, with_usage: bool = False
+    meta: Meta, text: str, finish: str | None, logprobs: dict | None = None, with_usage: bool = False, index: int = 0
 ) -> dict:
-    out = _envelope(
-        meta, "text_completion", [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]
-    )
+    out = _envelope(meta, "text_completion", [completion_choice(index, text, finish, logprobs)])
     if with_usage:
         out["usage"] = None
     return out
 
 
-def chat_response(
-    meta: Meta, text: str, finish: str | None, use: dict, logprobs: dict | None = None, message: dict | None = None
-) -> dict:
-    """``message``: the assistant message when it is more than ``text`` (tool calls)."""
-    out = _envelope(
-        meta,
-        "chat.completion",
-        [
-            {
-                "index": 0,
-                "message": message or {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }
-        ],
-    )
+def chat_choice(index: int, message: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+    """One choice of a chat reply; ``message``: the assistant message (``content``, and ``tool_calls``)."""
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_response(meta: Meta, choices: list[dict], use: dict) -> dict:
+    """``choices``: ``chat_choice`` s, one per ``n``."""
+    out = _envelope(meta, "chat.completion", choices)
     out["usage"] = use
     return out
 
 
 def chat_chunk(
-    meta: Meta, delta: dict, finish: str | None, logprobs: dict | None = None, with_usage: bool = False
+    meta: Meta, delta: dict, finish: str | None, logprobs: dict | None = None, with_usage: bool = False, index: int = 0
 ) -> dict:
     out = _envelope(
-        meta, "chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+        meta, "chat.completion.chunk", [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
     )
     if with_usage:
         out["usage"] = None

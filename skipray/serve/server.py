@@ -28,7 +28,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin TimeoutError before Python 3.11
 from typing import Any
 
 from pydantic import ValidationError
@@ -36,9 +35,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from skipray.serve import protocol as P
 from skipray.serve import responses as R
-from skipray.serve import tools as T
 from skipray.serve.engine_loop import EngineFailed, EngineLoop, LoopStopped, RequestFailed
 from skipray.serve.guard import ServeLimits, check_sizes
+from skipray.serve.prepare import RequestPreparation
 
 logger = logging.getLogger("skipray.serve")
 
@@ -106,7 +105,7 @@ class _Reply:
         return delta, [R.TokenLogprob(names[0], lp.logprob, top, raw[0])]
 
 
-class OpenAIServer:
+class OpenAIServer(RequestPreparation):
     def __init__(
         self,
         tokenizer,
@@ -219,49 +218,35 @@ class OpenAIServer:
     # -- completions ----------------------------------------------------------------------------------
     async def create(self, body: Any, chat: bool, request_id: str | None = None) -> Response:
         """Answer a completions (``chat=False``) or chat completions request body; the response carries
-        ``X-Request-Id``: ``request_id`` (the client's) or the reply's ``id``."""
+        ``X-Request-Id``: ``request_id`` (the client's) or the reply's ``id``. ``n`` choices are ``n``
+        engine requests over the same prompt (seeded ones with seeds ``seed, seed + 1, ...``)."""
         t0 = time.perf_counter()
         meta = R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint)
         headers = {"X-Request-Id": request_id or meta.id}
         try:
             req, ids, grammar, tools = await asyncio.to_thread(self._parse, body, chat)  # never blocks the loop
             params, schedule, top = self._prepare(req, ids, grammar)
-            events = self.loop.generate(ids, params, schedule, priority=req.priority)
-            try:
-                first = await anext(events)  # surfaces 400/503/500 before any byte is sent
-            except BaseException:  # also cancelled (client gone) while waiting: free the row
-                await events.aclose()
-                raise
+            choices = await self._start(req, ids, params, schedule)  # 400/503/500 surface before any byte
         except Exception as e:
             status, err = error_status(e, meta.id)
             return JSONResponse(err, status_code=status, headers=headers)
         ttft = time.perf_counter() - t0
-        reply = _Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output)
+        replies = [_Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output) for _ in choices]
         echo = "" if chat or not req.echo else self._prompt_text(req, ids)
         if req.stream:
-            gen = self._stream(meta, req, chat, echo, reply, first, events, t0, ttft, tools)
+            gen = self._stream(meta, req, chat, echo, replies, choices, t0, ttft, tools)
             return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
-        entries = []
         try:
-            ev = first
-            while True:
-                entries += reply.add(ev)[1]
-                if ev.finish_reason is not None:
-                    break
-                ev = await anext(events)
+            out = await asyncio.gather(*(_collect(r, first, ev) for r, (first, ev) in zip(replies, choices)))
         except Exception as e:
             status, err = error_status(e, meta.id)
             return JSONResponse(err, status_code=status, headers=headers)
         finally:
-            await events.aclose()
-        self._record(t0, reply, ttft)
-        use = R.usage(len(ids), reply.layers)
-        if chat:
-            lp = R.chat_logprobs(entries) if top is not None else None
-            msg, finish = tools.message(reply.out, ev.finish_reason) if tools else (None, ev.finish_reason)
-            return JSONResponse(R.chat_response(meta, reply.out, finish, use, lp, msg), headers=headers)
-        lp = R.completion_logprobs(entries) if top is not None else None
-        return JSONResponse(R.completion_response(meta, echo + reply.out, ev.finish_reason, use, lp), headers=headers)
+            for _, events in choices:
+                await events.aclose()
+        for r in replies:
+            self._record(t0, r, ttft)
+        return JSONResponse(self._whole(meta, chat, echo, replies, out, top, tools), headers=headers)
 
     async def respond(self, body: Any, chat: bool, offline: bool = True) -> dict:
         """The whole (non-streamed) reply to a completions or chat body as OpenAI's JSON object, for the
@@ -276,52 +261,100 @@ class OpenAIServer:
         except ValidationError as e:  # not picklable: the caller may be in another process
             raise P.RequestError(error_status(e)[1]["error"]["message"]) from None
         params, schedule, top = self._prepare(req, ids, grammar)
-        reply = _Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output)
-        echo = "" if chat or not req.echo else self._prompt_text(req, ids)
-        entries, ttft, ev = [], None, None
-        events = self.loop.generate(ids, params, schedule, offline=offline)
+        choices = await self._start(req, ids, params, schedule, offline)
+        replies = [_Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output) for _ in choices]
         try:
-            async for ev in events:
-                ttft = time.perf_counter() - t0 if ttft is None else ttft
-                entries += reply.add(ev)[1]
-                if ev.finish_reason is not None:
-                    break
+            out = await asyncio.gather(*(_collect(r, first, ev) for r, (first, ev) in zip(replies, choices)))
         finally:
-            await events.aclose()
+            for _, events in choices:
+                await events.aclose()
         if not offline:  # the request metrics (latency, time to first token) are the online traffic's
-            self._record(t0, reply, ttft or 0.0)
-        meta, use = (
-            R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint),
-            R.usage(len(ids), reply.layers),
-        )
-        if chat:
-            lp = R.chat_logprobs(entries) if top is not None else None
-            msg, finish = tools.message(reply.out, ev.finish_reason) if tools else (None, ev.finish_reason)
-            return R.chat_response(meta, reply.out, finish, use, lp, msg)
-        lp = R.completion_logprobs(entries) if top is not None else None
-        return R.completion_response(meta, echo + reply.out, ev.finish_reason, use, lp)
+            for r in replies:
+                self._record(t0, r, time.perf_counter() - t0)
+        echo = "" if chat or not req.echo else self._prompt_text(req, ids)
+        meta = R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint)
+        return self._whole(meta, chat, echo, replies, out, top, tools)
 
-    async def _stream(self, meta, req, chat, echo, reply, first, events, t0, ttft, tools=None) -> AsyncIterator[str]:
-        """SSE chunks of one reply. With ``tools`` the text is held back and the last chunk carries the
-        whole message (its ``tool_calls``, or the text when it calls none)."""
+    async def _start(self, req, ids, params, schedule, offline: bool = False) -> list[tuple[Any, Any]]:
+        """Submit the ``n`` choices; -> ``(first event, event stream)`` per choice. Raises what the first
+        event of any raises, after closing every stream (so no row is left behind)."""
+        from dataclasses import replace
+
+        streams = []
+        for i in range(req.n):
+            p = params if i == 0 or params.seed is None else replace(params, seed=params.seed + i)
+            streams.append(self.loop.generate(ids, p, schedule, offline=offline, priority=req.priority))
+        try:
+            firsts = await asyncio.gather(*(anext(ev) for ev in streams))
+        except BaseException:  # also cancelled (client gone) while waiting: free the rows
+            for ev in streams:
+                await ev.aclose()
+            raise
+        return list(zip(firsts, streams))
+
+    def _whole(self, meta, chat: bool, echo: str, replies, out, top, tools) -> dict:
+        """The non-streamed reply object over all choices; ``out``: per choice (log-prob entries, finish)."""
+        entries = [o[0] for o in out]
+        finishes = [o[1] for o in out]
+        use = R.usage(replies[0].prompt_len, [x for r in replies for x in r.layers])
+        if chat:
+            choices = []
+            for i, (r, e, fin) in enumerate(zip(replies, entries, finishes)):
+                lp = R.chat_logprobs(e) if top is not None else None
+                msg, fin = tools.message(r.out, fin) if tools else ({"role": "assistant", "content": r.out}, fin)
+                choices.append(R.chat_choice(i, msg, fin, lp))
+            return R.chat_response(meta, choices, use)
+        return R.completion_response(
+            meta,
+            [
+                R.completion_choice(i, echo + r.out, fin, R.completion_logprobs(e) if top is not None else None)
+                for i, (r, e, fin) in enumerate(zip(replies, entries, finishes))
+            ],
+            use,
+        )
+
+    async def _stream(self, meta, req, chat, echo, replies, choices, t0, ttft, tools=None) -> AsyncIterator[str]:
+        """SSE chunks of one reply, each choice's chunks under its ``index`` as its events come. With
+        ``tools`` the text is held back and a choice's last chunk carries its whole message (its
+        ``tool_calls``, or the text when it calls none)."""
         continuous = req.stream_options.continuous_usage_stats
         with_usage = req.stream_options.include_usage or continuous
-        offset, pending = len(echo), []
+        offsets, pending = [len(echo)] * len(choices), [[] for _ in choices]
+
+        def usage() -> dict:
+            return R.usage(replies[0].prompt_len, [x for r in replies for x in r.layers])
 
         def sse(chunk: dict) -> str:  # vLLM's continuous_usage_stats: the usage so far in every chunk
             if continuous and chunk["choices"]:
-                chunk["usage"] = R.usage(reply.prompt_len, reply.layers)
+                chunk["usage"] = usage()
             return _sse(chunk)
 
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, first, events) -> None:
+            try:
+                await queue.put((i, first))
+                while first.finish_reason is None:
+                    first = await anext(events)
+                    await queue.put((i, first))
+            except BaseException as e:  # noqa: BLE001 - handed to the stream, which ends the reply
+                await queue.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i, first, ev)) for i, (first, ev) in enumerate(choices)]
         try:
-            if chat:
-                yield sse(R.chat_chunk(meta, {"role": "assistant", "content": ""}, None, None, with_usage))
-            elif echo:
-                yield sse(R.completion_chunk(meta, echo, None, None, with_usage))
-            ev = first
-            while True:
+            for i in range(len(choices)):
+                if chat:
+                    yield sse(R.chat_chunk(meta, {"role": "assistant", "content": ""}, None, None, with_usage, i))
+                elif echo:
+                    yield sse(R.completion_chunk(meta, echo, None, None, with_usage, i))
+            open_choices = len(choices)
+            while open_choices:
+                i, ev = await queue.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                reply = replies[i]
                 delta, entries = reply.add(ev)
-                pending += entries
+                pending[i] += entries
                 finish = ev.finish_reason
                 if tools is not None:  # held back: a tool call is whole or nothing
                     delta = ""
@@ -330,174 +363,42 @@ class OpenAIServer:
                         delta = R.tool_delta(msg)
                 if delta or finish is not None:
                     if chat:
-                        lp = R.chat_logprobs(pending) if reply.top is not None else None
+                        lp = R.chat_logprobs(pending[i]) if reply.top is not None else None
                         d = delta if isinstance(delta, dict) else {"content": delta} if delta else {}
-                        chunk = R.chat_chunk(meta, d, finish, lp, with_usage)
+                        chunk = R.chat_chunk(meta, d, finish, lp, with_usage, i)
                     else:
-                        lp = R.completion_logprobs(pending, offset) if reply.top is not None else None
-                        offset += sum(len(e.token) for e in pending)
-                        chunk = R.completion_chunk(meta, delta, finish, lp, with_usage)
-                    pending = []
+                        lp = R.completion_logprobs(pending[i], offsets[i]) if reply.top is not None else None
+                        offsets[i] += sum(len(e.token) for e in pending[i])
+                        chunk = R.completion_chunk(meta, delta, finish, lp, with_usage, i)
+                    pending[i] = []
                     yield sse(chunk)
-                if finish is not None:
-                    break
-                ev = await anext(events)
+                open_choices -= finish is not None
             if with_usage:
-                yield _sse(R.usage_chunk(meta, chat, R.usage(reply.prompt_len, reply.layers)))
-            self._record(t0, reply, ttft)
+                yield _sse(R.usage_chunk(meta, chat, usage()))
+            for r in replies:
+                self._record(t0, r, ttft)
         except Exception as e:  # the request failed after the stream began: tell the client, then end
             yield _sse(error_status(e, meta.id)[1])
         finally:
-            await events.aclose()  # client gone mid-stream: abort the request and free its row
+            for t in tasks:
+                t.cancel()
+            for _, events in choices:
+                await events.aclose()  # client gone mid-stream: abort the requests and free their rows
         yield "data: [DONE]\n\n"
-
-    # -- request preparation ----------------------------------------------------------------------------
-    def _parse(self, body: Any, chat: bool):
-        from skipray.text import encode_messages, encode_prompt
-
-        if not isinstance(body, dict):
-            raise P.RequestError("request body must be a JSON object", code="invalid_json")
-        check_sizes(body, chat, self.limits, self.context)
-        P.check_unsupported(body, chat)
-        req = (P.ChatRequest if chat else P.CompletionRequest).model_validate(body)
-        tools = None
-        if chat:
-            msgs = req.prompt_messages()
-            tools = T.tool_plan(req.tools, req.tool_choice, T.renders_tools(self.tokenizer), req.parallel_tool_calls)
-            kwargs = {**req.chat_template_kwargs, **({"tools": tools.template_tools} if tools else {})}
-            ids = self._encode(
-                lambda: encode_messages(
-                    self.tokenizer, msgs, req.add_generation_prompt, req.continue_final_message, template_kwargs=kwargs
-                ),
-                "messages",
-            )
-        elif isinstance(req.prompt, str):
-            ids = self._encode(lambda: encode_prompt(self.tokenizer, req.prompt), "prompt")
-        else:
-            ids = list(req.prompt)  # token ids; the engine checks their range
-        if not ids:
-            raise P.RequestError("the prompt encodes to no tokens", "messages" if chat else "prompt")
-        asked = req.structured_spec()
-        if tools is not None and tools.spec is not None:
-            if asked is not None:
-                raise P.RequestError(f"tool_choice {tools.mode!r} cannot be combined with {asked[0]}", asked[0])
-            asked = ("tool_choice", tools.spec)
-        return req, ids, self._structured(asked), tools
-
-    def _structured(self, asked):
-        """The structured-output factory for ``(field, spec)`` (compiled here, in the worker thread), or None."""
-        if asked is None:
-            return None
-        field, spec = asked
-        with self._constraints_lock:
-            if self._constraints is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                from skipray.structured import Constraints
-
-                self._constraints = Constraints(self.tokenizer, self.engine.model.vocab_size, self.engine.eos_token_ids)
-                self._compile_pool = ThreadPoolExecutor(2, thread_name_prefix="skipray-grammar")
-        bound = self.limits.max_grammar_seconds
-        future = self._compile_pool.submit(self._constraints.for_spec, spec)
-        try:  # compiled in a pool of its own, with a time bound: a grammar too costly to check is a 400
-            return future.result(timeout=bound)
-        except ValueError as e:
-            raise P.RequestError(f"{field}: {e}", field, "invalid_structured_output") from None
-        except FutureTimeout:
-            future.cancel()
-            raise P.RequestError(
-                f"{field}: checking this structured output took more than {bound} s; simplify it",
-                field,
-                "structured_output_too_complex",
-            ) from None
-
-    def _prepare(self, req, ids: list[int], grammar=None):
-        """-> (SamplingParams, schedule, top log-probs per token or None)."""
-        from skipray.core.requests import SamplingParams
-        from skipray.core.schedule import resolve_schedule
-
-        self._check_model(req.model)
-        if req.priority != 0 and self.scheduling_policy != "priority":
-            raise P.RequestError(
-                "priority is honoured only when the server runs with --scheduling-policy priority "
-                "(scheduling_policy: priority in the Serve config); omit it or send 0",
-                "priority",
-            )
-        field, max_tokens = req.length_field
-        if max_tokens is not None and max_tokens > self.max_tokens_limit:
-            raise P.RequestError(f"{field} must be <= {self.max_tokens_limit}", field)
-        if max_tokens is None:
-            max_tokens = min(self.default_max_tokens, self.context - len(ids))
-        if max_tokens < 1 or len(ids) + max_tokens > self.context:
-            raise P.RequestError(
-                f"this model's context is {self.context} tokens; the prompt has {len(ids)} and {field} is {max_tokens}",
-                field,
-                "context_length_exceeded",
-            )
-        schedule = self.schedule
-        if req.skip is not None:
-            flags = req.skip.model_dump(exclude_none=True)
-            try:
-                schedule = resolve_schedule(flags, self.num_layers, self.trained).schedule
-            except ValueError as e:
-                raise P.RequestError(f"invalid skip schedule: {e}", "skip") from None
-        if isinstance(req, P.ChatRequest):
-            top = (req.top_logprobs or 0) if req.logprobs else None
-        else:
-            top = req.logprobs
-        from skipray.text import bad_words_ids
-
-        try:
-            banned = bad_words_ids(self.tokenizer, req.bad_words)
-        except Exception as e:  # noqa: BLE001 - what the tokenizer refuses is the client's
-            raise P.RequestError(f"cannot encode bad_words: {e}", "bad_words") from None
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=max(req.top_k, 0),
-            seed=req.seed,
-            stop=list(req.stop),
-            logprobs=0 if top is None else max(top, 1),
-            ignore_eos=req.ignore_eos,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            min_p=req.min_p,
-            min_tokens=min(req.min_tokens, max_tokens),
-            stop_token_ids=list(req.stop_token_ids),
-            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()} or None,
-            bad_words_ids=banned,
-            structured=grammar,
-        )
-        return params, schedule, top
-
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise P.RequestError(
-                f"model {model!r} does not exist; this server serves {self.model_name!r}",
-                "model",
-                "model_not_found",
-                status=404,
-                type_="not_found_error",
-            )
-
-    @staticmethod
-    def _encode(fn, param: str) -> list[int]:
-        """Run a tokenizer call; what it raises (bad input, a chat template that refuses the messages) is a 400."""
-        try:
-            return fn()
-        except P.RequestError:
-            raise
-        except Exception as e:
-            raise P.RequestError(f"cannot encode the {param}: {e}", param) from None
-
-    def _prompt_text(self, req, ids: list[int]) -> str:
-        return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(ids)
 
     def _record(self, t0: float, reply: _Reply, ttft: float) -> None:
         if self.metrics is not None:
             self.metrics.record_request(time.perf_counter() - t0, reply.prompt_len, len(reply.layers), ttft)
+
+
+async def _collect(reply: _Reply, first, events) -> tuple[list[R.TokenLogprob], str]:
+    """Run one choice to its end; -> (its log-prob entries, its finish reason)."""
+    entries, ev = [], first
+    while True:
+        entries += reply.add(ev)[1]
+        if ev.finish_reason is not None:
+            return entries, ev.finish_reason
+        ev = await anext(events)
 
 
 def _validate(model: type, body: Any):
