@@ -467,3 +467,49 @@ def test_n_choices_are_seeded_requests_and_stream_like_the_whole_reply(app):
 
     r = requests.post(f"{app['base']}/v1/chat/completions", json={**kw, "n": 17}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_chat_echo_and_truncate_prompt_tokens(app):
+    import requests
+
+    def post(route, **kw):
+        body = {"model": "tiny", "max_tokens": 4, "temperature": 0, **kw}
+        return requests.post(f"{app['base']}/v1/{route}", json=body, timeout=60)
+
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    plain = post("chat/completions", messages=msgs, continue_final_message=True).json()["choices"][0]
+    echoed = post("chat/completions", messages=msgs, continue_final_message=True, echo=True).json()["choices"][0]
+    assert echoed["message"]["content"] == "Hel" + plain["message"]["content"]
+    streamed = ""
+    with requests.post(
+        f"{app['base']}/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "max_tokens": 4,
+            "temperature": 0,
+            "messages": msgs,
+            "continue_final_message": True,
+            "echo": True,
+            "stream": True,
+        },
+        stream=True,
+        timeout=60,
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                import json
+
+                for c in json.loads(line[6:])["choices"]:
+                    streamed += c["delta"].get("content") or ""
+    assert streamed == echoed["message"]["content"]
+    user_last = post("chat/completions", messages=msgs[:1], echo=True).json()["choices"][0]["message"]["content"]
+    assert user_last == post("chat/completions", messages=msgs[:1]).json()["choices"][0]["message"]["content"]
+    full = post("completions", prompt="one two three four five six").json()["usage"]["prompt_tokens"]
+    cut = post("completions", prompt="one two three four five six", truncate_prompt_tokens=3, echo=True).json()
+    assert cut["usage"]["prompt_tokens"] == 3 < full
+    assert cut["choices"][0]["text"].startswith(
+        app["tok"].decode(app["tok"]("one two three four five six")["input_ids"][-3:])
+    )
+    assert post("completions", prompt="x y", truncate_prompt_tokens=-1).status_code == 200
+    bad = post("completions", prompt="x", truncate_prompt_tokens=0)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"

@@ -50,6 +50,11 @@ class RequestPreparation:
             ids = self._encode(lambda: encode_prompt(self.tokenizer, req.prompt), "prompt")
         else:
             ids = list(req.prompt)  # token ids; the engine checks their range
+        if req.truncate_prompt_tokens is not None:
+            keep = self.context if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
+            if keep < 1:
+                raise P.RequestError("truncate_prompt_tokens must be -1 or at least 1", "truncate_prompt_tokens")
+            ids = ids[-keep:]
         if not ids:
             raise P.RequestError("the prompt encodes to no tokens", "messages" if chat else "prompt")
         asked = req.structured_spec()
@@ -167,5 +172,13 @@ class RequestPreparation:
         except Exception as e:
             raise P.RequestError(f"cannot encode the {param}: {e}", param) from None
 
-    def _prompt_text(self, req, ids: list[int]) -> str:
-        return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(ids)
+    def _echo(self, req, chat: bool, ids: list[int]) -> str:
+        """The text ``echo`` puts before the answer: the prompt (completions; as tokenized, when it was
+        truncated or given as ids), or the last message's text when it is the assistant's (chat, vLLM's)."""
+        if not req.echo:
+            return ""
+        if chat:
+            last = P.render_messages(req.messages[-1:])[0]
+            return last["content"] if last["role"] == "assistant" else ""
+        whole = isinstance(req.prompt, str) and req.truncate_prompt_tokens is None
+        return req.prompt if whole else self.tokenizer.decode(ids)

@@ -45,7 +45,6 @@ NO_EFFECT_ONLY: dict[str, Any] = {
     "skip_special_tokens": lambda v: v is True,
     "spaces_between_special_tokens": lambda v: v is True,
     "prompt_logprobs": _never,
-    "truncate_prompt_tokens": _never,
     "allowed_token_ids": _never,
     "logits_processors": _never,
     "suffix": lambda v: v == "",
@@ -60,7 +59,6 @@ CHAT_NO_EFFECT_ONLY: dict[str, Any] = {
     "web_search_options": _never,
     "chat_template": _never,
     "documents": _never,
-    "echo": lambda v: v is False,
 }
 
 
@@ -131,6 +129,8 @@ class StreamOptions(_Body):
 class _Common(_Body):
     model: str
     n: StrictInt = Field(1, ge=1, le=MAX_N)  # choices: n engine requests over the same prompt
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1)  # vLLM: keep the prompt's last k tokens
+    echo: StrictBool = False  # completions: the prompt first; chat: the last message's text if the assistant's
     max_tokens: StrictInt | None = Field(None, gt=0)
     max_completion_tokens: StrictInt | None = Field(None, gt=0)  # OpenAI's current name; wins over max_tokens
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # < 1e-5: greedy
@@ -206,7 +206,6 @@ class _Common(_Body):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    echo: StrictBool = False  # the prompt text before the completion
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # log-probs of the top-N tokens
 
     @field_validator("prompt")

@@ -232,7 +232,7 @@ class OpenAIServer(RequestPreparation):
             return JSONResponse(err, status_code=status, headers=headers)
         ttft = time.perf_counter() - t0
         replies = [_Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output) for _ in choices]
-        echo = "" if chat or not req.echo else self._prompt_text(req, ids)
+        echo = self._echo(req, chat, ids)
         if req.stream:
             gen = self._stream(meta, req, chat, echo, replies, choices, t0, ttft, tools)
             return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
@@ -271,7 +271,7 @@ class OpenAIServer(RequestPreparation):
         if not offline:  # the request metrics (latency, time to first token) are the online traffic's
             for r in replies:
                 self._record(t0, r, time.perf_counter() - t0)
-        echo = "" if chat or not req.echo else self._prompt_text(req, ids)
+        echo = self._echo(req, chat, ids)
         meta = R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint)
         return self._whole(meta, chat, echo, replies, out, top, tools)
 
@@ -301,7 +301,7 @@ class OpenAIServer(RequestPreparation):
             choices = []
             for i, (r, e, fin) in enumerate(zip(replies, entries, finishes)):
                 lp = R.chat_logprobs(e) if top is not None else None
-                msg, fin = tools.message(r.out, fin) if tools else ({"role": "assistant", "content": r.out}, fin)
+                msg, fin = tools.message(r.out, fin) if tools else ({"role": "assistant", "content": echo + r.out}, fin)
                 choices.append(R.chat_choice(i, msg, fin, lp))
             return R.chat_response(meta, choices, use)
         return R.completion_response(
@@ -344,7 +344,8 @@ class OpenAIServer(RequestPreparation):
         try:
             for i in range(len(choices)):
                 if chat:
-                    yield sse(R.chat_chunk(meta, {"role": "assistant", "content": ""}, None, None, with_usage, i))
+                    first = {"role": "assistant", "content": "" if tools else echo}
+                    yield sse(R.chat_chunk(meta, first, None, None, with_usage, i))
                 elif echo:
                     yield sse(R.completion_chunk(meta, echo, None, None, with_usage, i))
             open_choices = len(choices)
