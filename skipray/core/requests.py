@@ -6,7 +6,8 @@ Contract:
   ``top_p``, ``top_k``, ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``). ``stop`` holds stop
   *strings*: the engine speaks token ids, so it checks them through the detokenizer hook it was built
   with (``Engine(detokenize=...)``, the tokenizer stays at the edges); ``stop_fn`` is the lower-level
-  hook (any predicate over the generated ids).
+  hook (any predicate over the generated ids). ``SamplingParams.validate`` (and ``validate_request``,
+  against a model's vocabulary and context) raise ``ValueError`` for settings no engine can serve.
 * ``finish_reason`` decides when a request ends: ``"stop"`` (a stop token, EOS, a stop string or
   ``stop_fn``), ``"length"`` (``max_tokens`` reached); the engine adds ``"abort"`` and ``"error"``.
 * ``Event`` is what ``Engine.step`` returns per request and token; ``TokenEvent`` and ``Completion``
@@ -62,15 +63,18 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible settings."""
-        from skipray.core.sampling import validate
-
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if isinstance(self.stop, str):
             raise ValueError("stop must be a list of strings, not one string")
-        validate(self.temperature, self.top_k, self.top_p)
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
