@@ -165,3 +165,18 @@ def test_init_adapter_warm_starts_from_saved_weights(tmp_path, data_path, tiny_m
     named = {n.replace(".default", ""): p for n, p in model.peft.named_parameters() if "lora_" in n}
     assert saved and all(torch.equal(named[k], v) for k, v in saved.items())
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # not the zero init
+
+
+def test_train_command_line_builds_the_config():
+    """`skipray train` is ``skipray.training.train_cli``: flags -> ``TrainConfig``, schedule flags required."""
+    from skipray.cli import build_parser
+    from skipray.training.train_cli import cmd_train, config_from_args
+
+    args = build_parser().parse_args(
+        ["train", "--data", "d.parquet", "--out", "o", "--max-layers", "20", "--min-layers", "8", "--steps", "3"]
+    )
+    assert args.func is cmd_train
+    cfg = config_from_args(args)
+    assert cfg.steps == 3 and cfg.schedule == {"max_layers": 20, "min_layers": 8, "decay_tokens": 64}
+    with pytest.raises(ValueError, match="--max-layers"):
+        config_from_args(build_parser().parse_args(["train", "--data", "d", "--out", "o"]))
