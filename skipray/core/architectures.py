@@ -62,9 +62,6 @@ class LlamaFamily:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.qk_norm = hasattr(hf.model.layers[0].self_attn, "q_norm")  # Qwen3
         self.silu = getattr(cfg, "hidden_act", None) == "silu"  # F.silu, not the module (a call's overhead per layer)
-        self.sliding_window = None  # reported, not applied: see README limitations
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            self.sliding_window = cfg.sliding_window
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.body.embed_tokens(tokens)
@@ -109,7 +106,6 @@ class OPTFamily:
         self.body = hf.model.decoder
         self.num_heads = self.kv_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.sliding_window = None
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.body.embed_tokens(tokens)

@@ -70,8 +70,6 @@ class SkipModel(nn.Module):
         self.family = FAMILIES[self.arch](hf_model)
         a = self.family
         self.body, self.num_heads, self.kv_heads, self.head_dim = a.body, a.num_heads, a.kv_heads, a.head_dim
-        if a.sliding_window:
-            self.sliding_window = a.sliding_window
         self.layers = self.body.layers
         self.num_layers = len(self.layers)
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
-FINISH_REASONS = ("stop", "length", "abort", "error")
 STOP_WINDOW_SPARE = 8  # tokens decoded beyond the longest stop string (tokens are >= 1 char; merges)
 
 
@@ -107,7 +106,7 @@ class Event:
     request_id: str
     token_id: int | None  # None only for an abort or an error
     layers: int  # layers computed to produce this token
-    finish_reason: str | None  # one of FINISH_REASONS on the request's last event
+    finish_reason: str | None  # "stop", "length", "abort" or "error" on the request's last event
     logprobs: TopLogprobs | None = None  # when the request asked for log-probs
     error: BaseException | None = None  # why the request failed (finish_reason "error")
 
