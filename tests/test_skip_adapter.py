@@ -213,7 +213,7 @@ def test_merged_inference_weights_follow_adapter_updates():
     sched = SkipSchedule(L, L - 1, 2, decay_tokens=4, drop_order=shuffled_order(L))
     engine = Engine(model, sched, max_batch=4, max_len=64)
     before = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
-    assert model.lora.merges  # the merged path ran
+    assert model.adapter_linears.merges  # the merged path ran
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -256,14 +256,14 @@ def test_inference_linears_follow_peft_flags_and_replaced_adapter_weights():
         return [m(x) for m in mods]  # peft's own forward: base plus LoRA where enabled
 
     with torch.no_grad():
-        for got, want in zip(model.lin(mods, x, every), expected()):
+        for got, want in zip(model.adapter_linears(mods, x, every), expected()):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         with peft_model.disable_adapter():
-            for got, m in zip(model.lin(mods, x, every), mods):
+            for got, m in zip(model.adapter_linears(mods, x, every), mods):
                 torch.testing.assert_close(got, m.base_layer(x), atol=1e-5, rtol=1e-5)
         name = mods[0].active_adapters[0]
         mods[0].lora_B[name].weight = torch.nn.Parameter(torch.randn_like(mods[0].lora_B[name].weight))
-        for got, want in zip(model.lin(mods, x, every), expected()):
+        for got, want in zip(model.adapter_linears(mods, x, every), expected()):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

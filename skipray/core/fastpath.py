@@ -53,7 +53,7 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
     fam = model.family
     if cache is None or len(segs) != 1 or torch.is_grad_enabled() or not isinstance(fam, LlamaFamily):
         return None
-    if fam.qk_norm or not fam.silu or not model.linear.enabled:
+    if fam.qk_norm or not fam.silu or not model.packed_linears.enabled:
         model.fast_layers.clear()  # packing off (or failed on this CPU): hold no packs
         return None
     s, st = segs[0], states[0]
@@ -61,7 +61,7 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     b, t = s.tokens.shape
-    use, every = model.lora.flags(st.adapter)
+    use, every = model.adapter_linears.flags(st.adapter)
     if use and not every:
         return None
     out: list[LayerKernels | None] = []
@@ -95,8 +95,8 @@ def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> tuple | None:
     layer = model.layers[l]
     attn, mlp = layer.self_attn, layer.mlp
     groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
-    runs = [model.lora.resolve(g, use) for g in groups]
-    packs = [model.linear.packed(r, x) for r in runs]
+    runs = [model.adapter_linears.resolve(g, use) for g in groups]
+    packs = [model.packed_linears.packed(r, x) for r in runs]
     if any(p is None for p in packs):
         return None
     links = [(model.layers._modules, str(l), layer)] + [
@@ -108,7 +108,7 @@ def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> tuple | None:
         )
         for name in names
     ]
-    entries = [(r, model.linear.entry(r)) for r in runs]  # the packs are still PackedLinears' own
+    entries = [(r, model.packed_linears.entry(r)) for r in runs]  # the packs are still PackedLinears' own
     kernels = LayerKernels(
         l,
         layer.input_layernorm,
@@ -118,7 +118,7 @@ def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> tuple | None:
         (model.num_heads, model.kv_heads, model.head_dim),
         attn.scaling,
     )
-    return kernels, x.dtype, links, entries, [p[0] for p in packs], model.lora.depends(list(groups), use)
+    return kernels, x.dtype, links, entries, [p[0] for p in packs], model.adapter_linears.depends(list(groups), use)
 
 
 def _still_valid(model, links: list, entries: list, stamps: list, lora: tuple) -> bool:
@@ -128,9 +128,9 @@ def _still_valid(model, links: list, entries: list, stamps: list, lora: tuple) -
     anew."""
     return (
         linked(links)
-        and all(model.linear.entry(r) is e for r, e in entries)
+        and all(model.packed_linears.entry(r) is e for r, e in entries)
         and all(fresh(s) for s in stamps)
-        and model.lora.fresh(*lora)
+        and model.adapter_linears.fresh(*lora)
     )
 
 

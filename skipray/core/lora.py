@@ -26,7 +26,7 @@ from skipray.core.kernels import PackedLinears, fresh, linked, stamp
 
 class AdapterLinears:
     def __init__(self, linear: PackedLinears) -> None:
-        self.linear = linear
+        self.packed_linears = linear
         self.merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights
         self.low_ranks: dict[nn.Module, tuple[tuple, list]] = {}  # LoRA layer -> [(A, B * scaling)]
         self._last: tuple[torch.Tensor, bool, bool] | None = None  # see flags
@@ -41,8 +41,8 @@ class AdapterLinears:
             return [self._train(m, x, adapter) for m in modules]
         use, every = self.flags(adapter)
         if not use or every:  # one matmul: base weights, or where every position uses the adapter, merged ones
-            return self.linear.many(self.resolve(modules, use), x)
-        ys = self.linear.many(self.resolve(modules, False), x)  # some positions use the adapter: the base,
+            return self.packed_linears.many(self.resolve(modules, use), x)
+        ys = self.packed_linears.many(self.resolve(modules, False), x)  # some positions use the adapter: the base,
         mask = adapter[..., None].to(ys[0].dtype)  # plus the low-rank update on those positions
         for y, m in zip(ys, modules):
             if hasattr(m, "base_layer") and not m.merged and not m.disable_adapters:
@@ -64,7 +64,7 @@ class AdapterLinears:
         old = self._resolved.get(key)
         for m, flags in old[0] if old else ():
             if self._peft_flags(m) != flags:  # peft merged or unmerged through .data: no version bump
-                self.linear.forget(m.base_layer)
+                self.packed_linears.forget(m.base_layer)
         lora = [merged and hasattr(m, "base_layer") and not m.merged and not m.disable_adapters for m in modules]
         run = tuple(self._merged(m) if on else getattr(m, "base_layer", m) for m, on in zip(modules, lora))
         loras = [(m, self._peft_flags(m)) for m in modules if hasattr(m, "lora_A")]
@@ -133,8 +133,8 @@ class AdapterLinears:
     def _train(self, module: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None) -> torch.Tensor:
         base = getattr(module, "base_layer", None)
         if base is None:
-            return self.linear(module, x)
-        y = self.linear(base, x)
+            return self.packed_linears(module, x)
+        y = self.packed_linears(base, x)
         if adapter is None or module.merged or module.disable_adapters or not bool(adapter.any()):
             return y
         for name in module.active_adapters:
@@ -158,7 +158,7 @@ class AdapterLinears:
         hit = store.get(module)
         if hit is None or hit[0] != key:
             if hit is not None and isinstance(hit[1], nn.Module):
-                self.linear.forget(hit[1])  # the replaced merged layer's pack goes with it
+                self.packed_linears.forget(hit[1])  # the replaced merged layer's pack goes with it
             with torch.inference_mode(False), torch.no_grad():
                 hit = store[module] = (key, make(names))
         return hit[1]

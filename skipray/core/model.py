@@ -24,10 +24,11 @@ attention reads only the slots the layer holds, and a write past them raises ``I
 
 ``SkipModel`` wraps a Hugging Face causal LM (Llama family: Llama, SmolLM2, Mistral, Qwen2/3; OPT); what
 differs between families is one small class each in ``skipray.core.architectures``, which call the Hugging
-Face module's own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its linear
-layers run through ``skipray.core.lora.AdapterLinears`` (the skip adapter only where a segment's adapter
-mask marks) and ``skipray.core.kernels.PackedLinears`` (prepacked oneDNN weights for fp32/bf16 inference
-on CPU; the module itself otherwise).
+Face module's own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its decoder
+layers' linears run through ``SkipModel.adapter_linears`` (``skipray.core.lora.AdapterLinears``: several
+modules that read one input, the skip adapter only where a segment's adapter mask marks), which runs the
+matmuls, as the lm_head does, through ``SkipModel.packed_linears`` (``skipray.core.kernels.PackedLinears``:
+one module, prepacked oneDNN weights for fp32/bf16 inference on CPU; the module itself otherwise).
 
 Callers build the ``Segment`` by field name: the training layout needs only ``tokens``, ``positions``,
 ``plan``, ``real`` (and ``logits_at``, ``adapter``); the engine's ``skipray.core.runner`` adds cache rows
@@ -60,8 +61,8 @@ class SkipModel(nn.Module):
         """Raises ``ValueError`` for an architecture without an adapter (or an unsupported variant)."""
         super().__init__()
         self.hf = hf_model
-        self.linear = PackedLinears(packed_linears)  # linear(module, x) == module(x)
-        self.lora = AdapterLinears(self.linear)  # lin(modules, x, adapter): LoRA only where adapter marks
+        self.packed_linears = PackedLinears(packed_linears)  # packed_linears(module, x) == module(x)
+        self.adapter_linears = AdapterLinears(self.packed_linears)  # LoRA only where the adapter mask marks
         self.fast_layers: dict = {}  # skipray.core.fastpath's resolved layers, checked on every pass
         cfg = hf_model.config
         self.arch = cfg.model_type
@@ -87,24 +88,17 @@ class SkipModel(nn.Module):
 
     def qkv(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None):
         """Normed input -> q, k, v as (b, heads, t, head_dim), plus the attention scale to use."""
-        return self.family.qkv(layer, x, self.lin, adapter)
+        return self.family.qkv(layer, x, self.adapter_linears, adapter)
 
     def attn_out(self, layer: nn.Module, o: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
-        return self.family.attn_out(layer, o, self.lin, adapter)
+        return self.family.attn_out(layer, o, self.adapter_linears, adapter)
 
     def mlp(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
-        return self.family.mlp(layer, x, self.lin, adapter)
+        return self.family.mlp(layer, x, self.adapter_linears, adapter)
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head: logits."""
-        return self.linear(self.hf.lm_head, self.family.final(h))
-
-    def lin(
-        self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
-        """``[m(x) for m in modules]`` for linear layers that read the same input, with the skip adapter
-        only where ``adapter`` marks (``skipray.core.lora.AdapterLinears``)."""
-        return self.lora(modules, x, adapter)
+        return self.packed_linears(self.hf.lm_head, self.family.final(h))
 
     # -- sizes -----------------------------------------------------------------------------------
     def cost_model(self):
@@ -360,7 +354,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
                 ),
             )
         except RuntimeError:  # as PackedLinears._guarded: packing off, and the generic loop reruns the
-            model.linear.disable()  # layers (same cache writes; it raises what is not oneDNN's)
+            model.packed_linears.disable()  # layers (same cache writes; it raises what is not oneDNN's)
             kernels = None
     for l, layer in enumerate(model.layers if kernels is None else ()):
         runs = []  # (segment, rows, cols, whole) of the segments that run this layer; whole: all rows and columns
@@ -386,7 +380,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         if all(a is None for a in ams):
             am = None
         elif len(ams) == 1:
-            am = ams[0]  # the same tensor for every layer on all rows: SkipModel.lin reads its flags once
+            am = ams[0]  # the same tensor for every layer on all rows: SkipModel.adapter_linears reads its flags once
         else:
             am = _join(
                 [
