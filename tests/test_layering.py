@@ -2,6 +2,7 @@
 work at import time that pulls Ray in."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,22 @@ def test_no_import_circles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_the_batch_actor_is_the_engine_stage_not_a_generator():
+    """The batch actor class is ``SkipDecodeEngineStage``; ``Generator`` is torch's alone: no module, test,
+    bench or page names a ``Generator`` of skipray's."""
+    import skipray.batch
+    import skipray.batch.actor
+
+    assert not hasattr(skipray.batch, "Generator") and not hasattr(skipray.batch.actor, "Generator")
+    old = re.compile(r"(?<![\w.])Generator\b")  # torch.Generator is preceded by a dot
+    found = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for d in ("skipray", "tests", "bench", "scripts", "jobs", "examples", "docs")
+        for p in sorted((ROOT / d).rglob("*"))
+        if p.suffix in (".py", ".md") and p.name != Path(__file__).name
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if old.search(line)
+    ]
+    assert not found, found

@@ -12,7 +12,7 @@ Contract:
   per input row group (``skipray.batch.resume``), and builds the processor. ``execute`` streams:
   ``from_items(units)`` -> ``read_units`` (a task per row group: its pending rows, with
   ``source_file`` / ``source_row`` and the id checks) -> ``processor.generate`` (tokenize, the
-  ``Generator`` actors) -> the job's column order -> ``write_parquet``.
+  ``SkipDecodeEngineStage`` actors) -> the job's column order -> ``write_parquet``.
 * Output columns: ``id, prompt, generated_text, num_prompt_tokens, num_generated_tokens, avg_layers,
   finish_reason, error`` first (the layout of earlier versions, so their outputs still resume), then the
   input's other columns (a clashing one renamed ``input_<name>``, uniquely), ``num_input_tokens``,

@@ -6,7 +6,7 @@ lazy like any Ray Data transform. ``processor(ds)`` runs
     preprocess (``ds.map``; its dict is merged into the row) ->
     ``repartition(target_num_rows_per_block=window)`` (streaming, no shuffle) ->
     ``batch_rows.prepare_rows`` (a task per block: tokenize, per-row params and seeds, bad rows) ->
-    ``batch_actor.Generator`` (``map_batches`` on an ``ActorPoolStrategy`` of ``concurrency`` actors, one
+    ``batch_actor.SkipDecodeEngineStage`` (``map_batches`` on an ``ActorPoolStrategy`` of ``concurrency`` actors, one
     engine each, one window of ``batch_size * bucket_window`` rows per call) ->
     postprocess (``ds.map``; its dict is the output row).
 
@@ -173,7 +173,7 @@ class SkipDecodeProcessor:
             remote["accelerator_type"] = cfg.accelerator_type
         # looked up at call time, so a subclass set on the module (bench/bench_batch.py's timing) is used
         return ds.map_batches(
-            batch_actor.Generator,
+            batch_actor.SkipDecodeEngineStage,
             fn_constructor_kwargs={"spec": spec},
             batch_format="pyarrow",
             batch_size=cfg.window,
