@@ -2,7 +2,7 @@
 
 Contract: ``SkipDecodeEngineStage(spec)`` loads the model once and builds one ``Engine`` of ``batch_size``
 rows (its KV cache reused across calls). ``__call__(block)`` takes one window of rows from
-``batch_rows.prepare_rows`` and returns it with ``generated_text``, ``generated_tokens``,
+``skipray.batch.rows.prepare_rows`` and returns it with ``generated_text``, ``generated_tokens``,
 ``num_generated_tokens``, ``avg_layers`` and ``finish_reason`` added and the internal columns dropped.
 The window's good rows go into the engine together (continuous batching): each with its own sampling
 params, seed and schedule (a row's ``skip`` flags, else the config's), admitted shortest prompt first

@@ -171,7 +171,7 @@ class Plan:
     out_fs: Any
     out_path: str
     check: InputCheck
-    units: list[dict]  # input row groups with rows left (batch_resume.plan_units)
+    units: list[dict]  # input row groups with rows left (skipray.batch.resume.plan_units)
     before: list[str]  # the job's own output files present before this run
     pending: int
     processor: SkipDecodeProcessor | None = None

@@ -14,8 +14,8 @@ Contract (pure Python, no torch; ``python -m skipray.resources --gpu-gib G`` pri
   the longest layer). ``rows * cache_bytes_per_row(...) == KVCache(...).nbytes`` (tested).
 * ``memory_report(...)`` lists, per schedule: average layers per token, cache bytes per row, the ratio
   to full depth, and the largest batch whose cache fits ``budget_bytes`` (after ``weights_bytes``).
-* Which schedule sizes a cache: the static ``Engine`` knows each call's schedule, prompt length and
-  token budget, so its cache follows them. A server that accepts per-request schedules must size for
+* Which schedule sizes a cache: ``Engine.generate`` / ``stream`` know each call's schedules, prompt
+  lengths and token budgets, so the cache grows to fit them. A server that accepts per-request schedules must size for
   the least-skipping schedule it accepts; when it accepts full-depth requests (skipray's Serve app
   does: ``"skip": {"full": true}``), that is full depth and skipping saves no cache memory there.
 """

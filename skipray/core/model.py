@@ -193,9 +193,10 @@ def forward_segments(model: SkipModel, segments: Sequence[Segment], cache: KVCac
     attention runs per segment (its own rows, slots and mask). Each segment gets what ``forward``
     would give it alone (up to summation order): its logits ``(b, t', vocab)``, in order.
 
-    This is how a continuous engine puts a decode step (one token per row, per-row slots) and prompt
-    chunks (many tokens of one row at an int slot) into one pass: on a CPU, where a layer's matmuls
-    cost about the same for a few tokens as for many, a second pass would read every weight again.
+    This is how the engine's chunked prefill (``skipray.core.engine``) puts a decode step (one token per
+    row, per-row slots) and prompt chunks (many tokens of one row at an int slot) into one pass: on a
+    CPU, where a layer's matmuls cost about the same for a few tokens as for many, a second pass would
+    read every weight again.
     """
     if cache is None:
         raise ValueError("forward_segments runs cached passes: give it the cache")
