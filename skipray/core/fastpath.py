@@ -8,7 +8,7 @@ there) of the same modules (``AdapterLinears.resolve``: base weights, or merged 
 every position uses the adapter), and attention through the caller's ``attend`` (the generic loop's
 ``_attend``: RoPE, cache write, mask, ``scaled_dot_product_attention``). So both loops give the same logits
 (tests compare them); this one is shorter per layer: one resolution per layer and pass, then a dozen tensor
-ops. On the default model it took a full-depth fp32 batch-1 step from 22.7 to 21.0 ms in A/B runs.
+ops (its gain is measured in docs/benchmarks/performance.md).
 
 A pass qualifies when it has a cache, one segment, no autograd, every running layer on all its rows and
 columns, an adapter mask that marks all positions or none, and a Llama-family model (Llama, SmolLM2,

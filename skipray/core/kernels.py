@@ -10,11 +10,10 @@ that is trained and then decoded never reads a stale pack. Writes through ``.dat
 after them call ``forget(module)`` or ``clear()`` (``AdapterLinears`` does when peft merges or
 unmerges). Results equal ``F.linear``'s up to summation order (about 1e-6 relative in fp32).
 
-Why: on this project's CPU (AVX-512, one thread) ``F.linear`` in fp32 runs MKL's sgemm, and the
-prepacked oneDNN kernel ran the default model's matmuls 1.8x faster at batch 1 and 2.3x at batch 8 to
-320; in bf16 1.8x at batch 1 and 1.5x at batch 8 (``bench/bench_linear.py``). Hugging Face models
-call ``F.linear``. The price is memory: one packed copy of each weight used (538 MB for the default
-model in fp32). ``PackedLinears(enabled=False)`` opts out.
+Why: Hugging Face models call ``F.linear``, which on the CPU runs MKL's sgemm in fp32; the prepacked
+oneDNN kernel computes the same products faster, in fp32 and bf16 (``bench/bench_linear.py``; the
+figures are in docs/benchmarks/performance.md). The price is memory: one packed copy of each weight
+used. ``PackedLinears(enabled=False)`` opts out.
 """
 
 from __future__ import annotations
