@@ -3,10 +3,9 @@
 Contract: ``forward(model, seg, cache=None, prefix=None)`` runs one batch (``seg``, a ``Segment``:
 tokens, positions, real mask, plan, and in a cached pass its cache rows, first slot(s), logit columns
 and adapter mask) through the decoder layers that ``seg.plan`` names, then the final norm and
-lm_head. ``plan[l]`` is ``None`` (layer ``l``
-skipped: it neither writes nor reads the cache) or ``(rows, cols)``: the layer runs on
-``hidden[rows, :cols]`` (``cols=None``: all columns). Entries it does not run keep their hidden state,
-which is exactly what skipping a residual block means.
+lm_head. ``plan[l]`` is ``None`` (layer ``l`` skipped: it neither writes nor reads the cache) or a
+``LayerRun(rows, cols)``: the layer runs on ``hidden[rows, :cols]`` (``cols=None``: all columns).
+Entries it does not run keep their hidden state, which is exactly what skipping a residual block means.
 
 * prefill: every layer on every row and column, writing the cache;
 * decode step: one column, the schedule's layers, on the live rows;
@@ -39,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,12 @@ from skipray.core.fastpath import layer_kernels, run_layers
 from skipray.core.kernels import PackedLinears
 from skipray.core.lora import AdapterLinears
 
-LayerRun = tuple[slice | torch.Tensor, int | None] | None
+
+class LayerRun(NamedTuple):
+    """Where a plan runs a layer: on ``hidden[rows, :cols]`` (``cols=None``: every column)."""
+
+    rows: slice | torch.Tensor
+    cols: int | None
 
 
 class SkipModel(nn.Module):
@@ -115,20 +120,22 @@ class SkipModel(nn.Module):
         return KVCache(self.num_layers, max_batch, self.kv_heads, max_len, self.head_dim, p.dtype, p.device, layer_lens)
 
 
-def full_plan(num_layers: int, rows: slice | torch.Tensor = slice(None)) -> list[LayerRun]:
-    return [(rows, None)] * num_layers
+def full_plan(num_layers: int, rows: slice | torch.Tensor = slice(None)) -> list[LayerRun | None]:
+    return [LayerRun(rows, None)] * num_layers
 
 
-def step_plan(active: Sequence[int], num_layers: int, rows: slice | torch.Tensor = slice(None)) -> list[LayerRun]:
+def step_plan(
+    active: Sequence[int], num_layers: int, rows: slice | torch.Tensor = slice(None)
+) -> list[LayerRun | None]:
     on = set(active)
-    return [(rows, None) if l in on else None for l in range(num_layers)]
+    return [LayerRun(rows, None) if l in on else None for l in range(num_layers)]
 
 
-def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun]:
+def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun | None]:
     """Columns ``[0, prompt_len)`` hold the (left-padded) prompt, column ``prompt_len + i`` the token
     consumed at generation step ``i``. Layer ``l`` runs on the prompt plus the steps that include it."""
     horizon = max(total_len - prompt_len, 0)
-    return [(slice(None), prompt_len + schedule.steps_running(l, horizon)) for l in range(schedule.num_layers)]
+    return [LayerRun(slice(None), prompt_len + schedule.steps_running(l, horizon)) for l in range(schedule.num_layers)]
 
 
 def _compose(outer: slice | torch.Tensor, inner: slice | torch.Tensor, n: int, dev) -> slice | torch.Tensor:
@@ -145,7 +152,8 @@ class Segment:
     """One batch and its layout: what a pass (``forward``, ``forward_segments``) needs to know about it.
 
     ``tokens``: ``(b, t)`` ids; ``positions``: ``(b, t)`` model positions (RoPE or learned); ``real``:
-    ``(b, t)`` bool, False for padding; ``plan``: one ``LayerRun`` per layer (rows are this batch's rows).
+    ``(b, t)`` bool, False for padding; ``plan``: per layer a ``LayerRun`` (rows are this batch's rows) or
+    ``None`` (skipped).
     With a cache: batch row ``i`` is cache row ``cache_rows[i]`` and its tokens fill slots ``start ..
     start + t - 1`` (``start``: an int, or a ``(b,)`` tensor of one slot per row when ``t == 1``).
     ``logits_at``: the columns projected to logits (a slice, or a ``(b,)`` tensor of one column per row;
@@ -156,7 +164,7 @@ class Segment:
 
     tokens: torch.Tensor
     positions: torch.Tensor
-    plan: Sequence[LayerRun]
+    plan: Sequence[LayerRun | None]
     real: torch.Tensor
     cache_rows: slice | torch.Tensor = field(default_factory=lambda: slice(None))
     start: int | torch.Tensor = 0
@@ -213,8 +221,13 @@ class _State:
     diag: torch.Tensor | None = None
     end: int = 0
     prefix_len: int = 0
-    masks: dict = field(default_factory=dict)  # cache path: (rows, n) -> attention mask, see _mask
+    masks: dict = field(default_factory=dict)  # cache path: (rows, n) -> _KeptMask, see _mask
     adapter: torch.Tensor | None = None  # the segment's adapter mask; None when it marks nothing
+
+
+class _KeptMask(NamedTuple):
+    rows: slice | torch.Tensor  # kept alive, so its id (in the key) stays unique during the pass
+    mask: torch.Tensor
 
 
 def _mask(
@@ -230,8 +243,8 @@ def _mask(
     if hit is None:
         m = (cache.valid[cache_rows, :n][:, None, :] & st.causal[rows][..., :n]) | st.diag[rows][..., :n]
         additive = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
-        hit = st.masks[key] = (rows, additive[:, None])  # rows kept alive: its id stays unique during the pass
-    return hit[1]
+        hit = st.masks[key] = _KeptMask(rows, additive[:, None])
+    return hit.mask
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
