@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from skipray.training.data import batches, collate, load_examples
+from skipray.training.data import TrainBatch, batches, collate, load_examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"]
 
@@ -81,14 +81,14 @@ def adapter_mask(schedule, batch: int, prompt_len: int, total_len: int, device=N
     return torch.tensor(cols, device=device)[None].expand(batch, total_len)
 
 
-def answer_logits(model, batch: dict, schedule) -> torch.Tensor:
+def answer_logits(model, batch: TrainBatch, schedule) -> torch.Tensor:
     """Student logits (B, R, V) predicting response tokens ``0..R-1``, computed as decoding computes them:
     the prompt once at full depth without gradients (the skip adapter never touches it), then the
     response columns under ``schedule`` with the adapter, attending to the prompt's cached keys. Equal
     to the single parallel forward (tests), and about a third cheaper: no backward through the prompt."""
     from skipray.core.model import Segment, forward, full_plan, training_plan
 
-    tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
+    tokens, real, positions, P = batch.tokens, batch.real, batch.positions, batch.prompt_len
     B, T = tokens.shape
     cache = model.new_cache(B, P)
     with torch.no_grad():
@@ -111,16 +111,16 @@ def answer_logits(model, batch: dict, schedule) -> torch.Tensor:
 
 
 def skip_loss(
-    model, teacher, batch: dict, schedule, kl_weight: float, ce_weight: float, cached_prompt: bool | None = None
+    model, teacher, batch: TrainBatch, schedule, kl_weight: float, ce_weight: float, cached_prompt: bool | None = None
 ) -> tuple[torch.Tensor, dict]:
     """Distillation (+ optional CE) loss of the skip student against the full-depth teacher.
     ``cached_prompt`` (default: when the student is a LoRA skip adapter, which never touches the prompt)
     runs the prompt once without gradients (``answer_logits``); else one forward covers everything."""
     from skipray.core.model import Segment, forward, full_plan, training_plan
 
-    tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
+    tokens, real, positions, P = batch.tokens, batch.real, batch.positions, batch.prompt_len
     B, T = tokens.shape
-    mask = batch["loss_mask"][:, P - 1 :]
+    mask = batch.loss_mask[:, P - 1 :]
     cols = slice(P - 1, T - 1)
     if cached_prompt is None:
         cached_prompt = getattr(model, "peft", None) is not None
@@ -134,10 +134,10 @@ def skip_loss(
     n = mask.sum().clamp(min=1)
     stats = {}
     loss = torch.zeros((), device=student.device)
-    if kl_weight > 0 and "teacher_ids" in batch:
-        kl = topk_kl(batch["teacher_logprobs"], batch["teacher_ids"], logp)
+    if kl_weight > 0 and batch.teacher_ids is not None:
+        kl = topk_kl(batch.teacher_logprobs, batch.teacher_ids, logp)
         kl = (kl * mask).sum() / n
-        agree = ((student.argmax(-1) == batch["teacher_ids"][..., 0]) & mask).sum() / n
+        agree = ((student.argmax(-1) == batch.teacher_ids[..., 0]) & mask).sum() / n
         loss = loss + kl_weight * kl
         stats.update(kl=float(kl), agree=float(agree))
     elif kl_weight > 0:
@@ -271,8 +271,7 @@ def train(
             g["lr"] = lr_at(step, cfg)
         stats_acc: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
-            batch = collate(next(data), pad)
-            batch = {k: v.to(model.hf.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = collate(next(data), pad).to(model.hf.device)
             loss, stats = skip_loss(model, teacher, batch, schedule, cfg.kl_weight, cfg.ce_weight)
             (loss / cfg.grad_accum).backward()
             for k, v in stats.items():
