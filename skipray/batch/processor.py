@@ -139,7 +139,7 @@ class SkipDecodeProcessor:
             bucket=config.bucket_window > 1,
             max_len=min(context, 256 + max_tokens),
             threads=config.torch_threads,
-            max_actors=config.pool[1],
+            max_actors=config.pool.max_actors,
             device=config.device,
             engine_retries=config.engine_retries,
         )
@@ -163,7 +163,6 @@ class SkipDecodeProcessor:
         ds = ds.map_batches(
             prepare_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5, fn_kwargs={"ctx": self.row_context}
         )
-        lo, hi = cfg.pool
         # an actor that crashes on a window (a device error that kills the process) is restarted and the window
         # retried engine_retries times; then the job fails, and rows not written are left for a re-run
         remote: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_actor, "max_task_retries": cfg.engine_retries}
@@ -177,7 +176,7 @@ class SkipDecodeProcessor:
             fn_constructor_kwargs={"spec": spec},
             batch_format="pyarrow",
             batch_size=cfg.window,
-            compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+            compute=ActorPoolStrategy(min_size=cfg.pool.min_actors, max_size=cfg.pool.max_actors),
             **remote,
         )
 

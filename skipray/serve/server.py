@@ -245,7 +245,8 @@ class OpenAIServer:
         try:
             ev = first
             while True:
-                entries += reply.add(ev)[1]
+                _, logprobs = reply.add(ev)
+                entries += logprobs
                 if ev.finish_reason is not None:
                     break
                 ev = await anext(events)
@@ -273,7 +274,8 @@ class OpenAIServer:
         try:
             req, ids, grammar = await asyncio.to_thread(self._parse, body, chat)
         except ValidationError as e:  # not picklable: the caller may be in another process
-            raise P.RequestError(error_status(e)[1]["error"]["message"]) from None
+            _, err = error_status(e)
+            raise P.RequestError(err["error"]["message"]) from None
         params, schedule, top = self._prepare(req, ids, grammar)
         reply = _Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output)
         echo = "" if chat or not req.echo else self._prompt_text(req, ids)
@@ -282,7 +284,8 @@ class OpenAIServer:
         try:
             async for ev in events:
                 ttft = time.perf_counter() - t0 if ttft is None else ttft
-                entries += reply.add(ev)[1]
+                _, logprobs = reply.add(ev)
+                entries += logprobs
                 if ev.finish_reason is not None:
                     break
         finally:
@@ -336,7 +339,8 @@ class OpenAIServer:
                 yield _sse(R.usage_chunk(meta, chat, R.usage(reply.prompt_len, reply.layers)))
             self._record(t0, reply, ttft)
         except Exception as e:  # the request failed after the stream began: tell the client, then end
-            yield _sse(error_status(e, meta.id)[1])
+            _, err = error_status(e, meta.id)
+            yield _sse(err)
         finally:
             await events.aclose()  # client gone mid-stream: abort the request and free its row
         yield "data: [DONE]\n\n"
