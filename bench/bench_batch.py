@@ -64,13 +64,14 @@ def direct(
     return {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 1)}
 
 
-def timed_generator(log: Path):
-    """``skipray.batch.Generator`` that appends its start-up and each window's times to ``log`` (JSON lines)."""
+def timed_engine_stage(log: Path):
+    """``skipray.batch.SkipDecodeEngineStage`` that appends its start-up and each window's times to ``log``
+    (JSON lines)."""
     import json as _json
 
-    from skipray.batch.actor import Generator
+    from skipray.batch.actor import SkipDecodeEngineStage
 
-    class TimedGenerator(Generator):
+    class TimedEngineStage(SkipDecodeEngineStage):
         def __init__(self, spec) -> None:
             t = time.time()
             super().__init__(spec)
@@ -85,7 +86,7 @@ def timed_generator(log: Path):
                 f.write(_json.dumps({"ev": "window", "start": t, "end": time.time(), "tokens": tokens}) + "\n")
             return out
 
-    return TimedGenerator
+    return TimedEngineStage
 
 
 def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
@@ -95,8 +96,8 @@ def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
 
     out = Path(tempfile.mkdtemp(prefix="skipray-bench-"))
     log = out / "timeline.jsonl"
-    plain = batch_actor.Generator
-    batch_actor.Generator = timed_generator(log)  # the processor looks the class up at call time
+    plain = batch_actor.SkipDecodeEngineStage
+    batch_actor.SkipDecodeEngineStage = timed_engine_stage(log)  # the processor looks the class up at call time
     try:
         cfg = batch.JobConfig(
             model=args.model,
@@ -128,7 +129,7 @@ def job(inp: Path, schedule, max_positions: int, args, bucket: bool) -> dict:
             "steady_tokens_per_s": round(steady, 1) if steady else None,
         }
     finally:
-        batch_actor.Generator = plain
+        batch_actor.SkipDecodeEngineStage = plain
         shutil.rmtree(out, ignore_errors=True)
 
 

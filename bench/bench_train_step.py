@@ -11,6 +11,7 @@ Prints a table and writes bench/results/train_step.json. Run it on an otherwise 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -47,9 +48,8 @@ def main() -> None:
     def run(mode: str) -> float:
         times = []
         for b in step_batches:
-            b = dict(b)
             if mode == "live teacher":
-                b.pop("teacher_ids"), b.pop("teacher_logprobs")
+                b = dataclasses.replace(b, teacher_ids=None, teacher_logprobs=None)
             t0 = time.perf_counter()
             loss, _ = T.skip_loss(
                 model, teacher, b, sched, 1.0, 0.0, cached_prompt=mode == "cached teacher + cached prompt"
@@ -61,7 +61,7 @@ def main() -> None:
         return sum(times[1:]) / len(times[1:])  # the first step warms up
 
     rows = {m: run(m) for m in ("live teacher", "cached teacher", "cached teacher + cached prompt")}
-    tokens = sum(int(b["real"].sum()) for b in step_batches[1:]) / args.steps
+    tokens = sum(int(b.real.sum()) for b in step_batches[1:]) / args.steps
     print(f"| training step ({args.batch_size} sequences, ~{tokens:.0f} tokens) | s/step | vs live teacher |")
     print("|---|---:|---:|")
     for m, s in rows.items():

@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     from skipray.serve import cli as serve_cli
-    from skipray.training import calibrate, distill_data, evaluate, train
+    from skipray.training import calibrate, distill_data, evaluate, train_cli
 
-    for module in (train, distill_data, calibrate, evaluate, serve_cli):  # subcommands register themselves
+    for module in (train_cli, distill_data, calibrate, evaluate, serve_cli):  # subcommands register themselves
         module.register(sub)
     return parser
 

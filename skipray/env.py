@@ -8,11 +8,9 @@ engine in-process; it must run before torch's first tensor allocation, as torch 
 
 * ``HF_HUB_OFFLINE=1``: models come from local files and the skipray cache, never from the Hub.
 * ``THP_MEM_ALLOC_ENABLE=1``: PyTorch's CPU allocator (pytorch#115990, torch >= 2.2) puts buffers of
-  2 MiB and more in transparent huge pages (``madvise``; a kernel set to ``never`` ignores it). A batch-1
-  decode step streams every weight once, 538 MB in fp32 for the default model: 131k pages of 4 KiB and
-  as many TLB misses, against 269 huge pages. One step's prepacked matmuls, back to back, took 16.5 ms
-  instead of 17.7 ms, and a full-depth step 22.8 instead of 23.5 ms (``bench/bench_engine.py``). The cost:
-  buffers are rounded up to 2 MiB.
+  2 MiB and more in transparent huge pages (``madvise``; a kernel set to ``never`` ignores it). A
+  batch-1 decode step streams every weight once, so huge pages take most of its TLB misses away
+  (measured in docs/benchmarks/performance.md). The cost: buffers are rounded up to 2 MiB.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ Contract:
 * ``kv_cache_bytes(shape, batch, length, dtype_bytes)`` is exactly the size of the two buffers of
   ``skipray.core.cache.KVCache`` (``2 * layers * kv_heads * head_dim * bytes * batch * length``). Skipping
   does not shrink it: the cache is preallocated for every layer. ``weights_bytes`` is params * bytes.
-* ``sizing_table(...)`` renders a markdown table; ``python -m skipray.resources`` prints it.
+* ``sizing_table(...)`` renders a markdown table; ``python -m skipray.resources`` prints it, and with
+  ``--gpu-gib`` the largest batch per length and, from ``skipray.core.memory``, the KV cache per row and
+  the largest batch under the ~2x / ~3x skip schedules (``skip_memory_tables``).
 * ``check_schedulable(demand, what, ...)`` (driver, Ray initialised) fails fast, with
   ``Unschedulable`` naming the resource, when no node of the cluster can hold one ``demand`` bundle
   (``{"CPU": c, "GPU": g}``: one actor) and the cluster cannot grow one: nothing fits and
@@ -32,6 +34,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from skipray.core.memory import format_report, memory_report, preset_schedules
 
 GPUS_PER_ACTOR: float = 1.0  # one batch-inference actor owns one GPU (the default model needs < 2 GiB)
 GPUS_PER_REPLICA: float = 1.0  # one Serve replica owns one GPU
@@ -347,8 +351,6 @@ def skip_memory_tables(
     """Per shape and length (prompt + ``new_tokens``): KV cache per row and the largest batch in ``gpu_gib``
     at full depth and under the benchmark's ~2x / ~3x schedules, where each layer's cache holds only what
     the schedule can fill (``skipray.core.memory``). Lengths not above ``new_tokens`` are skipped."""
-    from skipray.core.memory import format_report, memory_report, preset_schedules
-
     out = []
     for s in shapes:
         for n in lengths:

@@ -280,15 +280,15 @@ def test_resume_skips_done_ids_and_redoes_partial_files(ray_local, tmp_path, tin
     assert (s3.rows, s3.skipped) == (0, 20)
 
 
-def generator_processes() -> dict[int, str]:
-    """pid -> process title of this machine's Ray actors that run the generating actor (``batch_actor.Generator``;
-    Ray titles a worker ``ray::<actor class>[.<method running>]``)."""
+def engine_stage_processes() -> dict[int, str]:
+    """pid -> process title of this machine's Ray actors that run the generating actor
+    (``skipray.batch.actor.SkipDecodeEngineStage``; Ray titles a worker ``ray::<actor class>[.<method running>]``)."""
     import psutil
 
     out = {}
     for p in psutil.process_iter(["pid", "cmdline"]):
         title = " ".join(p.info["cmdline"] or [])
-        if title.startswith("ray::") and "Generator" in title:
+        if title.startswith("ray::") and "SkipDecodeEngineStage" in title:
             out[p.info["pid"]] = title
     return out
 
@@ -307,7 +307,7 @@ def test_actor_killed_mid_job_is_replaced(ray_local, tmp_path, tiny_dir):
 
     def kill_the_first_busy_actor() -> None:
         while not done.is_set():
-            procs = generator_processes()
+            procs = engine_stage_processes()
             seen.update(procs)
             # busy: running a method (".submit"), not still constructing (".__init__") or idle
             busy = [

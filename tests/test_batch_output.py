@@ -388,12 +388,12 @@ def test_a_changed_input_is_detected_before_its_rows_are_read(tmp_path, tiny_dir
 
 # -- engine faults -----------------------------------------------------------------------------------------
 def test_engine_faults_retry_on_a_fresh_engine_then_become_engine_rows(tiny_dir):
-    from skipray.batch.actor import ActorSpec, Generator, fault_kind
+    from skipray.batch.actor import ActorSpec, SkipDecodeEngineStage, fault_kind
 
     assert fault_kind(ValueError("x")) == "input" and fault_kind(RuntimeError("CUDA error")) == "engine"
     assert fault_kind(FloatingPointError("nan")) == "engine"
     spec = ActorSpec(model=str(tiny_dir), schedule=config(tiny_dir).schedule, batch_size=2, threads=1, engine_retries=2)
-    gen = Generator(spec)
+    gen = SkipDecodeEngineStage(spec)
     model, real = gen.m.model, gen.m.model.embed
     calls = {"fail": 0}
 

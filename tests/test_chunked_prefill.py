@@ -1,6 +1,6 @@
 """Chunked prefill in the Engine: the same greedy tokens as unchunked prefill, one shared pass
 per iteration within the token budget, decode rows stepping while a long prompt is chunked, faults
-that stay with their request; and the continuous engine's cache sized for a schedule."""
+that stay with their request; and the engine's cache sized for a schedule."""
 
 from __future__ import annotations
 

@@ -147,10 +147,10 @@ def test_fast_loop_follows_peft_merge_replaced_layers_and_adapters_and_cleared_p
     name = q.active_adapters[0]
     q.lora_B[name] = torch.nn.Linear(q.lora_B[name].in_features, q.lora_B[name].out_features, bias=False)
     check(True)  # a replaced adapter module
-    nbytes = model.linear.nbytes
-    model.linear.clear()
+    nbytes = model.packed_linears.nbytes
+    model.packed_linears.clear()
     check(True)
-    assert 0 < model.linear.nbytes <= nbytes  # repacked once (without the replaced layer's), not held twice
+    assert 0 < model.packed_linears.nbytes <= nbytes  # repacked once (without the replaced layer's), not held twice
 
 
 def test_a_failing_onednn_product_in_the_fast_loop_falls_back_to_the_generic_loop(monkeypatch):
@@ -164,6 +164,6 @@ def test_a_failing_onednn_product_in_the_fast_loop_falls_back_to_the_generic_loo
 
     monkeypatch.setattr(fastpath.PackedLinears, "apply", staticmethod(refuse))
     got, seen = passes(model, adapter=False)
-    assert seen[0] is not None and not model.linear.enabled and not model.linear.nbytes
+    assert seen[0] is not None and not model.packed_linears.enabled and not model.packed_linears.nbytes
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)

@@ -102,7 +102,7 @@ def test_no_cpu_only_packs_on_the_device_and_the_cache_matches_the_sizing():
     _, dev = on_both(hf)
     eng = Engine(dev, max_batch=3, max_len=17)
     eng.generate(PROMPTS[:3], SamplingParams(max_tokens=4))
-    packs = getattr(dev.linear, "_packs", {})
+    packs = getattr(dev.packed_linears, "_packs", {})
     if DEVICE == "cuda":
         assert not packs, "oneDNN packs are CPU-only: a CUDA model must run its linears as modules"
     assert all(t.device.type == torch.device(DEVICE).type for t in eng.cache.k + eng.cache.v)

@@ -80,10 +80,10 @@ def test_engine_with_and_without_packing_agree():
     a = Engine(packed, sched, max_batch=2, max_len=64).generate(prompts, params)
     b = Engine(plain, sched, max_batch=2, max_len=64).generate(prompts, params)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
-    assert not plain.linear._packs
+    assert not plain.packed_linears._packs
     if onednn_available():
         # per layer one pack each for o and down, one fused pack each for q/k/v and gate/up; and the lm_head
-        assert len(packed.linear._packs) == 6 * 2 + 1 and len(packed.linear._fused) == 6 * 2
+        assert len(packed.packed_linears._packs) == 6 * 2 + 1 and len(packed.packed_linears._fused) == 6 * 2
 
 
 @needs_onednn

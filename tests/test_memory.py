@@ -1,10 +1,10 @@
 """skipray.core.memory: per-layer cache lengths for a schedule, bytes per row equal to the engine's cache,
-the report and its command line."""
+the report and its command line (``python -m skipray.resources --gpu-gib G``)."""
 
 from __future__ import annotations
 
 from skipray.core.cache import KVCache
-from skipray.core.memory import cache_bytes_per_row, largest_batch, layer_slots, main, memory_report, preset_schedules
+from skipray.core.memory import cache_bytes_per_row, largest_batch, layer_slots, memory_report, preset_schedules
 from skipray.core.schedule import SkipSchedule
 
 
@@ -36,9 +36,12 @@ def test_bytes_per_row_is_the_cache_and_the_report():
 
 
 def test_memory_command_line(capsys):
-    assert main(["--prompt-len", "128", "--new-tokens", "64", "--budget-gib", "24"]) == 0
+    """The report's command line is the sizing tool's: prompt 128 + 64 new tokens in a 24 GiB budget."""
+    from skipray.resources import main
+
+    assert main(["--model", "smollm2-135m", "--length", "192", "--new-tokens", "64", "--gpu-gib", "24"]) == 0
     out = capsys.readouterr().out
-    assert "~2x" in out and "~3x" in out and "max batch in 24 GiB" in out
+    assert "~2x" in out and "~3x" in out and "max batch in 24 GiB" in out and "prompt 128 + 64 new tokens" in out
 
 
 def test_resources_cli_reports_cache_per_row_and_batch_under_skip_schedules(capsys):

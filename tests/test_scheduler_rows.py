@@ -10,7 +10,7 @@ import pytest
 
 from skipray.core.requests import QueueFull, SamplingParams
 from skipray.core.schedule import SkipSchedule
-from skipray.core.scheduler import Request, Scheduler
+from skipray.core.scheduler import Request, RowMoves, Scheduler
 
 A = SkipSchedule(8, max_layers=8, min_layers=3, decay_tokens=6, warmup_layers=1)
 B = SkipSchedule(8, max_layers=7, min_layers=2, decay_tokens=4, warmup_layers=1, drop_order=[5, 2, 6, 3, 4, 1])
@@ -26,11 +26,10 @@ class Rows:
     def __init__(self, s: Scheduler) -> None:
         self.s, self.rows = s, {}
 
-    def apply(self, moves_upto) -> None:
-        moves, _ = moves_upto
+    def apply(self, row_moves: RowMoves) -> None:
         old = dict(self.rows)
-        for src, dst in moves:
-            self.rows[dst] = old[src]
+        for m in row_moves.moves:
+            self.rows[m.dst] = old[m.src]
 
     def check(self) -> None:
         for i, r in enumerate(self.s.live + self.s.prefilling):

@@ -162,7 +162,7 @@ def test_engine_logprobs_are_the_step_log_softmax():
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
 def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
     """Training runs the prompt once without gradients, then the answer: same logits, same gradients."""
-    from skipray.training.data import collate
+    from skipray.training.data import Example, collate
     from skipray.training.train import answer_logits
 
     hf = make()
@@ -172,13 +172,13 @@ def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
     sched = SkipSchedule(L, L - 1, 2, decay_tokens=5, drop_order=shuffled_order(L))
     batch = collate(
         [
-            ([5, 6, 7, 8], [20, 21, 22, 23, 24, 25, 26]),
-            ([9, 10], [30, 31, 32]),
-            ([3, 4, 5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48]),
+            Example([5, 6, 7, 8], [20, 21, 22, 23, 24, 25, 26]),
+            Example([9, 10], [30, 31, 32]),
+            Example([3, 4, 5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48]),
         ],
         pad_id=0,
     )
-    tokens, real, pos, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
+    tokens, real, pos, P = batch.tokens, batch.real, batch.positions, batch.prompt_len
     T = tokens.shape[1]
     whole = forward(
         model,
@@ -192,7 +192,7 @@ def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
         ),
     )
     split = answer_logits(model, batch, sched)
-    mask = batch["loss_mask"][:, P - 1 :]
+    mask = batch.loss_mask[:, P - 1 :]
     torch.testing.assert_close(split[mask], whole[mask].float(), atol=1e-4, rtol=1e-4)
     lora = [p for n, p in hf.named_parameters() if "lora_" in n]
     g_whole = torch.autograd.grad(whole[mask].float().square().sum(), lora, allow_unused=True)
@@ -213,7 +213,7 @@ def test_merged_inference_weights_follow_adapter_updates():
     sched = SkipSchedule(L, L - 1, 2, decay_tokens=4, drop_order=shuffled_order(L))
     engine = Engine(model, sched, max_batch=4, max_len=64)
     before = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
-    assert model.lora.merges  # the merged path ran
+    assert model.adapter_linears.merges  # the merged path ran
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -256,14 +256,14 @@ def test_inference_linears_follow_peft_flags_and_replaced_adapter_weights():
         return [m(x) for m in mods]  # peft's own forward: base plus LoRA where enabled
 
     with torch.no_grad():
-        for got, want in zip(model.lin(mods, x, every), expected()):
+        for got, want in zip(model.adapter_linears(mods, x, every), expected()):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         with peft_model.disable_adapter():
-            for got, m in zip(model.lin(mods, x, every), mods):
+            for got, m in zip(model.adapter_linears(mods, x, every), mods):
                 torch.testing.assert_close(got, m.base_layer(x), atol=1e-5, rtol=1e-5)
         name = mods[0].active_adapters[0]
         mods[0].lora_B[name].weight = torch.nn.Parameter(torch.randn_like(mods[0].lora_B[name].weight))
-        for got, want in zip(model.lin(mods, x, every), expected()):
+        for got, want in zip(model.adapter_linears(mods, x, every), expected()):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from skipray.training.data import collate, load_examples
+from skipray.training.data import Example, collate, load_examples
 from skipray.training.train import TrainConfig, train
 
 SCHED = {"max_layers": 5, "min_layers": 3, "decay_tokens": 8, "warmup_layers": 1, "shape": "linear"}
@@ -76,11 +76,21 @@ def losses(out):
 
 
 def test_collate_layout():
-    b = collate([([5, 6, 7], [8, 9]), ([1], [2, 3, 4])], pad_id=0)
-    assert b["prompt_len"] == 3
-    assert b["tokens"].tolist() == [[5, 6, 7, 8, 9, 0], [0, 0, 1, 2, 3, 4]]
-    assert b["loss_mask"].tolist() == [[False, False, True, True, False], [False, False, True, True, True]]
-    assert b["positions"][1].tolist()[2:] == [0, 1, 2, 3]
+    b = collate([Example([5, 6, 7], [8, 9]), Example([1], [2, 3, 4])], pad_id=0)
+    assert b.prompt_len == 3
+    assert b.tokens.tolist() == [[5, 6, 7, 8, 9, 0], [0, 0, 1, 2, 3, 4]]
+    assert b.loss_mask.tolist() == [[False, False, True, True, False], [False, False, True, True, True]]
+    assert b.positions[1].tolist()[2:] == [0, 1, 2, 3]
+    assert b.teacher_ids is None and b.teacher_logprobs is None
+    top = collate(
+        [
+            Example([5], [8, 9], [[8, 1], [9, 2]], [[-0.5, -3.0], [-0.25, -2.0]]),
+            Example([1], [2], [[2, 7]], [[-0.5, -1.0]]),
+        ],
+        pad_id=0,
+    )
+    assert top.teacher_ids.tolist() == [[[8, 1], [9, 2]], [[2, 7], [0, 0]]]  # (B, R, k); padding: no mass
+    assert top.teacher_logprobs[0, 1].tolist() == [-0.25, -2.0] and top.teacher_logprobs[1, 1, 0] == -1e4
 
 
 def test_lora_distillation_lowers_loss_and_roundtrips(
@@ -144,10 +154,10 @@ def test_text_and_prompt_response_formats(tmp_path, tiny_model_dir):
     p1 = tmp_path / "a.parquet"
     pq.write_table(pa.table({"prompt": ["Hi there", "What is 2+2?"], "response": ["Hello!", "4"]}), p1)
     ex = load_examples(str(p1), tok)
-    assert len(ex) == 2 and ex[1][1] == tok("4", add_special_tokens=False)["input_ids"]
+    assert len(ex) == 2 and ex[1].response_ids == tok("4", add_special_tokens=False)["input_ids"]
     p2 = tmp_path / "b.parquet"
     pq.write_table(pa.table({"text": ["one two three four"]}), p2)
-    assert len(load_examples(str(p2), tok)[0][1]) >= 3
+    assert len(load_examples(str(p2), tok)[0].response_ids) >= 3
     p3 = tmp_path / "c.parquet"
     pq.write_table(pa.table({"foo": [1]}), p3)
     with pytest.raises(ValueError, match="columns"):
@@ -165,3 +175,18 @@ def test_init_adapter_warm_starts_from_saved_weights(tmp_path, data_path, tiny_m
     named = {n.replace(".default", ""): p for n, p in model.peft.named_parameters() if "lora_" in n}
     assert saved and all(torch.equal(named[k], v) for k, v in saved.items())
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # not the zero init
+
+
+def test_train_command_line_builds_the_config():
+    """`skipray train` is ``skipray.training.train_cli``: flags -> ``TrainConfig``, schedule flags required."""
+    from skipray.cli import build_parser
+    from skipray.training.train_cli import cmd_train, config_from_args
+
+    args = build_parser().parse_args(
+        ["train", "--data", "d.parquet", "--out", "o", "--max-layers", "20", "--min-layers", "8", "--steps", "3"]
+    )
+    assert args.func is cmd_train
+    cfg = config_from_args(args)
+    assert cfg.steps == 3 and cfg.schedule == {"max_layers": 20, "min_layers": 8, "decay_tokens": 64}
+    with pytest.raises(ValueError, match="--max-layers"):
+        config_from_args(build_parser().parse_args(["train", "--data", "d", "--out", "o"]))

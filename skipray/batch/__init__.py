@@ -6,9 +6,9 @@ actors that need it). Modules, in the order a row meets them:
 * ``rows``: Ray Data LLM's ``SkipDecodeProcessorConfig``; a row (``prompt`` or ``messages``, optional
   ``sampling_params`` / ``skip``) becomes token ids and its request, or a typed error row;
 * ``processor``: ``build_processor(config, preprocess=, postprocess=)`` -> a ``Dataset -> Dataset``
-  callable (tokenize tasks, then the ``Generator`` actor pool);
-* ``actor``: the ``Generator`` actor: one engine and KV cache per actor, fed a window at a time with
-  continuous batching (a finished row's cache row takes the window's next prompt);
+  callable (tokenize tasks, then the ``SkipDecodeEngineStage`` actor pool);
+* ``actor``: the ``SkipDecodeEngineStage`` actor: one engine and KV cache per actor, fed a window at a
+  time with continuous batching (a finished row's cache row takes the window's next prompt);
 * ``files`` (input checks, filesystems, the summary), ``paths`` (globs, overlap), ``output`` (what the job
   owns in its output: manifest, recovery without deletion), ``lock`` (one job per output) and ``resume``
   (skip work a re-run already did);
@@ -18,7 +18,7 @@ actors that need it). Modules, in the order a row meets them:
 The names below are the public API, re-exported here.
 """
 
-from skipray.batch.actor import Generator, admission_order
+from skipray.batch.actor import SkipDecodeEngineStage, admission_order
 from skipray.batch.files import InputCheck, InputError, Summary, check_input, filesystem_for, summarize
 from skipray.batch.job import (
     JobConfig,
@@ -37,7 +37,7 @@ from skipray.batch.resume import OUTPUT_COLUMNS, SOURCE_COLUMNS
 from skipray.batch.rows import TOKENS, SkipDecodeProcessorConfig, prepare_rows
 
 __all__ = [
-    "Generator",
+    "SkipDecodeEngineStage",
     "admission_order",
     "InputCheck",
     "InputError",

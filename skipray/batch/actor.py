@@ -1,8 +1,8 @@
 """The generating actor of the skip-decoding processor (a Ray Data callable class; no Ray import here).
 
-Contract: ``Generator(spec)`` loads the model once and builds one ``Engine`` of ``batch_size`` rows (its
-KV cache reused across calls). ``__call__(block)`` takes one window of rows from
-``batch_rows.prepare_rows`` and returns it with ``generated_text``, ``generated_tokens``,
+Contract: ``SkipDecodeEngineStage(spec)`` loads the model once and builds one ``Engine`` of ``batch_size``
+rows (its KV cache reused across calls). ``__call__(block)`` takes one window of rows from
+``skipray.batch.rows.prepare_rows`` and returns it with ``generated_text``, ``generated_tokens``,
 ``num_generated_tokens``, ``avg_layers`` and ``finish_reason`` added and the internal columns dropped.
 The window's good rows go into the engine together (continuous batching): each with its own sampling
 params, seed and schedule (a row's ``skip`` flags, else the config's), admitted shortest prompt first
@@ -57,7 +57,7 @@ def admission_order(lengths: list[int], bucket: bool) -> list[int]:
     return sorted(range(len(lengths)), key=lengths.__getitem__) if bucket else list(range(len(lengths)))
 
 
-class Generator:
+class SkipDecodeEngineStage:
     """One model and one ``Engine`` per actor, built once; ``__call__`` generates for one window."""
 
     def __init__(self, spec: ActorSpec) -> None:

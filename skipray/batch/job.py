@@ -12,7 +12,7 @@ Contract:
   per input row group (``skipray.batch.resume``), and builds the processor. ``execute`` streams:
   ``from_items(units)`` -> ``read_units`` (a task per row group: its pending rows, with
   ``source_file`` / ``source_row`` and the id checks) -> ``processor.generate`` (tokenize, the
-  ``Generator`` actors) -> the job's column order -> ``write_parquet``.
+  ``SkipDecodeEngineStage`` actors) -> the job's column order -> ``write_parquet``.
 * Output columns: ``id, prompt, generated_text, num_prompt_tokens, num_generated_tokens, avg_layers,
   finish_reason, error`` first (the layout of earlier versions, so their outputs still resume), then the
   input's other columns (a clashing one renamed ``input_<name>``, uniquely), ``num_input_tokens``,
@@ -171,7 +171,7 @@ class Plan:
     out_fs: Any
     out_path: str
     check: InputCheck
-    units: list[dict]  # input row groups with rows left (batch_resume.plan_units)
+    units: list[dict]  # input row groups with rows left (skipray.batch.resume.plan_units)
     before: list[str]  # the job's own output files present before this run
     pending: int
     processor: SkipDecodeProcessor | None = None

@@ -88,7 +88,9 @@ def overlap(input_path: str, output_path: str, probe_name: str = "skipray-probe.
     if in_s3:
         inp, out = input_path[len("s3://") :].rstrip("/"), output_path[len("s3://") :].rstrip("/")
     else:  # absolute first: a relative glob's fixed base would otherwise read as the root
-        inp, out = (os.path.abspath(os.path.expanduser(split_scheme(p)[1])) for p in (input_path, output_path))
+        inp, out = (
+            os.path.abspath(os.path.expanduser(path)) for _, path in map(split_scheme, (input_path, output_path))
+        )
     out_segs = _segments(out, not in_s3)
     if has_magic(inp):
         base_segs = _segments(glob_base(inp), not in_s3)

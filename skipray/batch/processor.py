@@ -5,13 +5,13 @@ lazy like any Ray Data transform. ``processor(ds)`` runs
 
     preprocess (``ds.map``; its dict is merged into the row) ->
     ``repartition(target_num_rows_per_block=window)`` (streaming, no shuffle) ->
-    ``batch_rows.prepare_rows`` (a task per block: tokenize, per-row params and seeds, bad rows) ->
-    ``batch_actor.Generator`` (``map_batches`` on an ``ActorPoolStrategy`` of ``concurrency`` actors, one
-    engine each, one window of ``batch_size * bucket_window`` rows per call) ->
+    ``skipray.batch.rows.prepare_rows`` (a task per block: tokenize, per-row params and seeds, bad rows) ->
+    ``skipray.batch.actor.SkipDecodeEngineStage`` (``map_batches`` on an ``ActorPoolStrategy`` of
+    ``concurrency`` actors, one engine each, one window of ``batch_size * bucket_window`` rows per call) ->
     postprocess (``ds.map``; its dict is the output row).
 
 Without a postprocess the output rows are the input rows (columns that clash with the output names
-renamed ``input_<name>``, see ``batch_rows``) plus ``num_input_tokens``, ``generated_text``,
+renamed ``input_<name>``, see ``skipray.batch.rows``) plus ``num_input_tokens``, ``generated_text``,
 ``generated_tokens``, ``num_generated_tokens``, ``avg_layers``, ``finish_reason``, ``error`` (null
 unless the row could not be generated) and ``error_kind`` ("input": the row's own input; "engine": a
 failure of the engine that outlasted ``engine_retries``). The postprocess sees every row, error rows too.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skipray.batch import actor as batch_actor
+from skipray.batch import actor
 from skipray.batch.actor import ActorSpec
 from skipray.batch.rows import RowContext, ShippedTokenizer, SkipDecodeProcessorConfig, prepare_rows
 
@@ -142,7 +142,7 @@ class SkipDecodeProcessor:
             bucket=config.bucket_window > 1,
             max_len=min(context, 256 + max_tokens),
             threads=config.torch_threads,
-            max_actors=config.pool[1],
+            max_actors=config.pool.max_actors,
             device=config.device,
             engine_retries=config.engine_retries,
         )
@@ -166,7 +166,6 @@ class SkipDecodeProcessor:
         ds = ds.map_batches(
             prepare_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5, fn_kwargs={"ctx": self.row_context}
         )
-        lo, hi = cfg.pool
         # an actor that crashes on a window (a device error that kills the process) is restarted and the window
         # retried engine_retries times; then the job fails, and rows not written are left for a re-run
         remote: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_actor, "max_task_retries": cfg.engine_retries}
@@ -176,11 +175,11 @@ class SkipDecodeProcessor:
             remote["accelerator_type"] = cfg.accelerator_type
         # looked up at call time, so a subclass set on the module (bench/bench_batch.py's timing) is used
         return ds.map_batches(
-            batch_actor.Generator,
+            actor.SkipDecodeEngineStage,
             fn_constructor_kwargs={"spec": spec},
             batch_format="pyarrow",
             batch_size=cfg.window,
-            compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+            compute=ActorPoolStrategy(min_size=cfg.pool.min_actors, max_size=cfg.pool.max_actors),
             **remote,
         )
 

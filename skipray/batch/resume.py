@@ -14,10 +14,10 @@ Contract:
   row from the same ``source_file`` and ``source_row`` (outputs written before those columns existed
   resume by id only).
 * ``read_units(units, ...)`` is the job's read step (a Ray Data task per unit): it reads the row
-  group, casts it to the input's one schema (``batch_files.unify_schemas``), drops done rows, adds
+  group, casts it to the input's one schema (``skipray.batch.files.unify_schemas``), drops done rows, adds
   ``source_file`` / ``source_row``, renames input columns that clash with the job's output columns
-  (``batch_rows.unique_renames``), names the prompt and id columns ``prompt`` and ``id``, and sets
-  ``batch_rows.PRE_ERROR`` on rows whose id is null or occurs more than once.
+  (``skipray.batch.rows.unique_renames``), names the prompt and id columns ``prompt`` and ``id``, and sets
+  ``skipray.batch.rows.PRE_ERROR`` on rows whose id is null or occurs more than once.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def _check_identity(fs, u: dict) -> None:
 
 
 def read_units(units: pa.Table, fs, schema: pa.Schema, prompt_column: str, id_column: str) -> pa.Table:
-    """The pending rows of ``units`` (rows of ``plan_units``), ready for ``batch_rows.prepare_rows``.
+    """The pending rows of ``units`` (rows of ``plan_units``), ready for ``skipray.batch.rows.prepare_rows``.
     Raises ``InputChanged`` when a file is not the one planned (checked before and after reading)."""
     import pyarrow.parquet as pq
 

@@ -33,7 +33,7 @@ import hashlib
 import json
 import pickle
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -56,6 +56,13 @@ TOKENS = "__skipray_token_ids"  # internal: the prompt's token ids
 PARAMS = "__skipray_params"  # internal: the row's resolved sampling params and schedule flags
 PRE_ERROR = "__skipray_error"  # internal: an error found before tokenizing (the file job's id checks)
 INTERNAL_COLUMNS = (TOKENS, PARAMS, PRE_ERROR)
+
+
+class ActorPool(NamedTuple):
+    """How many generating actors a processor runs: between ``min_actors`` and ``max_actors`` (autoscaling)."""
+
+    min_actors: int
+    max_actors: int
 
 
 class SkipDecodeProcessorConfig(BaseModel):
@@ -124,10 +131,10 @@ class SkipDecodeProcessorConfig(BaseModel):
         return v
 
     @property
-    def pool(self) -> tuple[int, int]:
-        """``(min, max)`` actors."""
+    def pool(self) -> ActorPool:
+        """The actor pool's size: ``(min, max)`` actors."""
         c = self.concurrency
-        return (c, c) if isinstance(c, int) else tuple(c)
+        return ActorPool(c, c) if isinstance(c, int) else ActorPool(*c)
 
     @property
     def window(self) -> int:

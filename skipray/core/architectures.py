@@ -5,10 +5,10 @@ the pieces of one decoder pass, each calling the Hugging Face module's own submo
 ``save_pretrained`` keep working): ``embed(tokens, positions)``, ``rope(h, positions)`` (``(cos, sin)``
 or ``None``), ``attn_norm``, ``qkv`` (q, k, v as ``(b, heads, t, head_dim)`` and the attention scale),
 ``attn_out``, ``mlp`` and ``final`` (the norm before the lm_head); and the attention shape
-(``num_heads``, ``kv_heads``, ``head_dim``). Linear layers go through the ``lin`` the model passes in
-(``SkipModel.lin``: a tuple of modules that read the same input -> their outputs, run as one matmul
-where it can; packed kernels, the skip adapter where ``adapter`` marks). Adding a family means one class
-here and one ``FAMILIES`` entry.
+(``num_heads``, ``kv_heads``, ``head_dim``). Linear layers go through the ``linears`` the model passes in
+(``SkipModel.adapter_linears``: a tuple of modules that read the same input -> their outputs, run as one
+matmul where it can; packed kernels, the skip adapter where ``adapter`` marks). Adding a family means one
+class here and one ``FAMILIES`` entry.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Lin = Callable[[tuple[nn.Module, ...], torch.Tensor, "torch.Tensor | None"], list[torch.Tensor]]  # SkipModel.lin
+# SkipModel.adapter_linears: (modules that read one input, the input, the adapter mask) -> their outputs
+Linears = Callable[[tuple[nn.Module, ...], torch.Tensor, "torch.Tensor | None"], list[torch.Tensor]]
 
 
 HF_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -62,9 +63,6 @@ class LlamaFamily:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.qk_norm = hasattr(hf.model.layers[0].self_attn, "q_norm")  # Qwen3
         self.silu = getattr(cfg, "hidden_act", None) == "silu"  # F.silu, not the module (a call's overhead per layer)
-        self.sliding_window = None  # reported, not applied: see README limitations
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            self.sliding_window = cfg.sliding_window
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.body.embed_tokens(tokens)
@@ -76,22 +74,26 @@ class LlamaFamily:
     def attn_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(layer.input_layernorm, x)
 
-    def qkv(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None):
+    def qkv(self, layer: nn.Module, x: torch.Tensor, linears: Linears, adapter: torch.Tensor | None):
         """Normed input ``(b, t, d)`` -> q, k, v as ``(b, heads, t, head_dim)`` and the attention scale."""
         attn, (b, t, _) = layer.self_attn, x.shape
-        q, k, v = (y.view(b, t, -1, self.head_dim) for y in lin((attn.q_proj, attn.k_proj, attn.v_proj), x, adapter))
+        q, k, v = (
+            y.view(b, t, -1, self.head_dim) for y in linears((attn.q_proj, attn.k_proj, attn.v_proj), x, adapter)
+        )
         v = v.transpose(1, 2)
         if self.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2), v, attn.scaling
 
-    def attn_out(self, layer: nn.Module, o: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
-        return lin((layer.self_attn.o_proj,), o, adapter)[0]
+    def attn_out(
+        self, layer: nn.Module, o: torch.Tensor, linears: Linears, adapter: torch.Tensor | None
+    ) -> torch.Tensor:
+        return linears((layer.self_attn.o_proj,), o, adapter)[0]
 
-    def mlp(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
+    def mlp(self, layer: nn.Module, x: torch.Tensor, linears: Linears, adapter: torch.Tensor | None) -> torch.Tensor:
         mlp, x = layer.mlp, rms_norm(layer.post_attention_layernorm, x)
-        gate, up = lin((mlp.gate_proj, mlp.up_proj), x, adapter)
-        return lin((mlp.down_proj,), (F.silu(gate) if self.silu else mlp.act_fn(gate)) * up, adapter)[0]
+        gate, up = linears((mlp.gate_proj, mlp.up_proj), x, adapter)
+        return linears((mlp.down_proj,), (F.silu(gate) if self.silu else mlp.act_fn(gate)) * up, adapter)[0]
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm (the lm_head is the model's)."""
@@ -109,7 +111,6 @@ class OPTFamily:
         self.body = hf.model.decoder
         self.num_heads = self.kv_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.sliding_window = None
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.body.embed_tokens(tokens)
@@ -124,18 +125,22 @@ class OPTFamily:
     def attn_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer.self_attn_layer_norm(x)
 
-    def qkv(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None):
+    def qkv(self, layer: nn.Module, x: torch.Tensor, linears: Linears, adapter: torch.Tensor | None):
         attn, (b, t, _) = layer.self_attn, x.shape
-        q, k, v = (y.view(b, t, -1, self.head_dim) for y in lin((attn.q_proj, attn.k_proj, attn.v_proj), x, adapter))
+        q, k, v = (
+            y.view(b, t, -1, self.head_dim) for y in linears((attn.q_proj, attn.k_proj, attn.v_proj), x, adapter)
+        )
         v = v.transpose(1, 2)
         return (q * attn.scaling).transpose(1, 2), k.transpose(1, 2), v, 1.0
 
-    def attn_out(self, layer: nn.Module, o: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
-        return lin((layer.self_attn.out_proj,), o, adapter)[0]
+    def attn_out(
+        self, layer: nn.Module, o: torch.Tensor, linears: Linears, adapter: torch.Tensor | None
+    ) -> torch.Tensor:
+        return linears((layer.self_attn.out_proj,), o, adapter)[0]
 
-    def mlp(self, layer: nn.Module, x: torch.Tensor, lin: Lin, adapter: torch.Tensor | None) -> torch.Tensor:
-        h = lin((layer.fc1,), layer.final_layer_norm(x), adapter)[0]
-        return lin((layer.fc2,), layer.activation_fn(h), adapter)[0]
+    def mlp(self, layer: nn.Module, x: torch.Tensor, linears: Linears, adapter: torch.Tensor | None) -> torch.Tensor:
+        h = linears((layer.fc1,), layer.final_layer_norm(x), adapter)[0]
+        return linears((layer.fc2,), layer.activation_fn(h), adapter)[0]
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         if self.body.final_layer_norm is not None:

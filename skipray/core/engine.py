@@ -299,12 +299,12 @@ class Engine:
         return events
 
     def _retire(self, reqs: Sequence[Request]) -> None:
-        self.runner.move_rows(*self.scheduler.retire(reqs))
+        self.runner.move_rows(self.scheduler.retire(reqs))
 
     def _admit(self, admit: list[Request], events: list[Event]) -> None:
         """Place the newcomers in the row order, then one full-depth pass for all of them."""
         s = self.scheduler
-        self.runner.move_rows(*s.arrange(s.live + admit))
+        self.runner.move_rows(s.arrange(s.live + admit))
         row = {id(r): i for i, r in enumerate(s.live)}
         admit.sort(key=lambda r: row[id(r)])
         try:
@@ -371,15 +371,17 @@ class Engine:
         s = self.scheduler
         chunks, new = s.plan_chunks()
         if new:
-            self.runner.move_rows(*s.arrange(s.live, s.prefilling + new))
+            self.runner.move_rows(s.arrange(s.live, s.prefilling + new))
             self.runner.reset_rows(len(s.live) + len(s.prefilling) - len(new), len(new))
         segments, layers = [], []
         if s.live:
             seg, layers = self._decode_segment()
             segments.append(seg)
-        segments += [
-            self.runner.chunk_segment(r.prompt[a : a + n], s.row(r), a, a + n == len(r.prompt)) for r, a, n in chunks
-        ]
+        for c in chunks:
+            prompt, end = c.request.prompt, c.start + c.tokens
+            segments.append(
+                self.runner.chunk_segment(prompt[c.start : end], s.row(c.request), c.start, end == len(prompt))
+            )
         if not segments:
             return
         outs = self.runner.run_isolated(segments)
@@ -394,13 +396,14 @@ class Engine:
                 gone += self._emit(s.live, out[:, 0].float(), layers, events)
                 self.steps += 1
         ready, logits = [], []
-        for (req, start, n), out in zip(chunks, outs):
+        for chunk, out in zip(chunks, outs):
+            req = chunk.request
             if isinstance(out, BaseException):
                 logger.error("prefill chunk of request %s failed", req.request_id, exc_info=out)
                 events.append(Event(req.request_id, None, 0, "error", error=out))
                 gone.append(req)
                 continue
-            req.prefilled = start + n
+            req.prefilled = chunk.start + chunk.tokens
             if req.prefilled == len(req.prompt):
                 ready.append(req)
                 logits.append(out[:, 0].float())
@@ -408,7 +411,7 @@ class Engine:
             gone += self._emit(ready, torch.cat(logits), [self.model.num_layers] * len(ready), events)
         out_ids = {id(r) for r in gone}
         self.runner.move_rows(
-            *s.arrange(
+            s.arrange(
                 [r for r in s.live + ready if id(r) not in out_ids],
                 [r for r in s.prefilling if id(r) not in out_ids and r.prefilled < len(r.prompt)],
             )

@@ -8,7 +8,7 @@ there) of the same modules (``AdapterLinears.resolve``: base weights, or merged 
 every position uses the adapter), and attention through the caller's ``attend`` (the generic loop's
 ``_attend``: RoPE, cache write, mask, ``scaled_dot_product_attention``). So both loops give the same logits
 (tests compare them); this one is shorter per layer: one resolution per layer and pass, then a dozen tensor
-ops. On the default model it took a full-depth fp32 batch-1 step from 22.7 to 21.0 ms in A/B runs.
+ops (its gain is measured in docs/benchmarks/performance.md).
 
 A pass qualifies when it has a cache, one segment, no autograd, every running layer on all its rows and
 columns, an adapter mask that marks all positions or none, and a Llama-family model (Llama, SmolLM2,
@@ -20,13 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from skipray.core.architectures import LlamaFamily, rms_norm
-from skipray.core.kernels import PackedLinears, fresh, linked
+from skipray.core.kernels import Pack, Packed, PackedLinears, fresh, linked
+from skipray.core.lora import Dependencies
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]  # (layer, q, k, v, scale) -> o
 
@@ -37,13 +39,25 @@ class LayerKernels:
 
     index: int
     attn_norm: nn.Module
-    qkv: tuple
-    o: tuple
+    qkv: Packed
+    o: Packed
     mlp_norm: nn.Module
-    gate_up: tuple
-    down: tuple
+    gate_up: Packed
+    down: Packed
     heads: tuple[int, int, int]  # query heads, kv heads, head_dim
     scale: float
+
+
+class ResolvedLayer(NamedTuple):
+    """A layer's kernels as ``SkipModel.fast_layers`` holds them, with what they were resolved from
+    (``_still_valid`` checks it on every pass)."""
+
+    kernels: LayerKernels
+    dtype: torch.dtype  # of the pass they were resolved for
+    links: list[tuple]  # (parent._modules, name, child) of the layer and its submodules
+    entries: list[tuple[tuple[nn.Module, ...], Pack | Packed | None]]  # modules run -> PackedLinears' entry
+    stamps: list[list[tuple]]  # what each pack was made from
+    lora: Dependencies  # what the adapter resolution depends on
 
 
 def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels | None] | None:
@@ -53,7 +67,7 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
     fam = model.family
     if cache is None or len(segs) != 1 or torch.is_grad_enabled() or not isinstance(fam, LlamaFamily):
         return None
-    if fam.qk_norm or not fam.silu or not model.linear.enabled:
+    if fam.qk_norm or not fam.silu or not model.packed_linears.enabled:
         model.fast_layers.clear()  # packing off (or failed on this CPU): hold no packs
         return None
     s, st = segs[0], states[0]
@@ -61,7 +75,7 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     b, t = s.tokens.shape
-    use, every = model.lora.flags(st.adapter)
+    use, every = model.adapter_linears.flags(st.adapter)
     if use and not every:
         return None
     out: list[LayerKernels | None] = []
@@ -80,23 +94,22 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
             return None  # some rows or columns only: the generic loop
         key = (l, use)  # one entry per layer and adapter use: a dtype change replaces it
         hit = model.fast_layers.get(key)
-        if hit is None or hit[1] != x.dtype or not _still_valid(model, *hit[2:]):
+        if hit is None or hit.dtype != x.dtype or not _still_valid(model, hit):
             hit = _resolve_layer(model, l, use, x)
             if hit is None:
                 return None
             model.fast_layers[key] = hit
-        out.append(hit[0])
+        out.append(hit.kernels)
     return out
 
 
-def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> tuple | None:
-    """Layer ``l``'s kernels and what they depend on: (kernels, dtype, module links, pack entries, pack
-    stamps, LoRA dependencies)."""
+def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> ResolvedLayer | None:
+    """Layer ``l``'s kernels and what they depend on (``None``: a product cannot run packed)."""
     layer = model.layers[l]
     attn, mlp = layer.self_attn, layer.mlp
     groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
-    runs = [model.lora.resolve(g, use) for g in groups]
-    packs = [model.linear.packed(r, x) for r in runs]
+    runs = [model.adapter_linears.resolve(g, use) for g in groups]
+    packs = [model.packed_linears.packed(r, x) for r in runs]
     if any(p is None for p in packs):
         return None
     links = [(model.layers._modules, str(l), layer)] + [
@@ -108,7 +121,7 @@ def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> tuple | None:
         )
         for name in names
     ]
-    entries = [(r, model.linear.entry(r)) for r in runs]  # the packs are still PackedLinears' own
+    entries = [(r, model.packed_linears.entry(r)) for r in runs]  # the packs are still PackedLinears' own
     kernels = LayerKernels(
         l,
         layer.input_layernorm,
@@ -118,19 +131,20 @@ def _resolve_layer(model, l: int, use: bool, x: torch.Tensor) -> tuple | None:
         (model.num_heads, model.kv_heads, model.head_dim),
         attn.scaling,
     )
-    return kernels, x.dtype, links, entries, [p[0] for p in packs], model.lora.depends(list(groups), use)
+    lora = model.adapter_linears.depends(list(groups), use)
+    return ResolvedLayer(kernels, x.dtype, links, entries, [p.stamp for p in packs], lora)
 
 
-def _still_valid(model, links: list, entries: list, stamps: list, lora: tuple) -> bool:
+def _still_valid(model, r: ResolvedLayer) -> bool:
     """Whether a layer's kernels still hold: the same layer and submodules, packs that ``PackedLinears``
     still holds, made from the tensors the modules hold now, and the same peft flags and adapter tensors.
     A few plain reads per module, against a dozen ``nn.Module.__getattr__`` calls and checks to resolve
     anew."""
     return (
-        linked(links)
-        and all(model.linear.entry(r) is e for r, e in entries)
-        and all(fresh(s) for s in stamps)
-        and model.lora.fresh(*lora)
+        linked(r.links)
+        and all(model.packed_linears.entry(run) is e for run, e in r.entries)
+        and all(fresh(s) for s in r.stamps)
+        and model.adapter_linears.fresh(r.lora)
     )
 
 

@@ -10,16 +10,16 @@ that is trained and then decoded never reads a stale pack. Writes through ``.dat
 after them call ``forget(module)`` or ``clear()`` (``AdapterLinears`` does when peft merges or
 unmerges). Results equal ``F.linear``'s up to summation order (about 1e-6 relative in fp32).
 
-Why: on this project's CPU (AVX-512, one thread) ``F.linear`` in fp32 runs MKL's sgemm, and the
-prepacked oneDNN kernel ran the default model's matmuls 1.8x faster at batch 1 and 2.3x at batch 8 to
-320; in bf16 1.8x at batch 1 and 1.5x at batch 8 (``bench/bench_linear.py``). Hugging Face models
-call ``F.linear``. The price is memory: one packed copy of each weight used (538 MB for the default
-model in fp32). ``PackedLinears(enabled=False)`` opts out.
+Why: Hugging Face models call ``F.linear``, which on the CPU runs MKL's sgemm in fp32; the prepacked
+oneDNN kernel computes the same products faster, in fp32 and bf16 (``bench/bench_linear.py``; the
+figures are in docs/benchmarks/performance.md). The price is memory: one packed copy of each weight
+used. ``PackedLinears(enabled=False)`` opts out.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -74,11 +74,28 @@ def linked(links: list[tuple[dict, str, object]]) -> bool:
     return all(d.get(n) is o for d, n, o in links)
 
 
+class Pack(NamedTuple):
+    """One module's weight, prepacked, and what it was made from."""
+
+    stamp: list[tuple]  # ``stamp((module,))``: ``fresh`` tells when the pack is stale
+    weight: torch.Tensor  # oneDNN's blocked layout
+
+
+class Packed(NamedTuple):
+    """A prepacked product for ``PackedLinears.apply``: one module's pack, or one pack of several modules'
+    concatenated weights (``splits``: each module's output columns)."""
+
+    stamp: list[tuple]  # what it was made from, as ``stamp(modules)``
+    weight: torch.Tensor  # oneDNN's blocked layout
+    bias: torch.Tensor | None
+    splits: list[int] | None  # None: one module, one output
+
+
 class PackedLinears:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and onednn_available()
-        self._packs: dict[nn.Module, tuple[list[tuple], torch.Tensor]] = {}
-        self._fused: dict[tuple[nn.Module, ...], tuple[list[tuple], torch.Tensor, torch.Tensor | None, list[int]]] = {}
+        self._packs: dict[nn.Module, Pack] = {}
+        self._fused: dict[tuple[nn.Module, ...], Packed] = {}
 
     def usable(self, module: nn.Module, x: torch.Tensor) -> bool:
         return (
@@ -92,11 +109,11 @@ class PackedLinears:
 
     def pack(self, module: nn.Linear) -> torch.Tensor:
         hit = self._packs.get(module)
-        if hit is None or not fresh(hit[0]):
+        if hit is None or not fresh(hit.stamp):
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in any mode
-                hit = (stamp((module,)), torch.ops.mkldnn._reorder_linear_weight(module.weight.detach()))
+                hit = Pack(stamp((module,)), torch.ops.mkldnn._reorder_linear_weight(module.weight.detach()))
             self._packs[module] = hit
-        return hit[1]
+        return hit.weight
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.usable(module, x):
@@ -117,7 +134,7 @@ class PackedLinears:
             return [self(m, x) for m in modules]
         return self._guarded(lambda: list(self.apply(x, hit)), lambda: [m(x) for m in modules])
 
-    def packed(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> tuple | None:
+    def packed(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> Packed | None:
         """The prepacked product of ``modules`` for inputs like ``x``, for ``apply``: made on first use and
         remade when stale; ``None`` when they cannot run packed (then: the modules themselves). One module:
         its own pack (``pack``); several: one pack of their concatenated weights."""
@@ -126,22 +143,22 @@ class PackedLinears:
             if not self.usable(m, x):
                 return None
 
-            def single() -> tuple:
-                packed = self.pack(m)
-                return self._packs[m][0], packed, m._parameters["bias"], None
+            def single() -> Packed:
+                weight = self.pack(m)
+                return Packed(self._packs[m].stamp, weight, m._parameters["bias"], None)
 
             return self._guarded(single, lambda: None)
         hit = self._fused.get(modules)
-        if hit is not None and self.usable(modules[0], x) and fresh(hit[0]):  # a pack is made from usable modules
+        if hit is not None and self.usable(modules[0], x) and fresh(hit.stamp):  # a pack is made from usable modules
             return hit
         if not all(self.usable(m, x) for m in modules) or len({m.bias is None for m in modules}) > 1:
             return None
 
-        def make() -> tuple:
+        def make() -> Packed:
             with torch.inference_mode(False), torch.no_grad():
                 w = torch.cat([m.weight.detach() for m in modules])  # one dtype: each is usable with x
                 bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
-                hit = self._fused[modules] = (
+                hit = self._fused[modules] = Packed(
                     stamp(modules),
                     torch.ops.mkldnn._reorder_linear_weight(w),
                     bias,
@@ -152,10 +169,10 @@ class PackedLinears:
         return self._guarded(make, lambda: None)
 
     @staticmethod
-    def apply(x: torch.Tensor, packed: tuple) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def apply(x: torch.Tensor, packed: Packed) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """``x`` through a ``packed`` product: one output, or for several modules a view of each's columns."""
-        y = torch.ops.mkldnn._linear_pointwise(x, packed[1], packed[2], "none", [], "")
-        return y if packed[3] is None else y.split(packed[3], -1)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed.weight, packed.bias, "none", [], "")
+        return y if packed.splits is None else y.split(packed.splits, -1)
 
     def _guarded(self, run, fallback):
         """``run()`` (packing and oneDNN's product); when this oneDNN build cannot run it on this CPU,
@@ -171,7 +188,7 @@ class PackedLinears:
         self.enabled = False
         self.clear()
 
-    def entry(self, modules: tuple[nn.Module, ...]):
+    def entry(self, modules: tuple[nn.Module, ...]) -> Pack | Packed | None:
         """The cache entry a ``packed(modules, ...)`` answer comes from (``None`` once forgotten or cleared)."""
         return self._packs.get(modules[0]) if len(modules) == 1 else self._fused.get(modules)
 
@@ -189,6 +206,5 @@ class PackedLinears:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for _, p in self._packs.values()) + sum(
-            p.numel() * p.element_size() for _, p, _, _ in self._fused.values()
-        )
+        packs = [*self._packs.values(), *self._fused.values()]
+        return sum(p.weight.numel() * p.weight.element_size() for p in packs)

@@ -1,10 +1,10 @@
 """The skip adapter's linear layers: a peft LoRA applied only where an adapter mask marks.
 
-Contract: ``AdapterLinears(linear)(modules, x, adapter)`` returns ``[m(x) for m in modules]`` for linear
-layers that read the same input ``x`` (``(..., d_in)``), where a peft LoRA layer adds its update only at
-the positions ``adapter`` (bool, ``x.shape[:-1]``) marks, and its base layer alone elsewhere: the skip
-adapter changes the generated positions of a skipping schedule and nothing else, so prompts and
-full-depth requests see the base model exactly. ``linear`` (``skipray.core.kernels.PackedLinears``)
+Contract: ``AdapterLinears(packed_linears)(modules, x, adapter)`` returns ``[m(x) for m in modules]`` for
+linear layers that read the same input ``x`` (``(..., d_in)``), where a peft LoRA layer adds its update
+only at the positions ``adapter`` (bool, ``x.shape[:-1]``) marks, and its base layer alone elsewhere: the
+skip adapter changes the generated positions of a skipping schedule and nothing else, so prompts and
+full-depth requests see the base model exactly. ``packed_linears`` (``skipray.core.kernels.PackedLinears``)
 runs the matmuls.
 
 * Training (autograd on): LoRA as peft computes it, masked; gradients reach the LoRA weights.
@@ -17,6 +17,8 @@ runs the matmuls.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,13 +26,43 @@ from torch import nn
 from skipray.core.kernels import PackedLinears, fresh, linked, stamp
 
 
+class Dependencies(NamedTuple):
+    """What ``resolve`` answers depend on, for ``AdapterLinears.fresh``."""
+
+    loras: list[tuple[nn.Module, tuple]]  # each LoRA layer with its peft flags (``_peft_flags``)
+    links: list[tuple]  # (parent._modules, name, child) of base layers and adapter submodules (``linked``)
+    stamps: list[tuple]  # what merged weights were made from (``skipray.core.kernels.stamp``)
+
+
+class Resolved(NamedTuple):
+    """One ``resolve`` answer: the modules to run, and what they depend on."""
+
+    deps: Dependencies
+    run: tuple[nn.Module, ...]
+
+
+class Cached(NamedTuple):
+    """A weight made from a LoRA layer (``_from_weights``), with the key of the weights it was made from."""
+
+    key: tuple  # (each weight's (data_ptr, version), each adapter's scaling)
+    value: Any  # a merged ``nn.Linear``, or the ``[(A, B * scaling)]`` low-rank updates
+
+
+class MaskFlags(NamedTuple):
+    """``flags``'s answer for the last adapter mask seen."""
+
+    adapter: torch.Tensor
+    use: bool  # some position uses the adapter
+    every: bool  # every position does
+
+
 class AdapterLinears:
-    def __init__(self, linear: PackedLinears) -> None:
-        self.linear = linear
-        self.merges: dict[nn.Module, tuple[tuple, nn.Linear]] = {}  # LoRA layer -> merged weights
-        self.low_ranks: dict[nn.Module, tuple[tuple, list]] = {}  # LoRA layer -> [(A, B * scaling)]
-        self._last: tuple[torch.Tensor, bool, bool] | None = None  # see flags
-        self._resolved: dict[tuple, tuple] = {}  # (modules, merged) -> (LoRA layers and flags, links and stamps, run)
+    def __init__(self, packed_linears: PackedLinears) -> None:
+        self.packed_linears = packed_linears
+        self.merges: dict[nn.Module, Cached] = {}  # LoRA layer -> merged weights
+        self.low_ranks: dict[nn.Module, Cached] = {}  # LoRA layer -> [(A, B * scaling)]
+        self._last: MaskFlags | None = None  # see flags
+        self._resolved: dict[tuple, Resolved] = {}  # (modules, merged) -> Resolved
 
     def __call__(
         self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None
@@ -41,8 +73,8 @@ class AdapterLinears:
             return [self._train(m, x, adapter) for m in modules]
         use, every = self.flags(adapter)
         if not use or every:  # one matmul: base weights, or where every position uses the adapter, merged ones
-            return self.linear.many(self.resolve(modules, use), x)
-        ys = self.linear.many(self.resolve(modules, False), x)  # some positions use the adapter: the base,
+            return self.packed_linears.many(self.resolve(modules, use), x)
+        ys = self.packed_linears.many(self.resolve(modules, False), x)  # some positions use the adapter: the base,
         mask = adapter[..., None].to(ys[0].dtype)  # plus the low-rank update on those positions
         for y, m in zip(ys, modules):
             if hasattr(m, "base_layer") and not m.merged and not m.disable_adapters:
@@ -60,11 +92,11 @@ class AdapterLinears:
         the shipped default's batch-1 bf16 decode ~12% slower)."""
         key = (modules, merged)
         if self.still_resolved(modules, merged):
-            return self._resolved[key][2]
+            return self._resolved[key].run
         old = self._resolved.get(key)
-        for m, flags in old[0] if old else ():
+        for m, flags in old.deps.loras if old else ():
             if self._peft_flags(m) != flags:  # peft merged or unmerged through .data: no version bump
-                self.linear.forget(m.base_layer)
+                self.packed_linears.forget(m.base_layer)
         lora = [merged and hasattr(m, "base_layer") and not m.merged and not m.disable_adapters for m in modules]
         run = tuple(self._merged(m) if on else getattr(m, "base_layer", m) for m, on in zip(modules, lora))
         loras = [(m, self._peft_flags(m)) for m in modules if hasattr(m, "lora_A")]
@@ -76,36 +108,34 @@ class AdapterLinears:
             for n in self._names(m)
             for d in (m.lora_A, m.lora_B)
         ]
-        self._resolved[key] = (loras, (links, stamp(tuple(inputs))), run)
+        self._resolved[key] = Resolved(Dependencies(loras, links, stamp(tuple(inputs))), run)
         return run
 
     def still_resolved(self, modules: tuple[nn.Module, ...], merged: bool) -> bool:
         """Whether ``resolve(modules, merged)`` has an answer that nothing it depends on has changed since."""
         hit = self._resolved.get((modules, merged))
-        return hit is not None and self.fresh(*hit[:2])
+        return hit is not None and self.fresh(hit.deps)
 
-    def depends(self, groups: list[tuple[nn.Module, ...]], merged: bool) -> tuple[list, tuple[list, list]]:
+    def depends(self, groups: list[tuple[nn.Module, ...]], merged: bool) -> Dependencies:
         """What the (made) answers of ``resolve(modules, merged)`` for each of ``groups`` depend on, for one
-        ``fresh`` call: (LoRA layers with their peft flags, (submodule links, weight stamps))."""
-        hits = [self._resolved[(g, merged)] for g in groups]
-        return (
-            [x for h in hits for x in h[0]],
-            ([x for h in hits for x in h[1][0]], [x for h in hits for x in h[1][1]]),
+        ``fresh`` call."""
+        deps = [self._resolved[(g, merged)].deps for g in groups]
+        return Dependencies(
+            [x for d in deps for x in d.loras], [x for d in deps for x in d.links], [x for d in deps for x in d.stamps]
         )
 
     @staticmethod
     def _peft_flags(m: nn.Module) -> tuple:
         return m.merged, m.disable_adapters, tuple(m.active_adapters)
 
-    def fresh(self, loras: list[tuple[nn.Module, tuple]], weights: tuple[list, list]) -> bool:
+    def fresh(self, deps: Dependencies) -> bool:
         """Whether a ``resolve`` answer still holds: the LoRA layers' peft flags and active adapters are
         as they were, their base layers and adapter submodules are the same modules, and each weight it
         read is still its module's, at the same storage and version."""
-        for m, flags in loras:
+        for m, flags in deps.loras:
             if self._peft_flags(m) != flags:
                 return False
-        links, stamps = weights
-        return linked(links) and fresh(stamps)
+        return linked(deps.links) and fresh(deps.stamps)
 
     @staticmethod
     def _names(module: nn.Module) -> list[str]:
@@ -125,16 +155,16 @@ class AdapterLinears:
         if adapter is None:
             return False, False
         last = self._last
-        if last is None or last[0] is not adapter:
+        if last is None or last.adapter is not adapter:
             use = bool(adapter.any())
-            last = self._last = (adapter, use, use and bool(adapter.all()))
-        return last[1], last[2]
+            last = self._last = MaskFlags(adapter, use, use and bool(adapter.all()))
+        return last.use, last.every
 
     def _train(self, module: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None) -> torch.Tensor:
         base = getattr(module, "base_layer", None)
         if base is None:
-            return self.linear(module, x)
-        y = self.linear(base, x)
+            return self.packed_linears(module, x)
+        y = self.packed_linears(base, x)
         if adapter is None or module.merged or module.disable_adapters or not bool(adapter.any()):
             return y
         for name in module.active_adapters:
@@ -156,12 +186,12 @@ class AdapterLinears:
         ]
         key = (tuple((p.data_ptr(), p._version) for p in parts), tuple(module.scaling[n] for n in names))
         hit = store.get(module)
-        if hit is None or hit[0] != key:
-            if hit is not None and isinstance(hit[1], nn.Module):
-                self.linear.forget(hit[1])  # the replaced merged layer's pack goes with it
+        if hit is None or hit.key != key:
+            if hit is not None and isinstance(hit.value, nn.Module):
+                self.packed_linears.forget(hit.value)  # the replaced merged layer's pack goes with it
             with torch.inference_mode(False), torch.no_grad():
-                hit = store[module] = (key, make(names))
-        return hit[1]
+                hit = store[module] = Cached(key, make(names))
+        return hit.value
 
     def _low_rank(self, module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per active LoRA adapter of ``module``: ``(A, B * scaling)`` for the inference update

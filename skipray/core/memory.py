@@ -1,6 +1,6 @@
 """KV-cache memory under skip schedules: per-layer cache lengths, bytes per row, largest batch for a budget.
 
-Contract (pure Python, no torch; ``python -m skipray.core.memory`` prints the report):
+Contract (pure Python, no torch; ``python -m skipray.resources --gpu-gib G`` prints the report):
 
 * ``layer_slots(schedule, prompt_len, new_tokens)``: the slots layer ``l`` can ever fill for a row with
   a ``prompt_len``-token prompt (padding included) and ``new_tokens`` generated tokens: the prompt (at
@@ -14,15 +14,14 @@ Contract (pure Python, no torch; ``python -m skipray.core.memory`` prints the re
   the longest layer). ``rows * cache_bytes_per_row(...) == KVCache(...).nbytes`` (tested).
 * ``memory_report(...)`` lists, per schedule: average layers per token, cache bytes per row, the ratio
   to full depth, and the largest batch whose cache fits ``budget_bytes`` (after ``weights_bytes``).
-* Which schedule sizes a cache: the static ``Engine`` knows each call's schedule, prompt length and
-  token budget, so its cache follows them. A server that accepts per-request schedules must size for
+* Which schedule sizes a cache: ``Engine.generate`` / ``stream`` know each call's schedules, prompt
+  lengths and token budgets, so the cache grows to fit them. A server that accepts per-request schedules must size for
   the least-skipping schedule it accepts; when it accepts full-depth requests (skipray's Serve app
   does: ``"skip": {"full": true}``), that is full depth and skipping saves no cache memory there.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -116,50 +115,3 @@ def format_report(rows: Sequence[MemoryRow], title: str = "", budget_gib: float 
             f"{r.vs_full:.2f}x{b} |"
         )
     return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from skipray.resources import DTYPE_BYTES, KNOWN_SHAPES, weights_bytes
-
-    p = argparse.ArgumentParser(
-        prog="python -m skipray.core.memory",
-        description="KV cache per row under skip schedules, and the largest batch for a budget",
-    )
-    p.add_argument("--model", action="append", choices=sorted(KNOWN_SHAPES), help="repeatable (default: smollm2-135m)")
-    p.add_argument("--prompt-len", type=int, action="append", help="repeatable (default: 128 and 512)")
-    p.add_argument("--new-tokens", type=int, action="append", help="repeatable (default: 64 and 512)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
-    p.add_argument("--budget-gib", type=float, default=24.0, help="memory for weights + KV cache (GiB)")
-    p.add_argument(
-        "--reserve",
-        type=float,
-        default=0.2,
-        help="share of the budget kept for activations and the runtime (as skipray.resources)",
-    )
-    a = p.parse_args(argv)
-    for key in a.model or ["smollm2-135m"]:
-        shape = KNOWN_SHAPES[key]
-        nbytes, wb = DTYPE_BYTES[a.dtype], weights_bytes(shape, a.dtype)
-        for prompt in a.prompt_len or [128, 512]:
-            for new in a.new_tokens or [64, 512]:
-                rows = memory_report(
-                    preset_schedules(shape.num_layers),
-                    shape.kv_heads,
-                    shape.head_dim,
-                    nbytes,
-                    prompt,
-                    new,
-                    int(a.budget_gib * GIB),
-                    wb,
-                    a.reserve,
-                )
-                title = (
-                    f"\n{shape.name}, {a.dtype}, prompt {prompt} + {new} new tokens (weights {wb / GIB:.2f} "
-                    f"GiB; {a.reserve:.0%} of the {a.budget_gib:g} GiB budget kept for activations)"
-                )
-                print(format_report(rows, title, a.budget_gib))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

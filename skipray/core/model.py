@@ -3,10 +3,9 @@
 Contract: ``forward(model, seg, cache=None, prefix=None)`` runs one batch (``seg``, a ``Segment``:
 tokens, positions, real mask, plan, and in a cached pass its cache rows, first slot(s), logit columns
 and adapter mask) through the decoder layers that ``seg.plan`` names, then the final norm and
-lm_head. ``plan[l]`` is ``None`` (layer ``l``
-skipped: it neither writes nor reads the cache) or ``(rows, cols)``: the layer runs on
-``hidden[rows, :cols]`` (``cols=None``: all columns). Entries it does not run keep their hidden state,
-which is exactly what skipping a residual block means.
+lm_head. ``plan[l]`` is ``None`` (layer ``l`` skipped: it neither writes nor reads the cache) or a
+``LayerRun(rows, cols)``: the layer runs on ``hidden[rows, :cols]`` (``cols=None``: all columns).
+Entries it does not run keep their hidden state, which is exactly what skipping a residual block means.
 
 * prefill: every layer on every row and column, writing the cache;
 * decode step: one column, the schedule's layers, on the live rows;
@@ -24,10 +23,11 @@ attention reads only the slots the layer holds, and a write past them raises ``I
 
 ``SkipModel`` wraps a Hugging Face causal LM (Llama family: Llama, SmolLM2, Mistral, Qwen2/3; OPT); what
 differs between families is one small class each in ``skipray.core.architectures``, which call the Hugging
-Face module's own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its linear
-layers run through ``skipray.core.lora.AdapterLinears`` (the skip adapter only where a segment's adapter
-mask marks) and ``skipray.core.kernels.PackedLinears`` (prepacked oneDNN weights for fp32/bf16 inference
-on CPU; the module itself otherwise).
+Face module's own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its decoder
+layers' linears run through ``SkipModel.adapter_linears`` (``skipray.core.lora.AdapterLinears``: several
+modules that read one input, the skip adapter only where a segment's adapter mask marks), which runs the
+matmuls, as the lm_head does, through ``SkipModel.packed_linears`` (``skipray.core.kernels.PackedLinears``:
+one module, prepacked oneDNN weights for fp32/bf16 inference on CPU; the module itself otherwise).
 
 Callers build the ``Segment`` by field name: the training layout needs only ``tokens``, ``positions``,
 ``plan``, ``real`` (and ``logits_at``, ``adapter``); the engine's ``skipray.core.runner`` adds cache rows
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,12 @@ from skipray.core.fastpath import layer_kernels, run_layers
 from skipray.core.kernels import PackedLinears
 from skipray.core.lora import AdapterLinears
 
-LayerRun = tuple[slice | torch.Tensor, int | None] | None
+
+class LayerRun(NamedTuple):
+    """Where a plan runs a layer: on ``hidden[rows, :cols]`` (``cols=None``: every column)."""
+
+    rows: slice | torch.Tensor
+    cols: int | None
 
 
 class SkipModel(nn.Module):
@@ -60,8 +66,8 @@ class SkipModel(nn.Module):
         """Raises ``ValueError`` for an architecture without an adapter (or an unsupported variant)."""
         super().__init__()
         self.hf = hf_model
-        self.linear = PackedLinears(packed_linears)  # linear(module, x) == module(x)
-        self.lora = AdapterLinears(self.linear)  # lin(modules, x, adapter): LoRA only where adapter marks
+        self.packed_linears = PackedLinears(packed_linears)  # packed_linears(module, x) == module(x)
+        self.adapter_linears = AdapterLinears(self.packed_linears)  # LoRA only where the adapter mask marks
         self.fast_layers: dict = {}  # skipray.core.fastpath's resolved layers, checked on every pass
         cfg = hf_model.config
         self.arch = cfg.model_type
@@ -70,8 +76,6 @@ class SkipModel(nn.Module):
         self.family = FAMILIES[self.arch](hf_model)
         a = self.family
         self.body, self.num_heads, self.kv_heads, self.head_dim = a.body, a.num_heads, a.kv_heads, a.head_dim
-        if a.sliding_window:
-            self.sliding_window = a.sliding_window
         self.layers = self.body.layers
         self.num_layers = len(self.layers)
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
@@ -89,24 +93,17 @@ class SkipModel(nn.Module):
 
     def qkv(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None):
         """Normed input -> q, k, v as (b, heads, t, head_dim), plus the attention scale to use."""
-        return self.family.qkv(layer, x, self.lin, adapter)
+        return self.family.qkv(layer, x, self.adapter_linears, adapter)
 
     def attn_out(self, layer: nn.Module, o: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
-        return self.family.attn_out(layer, o, self.lin, adapter)
+        return self.family.attn_out(layer, o, self.adapter_linears, adapter)
 
     def mlp(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
-        return self.family.mlp(layer, x, self.lin, adapter)
+        return self.family.mlp(layer, x, self.adapter_linears, adapter)
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head: logits."""
-        return self.linear(self.hf.lm_head, self.family.final(h))
-
-    def lin(
-        self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
-        """``[m(x) for m in modules]`` for linear layers that read the same input, with the skip adapter
-        only where ``adapter`` marks (``skipray.core.lora.AdapterLinears``)."""
-        return self.lora(modules, x, adapter)
+        return self.packed_linears(self.hf.lm_head, self.family.final(h))
 
     # -- sizes -----------------------------------------------------------------------------------
     def cost_model(self):
@@ -123,20 +120,22 @@ class SkipModel(nn.Module):
         return KVCache(self.num_layers, max_batch, self.kv_heads, max_len, self.head_dim, p.dtype, p.device, layer_lens)
 
 
-def full_plan(num_layers: int, rows: slice | torch.Tensor = slice(None)) -> list[LayerRun]:
-    return [(rows, None)] * num_layers
+def full_plan(num_layers: int, rows: slice | torch.Tensor = slice(None)) -> list[LayerRun | None]:
+    return [LayerRun(rows, None)] * num_layers
 
 
-def step_plan(active: Sequence[int], num_layers: int, rows: slice | torch.Tensor = slice(None)) -> list[LayerRun]:
+def step_plan(
+    active: Sequence[int], num_layers: int, rows: slice | torch.Tensor = slice(None)
+) -> list[LayerRun | None]:
     on = set(active)
-    return [(rows, None) if l in on else None for l in range(num_layers)]
+    return [LayerRun(rows, None) if l in on else None for l in range(num_layers)]
 
 
-def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun]:
+def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun | None]:
     """Columns ``[0, prompt_len)`` hold the (left-padded) prompt, column ``prompt_len + i`` the token
     consumed at generation step ``i``. Layer ``l`` runs on the prompt plus the steps that include it."""
     horizon = max(total_len - prompt_len, 0)
-    return [(slice(None), prompt_len + schedule.steps_running(l, horizon)) for l in range(schedule.num_layers)]
+    return [LayerRun(slice(None), prompt_len + schedule.steps_running(l, horizon)) for l in range(schedule.num_layers)]
 
 
 def _compose(outer: slice | torch.Tensor, inner: slice | torch.Tensor, n: int, dev) -> slice | torch.Tensor:
@@ -153,7 +152,8 @@ class Segment:
     """One batch and its layout: what a pass (``forward``, ``forward_segments``) needs to know about it.
 
     ``tokens``: ``(b, t)`` ids; ``positions``: ``(b, t)`` model positions (RoPE or learned); ``real``:
-    ``(b, t)`` bool, False for padding; ``plan``: one ``LayerRun`` per layer (rows are this batch's rows).
+    ``(b, t)`` bool, False for padding; ``plan``: per layer a ``LayerRun`` (rows are this batch's rows) or
+    ``None`` (skipped).
     With a cache: batch row ``i`` is cache row ``cache_rows[i]`` and its tokens fill slots ``start ..
     start + t - 1`` (``start``: an int, or a ``(b,)`` tensor of one slot per row when ``t == 1``).
     ``logits_at``: the columns projected to logits (a slice, or a ``(b,)`` tensor of one column per row;
@@ -164,7 +164,7 @@ class Segment:
 
     tokens: torch.Tensor
     positions: torch.Tensor
-    plan: Sequence[LayerRun]
+    plan: Sequence[LayerRun | None]
     real: torch.Tensor
     cache_rows: slice | torch.Tensor = field(default_factory=lambda: slice(None))
     start: int | torch.Tensor = 0
@@ -201,9 +201,10 @@ def forward_segments(model: SkipModel, segments: Sequence[Segment], cache: KVCac
     attention runs per segment (its own rows, slots and mask). Each segment gets what ``forward``
     would give it alone (up to summation order): its logits ``(b, t', vocab)``, in order.
 
-    This is how a continuous engine puts a decode step (one token per row, per-row slots) and prompt
-    chunks (many tokens of one row at an int slot) into one pass: on a CPU, where a layer's matmuls
-    cost about the same for a few tokens as for many, a second pass would read every weight again.
+    This is how the engine's chunked prefill (``skipray.core.engine``) puts a decode step (one token per
+    row, per-row slots) and prompt chunks (many tokens of one row at an int slot) into one pass: on a
+    CPU, where a layer's matmuls cost about the same for a few tokens as for many, a second pass would
+    read every weight again.
     """
     if cache is None:
         raise ValueError("forward_segments runs cached passes: give it the cache")
@@ -220,8 +221,13 @@ class _State:
     diag: torch.Tensor | None = None
     end: int = 0
     prefix_len: int = 0
-    masks: dict = field(default_factory=dict)  # cache path: (rows, n) -> attention mask, see _mask
+    masks: dict = field(default_factory=dict)  # cache path: (rows, n) -> _KeptMask, see _mask
     adapter: torch.Tensor | None = None  # the segment's adapter mask; None when it marks nothing
+
+
+class _KeptMask(NamedTuple):
+    rows: slice | torch.Tensor  # kept alive, so its id (in the key) stays unique during the pass
+    mask: torch.Tensor
 
 
 def _mask(
@@ -237,8 +243,8 @@ def _mask(
     if hit is None:
         m = (cache.valid[cache_rows, :n][:, None, :] & st.causal[rows][..., :n]) | st.diag[rows][..., :n]
         additive = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
-        hit = st.masks[key] = (rows, additive[:, None])  # rows kept alive: its id stays unique during the pass
-    return hit[1]
+        hit = st.masks[key] = _KeptMask(rows, additive[:, None])
+    return hit.mask
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -362,7 +368,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
                 ),
             )
         except RuntimeError:  # as PackedLinears._guarded: packing off, and the generic loop reruns the
-            model.linear.disable()  # layers (same cache writes; it raises what is not oneDNN's)
+            model.packed_linears.disable()  # layers (same cache writes; it raises what is not oneDNN's)
             kernels = None
     for l, layer in enumerate(model.layers if kernels is None else ()):
         runs = []  # (segment, rows, cols, whole) of the segments that run this layer; whole: all rows and columns
@@ -388,7 +394,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         if all(a is None for a in ams):
             am = None
         elif len(ams) == 1:
-            am = ams[0]  # the same tensor for every layer on all rows: SkipModel.lin reads its flags once
+            am = ams[0]  # the same tensor for every layer on all rows: SkipModel.adapter_linears reads its flags once
         else:
             am = _join(
                 [

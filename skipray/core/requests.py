@@ -6,7 +6,8 @@ Contract:
   ``top_p``, ``top_k``, ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``). ``stop`` holds stop
   *strings*: the engine speaks token ids, so it checks them through the detokenizer hook it was built
   with (``Engine(detokenize=...)``, the tokenizer stays at the edges); ``stop_fn`` is the lower-level
-  hook (any predicate over the generated ids).
+  hook (any predicate over the generated ids). ``SamplingParams.validate`` (and ``validate_request``,
+  against a model's vocabulary and context) raise ``ValueError`` for settings no engine can serve.
 * ``finish_reason`` decides when a request ends: ``"stop"`` (a stop token, EOS, a stop string or
   ``stop_fn``), ``"length"`` (``max_tokens`` reached); the engine adds ``"abort"`` and ``"error"``.
 * ``Event`` is what ``Engine.step`` returns per request and token; ``TokenEvent`` and ``Completion``
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
-FINISH_REASONS = ("stop", "length", "abort", "error")
 STOP_WINDOW_SPARE = 8  # tokens decoded beyond the longest stop string (tokens are >= 1 char; merges)
 
 
@@ -62,15 +62,18 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible settings."""
-        from skipray.core.sampling import validate
-
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if isinstance(self.stop, str):
             raise ValueError("stop must be a list of strings, not one string")
-        validate(self.temperature, self.top_k, self.top_p)
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -103,7 +106,7 @@ class Event:
     request_id: str
     token_id: int | None  # None only for an abort or an error
     layers: int  # layers computed to produce this token
-    finish_reason: str | None  # one of FINISH_REASONS on the request's last event
+    finish_reason: str | None  # "stop", "length", "abort" or "error" on the request's last event
     logprobs: TopLogprobs | None = None  # when the request asked for log-probs
     error: BaseException | None = None  # why the request failed (finish_reason "error")
 

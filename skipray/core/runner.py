@@ -13,7 +13,8 @@ Contract: ``ModelRunner(model, cache)`` owns the ``KVCache``. Every pass is
   depth, no adapter; logits of the last token when ``last``;
 * ``run(segments)`` one pass -> each segment's logits; ``run_isolated`` reruns the parts of a failing
   pass one by one (cache writes are idempotent), so a failure lands on its own part;
-* ``move_rows(moves, upto)``, ``reset_rows``, ``ensure_cache`` (grow to fit rows and per-layer slots).
+* ``move_rows(row_moves)`` (the scheduler's ``RowMoves``), ``reset_rows``, ``ensure_cache`` (grow to fit
+  rows and per-layer slots).
 
 ``pad_prompts`` pads token-id prompts to one tensor, left or right.
 """
@@ -26,7 +27,8 @@ from collections.abc import Sequence
 import torch
 
 from skipray.core.cache import KVCache
-from skipray.core.model import Segment, SkipModel, forward_segments, full_plan
+from skipray.core.model import LayerRun, Segment, SkipModel, forward_segments, full_plan
+from skipray.core.scheduler import RowMoves
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +74,12 @@ class ModelRunner:
         """Forget cache rows ``first .. first + n - 1`` (before a new request's prompt goes there)."""
         self.cache.reset_rows(slice(first, first + n))
 
-    def move_rows(self, moves: Sequence[tuple[int, int]], upto: int) -> None:
+    def move_rows(self, row_moves: RowMoves) -> None:
         """Copy cache row ``src`` to ``dst`` for each move, slots ``[0, upto)``."""
-        if moves:
-            src = torch.tensor([s for s, _ in moves], device=self.device)
-            dst = torch.tensor([d for _, d in moves], device=self.device)
-            self.cache.move_rows(src, dst, upto=upto)
+        if row_moves.moves:
+            src = torch.tensor([m.src for m in row_moves.moves], device=self.device)
+            dst = torch.tensor([m.dst for m in row_moves.moves], device=self.device)
+            self.cache.move_rows(src, dst, upto=row_moves.upto)
 
     def run(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
         """One forward pass over ``segments``; -> each segment's logits ``(b, t', vocab)``."""
@@ -121,11 +123,11 @@ class ModelRunner:
         n = len(tokens)
         tok = torch.tensor(tokens, device=self.device)[:, None]
         start = torch.tensor(slots, device=self.device)
-        made: dict[tuple[int, ...], tuple] = {}  # layers on the same rows share one entry (and its attention mask)
+        made: dict[tuple[int, ...], LayerRun] = {}  # layers on the same rows share one (and its attention mask)
         plan = []
         for r in layer_rows:
             if r and tuple(r) not in made:
-                made[tuple(r)] = (as_rows(r, self.device), None)
+                made[tuple(r)] = LayerRun(as_rows(r, self.device), None)
             plan.append(made[tuple(r)] if r else None)
         am = torch.tensor(adapter, device=self.device)[:, None]
         same = all(x == slots[0] for x in slots)  # one shared slot (a static batch, batch 1): plain slices

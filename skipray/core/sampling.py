@@ -55,16 +55,6 @@ def sample(
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def validate(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ``ValueError`` for impossible sampling settings."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
 def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int]) -> list[TopLogprobs | None]:
     """Per row of ``logits`` (B, V): ``TopLogprobs`` with ``n[row]`` entries, or ``None`` where ``n[row] == 0``."""
     if not any(n):

@@ -17,8 +17,8 @@ Contract (no torch; ``skipray.core.engine.Engine`` drives it and applies its dec
   admission: even groups oldest first, odd groups youngest first. An older row is further along, so
   it runs fewer layers (schedules are monotone), and the rows running layer ``l`` are a suffix of an
   even group and a prefix of the odd group after it: with one or two schedules live, every layer
-  runs on one contiguous range of rows. ``arrange`` / ``retire`` keep that order and return the row
-  moves ``[(src, dst)]`` the cache must make (and how many slots to copy).
+  runs on one contiguous range of rows. ``arrange`` / ``retire`` keep that order and return the
+  ``RowMoves`` the cache must make: ``moves`` (``Move(src, dst)`` each) and ``upto``, the slots to copy.
 * Plan: ``layer_rows()`` -> for each layer the live rows that run it at their own step, and for
   each live row the number of layers it runs.
 """
@@ -30,12 +30,32 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from skipray.core.requests import QueueFull, SamplingParams
 from skipray.core.schedule import SkipSchedule
 
-Moves = list[tuple[int, int]]  # (source row, destination row)
+
+class Move(NamedTuple):
+    """One cache row copied to another."""
+
+    src: int
+    dst: int
+
+
+class RowMoves(NamedTuple):
+    """The row moves that keep every request in its row (``Scheduler.arrange``), for ``ModelRunner.move_rows``."""
+
+    moves: list[Move]
+    upto: int  # slots to copy per moved row: the most any destination's request holds
+
+
+class Chunk(NamedTuple):
+    """A prompt chunk of chunked prefill: ``tokens`` prompt tokens of ``request`` from slot ``start``."""
+
+    request: Request
+    start: int
+    tokens: int
 
 
 @dataclass(eq=False)
@@ -170,17 +190,17 @@ class Scheduler:
             r.seq = next(self._seq)
         return admit
 
-    def plan_chunks(self) -> tuple[list[tuple[Request, int, int]], list[Request]]:
-        """This iteration's prompt chunks ``(request, first slot, tokens)`` within the budget, partly
+    def plan_chunks(self) -> tuple[list[Chunk], list[Request]]:
+        """This iteration's prompt ``Chunk`` s within the budget, partly
         prefilled requests first; -> (chunks, newcomers). The newcomers join ``prefilling`` (rows after
         the existing ones); the caller resets their rows and applies the returned moves first."""
         left = min(self.max_num_batched_tokens - len(self.live), self.max_prefill_tokens)
-        chunks = []
+        chunks: list[Chunk] = []
         for r in self.prefilling:
             if left <= 0:
                 break
             n = min(len(r.prompt) - r.prefilled, left)
-            chunks.append((r, r.prefilled, n))
+            chunks.append(Chunk(r, r.prefilled, n))
             left -= n
         new: list[Request] = []
         with self._lock:
@@ -191,7 +211,7 @@ class Scheduler:
                 r = queue.popleft()
                 n = min(len(r.prompt), left)
                 new.append(r)
-                chunks.append((r, 0, n))
+                chunks.append(Chunk(r, 0, n))
                 left -= n
         for r in new:
             r.seq = next(self._seq)
@@ -204,9 +224,9 @@ class Scheduler:
                 return i
         raise KeyError(req.request_id)
 
-    def arrange(self, live: Sequence[Request], prefilling: Sequence[Request] = ()) -> tuple[Moves, int]:
+    def arrange(self, live: Sequence[Request], prefilling: Sequence[Request] = ()) -> RowMoves:
         """Make ``live`` the decoding rows in the module docstring's order and ``prefilling`` the rows
-        after them. -> (row moves, slots to copy per moved row)."""
+        after them. -> the row moves that keep every request's cache with it."""
         kept = {r.schedule for r in live}
         self.groups = [s for s in self.groups if s in kept]
         by_seq = sorted(live, key=lambda r: r.seq)
@@ -217,15 +237,15 @@ class Scheduler:
         order = [r for g, s in enumerate(self.groups) for r in (by_group[s] if g % 2 == 0 else by_group[s][::-1])]
         rows = order + list(prefilling)
         old = {id(r): i for i, r in enumerate(self.live + self.prefilling)}
-        moves = [(old[id(r)], i) for i, r in enumerate(rows) if id(r) in old and old[id(r)] != i]
-        upto = max((rows[d].slots for _, d in moves), default=0)
+        moves = [Move(old[id(r)], i) for i, r in enumerate(rows) if id(r) in old and old[id(r)] != i]
+        upto = max((rows[m.dst].slots for m in moves), default=0)
         self.live, self.prefilling = order, list(prefilling)
-        return moves, upto
+        return RowMoves(moves, upto)
 
-    def retire(self, reqs: Sequence[Request]) -> tuple[Moves, int]:
+    def retire(self, reqs: Sequence[Request]) -> RowMoves:
         """Drop finished requests from the rows; -> the moves that keep the order (``arrange``)."""
         if not reqs:
-            return [], 0
+            return RowMoves([], 0)
         gone = {id(r) for r in reqs}
         return self.arrange(
             [r for r in self.live if id(r) not in gone], [r for r in self.prefilling if id(r) not in gone]

@@ -148,7 +148,8 @@ def _body(request: Any) -> dict:
     try:
         return request.model_dump(exclude_unset=True) if isinstance(request, BaseModel) else dict(request)
     except (TypeError, ValueError, ValidationError) as e:
-        raise RequestError(error_status(e)[1]["error"]["message"]) from None
+        _, err = error_status(e)
+        raise RequestError(err["error"]["message"]) from None
 
 
 def build_app(args: dict[str, Any] | None = None, deployment_options: dict[str, Any] | None = None) -> Application:

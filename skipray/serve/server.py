@@ -259,7 +259,8 @@ class OpenAIServer(RequestPreparation):
         try:
             req, ids, grammar, tools = await asyncio.to_thread(self._parse, body, chat)
         except ValidationError as e:  # not picklable: the caller may be in another process
-            raise P.RequestError(error_status(e)[1]["error"]["message"]) from None
+            _, err = error_status(e)
+            raise P.RequestError(err["error"]["message"]) from None
         params, schedule, top = self._prepare(req, ids, grammar)
         choices = await self._start(req, ids, params, schedule, offline)
         replies = [_Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output) for _ in choices]
@@ -294,8 +295,7 @@ class OpenAIServer(RequestPreparation):
 
     def _whole(self, meta, chat: bool, echo: str, replies, out, top, tools) -> dict:
         """The non-streamed reply object over all choices; ``out``: per choice (log-prob entries, finish)."""
-        entries = [o[0] for o in out]
-        finishes = [o[1] for o in out]
+        entries, finishes = [e for e, _ in out], [f for _, f in out]
         use = R.usage(replies[0].prompt_len, [x for r in replies for x in r.layers])
         if chat:
             choices = []
@@ -379,7 +379,8 @@ class OpenAIServer(RequestPreparation):
             for r in replies:
                 self._record(t0, r, ttft)
         except Exception as e:  # the request failed after the stream began: tell the client, then end
-            yield _sse(error_status(e, meta.id)[1])
+            _, err = error_status(e, meta.id)
+            yield _sse(err)
         finally:
             for t in tasks:
                 t.cancel()
@@ -396,7 +397,8 @@ async def _collect(reply: _Reply, first, events) -> tuple[list[R.TokenLogprob], 
     """Run one choice to its end; -> (its log-prob entries, its finish reason)."""
     entries, ev = [], first
     while True:
-        entries += reply.add(ev)[1]
+        _, logprobs = reply.add(ev)
+        entries += logprobs
         if ev.finish_reason is not None:
             return entries, ev.finish_reason
         ev = await anext(events)

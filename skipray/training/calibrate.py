@@ -90,16 +90,17 @@ def greedy_kl_order(
     kls: list[float] = []
     bar = tqdm(total=L - min_layers - len(order), desc="greedy KL", disable=not progress)
     while L - len(order) > min_layers:
-        best = None
+        best_layer: int | None = None
+        best_kl = 0.0
         for cand in (l for l in range(L) if l not in order):
             active = [l for l in range(L) if l not in order and l != cand]
             kl = float((p_t * (teacher - answer_logp(active))).sum(-1).mean())
-            if best is None or kl < best[1]:
-                best = (cand, kl)
-        order.append(best[0])
-        kls.append(best[1])
+            if best_layer is None or kl < best_kl:
+                best_layer, best_kl = cand, kl
+        order.append(best_layer)
+        kls.append(best_kl)
         bar.update(1)
-        bar.set_postfix(layer=best[0], kl=f"{best[1]:.3f}")
+        bar.set_postfix(layer=best_layer, kl=f"{best_kl:.3f}")
     bar.close()
     order += [l for l in range(L) if l not in order]  # the last layers standing, never dropped above min
     return order, kls

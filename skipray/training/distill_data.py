@@ -115,7 +115,7 @@ def teacher_topk(
     prompt: one teacher-forced forward per batch, adapter off (the base model). Per row: two lists of
     ``len(response)`` lists of ``k``, best first. Raises ``ValueError`` for an empty response."""
     from skipray.core.model import Segment, forward, full_plan
-    from skipray.training.data import collate
+    from skipray.training.data import Example, collate
 
     if any(not r for r in responses):
         raise ValueError("teacher_topk needs non-empty responses")
@@ -124,15 +124,9 @@ def teacher_topk(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
-        b = collate([(list(prompts[i]), list(responses[i])) for i in chunk], pad_id=0)
-        P, T = b["prompt_len"], b["tokens"].shape[1]
-        seg = Segment(
-            b["tokens"].to(dev),
-            b["positions"].to(dev),
-            full_plan(model.num_layers),
-            b["real"].to(dev),
-            logits_at=slice(P - 1, T - 1),
-        )
+        b = collate([Example(list(prompts[i]), list(responses[i])) for i in chunk], pad_id=0).to(dev)
+        P, T = b.prompt_len, b.tokens.shape[1]
+        seg = Segment(b.tokens, b.positions, full_plan(model.num_layers), b.real, logits_at=slice(P - 1, T - 1))
         logits = forward(model, seg).float()
         vals, ids = torch.topk(torch.log_softmax(logits, -1), k, dim=-1)
         for j, i in enumerate(chunk):

@@ -233,7 +233,8 @@ def evaluate(
     full_ids = [x[:max_new] for x in full_long]
     rep3_full = _mean(rep_n(x, eos) for x in full_long)
     full_txt = [decode(tok, ids) for ids in full_ids]
-    full_q = [decode(tok, x) for x in generate_all(base_engine, qs, None, question_tokens, batch)[0]]
+    full_q_ids, _ = generate_all(base_engine, qs, None, question_tokens, batch)
+    full_q = [decode(tok, x) for x in full_q_ids]
     known = [i for i, (t, a) in enumerate(zip(full_q, accepted)) if answered(t, a)]
     engine = Engine(student.model, max_batch=batch, max_len=max_len, eos_token_ids=student.eos_token_ids)
     rows = []
@@ -250,7 +251,8 @@ def evaluate(
         ids_long, secs = generate_all(gen_engine, prompts, sched, long, batch, temperature)
         ids = [x[:max_new] for x in ids_long]
         txt = [decode(tok, x) for x in ids]
-        q_txt = [decode(tok, x) for x in generate_all(gen_engine, qs, sched, question_tokens, batch, temperature)[0]]
+        q_ids, _ = generate_all(gen_engine, qs, sched, question_tokens, batch, temperature)
+        q_txt = [decode(tok, x) for x in q_ids]
         if spec in REFERENCES:
             tf = []  # the reference rows are the base model itself: nothing to teacher-force
         else:

@@ -13,12 +13,12 @@ the base model's output; full fine-tuning changes the prompt's pass too. LoRA (p
 fine-tuning; AdamW, linear warm-up + cosine decay, gradient clipping and accumulation, periodic
 checkpoints with ``--resume``. The output directory holds safetensors weights (a LoRA adapter or a
 full model) plus ``skipray.json`` recording the schedule, so ``skipray generate --model DIR`` uses it.
-Reading and batching the data is ``skipray.training.data``.
+Reading and batching the data is ``skipray.training.data``; the ``skipray train`` command line is
+``skipray.training.train_cli``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from skipray.training.data import batches, collate, load_examples
+from skipray.training.data import TrainBatch, batches, collate, load_examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"]
 
@@ -82,14 +82,14 @@ def adapter_mask(schedule, batch: int, prompt_len: int, total_len: int, device=N
     return torch.tensor(cols, device=device)[None].expand(batch, total_len)
 
 
-def answer_logits(model, batch: dict, schedule) -> torch.Tensor:
+def answer_logits(model, batch: TrainBatch, schedule) -> torch.Tensor:
     """Student logits (B, R, V) predicting response tokens ``0..R-1``, computed as decoding computes them:
     the prompt once at full depth without gradients (the skip adapter never touches it), then the
     response columns under ``schedule`` with the adapter, attending to the prompt's cached keys. Equal
     to the single parallel forward (tests), and about a third cheaper: no backward through the prompt."""
     from skipray.core.model import Segment, forward, full_plan, training_plan
 
-    tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
+    tokens, real, positions, P = batch.tokens, batch.real, batch.positions, batch.prompt_len
     B, T = tokens.shape
     cache = model.new_cache(B, P)
     with torch.no_grad():
@@ -112,16 +112,16 @@ def answer_logits(model, batch: dict, schedule) -> torch.Tensor:
 
 
 def skip_loss(
-    model, teacher, batch: dict, schedule, kl_weight: float, ce_weight: float, cached_prompt: bool | None = None
+    model, teacher, batch: TrainBatch, schedule, kl_weight: float, ce_weight: float, cached_prompt: bool | None = None
 ) -> tuple[torch.Tensor, dict]:
     """Distillation (+ optional CE) loss of the skip student against the full-depth teacher.
     ``cached_prompt`` (default: when the student is a LoRA skip adapter, which never touches the prompt)
     runs the prompt once without gradients (``answer_logits``); else one forward covers everything."""
     from skipray.core.model import Segment, forward, full_plan, training_plan
 
-    tokens, real, positions, P = batch["tokens"], batch["real"], batch["positions"], batch["prompt_len"]
+    tokens, real, positions, P = batch.tokens, batch.real, batch.positions, batch.prompt_len
     B, T = tokens.shape
-    mask = batch["loss_mask"][:, P - 1 :]
+    mask = batch.loss_mask[:, P - 1 :]
     cols = slice(P - 1, T - 1)
     if cached_prompt is None:
         cached_prompt = getattr(model, "peft", None) is not None
@@ -135,10 +135,10 @@ def skip_loss(
     n = mask.sum().clamp(min=1)
     stats = {}
     loss = torch.zeros((), device=student.device)
-    if kl_weight > 0 and "teacher_ids" in batch:
-        kl = topk_kl(batch["teacher_logprobs"], batch["teacher_ids"], logp)
+    if kl_weight > 0 and batch.teacher_ids is not None:
+        kl = topk_kl(batch.teacher_logprobs, batch.teacher_ids, logp)
         kl = (kl * mask).sum() / n
-        agree = ((student.argmax(-1) == batch["teacher_ids"][..., 0]) & mask).sum() / n
+        agree = ((student.argmax(-1) == batch.teacher_ids[..., 0]) & mask).sum() / n
         loss = loss + kl_weight * kl
         stats.update(kl=float(kl), agree=float(agree))
     elif kl_weight > 0:
@@ -273,8 +273,7 @@ def train(
             g["lr"] = lr_at(step, cfg)
         stats_acc: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
-            batch = collate(next(data), pad)
-            batch = {k: v.to(model.hf.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = collate(next(data), pad).to(model.hf.device)
             loss, stats = skip_loss(model, teacher, batch, schedule, cfg.kl_weight, cfg.ce_weight)
             (loss / cfg.grad_accum).backward()
             for k, v in stats.items():
@@ -311,76 +310,3 @@ def _checkpoint(model, opt, ckpt: Path, step: int) -> None:
     save_file({n: p.detach().contiguous() for n, p in _trainable(model)}, ckpt / "trainable.safetensors")
     torch.save({"optimizer": opt.state_dict(), "step": step}, ckpt / "trainer_state.pt.tmp")
     (ckpt / "trainer_state.pt.tmp").replace(ckpt / "trainer_state.pt")
-
-
-# -- CLI ------------------------------------------------------------------------------------------
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from skipray.core.schedule import SCHEDULE_FLAGS
-
-    sched = {k: getattr(args, k) for k in SCHEDULE_FLAGS if getattr(args, k) is not None}
-    if args.schedule_file:
-        from skipray.options import read_schedule_file
-
-        sched = {**read_schedule_file(args.schedule_file).to_dict(), **sched}
-        sched.pop("num_layers")
-    elif args.max_layers is None or args.min_layers is None:
-        raise ValueError("give --max-layers and --min-layers, or --schedule-file")
-    else:
-        sched.setdefault("decay_tokens", 64)
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    return TrainConfig(schedule=sched, **kw)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if args.workers > 1:
-        from skipray.training.train_ray import train_distributed
-
-        train_distributed(cfg, workers=args.workers, resume=args.resume, use_gpu=args.use_gpu)
-    else:
-        train(cfg, resume=args.resume)
-    print(f"[skipray] saved to {cfg.out}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("train", help="skip-aware fine-tuning (distillation from the full-depth model)")
-    p.add_argument("--data", required=True, help="Parquet: prompt_ids+response_ids, prompt+response, or text")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default="smollm2-base")
-    p.add_argument("--schedule-file", help="schedule JSON (e.g. from `skipray calibrate`); flags below override it")
-    p.add_argument("--max-layers", type=int)
-    p.add_argument("--min-layers", type=int)
-    p.add_argument("--decay-tokens", type=int)
-    p.add_argument("--warmup-layers", type=int)
-    p.add_argument("--shape", choices=["linear", "power"])
-    p.add_argument("--power", type=float, help="exponent of the power shape")
-    p.add_argument(
-        "--drop-order",
-        type=lambda v: [int(x) for x in v.split(",")],
-        help="comma-separated layers in the order they stop running (default: SkipDecode's)",
-    )
-    p.add_argument("--full-finetune", action="store_true", help="train all weights instead of a LoRA adapter")
-    for name, typ in (
-        ("lora-r", int),
-        ("lora-alpha", int),
-        ("lr", float),
-        ("steps", int),
-        ("batch-size", int),
-        ("grad-accum", int),
-        ("warmup-steps", int),
-        ("kl-weight", float),
-        ("ce-weight", float),
-        ("clip", float),
-        ("max-len", int),
-        ("save-every", int),
-        ("seed", int),
-    ):
-        p.add_argument(f"--{name}", type=typ, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--init-adapter", help="LoRA adapter directory to start from (same rank and targets)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--workers", type=int, default=1, help="data-parallel workers on Ray Train")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (nccl)")
-    p.set_defaults(func=cmd_train)

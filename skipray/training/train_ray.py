@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from skipray.training.train import TrainConfig
+from skipray.training.train import TrainConfig, train
 
 
 def _loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
     from ray import train as ray_train
-
-    from skipray.training.train import TrainConfig, train
 
     ctx = ray_train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
