@@ -394,3 +394,27 @@ def test_actor_and_replica_options_without_ray():
     assert res.replica_options(None)["num_gpus"] in (0.0, res.GPUS_PER_REPLICA)
     with pytest.raises(ValueError):
         res.actor_options(-1)
+
+
+def test_grafana_dashboard_queries_name_only_series_skipray_exports():
+    import json
+    import re
+
+    from skipray.metrics import SERIES
+
+    exported = set()
+    for name, (kind, _, _) in SERIES.items():
+        base = f"ray_{name}"
+        exported |= {f"{base}_total"} if kind == "counter" else {base}
+        if kind == "histogram":
+            exported |= {f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+    dash = json.loads((ROOT / "cluster" / "grafana" / "skipray-dashboard.json").read_text())
+    used = set()
+    for panel in dash["panels"]:
+        assert panel["targets"], panel["title"]
+        for t in panel["targets"]:
+            used |= set(re.findall(r"ray_skipray_[a-z0-9_]+", t["expr"]))
+    assert used and used <= exported, sorted(used - exported)
+    kinds = {n.removeprefix("skipray_") for n in SERIES}
+    for vllm_name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "kv_cache_usage_perc"):
+        assert vllm_name in kinds and any(vllm_name in u for u in used)

@@ -25,8 +25,8 @@ NO_RAY = textwrap.dedent(
     m = EngineMetrics("batch")
     t = time.perf_counter()
     for _ in range(10000):
-        m.record_occupancy(8, 32)
-        m.record_request(0.5, 10, 20, ttft_s=0.01)
+        m.record_step([("a", 30, False)], 30, 1, 0, 0.1, t)
+        m.record_request(0.5, 10, 20, "stop", ttft_s=0.01)
     per_call = (time.perf_counter() - t) / 20000
     assert not m.enabled
     assert "ray" not in sys.modules, "skipray.metrics imported ray"
@@ -50,22 +50,25 @@ WITH_RAY = textwrap.dedent(
             def run(self):
                 from skipray.metrics import EngineMetrics
 
-                m = EngineMetrics("testactor")
-                m.record_layers([10, 10, 10], num_layers=30)                          # 30 run, 60 skipped
-                m.record_occupancy(batch_rows=3, max_rows=4)
-                m.record_layers([30, 10], num_layers=30)                              # 40 run, 20 skipped
-                m.record_request(latency_s=0.2, prompt_tokens=5, generated_tokens=7, ttft_s=0.05)
+                m = EngineMetrics("testactor", "tiny")
+                m.record_arrival("r1", 100.0)
+                m.record_step([("r1", 30, False)], 30, running=1, waiting=2, cache_usage=0.25,
+                              step_start=100.5, now=101.0)                              # queue 0.5 s
+                m.record_step([("r1", 10, False)], 30, 1, 0, 0.5, 101.0, now=101.2)   # ITL 0.2 s
+                m.record_step([("r1", 10, True)], 30, 1, 0, 0.75, 101.2, now=101.5)   # ITL 0.3 s, done
+                m.record_request(latency_s=1.5, prompt_tokens=5, generated_tokens=3, finish_reason="length",
+                                 ttft_s=0.9, speedup=1.4)
                 from skipray.core.requests import Completion
 
-                b = EngineMetrics("testbatch")
+                b = EngineMetrics("testbatch", "tiny")
                 b.record_batch([Completion(4, [1, 2, 3], [30, 20, 10], "stop"), Completion(2, [5], [30], "length")],
                                num_layers=30, max_rows=8, latency_s=0.5)
                 return m.enabled and b.enabled
 
         rec = Recorder.remote()
         assert ray.get(rec.run.remote()) is True
-        want = {"ray_skipray_layers_computed_total", "ray_skipray_request_latency_s_count",
-                "ray_skipray_batch_occupancy"}
+        want = {"ray_skipray_layers_computed_total", "ray_skipray_e2e_request_latency_seconds_count",
+                "ray_skipray_kv_cache_usage_perc"}
         deadline, text = time.time() + 45, ""
         while time.time() < deadline:
             try:
@@ -79,8 +82,10 @@ WITH_RAY = textwrap.dedent(
         samples = {}
         for line in text.splitlines():
             for comp in ("testactor", "testbatch"):
-                if line.startswith("ray_skipray") and f'component="{comp}"' in line:
+                if line.startswith("ray_skipray") and f'component="{comp}"' in line and 'model_name="tiny"' in line:
                     key = f"{comp}/{line.split('{')[0]}"
+                    if "finished_reason=" in line:
+                        key += "/" + line.split('finished_reason="')[1].split('"')[0]
                     samples[key] = samples.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         print("RESULT " + json.dumps(samples))
     finally:
@@ -101,12 +106,25 @@ def test_noop_and_cheap_without_ray():
     assert float(out.stdout.strip()) < 20e-6  # a no-op call costs microseconds
 
 
-def test_metric_names_are_valid_prometheus_names():
+def test_metric_names_are_vllms_with_the_skipray_prefix():  # vllm:x -> skipray_x
     import re
 
     assert len(set(METRIC_NAMES)) == len(METRIC_NAMES)
     for n in METRIC_NAMES:
-        assert re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", n) and n.startswith("skipray_")
+        assert re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", n) and n.startswith("skipray_")  # Ray drops names with ":"
+    vllm = {
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+        "prompt_tokens",
+        "generation_tokens",
+        "request_success",
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+    }
+    assert {f"skipray_{n}" for n in vllm} <= set(METRIC_NAMES)
 
 
 @pytest.mark.ray
@@ -129,24 +147,19 @@ def test_metrics_reach_prometheus_endpoint(tmp_path):
     samples = json.loads(line[-1][len("RESULT ") :])
     a = {k.split("/", 1)[1]: v for k, v in samples.items() if k.startswith("testactor/")}
     b = {k.split("/", 1)[1]: v for k, v in samples.items() if k.startswith("testbatch/")}
-    for name in (
-        "skipray_requests",
-        "skipray_prompt_tokens",
-        "skipray_generated_tokens",
-        "skipray_layers_computed",
-        "skipray_layers_skipped",
-        "skipray_decode_steps",
-    ):
-        assert f"ray_{name}_total" in a, (name, sorted(samples))
-    assert a["ray_skipray_layers_computed_total"] == 70
-    assert a["ray_skipray_layers_skipped_total"] == 80
-    assert a["ray_skipray_generated_tokens_total"] == 7
-    assert a["ray_skipray_requests_total"] == 1
-    assert a["ray_skipray_request_latency_s_count"] == 1
-    assert a["ray_skipray_ttft_s_count"] == 1
-    assert a["ray_skipray_batch_occupancy"] == 0.75
+    # the serve path: three steps of one request, then its end
+    assert a["ray_skipray_generation_tokens_total"] == 3 and a["ray_skipray_decode_steps_total"] == 3
+    assert (a["ray_skipray_layers_computed_total"], a["ray_skipray_layers_skipped_total"]) == (50, 40)
+    # (Ray's exported histogram sums are bucket midpoints, so the counts are what is checked)
+    assert a["ray_skipray_request_queue_time_seconds_count"] == 1
+    assert a["ray_skipray_inter_token_latency_seconds_count"] == 2
+    assert a["ray_skipray_kv_cache_usage_perc"] == 0.75 and a["ray_skipray_num_requests_waiting"] == 0
+    assert a["ray_skipray_request_success_total/length"] == 1 and a["ray_skipray_prompt_tokens_total"] == 5
+    assert a["ray_skipray_time_to_first_token_seconds_count"] == 1
+    assert a["ray_skipray_e2e_request_latency_seconds_count"] == 1
+    assert a["ray_skipray_request_theoretical_speedup_count"] == 1
     # record_batch over two Completions: 2 requests, 6 prompt / 4 generated tokens, 90 run / 30 skipped
-    assert (b["ray_skipray_requests_total"], b["ray_skipray_prompt_tokens_total"]) == (2, 6)
-    assert b["ray_skipray_generated_tokens_total"] == 4
+    assert (b["ray_skipray_request_success_total/stop"], b["ray_skipray_request_success_total/length"]) == (1, 1)
+    assert b["ray_skipray_prompt_tokens_total"] == 6 and b["ray_skipray_generation_tokens_total"] == 4
     assert (b["ray_skipray_layers_computed_total"], b["ray_skipray_layers_skipped_total"]) == (90, 30)
-    assert b["ray_skipray_decode_steps_total"] == 3 and b["ray_skipray_batch_occupancy"] == 0.25
+    assert b["ray_skipray_decode_steps_total"] == 3 and b["ray_skipray_num_requests_running"] == 2

@@ -145,3 +145,14 @@ def test_resolve_schedule_is_the_one_rule_for_skip_flags():
         resolve_schedule({"max_layers": "six"}, 12, trained)
     with pytest.raises(ValueError, match="min_layers"):
         resolve_schedule({"min_layers": 13}, 12, trained)
+
+
+def test_flop_speedup_of_an_answer_equals_the_schedules_theoretical_speedup():
+    from skipray.core.schedule import flop_speedup
+
+    s = SkipSchedule(12, 12, 4, 6, shape="power", power=0.7)
+    cost = CostModel(layer_params=1000, attn_dim=16, head_params=3000)
+    for n in (1, 2, 9, 40):
+        got = flop_speedup(s.layers_per_token(n), cost, 7, 12)
+        assert got == pytest.approx(theoretical_speedup(s, cost, 7, n))
+    assert flop_speedup([12] * 5, cost, 7, 12) == pytest.approx(1.0)

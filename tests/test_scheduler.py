@@ -150,9 +150,12 @@ def test_abort_frees_row_and_queue_bound():
     model = SkipModel(tiny_llama())
     eng = Engine(model, max_batch=2, max_len=64, max_waiting=1)
     a = eng.add_request([3, 4], SamplingParams(max_tokens=50))
+    assert eng.cache_usage() == 0.0
     eng.step()
+    assert eng.cache_usage() == pytest.approx(4 / (2 * 64))  # a: prompt 2 + tokens 2 (prefill, one decode)
     b = eng.add_request([5, 6], SamplingParams(max_tokens=50))
     eng.step()
+    assert eng.cache_usage() == pytest.approx((5 + 4) / (2 * 64))
     c = eng.add_request([7, 8], SamplingParams(max_tokens=3))
     with pytest.raises(QueueFull):
         eng.add_request([7, 8], SamplingParams(max_tokens=3))

@@ -20,6 +20,7 @@ the other rows are unaffected.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -29,6 +30,8 @@ import pyarrow as pa
 
 from skipray.batch.params import sampling_params
 from skipray.batch.rows import ERROR_KIND, GENERATED_COLUMNS, INTERNAL_COLUMNS, PARAMS, TOKENS, schedule_for
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,11 @@ class SkipDecodeEngineStage:
         from skipray.metrics import EngineMetrics
         from skipray.text import detokenizer
 
-        self.metrics = EngineMetrics("batch")
+        self.metrics = EngineMetrics("batch", spec.model)
         torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // max(1, spec.max_actors)))
         self.spec = spec
         self.m = load(spec.model, device=spec.device)
+        self.cost = self.m.model.cost_model()
         self.schedule = SkipSchedule.from_dict(spec.schedule)
         self.trained = self.m.schedule.to_dict() if self.m.schedule else None
         self._schedules: dict[str, object] = {}
@@ -175,9 +179,17 @@ class SkipDecodeEngineStage:
             if c.finish_reason == "error":
                 comps[k] = self._alone(prompts[k], params[k], schedules[k])
         done = [c for c in comps if not isinstance(c, BaseException)]
-        self.metrics.record_batch(
-            done, self.m.model.num_layers, self.spec.batch_size, time.perf_counter() - t0, self.engine.steps - steps
-        )
+        try:
+            self.metrics.record_batch(
+                done,
+                self.m.model.num_layers,
+                self.spec.batch_size,
+                time.perf_counter() - t0,
+                self.engine.steps - steps,
+                self.cost,
+            )
+        except Exception:  # metrics never fail a batch
+            logger.exception("recording batch metrics failed")
         return comps
 
     def __call__(self, block: pa.Table) -> pa.Table:

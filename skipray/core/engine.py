@@ -127,6 +127,12 @@ class Engine:
         """Online requests waiting."""
         return len(self.scheduler.waiting)
 
+    def cache_usage(self) -> float:
+        """The share of the cache's slots (rows x slots per row) that hold live requests' tokens, 0-1."""
+        s = self.scheduler
+        used = sum(r.slots for r in s.live + s.prefilling)
+        return min(used / max(self.runner.cache.max_batch * self.max_len, 1), 1.0)
+
     # -- requests (any thread) ---------------------------------------------------------------------
     def _check_fits(self, req: Request) -> None:
         """Raise ``ValueError`` for a request this engine, as it is sized, can never serve."""

@@ -268,3 +268,16 @@ def resolve_schedule(
             raise ValueError(f"invalid skip flags: {e}") from None
     warning = UNTRAINED_WARNING if trained is None and not schedule.is_full else None
     return ResolvedSchedule(schedule, warning)
+
+
+def flop_speedup(layers_per_token, cost: CostModel, prompt_len: int, num_layers: int) -> float:
+    """FLOP ratio full depth / what one answer ran: ``layers_per_token`` as the engine reports it (one
+    entry per generated token; entry 0 comes from the prompt's full-depth pass and is left out, as in
+    ``theoretical_speedup``); attention over each step's context and the lm_head are counted. 1.0 for an
+    answer of fewer than two tokens."""
+    full = skip = 0.0
+    for i, n in enumerate(list(layers_per_token)[1:]):
+        ctx = prompt_len + i + 1
+        full += cost.token_flops(num_layers, ctx)
+        skip += cost.token_flops(n, ctx)
+    return full / skip if skip else 1.0

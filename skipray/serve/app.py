@@ -90,7 +90,7 @@ def server_from_args(args: dict[str, Any]):
         model_name=args.get("model_name", "skipray"),
         max_tokens_limit=limit,
         default_max_tokens=int(args.get("default_max_tokens", min(256, limit))),
-        metrics=EngineMetrics("serve"),
+        metrics=EngineMetrics("serve", args.get("model_name", "skipray")),
         limits=ServeLimits.from_args(args),
         scheduling_policy=args.get("scheduling_policy") or "fcfs",
         max_failed_steps=int(args.get("health_max_failed_steps", 3)),

@@ -120,6 +120,8 @@ class EngineLoop:
             self._sinks[rid] = sink
         done = False
         try:
+            if self.metrics is not None:
+                self.metrics.record_arrival(rid)
             self.engine.add_request(prompt, params, schedule, request_id=rid, offline=offline, priority=priority)
             self._wake.set()
             while True:
@@ -141,6 +143,8 @@ class EngineLoop:
             if not done:
                 self.engine.abort(rid)
                 self._wake.set()
+                if self.metrics is not None:
+                    self.metrics.forget(rid)
 
     # -- the thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -153,6 +157,7 @@ class EngineLoop:
                     continue
                 if self.busy_since is None:
                     self.busy_since = time.monotonic()
+                step_start = time.perf_counter()
                 try:
                     events = self.engine.step()
                 except Exception as e:  # not contained by the engine: fail everything pending, go on
@@ -167,7 +172,7 @@ class EngineLoop:
                     self.failed_steps += 1
                 else:  # a step that made progress (tokens, or a prompt chunk with no event yet)
                     self.failed_steps, self.last_ok = 0, time.monotonic()
-                self._record(events)
+                self._record(events, step_start)
                 for ev in events:
                     self._deliver(ev.request_id, ev)
         except BaseException as e:
@@ -198,13 +203,19 @@ class EngineLoop:
             self.engine.abort(rid)  # in case it was queued after the reset: nobody waits for it now
             self._deliver(rid, error)
 
-    def _record(self, events: list) -> None:
+    def _record(self, events: list, step_start: float) -> None:
         if self.metrics is None:
             return
         try:
-            toks = [e for e in events if e.token_id is not None]
-            if toks:
-                self.metrics.record_layers([e.layers for e in toks], self.engine.model.num_layers)
-                self.metrics.record_occupancy(len({e.request_id for e in toks}), self.engine.max_batch)
+            e = self.engine
+            toks = [
+                (ev.request_id, ev.layers, ev.finish_reason is not None) for ev in events if ev.token_id is not None
+            ]
+            self.metrics.record_step(
+                toks, e.model.num_layers, e.num_running, e.num_waiting, e.cache_usage(), step_start
+            )
+            for ev in events:
+                if ev.token_id is None:  # ended without a token (abort, error): nothing more will come
+                    self.metrics.forget(ev.request_id)
         except Exception:
             logger.exception("recording engine metrics failed")

@@ -89,11 +89,13 @@ class _Reply:
         self.text = TextStream(tokenizer, prompt, stop, include_stop)
         self.prompt_len, self.layers = len(prompt), []
         self.out = ""  # the text handed out so far
+        self.finish: str | None = None
 
     def add(self, ev) -> tuple[str, list[R.TokenLogprob]]:
         from skipray.text import token_bytes, token_strings
 
         self.layers.append(ev.layers)
+        self.finish = ev.finish_reason
         delta = self.text.add(ev.token_id, final=ev.finish_reason is not None)
         self.out += delta
         if self.top is None or ev.logprobs is None:
@@ -389,8 +391,16 @@ class OpenAIServer(RequestPreparation):
         yield "data: [DONE]\n\n"
 
     def _record(self, t0: float, reply: _Reply, ttft: float) -> None:
-        if self.metrics is not None:
-            self.metrics.record_request(time.perf_counter() - t0, reply.prompt_len, len(reply.layers), ttft)
+        if self.metrics is None:
+            return
+        from skipray.core.schedule import flop_speedup
+
+        try:
+            speedup = flop_speedup(reply.layers, self.engine.model.cost_model(), reply.prompt_len, self.num_layers)
+            latency = time.perf_counter() - t0
+            self.metrics.record_request(latency, reply.prompt_len, len(reply.layers), reply.finish, ttft, speedup)
+        except Exception:  # metrics never fail a request
+            logger.exception("recording request metrics failed")
 
 
 async def _collect(reply: _Reply, first, events) -> tuple[list[R.TokenLogprob], str]:
