@@ -244,6 +244,7 @@ def test_processor_on_a_users_dataset(ray_local, tiny_dir):
         "num_input_tokens",
         "num_generated_tokens",
         "avg_layers",
+        "logprobs",
         "finish_reason",
         "error",
         "input_error",
@@ -334,3 +335,32 @@ def test_vllm_sampling_params_in_batch_rows(tiny_dir):
 
     sp = sampling_params(out.column(PARAMS).to_pylist()[1])
     assert sp.min_tokens == 2 and sp.logit_bias == {5: 1.0} and sp.bad_words_ids and sp.ignore_eos
+
+
+def test_logprobs_column_in_batch_rows(ray_local, tiny_dir):
+    """``sampling_params.logprobs`` k fills the row's ``logprobs``: per generated token its id, log-prob and the
+    k most likely tokens (greedy: the sampled one is the top one); rows without it hold null; k > 20 is an
+    error row."""
+    import ray
+
+    processor = batch.build_processor(proc_config(tiny_dir))
+    ds = ray.data.from_items(
+        [
+            {"prompt": "Hello", "sampling_params": {"max_tokens": 4, "logprobs": 2}},
+            {"prompt": "Hello", "sampling_params": {"max_tokens": 4, "logprobs": 0}},
+            {"prompt": "Hello", "sampling_params": {"max_tokens": 4}},
+            {"prompt": "Hello", "sampling_params": {"max_tokens": 4, "logprobs": 21}},
+        ]
+    )
+    rows = sorted(processor(ds).take_all(), key=lambda r: (r["error"] is not None, r["logprobs"] is None))
+    two, zero, none, bad = rows[0], rows[1], rows[2], rows[3]
+    if len(zero["logprobs"] or []) and len(zero["logprobs"][0]["top_logprobs"]) == 2:
+        two, zero = zero, two
+    assert [e["token_id"] for e in two["logprobs"]] == list(two["generated_tokens"])
+    for e in two["logprobs"]:
+        tops = e["top_logprobs"]
+        assert len(tops) == 2 and tops[0]["logprob"] >= tops[1]["logprob"] and e["logprob"] <= 0
+        assert tops[0]["token_id"] == e["token_id"] and e["logprob"] == pytest.approx(tops[0]["logprob"])
+    assert [e["top_logprobs"] for e in zero["logprobs"]] == [[]] * len(zero["generated_tokens"])
+    assert none["logprobs"] is None and none["error"] is None
+    assert "logprobs" in bad["error"] and bad["logprobs"] is None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from skipray.batch.params import sampling_params
+from skipray.batch.params import LOGPROBS_TYPE, logprobs_value, sampling_params
 from skipray.batch.rows import ERROR_KIND, GENERATED_COLUMNS, INTERNAL_COLUMNS, PARAMS, TOKENS, schedule_for
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ class SkipDecodeEngineStage:
         gen = [0] * n
         avg: list[float | None] = [None] * n
         reason: list[str | None] = [None] * n
+        lps: list[list[dict] | None] = [None] * n
         errors = block.column("error").to_pylist()
         kinds = ["input" if e is not None else None for e in errors]
         toks = block.column(TOKENS).to_pylist()
@@ -225,12 +226,14 @@ class SkipDecodeEngineStage:
             text[r] = decode(self.m.tokenizer, c.token_ids, params[r]["stop"] or (), bool(params[r]["include_stop"]))
             tokens[r], gen[r] = list(c.token_ids), len(c.token_ids)
             avg[r], reason[r] = round(c.avg_layers, 3), c.finish_reason
+            lps[r] = logprobs_value(c.token_ids, c.logprobs, params[r]["logprobs"])
         out = block.drop_columns([c for c in INTERNAL_COLUMNS if c in block.column_names] + ["error"])
         for name, values, typ in (
             ("generated_text", text, pa.string()),
             ("generated_tokens", tokens, pa.list_(pa.int32())),
             ("num_generated_tokens", gen, pa.int32()),
             ("avg_layers", avg, pa.float32()),
+            ("logprobs", lps, LOGPROBS_TYPE),
             ("finish_reason", reason, pa.string()),
             ("error", errors, pa.string()),
             (ERROR_KIND, kinds, pa.string()),

@@ -7,10 +7,13 @@ Contract:
   cannot change what a row's output holds here, accepted with any value (``detokenize``: the job always
   writes text and token ids; ``output_kind``: rows are always final) or only at the value that changes
   nothing (``n`` 1: one row per id, so a row with ``n`` > 1 is an error row; ``skip_special_tokens``
-  true, ``spaces_between_special_tokens`` true, ``logprobs`` / ``prompt_logprobs`` none or 0). Any other
+  true, ``spaces_between_special_tokens`` true, ``prompt_logprobs`` none or 0). Any other
   field is refused by name (an error row). ``guided_decoding`` (Ray Data LLM's name) and
   ``structured_outputs`` (vLLM's) take ``json`` (a schema), ``regex``, ``choice``, ``grammar`` (Lark) or
   ``json_object: true`` (``skipray.structured``); vLLM's backend options in them are accepted without effect.
+* ``logprobs`` (0-20) fills the row's ``logprobs`` column (``LOGPROBS_TYPE``): per generated token its id,
+  its log-prob and the ``logprobs`` most likely tokens with theirs (the step's log-softmax, as vLLM returns
+  it); rows without it hold null there.
 * ``resolve(row_params, defaults)`` merges a row's dict over the config's defaults (null = default) and
   checks every value (``ValueError`` naming the field): integers within their Arrow column's range,
   finite floats, the right types, and the ranges ``SamplingParams.validate`` enforces.
@@ -44,7 +47,9 @@ IMPLEMENTED: dict[str, Any] = {
     "include_stop_str_in_output": False,
     "guided_decoding": None,
     "structured_outputs": None,
+    "logprobs": None,  # vLLM's: the sampled token's log-prob and the top-k's per token (the row's ``logprobs``)
 }
+MAX_LOGPROBS = 20
 STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 STRUCTURED_OPTIONS = (
     "backend",
@@ -60,7 +65,6 @@ NO_OP: dict[str, Any] = {  # field -> predicate of the values that change nothin
     "output_kind": lambda v: True,
     "skip_special_tokens": lambda v: v is True,
     "spaces_between_special_tokens": lambda v: v is True,
-    "logprobs": lambda v: v in (0, None),
     "prompt_logprobs": lambda v: v in (0, None),
 }
 INT_RANGES = {
@@ -68,6 +72,7 @@ INT_RANGES = {
     "top_k": (-1, 2**31 - 1),
     "seed": (-(2**63), 2**63 - 1),
     "min_tokens": (0, 2**31 - 1),
+    "logprobs": (0, MAX_LOGPROBS),
 }
 FLOAT_RANGES = {
     "temperature": (0.0, math.inf),
@@ -98,8 +103,30 @@ PARAMS_TYPE = pa.struct(
         ("logit_bias_values", pa.list_(pa.float64())),
         ("include_stop", pa.bool_()),
         ("grammar", pa.string()),
+        ("logprobs", pa.int32()),
     ]
 )
+
+
+_TOP = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])
+LOGPROBS_TYPE = pa.list_(
+    pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()), ("top_logprobs", pa.list_(_TOP))])
+)
+
+
+def logprobs_value(token_ids: list[int], logprobs: list, top: int | None) -> list[dict] | None:
+    """A row's ``logprobs`` column value from a ``Completion``'s ``token_ids`` and ``logprobs``
+    (``TopLogprobs`` per token); None when the row did not ask (``top`` None)."""
+    if top is None:
+        return None
+    return [
+        {
+            "token_id": t,
+            "logprob": lp.logprob,
+            "top_logprobs": [{"token_id": i, "logprob": v} for i, v in zip(lp.top_ids[:top], lp.top_logprobs[:top])],
+        }
+        for t, lp in zip(token_ids, logprobs)
+    ]
 
 
 def _int(name: str, v: Any, lo: int, hi: int) -> int:
@@ -227,6 +254,7 @@ def to_row(
         "logit_bias_values": list(bias.values()),
         "include_stop": p["include_stop_str_in_output"],
         "grammar": grammar,  # the compiled structured output (skipray.structured), or None
+        "logprobs": p["logprobs"],
     }
 
 
@@ -251,4 +279,5 @@ def sampling_params(row: dict):
         bad_words_ids=tuple(tuple(w) for w in row["bad_words_ids"] or ()),
         ignore_eos=bool(row["ignore_eos"]),
         logit_bias=bias or None,
+        logprobs=0 if row.get("logprobs") is None else max(row["logprobs"], 1),
     )

@@ -48,6 +48,7 @@ GENERATED_COLUMNS = (
     "generated_tokens",
     "num_generated_tokens",
     "avg_layers",
+    "logprobs",
     "finish_reason",
     "error",
     ERROR_KIND,
