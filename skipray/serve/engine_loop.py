@@ -205,6 +205,6 @@ class EngineLoop:
             toks = [e for e in events if e.token_id is not None]
             if toks:
                 self.metrics.record_layers([e.layers for e in toks], self.engine.model.num_layers)
-                self.metrics.record_occupancy(len({e.request_id for e in toks}), self.engine.max_batch)
+                self.metrics.record_occupancy(len({e.request_id for e in toks}), self.engine.config.max_num_seqs)
         except Exception:
             logger.exception("recording engine metrics failed")
