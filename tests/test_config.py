@@ -113,6 +113,8 @@ def test_engine_takes_the_config_whole():
         Engine(model, max_len=40, max_model_len=40)
     with pytest.raises(TypeError, match="no field"):
         Engine(model, max_rows=3)
+    with pytest.raises(TypeError, match="config must be an EngineConfig"):
+        Engine(model, None, 4)  # the older positional max_batch
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Engine(model, max_batch=8, max_num_batched_tokens=7)
 
@@ -147,7 +149,7 @@ def test_the_server_turns_the_length_check_into_a_400():
         err = e.value
         assert (err.status, err.param, err.code) == (400, field, "context_length_exceeded")
         assert err.message == message(50, 20, 64, field)
-    req = P.CompletionRequest.model_validate({"model": "tiny", "prompt": "x"})  # no max_tokens, and the prompt fills the context
+    req = P.CompletionRequest.model_validate({"model": "tiny", "prompt": "x"})  # no max_tokens; the prompt fills it all
     with pytest.raises(P.RequestError) as e:
         Prep()._prepare(req, [5] * 64)
     assert e.value.message == message(64, 0, 64)

@@ -83,7 +83,9 @@ class Engine:
         them. ``schedule``: the default per request (full depth); ``cache_schedule`` sizes the cache
         (module docstring); ``detokenize``: ids -> text, for stop strings. Raises ``ValueError`` for a
         schedule of another depth or a config ``EngineConfig`` refuses, ``TypeError`` for unknown ``changes``."""
-        config = config or EngineConfig()
+        config = EngineConfig() if config is None else config
+        if not isinstance(config, EngineConfig):  # e.g. an older positional Engine(model, schedule, max_batch)
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.model, self.config = model.eval(), config.replace(**changes) if changes else config
         self.schedule = schedule or SkipSchedule.full(model.num_layers)
         self.cache_schedule = cache_schedule or SkipSchedule.full(model.num_layers)
