@@ -13,6 +13,7 @@ import time
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from skipray.core.config import EngineConfig
     from skipray.core.engine import Engine
     from skipray.core.requests import SamplingParams
     from skipray.loading import load
@@ -34,15 +35,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop or (),
     )
-    engine = Engine(
-        m.model,
-        schedule,
-        max_batch=len(prompts),
-        max_len=max(map(len, prompts)) + args.max_new_tokens,
-        eos_token_ids=m.eos_token_ids,
+    config = EngineConfig(
+        max_num_seqs=len(prompts),
+        max_model_len=max(map(len, prompts)) + args.max_new_tokens,
         max_tokens=args.max_new_tokens,
-        cache_schedule=schedule,
-        detokenize=detokenizer(m.tokenizer),
+    )
+    engine = Engine(
+        m.model, schedule, config, m.eos_token_ids, cache_schedule=schedule, detokenize=detokenizer(m.tokenizer)
     )  # the cache sized for the schedule
     t1 = time.perf_counter()
     outs = engine.generate(prompts, params)

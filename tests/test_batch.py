@@ -156,7 +156,7 @@ def test_prepare_block_marks_bad_rows(tmp_path, tiny_dir):
     assert rows["Hello there"][batch.TOKENS]
     errs = {r["prompt"]: r["error"] for r in out.to_pylist()}
     assert errs[None] == "prompt is null" and errs[""] == errs["   "] == "prompt is empty"
-    assert "too long" in errs[long] and "context of 96" in errs[long]
+    assert errs[long].startswith("prompt too long: ") and "this model's context is 96 tokens" in errs[long]
     assert "duplicate id 'f'" in errs["dup"] and "duplicate id" in errs["dup again"] and errs["no id"] == "id is null"
 
 

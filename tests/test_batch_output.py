@@ -389,10 +389,14 @@ def test_a_changed_input_is_detected_before_its_rows_are_read(tmp_path, tiny_dir
 # -- engine faults -----------------------------------------------------------------------------------------
 def test_engine_faults_retry_on_a_fresh_engine_then_become_engine_rows(tiny_dir):
     from skipray.batch.actor import ActorSpec, SkipDecodeEngineStage, fault_kind
+    from skipray.core.config import EngineConfig
 
     assert fault_kind(ValueError("x")) == "input" and fault_kind(RuntimeError("CUDA error")) == "engine"
     assert fault_kind(FloatingPointError("nan")) == "engine"
-    spec = ActorSpec(model=str(tiny_dir), schedule=config(tiny_dir).schedule, batch_size=2, threads=1, engine_retries=2)
+    engine = EngineConfig(max_num_seqs=2, max_model_len=320)
+    spec = ActorSpec(
+        model=str(tiny_dir), schedule=config(tiny_dir).schedule, engine=engine, threads=1, engine_retries=2
+    )
     gen = SkipDecodeEngineStage(spec)
     model, real = gen.m.model, gen.m.model.embed
     calls = {"fail": 0}

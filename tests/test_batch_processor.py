@@ -84,6 +84,18 @@ def test_tokenizing_never_loads_or_converts_the_model(tiny_dir, monkeypatch):
     assert out.column("error").to_pylist() == [None] and out.column("num_input_tokens").to_pylist()[0] > 0
 
 
+def test_the_processor_sizes_its_engine_through_engine_config(tiny_dir):
+    from skipray.batch.processor import SkipDecodeProcessor
+    from skipray.core.config import EngineConfig, context_length
+
+    p = SkipDecodeProcessor(proc_config(tiny_dir))
+    assert p.row_context.max_model_len == p.facts.max_positions == 96  # no max_model_len: the model's context
+    assert p.actor_spec.engine == EngineConfig(max_num_seqs=2, max_model_len=96)  # min(context, 256 + max_tokens)
+    p = SkipDecodeProcessor(proc_config(tiny_dir, max_model_len=80, sampling_params={"max_tokens": 4}))
+    assert p.row_context.max_model_len == context_length(80, 96) == 80
+    assert p.actor_spec.engine.max_model_len == 80
+
+
 def test_invalid_rows_become_error_rows(tiny_dir):
     from skipray.batch.processor import SkipDecodeProcessor
 

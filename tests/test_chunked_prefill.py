@@ -256,7 +256,7 @@ def test_serve_app_passes_the_budget_to_the_engine(monkeypatch, value, want):
     monkeypatch.setattr(skipray.metrics, "EngineMetrics", lambda *a, **k: None)
     monkeypatch.setattr(skipray.serve.server, "OpenAIServer", lambda tok, engine, *a, **k: engine)
     engine = server_from_args({"max_batch": 16, "max_num_batched_tokens": value})
-    assert engine.scheduler.max_num_batched_tokens == want
+    assert engine.config.max_num_batched_tokens == want
     cfg = yaml.safe_load(open(Path(__file__).resolve().parent.parent / "skipray" / "serve" / "config.yaml"))
     assert "max_num_batched_tokens" in cfg["applications"][0]["args"]
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from skipray.core.config import EngineConfig
 from skipray.core.requests import QueueFull, SamplingParams
 from skipray.core.schedule import SkipSchedule
 from skipray.core.scheduler import Request, RowMoves, Scheduler
@@ -37,19 +38,19 @@ class Rows:
 
 
 def test_admission_budget_and_batch_bound():
-    s = Scheduler(max_batch=3, max_prefill_tokens=20)
+    s = Scheduler(EngineConfig(max_num_seqs=3, max_prefill_tokens=20))
     for k, n in enumerate([4, 6, 30, 5]):
         s.add(req(f"r{k}", n))
     assert [r.request_id for r in s.take_admissions()] == ["r0", "r1"]  # 3 x 30 padded would not fit
     assert [r.request_id for r in s.take_admissions()] == ["r2"]  # alone: a long prompt is never starved
     with pytest.raises(ValueError, match="max_prefill_tokens"):
-        Scheduler(4, max_prefill_tokens=0)
+        EngineConfig(max_num_seqs=4, max_prefill_tokens=0)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        Scheduler(4, max_num_batched_tokens=3)
+        EngineConfig(max_num_seqs=4, max_num_batched_tokens=3)
 
 
 def test_queue_bound_and_offline_class():
-    s = Scheduler(max_batch=4, max_waiting=1, max_offline_rows=2)
+    s = Scheduler(EngineConfig(max_num_seqs=4, max_waiting=1, max_offline_rows=2))
     for k in range(3):
         s.add(req(f"off{k}", offline=True))  # unbounded
     s.add(req("on0"))
@@ -63,7 +64,7 @@ def test_queue_bound_and_offline_class():
 
 
 def test_online_requests_are_admitted_by_priority_then_arrival():
-    s = Scheduler(max_batch=2)
+    s = Scheduler(EngineConfig(max_num_seqs=2))
     for rid, prio in [("a", 0), ("b", 1), ("c", -1), ("d", 0), ("e", -1)]:
         r = req(rid)
         r.priority = prio
@@ -73,7 +74,7 @@ def test_online_requests_are_admitted_by_priority_then_arrival():
 
 
 def test_rows_follow_their_requests_and_layers_run_on_one_range():
-    s = Scheduler(max_batch=6)
+    s = Scheduler(EngineConfig(max_num_seqs=6))
     rows = Rows(s)
     arrivals = [[req("a0"), req("b0", schedule=B)], [req("a1"), req("b1", schedule=B)], [req("a2")]]
     for group in arrivals:
@@ -99,7 +100,7 @@ def test_rows_follow_their_requests_and_layers_run_on_one_range():
 
 
 def test_aborts_drop_waiting_and_running_requests():
-    s = Scheduler(max_batch=2)
+    s = Scheduler(EngineConfig(max_num_seqs=2))
     for k in range(3):
         s.add(req(f"r{k}"))
     s.arrange(s.take_admissions())

@@ -1,9 +1,10 @@
 """The generating actor of the skip-decoding processor (a Ray Data callable class; no Ray import here).
 
-Contract: ``SkipDecodeEngineStage(spec)`` loads the model once and builds one ``Engine`` of ``batch_size``
-rows (its KV cache reused across calls). ``__call__(block)`` takes one window of rows from
-``skipray.batch.rows.prepare_rows`` and returns it with ``generated_text``, ``generated_tokens``,
-``num_generated_tokens``, ``avg_layers`` and ``finish_reason`` added and the internal columns dropped.
+Contract: ``SkipDecodeEngineStage(spec)`` loads the model once and builds one ``Engine`` with the spec's
+``EngineConfig`` (``max_num_seqs``: the processor's ``batch_size``; its KV cache is reused across calls).
+``__call__(block)`` takes one window of rows from ``skipray.batch.rows.prepare_rows`` and returns it with
+``generated_text``, ``generated_tokens``, ``num_generated_tokens``, ``avg_layers`` and ``finish_reason``
+added and the internal columns dropped.
 The window's good rows go into the engine together (continuous batching): each with its own sampling
 params, seed and schedule (a row's ``skip`` flags, else the config's), admitted shortest prompt first
 when ``bucket`` (rows prefilled together then have similar lengths), and a row that finishes frees its
@@ -30,6 +31,7 @@ import pyarrow as pa
 
 from skipray.batch.params import LOGPROBS_TYPE, logprobs_value, sampling_params
 from skipray.batch.rows import ERROR_KIND, GENERATED_COLUMNS, INTERNAL_COLUMNS, PARAMS, TOKENS, schedule_for
+from skipray.core.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +42,9 @@ class ActorSpec:
 
     model: str
     schedule: dict  # the default schedule, SkipSchedule.to_dict()
-    batch_size: int = 32
+    # the engine's: max_num_seqs rows per engine batch; max_model_len, the initial cache length (generate grows it)
+    engine: EngineConfig = EngineConfig(max_num_seqs=32, max_model_len=320)
     bucket: bool = True
-    max_len: int = 320  # the engine's initial cache length (it grows when a call needs more)
     threads: int = 0  # torch threads (0: the node's cores / max_actors)
     max_actors: int = 1
     device: str | None = None
@@ -82,12 +84,7 @@ class SkipDecodeEngineStage:
         self._schedules: dict[str, object] = {}
         self._constraints = None  # skipray.structured.Constraints, built for the first row with a grammar
         self._new_engine = lambda: Engine(
-            self.m.model,
-            self.schedule,
-            max_batch=spec.batch_size,
-            max_len=spec.max_len,
-            eos_token_ids=self.m.eos_token_ids,
-            detokenize=detokenizer(self.m.tokenizer),
+            self.m.model, self.schedule, spec.engine, self.m.eos_token_ids, detokenize=detokenizer(self.m.tokenizer)
         )
         self.engine = self._new_engine()
 
@@ -159,12 +156,12 @@ class SkipDecodeEngineStage:
         When the rows ask for different ``max_tokens``, the whole window goes to the engine at once and a
         finished row's cache row takes the next prompt (continuous batching: 1.53x the tokens/s of static
         micro-batches on a 16/128-token mix, ``bench/bench_batch.py --mixed``). When they all ask for the
-        same budget, rows run in micro-batches of ``batch_size``, each until its longest row ends: on the
+        same budget, rows run in micro-batches of ``max_num_seqs``, each until its longest row ends: on the
         bundled prompts (EOS ends rows at different lengths) that was 1.5x faster than refilling, whose
         newcomers sit at other steps than their batch-mates (other layers, another adapter phase) and
         prefill in small groups."""
         t0, steps = time.perf_counter(), self.engine.steps
-        size = len(prompts) if len({p.max_tokens for p in params}) > 1 else self.spec.batch_size
+        size = len(prompts) if len({p.max_tokens for p in params}) > 1 else self.spec.engine.max_num_seqs
         try:
             comps: list = [
                 c
@@ -183,7 +180,7 @@ class SkipDecodeEngineStage:
             self.metrics.record_batch(
                 done,
                 self.m.model.num_layers,
-                self.spec.batch_size,
+                self.spec.engine.max_num_seqs,
                 time.perf_counter() - t0,
                 self.engine.steps - steps,
                 self.cost,

@@ -32,6 +32,7 @@ from typing import Any
 from skipray.batch import actor
 from skipray.batch.actor import ActorSpec
 from skipray.batch.rows import RowContext, ShippedTokenizer, SkipDecodeProcessorConfig, prepare_rows
+from skipray.core.config import EngineConfig, context_length
 
 
 @dataclass
@@ -122,7 +123,7 @@ class SkipDecodeProcessor:
         self.postprocess_map_kwargs = postprocess_map_kwargs or {}
         self.facts = facts or model_facts(config.model_source)
         self.schedule = config_schedule(config.schedule, self.facts)
-        context = min(config.max_model_len or self.facts.max_positions, self.facts.max_positions)
+        context = context_length(config.max_model_len, self.facts.max_positions)
         self.row_context = RowContext(
             tokenizer=ShippedTokenizer(AutoTokenizer.from_pretrained(self.facts.base)),
             max_model_len=context,
@@ -138,9 +139,8 @@ class SkipDecodeProcessor:
         self.actor_spec = ActorSpec(
             model=config.model_source,
             schedule=self.schedule.to_dict(),
-            batch_size=config.batch_size,
+            engine=EngineConfig(max_num_seqs=config.batch_size, max_model_len=min(context, 256 + max_tokens)),
             bucket=config.bucket_window > 1,
-            max_len=min(context, 256 + max_tokens),
             threads=config.torch_threads,
             max_actors=config.pool.max_actors,
             device=config.device,

@@ -14,9 +14,10 @@ Contract:
 * ``prepare_rows(block, ctx)`` runs as a Ray Data task per block. It renames input columns whose names
   the processor writes (``input_<name>``; if that is taken too, ``input_<name>_2``, ``_3``, ...), then
   per row tokenizes, resolves the sampling params and the schedule flags, and checks the length
-  against the context. It adds ``num_input_tokens``, ``error`` (null for a good row, else why the row
-  is not generated) and the internal columns ``TOKENS`` and ``PARAMS`` that the actor reads. A row
-  whose internal ``PRE_ERROR`` column is set (the file job's own checks) becomes an error row as is.
+  against the context (``skipray.core.config.check_length``, as the engine and the server do). It adds
+  ``num_input_tokens``, ``error`` (null for a good row, else why the row is not generated) and the
+  internal columns ``TOKENS`` and ``PARAMS`` that the actor reads. A row whose internal ``PRE_ERROR``
+  column is set (the file job's own checks) becomes an error row as is.
 * Seeds: a row with its own ``sampling_params.seed`` uses it. Otherwise, when the config has a seed,
   the row's seed is derived from (that seed, the row's key): the row's ``id_column`` value when it has
   one, else its text and its rank among identical texts in its block. So a row's sample depends on
@@ -39,6 +40,7 @@ import pyarrow as pa
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from skipray.batch.params import PARAMS_TYPE, resolve, sampling_params, to_row
+from skipray.core.config import check_length
 
 # columns the processor adds (Ray Data LLM's names, plus skip decoding's and the error column)
 ERROR_KIND = "error_kind"  # why a row has an error: "input" (permanent) or "engine" (a re-run retries it)
@@ -166,7 +168,7 @@ class RowContext:
     """What a tokenizing task needs, resolved in the driver (small, apart from the tokenizer's bytes)."""
 
     tokenizer: ShippedTokenizer
-    max_model_len: int
+    max_model_len: int  # the context (skipray.core.config.context_length)
     num_layers: int
     trained: dict | None  # the model's trained schedule (to_dict), for per-row ``skip`` flags
     apply_chat_template: bool = False
@@ -312,11 +314,11 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
                 seed = None
             prm = to_row(p, seed, skip, banned, grammar)
             ids_i, err = _encode(tok, prompts[i], messages[i], ctx.apply_chat_template, encode_prompt, encode_messages)
-            if err is None and len(ids_i) + p["max_tokens"] > ctx.max_model_len:
-                err = (
-                    f"prompt too long: {len(ids_i)} tokens + max_tokens {p['max_tokens']} exceed the "
-                    f"model's context of {ctx.max_model_len}"
-                )
+            if err is None:
+                try:
+                    check_length(len(ids_i), p["max_tokens"], ctx.max_model_len)
+                except ValueError as e:
+                    err = f"prompt too long: {e}"
         token_ids.append([] if err else ids_i)
         lengths.append(len(ids_i) if ids_i else 0)
         errors.append(err)

@@ -1,9 +1,10 @@
 """The skip-decoding engine: one loop for static batches, online serving and the offline batch job.
 
 Contract: pure torch over token ids (no Ray, no HTTP; the tokenizer only through the optional
-``detokenize`` hook that checks stop strings). ``Engine`` holds one ``SkipModel``, a ``Scheduler``
-(plain Python: queues, admission, which rows run which layer, retirement), a ``ModelRunner`` (the
-forward passes over KV-cache rows) and the batched sampler (``skipray.core.sampling.sample_rows``).
+``detokenize`` hook that checks stop strings). ``Engine`` holds one ``SkipModel``, its limits
+(``engine.config``, a ``skipray.core.config.EngineConfig``), a ``Scheduler`` (plain Python: queues,
+admission, which rows run which layer, retirement), a ``ModelRunner`` (the forward passes over KV-cache
+rows) and the batched sampler (``skipray.core.sampling.sample_rows``); both get the config whole.
 
 * ``add_request`` / ``abort`` may be called from any thread; ``step`` is called by one loop thread and
   does one iteration: apply aborts; admit waiting requests into free rows and prefill them at full
@@ -22,11 +23,12 @@ forward passes over KV-cache rows) and the batched sampler (``skipray.core.sampl
   request failed with (``raise_errors=False``:
   the failed request ends with ``finish_reason="error"``, the others go on).
 * Offline requests (``add_request(offline=True)``) are their own admission class (``Scheduler``).
-* The cache: layer ``l`` holds ``min(max_len, max_prompt_len + k_l)`` slots, ``k_l`` the steps of
-  ``cache_schedule`` (default full depth) that run ``l`` within ``max_tokens`` (default ``max_len``)
-  new tokens (``skipray.core.memory.layer_slots``). ``add_request`` refuses a request whose prompt is longer
-  than ``max_prompt_len`` or whose schedule would run a layer past its slots (``ValueError``). A
-  server accepting full-depth requests must keep the full-depth default.
+* The cache: ``max_num_seqs`` rows; layer ``l`` holds ``min(max_model_len, prompt_limit + k_l)`` slots,
+  ``k_l`` the steps of ``cache_schedule`` (default full depth) that run ``l`` within ``max_tokens``
+  (default ``max_model_len``) new tokens (``skipray.core.memory.layer_slots``). ``add_request`` refuses
+  a request longer than the context (``skipray.core.config.check_length``), a prompt longer than
+  ``prompt_limit`` or a schedule that would run a layer past its slots (``ValueError``). A server
+  accepting full-depth requests must keep the full-depth default.
 * Faults stay with their request: anything raised for one row (sampling, non-finite logits, the stop
   check) ends that request alone with ``finish_reason="error"`` and ``Event.error``; a failing prefill
   ends the requests it was admitting; a failing decode pass ends every live request (with chunked
@@ -46,6 +48,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from skipray.core.cache import KVCache
+from skipray.core.config import EngineConfig, check_length
 from skipray.core.memory import layer_slots
 from skipray.core.model import SkipModel
 from skipray.core.requests import Completion, Event, SamplingParams, TokenEvent, finish_reason, validate_request
@@ -68,42 +71,30 @@ class Engine:
         self,
         model: SkipModel,
         schedule: SkipSchedule | None = None,
-        max_batch: int = 32,
-        max_len: int = 512,
+        config: EngineConfig | None = None,
         eos_token_ids: Sequence[int] = (),
         *,
-        max_tokens: int | None = None,
-        max_prompt_len: int | None = None,
         cache_schedule: SkipSchedule | None = None,
-        max_waiting: int = 64,
-        max_prefill_tokens: int = 2048,
-        max_num_batched_tokens: int | None = None,
-        max_offline_rows: int | None = None,
         detokenize: Callable[[list[int]], str] | None = None,
+        **changes: int | None,
     ) -> None:
-        """``max_batch`` rows of up to ``max_len`` slots; ``schedule``: the default per request (full depth);
-        ``max_tokens``, ``max_prompt_len`` (default ``max_len - max_tokens``, or ``max_len - 1``) and
-        ``cache_schedule`` size the cache (module docstring); ``max_prefill_tokens``: prompt tokens per
-        admission pass; ``max_num_batched_tokens``: chunked prefill's budget; ``max_waiting`` and
-        ``max_offline_rows``: see ``Scheduler``; ``detokenize``: ids -> text, for stop strings.
-        Raises ``ValueError`` for a schedule of another depth, ``max_tokens`` outside ``[1, max_len]``,
-        ``max_prompt_len`` outside ``[1, max_len - 1]`` or a budget the ``Scheduler`` refuses."""
-        self.model = model.eval()
+        """An engine over ``model`` with ``config``'s limits (default ``EngineConfig()``); ``changes``: fields
+        of ``EngineConfig`` (or ``max_batch`` / ``max_len``) set over it, as ``EngineConfig.replace`` takes
+        them. ``schedule``: the default per request (full depth); ``cache_schedule`` sizes the cache
+        (module docstring); ``detokenize``: ids -> text, for stop strings. Raises ``ValueError`` for a
+        schedule of another depth or a config ``EngineConfig`` refuses, ``TypeError`` for unknown ``changes``."""
+        config = EngineConfig() if config is None else config
+        if not isinstance(config, EngineConfig):  # e.g. an older positional Engine(model, schedule, max_batch)
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        self.model, self.config = model.eval(), config.replace(**changes) if changes else config
         self.schedule = schedule or SkipSchedule.full(model.num_layers)
         self.cache_schedule = cache_schedule or SkipSchedule.full(model.num_layers)
         check_schedule(self.schedule, model.num_layers)
         check_schedule(self.cache_schedule, model.num_layers)
         self.eos_token_ids = tuple(eos_token_ids)
         self.detokenize = detokenize
-        if max_tokens is not None and not 1 <= max_tokens <= max_len:
-            raise ValueError(f"max_tokens must be in [1, max_len={max_len}], got {max_tokens}")
-        if max_prompt_len is not None and not 1 <= max_prompt_len <= max_len - 1:
-            raise ValueError(f"max_prompt_len must be in [1, max_len - 1 = {max_len - 1}], got {max_prompt_len}")
-        self.max_len = max_len
-        self.max_prompt_len = max_prompt_len or (max_len - max_tokens if max_tokens else max_len - 1)
-        lens = layer_slots(self.cache_schedule, self.max_prompt_len, max_tokens or max_len)
-        self.scheduler = Scheduler(max_batch, max_waiting, max_prefill_tokens, max_num_batched_tokens, max_offline_rows)
-        self.runner = ModelRunner(self.model, model.new_cache(max_batch, max_len, [min(max_len, n) for n in lens]))
+        self.scheduler = Scheduler(self.config)
+        self.runner = ModelRunner(self.model, self.config, self.cache_schedule)
         self._ids = itertools.count()
         self.steps = 0  # decode iterations run
 
@@ -113,9 +104,9 @@ class Engine:
         return self.runner.cache
 
     @property
-    def max_batch(self) -> int:
-        """Rows that run at once."""
-        return self.scheduler.max_batch
+    def context(self) -> int:
+        """The tokens a request's prompt and new tokens may take in ``add_request`` (``EngineConfig.context``)."""
+        return self.config.context(self.model.max_positions)
 
     @property
     def num_running(self) -> int:
@@ -131,24 +122,22 @@ class Engine:
         """The share of the cache's slots (rows x slots per row) that hold live requests' tokens, 0-1."""
         s = self.scheduler
         used = sum(r.slots for r in s.live + s.prefilling)
-        return min(used / max(self.runner.cache.max_batch * self.max_len, 1), 1.0)
+        c = self.runner.cache
+        return min(used / max(c.max_batch * c.max_len, 1), 1.0)
 
     # -- requests (any thread) ---------------------------------------------------------------------
     def _check_fits(self, req: Request) -> None:
         """Raise ``ValueError`` for a request this engine, as it is sized, can never serve."""
-        context = min(self.max_len, self.model.max_positions)
-        if len(req.prompt) + req.params.max_tokens > context:
-            raise ValueError(
-                f"{len(req.prompt)} prompt tokens + {req.params.max_tokens} new tokens exceed the context of {context}"
-            )
-        if len(req.prompt) > self.max_prompt_len:
-            raise ValueError(f"prompt has {len(req.prompt)} tokens; this engine takes at most {self.max_prompt_len}")
+        check_length(len(req.prompt), req.params.max_tokens, self.context)
+        limit = self.config.prompt_limit
+        if len(req.prompt) > limit:
+            raise ValueError(f"prompt has {len(req.prompt)} tokens; this engine takes at most {limit}")
         need = layer_slots(req.schedule, len(req.prompt), req.params.max_tokens)
         for l, (n, have) in enumerate(zip(need, self.cache.layer_lens)):
             if n > have:
                 raise ValueError(
                     f"this request's schedule needs {n} cache slots at layer {l}, which holds {have}: the cache is "
-                    f"sized for {self.cache_schedule.describe()} and prompts of at most {self.max_prompt_len} tokens"
+                    f"sized for {self.cache_schedule.describe()} and prompts of at most {limit} tokens"
                 )
 
     def _request(
@@ -239,7 +228,7 @@ class Engine:
     ) -> Iterator[TokenEvent]:
         """Yield one ``TokenEvent`` per generated token as soon as it is sampled (rows by prompt index).
         ``params`` and ``schedule``: one for every prompt, or one each. Prompts wait for free rows (at most
-        ``max_batch`` run at once, admitted in order) and take the row a finished one leaves.
+        ``max_num_seqs`` run at once, admitted in order) and take the row a finished one leaves.
 
         Raises ``ValueError`` for invalid input (``"prompt i: ..."``) and ``RuntimeError`` when the engine
         has requests of its own. A request that fails (a fault of its own, or of a pass it shared): with
@@ -261,7 +250,7 @@ class Engine:
         if not reqs:
             return
         need = [max(x) for x in zip(*(layer_slots(r.schedule, len(r.prompt), r.params.max_tokens) for r in reqs))]
-        self.runner.ensure_cache(min(len(reqs), self.max_batch), need)
+        self.runner.ensure_cache(min(len(reqs), self.config.max_num_seqs), need)
         for r in reqs:
             self.scheduler.add(r, bounded=False)
         try:
@@ -286,7 +275,7 @@ class Engine:
             waiting, running = s.take_aborts()
             events += [Event(r.request_id, None, 0, "abort") for r in waiting + running]
             self._retire(running)
-            if s.max_num_batched_tokens is not None:
+            if self.config.max_num_batched_tokens is not None:
                 self._chunked_iteration(events)
             else:
                 admit = s.take_admissions()

@@ -7,7 +7,8 @@ Contract:
   *strings*: the engine speaks token ids, so it checks them through the detokenizer hook it was built
   with (``Engine(detokenize=...)``, the tokenizer stays at the edges); ``stop_fn`` is the lower-level
   hook (any predicate over the generated ids). ``SamplingParams.validate`` (and ``validate_request``,
-  against a model's vocabulary and context) raise ``ValueError`` for settings no engine can serve.
+  against a model's vocabulary and context, ``skipray.core.config.check_length``) raise ``ValueError``
+  for settings no engine can serve.
 * ``finish_reason`` decides when a request ends: ``"stop"`` (a stop token, EOS, a stop string or
   ``stop_fn``), ``"length"`` (``max_tokens`` reached); the engine adds ``"abort"`` and ``"error"``.
 * ``Event`` is what ``Engine.step`` returns per request and token; ``TokenEvent`` and ``Completion``
@@ -19,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from skipray.core.config import check_length
 
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 STOP_WINDOW_SPARE = 8  # tokens decoded beyond the longest stop string (tokens are >= 1 char; merges)
@@ -177,5 +180,4 @@ def validate_request(prompt: Sequence[int], p: SamplingParams, vocab_size: int, 
     if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in ids):
         raise ValueError(f"logit_bias, stop_token_ids and bad words take token ids in [0, {vocab_size})")
     p.validate()
-    if len(prompt) + p.max_tokens > context:
-        raise ValueError(f"{len(prompt)} prompt tokens + {p.max_tokens} new tokens exceed the context of {context}")
+    check_length(len(prompt), p.max_tokens, context)

@@ -1,6 +1,9 @@
 """The model runner: forward passes over KV-cache rows, for the engine (torch, no scheduling decisions).
 
-Contract: ``ModelRunner(model, cache)`` owns the ``KVCache``. Every pass is
+Contract: ``ModelRunner(model, config, cache_schedule)`` builds and owns the ``KVCache``: ``config.max_num_seqs``
+rows (``skipray.core.config.EngineConfig``); layer ``l`` holds ``min(max_model_len, prompt_limit + k_l)`` slots,
+``k_l`` the steps of ``cache_schedule`` (default full depth) that run ``l`` within ``max_tokens`` (default
+``max_model_len``) new tokens (``skipray.core.memory.layer_slots``). Every pass is
 ``skipray.core.model.forward_segments`` over ``Segment`` s whose rows are cache rows:
 
 * ``prefill(prompts, rows)``: right-padded prompts at full depth into cache ``rows`` (prompt ``i``
@@ -26,8 +29,10 @@ from collections.abc import Sequence
 
 import torch
 
-from skipray.core.cache import KVCache
+from skipray.core.config import EngineConfig
+from skipray.core.memory import layer_slots
 from skipray.core.model import LayerRun, Segment, SkipModel, forward_segments, full_plan
+from skipray.core.schedule import SkipSchedule
 from skipray.core.scheduler import RowMoves
 
 logger = logging.getLogger(__name__)
@@ -59,9 +64,15 @@ def as_rows(rows: Sequence[int], device: torch.device | str = "cpu") -> slice | 
 
 
 class ModelRunner:
-    def __init__(self, model: SkipModel, cache: KVCache) -> None:
-        self.model, self.cache = model, cache
+    def __init__(self, model: SkipModel, config: EngineConfig, cache_schedule: SkipSchedule | None = None) -> None:
+        """The passes of ``model`` over a new cache sized by ``config`` and ``cache_schedule`` (module contract)."""
+        self.model, self.config = model, config
         self.device = next(model.parameters()).device
+        n = config.max_model_len
+        lens = layer_slots(
+            cache_schedule or SkipSchedule.full(model.num_layers), config.prompt_limit, config.max_tokens or n
+        )
+        self.cache = model.new_cache(config.max_num_seqs, n, [min(n, k) for k in lens])
 
     def ensure_cache(self, rows: int, layer_lens: Sequence[int]) -> None:
         """Reallocate the cache (empty) when ``rows`` rows of ``layer_lens[l]`` slots do not fit it."""

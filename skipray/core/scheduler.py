@@ -1,16 +1,17 @@
 """The scheduler: which requests hold which cache rows, and which rows run which layer (plain Python).
 
-Contract (no torch; ``skipray.core.engine.Engine`` drives it and applies its decisions to the cache):
+Contract (no torch; ``skipray.core.engine.Engine`` drives it and applies its decisions to the cache;
+``Scheduler(config)`` reads its limits from the engine's ``skipray.core.config.EngineConfig``):
 
 * Queues: ``add`` puts a ``Request`` in the online queue (bounded by ``max_waiting``: ``QueueFull``
   beyond it) or, with ``offline=True``, in the offline queue (unbounded). Online requests are admitted
   by ``priority`` (vLLM's: lower first, default 0), first come, first served within one priority (no
   preemption: a running request keeps its row); offline ones only when no online request waits, holding at most
-  ``max_offline_rows`` rows at once (default: all but a quarter of ``max_batch``), so online arrivals
+  ``max_offline_rows`` rows at once (default: all but a quarter of ``max_num_seqs``), so online arrivals
   find rows free. ``abort`` may be called from any thread; ``take_aborts`` applies the aborts.
-* Admission: ``take_admissions`` (prefill in one right-padded pass) takes requests into free rows
-  while their padded prompt tokens fit ``max_prefill_tokens`` (at least one, so a long prompt is never
-  starved). ``plan_chunks`` (chunked prefill, ``max_num_batched_tokens``) hands out prompt chunks
+* Admission: ``take_admissions`` (prefill in one right-padded pass) takes requests into free rows (of
+  ``max_num_seqs``) while their padded prompt tokens fit ``max_prefill_tokens`` (at least one, so a long
+  prompt is never starved). ``plan_chunks`` (chunked prefill, ``max_num_batched_tokens``) hands out prompt chunks
   within the per-iteration token budget: partly prefilled prompts first, then newcomers.
 * Rows: ``live`` (decoding) requests sit in cache rows ``0..n-1``, ``prefilling`` ones after them.
   Live rows are grouped by schedule, groups in the order they appeared, and within a group by
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from skipray.core.config import EngineConfig
 from skipray.core.requests import QueueFull, SamplingParams
 from skipray.core.schedule import SkipSchedule
 
@@ -87,26 +89,9 @@ class Request:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        max_batch: int,
-        max_waiting: int = 64,
-        max_prefill_tokens: int = 2048,
-        max_num_batched_tokens: int | None = None,
-        max_offline_rows: int | None = None,
-    ) -> None:
-        """Raises ``ValueError`` for a ``max_prefill_tokens`` below 1 or a ``max_num_batched_tokens``
-        below ``max_batch`` (every iteration must step every decoding row and still prefill)."""
-        if max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
-        if max_num_batched_tokens is not None and max_num_batched_tokens < max_batch:
-            raise ValueError(
-                f"max_num_batched_tokens must be >= max_batch ({max_batch}), so every iteration can "
-                f"step every decoding row and still prefill, got {max_num_batched_tokens}"
-            )
-        self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.max_prefill_tokens, self.max_num_batched_tokens = max_prefill_tokens, max_num_batched_tokens
-        self.max_offline_rows = max_batch - max(1, max_batch // 4) if max_offline_rows is None else max_offline_rows
+    def __init__(self, config: EngineConfig) -> None:
+        """The queues and rows of an engine with ``config`` (its limits: ``EngineConfig``, which validates them)."""
+        self.config = config
         self.live: list[Request] = []  # cache row i holds live[i] (module docstring's order)
         self.prefilling: list[Request] = []  # chunked prefill: cache rows len(live).., in admission order
         self.groups: list[SkipSchedule] = []  # schedules of the live rows, in the order they appeared
@@ -123,7 +108,7 @@ class Scheduler:
             if req.offline:
                 self.offline_waiting.append(req)
                 return
-            if bounded and len(self.waiting) >= self.max_waiting:
+            if bounded and len(self.waiting) >= self.config.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests already waiting")
             at = len(self.waiting)  # behind every request of the same or a lower priority value
             while at > 0 and self.waiting[at - 1].priority > req.priority:
@@ -168,7 +153,7 @@ class Scheduler:
             return self.waiting
         if self.offline_waiting:
             held = sum(r.offline for r in self.live + self.prefilling) + offline_taken
-            if held < self.max_offline_rows:
+            if held < self.config.offline_limit:
                 return self.offline_waiting
         return None
 
@@ -177,12 +162,12 @@ class Scheduler:
         with self._lock:
             admit: list[Request] = []
             width = 0  # the longest prompt admitted: the padded pass's width
-            while len(self.live) + len(admit) < self.max_batch:
+            while len(self.live) + len(admit) < self.config.max_num_seqs:
                 queue = self._next_queue(sum(r.offline for r in admit))
                 if queue is None:
                     break
                 w = max(width, len(queue[0].prompt))
-                if admit and (len(admit) + 1) * w > self.max_prefill_tokens:
+                if admit and (len(admit) + 1) * w > self.config.max_prefill_tokens:
                     break  # the rest wait for the next iteration
                 admit.append(queue.popleft())
                 width = w
@@ -194,7 +179,8 @@ class Scheduler:
         """This iteration's prompt ``Chunk`` s within the budget, partly
         prefilled requests first; -> (chunks, newcomers). The newcomers join ``prefilling`` (rows after
         the existing ones); the caller resets their rows and applies the returned moves first."""
-        left = min(self.max_num_batched_tokens - len(self.live), self.max_prefill_tokens)
+        cfg = self.config
+        left = min(cfg.max_num_batched_tokens - len(self.live), cfg.max_prefill_tokens)
         chunks: list[Chunk] = []
         for r in self.prefilling:
             if left <= 0:
@@ -204,7 +190,7 @@ class Scheduler:
             left -= n
         new: list[Request] = []
         with self._lock:
-            while left > 0 and len(self.live) + len(self.prefilling) + len(new) < self.max_batch:
+            while left > 0 and len(self.live) + len(self.prefilling) + len(new) < cfg.max_num_seqs:
                 queue = self._next_queue(sum(r.offline for r in new))
                 if queue is None:
                     break

@@ -6,12 +6,14 @@ Contract:
   ``args`` (all optional): ``model`` (a ``skipray.loading.load`` spec, default ``"default"``),
   ``model_name`` (the id served in ``model``; default ``"skipray"``), ``schedule`` (skip flags as
   ``skipray.core.schedule.resolve_schedule`` takes them: ``full``, ``max_layers``, ..., plus
-  ``schedule_file``), ``max_batch`` (cache rows), ``max_len``
-  (cache slots), ``max_waiting`` (bounded waiting queue in the replica), ``max_prefill_tokens``
-  (padded prompt tokens admitted per engine iteration), ``max_num_batched_tokens`` (chunked
-  prefill: tokens per engine iteration, one per decoding row plus prompt chunks, at least
+  ``schedule_file``); the engine's limits, which ``engine_config`` turns into the replica's
+  ``skipray.core.config.EngineConfig``: ``max_batch`` (cache rows, default 16; vLLM's name
+  ``max_num_seqs`` is accepted too), ``max_len`` (cache slots = the context, default 1024, capped by the
+  model's; or ``max_model_len``), ``max_waiting`` (bounded waiting queue in the replica, default 32),
+  ``max_prefill_tokens`` (padded prompt tokens admitted per engine iteration), ``max_num_batched_tokens``
+  (chunked prefill: tokens per engine iteration, one per decoding row plus prompt chunks, at least
   ``max_batch``; unset or null: off, see ``skipray.core.scheduler``), ``max_offline_rows`` (rows the batch
-  job's requests may hold; default all but a quarter of ``max_batch``), ``max_tokens_limit``,
+  job's requests may hold; default all but a quarter of ``max_batch``); then ``max_tokens_limit``,
   ``default_max_tokens``, ``torch_threads``, ``device``, ``api_keys`` (a list; with
   ``SKIPRAY_API_KEY`` from the environment, ``skipray.serve.guard``), ``limits`` (``guard.ServeLimits``
   fields), ``scheduling_policy`` (``fcfs`` or ``priority``), ``health_max_failed_steps`` (3) and
@@ -43,7 +45,36 @@ from typing import Any
 from ray import serve
 from ray.serve.deployment import Application
 
+from skipray.core.config import EngineConfig
+
 logger = logging.getLogger(__name__)
+
+
+# the builder args that size the engine: EngineConfig's fields, the first two also under their older names
+ENGINE_ARGS = (
+    "max_batch",
+    "max_num_seqs",
+    "max_len",
+    "max_model_len",
+    "max_waiting",
+    "max_prefill_tokens",
+    "max_num_batched_tokens",
+    "max_offline_rows",
+)
+# the Serve app's own sizes, where they differ from EngineConfig's defaults
+SERVE_ENGINE_CONFIG = EngineConfig(max_num_seqs=16, max_model_len=1024, max_waiting=32)
+
+
+def engine_config(args: dict[str, Any], max_positions: int) -> EngineConfig:
+    """The replica's ``EngineConfig``: ``SERVE_ENGINE_CONFIG`` with the ``ENGINE_ARGS`` the builder ``args`` set
+    (``max_batch`` or vLLM's ``max_num_seqs``, ``max_len`` or ``max_model_len``; a null or 0
+    ``max_num_batched_tokens``: chunked prefill off), ``max_model_len`` capped by the model's ``max_positions``.
+    Raises ``TypeError`` for a field given under both names, ``ValueError`` for values ``EngineConfig`` refuses."""
+    given = {k: args[k] for k in ENGINE_ARGS if args.get(k) is not None}
+    if not given.get("max_num_batched_tokens"):
+        given.pop("max_num_batched_tokens", None)
+    config = SERVE_ENGINE_CONFIG.replace(**{k: int(v) for k, v in given.items()})
+    return config.replace(max_model_len=min(config.max_model_len, max_positions))
 
 
 def server_from_args(args: dict[str, Any]):
@@ -68,20 +99,9 @@ def server_from_args(args: dict[str, Any]):
     schedule, warning = resolve_schedule(flags, m.model.num_layers, m.schedule, start)
     if warning:
         logger.warning("%s", warning)
-    max_len = min(int(args.get("max_len", 1024)), m.model.max_positions)
-    limit = int(args.get("max_tokens_limit", min(512, max_len)))
-    engine = Engine(
-        m.model,
-        schedule,
-        max_batch=int(args.get("max_batch", 16)),
-        max_len=max_len,
-        detokenize=detokenizer(m.tokenizer),
-        eos_token_ids=m.eos_token_ids,
-        max_waiting=int(args.get("max_waiting", 32)),
-        max_prefill_tokens=int(args.get("max_prefill_tokens", 2048)),
-        max_num_batched_tokens=int(args["max_num_batched_tokens"]) if args.get("max_num_batched_tokens") else None,
-        max_offline_rows=int(args["max_offline_rows"]) if args.get("max_offline_rows") is not None else None,
-    )
+    config = engine_config(args, m.model.max_positions)
+    limit = int(args.get("max_tokens_limit", min(512, config.max_model_len)))
+    engine = Engine(m.model, schedule, config, m.eos_token_ids, detokenize=detokenizer(m.tokenizer))
     return OpenAIServer(
         m.tokenizer,
         engine,

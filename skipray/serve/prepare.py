@@ -8,8 +8,9 @@ request; it reads the server's ``tokenizer``, ``engine``, ``limits``, ``context`
 compiled structured-output factory or None, the ``ToolPlan`` or None)``; ``_prepare(request, ids,
 grammar)`` -> ``(SamplingParams, schedule, top log-probs per token or None)``. Every client mistake is
 a ``protocol.RequestError`` naming its field: an unknown model is a 404, a prompt plus ``max_tokens``
-past the context a 400 with code ``context_length_exceeded``, a structured output that does not compile
-(or takes longer than ``limits.max_grammar_seconds`` to) a 400 naming the field that asked for it.
+past the context (the engine's, ``skipray.core.config.check_length``) a 400 with code
+``context_length_exceeded``, a structured output that does not compile (or takes longer than
+``limits.max_grammar_seconds`` to) a 400 naming the field that asked for it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin TimeoutError before Python 3.11
 from typing import Any
 
+from skipray.core.config import check_length
 from skipray.serve import protocol as P
 from skipray.serve import tools as T
 from skipray.serve.guard import check_sizes
@@ -108,12 +110,10 @@ class RequestPreparation:
             raise P.RequestError(f"{field} must be <= {self.max_tokens_limit}", field)
         if max_tokens is None:
             max_tokens = min(self.default_max_tokens, self.context - len(ids))
-        if max_tokens < 1 or len(ids) + max_tokens > self.context:
-            raise P.RequestError(
-                f"this model's context is {self.context} tokens; the prompt has {len(ids)} and {field} is {max_tokens}",
-                field,
-                "context_length_exceeded",
-            )
+        try:
+            check_length(len(ids), max_tokens, self.context, field)
+        except ValueError as e:
+            raise P.RequestError(str(e), field, "context_length_exceeded") from None
         schedule = self.schedule
         if req.skip is not None:
             flags = req.skip.model_dump(exclude_none=True)

@@ -130,7 +130,7 @@ class OpenAIServer(RequestPreparation):
         self.tokenizer, self.engine, self.schedule, self.trained = tokenizer, engine, schedule, trained
         self.model_name, self.metrics = model_name, metrics
         self.num_layers = engine.model.num_layers
-        self.context = min(engine.max_len, engine.model.max_positions)
+        self.context = engine.context
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
         self.limits = limits or ServeLimits()
         self.scheduling_policy = scheduling_policy

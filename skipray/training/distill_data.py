@@ -74,15 +74,15 @@ def self_prompts(
     none of them in ``seen`` or close to a text of ``exclude``."""
     from tqdm import tqdm
 
+    from skipray.core.config import EngineConfig
     from skipray.core.engine import Engine, SamplingParams
     from skipray.text import decode
 
     tok = loaded.tokenizer
     query = user_header_ids(tok)
     held = [set(_norm(x).split()) for x in exclude]
-    engine = Engine(
-        loaded.model, max_batch=batch_size, max_len=len(query) + max_new_tokens, eos_token_ids=loaded.eos_token_ids
-    )
+    config = EngineConfig(max_num_seqs=batch_size, max_model_len=len(query) + max_new_tokens)
+    engine = Engine(loaded.model, config=config, eos_token_ids=loaded.eos_token_ids)
     seen = set() if seen is None else seen  # normalized prompts already taken (updated in place)
     out: list[str] = []
     bar = tqdm(total=n, desc="self-prompts", disable=not progress)
@@ -156,6 +156,7 @@ def distill(
     Raises ``ValueError`` for a ``policy`` without ``topk`` (the rollout would carry no teacher)."""
     from tqdm import tqdm
 
+    from skipray.core.config import EngineConfig
     from skipray.core.engine import Engine, SamplingParams
     from skipray.core.schedule import SkipSchedule
     from skipray.text import decode, encode_prompt
@@ -166,13 +167,8 @@ def distill(
         raise ValueError("on-policy rollouts need topk > 0: the full model's scores are their training signal")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     schedule = policy or SkipSchedule.full(loaded.model.num_layers)
-    engine = Engine(
-        loaded.model,
-        schedule,
-        max_batch=batch_size,
-        max_len=max(map(len, ids)) + max_new_tokens,
-        eos_token_ids=loaded.eos_token_ids,
-    )
+    config = EngineConfig(max_num_seqs=batch_size, max_model_len=max(map(len, ids)) + max_new_tokens)
+    engine = Engine(loaded.model, schedule, config, loaded.eos_token_ids)
     rows: list[dict | None] = [None] * len(ids)
     bar = tqdm(total=len(ids), desc="distill", disable=not progress)
     for s in range(0, len(order), batch_size):

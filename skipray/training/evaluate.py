@@ -204,6 +204,7 @@ def evaluate(
     (fp32). ``dtype``: the evaluated model's (``bfloat16``: the skip model as a bf16 deployment runs it)."""
     from tqdm import tqdm
 
+    from skipray.core.config import EngineConfig
     from skipray.core.engine import Engine
     from skipray.core.schedule import SkipSchedule
     from skipray.io import read_table
@@ -226,9 +227,9 @@ def evaluate(
         qs = [encode_prompt(tok, q, chat=chat) for q in qt.column("question").to_pylist()[: question_limit or None]]
         accepted = qt.column("answers").to_pylist()[: len(qs)]
     long = max(max_new, rep_tokens)  # one greedy run per schedule: its first max_new tokens are the short answers
-    max_len = max(map(len, prompts + qs)) + max(long, question_tokens)
+    config = EngineConfig(max_num_seqs=batch, max_model_len=max(map(len, prompts + qs)) + max(long, question_tokens))
     eos = base.eos_token_ids
-    base_engine = Engine(base.model, max_batch=batch, max_len=max_len, eos_token_ids=eos)
+    base_engine = Engine(base.model, config=config, eos_token_ids=eos)
     full_long, _ = generate_all(base_engine, prompts, None, long, batch)
     full_ids = [x[:max_new] for x in full_long]
     rep3_full = _mean(rep_n(x, eos) for x in full_long)
@@ -236,13 +237,13 @@ def evaluate(
     full_q_ids, _ = generate_all(base_engine, qs, None, question_tokens, batch)
     full_q = [decode(tok, x) for x in full_q_ids]
     known = [i for i, (t, a) in enumerate(zip(full_q, accepted)) if answered(t, a)]
-    engine = Engine(student.model, max_batch=batch, max_len=max_len, eos_token_ids=student.eos_token_ids)
+    engine = Engine(student.model, config=config, eos_token_ids=student.eos_token_ids)
     rows = []
     for spec in tqdm(schedules, desc="schedules"):
         temperature, gen_engine, sched = 0.0, engine, None
         if spec == "ref:bf16":
             bf16 = load(base_spec, device="cpu", dtype=torch.bfloat16)
-            gen_engine = Engine(bf16.model, max_batch=batch, max_len=max_len, eos_token_ids=bf16.eos_token_ids)
+            gen_engine = Engine(bf16.model, config=config, eos_token_ids=bf16.eos_token_ids)
             sched = SkipSchedule.full(base.model.num_layers)
         elif spec == "ref:t0.3":
             temperature, gen_engine, sched = 0.3, base_engine, SkipSchedule.full(base.model.num_layers)
