@@ -26,52 +26,14 @@ It writes ``report.json``, ``report.md`` and ``quality_vs_speedup.png`` to ``--o
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import re
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-
-def _words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
-def lcs_f1(a: Sequence, b: Sequence) -> float:
-    """ROUGE-L F1 (Lin 2004) of two token sequences: the longest common subsequence's precision and recall."""
-    if not a or not b:
-        return float(len(a) == len(b))
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased alphanumeric words (the rouge-score package's default tokenization)."""
-    return lcs_f1(_words(candidate), _words(reference))
-
-
-def rep_n(ids: Sequence[int], eos_token_ids: Sequence[int] = (), n: int = 3) -> float | None:
-    """The share of ``ids``' n-gram positions whose n-gram occurred at an earlier position (up to the first
-    EOS, EOS excluded); None for an answer with no n-gram."""
-    end = next((i for i, t in enumerate(ids) if t in eos_token_ids), len(ids))
-    seen, repeats, positions = set(), 0, max(end - n + 1, 0)
-    for j in range(positions):
-        gram = tuple(ids[j : j + n])
-        repeats += gram in seen
-        seen.add(gram)
-    return repeats / positions if positions else None
+from skipray.training.eval_report import write_report
+from skipray.training.text_metrics import answered, lcs_f1, rep_n, rouge_l
 
 
 def parse_schedule(spec: str, num_layers: int, trained=None, model: str = "the model"):
@@ -168,12 +130,6 @@ def on_policy(teacher, prompt: list[int], output: list[int]) -> tuple[float, flo
     t = _logits(teacher, prompt, output)
     agree = (t.argmax(-1) == torch.tensor(output)).float().mean().item()
     return agree, math.exp(torch.nn.functional.cross_entropy(t, torch.tensor(output)).item())
-
-
-def answered(text: str, answers: Sequence[str]) -> bool:
-    """Fact retention's rule: an accepted answer appears, lower-cased, in the generated text."""
-    low = text.lower()
-    return any(a.lower() in low for a in answers)
 
 
 def _mean(xs) -> float | None:
@@ -348,70 +304,6 @@ def _measured_speedup(engine, prompts, sched, lengths) -> dict[int, float]:
         if n > 1:
             out[-n] = (t["full"][n] - t["full"][1]) / max(t["skip"][n] - t["skip"][1], 1e-9)
     return out
-
-
-def write_report(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [
-        f"# skipray eval: {report['model']} on {report['prompts']} ({report['n']} prompts, "
-        f"{report['max_new_tokens']} new tokens; facts: {report.get('questions')})",
-        "",
-        "| schedule | avg layers | theoretical speedup | measured speedup | fact retention | ROUGE-L ids vs full "
-        "| ROUGE-L words vs full | teacher-forced agreement | on-policy agreement | ppl under full |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-
-    def f(x, fmt=".3f"):
-        return "-" if x is None else format(x, fmt)
-
-    for r in report["results"]:
-        facts = "-" if r.get("fact_retention") is None else f"{r['fact_retention']:.1%} of {r['facts_known_by_full']}"
-        lines.append(
-            f"| {r['description']} | {r['avg_layers']:.2f} | {r['theoretical_speedup']:.2f}x | "
-            f"{r['measured_speedup']:.2f}x | {facts} | {f(r.get('rouge_l_ids_vs_full'))} | "
-            f"{f(r['rouge_l_vs_full'])} | {f(r['top1_agreement'])} | {f(r.get('on_policy_agreement'))} | "
-            f"{f(r.get('perplexity_under_full'), '.2f')} |"
-        )
-    lines += [
-        "",
-        f"Long answers ({report.get('rep_tokens', '-')} greedy tokens): repetition and drift",
-        "",
-        "| schedule | rep-3 | rep-3 at full depth | ROUGE-L ids vs full | on-policy agreement "
-        "| theoretical speedup over 8 / 16 / 64 / 128 tokens | measured (decode steps only) |",
-        "|---|---:|---:|---:|---:|---|---|",
-    ]
-    for r in report["results"]:
-        by = r.get("theoretical_speedup_by_length") or {}
-        lines.append(
-            f"| {r['description']} | {f(r.get('rep3'))} | {f(r.get('rep3_full'))} | "
-            f"{f(r.get('rouge_l_ids_vs_full_long'))} | {f(r.get('on_policy_agreement_long'))} | "
-            + " / ".join(f"{by[k]:.2f}x" for k in ("8", "16", "64", "128") if k in by)
-            + " | "
-            + " / ".join(f"{v:.2f}x" for v in (r.get("measured_speedup_by_length") or {}).values())
-            + " |"
-        )
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = [r["theoretical_speedup"] for r in report["results"]]
-    ax.plot(xs, [r["rouge_l_vs_full"] for r in report["results"]], "o-", label="ROUGE-L vs full depth")
-    ax.plot(xs, [r["top1_agreement"] or 0 for r in report["results"]], "s--", label="top-1 agreement")
-    ax.plot(xs, [r.get("fact_retention") or 0 for r in report["results"]], "^:", label="fact retention")
-    for r, x in zip(report["results"], xs):
-        ax.annotate(r["schedule"], (x, r["rouge_l_vs_full"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("theoretical speedup (FLOPs)")
-    ax.set_ylabel("quality")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(Path(str(report["model"])).name, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_speedup.png", dpi=120)
-    plt.close(fig)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
