@@ -108,14 +108,14 @@ if stage fast; then  # the fast-start schedule: the calibrated drop order, 30 ->
     $PY -c 'import json; s = json.load(open("runs/calibrate/skip15.json")); s.update(min_layers=12, decay_tokens=10, shape="linear"); json.dump(s, open("runs/calibrate/skip-fast.json", "w"))'
 fi
 # the fast-start adapter: warm start from the hold adapter, trained on the 128-token answers only
-stage trainfast && train runs/skipfast runs/calibrate/skip-fast.json "${STEPSF:-600}" --lr 2e-4 --warmup-steps 20 \
+stage trainfast && train runs/skipfast runs/calibrate/skip-fast.json "${STEPSF:-400}" --lr 2e-4 --warmup-steps 20 \
     --data runs/data/self128 $( [ -f runs/skipfast/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15h )
 stage evalfast && evaluate runs/skipfast runs/eval-skipfast
 if stage static; then  # the honest baseline: 14 layers for every generated step from the first (the nearest
     # whole number at the fast-start schedule's FLOPs), same drop order, same data, steps and warm start
     $PY -c 'import json; s = json.load(open("runs/calibrate/skip15.json")); s.update(max_layers=14, min_layers=14, decay_tokens=0); json.dump(s, open("runs/calibrate/static14.json", "w"))'
 fi
-stage trainstatic && train runs/static14 runs/calibrate/static14.json "${STEPSF:-600}" --lr 2e-4 --warmup-steps 20 \
+stage trainstatic && train runs/static14 runs/calibrate/static14.json "${STEPSF:-400}" --lr 2e-4 --warmup-steps 20 \
     --data runs/data/self128 $( [ -f runs/static14/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15h )
 stage evalstatic && evaluate runs/static14 runs/eval-static14
 if stage package; then  # fp16 adapter + skipray.json into the package

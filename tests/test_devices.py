@@ -128,3 +128,44 @@ def test_host_syncs_are_counted_on_the_cpu_too():
         torch.nonzero(t)
         t * 2
     assert h.counts["scalar"] == 3 and h.counts["data_dependent"] == 1 and h.syncs == 4 and h.counts["ops"] >= 5
+
+
+@pytest.mark.parametrize(
+    "skip,logprobs,budget",
+    [(False, 0, 1), (True, 0, 1), (True, 3, 2)],
+    ids=["full-depth", "skip", "skip-logprobs"],
+)
+def test_a_greedy_decode_step_reads_the_device_once(skip, logprobs, budget):
+    """What the host already knows (adapter rows, cache ends) is passed as plain values, and the greedy sampler
+    reads its argmax and finiteness checks in one go: a decode-only step syncs once (twice with log-probs),
+    also with rows at different steps and depths in one batch. Counted on CPU the way a GPU would sync."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from skipray.core.engine import Engine
+    from skipray.core.model import SkipModel
+    from skipray.core.requests import SamplingParams
+    from skipray.core.schedule import SkipSchedule
+    from skipray.diagnostics import HostSyncs
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = SkipModel(LlamaForCausalLM(cfg))
+    eng = Engine(model, SkipSchedule(6, 6, 2, 3) if skip else None, max_batch=4, max_len=64)
+    params = SamplingParams(max_tokens=30, logprobs=logprobs, ignore_eos=True)
+    eng.add_request([1, 2, 3], params)
+    eng.step()
+    eng.step()
+    eng.add_request([4, 5, 6, 7, 8], params)  # a row two steps behind, at another depth
+    eng.step()
+    for _ in range(3):
+        with HostSyncs() as h:
+            eng.step()
+        assert h.syncs <= budget, dict(h.counts)

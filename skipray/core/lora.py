@@ -148,6 +148,11 @@ class AdapterLinears:
             w for n in AdapterLinears._names(module) for w in (module.lora_A[n], module.lora_B[n])
         ]
 
+    def remember(self, adapter: torch.Tensor, use: bool, every: bool) -> None:
+        """Take the (any, all) flags of ``adapter`` from the caller, who knows them without reading the
+        device (the engine's decode step)."""
+        self._last = MaskFlags(adapter, use, use and every)
+
     def flags(self, adapter: torch.Tensor | None) -> tuple[bool, bool]:
         """(any, all) of the adapter mask, remembered for the last mask seen: a pass hands every linear
         layer of a layer (and, on whole batches, of every layer) the same mask tensor, and each check

@@ -52,10 +52,12 @@ from skipray.core.lora import AdapterLinears
 
 
 class LayerRun(NamedTuple):
-    """Where a plan runs a layer: on ``hidden[rows, :cols]`` (``cols=None``: every column)."""
+    """Where a plan runs a layer: on ``hidden[rows, :cols]`` (``cols=None``: every column); ``adapter_flags``:
+    (any, all) of the segment's adapter mask on those rows, when the host knows them (no device read)."""
 
     rows: slice | torch.Tensor
     cols: int | None
+    adapter_flags: tuple[bool, bool] | None = None
 
 
 class SkipModel(nn.Module):
@@ -158,6 +160,8 @@ class Segment:
     start + t - 1`` (``start``: an int, or a ``(b,)`` tensor of one slot per row when ``t == 1``).
     ``logits_at``: the columns projected to logits (a slice, or a ``(b,)`` tensor of one column per row;
     ``None``: all); ``adapter``: ``(b, t)`` bool, where the skip adapter applies (``None``: nowhere).
+    ``adapter_flags`` (whether any / every entry of ``adapter`` is set) and ``end`` (``max(start) + t``)
+    are what the host already knows, given so the pass reads nothing back from the device for them.
     Without a cache (training, teacher-forced scoring) ``cache_rows`` and ``start`` are unused:
     ``Segment(tokens, positions, plan, real, logits_at=..., adapter=...)`` is the whole layout.
     """
@@ -170,6 +174,8 @@ class Segment:
     start: int | torch.Tensor = 0
     logits_at: slice | torch.Tensor | None = None
     adapter: torch.Tensor | None = None
+    adapter_flags: tuple[bool, bool] | None = None  # (any, all) of ``adapter``, when the host knows them
+    end: int | None = None  # one past the last slot a per-row ``start`` reaches, when the host knows it
 
 
 def forward(
@@ -343,15 +349,22 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         h = model.embed(s.tokens, s.positions)
         rope = model.rope(h, s.positions)
         st = _State(h, None if rope is None else rope_tables(*rope))
-        if s.adapter is not None and bool(s.adapter.any()):  # once per pass, not per linear layer
-            st.adapter = s.adapter
+        if s.adapter is not None:  # decided once per pass, not per linear layer
+            use = s.adapter_flags[0] if s.adapter_flags is not None else bool(s.adapter.any())
+            if use:
+                st.adapter = s.adapter
+                if s.adapter_flags is not None:
+                    model.adapter_linears.remember(s.adapter, *s.adapter_flags)
         if prefix is not None:
             st.prefix_len = int(prefix.filled[:, :b].max())
         if cache is not None:
             cache.mark_valid(s.cache_rows, s.start, s.real)
             qslots = (s.start if isinstance(s.start, int) else s.start[:, None]) + torch.arange(t, device=dev)
             qslots = qslots.expand(b, t)
-            st.end = s.start + t if isinstance(s.start, int) else int(s.start.max()) + 1
+            if isinstance(s.start, int):
+                st.end = s.start + t
+            else:
+                st.end = s.end if s.end is not None else int(s.start.max()) + t
             span = torch.arange(st.end, device=dev)
             st.causal = span[None, None, :] <= qslots[:, :, None]  # (b, t, end)
             st.diag = span[None, None, :] == qslots[:, :, None]
@@ -375,7 +388,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         for i, s in enumerate(segs):
             if s.plan[l] is None:
                 continue
-            rows, cols = s.plan[l]
+            rows, cols = s.plan[l].rows, s.plan[l].cols
             t = s.tokens.shape[1]
             cols = t if cols is None else min(cols, t)
             if cols <= 0:
@@ -395,6 +408,9 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             am = None
         elif len(ams) == 1:
             am = ams[0]  # the same tensor for every layer on all rows: SkipModel.adapter_linears reads its flags once
+            flags = segs[runs[0][0]].plan[l].adapter_flags
+            if flags is not None and not runs[0][3]:  # a slice of the mask whose flags the host knows
+                model.adapter_linears.remember(am, *flags)
         else:
             am = _join(
                 [

@@ -138,7 +138,8 @@ class ModelRunner:
         plan = []
         for r in layer_rows:
             if r and tuple(r) not in made:
-                made[tuple(r)] = LayerRun(as_rows(r, self.device), None)
+                on = [adapter[i] for i in r]
+                made[tuple(r)] = LayerRun(as_rows(r, self.device), None, (any(on), all(on)))
             plan.append(made[tuple(r)] if r else None)
         am = torch.tensor(adapter, device=self.device)[:, None]
         same = all(x == slots[0] for x in slots)  # one shared slot (a static batch, batch 1): plain slices
@@ -150,6 +151,8 @@ class ModelRunner:
             cache_rows=slice(0, n),
             start=int(slots[0]) if same else start,
             adapter=am,
+            adapter_flags=(any(adapter), all(adapter)),
+            end=max(slots) + 1,
         )
 
     def chunk_segment(self, tokens: Sequence[int], row: int, start: int, last: bool) -> Segment:

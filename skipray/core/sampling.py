@@ -61,9 +61,14 @@ def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int]) 
         return [None] * len(chosen)
     lp = torch.log_softmax(logits.float(), dim=-1)
     vals, ids = torch.topk(lp, max(n), dim=-1)
-    picked = lp[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
-    vals, ids = vals.tolist(), ids.tolist()
-    return [TopLogprobs(picked[i], ids[i][:k], vals[i][:k]) if k else None for i, k in enumerate(n)]
+    picked = lp[torch.arange(len(chosen)), torch.tensor(chosen)]
+    # one read of the device: [picked, top values..., top ids...] per row (ids are exact in float64)
+    rows = torch.cat([picked[:, None], vals, ids.to(vals.dtype)], dim=1).double().tolist()
+    m = vals.shape[1]
+    return [
+        TopLogprobs(r[0], [int(x) for x in r[1 + m : 1 + m + k]], r[1 : 1 + k]) if k else None
+        for r, k in zip(rows, n)
+    ]
 
 
 def sample_rows(
@@ -95,20 +100,29 @@ def sample_rows(
                     c.mask_logits(logits[i : i + 1])  # the grammar's allowed tokens (structured output)
                 except Exception as e:  # noqa: BLE001 - this row's failure
                     masked[i] = e
+    # What the host needs from the device, read in one go (one sync): each row's argmax when a row is greedy,
+    # whether the model's logits are finite (a NaN or inf makes the sum NaN or inf: one reduction instead of
+    # isfinite's four full passes; finite fp32 logits would need ~1e34 each to overflow), and, when controls
+    # or grammars changed the logits, whether a row has any token left.
+    checks = [torch.isfinite(raw.sum(-1))]
+    if logits is not raw:
+        checks.append(torch.isfinite(logits.max(-1).values))
+    any_greedy = any(p.temperature < MIN_TEMPERATURE for p in params)
+    if any_greedy:
+        checks.append(logits.argmax(-1))
+    read = torch.stack([c.to(torch.long) for c in checks]).tolist()
+    finite = [bool(x) for x in read[0]]
     if logits is not raw:  # a row whose controls ban every token: its own input error, not the engine's
-        for i, ok in enumerate(torch.isfinite(logits.max(-1).values).tolist()):
+        for i, ok in enumerate(read[1]):
             if not ok and i not in masked:
                 masked[i] = ValueError(
                     "every token is banned for this request (bad words, min_tokens or its structured output leave none)"
                 )
-    finite = torch.isfinite(raw.sum(-1)).tolist()  # the model's logits: a NaN or inf makes the sum NaN or inf (one
-    # reduction instead of isfinite's four full passes; finite fp32 logits would need ~1e34 each to overflow)
-    greedy = [i for i, p in enumerate(params) if p.temperature < MIN_TEMPERATURE and finite[i]]
     picked: list[int | BaseException] = [0] * len(params)
-    if greedy:
-        rows = logits if len(greedy) == len(params) else logits[greedy]  # every row greedy: no copy
-        for i, t in zip(greedy, rows.argmax(-1).tolist()):
-            picked[i] = t
+    if any_greedy:
+        for i, p in enumerate(params):
+            if p.temperature < MIN_TEMPERATURE and finite[i]:
+                picked[i] = read[-1][i]
     for i, p in enumerate(params):
         if i in masked:
             picked[i] = masked[i]
