@@ -58,3 +58,39 @@ def test_resources_cli_reports_cache_per_row_and_batch_under_skip_schedules(caps
     assert set(rows) == {"full", "~2x", "~3x"}, out
     assert rows["~3x"] > rows["~2x"] > rows["full"]
     assert abs(rows["full"] - flat) <= flat * 0.01  # same model, same budget: only the bookkeeping bytes differ
+
+
+def test_cache_growth_releases_the_old_cache_before_allocating_and_survives_a_failure():
+    import gc
+    import weakref
+
+    import pytest
+    from conftest import tiny_llama
+
+    from skipray.core.engine import Engine
+    from skipray.core.model import SkipModel
+
+    model = SkipModel(tiny_llama())
+    eng = Engine(model, max_batch=2, max_len=16)
+    runner, seen = eng.runner, []
+    old = weakref.ref(runner.cache)
+    real = model.new_cache
+
+    def new_cache(*a, **k):
+        gc.collect()
+        seen.append(old() is None)  # nothing holds the old cache while the new one is allocated
+        return real(*a, **k)
+
+    model.new_cache = new_cache
+    runner.ensure_cache(4, [32] * model.num_layers)
+    assert seen == [True] and runner.cache.max_batch == 4 and runner.cache.max_len == 32
+
+    def fail_big(*a, **k):
+        if a[0] > 4:
+            raise MemoryError("no room")
+        return real(*a, **k)
+
+    model.new_cache = fail_big
+    with pytest.raises(MemoryError):
+        runner.ensure_cache(8, [64] * model.num_layers)
+    assert runner.cache.max_batch == 4 and runner.cache.max_len == 32  # still serving at the old size

@@ -75,11 +75,19 @@ class ModelRunner:
         self.cache = model.new_cache(config.max_num_seqs, n, [min(n, k) for k in lens])
 
     def ensure_cache(self, rows: int, layer_lens: Sequence[int]) -> None:
-        """Reallocate the cache (empty) when ``rows`` rows of ``layer_lens[l]`` slots do not fit it."""
+        """Reallocate the cache (empty) when ``rows`` rows of ``layer_lens[l]`` slots do not fit it; the old
+        cache is released before the new one is allocated (and reallocated if that fails)."""
         c = self.cache
         if not c.fits(rows, layer_lens):
             lens = [max(a, b) for a, b in zip(c.layer_lens, layer_lens)]
-            self.cache = self.model.new_cache(max(rows, c.max_batch), max(lens), lens)
+            shape = (max(rows, c.max_batch), max(lens), lens)
+            old_shape = (c.max_batch, c.max_len, c.layer_lens)
+            self.cache = c = None  # the old cache goes first: growth never holds two caches at once
+            try:
+                self.cache = self.model.new_cache(*shape)
+            except BaseException:  # e.g. out of memory: keep serving with a cache of the old size
+                self.cache = self.model.new_cache(*old_shape)
+                raise
 
     def reset_rows(self, first: int, n: int) -> None:
         """Forget cache rows ``first .. first + n - 1`` (before a new request's prompt goes there)."""
