@@ -302,3 +302,39 @@ def test_on_policy_rollouts_are_the_skip_models_tokens_scored_by_the_base_model(
             torch.testing.assert_close(torch.tensor(r["teacher_top_logprobs"]), vals, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="topk"):
         distill(loaded, prompts, chat=False, max_new_tokens=4, batch_size=2, policy=sched)
+
+
+def test_bf16_greedy_tokens_alone_equal_batched_with_one_adapter_path():
+    """With ``merge_adapter=False`` every adapter row runs the base weights plus the low-rank update whatever
+    its batch-mates (no merged copy of the weights either), so in bf16 a greedy request gives the same tokens
+    (and log-probs) alone and in a batch of rows at other steps and schedules. ``None`` merges on a CPU only."""
+    hf = tiny_llama(num_layers=6, seed=3)
+    with_random_lora(hf, seed=5)
+    model = SkipModel(hf.to(torch.bfloat16))
+    L = model.num_layers
+    sched = SkipSchedule(L, L, 2, decay_tokens=3, drop_order=shuffled_order(L))
+    other = SkipSchedule(L, L - 1, 4, decay_tokens=6)
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1)
+
+    def alone(p, s):
+        c = Engine(model, s, max_batch=1, max_len=64, merge_adapter=False).generate([p], params)[0]
+        return list(zip(c.token_ids, [lp.logprob for lp in c.logprobs]))
+
+    want = [alone(p, sched if i % 2 else other) for i, p in enumerate(PROMPTS)]
+    eng = Engine(model, max_batch=4, max_len=64, merge_adapter=False)
+    assert model.adapter_linears.merge is False
+    ids, got = {}, {i: [] for i in range(len(PROMPTS))}
+
+    def step():
+        for ev in eng.step():
+            got[ids[ev.request_id]].append((ev.token_id, ev.logprobs.logprob))
+
+    for i, p in enumerate(PROMPTS):  # staggered: rows at different steps and depths share every step
+        ids[eng.add_request(p, params, schedule=sched if i % 2 else other)] = i
+        step()
+    while eng.has_work():
+        step()
+    assert [got[i] for i in range(len(PROMPTS))] == want  # tokens and their log-probs, bit for bit
+    assert not model.adapter_linears.merges  # no merged copy of any weight was made
+    Engine(model, max_batch=1, max_len=8)
+    assert model.adapter_linears.merge is True  # the CPU default

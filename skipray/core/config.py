@@ -41,7 +41,12 @@ class EngineConfig:
     request is). ``max_offline_rows``: rows the offline admission class may hold (None: all but a
     quarter of ``max_num_seqs``). ``max_tokens`` and ``max_prompt_len`` size the cache per layer
     (``skipray.core.runner.ModelRunner``): the new tokens (None: ``max_model_len``) and the prompt
-    tokens (None: ``max_model_len - max_tokens``, or ``max_model_len - 1``) a request may have."""
+    tokens (None: ``max_model_len - max_tokens``, or ``max_model_len - 1``) a request may have.
+    ``merge_adapter``: whether positions that all use the skip adapter may run merged weights (a second
+    copy of every adapted linear, built on first use) instead of the base weights plus the low-rank
+    update. None: on a CPU only, where merged weights are the fast path; never on a GPU, where that copy
+    would be memory the cache sizing does not count. False also makes every row take one adapter path
+    whatever its batch-mates, so greedy tokens are the same alone and batched in bf16."""
 
     max_num_seqs: int = 32
     max_model_len: int = 512
@@ -51,6 +56,7 @@ class EngineConfig:
     max_offline_rows: int | None = None
     max_tokens: int | None = None
     max_prompt_len: int | None = None
+    merge_adapter: bool | None = None
 
     def __post_init__(self) -> None:
         n, length = self.max_num_seqs, self.max_model_len

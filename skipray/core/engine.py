@@ -87,6 +87,9 @@ class Engine:
         if not isinstance(config, EngineConfig):  # e.g. an older positional Engine(model, schedule, max_batch)
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.model, self.config = model.eval(), config.replace(**changes) if changes else config
+        merge = self.config.merge_adapter
+        device = next(model.parameters()).device
+        model.adapter_linears.merge = device.type == "cpu" if merge is None else merge
         self.schedule = schedule or SkipSchedule.full(model.num_layers)
         self.cache_schedule = cache_schedule or SkipSchedule.full(model.num_layers)
         check_schedule(self.schedule, model.num_layers)

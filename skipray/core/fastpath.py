@@ -76,7 +76,7 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
         return None
     b, t = s.tokens.shape
     use, every = model.adapter_linears.flags(st.adapter)
-    if use and not every:
+    if use and not (every and model.adapter_linears.merge):  # the low-rank path: the general loop
         return None
     out: list[LayerKernels | None] = []
     for l, run in enumerate(s.plan):

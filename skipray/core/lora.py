@@ -9,8 +9,10 @@ runs the matmuls.
 
 * Training (autograd on): LoRA as peft computes it, masked; gradients reach the LoRA weights.
 * Inference: the modules run as one matmul where they can (``PackedLinears.many``): the base weights;
-  or, where every position uses the adapter, merged weights (base plus update, made once and cached);
-  or, where only some do (rows in both phases), the base plus a cached low-rank update on those rows.
+  or, where every position uses the adapter and ``merge`` allows it, merged weights (base plus update,
+  made once and cached); otherwise (some positions use it, or ``merge`` is off) the base plus a cached
+  low-rank update on the positions that do, so with ``merge`` off a row's arithmetic does not depend on
+  its batch-mates.
   Cached weights are remade when the weights they come from change (tensor versions), so a model that
   is trained and then decoded never reads stale weights. ``merges`` holds the merged layers.
 """
@@ -63,6 +65,7 @@ class AdapterLinears:
         self.low_ranks: dict[nn.Module, Cached] = {}  # LoRA layer -> [(A, B * scaling)]
         self._last: MaskFlags | None = None  # see flags
         self._resolved: dict[tuple, Resolved] = {}  # (modules, merged) -> Resolved
+        self.merge = True  # positions that all use the adapter may run merged weights (EngineConfig.merge_adapter)
 
     def __call__(
         self, modules: tuple[nn.Module, ...], x: torch.Tensor, adapter: torch.Tensor | None = None
@@ -72,8 +75,8 @@ class AdapterLinears:
         if torch.is_grad_enabled():  # training: LoRA as peft computes it, masked
             return [self._train(m, x, adapter) for m in modules]
         use, every = self.flags(adapter)
-        if not use or every:  # one matmul: base weights, or where every position uses the adapter, merged ones
-            return self.packed_linears.many(self.resolve(modules, use), x)
+        if not use or (every and self.merge):  # one matmul: base weights, or merged ones where every position
+            return self.packed_linears.many(self.resolve(modules, use), x)  # uses the adapter
         ys = self.packed_linears.many(self.resolve(modules, False), x)  # some positions use the adapter: the base,
         mask = adapter[..., None].to(ys[0].dtype)  # plus the low-rank update on those positions
         for y, m in zip(ys, modules):
