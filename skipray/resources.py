@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from skipray.core.memory import format_report, memory_report, preset_schedules
+from skipray.core.memory import cache_rows_for_memory, format_report, memory_report, preset_schedules
 
 GPUS_PER_ACTOR: float = 1.0  # one batch-inference actor owns one GPU (the default model needs < 2 GiB)
 GPUS_PER_REPLICA: float = 1.0  # one Serve replica owns one GPU
@@ -285,11 +285,20 @@ def kv_cache_bytes(shape: ModelShape, batch: int, length: int, dtype: str | int 
     return 2 * shape.num_layers * shape.kv_heads * shape.head_dim * dtype_bytes(dtype) * batch * length
 
 
-def max_batch(shape: ModelShape, length: int, gpu_bytes: int, dtype: str | int = "bf16", reserve: float = 0.2) -> int:
-    """Largest batch whose weights + KV cache fit in ``(1 - reserve) * gpu_bytes`` (reserve: activations,
-    logits, CUDA context, allocator slack)."""
-    free = gpu_bytes * (1 - reserve) - weights_bytes(shape, dtype)
-    return max(int(free // kv_cache_bytes(shape, 1, length, dtype)), 0)
+def max_batch(
+    shape: ModelShape,
+    length: int,
+    gpu_bytes: int,
+    dtype: str | int = "bf16",
+    utilization: float = 0.8,
+    used_bytes: int | None = None,
+) -> int:
+    """Largest batch whose KV cache fits in ``utilization * gpu_bytes`` after ``used_bytes`` (default: the
+    weights alone; an engine on a GPU measures its weights plus a profiled step's peak instead), by the
+    engine's own rule (``skipray.core.memory.cache_rows_for_memory``). The default 0.8 leaves a fifth of the
+    GPU for activations, logits, the CUDA context and allocator slack that this estimate does not measure."""
+    used = weights_bytes(shape, dtype) if used_bytes is None else used_bytes
+    return cache_rows_for_memory(gpu_bytes, used, kv_cache_bytes(shape, 1, length, dtype), utilization)
 
 
 def sizing_table(
@@ -323,6 +332,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
     p.add_argument("--gpu-gib", type=float, default=None, help="also print the largest batch per length")
     p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.8,
+        help="with --gpu-gib: the share of the GPU the engine may use (vLLM's name; the engine's default is 0.9 "
+        "of what remains after its measured weights and profiled step, here 0.8 after the weights alone)",
+    )
+    p.add_argument(
+        "--used-gib",
+        type=float,
+        default=None,
+        help="with --gpu-gib: memory in use before the cache (the engine logs its measured figure; default: weights)",
+    )
+    p.add_argument(
         "--new-tokens",
         type=int,
         default=64,
@@ -334,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     print(sizing_table(shapes, a.batch or [1, 8, 32, 128], lengths, a.dtype))
     if a.gpu_gib:
         for s in shapes:
-            fits = ", ".join(f"len {n}: {max_batch(s, n, int(a.gpu_gib * GIB), a.dtype)}" for n in lengths)
+            used = None if a.used_gib is None else int(a.used_gib * GIB)
+            fits = ", ".join(
+                f"len {n}: {max_batch(s, n, int(a.gpu_gib * GIB), a.dtype, a.gpu_memory_utilization, used)}"
+                for n in lengths
+            )
             print(f"{s.name} on {a.gpu_gib:g} GiB: max batch {fits}")
         print(skip_memory_tables(shapes, lengths, a.new_tokens, a.dtype, a.gpu_gib))
     return 0

@@ -121,3 +121,17 @@ def test_training_loss_on_the_device_equals_the_cpus(tmp_path, data_path, tiny_m
 
 
 from test_train import data_path  # noqa: E402,F401  (fixture)
+
+
+def test_the_engine_sizes_its_cache_to_the_devices_memory():
+    """On a GPU the engine profiles a prompt pass and keeps max_num_seqs to what gpu_memory_utilization holds
+    (``skipray.core.profile``); a tiny model fits every row asked for, and a utilization too small for one row
+    is refused at construction. On the CPU (the dry run) the config is kept as given."""
+    from skipray.core.config import EngineConfig
+
+    _, dev = on_both(tiny_llama())
+    eng = Engine(dev, config=EngineConfig(max_num_seqs=4, max_model_len=64))
+    assert eng.config.max_num_seqs == 4 and eng.cache.max_batch == 4
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="not one cache row"):
+            Engine(dev, config=EngineConfig(max_num_seqs=4, max_model_len=64, gpu_memory_utilization=1e-6))

@@ -94,3 +94,35 @@ def test_cache_growth_releases_the_old_cache_before_allocating_and_survives_a_fa
     with pytest.raises(MemoryError):
         runner.ensure_cache(8, [64] * model.num_layers)
     assert runner.cache.max_batch == 4 and runner.cache.max_len == 32  # still serving at the old size
+
+
+def test_gpu_sizing_fits_rows_to_the_measured_memory(monkeypatch):
+    """The engine's GPU sizing (``skipray.core.profile``) is ``cache_rows_for_memory`` over a cache row's bytes,
+    the rule ``python -m skipray.resources`` uses; run here with a measured figure given, on a CPU model."""
+    import pytest
+    from conftest import tiny_llama
+
+    from skipray import resources
+    from skipray.core import profile
+    from skipray.core.config import EngineConfig
+    from skipray.core.memory import cache_bytes_per_row, cache_rows_for_memory
+    from skipray.core.model import SkipModel
+
+    model = SkipModel(tiny_llama())
+    cfg = EngineConfig(max_num_seqs=8, max_model_len=64, gpu_memory_utilization=0.5)
+    per_row = cache_bytes_per_row([64] * model.num_layers, model.kv_heads, model.head_dim, 4)
+    mem = profile.DeviceMemory(peak=1000, total=2 * (1000 + 3 * per_row) + 1)  # 3 rows fit half of it
+    assert profile.cache_rows(model, cfg, None, mem) == 3 == cache_rows_for_memory(mem.total, 1000, per_row, 0.5)
+    monkeypatch.setattr(profile, "measure", lambda m, c: mem)
+    assert profile.fit_to_gpu(model, cfg, None).max_num_seqs == 3  # lowered to what fits
+    assert profile.fit_to_gpu(model, cfg.replace(max_num_seqs=2), None).max_num_seqs == 2  # already fits
+    monkeypatch.setattr(profile, "measure", lambda m, c: profile.DeviceMemory(10**9, 10**9))
+    with pytest.raises(ValueError, match="not one cache row"):
+        profile.fit_to_gpu(model, cfg, None)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineConfig(gpu_memory_utilization=1.5)
+    shape = resources.KNOWN_SHAPES["llama3-8b"]  # the sizing tool: the same rule, the weights as the used figure
+    gib = 1024**3
+    assert resources.max_batch(shape, 2048, 80 * gib) == cache_rows_for_memory(
+        80 * gib, resources.weights_bytes(shape), resources.kv_cache_bytes(shape, 1, 2048), 0.8
+    )

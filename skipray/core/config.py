@@ -46,7 +46,11 @@ class EngineConfig:
     copy of every adapted linear, built on first use) instead of the base weights plus the low-rank
     update. None: on a CPU only, where merged weights are the fast path; never on a GPU, where that copy
     would be memory the cache sizing does not count. False also makes every row take one adapter path
-    whatever its batch-mates, so greedy tokens are the same alone and batched in bf16."""
+    whatever its batch-mates, so greedy tokens are the same alone and batched in bf16.
+    ``gpu_memory_utilization`` (vLLM's name and meaning, GPUs only): the share of the GPU's memory the engine
+    may use; after loading, it profiles one full-depth prompt pass and keeps ``max_num_seqs`` to the rows
+    that fit what the weights and that peak leave (``skipray.core.memory.cache_rows_for_memory``), refusing
+    to start when not one row of ``max_model_len`` fits."""
 
     max_num_seqs: int = 32
     max_model_len: int = 512
@@ -57,6 +61,7 @@ class EngineConfig:
     max_tokens: int | None = None
     max_prompt_len: int | None = None
     merge_adapter: bool | None = None
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
         n, length = self.max_num_seqs, self.max_model_len
@@ -81,6 +86,8 @@ class EngineConfig:
             )
         if self.max_offline_rows is not None and self.max_offline_rows < 0:
             raise ValueError(f"max_offline_rows must be >= 0, got {self.max_offline_rows}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     def replace(self, **changes: int | None) -> EngineConfig:
         """A copy with ``changes`` (field names, or the older ``max_batch`` / ``max_len``). Raises

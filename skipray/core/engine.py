@@ -96,6 +96,10 @@ class Engine:
         check_schedule(self.cache_schedule, model.num_layers)
         self.eos_token_ids = tuple(eos_token_ids)
         self.detokenize = detokenize
+        if device.type == "cuda":  # gpu_memory_utilization: as many rows as the GPU holds, at most max_num_seqs
+            from skipray.core.profile import fit_to_gpu
+
+            self.config = fit_to_gpu(self.model, self.config, self.cache_schedule)
         self.scheduler = Scheduler(self.config)
         self.runner = ModelRunner(self.model, self.config, self.cache_schedule)
         self._ids = itertools.count()

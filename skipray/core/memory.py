@@ -12,6 +12,8 @@ Contract (pure Python, no torch; ``python -m skipray.resources --gpu-gib G`` pri
 * ``cache_bytes_per_row(...)`` is exactly what one row of such a ``KVCache`` holds: the K and V buffers
   of every layer plus its bookkeeping (``filled``: one int64 per layer; ``valid``: one bool per slot of
   the longest layer). ``rows * cache_bytes_per_row(...) == KVCache(...).nbytes`` (tested).
+* ``cache_rows_for_memory(total, used, per_row, utilization)`` is the one sizing rule for a device's
+  memory (vLLM's ``gpu_memory_utilization``): the rows that ``utilization * total - used`` holds.
 * ``memory_report(...)`` lists, per schedule: average layers per token, cache bytes per row, the ratio
   to full depth, and the largest batch whose cache fits ``budget_bytes`` (after ``weights_bytes``).
 * Which schedule sizes a cache: ``Engine.generate`` / ``stream`` know each call's schedules, prompt
@@ -48,6 +50,18 @@ def cache_bytes_per_row(layer_lens: Sequence[int], kv_heads: int, head_dim: int,
 def largest_batch(budget_bytes: int, per_row: int) -> int:
     """Rows of ``per_row`` bytes that fit ``budget_bytes`` (0 when not even one fits)."""
     return max(int(budget_bytes // per_row), 0) if per_row > 0 else 0
+
+
+def cache_rows_for_memory(total_bytes: int, used_bytes: int, per_row: int, utilization: float = 0.9) -> int:
+    """Cache rows a device holds under vLLM's ``gpu_memory_utilization``: this engine may use ``utilization``
+    of the device's ``total_bytes``; what its weights and a profiled step's peak (``used_bytes``, the
+    device's peak allocation after loading and one full-depth prompt pass) leave of that goes to the cache,
+    ``per_row`` bytes a row (``cache_bytes_per_row``). The engine on a GPU and
+    ``python -m skipray.resources`` size with this one formula. Raises ``ValueError`` for ``utilization``
+    outside (0, 1]."""
+    if not 0 < utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+    return largest_batch(int(total_bytes * utilization) - used_bytes, per_row)
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,7 @@ def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int]) 
     rows = torch.cat([picked[:, None], vals, ids.to(vals.dtype)], dim=1).double().tolist()
     m = vals.shape[1]
     return [
-        TopLogprobs(r[0], [int(x) for x in r[1 + m : 1 + m + k]], r[1 : 1 + k]) if k else None
-        for r, k in zip(rows, n)
+        TopLogprobs(r[0], [int(x) for x in r[1 + m : 1 + m + k]], r[1 : 1 + k]) if k else None for r, k in zip(rows, n)
     ]
 
 

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 # the builder args that size the engine: EngineConfig's fields, the first two also under their older names
 ENGINE_ARGS = (
+    "gpu_memory_utilization",
     "max_batch",
     "max_num_seqs",
     "max_len",
@@ -73,7 +74,8 @@ def engine_config(args: dict[str, Any], max_positions: int) -> EngineConfig:
     given = {k: args[k] for k in ENGINE_ARGS if args.get(k) is not None}
     if not given.get("max_num_batched_tokens"):
         given.pop("max_num_batched_tokens", None)
-    config = SERVE_ENGINE_CONFIG.replace(**{k: int(v) for k, v in given.items()})
+    floats = {"gpu_memory_utilization"}
+    config = SERVE_ENGINE_CONFIG.replace(**{k: float(v) if k in floats else int(v) for k, v in given.items()})
     return config.replace(max_model_len=min(config.max_model_len, max_positions))
 
 
