@@ -169,3 +169,21 @@ def test_a_greedy_decode_step_reads_the_device_once(skip, logprobs, budget):
         with HostSyncs() as h:
             eng.step()
         assert h.syncs <= budget, dict(h.counts)
+
+
+def test_expanded_kv_attention_equals_grouped_query_attention():
+    """The GPU's attention form (K/V expanded to the query heads, so a fused kernel takes the mask) gives the
+    same numbers as the CPU's ``enable_gqa`` form."""
+    import torch.nn.functional as F
+
+    from skipray.core.model import expand_kv
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 5, 16, generator=g)
+    k, v = torch.randn(3, 2, 11, 16, generator=g), torch.randn(3, 2, 11, 16, generator=g)
+    mask = torch.rand(3, 1, 5, 11, generator=g) > 0.3
+    mask[..., 0] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    ke, ve = expand_kv(k, v, 8)
+    assert ke.shape == (3, 8, 11, 16)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask), want)
