@@ -254,9 +254,9 @@ def _mask(
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scaled_dot_product_attention`` (grouped-query when ``k`` has fewer heads than ``q``: ``enable_gqa`` on
-    a CPU, K/V expanded on a GPU so that a fused kernel runs with the mask). bf16 on the CPU runs it in fp32: this torch's bf16 CPU kernel took 76 us against fp32's 14 us for one decode
-    token over 100 slots, more than the casts cost; fp32 attention is also the more exact."""
+    """``scaled_dot_product_attention`` (grouped-query when ``k`` has fewer heads than ``q``: ``enable_gqa``
+    on a CPU, K/V expanded on a GPU so that a fused kernel runs with the mask). bf16 on the CPU runs it in
+    fp32: faster there than this torch's bf16 CPU kernel (docs/benchmarks/performance.md), and more exact."""
     gqa = k.shape[1] != q.shape[1]
     if gqa and q.device.type != "cpu":  # a GPU: K/V expanded to the query heads, so the fused
         k, v = expand_kv(k, v, q.shape[1])  # memory-efficient kernel takes the mask (with enable_gqa it
