@@ -39,7 +39,9 @@ from skipray.batch.params import resolve
 DEFAULT_ENGINE_ROWS = 32  # engine rows when neither batch_size nor engine_kwargs["max_num_seqs"] is given
 DEFAULT_CHUNK_TOKENS = 2048  # chunked prefill's budget when enable_chunked_prefill comes without one
 
-# Ray 2.60's vLLMEngineProcessorConfig fields -> what skipray does with each (the reference docs' table)
+# Ray 2.60's vLLMEngineProcessorConfig fields -> what skipray does with each (the reference docs' table):
+# implemented; mapped (onto the engine); accepted (the output is what Ray's would be, or documented);
+# warned (no effect: named in the config's warning when given)
 RAY_FIELDS = {
     "batch_size": "implemented",
     "accelerator_type": "implemented",
@@ -49,10 +51,10 @@ RAY_FIELDS = {
     "max_pending_requests": "warned",
     "max_concurrent_batches": "warned",
     "max_tasks_in_flight_per_actor": "implemented",
-    "should_continue_on_error": "implemented",
+    "should_continue_on_error": "accepted",
     "chat_template_stage": "implemented",
-    "tokenize_stage": "implemented",
-    "detokenize_stage": "implemented",
+    "tokenize_stage": "accepted",
+    "detokenize_stage": "accepted",
     "prepare_multimodal_stage": "warned",
     "engine_kwargs": "mapped",
     "task_type": "implemented",

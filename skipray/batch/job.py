@@ -65,6 +65,10 @@ from skipray.batch.rows import SkipDecodeProcessorConfig
 
 @dataclass
 class JobConfig:
+    """The file job's settings (its command line's flags). ``batch_size`` is the engine's rows and a Ray
+    Data batch holds ``bucket_window`` of them (``processor_config``: ``engine_kwargs["max_num_seqs"]`` and
+    ``batch_size``); ``actors`` is the pool's ``(min, max)``."""
+
     model: str = "default"
     prompt_column: str = "prompt"
     id_column: str = "id"
