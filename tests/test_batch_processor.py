@@ -20,7 +20,7 @@ from skipray.batch.rows import row_seed, unique_renames
 def proc_config(model, **kw) -> batch.SkipDecodeProcessorConfig:
     base = dict(
         model=str(model),
-        batch_size=2,
+        engine_kwargs={"max_num_seqs": 2},  # engine rows; a Ray Data batch is bucket_window of them
         bucket_window=2,
         num_cpus_per_actor=0.5,
         torch_threads=1,
@@ -34,11 +34,138 @@ def proc_config(model, **kw) -> batch.SkipDecodeProcessorConfig:
 def test_config_validates_like_ray_data_llm():
     c = batch.SkipDecodeProcessorConfig(model_source="x", concurrency=(1, 3))
     assert c.pool == (1, 3) and c.model_source == "x" and batch.SkipDecodeProcessorConfig(model="y").model_source == "y"
-    assert batch.SkipDecodeProcessorConfig(concurrency=2).pool == (2, 2)
+    assert batch.SkipDecodeProcessorConfig(concurrency=2).pool == (1, 2)  # Ray's engine stage: autoscaling 1..n
+    assert batch.SkipDecodeProcessorConfig(concurrency=(2, 2)).pool == (2, 2)
     with pytest.raises(ValueError, match="concurrency"):
         batch.SkipDecodeProcessorConfig(concurrency=(3, 1))
     with pytest.raises(ValueError, match="unsupported sampling params.*guided_grammar"):
         batch.SkipDecodeProcessorConfig(sampling_params={"guided_grammar": "root ::= x"})
+
+
+def _config_warnings(**kw) -> tuple[batch.SkipDecodeProcessorConfig, list[str]]:
+    """A config and the messages of the SkipDecodeConfigWarnings its construction raised."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = batch.SkipDecodeProcessorConfig(**kw)
+    return c, [str(w.message) for w in caught if issubclass(w.category, batch.SkipDecodeConfigWarning)]
+
+
+def test_config_takes_every_field_of_rays_vllm_config():
+    from ray.data.llm import ChatTemplateStageConfig, TokenizerStageConfig, vLLMEngineProcessorConfig
+
+    from skipray.batch.config import RAY_FIELDS
+
+    ray_fields = set(vLLMEngineProcessorConfig.model_fields)
+    assert set(RAY_FIELDS) == ray_fields <= set(batch.SkipDecodeProcessorConfig.model_fields)
+    # a Ray config, dumped with every field at Ray's default, is a skipray config
+    c, said = _config_warnings(**vLLMEngineProcessorConfig(model_source="m").model_dump())
+    assert c.model_source == "m" and c.batch_size == 32 and c.task_type == "generate"
+    assert len(said) == 1 and "max_concurrent_batches" in said[0]  # Ray's 8 batches in flight per actor
+    c, said = _config_warnings(
+        model_source="m",
+        chat_template_stage=ChatTemplateStageConfig(chat_template_kwargs={"enable_thinking": False}),
+        tokenize_stage=TokenizerStageConfig(enabled=False),
+        detokenize_stage=False,
+        should_continue_on_error=True,
+        runtime_env={"env_vars": {"A": "1"}},
+        max_tasks_in_flight_per_actor=2,
+        log_engine_metrics=False,
+        accelerator_type="L4",
+    )
+    assert said == [] and c.template_kwargs() == {"enable_thinking": False} and c.num_gpus_per_actor == 1
+    with pytest.raises(ValueError, match="max_num_sequences"):  # a name outside Ray's fields and skipray's
+        batch.SkipDecodeProcessorConfig(max_num_sequences=4)
+    with pytest.raises(ValueError, match="generates text only"):
+        batch.SkipDecodeProcessorConfig(task_type="embed")
+    with pytest.raises(ValueError, match="no field"):
+        batch.SkipDecodeProcessorConfig(chat_template_stage={"chat_template_kwarg": {}})
+    with pytest.raises(ValueError, match="may not set"):
+        batch.SkipDecodeProcessorConfig(chat_template_stage={"chat_template_kwargs": {"add_generation_prompt": False}})
+
+
+def test_config_warns_once_about_what_cannot_apply():
+    c, said = _config_warnings(
+        max_pending_requests=10,
+        max_concurrent_batches=4,
+        dynamic_lora_loading_path="/loras",
+        placement_group_config={"bundles": [{"GPU": 1}]},
+        prepare_multimodal_stage=True,
+        chat_template_stage={"batch_size": 16, "num_cpus": 2},
+        engine_kwargs={"enable_prefix_caching": True, "tensor_parallel_size": 1, "max_num_seqs": 8},
+    )
+    assert len(said) == 1  # one warning per config, naming every setting that has no effect
+    for name in (
+        "max_pending_requests",
+        "max_concurrent_batches",
+        "dynamic_lora_loading_path",
+        "placement_group_config",
+        "prepare_multimodal_stage",
+        "chat_template_stage ['batch_size', 'num_cpus']",
+        "engine_kwargs ['enable_prefix_caching', 'tensor_parallel_size']",
+    ):
+        assert name in said[0], name
+    assert len(c.ignored) == 7 and c.engine_rows == 8  # mapped keys are never named
+    assert _config_warnings()[1] == [] and _config_warnings(engine_kwargs={"max_model_len": 64})[1] == []
+
+
+def test_batch_size_and_max_num_seqs_take_rays_meanings(tiny_dir):
+    from skipray.batch.processor import SkipDecodeProcessor
+
+    C = batch.SkipDecodeProcessorConfig
+    sizes = lambda c: (c.window, c.engine_rows)  # noqa: E731 - (rows per Ray Data batch, engine rows)
+    assert sizes(C()) == (128, 32)  # neither: 32 engine rows, bucket_window (4) of them per batch
+    assert sizes(C(batch_size=64)) == (64, 64)  # max_num_seqs defaults to batch_size
+    assert sizes(C(engine_kwargs={"max_num_seqs": 8})) == (32, 8)
+    assert sizes(C(batch_size=64, engine_kwargs={"max_num_seqs": 16})) == (64, 16)
+    assert sizes(C(batch_size=64, engine_kwargs={"max_num_seqs": 256})) == (64, 64)  # one batch at a time
+    assert (C(concurrency=3).pool, C(concurrency=(2, 4)).pool) == ((1, 3), (2, 4))
+    chunk = lambda **kw: (C(engine_kwargs=kw).chunked_prefill_tokens, C(engine_kwargs=kw).prefill_tokens)  # noqa: E731
+    assert chunk() == (None, None) and chunk(enable_chunked_prefill=True) == (2048, None)
+    assert chunk(max_num_batched_tokens=4096) == chunk(enable_chunked_prefill=True, max_num_batched_tokens=4096)
+    assert chunk(max_num_batched_tokens=4096) == (4096, None)
+    assert chunk(enable_chunked_prefill=False, max_num_batched_tokens=4096) == (None, 4096)
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= max_num_seqs"):
+        C(engine_kwargs={"max_num_seqs": 64, "max_num_batched_tokens": 16})
+    assert C(engine_kwargs={"max_model_len": 64}).max_model_len == C(max_model_len=64).max_model_len == 64
+    with pytest.raises(ValueError, match="disagree"):
+        C(max_model_len=32, engine_kwargs={"max_model_len": 64})
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        C(engine_kwargs={"max_num_seqs": 0})
+    # the file job's --batch-size (engine rows) and --bucket-window keep their meanings
+    job = config(tiny_dir, batch_size=4, bucket_window=2, actors=(1, 2)).processor_config()
+    assert sizes(job) == (8, 4) and job.pool == (1, 2)
+    p = SkipDecodeProcessor(
+        proc_config(tiny_dir, engine_kwargs={"max_num_seqs": 4, "max_num_batched_tokens": 64}, log_engine_metrics=False)
+    )
+    assert p.actor_spec.engine.max_num_seqs == 4 and p.actor_spec.engine.max_num_batched_tokens == 64
+    assert p.actor_spec.metrics is False
+
+
+def test_chat_template_settings_reach_the_template(tiny_dir):
+    from skipray.batch.processor import SkipDecodeProcessor
+    from skipray.batch.rows import TOKENS
+
+    template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}{% if shout %}LOUD{% else %}quiet{% endif %}"
+    block = pa.table({"messages": [[{"role": "user", "content": "hi"}]], "prompt": [None]})
+
+    def text(builder_kwargs=None, **stage) -> str:
+        cfg = proc_config(tiny_dir, chat_template_stage={"chat_template": template, **stage})
+        p = SkipDecodeProcessor(cfg, builder_kwargs=builder_kwargs)
+        ids = batch.prepare_rows(block, p.row_context).column(TOKENS).to_pylist()[0]
+        return p.row_context.tokenizer.get().decode(ids)
+
+    assert text() == "hi|quiet"
+    assert text(chat_template_kwargs={"shout": True}) == "hi|LOUD"
+    assert text({"chat_template_kwargs": {"shout": True}}) == "hi|LOUD"  # Ray's builder_kwargs
+    assert text({"chat_template_kwargs": {"shout": True}}, chat_template_kwargs={"shout": False}) == "hi|quiet"
+    off = SkipDecodeProcessor(proc_config(tiny_dir, chat_template_stage=False)).row_context
+    assert "chat_template_stage is disabled" in batch.prepare_rows(block, off).column("error").to_pylist()[0]
+    with pytest.raises(TypeError, match="unexpected"):
+        batch.build_processor(proc_config(tiny_dir), builder_kwargs={"chat_template": template})
+    with pytest.raises(ValueError, match="preprocess"):
+        batch.build_processor(proc_config(tiny_dir), builder_kwargs={"preprocess": None})
 
 
 def test_unique_renames_never_collide():
@@ -279,8 +406,8 @@ def test_samples_depend_on_the_row_not_its_batch_or_actors(ray_local, tiny_dir):
         p = batch.build_processor(proc_config(tiny_dir, sampling_params=sampling, **kw))
         return {r["id"]: list(r["generated_tokens"]) for r in p(ray.data.from_items(rows)).take_all()}
 
-    a = tokens(batch_size=4, bucket_window=2)
-    b = tokens(batch_size=1, bucket_window=1, concurrency=2)
+    a = tokens(engine_kwargs={"max_num_seqs": 4}, bucket_window=2)
+    b = tokens(engine_kwargs={"max_num_seqs": 1}, bucket_window=1, concurrency=(2, 2))
     assert a == b  # other batch-mates, other actors: the same sample per row
     assert len({tuple(t) for t in a.values()}) == len(rows)  # the same prompt, other ids: other samples
 
@@ -376,3 +503,57 @@ def test_logprobs_column_in_batch_rows(ray_local, tiny_dir):
     assert [e["top_logprobs"] for e in zero["logprobs"]] == [[]] * len(zero["generated_tokens"])
     assert none["logprobs"] is None and none["error"] is None
     assert "logprobs" in bad["error"] and bad["logprobs"] is None
+
+
+def _ray_examples() -> list[str]:
+    """The code of Ray 2.60's ``ray.data.llm.build_processor`` docstring examples (its ``testcode`` blocks)."""
+    import textwrap
+
+    from ray.data.llm import build_processor
+
+    out = []
+    for part in build_processor.__doc__.split(".. testcode::")[1:]:
+        lines = part.splitlines()[1:]
+        while lines and (not lines[0].strip() or lines[0].strip().startswith(":")):
+            lines.pop(0)
+        indent = len(lines[0]) - len(lines[0].lstrip())
+        end = next((i for i, x in enumerate(lines) if x.strip() and len(x) - len(x.lstrip()) < indent), len(lines))
+        out.append(textwrap.dedent("\n".join(lines[:end])))
+    return out
+
+
+def test_rays_build_processor_examples_run_on_skipray(ray_local, tiny_dir):
+    """Ray's examples with the config class swapped to skipray's, the model to the tiny one and ``max_tokens``
+    made small (the tiny model's context is 96 tokens). Ray's second example reads ``row["prompt"]`` from
+    ``ray.data.range`` rows, which have only ``id`` (it fails so in Ray too): there a ``prompt`` column is added."""
+    import re
+    import warnings
+
+    examples = _ray_examples()
+    assert len(examples) == 3 and all("build_processor(" in e for e in examples)
+    counts = []
+    for i, code in enumerate(examples):
+        code = code.replace(
+            "from ray.data.llm import vLLMEngineProcessorConfig, build_processor",
+            "from skipray.batch import SkipDecodeProcessorConfig, build_processor",
+        ).replace("vLLMEngineProcessorConfig(", "SkipDecodeProcessorConfig(")
+        code = re.sub(r'model_source="[^"]+"', f"model_source={str(tiny_dir)!r}", code)
+        code = re.sub(r"max_tokens=\d+", "max_tokens=3", code)
+        if 'row["prompt"]' in code:
+            code = code.replace(
+                "ray.data.range(300)", "ray.data.range(300).map(lambda r: {**r, 'prompt': str(r['id'])})"
+            )
+        assert "vLLMEngineProcessorConfig" not in code and "SkipDecodeProcessorConfig(" in code
+        rows: list[dict] = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exec(compile(code, f"<Ray's build_processor example {i + 1}>", "exec"), {"print": rows.append})
+        said = [str(w.message) for w in caught if issubclass(w.category, batch.SkipDecodeConfigWarning)]
+        if i == 0:  # engine_kwargs: enable_prefix_caching has no effect, the chunked prefill keys are mapped
+            assert len(said) == 1 and "['enable_prefix_caching']" in said[0]
+        else:
+            assert said == []
+        assert all(r.get("error") is None for r in rows), [r["error"] for r in rows if r.get("error")][:3]
+        assert all(isinstance(r.get("resp", r.get("generated_text")), str) for r in rows)
+        counts.append(len(rows))
+    assert counts == [300, 300, 1]

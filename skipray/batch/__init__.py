@@ -3,10 +3,12 @@
 Contract: importing this package imports neither Ray nor torch (Ray is imported inside the functions and
 actors that need it). Modules, in the order a row meets them:
 
-* ``rows``: Ray Data LLM's ``SkipDecodeProcessorConfig``; a row (``prompt`` or ``messages``, optional
-  ``sampling_params`` / ``skip``) becomes token ids and its request, or a typed error row;
-* ``processor``: ``build_processor(config, preprocess=, postprocess=)`` -> a ``Dataset -> Dataset``
-  callable (tokenize tasks, then the ``SkipDecodeEngineStage`` actor pool);
+* ``config``: ``SkipDecodeProcessorConfig``, every field of Ray Data LLM's ``vLLMEngineProcessorConfig``
+  (implemented, mapped, or named in one ``SkipDecodeConfigWarning``) plus skipray's own;
+* ``rows``: a row (``prompt`` or ``messages``, optional ``sampling_params`` / ``skip``) becomes token ids
+  and its request, or a typed error row;
+* ``processor``: ``build_processor(config, preprocess=, postprocess=, builder_kwargs=)`` -> a
+  ``Dataset -> Dataset`` callable (tokenize tasks, then the ``SkipDecodeEngineStage`` actor pool);
 * ``actor``: the ``SkipDecodeEngineStage`` actor: one engine and KV cache per actor, fed a window at a
   time with continuous batching (a finished row's cache row takes the window's next prompt);
 * ``files`` (input checks, filesystems, the summary), ``paths`` (globs, overlap), ``output`` (what the job
@@ -19,6 +21,7 @@ The names below are the public API, re-exported here.
 """
 
 from skipray.batch.actor import SkipDecodeEngineStage, admission_order
+from skipray.batch.config import SkipDecodeConfigWarning
 from skipray.batch.files import InputCheck, InputError, Summary, check_input, filesystem_for, summarize
 from skipray.batch.job import (
     JobConfig,
@@ -39,6 +42,7 @@ from skipray.batch.rows import TOKENS, SkipDecodeProcessorConfig, prepare_rows
 __all__ = [
     "SkipDecodeEngineStage",
     "admission_order",
+    "SkipDecodeConfigWarning",
     "InputCheck",
     "InputError",
     "Summary",

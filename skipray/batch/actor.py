@@ -1,7 +1,7 @@
 """The generating actor of the skip-decoding processor (a Ray Data callable class; no Ray import here).
 
 Contract: ``SkipDecodeEngineStage(spec)`` loads the model once and builds one ``Engine`` with the spec's
-``EngineConfig`` (``max_num_seqs``: the processor's ``batch_size``; its KV cache is reused across calls).
+``EngineConfig`` (``max_num_seqs``: the processor's ``engine_rows``; its KV cache is reused across calls).
 ``__call__(block)`` takes one window of rows from ``skipray.batch.rows.prepare_rows`` and returns it with
 ``generated_text``, ``generated_tokens``, ``num_generated_tokens``, ``avg_layers`` and ``finish_reason``
 added and the internal columns dropped.
@@ -49,6 +49,7 @@ class ActorSpec:
     max_actors: int = 1
     device: str | None = None
     engine_retries: int = 2  # a window's rows that an engine fault failed run again on a fresh engine
+    metrics: bool = True  # record the engine's metrics (skipray.metrics) when Ray's metrics are active
 
 
 def fault_kind(error: BaseException) -> str:
@@ -176,6 +177,8 @@ class SkipDecodeEngineStage:
             if c.finish_reason == "error":
                 comps[k] = self._alone(prompts[k], params[k], schedules[k])
         done = [c for c in comps if not isinstance(c, BaseException)]
+        if not self.spec.metrics:
+            return comps
         try:
             self.metrics.record_batch(
                 done,

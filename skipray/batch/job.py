@@ -65,6 +65,10 @@ from skipray.batch.rows import SkipDecodeProcessorConfig
 
 @dataclass
 class JobConfig:
+    """The file job's settings (its command line's flags). ``batch_size`` is the engine's rows and a Ray
+    Data batch holds ``bucket_window`` of them (``processor_config``: ``engine_kwargs["max_num_seqs"]`` and
+    ``batch_size``); ``actors`` is the pool's ``(min, max)``."""
+
     model: str = "default"
     prompt_column: str = "prompt"
     id_column: str = "id"
@@ -77,8 +81,8 @@ class JobConfig:
     stop: list[str] = field(default_factory=list)
     schedule: dict | None = None  # SkipSchedule.to_dict(), resolved in the driver
     max_positions: int = 2048
-    batch_size: int = 32
-    bucket_window: int = 4  # batches per window sorted by length; 1 = arrival order
+    batch_size: int = 32  # the engine's rows (the processor's engine_kwargs["max_num_seqs"])
+    bucket_window: int = 4  # engine batches per Ray Data batch, sorted by length; 1 = arrival order
     actors: tuple[int, int] = (1, 1)
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -111,9 +115,11 @@ class JobConfig:
 
     def processor_config(self) -> SkipDecodeProcessorConfig:
         """The processor's config for this job (rows are named ``prompt`` and ``id`` by ``read_units``)."""
+        # --batch-size is the engine's rows and a Ray Data batch holds --bucket-window of them
         return SkipDecodeProcessorConfig(
             model_source=self.model,
-            batch_size=self.batch_size,
+            batch_size=self.window,
+            engine_kwargs={"max_num_seqs": self.batch_size},
             bucket_window=max(1, self.bucket_window),
             concurrency=tuple(self.actors),
             num_cpus_per_actor=self.cpus_per_actor,

@@ -7,8 +7,14 @@ lazy like any Ray Data transform. ``processor(ds)`` runs
     ``repartition(target_num_rows_per_block=window)`` (streaming, no shuffle) ->
     ``skipray.batch.rows.prepare_rows`` (a task per block: tokenize, per-row params and seeds, bad rows) ->
     ``skipray.batch.actor.SkipDecodeEngineStage`` (``map_batches`` on an ``ActorPoolStrategy`` of
-    ``concurrency`` actors, one engine each, one window of ``batch_size * bucket_window`` rows per call) ->
+    ``config.pool`` actors, one engine of ``config.engine_rows`` rows each, one Ray Data batch of
+    ``config.window`` rows per call; ``runtime_env``, ``accelerator_type`` and
+    ``max_tasks_in_flight_per_actor`` as Ray Data LLM passes them) ->
     postprocess (``ds.map``; its dict is the output row).
+
+``builder_kwargs`` takes what Ray Data LLM's vLLM builder takes that applies here:
+``chat_template_kwargs`` (used where ``chat_template_stage`` gives none); another key is a ``TypeError``,
+and the keys ``build_processor`` takes itself a ``ValueError``, as in Ray.
 
 Without a postprocess the output rows are the input rows (columns that clash with the output names
 renamed ``input_<name>``, see ``skipray.batch.rows``) plus ``num_input_tokens``, ``generated_text``,
@@ -114,6 +120,7 @@ class SkipDecodeProcessor:
         preprocess_map_kwargs: dict | None = None,
         postprocess_map_kwargs: dict | None = None,
         facts: ModelFacts | None = None,
+        builder_kwargs: dict | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -124,12 +131,18 @@ class SkipDecodeProcessor:
         self.facts = facts or model_facts(config.model_source)
         self.schedule = config_schedule(config.schedule, self.facts)
         context = context_length(config.max_model_len, self.facts.max_positions)
+        tokenizer = AutoTokenizer.from_pretrained(self.facts.base)
+        chat = config.chat_template_stage
+        if chat.get("chat_template"):
+            tokenizer.chat_template = chat["chat_template"]  # the tasks get it with the tokenizer
         self.row_context = RowContext(
-            tokenizer=ShippedTokenizer(AutoTokenizer.from_pretrained(self.facts.base)),
+            tokenizer=ShippedTokenizer(tokenizer),
             max_model_len=context,
             num_layers=self.facts.num_layers,
             trained=self.facts.trained.to_dict() if self.facts.trained else None,
             apply_chat_template=config.apply_chat_template,
+            chat_enabled=chat["enabled"],
+            template_kwargs=config.template_kwargs(builder_kwargs),
             defaults=dict(config.sampling_params),
             id_column=config.id_column,
             vocab_size=self.facts.vocab_size or None,
@@ -139,12 +152,18 @@ class SkipDecodeProcessor:
         self.actor_spec = ActorSpec(
             model=config.model_source,
             schedule=self.schedule.to_dict(),
-            engine=EngineConfig(max_num_seqs=config.batch_size, max_model_len=min(context, 256 + max_tokens)),
+            engine=EngineConfig(
+                max_num_seqs=config.engine_rows,
+                max_model_len=min(context, 256 + max_tokens),
+                max_num_batched_tokens=config.chunked_prefill_tokens,
+                max_prefill_tokens=config.prefill_tokens or EngineConfig.max_prefill_tokens,
+            ),
             bucket=config.bucket_window > 1,
             threads=config.torch_threads,
             max_actors=config.pool.max_actors,
             device=config.device,
             engine_retries=config.engine_retries,
+            metrics=config.log_engine_metrics,
         )
 
     def __call__(self, ds):
@@ -163,12 +182,18 @@ class SkipDecodeProcessor:
         cfg = self.config
         spec = self.actor_spec
         ds = ds.repartition(target_num_rows_per_block=cfg.window)
+        env = {"runtime_env": cfg.runtime_env} if cfg.runtime_env else {}
         ds = ds.map_batches(
-            prepare_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5, fn_kwargs={"ctx": self.row_context}
+            prepare_rows,
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=0.5,
+            fn_kwargs={"ctx": self.row_context},
+            **env,
         )
         # an actor that crashes on a window (a device error that kills the process) is restarted and the window
         # retried engine_retries times; then the job fails, and rows not written are left for a re-run
-        remote: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_actor, "max_task_retries": cfg.engine_retries}
+        remote: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_actor, "max_task_retries": cfg.engine_retries, **env}
         if cfg.num_gpus_per_actor:
             remote["num_gpus"] = cfg.num_gpus_per_actor
         if cfg.accelerator_type:
@@ -179,7 +204,11 @@ class SkipDecodeProcessor:
             fn_constructor_kwargs={"spec": spec},
             batch_format="pyarrow",
             batch_size=cfg.window,
-            compute=ActorPoolStrategy(min_size=cfg.pool.min_actors, max_size=cfg.pool.max_actors),
+            compute=ActorPoolStrategy(
+                min_size=cfg.pool.min_actors,
+                max_size=cfg.pool.max_actors,
+                max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor,
+            ),
             **remote,
         )
 
@@ -190,7 +219,17 @@ def build_processor(
     postprocess: Callable | None = None,
     preprocess_map_kwargs: dict | None = None,
     postprocess_map_kwargs: dict | None = None,
+    builder_kwargs: dict | None = None,
 ) -> SkipDecodeProcessor:
     """A skip-decoding processor (module contract). Raises ``FileNotFoundError`` / ``ValueError`` for a
-    model or schedule that cannot be used, before any Ray work."""
-    return SkipDecodeProcessor(config, preprocess, postprocess, preprocess_map_kwargs, postprocess_map_kwargs)
+    model or schedule that cannot be used, before any Ray work; ``builder_kwargs`` as the module says."""
+    given = dict(builder_kwargs or {})
+    clash = sorted({"preprocess", "postprocess", "preprocess_map_kwargs", "postprocess_map_kwargs"} & set(given))
+    if clash:
+        raise ValueError(f"builder_kwargs cannot contain {clash}: pass them to build_processor directly")
+    unknown = sorted(set(given) - {"chat_template_kwargs"})
+    if unknown:
+        raise TypeError(f"builder_kwargs: unexpected {unknown} (this builder takes chat_template_kwargs)")
+    return SkipDecodeProcessor(
+        config, preprocess, postprocess, preprocess_map_kwargs, postprocess_map_kwargs, builder_kwargs=given
+    )

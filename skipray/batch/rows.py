@@ -2,12 +2,13 @@
 
 Contract:
 
-* ``SkipDecodeProcessorConfig`` is the processor's config, in the shape of Ray Data LLM's engine
-  configs (``model_source``, ``batch_size``, ``concurrency``, ``accelerator_type``, ...; fields below).
+* ``SkipDecodeProcessorConfig`` (``skipray.batch.config``, re-exported here) is the processor's config,
+  Ray Data LLM's ``vLLMEngineProcessorConfig`` fields plus skipray's own.
 * Input rows carry ``prompt`` (a string) or ``messages`` (OpenAI chat messages: ``role`` and
   ``content``, a string or a list of ``{"type": "text", "text"}`` parts; rendered by the model's chat
-  template, ready for the reply). A row may carry ``sampling_params``, a dict of vLLM's
-  ``SamplingParams`` fields (``skipray.batch.params``: the implemented ones, the ones accepted without
+  template, or the config's ``chat_template``, with its ``chat_template_kwargs``, ready for the reply;
+  an error row when the config disables the chat template). A row may carry ``sampling_params``, a
+  dict of vLLM's ``SamplingParams`` fields (``skipray.batch.params``: the implemented ones, the ones accepted without
   effect, the rest an error row naming them; null or missing fields take the config's
   ``sampling_params``), and ``skip``, a dict of skip-schedule flags as in the Serve app's ``skip`` field
   (``{"full": true}``, ``max_layers``, ``min_layers``, ...; null: the config's schedule).
@@ -34,11 +35,11 @@ import hashlib
 import json
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import pyarrow as pa
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from skipray.batch.config import ActorPool, SkipDecodeProcessorConfig  # noqa: F401 (re-exported)
 from skipray.batch.params import PARAMS_TYPE, resolve, sampling_params, to_row
 from skipray.core.config import check_length
 
@@ -59,90 +60,6 @@ TOKENS = "__skipray_token_ids"  # internal: the prompt's token ids
 PARAMS = "__skipray_params"  # internal: the row's resolved sampling params and schedule flags
 PRE_ERROR = "__skipray_error"  # internal: an error found before tokenizing (the file job's id checks)
 INTERNAL_COLUMNS = (TOKENS, PARAMS, PRE_ERROR)
-
-
-class ActorPool(NamedTuple):
-    """How many generating actors a processor runs: between ``min_actors`` and ``max_actors`` (autoscaling)."""
-
-    min_actors: int
-    max_actors: int
-
-
-class SkipDecodeProcessorConfig(BaseModel):
-    """The skip-decoding processor's config (Ray Data LLM's ``vLLMEngineProcessorConfig`` names where they exist).
-
-    ``model_source`` (alias ``model``): a ``skipray.loading.load`` spec (``"default"``, a directory, a ``.gguf``
-    file, an adapter). ``batch_size``: rows per engine batch. ``bucket_window``: engine batches per Ray Data
-    batch (one actor call), sorted by prompt length inside it (1: arrival order). ``concurrency``: ``n`` (a
-    fixed pool of ``n`` actors) or ``(min, max)`` (autoscaling). ``accelerator_type`` (e.g. ``"A10G"``),
-    ``num_gpus_per_actor``, ``num_cpus_per_actor``: each actor's resources; ``device="cuda"`` or an
-    ``accelerator_type`` with no GPUs asked for requests one GPU per actor (a CUDA actor without a GPU would see
-    none). ``torch_threads``: per actor (0: the node's cores / max actors). ``device``: ``cpu`` or ``cuda``
-    (default: cuda when the actor has a GPU). ``apply_chat_template``: wrap ``prompt`` rows in the chat template
-    as one user turn (``messages`` rows always use it). ``sampling_params``: the defaults of every row
-    (``max_tokens`` 64, ``temperature`` 0 = greedy, ``top_p`` 1, ``top_k`` 0, ``seed`` None, ``stop`` []).
-    ``schedule``: skip flags as the Serve ``skip`` field, or a resolved ``SkipSchedule`` (None: the model's
-    trained schedule, full depth if it has none). ``id_column``: the column that keys seeds. ``max_model_len``:
-    the context for the length check (None: the model's). ``engine_retries``: how often a window's rows that a
-    failure of the engine itself failed (out of memory, a device error, a crashed actor) run again on a fresh
-    engine or actor.
-    """
-
-    model_config = ConfigDict(protected_namespaces=(), arbitrary_types_allowed=True, populate_by_name=True)
-
-    model_source: str = Field("default", validation_alias=AliasChoices("model_source", "model"))
-    batch_size: int = Field(32, ge=1)
-    bucket_window: int = Field(4, ge=1)
-    concurrency: int | tuple[int, int] = 1
-    accelerator_type: str | None = None
-    num_gpus_per_actor: float = Field(0.0, ge=0)
-    num_cpus_per_actor: float = Field(1.0, ge=0)
-    torch_threads: int = Field(0, ge=0)
-    device: str | None = None
-    apply_chat_template: bool = False
-    sampling_params: dict[str, Any] = Field(default_factory=dict)
-    schedule: Any = None  # dict of skip flags | SkipSchedule | None
-    id_column: str | None = "id"
-    max_model_len: int | None = Field(None, ge=1)
-    engine_retries: int = Field(2, ge=0)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v):
-        if v is not None and v.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {v!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _gpus_for_cuda(self):
-        if (self.accelerator_type or (self.device or "").startswith("cuda")) and not self.num_gpus_per_actor:
-            self.num_gpus_per_actor = 1.0
-        return self
-
-    @field_validator("concurrency")
-    @classmethod
-    def _concurrency(cls, v):
-        lo, hi = (v, v) if isinstance(v, int) else v
-        if not 1 <= lo <= hi:
-            raise ValueError(f"concurrency wants n >= 1 or (min, max) with 1 <= min <= max, got {v!r}")
-        return v
-
-    @field_validator("sampling_params")
-    @classmethod
-    def _sampling(cls, v):
-        resolve(v, {})  # the defaults of every row: refused fields and bad values fail the config at once
-        return v
-
-    @property
-    def pool(self) -> ActorPool:
-        """The actor pool's size: ``(min, max)`` actors."""
-        c = self.concurrency
-        return ActorPool(c, c) if isinstance(c, int) else ActorPool(*c)
-
-    @property
-    def window(self) -> int:
-        """Rows per actor call."""
-        return self.batch_size * self.bucket_window
 
 
 # -- shipping the tokenizer ------------------------------------------------------------------------------
@@ -172,6 +89,8 @@ class RowContext:
     num_layers: int
     trained: dict | None  # the model's trained schedule (to_dict), for per-row ``skip`` flags
     apply_chat_template: bool = False
+    chat_enabled: bool = True  # False: ``messages`` rows are error rows (chat_template_stage disabled)
+    template_kwargs: dict = field(default_factory=dict)  # the chat template's variables (chat_template_kwargs)
     defaults: dict = field(default_factory=dict)  # the config's sampling_params
     id_column: str | None = "id"
     vocab_size: int | None = None  # the model's logits width (structured output masks), None: the tokenizer's
@@ -313,7 +232,7 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
             else:
                 seed = None
             prm = to_row(p, seed, skip, banned, grammar)
-            ids_i, err = _encode(tok, prompts[i], messages[i], ctx.apply_chat_template, encode_prompt, encode_messages)
+            ids_i, err = _encode(tok, prompts[i], messages[i], ctx, encode_prompt, encode_messages)
             if err is None:
                 try:
                     check_length(len(ids_i), p["max_tokens"], ctx.max_model_len)
@@ -342,24 +261,29 @@ def prepare_rows(block: pa.Table, ctx: RowContext) -> pa.Table:
 
 
 def _encode(
-    tok, prompt: Any, messages: Any, chat: bool, encode_prompt, encode_messages
+    tok, prompt: Any, messages: Any, ctx: RowContext, encode_prompt, encode_messages
 ) -> tuple[list[int], str | None]:
     """-> (token ids, None) or ([], why the row cannot be generated)."""
+    kw = ctx.template_kwargs
     try:
         if messages is not None:
+            if not ctx.chat_enabled:
+                return [], "messages need the chat template, and chat_template_stage is disabled: give a prompt"
             try:
                 msgs = _messages(messages)
             except ValueError as e:
                 return [], f"invalid messages: {e}"
-            ids = encode_messages(tok, msgs)
+            ids = encode_messages(tok, msgs, template_kwargs=kw)
         elif prompt is None:
             return [], "prompt is null"
         elif not isinstance(prompt, str):
             return [], f"prompt is not a string (got {type(prompt).__name__})"
         elif not prompt.strip():
             return [], "prompt is empty"
+        elif ctx.apply_chat_template:
+            ids = encode_messages(tok, [{"role": "user", "content": prompt}], template_kwargs=kw)
         else:
-            ids = encode_prompt(tok, prompt, chat=chat)
+            ids = encode_prompt(tok, prompt)
     except Exception as e:  # noqa: BLE001 - a row the tokenizer or chat template rejects is a bad row
         return [], f"cannot tokenize prompt: {e}"
     return (ids, None) if ids else ([], "the prompt encodes to no tokens")
