@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One torch thread per process: the Ray tests run several processes on a 2-core box, and oversubscribed
-# OpenMP threads slow everything down many times over (measured: 6 s vs 115 s for tests/test_engine.py).
+# OpenMP threads slow everything down many times over (measured: 6 s vs 115 s for tests/core/test_engine.py).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -147,7 +147,7 @@ def smol():
     return load("smollm2-base", device="cpu")
 
 
-# The workers' own S3 credentials for moto (tests/test_batch.py), as a cluster's nodes have theirs (instance
+# The workers' own S3 credentials for moto (tests/batch/test_batch.py), as a cluster's nodes have theirs (instance
 # profile, environment): the batch job's tasks find credentials through the standard AWS chain, never the driver's.
 WORKER_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "worker-key",

@@ -554,7 +554,7 @@ def test_gpu_autoscaling_serve(tmp_path, tiny_model_dir):
     base = f"http://127.0.0.1:{port}"
     with cluster() as c:
         assert c.gpu_nodes() == []
-        env = {**os.environ, **ENV, "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}
+        env = {**os.environ, **ENV, "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT / 'tests' / 'batch'}:{ROOT}"}
         t0 = time.time()
         with open(tmp_path / "deploy.log", "w") as log:
             dep = subprocess.Popen(

@@ -76,13 +76,16 @@ class Engine:
         *,
         cache_schedule: SkipSchedule | None = None,
         detokenize: Callable[[list[int]], str] | None = None,
+        runner: ModelRunner | None = None,
         **changes: int | None,
     ) -> None:
         """An engine over ``model`` with ``config``'s limits (default ``EngineConfig()``); ``changes``: fields
         of ``EngineConfig`` (or ``max_batch`` / ``max_len``) set over it, as ``EngineConfig.replace`` takes
         them. ``schedule``: the default per request (full depth); ``cache_schedule`` sizes the cache
-        (module docstring); ``detokenize``: ids -> text, for stop strings. Raises ``ValueError`` for a
-        schedule of another depth or a config ``EngineConfig`` refuses, ``TypeError`` for unknown ``changes``."""
+        (module docstring); ``detokenize``: ids -> text, for stop strings; ``runner``: the passes' runner
+        (default: a ``ModelRunner`` over ``model`` and the config; a subclass can stand in for it). Raises
+        ``ValueError`` for a schedule of another depth or a config ``EngineConfig`` refuses, ``TypeError`` for
+        unknown ``changes``."""
         config = EngineConfig() if config is None else config
         if not isinstance(config, EngineConfig):  # e.g. an older positional Engine(model, schedule, max_batch)
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
@@ -101,7 +104,7 @@ class Engine:
 
             self.config = fit_to_gpu(self.model, self.config, self.cache_schedule)
         self.scheduler = Scheduler(self.config)
-        self.runner = ModelRunner(self.model, self.config, self.cache_schedule)
+        self.runner = runner if runner is not None else ModelRunner(self.model, self.config, self.cache_schedule)
         self._ids = itertools.count()
         self.steps = 0  # decode iterations run
 

@@ -1,7 +1,7 @@
 """The server's protection and honesty, on the FastAPI app in this process (uvicorn on loopback, no Ray):
 API keys, limits checked before any work, an honest ``/health``, stream metadata, error hygiene,
 draining, and a bounded fuzz run against the app's own OpenAPI description. Serve's replacement of a
-sick replica is in tests/test_serve.py.
+sick replica is in tests/serve/test_serve.py.
 """
 
 from __future__ import annotations

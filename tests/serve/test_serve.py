@@ -1,9 +1,9 @@
 """The Serve app end to end on a local Ray: OpenAI client (plain + streaming), 4xx errors, disconnects,
 backpressure, autoscaling 1 -> 2 -> 1 and a 16-client load test (the last two marked slow), and the
 request cases of issue 12 (cases from public bug reports against other OpenAI-compatible servers).
-tests/test_serve_openai.py runs the same app without Ray for client libraries and fault injection.
+tests/serve/test_serve_openai.py runs the same app without Ray for client libraries and fault injection.
 
-Run under the shared lock: ``flock /tmp/skipray-ray.lock .venv/bin/python -m pytest -q tests/test_serve.py``.
+Run under the shared lock: ``flock /tmp/skipray-ray.lock .venv/bin/python -m pytest -q tests/serve/test_serve.py``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ skipray's request models against the running skipray app (handle methods ``compl
 and online requests keeping priority while the batch runs (latency on loopback; it needs spare cores).
 Local Ray (conftest).
 
-Run under the shared lock: ``flock /tmp/skipray-ray.lock .venv/bin/python -m pytest -q tests/test_serve_batch.py``.
+Run under the shared lock:
+``flock /tmp/skipray-ray.lock .venv/bin/python -m pytest -q tests/serve/test_serve_batch.py``.
 """
 
 from __future__ import annotations

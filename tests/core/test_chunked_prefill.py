@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_llama, tiny_opt
-from test_scheduler import alone, run_staggered
+from test_engine_requests import alone, run_staggered
 
+from skipray.core.config import EngineConfig
 from skipray.core.engine import Engine
 from skipray.core.memory import layer_slots
 from skipray.core.model import SkipModel
 from skipray.core.requests import SamplingParams
+from skipray.core.runner import ModelRunner
 from skipray.core.schedule import SkipSchedule
 
 BAD = 95  # a prompt of only this token marks the request a test makes fail
@@ -34,16 +36,23 @@ def long_jobs(vocab: int, n: int, seed: int, max_prompt: int = 40):
     ]
 
 
-def spy_passes(eng: Engine) -> list[list]:
-    """Record the segments of every shared pass ``eng`` runs."""
-    passes, real_run = [], eng.runner.run
+class SpyRunner(ModelRunner):
+    """A runner that records the segments of every shared pass it runs (``passes``)."""
 
-    def run(segments):
-        passes.append(list(segments))
-        return real_run(segments)
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.passes: list[list] = []
 
-    eng.runner.run = run
-    return passes
+    def run(self, segments):
+        self.passes.append(list(segments))
+        return super().run(segments)
+
+
+def spied(model, schedule=None, eos_token_ids=(), **config) -> tuple[Engine, list[list]]:
+    """An engine over ``model`` whose runner records its passes; -> (engine, the passes)."""
+    cfg = EngineConfig().replace(**config)
+    runner = SpyRunner(model, cfg)
+    return Engine(model, schedule, cfg, eos_token_ids, runner=runner), runner.passes
 
 
 def is_decode(seg) -> bool:
@@ -60,8 +69,7 @@ def test_chunked_prefill_equals_unchunked(arch):
     jobs = long_jobs(model.vocab_size, 10, seed=2)
     jobs[3] = (*jobs[3][:3], other)
     jobs[6] = (*jobs[6][:3], SkipSchedule.full(L))
-    chunked = Engine(model, sched, max_batch=4, max_len=64, eos_token_ids=(2,), max_num_batched_tokens=7)
-    passes = spy_passes(chunked)
+    chunked, passes = spied(model, sched, (2,), max_batch=4, max_len=64, max_num_batched_tokens=7)
     got = run_staggered(chunked, jobs)
     unchunked = run_staggered(Engine(model, sched, max_batch=4, max_len=64, eos_token_ids=(2,)), jobs)
     for k, (_, prompt, params, s) in enumerate(jobs):
@@ -76,8 +84,7 @@ def test_chunked_prefill_equals_unchunked(arch):
 def test_decode_rows_keep_stepping_while_a_long_prompt_is_chunked():
     model = SkipModel(tiny_llama(num_layers=6))
     sched = SkipSchedule(6, max_layers=6, min_layers=2, decay_tokens=8, warmup_layers=1)
-    eng = Engine(model, sched, max_batch=4, max_len=128, max_num_batched_tokens=8)
-    passes = spy_passes(eng)
+    eng, passes = spied(model, sched, max_batch=4, max_len=128, max_num_batched_tokens=8)
     short = [5, 6, 7]
     eng.add_request(short, SamplingParams(max_tokens=30), request_id="short")
     eng.step()  # admitted: its 3 prompt tokens in one chunk -> its first token
@@ -105,8 +112,9 @@ def test_decode_rows_keep_stepping_while_a_long_prompt_is_chunked():
 def test_token_budget_is_respected(budget, prefill_cap):
     model = SkipModel(tiny_llama(num_layers=4))
     sched = SkipSchedule(4, max_layers=4, min_layers=2, decay_tokens=4, warmup_layers=1)
-    eng = Engine(model, sched, max_batch=5, max_len=64, max_num_batched_tokens=budget, max_prefill_tokens=prefill_cap)
-    passes = spy_passes(eng)
+    eng, passes = spied(
+        model, sched, max_batch=5, max_len=64, max_num_batched_tokens=budget, max_prefill_tokens=prefill_cap
+    )
     jobs = long_jobs(model.vocab_size, 12, seed=5, max_prompt=30)
     got = run_staggered(eng, jobs)
     for p in passes:
@@ -124,19 +132,20 @@ def test_token_budget_is_respected(budget, prefill_cap):
         Engine(model, max_batch=8, max_num_batched_tokens=7)
 
 
-def test_a_failing_chunk_ends_only_its_request(monkeypatch):
+def test_a_failing_chunk_ends_only_its_request():
     model = SkipModel(tiny_llama())
     sched = SkipSchedule(6, max_layers=6, min_layers=3, decay_tokens=6)
-    eng = Engine(model, sched, max_batch=4, max_len=64, max_num_batched_tokens=16)
-    real_run, failed_passes = eng.runner.run, []
+    failed_passes = []
 
-    def run(segments):  # the bad request's second chunk fails, whoever shares its pass
-        if any(not is_decode(s) and s.start > 0 and bool((s.tokens == BAD).all()) for s in segments):
-            failed_passes.append(segments)
-            raise RuntimeError("chunk fault")
-        return real_run(segments)
+    class FaultyRunner(ModelRunner):
+        def run(self, segments):  # the bad request's second chunk fails, whoever shares its pass
+            if any(not is_decode(s) and s.start > 0 and bool((s.tokens == BAD).all()) for s in segments):
+                failed_passes.append(segments)
+                raise RuntimeError("chunk fault")
+            return super().run(segments)
 
-    monkeypatch.setattr(eng.runner, "run", run)
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16)
+    eng = Engine(model, sched, cfg, runner=FaultyRunner(model, cfg))
     jobs = {"old": [4, 9, 11], "bad": [BAD] * 20, "mate": [7, 8, 9, 10]}
     params = SamplingParams(max_tokens=8)
     eng.add_request(jobs["old"], params, request_id="old")
@@ -160,25 +169,29 @@ def test_a_failing_chunk_ends_only_its_request(monkeypatch):
     assert not eng.scheduler.live and not eng.scheduler.prefilling
 
 
-def test_a_failing_decode_step_spares_the_prompts_being_chunked(monkeypatch):
+def test_a_failing_decode_step_spares_the_prompts_being_chunked():
     model = SkipModel(tiny_llama())
-    eng = Engine(model, max_batch=4, max_len=64, max_num_batched_tokens=6)
+
+    class FaultyRunner(ModelRunner):
+        fail = False
+
+        def run(self, segments):
+            if self.fail and any(is_decode(s) for s in segments):
+                raise RuntimeError("decode fault")
+            return super().run(segments)
+
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=6)
+    runner = FaultyRunner(model, cfg)
+    eng = Engine(model, config=cfg, runner=runner)
     eng.add_request([3, 4], SamplingParams(max_tokens=20), request_id="dec")
     eng.step()
     prompt = [10 + i for i in range(20)]
     eng.add_request(prompt, SamplingParams(max_tokens=4), request_id="chunked")
     eng.step()  # its first chunk
-    real_run = eng.runner.run
-    monkeypatch.setattr(
-        eng.runner,
-        "run",
-        lambda segs: (
-            (_ for _ in ()).throw(RuntimeError("decode fault")) if any(is_decode(s) for s in segs) else real_run(segs)
-        ),
-    )
+    runner.fail = True
     evs = eng.step()
     assert [(e.request_id, e.finish_reason) for e in evs] == [("dec", "error")]
-    monkeypatch.undo()
+    runner.fail = False
     toks = []
     while eng.has_work():
         toks += [e.token_id for e in eng.step()]
@@ -225,8 +238,7 @@ def test_a_short_newcomer_rides_in_the_decode_pass():
     every layer while the decoding rows keep their own depth (layers per decode row unchanged)."""
     model = SkipModel(tiny_llama(num_layers=6))
     sched = SkipSchedule(6, max_layers=4, min_layers=2, decay_tokens=2, warmup_layers=1)
-    eng = Engine(model, sched, max_batch=4, max_len=64, max_num_batched_tokens=16)
-    passes = spy_passes(eng)
+    eng, passes = spied(model, sched, max_batch=4, max_len=64, max_num_batched_tokens=16)
     eng.add_request([5, 6, 7], SamplingParams(max_tokens=10), request_id="a")
     for _ in range(4):
         eng.step()
@@ -257,7 +269,7 @@ def test_serve_app_passes_the_budget_to_the_engine(monkeypatch, value, want):
     monkeypatch.setattr(skipray.serve.server, "OpenAIServer", lambda tok, engine, *a, **k: engine)
     engine = server_from_args({"max_batch": 16, "max_num_batched_tokens": value})
     assert engine.config.max_num_batched_tokens == want
-    cfg = yaml.safe_load(open(Path(__file__).resolve().parent.parent / "skipray" / "serve" / "config.yaml"))
+    cfg = yaml.safe_load(open(Path(__file__).resolve().parents[2] / "skipray" / "serve" / "config.yaml"))
     assert "max_num_batched_tokens" in cfg["applications"][0]["args"]
 
 

@@ -1,7 +1,7 @@
 """The server's FastAPI app in this process (uvicorn on loopback, no Ray): client libraries (openai,
 LangChain's ChatOpenAI) get what they ask for, and faults stay with their request.
 
-The app is the one each Serve replica runs (``skipray.serve.routes.build_api``); tests/test_serve.py
+The app is the one each Serve replica runs (``skipray.serve.routes.build_api``); tests/serve/test_serve.py
 drives it through Ray Serve. Here the engine can be broken on purpose (monkeypatch) to check fault
 isolation. The tokenizer has decode's space clean-up forced on, so every streamed-vs-whole check
 also covers a tokenizer that cleans up spaces.
@@ -127,7 +127,7 @@ def test_langchain_batch_and_logprobs(app):
         assert all(x["logprob"] == pytest.approx(x["top_logprobs"][0]["logprob"]) for x in lps)  # greedy: top-1
 
 
-def test_langchain_json_mode_works(app):  # tools: tests/test_serve_tools.py
+def test_langchain_json_mode_works(app):  # tools: tests/serve/test_serve_tools.py
     import json
 
     import openai

@@ -7,9 +7,11 @@ import random
 import pytest
 from conftest import tiny_llama, tiny_opt
 
+from skipray.core.config import EngineConfig
 from skipray.core.engine import Engine
 from skipray.core.model import SkipModel
 from skipray.core.requests import QueueFull, SamplingParams
+from skipray.core.runner import ModelRunner
 from skipray.core.schedule import SkipSchedule
 
 
@@ -197,16 +199,17 @@ def test_two_schedules_run_every_layer_on_one_slice():
     model = SkipModel(tiny_llama(num_layers=8))
     a = SkipSchedule(8, max_layers=8, min_layers=3, decay_tokens=6, warmup_layers=1)
     b = SkipSchedule(8, max_layers=7, min_layers=2, decay_tokens=4, warmup_layers=1, drop_order=[5, 2, 6, 3, 4, 1])
-    eng = Engine(model, a, max_batch=6, max_len=64, eos_token_ids=(2,))
+    plans = []
+
+    class SpyRunner(ModelRunner):  # records each decode pass's layer rows and the live rows' schedules
+        def decode_segment(self, tokens, slots, layer_rows, adapter):
+            plans.append(([list(r) for r in layer_rows], [r.schedule for r in eng.scheduler.live]))
+            return super().decode_segment(tokens, slots, layer_rows, adapter)
+
+    config = EngineConfig(max_num_seqs=6, max_model_len=64)
+    eng = Engine(model, a, config, eos_token_ids=(2,), runner=SpyRunner(model, config))
     jobs = make_jobs(model.vocab_size, 12, seed=3, max_new=(3, 14))
     jobs = [(t, p, sp, b if k % 3 == 1 else None) for k, (t, p, sp, _) in enumerate(jobs)]
-    real_decode, plans = eng._decode, []
-
-    def spy():
-        plans.append((eng.scheduler.layer_rows()[0], [r.schedule for r in eng.scheduler.live]))
-        return real_decode()
-
-    eng._decode = spy
     got = run_staggered(eng, jobs)
     assert any(len(set(s)) == 2 for _, s in plans)  # both schedules shared decode steps
     for plan, _ in plans:
@@ -238,37 +241,57 @@ def test_a_failing_row_ends_its_request_alone():
     assert not eng.scheduler.live
 
 
-def test_a_failing_decode_pass_answers_every_request(monkeypatch):
+class FaultyRunner(ModelRunner):
+    """A runner whose decode passes (``fail_decode``) or prompt passes (``fail_prefill``) raise on demand."""
+
+    fail_decode = fail_prefill = False
+
+    def run(self, segments):
+        if self.fail_decode and any(s.adapter is not None for s in segments):  # decode segments carry the mask
+            raise RuntimeError("kernel fault")
+        return super().run(segments)
+
+    def prefill(self, prompts, rows=None):
+        if self.fail_prefill:
+            raise RuntimeError("no memory")
+        return super().prefill(prompts, rows)
+
+
+def test_a_failing_decode_pass_answers_every_request():
     """A request that finished inside the failing step still gets its last event; the live ones get an
     error; a waiting request is served afterwards."""
     model = SkipModel(tiny_llama())
-    eng = Engine(model, max_batch=2, max_len=64)
+    config = EngineConfig(max_num_seqs=2, max_model_len=64)
+    runner = FaultyRunner(model, config)
+    eng = Engine(model, config=config, runner=runner)
     eng.add_request([3, 4], SamplingParams(max_tokens=20), request_id="long")
     eng.step()
     eng.add_request([5, 6], SamplingParams(max_tokens=1), request_id="one")  # done at its prefill
     eng.add_request([7, 8], SamplingParams(max_tokens=2), request_id="later")  # waits: no free row
-    monkeypatch.setattr(eng, "_decode", lambda: (_ for _ in ()).throw(RuntimeError("kernel fault")))
+    runner.fail_decode = True
     evs = {e.request_id: e for e in eng.step()}
     assert evs["one"].finish_reason == "length" and evs["one"].token_id is not None
     assert evs["long"].finish_reason == "error" and "kernel fault" in str(evs["long"].error)
     assert not eng.scheduler.live and eng.num_waiting == 1
-    monkeypatch.undo()
+    runner.fail_decode = False
     got = []
     while eng.has_work():
         got += eng.step()
     assert [e.finish_reason for e in got] == [None, "length"] and {e.request_id for e in got} == {"later"}
 
 
-def test_a_failing_prefill_ends_only_its_newcomers(monkeypatch):
+def test_a_failing_prefill_ends_only_its_newcomers():
     model = SkipModel(tiny_llama())
-    eng = Engine(model, max_batch=4, max_len=64)
+    config = EngineConfig(max_num_seqs=4, max_model_len=64)
+    runner = FaultyRunner(model, config)
+    eng = Engine(model, config=config, runner=runner)
     eng.add_request([3, 4], SamplingParams(max_tokens=6), request_id="old")
     toks = [e.token_id for e in eng.step()]
     eng.add_request([5, 6], SamplingParams(max_tokens=6), request_id="new")
-    monkeypatch.setattr(eng.runner, "prefill", lambda prompts, rows: (_ for _ in ()).throw(RuntimeError("no memory")))
+    runner.fail_prefill = True
     evs = eng.step()
     assert [(e.request_id, e.finish_reason) for e in evs] == [("new", "error"), ("old", None)]
-    monkeypatch.undo()
+    runner.fail_prefill = False
     toks.append(evs[1].token_id)
     while eng.has_work():
         toks += [e.token_id for e in eng.step()]

@@ -5,7 +5,7 @@
 * a 2-node ``ray.cluster_utils.Cluster`` where the two actors land on different nodes.
 
 Every Ray started here lives in its own temp dir and process group, which is killed at the end even
-on failure. Run as a script (``python tests/test_batch_cluster.py cluster OUT_JSON MODEL IN OUT``) it
+on failure. Run as a script (``python tests/batch/test_batch_cluster.py cluster OUT_JSON MODEL IN OUT``) it
 is the 2-node driver.
 """
 
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -238,7 +238,7 @@ def test_two_node_cluster_actors_on_both_nodes(tmp_path, tiny_dir):  # noqa: F81
     env = {
         **os.environ,
         **LOOPBACK_ENV,
-        "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}",
+        "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT / 'tests' / 'batch'}:{ROOT}",
         "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120",
     }
     temp = tempfile.mkdtemp(prefix="skipray-cluster-")  # short: Ray's socket paths live under it

@@ -19,7 +19,7 @@ from conftest import moto_s3
 from skipray import batch
 from skipray.core.schedule import SkipSchedule
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_tiny_model(path: Path, num_layers: int = 4, max_positions: int = 96) -> Path:

@@ -1,6 +1,6 @@
 """Tool calling on the chat route (``skipray.serve.tools``): a named function or ``"required"`` constrains the
 answer to the tools' schemas, so every ``tool_calls[].function.arguments`` parses and validates; ``"auto"``
-needs a chat template that renders tools. The same in-process server as tests/test_serve_openai.py."""
+needs a chat template that renders tools. The same in-process server as tests/serve/test_serve_openai.py."""
 
 from __future__ import annotations
 
