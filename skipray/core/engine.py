@@ -366,7 +366,15 @@ class Engine:
                 tok, reason, err = None, "error", tok
             if err is not None:
                 logger.warning("request %s failed: %r", req.request_id, err)
-            events.append(Event(req.request_id, tok, layers[i] if tok is not None else 0, reason, lps[i], err))
+            ev = Event(req.request_id, tok, layers[i] if tok is not None else 0, reason, lps[i], err)
+            if req.params.prompt_logprobs is not None and tok is not None and len(req.generated) == 1:  # first
+                try:
+                    ev.prompt_logprobs = self.runner.prompt_logprobs(req.prompt, req.params.prompt_logprobs)
+                except Exception as e:  # noqa: BLE001 - this request's failure, not its batch-mates'
+                    ev.token_id, ev.finish_reason, ev.error = None, "error", e
+                    if reason is None:
+                        done.append(req)
+            events.append(ev)
             if reason is not None:
                 done.append(req)
         return done

@@ -50,6 +50,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     stop_fn: Callable[[list[int]], bool] | None = None  # any predicate over the generated ids
     logprobs: int = 0  # return the top-N log-probs of each step's logits (0: none; vLLM's `logprobs`)
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-prob at full depth and the top N's
     ignore_eos: bool = False  # vLLM's: EOS does not end the request (stop tokens and strings still do)
     # vLLM's logits controls (skipray.core.logits): off at their defaults
     repetition_penalty: float = 1.0  # > 0; tokens of the prompt or output: logit / p if > 0 else logit * p
@@ -69,6 +70,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         if isinstance(self.stop, str):
             raise ValueError("stop must be a list of strings, not one string")
         if not self.temperature >= 0:
@@ -100,6 +103,7 @@ class TopLogprobs:
     logprob: float
     top_ids: list[int]
     top_logprobs: list[float]
+    rank: int | None = None  # the token's rank among all (1: the most likely), where computed (prompt log-probs)
 
 
 @dataclass
@@ -112,6 +116,9 @@ class Event:
     finish_reason: str | None  # "stop", "length", "abort" or "error" on the request's last event
     logprobs: TopLogprobs | None = None  # when the request asked for log-probs
     error: BaseException | None = None  # why the request failed (finish_reason "error")
+    # on a request's first event when it asked for prompt_logprobs: None for the first prompt token (nothing
+    # predicts it), then each prompt token's log-prob and the top prompt_logprobs (full depth)
+    prompt_logprobs: list[TopLogprobs | None] | None = None
 
 
 @dataclass

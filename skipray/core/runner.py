@@ -31,7 +31,7 @@ import torch
 
 from skipray.core.config import EngineConfig
 from skipray.core.memory import layer_slots
-from skipray.core.model import LayerRun, Segment, SkipModel, forward_segments, full_plan
+from skipray.core.model import LayerRun, Segment, SkipModel, forward, forward_segments, full_plan
 from skipray.core.schedule import SkipSchedule
 from skipray.core.scheduler import RowMoves
 
@@ -178,3 +178,27 @@ class ModelRunner:
             start=start,
             logits_at=slice(n - 1, n) if last else slice(0, 0),
         )
+
+    def prompt_logprobs(self, prompt: Sequence[int], top: int) -> list:
+        """vLLM's prompt log-probs of one prompt at full depth, without the cache: ``[None]`` for its first
+        token, then per token its log-prob and the ``top`` most likely tokens' (``TopLogprobs``)."""
+        from skipray.core.sampling import top_logprobs
+
+        tokens = torch.tensor([list(prompt)], device=self.device)
+        n = tokens.shape[1]
+        if n < 2:
+            return [None] * n
+        seg = Segment(
+            tokens,
+            torch.arange(n, device=self.device)[None],
+            full_plan(self.model.num_layers),
+            torch.ones_like(tokens, dtype=torch.bool),
+            logits_at=slice(0, n - 1),
+        )
+        logits = forward(self.model, seg)[0].float()
+        out = top_logprobs(logits, list(prompt[1:]), [max(top, 1)] * (n - 1), keep_top=top)
+        actual = logits.gather(1, tokens[0, 1:, None])
+        ranks = (logits > actual).sum(1).add(1).tolist()  # 1 + the tokens more likely than the prompt's own
+        for entry, rank in zip(out, ranks):
+            entry.rank = rank
+        return [None, *out]

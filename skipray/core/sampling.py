@@ -55,8 +55,11 @@ def sample(
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int]) -> list[TopLogprobs | None]:
-    """Per row of ``logits`` (B, V): ``TopLogprobs`` with ``n[row]`` entries, or ``None`` where ``n[row] == 0``."""
+def top_logprobs(
+    logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int], keep_top: int | None = None
+) -> list[TopLogprobs | None]:
+    """Per row of ``logits`` (B, V): ``TopLogprobs`` with ``n[row]`` entries, or ``None`` where ``n[row] == 0``;
+    ``keep_top``: keep that many top entries instead (0: the chosen token's log-prob alone)."""
     if not any(n):
         return [None] * len(chosen)
     lp = torch.log_softmax(logits.float(), dim=-1)
@@ -65,9 +68,11 @@ def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], n: Sequence[int]) 
     # one read of the device: [picked, top values..., top ids...] per row (ids are exact in float64)
     rows = torch.cat([picked[:, None], vals, ids.to(vals.dtype)], dim=1).double().tolist()
     m = vals.shape[1]
-    return [
-        TopLogprobs(r[0], [int(x) for x in r[1 + m : 1 + m + k]], r[1 : 1 + k]) if k else None for r, k in zip(rows, n)
-    ]
+    out = []
+    for r, k in zip(rows, n):
+        keep = k if keep_top is None else keep_top
+        out.append(TopLogprobs(r[0], [int(x) for x in r[1 + m : 1 + m + keep]], r[1 : 1 + keep]) if k else None)
+    return out
 
 
 def sample_rows(

@@ -139,6 +139,7 @@ class RequestPreparation:
             seed=req.seed,
             stop=list(req.stop),
             logprobs=0 if top is None else max(top, 1),
+            prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs is not None else self._echo_top(req),
             ignore_eos=req.ignore_eos,
             repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty,
@@ -171,6 +172,11 @@ class RequestPreparation:
             raise
         except Exception as e:
             raise P.RequestError(f"cannot encode the {param}: {e}", param) from None
+
+    @staticmethod
+    def _echo_top(req) -> int | None:
+        """The prompt's top log-probs a completions ``echo`` with ``logprobs`` shows (None: none)."""
+        return req.logprobs if isinstance(req, P.CompletionRequest) and req.echo and req.logprobs is not None else None
 
     def _echo(self, req, chat: bool, ids: list[int]) -> str:
         """The text ``echo`` puts before the answer: the prompt (completions; as tokenized, when it was

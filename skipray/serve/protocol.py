@@ -44,7 +44,6 @@ NO_EFFECT_ONLY: dict[str, Any] = {
     "use_beam_search": lambda v: v is False,
     "skip_special_tokens": lambda v: v is True,
     "spaces_between_special_tokens": lambda v: v is True,
-    "prompt_logprobs": _never,
     "allowed_token_ids": _never,
     "logits_processors": _never,
     "suffix": lambda v: v == "",
@@ -130,6 +129,7 @@ class _Common(_Body):
     model: str
     n: StrictInt = Field(1, ge=1, le=MAX_N)  # choices: n engine requests over the same prompt
     truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1)  # vLLM: keep the prompt's last k tokens
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM: the prompt's, at full depth
     echo: StrictBool = False  # completions: the prompt first; chat: the last message's text if the assistant's
     max_tokens: StrictInt | None = Field(None, gt=0)
     max_completion_tokens: StrictInt | None = Field(None, gt=0)  # OpenAI's current name; wins over max_tokens
@@ -218,12 +218,6 @@ class CompletionRequest(_Common):
         if not v:
             raise ValueError("prompt must not be empty")
         return v
-
-    @model_validator(mode="after")
-    def _echo_without_logprobs(self) -> CompletionRequest:
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs needs the prompt's log-probs, which this server does not compute")
-        return self
 
 
 class ChatMessage(_Body):

@@ -94,6 +94,43 @@ def _envelope(meta: Meta, obj: str, choices: list) -> dict:
     }
 
 
+def prompt_logprobs(entries: list, ids: list[int], names: dict[int, str]) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs`` of a choice: ``None`` for the first prompt token, then per token a dict
+    from token id (a string, as JSON keys are) to ``{"logprob", "rank", "decoded_token"}`` holding the prompt's
+    own token and the top ones. ``entries``: the engine's ``TopLogprobs`` per prompt token (first None);
+    ``names``: token id -> its text."""
+    out: list[dict | None] = []
+    for tok, e in zip(ids, entries):
+        if e is None:
+            out.append(None)
+            continue
+        d = {
+            str(t): {"logprob": lp, "rank": r + 1, "decoded_token": names[t]}
+            for r, (t, lp) in enumerate(zip(e.top_ids, e.top_logprobs))
+        }
+        d[str(tok)] = {"logprob": e.logprob, "rank": e.rank, "decoded_token": names[tok]}
+        out.append(d)
+    return out
+
+
+def echo_logprobs(entries: list, ids: list[int], names: dict[int, str], completion: dict) -> dict:
+    """Completions' ``echo`` with ``logprobs``: the prompt's tokens (first without a log-prob) before the
+    completion's own ``completion_logprobs``, offsets counted from the start of the echoed text."""
+    offsets, at = [], 0
+    for t in ids:
+        offsets.append(at)
+        at += len(names[t])
+    return {
+        "tokens": [names[t] for t in ids] + completion["tokens"],
+        "token_logprobs": [None if e is None else e.logprob for e in entries] + completion["token_logprobs"],
+        "top_logprobs": [
+            None if e is None else {names[t]: lp for t, lp in zip(e.top_ids, e.top_logprobs)} for e in entries
+        ]
+        + completion["top_logprobs"],
+        "text_offset": offsets + completion["text_offset"],
+    }
+
+
 def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 

@@ -38,6 +38,7 @@ from skipray.serve import responses as R
 from skipray.serve.engine_loop import EngineFailed, EngineLoop, LoopStopped, RequestFailed
 from skipray.serve.guard import ServeLimits, check_sizes
 from skipray.serve.prepare import RequestPreparation
+from skipray.serve.replies import Reply, collect, names, whole_reply
 
 logger = logging.getLogger("skipray.serve")
 
@@ -75,36 +76,6 @@ def error_status(e: BaseException, request_id: str | None = None) -> tuple[int, 
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
-
-
-class _Reply:
-    """One request's events turned into text deltas, log-prob entries and usage."""
-
-    def __init__(
-        self, tokenizer, prompt: list[int], stop: list[str], top: int | None, include_stop: bool = False
-    ) -> None:
-        from skipray.text import TextStream
-
-        self.tokenizer, self.top = tokenizer, top  # top: top log-probs per token; None: no log-probs
-        self.text = TextStream(tokenizer, prompt, stop, include_stop)
-        self.prompt_len, self.layers = len(prompt), []
-        self.out = ""  # the text handed out so far
-        self.finish: str | None = None
-
-    def add(self, ev) -> tuple[str, list[R.TokenLogprob]]:
-        from skipray.text import token_bytes, token_strings
-
-        self.layers.append(ev.layers)
-        self.finish = ev.finish_reason
-        delta = self.text.add(ev.token_id, final=ev.finish_reason is not None)
-        self.out += delta
-        if self.top is None or ev.logprobs is None:
-            return delta, []
-        lp = ev.logprobs
-        ids = [ev.token_id, *lp.top_ids[: self.top]]
-        names, raw = token_strings(self.tokenizer, ids), token_bytes(self.tokenizer, ids)
-        top = list(zip(names[1:], lp.top_logprobs[: self.top], raw[1:]))
-        return delta, [R.TokenLogprob(names[0], lp.logprob, top, raw[0])]
 
 
 class OpenAIServer(RequestPreparation):
@@ -233,13 +204,13 @@ class OpenAIServer(RequestPreparation):
             status, err = error_status(e, meta.id)
             return JSONResponse(err, status_code=status, headers=headers)
         ttft = time.perf_counter() - t0
-        replies = [_Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output) for _ in choices]
+        replies = [Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output) for _ in choices]
         echo = self._echo(req, chat, ids)
         if req.stream:
             gen = self._stream(meta, req, chat, echo, replies, choices, t0, ttft, tools)
             return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
         try:
-            out = await asyncio.gather(*(_collect(r, first, ev) for r, (first, ev) in zip(replies, choices)))
+            out = await asyncio.gather(*(collect(r, first, ev) for r, (first, ev) in zip(replies, choices)))
         except Exception as e:
             status, err = error_status(e, meta.id)
             return JSONResponse(err, status_code=status, headers=headers)
@@ -248,7 +219,7 @@ class OpenAIServer(RequestPreparation):
                 await events.aclose()
         for r in replies:
             self._record(t0, r, ttft)
-        return JSONResponse(self._whole(meta, chat, echo, replies, out, top, tools), headers=headers)
+        return JSONResponse(whole_reply(self.tokenizer, meta, chat, echo, replies, out, top, tools), headers=headers)
 
     async def respond(self, body: Any, chat: bool, offline: bool = True) -> dict:
         """The whole (non-streamed) reply to a completions or chat body as OpenAI's JSON object, for the
@@ -265,9 +236,9 @@ class OpenAIServer(RequestPreparation):
             raise P.RequestError(err["error"]["message"]) from None
         params, schedule, top = self._prepare(req, ids, grammar)
         choices = await self._start(req, ids, params, schedule, offline)
-        replies = [_Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output) for _ in choices]
+        replies = [Reply(self.tokenizer, ids, req.stop, top, req.include_stop_str_in_output) for _ in choices]
         try:
-            out = await asyncio.gather(*(_collect(r, first, ev) for r, (first, ev) in zip(replies, choices)))
+            out = await asyncio.gather(*(collect(r, first, ev) for r, (first, ev) in zip(replies, choices)))
         finally:
             for _, events in choices:
                 await events.aclose()
@@ -276,7 +247,7 @@ class OpenAIServer(RequestPreparation):
                 self._record(t0, r, time.perf_counter() - t0)
         echo = self._echo(req, chat, ids)
         meta = R.Meta.new("chatcmpl" if chat else "cmpl", self.model_name, self.fingerprint)
-        return self._whole(meta, chat, echo, replies, out, top, tools)
+        return whole_reply(self.tokenizer, meta, chat, echo, replies, out, top, tools)
 
     async def _start(self, req, ids, params, schedule, offline: bool = False) -> list[tuple[Any, Any]]:
         """Submit the ``n`` choices; -> ``(first event, event stream)`` per choice. Raises what the first
@@ -294,26 +265,6 @@ class OpenAIServer(RequestPreparation):
                 await ev.aclose()
             raise
         return list(zip(firsts, streams))
-
-    def _whole(self, meta, chat: bool, echo: str, replies, out, top, tools) -> dict:
-        """The non-streamed reply object over all choices; ``out``: per choice (log-prob entries, finish)."""
-        entries, finishes = [e for e, _ in out], [f for _, f in out]
-        use = R.usage(replies[0].prompt_len, [x for r in replies for x in r.layers])
-        if chat:
-            choices = []
-            for i, (r, e, fin) in enumerate(zip(replies, entries, finishes)):
-                lp = R.chat_logprobs(e) if top is not None else None
-                msg, fin = tools.message(r.out, fin) if tools else ({"role": "assistant", "content": echo + r.out}, fin)
-                choices.append(R.chat_choice(i, msg, fin, lp))
-            return R.chat_response(meta, choices, use)
-        return R.completion_response(
-            meta,
-            [
-                R.completion_choice(i, echo + r.out, fin, R.completion_logprobs(e) if top is not None else None)
-                for i, (r, e, fin) in enumerate(zip(replies, entries, finishes))
-            ],
-            use,
-        )
 
     async def _stream(self, meta, req, chat, echo, replies, choices, t0, ttft, tools=None) -> AsyncIterator[str]:
         """SSE chunks of one reply, each choice's chunks under its ``index`` as its events come. With
@@ -344,12 +295,23 @@ class OpenAIServer(RequestPreparation):
 
         tasks = [asyncio.create_task(pump(i, first, ev)) for i, (first, ev) in enumerate(choices)]
         try:
-            for i in range(len(choices)):
+            for i, (first_ev, _) in enumerate(choices):
+                plps, reply = first_ev.prompt_logprobs, replies[i]
                 if chat:
                     first = {"role": "assistant", "content": "" if tools else echo}
-                    yield sse(R.chat_chunk(meta, first, None, None, with_usage, i))
-                elif echo:
-                    yield sse(R.completion_chunk(meta, echo, None, None, with_usage, i))
+                    chunk = R.chat_chunk(meta, first, None, None, with_usage, i)
+                elif echo or plps is not None:
+                    lp = None
+                    if echo and plps is not None and reply.top is not None:
+                        empty = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                        lp = R.echo_logprobs(plps, reply.prompt_ids, names(self.tokenizer, reply, plps), empty)
+                    chunk = R.completion_chunk(meta, echo, None, lp, with_usage, i)
+                else:
+                    continue
+                if plps is not None:  # vLLM's: the prompt's log-probs come with a choice's first chunk
+                    known = names(self.tokenizer, reply, plps)
+                    chunk["choices"][0]["prompt_logprobs"] = R.prompt_logprobs(plps, reply.prompt_ids, known)
+                yield sse(chunk)
             open_choices = len(choices)
             while open_choices:
                 i, ev = await queue.get()
@@ -390,7 +352,7 @@ class OpenAIServer(RequestPreparation):
                 await events.aclose()  # client gone mid-stream: abort the requests and free their rows
         yield "data: [DONE]\n\n"
 
-    def _record(self, t0: float, reply: _Reply, ttft: float) -> None:
+    def _record(self, t0: float, reply: Reply, ttft: float) -> None:
         if self.metrics is None:
             return
         from skipray.core.schedule import flop_speedup
@@ -401,17 +363,6 @@ class OpenAIServer(RequestPreparation):
             self.metrics.record_request(latency, reply.prompt_len, len(reply.layers), reply.finish, ttft, speedup)
         except Exception:  # metrics never fail a request
             logger.exception("recording request metrics failed")
-
-
-async def _collect(reply: _Reply, first, events) -> tuple[list[R.TokenLogprob], str]:
-    """Run one choice to its end; -> (its log-prob entries, its finish reason)."""
-    entries, ev = [], first
-    while True:
-        _, logprobs = reply.add(ev)
-        entries += logprobs
-        if ev.finish_reason is not None:
-            return entries, ev.finish_reason
-        ev = await anext(events)
 
 
 def _validate(model: type, body: Any):

@@ -513,3 +513,51 @@ def test_chat_echo_and_truncate_prompt_tokens(app):
     assert post("completions", prompt="x y", truncate_prompt_tokens=-1).status_code == 200
     bad = post("completions", prompt="x", truncate_prompt_tokens=0)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_prompt_logprobs_and_echo_with_logprobs(app):
+    """vLLM's ``prompt_logprobs`` (each prompt token's log-prob at full depth, its rank and the top ones) and
+    completions' ``echo`` with ``logprobs`` (how lm-eval-harness scores a text) equal the model's log-softmax."""
+    import json
+
+    import requests
+    import torch
+
+    text = "one two three four"
+    ids = app["tok"](text)["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(app["model"].hf(torch.tensor([ids])).logits[0].float(), -1)
+    want = [lp[j - 1, t].item() for j, t in enumerate(ids) if j]
+    ranks = [int((lp[j - 1] > lp[j - 1, t]).sum()) + 1 for j, t in enumerate(ids) if j]
+
+    def post(route, **kw):
+        body = {"model": "tiny", "max_tokens": 1, "temperature": 0, **kw}
+        return requests.post(f"{app['base']}/v1/{route}", json=body, timeout=60)
+
+    r = post("completions", prompt=text, echo=True, logprobs=2).json()["choices"][0]
+    got = r["logprobs"]["token_logprobs"]
+    assert got[0] is None and got[1 : len(ids)] == pytest.approx(want, abs=1e-4)
+    assert len(got) == len(ids) + 1 and r["logprobs"]["top_logprobs"][0] is None
+    assert all(len(t) == 2 for t in r["logprobs"]["top_logprobs"][1:])
+    assert r["text"].startswith(text)
+    plp = r["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids)
+    for j, d in enumerate(plp[1:], 1):
+        own = d[str(ids[j])]
+        assert own["logprob"] == pytest.approx(want[j - 1], abs=1e-4) and own["rank"] == ranks[j - 1]
+    chat = post("chat/completions", messages=[{"role": "user", "content": "Hi"}], prompt_logprobs=0).json()
+    entries = chat["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and all(len(d) == 1 for d in entries[1:])  # only the prompt's own token
+    first = None
+    with requests.post(
+        f"{app['base']}/v1/completions",
+        json={"model": "tiny", "prompt": text, "max_tokens": 2, "prompt_logprobs": 1, "stream": True},
+        stream=True,
+        timeout=60,
+    ) as s:
+        for line in s.iter_lines():
+            if line.startswith(b"data: {"):
+                first = json.loads(line[6:])["choices"][0]
+                break
+    assert first["prompt_logprobs"][1][str(ids[1])]["logprob"] == pytest.approx(want[0], abs=1e-4)
+    assert post("completions", prompt=text, prompt_logprobs=21).status_code == 400
