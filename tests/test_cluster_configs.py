@@ -351,7 +351,10 @@ def test_rayservice_agrees_with_skipray_serve():
     # every builder arg is one the app reads (args.get("x") / args["x"] in skipray/serve/app.py)
     app_py = ROOT / "skipray" / "serve" / "app.py"
     if app_py.exists():
-        read = set(re.findall(r"args(?:\.get\(|\[)\s*[\"'](\w+)[\"']", app_py.read_text()))
+        text = app_py.read_text()
+        read = set(re.findall(r"args(?:\.get\(|\[)\s*[\"'](\w+)[\"']", text))
+        engine_args = re.search(r"ENGINE_ARGS = \((.*?)\)", text, re.S)  # read in a loop: args.get(k) for k in it
+        read |= set(re.findall(r"[\"'](\w+)[\"']", engine_args.group(1))) if engine_args else set()
         for app in ours:
             unknown = set(app.get("args", {})) - read
             assert not unknown, f"serveConfigV2 args the app never reads: {unknown}"

@@ -83,7 +83,7 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
         if run is None:
             out.append(None)
             continue
-        rows, cols = run.rows, run.cols
+        rows, cols = run[0], run[1]
         if (
             (cols is not None and cols < t)
             or not isinstance(rows, slice)

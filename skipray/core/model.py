@@ -398,7 +398,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         for i, s in enumerate(segs):
             if s.plan[l] is None:
                 continue
-            rows, cols = s.plan[l].rows, s.plan[l].cols
+            rows, cols = s.plan[l][0], s.plan[l][1]  # a LayerRun, or a plain (rows, cols) pair
             t = s.tokens.shape[1]
             cols = t if cols is None else min(cols, t)
             if cols <= 0:
@@ -418,7 +418,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             am = None
         elif len(ams) == 1:
             am = ams[0]  # the same tensor for every layer on all rows: SkipModel.adapter_linears reads its flags once
-            flags = segs[runs[0][0]].plan[l].adapter_flags
+            flags = getattr(segs[runs[0][0]].plan[l], "adapter_flags", None)
             if flags is not None and not runs[0][3]:  # a slice of the mask whose flags the host knows
                 model.adapter_linears.remember(am, *flags)
         else:
