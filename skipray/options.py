@@ -1,14 +1,17 @@
 """Command-line options shared by `skipray generate`, `skipray eval`, the Ray Data job and the server.
 
-Contract: ``add_schedule_args`` / ``add_sampling_args`` add the flags; ``schedule_from_args`` reads
-``--schedule-file`` and hands the flags to ``skipray.core.schedule.resolve_schedule`` (the one rule for
-every entry point), printing its warning, if any, to stderr.
+Contract: ``add_schedule_args`` / ``add_sampling_args`` add the flags; ``schedule_from_flags`` reads a
+``schedule_file`` among skip flags and hands the rest to ``skipray.core.schedule.resolve_schedule`` (the one
+rule for every entry point: the CLI, the Serve app's config, the batch processor's config);
+``schedule_from_args`` does so for the command line and prints the warning, if any, to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from skipray.core.schedule import SCHEDULE_FLAGS, SkipSchedule, resolve_schedule
 
@@ -58,12 +61,20 @@ def read_schedule_file(path: str, num_layers: int | None = None) -> SkipSchedule
     return s
 
 
+def schedule_from_flags(flags: Mapping[str, Any] | None, num_layers: int, trained: SkipSchedule | None):
+    """Skip flags as a mapping (``resolve_schedule``'s, plus ``schedule_file``: a schedule JSON the other
+    flags override, read here) -> ``resolve_schedule``'s ``(schedule, warning or None)``. Raises what
+    ``read_schedule_file`` and ``resolve_schedule`` raise."""
+    flags = dict(flags or {})
+    file = flags.pop("schedule_file", None)
+    start = read_schedule_file(file, num_layers) if file else None
+    return resolve_schedule(flags, num_layers, trained, start)
+
+
 def schedule_from_args(args: argparse.Namespace, num_layers: int, trained: SkipSchedule | None) -> SkipSchedule:
     """The schedule the command-line flags ask for (``resolve_schedule``'s rule); warns on stderr."""
-    flags = {k: getattr(args, k, None) for k in ("full", *SCHEDULE_FLAGS)}
-    file = getattr(args, "schedule_file", None)
-    start = read_schedule_file(file, num_layers) if file else None
-    schedule, warning = resolve_schedule(flags, num_layers, trained, start)
+    flags = {k: getattr(args, k, None) for k in ("full", "schedule_file", *SCHEDULE_FLAGS)}
+    schedule, warning = schedule_from_flags(flags, num_layers, trained)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     return schedule

@@ -86,18 +86,14 @@ def model_facts(spec: str) -> ModelFacts:
 
 def config_schedule(schedule: Any, facts: ModelFacts):
     """The config's ``schedule`` (skip flags, a ``SkipSchedule`` or its dict form, None) -> ``SkipSchedule``."""
-    from skipray.core.schedule import SkipSchedule, resolve_schedule
+    from skipray.core.schedule import SkipSchedule
+    from skipray.options import schedule_from_flags
 
     if isinstance(schedule, SkipSchedule):
         return schedule
     if isinstance(schedule, dict) and "num_layers" in schedule:
         return SkipSchedule.from_dict(schedule)
-    from skipray.options import read_schedule_file
-
-    flags = dict(schedule or {})
-    file = flags.pop("schedule_file", None)
-    start = read_schedule_file(file, facts.num_layers) if file else None
-    return resolve_schedule(flags, facts.num_layers, facts.trained, start).schedule
+    return schedule_from_flags(schedule, facts.num_layers, facts.trained).schedule
 
 
 def _merge(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:

@@ -84,10 +84,9 @@ def server_from_args(args: dict[str, Any]):
     import torch
 
     from skipray.core.engine import Engine
-    from skipray.core.schedule import resolve_schedule
     from skipray.loading import load
     from skipray.metrics import EngineMetrics
-    from skipray.options import read_schedule_file
+    from skipray.options import schedule_from_flags
     from skipray.serve.guard import ServeLimits
     from skipray.serve.server import OpenAIServer
     from skipray.text import detokenizer
@@ -95,10 +94,7 @@ def server_from_args(args: dict[str, Any]):
     if args.get("torch_threads"):
         torch.set_num_threads(int(args["torch_threads"]))
     m = load(args.get("model", "default"), device=args.get("device"))
-    flags = dict(args.get("schedule") or {})
-    file = flags.pop("schedule_file", None)
-    start = read_schedule_file(file, m.model.num_layers) if file else None
-    schedule, warning = resolve_schedule(flags, m.model.num_layers, m.schedule, start)
+    schedule, warning = schedule_from_flags(args.get("schedule"), m.model.num_layers, m.schedule)
     if warning:
         logger.warning("%s", warning)
     config = engine_config(args, m.model.max_positions)

@@ -66,6 +66,7 @@ def whole_reply(tokenizer, meta, chat: bool, echo: str, replies, out, top, tools
     use = R.usage(replies[0].prompt_len, [x for r in replies for x in r.layers])
     choices = []
     for i, (r, e, fin) in enumerate(zip(replies, entries, finishes)):
+        known = names(tokenizer, r) if r.prompt_logprobs is not None else {}
         if chat:
             lp = R.chat_logprobs(e) if top is not None else None
             msg, fin = tools.message(r.out, fin) if tools else ({"role": "assistant", "content": echo + r.out}, fin)
@@ -73,10 +74,10 @@ def whole_reply(tokenizer, meta, chat: bool, echo: str, replies, out, top, tools
         else:
             lp = R.completion_logprobs(e, len(echo)) if top is not None else None
             if lp is not None and echo and r.prompt_logprobs is not None:
-                lp = R.echo_logprobs(r.prompt_logprobs, r.prompt_ids, names(tokenizer, r), lp)
+                lp = R.echo_logprobs(r.prompt_logprobs, r.prompt_ids, known, lp)
             choice = R.completion_choice(i, echo + r.out, fin, lp)
         if r.prompt_logprobs is not None:
-            choice["prompt_logprobs"] = R.prompt_logprobs(r.prompt_logprobs, r.prompt_ids, names(tokenizer, r))
+            choice["prompt_logprobs"] = R.prompt_logprobs(r.prompt_logprobs, r.prompt_ids, known)
         choices.append(choice)
     if chat:
         return R.chat_response(meta, choices, use)

@@ -101,6 +101,7 @@ class OpenAIServer(RequestPreparation):
         self.tokenizer, self.engine, self.schedule, self.trained = tokenizer, engine, schedule, trained
         self.model_name, self.metrics = model_name, metrics
         self.num_layers = engine.model.num_layers
+        self.cost = engine.model.cost_model()  # FLOPs per token, for each request's theoretical speedup
         self.context = engine.context
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
         self.limits = limits or ServeLimits()
@@ -297,6 +298,7 @@ class OpenAIServer(RequestPreparation):
         try:
             for i, (first_ev, _) in enumerate(choices):
                 plps, reply = first_ev.prompt_logprobs, replies[i]
+                known = names(self.tokenizer, reply, plps) if plps is not None else {}
                 if chat:
                     first = {"role": "assistant", "content": "" if tools else echo}
                     chunk = R.chat_chunk(meta, first, None, None, with_usage, i)
@@ -304,12 +306,11 @@ class OpenAIServer(RequestPreparation):
                     lp = None
                     if echo and plps is not None and reply.top is not None:
                         empty = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-                        lp = R.echo_logprobs(plps, reply.prompt_ids, names(self.tokenizer, reply, plps), empty)
+                        lp = R.echo_logprobs(plps, reply.prompt_ids, known, empty)
                     chunk = R.completion_chunk(meta, echo, None, lp, with_usage, i)
                 else:
                     continue
                 if plps is not None:  # vLLM's: the prompt's log-probs come with a choice's first chunk
-                    known = names(self.tokenizer, reply, plps)
                     chunk["choices"][0]["prompt_logprobs"] = R.prompt_logprobs(plps, reply.prompt_ids, known)
                 yield sse(chunk)
             open_choices = len(choices)
@@ -358,7 +359,7 @@ class OpenAIServer(RequestPreparation):
         from skipray.core.schedule import flop_speedup
 
         try:
-            speedup = flop_speedup(reply.layers, self.engine.model.cost_model(), reply.prompt_len, self.num_layers)
+            speedup = flop_speedup(reply.layers, self.cost, reply.prompt_len, self.num_layers)
             latency = time.perf_counter() - t0
             self.metrics.record_request(latency, reply.prompt_len, len(reply.layers), reply.finish, ttft, speedup)
         except Exception:  # metrics never fail a request
