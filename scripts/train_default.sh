@@ -7,7 +7,8 @@
 #   STAGE=train15 bash scripts/train_default.sh   # one stage: prompts data calibrate train15 eval15 policy15
 #                                                 # train15p eval15p policy15b hold train15h eval15h train2x
 #                                                 # eval2x hold2x data128 fast trainfast evalfast
-#                                                 # static trainstatic evalstatic package
+#                                                 # static trainstatic evalstatic trainrkl evalrkl
+#                                                 # trainjsd evaljsd package
 # The shipped ~1.5x default is runs/skip15h: skip15 (1100 steps) -> skip15p (+500 steps with on-policy
 # rollouts) -> skip15h (+400 steps on the hold schedule: full depth for the first 12 steps, then 11 layers).
 set -euo pipefail
@@ -118,6 +119,15 @@ fi
 stage trainstatic && train runs/static14 runs/calibrate/static14.json "${STEPSF:-400}" --lr 2e-4 --warmup-steps 20 \
     --data runs/data/self128 $( [ -f runs/static14/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15h )
 stage evalstatic && evaluate runs/static14 runs/eval-static14
+# the objective lever: the fast-start run again with reverse KL and with Jensen-Shannon instead of forward KL
+# (DistillSpec, arXiv 2310.08461): same schedule, data, steps and warm start
+for div in rkl:reverse jsd:jsd; do
+    name=${div%%:*}
+    stage "train$name" && train "runs/fast-$name" runs/calibrate/skip-fast.json "${STEPSF:-400}" --lr 2e-4 \
+        --warmup-steps 20 --data runs/data/self128 --divergence "${div#*:}" \
+        $( [ -f "runs/fast-$name/checkpoint/trainer_state.pt" ] || echo --init-adapter runs/skip15h )
+    stage "eval$name" && evaluate "runs/fast-$name" "runs/eval-fast-$name"
+done
 if stage package; then  # fp16 adapter + skipray.json into the package
     $PY scripts/package_adapter.py runs/skip15h skipray/assets/smollm2-skip
     [ -d runs/skip2x ] && $PY scripts/package_adapter.py runs/skip2x skipray/assets/smollm2-skip-2x \

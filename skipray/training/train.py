@@ -50,6 +50,7 @@ class TrainConfig:
     grad_accum: int = 1
     warmup_steps: int = 30
     kl_weight: float = 1.0
+    divergence: str = "forward"  # forward KL, reverse KL or JSD between teacher and student (see `divergence`)
     ce_weight: float = 0.0
     clip: float = 1.0
     max_len: int = 256
@@ -58,19 +59,41 @@ class TrainConfig:
     device: str | None = None
     init_adapter: str | None = None  # start from this LoRA adapter's weights (e.g. a gentler schedule's)
 
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+
 
 # -- loss -----------------------------------------------------------------------------------------
-def topk_kl(t_logp: torch.Tensor, t_ids: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per position from the teacher's top-k log-probs ``(..., k)`` at ids ``t_ids``
-    and the student's full log-probs ``(..., V)``. The teacher's mass outside its top k is one more
-    outcome, matched against the student's mass outside the same k tokens (a sparse-KL bound that is
-    exact when k covers the vocabulary)."""
+DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+def divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, kind: str = "forward") -> torch.Tensor:
+    """Per-position divergence between teacher and student log-probs over the same outcomes ``(..., K)``
+    -> ``(...)``: ``forward`` KL(teacher || student) (mode covering, the usual distillation loss),
+    ``reverse`` KL(student || teacher) (mode seeking) or ``jsd``, the Jensen-Shannon divergence with
+    beta 0.5 (bounded by log 2). DistillSpec (arXiv 2310.08461, section 4) compares the three for
+    training a cheaper drafter to agree with its target. Raises ``ValueError`` for another ``kind``."""
+    if kind == "forward":
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    if kind == "reverse":
+        return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    if kind == "jsd":
+        m_logp = torch.logaddexp(t_logp, s_logp) - math.log(2.0)
+        return 0.5 * (t_logp.exp() * (t_logp - m_logp)).sum(-1) + 0.5 * (s_logp.exp() * (s_logp - m_logp)).sum(-1)
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {kind!r}")
+
+
+def topk_kl(t_logp: torch.Tensor, t_ids: torch.Tensor, s_logp: torch.Tensor, kind: str = "forward") -> torch.Tensor:
+    """Divergence (``kind`` as in ``divergence``; default KL(teacher || student)) per position from the
+    teacher's top-k log-probs ``(..., k)`` at ids ``t_ids`` and the student's full log-probs ``(..., V)``.
+    The teacher's mass outside its top k is one more outcome, matched against the student's mass outside
+    the same k tokens: the divergence of the two coarsened (k+1)-outcome distributions, a lower bound of
+    the full one (merging outcomes never raises an f-divergence) that is exact when k covers the vocabulary."""
     s_top = s_logp.gather(-1, t_ids)
-    p_top = t_logp.exp()
-    kl_top = (p_top * (t_logp - s_top)).sum(-1)
-    p_tail = (1 - p_top.sum(-1)).clamp(min=1e-8)
-    q_tail = (1 - s_top.exp().sum(-1)).clamp(min=1e-8)
-    return kl_top + p_tail * (p_tail.log() - q_tail.log())
+    p_tail = (1 - t_logp.exp().sum(-1, keepdim=True)).clamp(min=1e-8)
+    q_tail = (1 - s_top.exp().sum(-1, keepdim=True)).clamp(min=1e-8)
+    return divergence(torch.cat([t_logp, p_tail.log()], -1), torch.cat([s_top, q_tail.log()], -1), kind)
 
 
 def adapter_mask(schedule, batch: int, prompt_len: int, total_len: int, device=None) -> torch.Tensor:
@@ -112,9 +135,17 @@ def answer_logits(model, batch: TrainBatch, schedule) -> torch.Tensor:
 
 
 def skip_loss(
-    model, teacher, batch: TrainBatch, schedule, kl_weight: float, ce_weight: float, cached_prompt: bool | None = None
+    model,
+    teacher,
+    batch: TrainBatch,
+    schedule,
+    kl_weight: float,
+    ce_weight: float,
+    cached_prompt: bool | None = None,
+    divergence_kind: str = "forward",
 ) -> tuple[torch.Tensor, dict]:
-    """Distillation (+ optional CE) loss of the skip student against the full-depth teacher.
+    """Distillation (+ optional CE) loss of the skip student against the full-depth teacher; the
+    distillation term is ``divergence_kind`` (``divergence``), logged as ``kl`` whatever its kind.
     ``cached_prompt`` (default: when the student is a LoRA skip adapter, which never touches the prompt)
     runs the prompt once without gradients (``answer_logits``); else one forward covers everything."""
     from skipray.core.model import Segment, forward, full_plan, training_plan
@@ -136,7 +167,7 @@ def skip_loss(
     stats = {}
     loss = torch.zeros((), device=student.device)
     if kl_weight > 0 and batch.teacher_ids is not None:
-        kl = topk_kl(batch.teacher_logprobs, batch.teacher_ids, logp)
+        kl = topk_kl(batch.teacher_logprobs, batch.teacher_ids, logp, divergence_kind)
         kl = (kl * mask).sum() / n
         agree = ((student.argmax(-1) == batch.teacher_ids[..., 0]) & mask).sum() / n
         loss = loss + kl_weight * kl
@@ -146,7 +177,7 @@ def skip_loss(
             full = Segment(tokens, positions, full_plan(model.num_layers), real, logits_at=cols)
             t_logits = forward(tmodel, full).float()
         t_logp = F.log_softmax(t_logits, -1)
-        kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
+        kl = divergence(t_logp, logp, divergence_kind)
         kl = (kl * mask).sum() / n
         agree = ((student.argmax(-1) == t_logits.argmax(-1)) & mask).sum() / n
         loss = loss + kl_weight * kl
@@ -274,7 +305,9 @@ def train(
         stats_acc: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             batch = collate(next(data), pad).to(model.hf.device)
-            loss, stats = skip_loss(model, teacher, batch, schedule, cfg.kl_weight, cfg.ce_weight)
+            loss, stats = skip_loss(
+                model, teacher, batch, schedule, cfg.kl_weight, cfg.ce_weight, divergence_kind=cfg.divergence
+            )
             (loss / cfg.grad_accum).backward()
             for k, v in stats.items():
                 stats_acc[k] = stats_acc.get(k, 0.0) + v / cfg.grad_accum

@@ -59,6 +59,11 @@ def register(sub) -> None:
         type=lambda v: [int(x) for x in v.split(",")],
         help="comma-separated layers in the order they stop running (default: SkipDecode's)",
     )
+    p.add_argument(
+        "--divergence",
+        choices=["forward", "reverse", "jsd"],
+        help="teacher-student divergence: forward KL (default), reverse KL or Jensen-Shannon",
+    )
     p.add_argument("--full-finetune", action="store_true", help="train all weights instead of a LoRA adapter")
     for name, typ in (
         ("lora-r", int),

@@ -1,6 +1,8 @@
 """The skip adapter applies to generated tokens of skipping schedules only; any drop order keeps
 cached decoding equal to the parallel training forward; cached teacher top-k gives the KL."""
 
+import math
+
 import pytest
 import torch
 from conftest import decode_step, tiny_llama, tiny_opt
@@ -9,7 +11,7 @@ from skipray.core.engine import Engine, SamplingParams
 from skipray.core.model import Segment, SkipModel, forward, training_plan
 from skipray.core.runner import pad_prompts
 from skipray.core.schedule import SkipSchedule
-from skipray.training.train import adapter_mask, topk_kl
+from skipray.training.train import adapter_mask, divergence, topk_kl
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 3, 4, 3, 4, 3], [50]]
 
@@ -137,6 +139,31 @@ def test_topk_kl_is_exact_with_the_whole_vocabulary_and_an_upper_bound_below():
     vals, ids = t.topk(8, -1)
     approx = topk_kl(vals, ids, s)
     assert (approx <= exact + 1e-5).all() and (approx >= 0).all()  # merging outcomes never raises KL
+
+
+def test_reverse_kl_and_jsd_match_their_formulas_and_bound_below_with_a_top_k():
+    g = torch.Generator().manual_seed(1)
+    t = torch.log_softmax(torch.randn(2, 4, 30, generator=g) * 2, -1)
+    s = torch.log_softmax(torch.randn(2, 4, 30, generator=g) * 2, -1)
+    p, q = t.exp(), s.exp()
+    m = (p + q) / 2
+    want = {
+        "forward": (p * (t - s)).sum(-1),
+        "reverse": (q * (s - t)).sum(-1),
+        "jsd": 0.5 * (p * (t - m.log())).sum(-1) + 0.5 * (q * (s - m.log())).sum(-1),
+    }
+    vals, ids = t.topk(30, -1)
+    for kind, exact in want.items():
+        torch.testing.assert_close(divergence(t, s, kind), exact, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(topk_kl(vals, ids, s, kind), exact, atol=1e-5, rtol=1e-5)
+    assert (want["jsd"] <= math.log(2) + 1e-6).all()
+    torch.testing.assert_close(divergence(s, t, "jsd"), want["jsd"])  # symmetric
+    k_vals, k_ids = t.topk(6, -1)
+    for kind, exact in want.items():
+        approx = topk_kl(k_vals, k_ids, s, kind)
+        assert (approx <= exact + 1e-5).all() and (approx >= -1e-6).all(), kind
+    with pytest.raises(ValueError, match="divergence"):
+        divergence(t, s, "tvd")
 
 
 def test_engine_logprobs_are_the_step_log_softmax():
