@@ -6,9 +6,9 @@ random weights, each layer its own tensors, so one pass over them streams every 
 a decode step does (the weights, 427 MB in fp32, do not fit the caches). For each kind it times one
 such pass at batch 1, best of ``--repeats``:
 
-* ``fp32`` / ``bf16``: oneDNN with prepacked weights (``skipray.core.kernels.PackedLinears``'s kernel),
+* ``fp32`` / ``bf16``: oneDNN with prepacked weights (``skipray.core.kernels.product``'s kernel),
   the seven projections separately (``sep``) and as four matmuls with q/k/v and gate/up concatenated
-  (``fused``, what ``PackedLinears.many`` runs);
+  (``fused``, what a fused ``product`` runs);
 * ``int8``: torch's weight-only int8 kernel ``torch._weight_int8pack_mm`` (int8 weights, one bf16
   scale per output channel, bf16 activations).
 

@@ -5,8 +5,8 @@ with its own weights so they stream from memory as in a real step, then the 4915
 batch 1, 8, 32 and 320 (a prefill), with
 
 * ``F.linear`` in fp32 (what Hugging Face models call; MKL sgemm in this torch build),
-* ``skipray.core.kernels.PackedLinears`` in fp32 (oneDNN, weights prepacked once; what skipray's forward uses),
-* ``F.linear`` and ``PackedLinears`` in bf16 (for reference: another precision).
+* ``skipray.core.kernels.product`` in fp32 (oneDNN, weights prepacked once; what skipray's forward uses),
+* ``F.linear`` and the prepacked product in bf16 (for reference: another precision).
 
 Checks that the packed results equal ``F.linear``'s, prints a table and writes bench/results/linear.json.
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python bench/bench_linear.py``
@@ -43,7 +43,7 @@ def step_ms(fn, x_d, x_i, layers, head, repeats: int = 4) -> float:
 
 
 def main() -> None:
-    from skipray.core.kernels import PackedLinears
+    from skipray.core.kernels import apply, product
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -51,7 +51,13 @@ def main() -> None:
     head = nn.Linear(D, VOCAB, bias=False)
     layers16 = [[nn.Linear(i, o, bias=False).bfloat16() for i, o in SHAPES] for _ in range(L)]
     head16 = nn.Linear(D, VOCAB, bias=False).bfloat16()
-    packed = PackedLinears()
+    products = {}  # each layer's prepacked product, built once (as the engine builds its inference weights)
+
+    def packed(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if m not in products:
+            products[m] = product([m.weight], [m.bias], pack=True)
+        return apply(x, products[m])
+
     rows = []
     print("one decode step's matmuls (30 layers + lm_head), one thread; packed = oneDNN prepacked, fp32")
     print(

@@ -4,11 +4,12 @@ Contract: a family class is built from a Hugging Face causal LM and gives ``skip
 the pieces of one decoder pass, each calling the Hugging Face module's own submodules (so LoRA and
 ``save_pretrained`` keep working): ``embed(tokens, positions)``, ``rope(h, positions)`` (``(cos, sin)``
 or ``None``), ``attn_norm``, ``qkv`` (q, k, v as ``(b, heads, t, head_dim)`` and the attention scale),
-``attn_out``, ``mlp`` and ``final`` (the norm before the lm_head); and the attention shape
-(``num_heads``, ``kv_heads``, ``head_dim``). Linear layers go through the ``linears`` the model passes in
-(``SkipModel.adapter_linears``: a tuple of modules that read the same input -> their outputs, run as one
-matmul where it can; packed kernels, the skip adapter where ``adapter`` marks). Adding a family means one
-class here and one ``FAMILIES`` entry.
+``attn_out``, ``mlp`` and ``final`` (the norm before the lm_head); the attention shape (``num_heads``,
+``kv_heads``, ``head_dim``); and ``linear_groups(layer)``: the tuples of linear layers that read one input,
+exactly as those methods hand them to ``linears``. Linear layers go through the ``linears`` the model passes
+in (a tuple of modules that read the same input -> their outputs, the skip adapter where ``adapter`` marks:
+``skipray.core.weights.InferenceWeights``, built once, or the modules themselves through
+``skipray.core.lora.masked_lora``). Adding a family means one class here and one ``FAMILIES`` entry.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# SkipModel.adapter_linears: (modules that read one input, the input, the adapter mask) -> their outputs
+# SkipModel.linears(): (modules that read one input, the input, the adapter mask) -> their outputs
 Linears = Callable[[tuple[nn.Module, ...], torch.Tensor, "torch.Tensor | None"], list[torch.Tensor]]
 
 
@@ -66,6 +67,10 @@ class LlamaFamily:
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.body.embed_tokens(tokens)
+
+    def linear_groups(self, layer: nn.Module) -> list[tuple[nn.Module, ...]]:
+        attn, mlp = layer.self_attn, layer.mlp
+        return [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]
 
     def rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         cos, sin = self.body.rotary_emb(h, positions)
@@ -121,6 +126,10 @@ class OPTFamily:
 
     def rope(self, h: torch.Tensor, positions: torch.Tensor) -> None:
         return None
+
+    def linear_groups(self, layer: nn.Module) -> list[tuple[nn.Module, ...]]:
+        attn = layer.self_attn
+        return [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.out_proj,), (layer.fc1,), (layer.fc2,)]
 
     def attn_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer.self_attn_layer_norm(x)

@@ -29,6 +29,9 @@ rows) and the batched sampler (``skipray.core.sampling.sample_rows``); both get 
   a request longer than the context (``skipray.core.config.check_length``), a prompt longer than
   ``prompt_limit`` or a schedule that would run a layer past its slots (``ValueError``). A server
   accepting full-depth requests must keep the full-depth default.
+* Weights: creating an engine builds the model's inference weights (``SkipModel.build_inference_weights``:
+  fused, prepacked on a CPU, the skip adapter merged where ``merge_adapter`` allows); they are never checked
+  again, so after training the model or changing its adapter call ``refresh_weights``.
 * Faults stay with their request: anything raised for one row (sampling, non-finite logits, the stop
   check) ends that request alone with ``finish_reason="error"`` and ``Event.error``; a failing prefill
   ends the requests it was admitting; a failing decode pass ends every live request (with chunked
@@ -90,9 +93,8 @@ class Engine:
         if not isinstance(config, EngineConfig):  # e.g. an older positional Engine(model, schedule, max_batch)
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.model, self.config = model.eval(), config.replace(**changes) if changes else config
-        merge = self.config.merge_adapter
         device = next(model.parameters()).device
-        model.adapter_linears.merge = device.type == "cpu" if merge is None else merge
+        model.build_inference_weights(merge=self.config.merge_adapter)  # once, here (refresh_weights rebuilds)
         self.schedule = schedule or SkipSchedule.full(model.num_layers)
         self.cache_schedule = cache_schedule or SkipSchedule.full(model.num_layers)
         check_schedule(self.schedule, model.num_layers)
@@ -107,6 +109,12 @@ class Engine:
         self.runner = runner if runner is not None else ModelRunner(self.model, self.config, self.cache_schedule)
         self._ids = itertools.count()
         self.steps = 0  # decode iterations run
+
+    def refresh_weights(self) -> None:
+        """Rebuild the model's inference weights from its modules as they are now (``skipray.core.weights``):
+        after training the model or changing its adapter, decoding reads the weights built when the engine
+        was created (or last refreshed) until this is called."""
+        self.model.build_inference_weights(merge=self.config.merge_adapter)
 
     @property
     def cache(self) -> KVCache:

@@ -13,7 +13,7 @@ Entries it does not run keep their hidden state, which is exactly what skipping 
   (the prompt plus the generation steps whose schedule includes ``l``), so the parallel forward
   computes what cached decoding computes;
 * the decode hot path: a pass with one segment, whole rows and a Llama-family model runs its layers
-  through ``skipray.core.fastpath`` (the same arithmetic, resolved once per layer and pass);
+  through ``skipray.core.fastpath`` (the same arithmetic, its kernels built with the inference weights);
 * mixed passes (``forward_segments``): several cached batches (``Segment``), say a decode step and
   a prompt chunk, share one pass: each layer's linear layers run once on all their tokens, attention
   runs per segment. Each segment gets what ``forward`` would give it alone.
@@ -23,11 +23,12 @@ attention reads only the slots the layer holds, and a write past them raises ``I
 
 ``SkipModel`` wraps a Hugging Face causal LM (Llama family: Llama, SmolLM2, Mistral, Qwen2/3; OPT); what
 differs between families is one small class each in ``skipray.core.architectures``, which call the Hugging
-Face module's own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. Its decoder
-layers' linears run through ``SkipModel.adapter_linears`` (``skipray.core.lora.AdapterLinears``: several
-modules that read one input, the skip adapter only where a segment's adapter mask marks), which runs the
-matmuls, as the lm_head does, through ``SkipModel.packed_linears`` (``skipray.core.kernels.PackedLinears``:
-one module, prepacked oneDNN weights for fp32/bf16 inference on CPU; the module itself otherwise).
+Face module's own submodules, so LoRA adapters and ``save_pretrained`` keep working on it. A pass without
+gradients on a model whose inference weights are built (``SkipModel.build_inference_weights``; an engine
+builds them when it is created) runs the decoder's linear layers and the lm_head from those weights
+(``skipray.core.weights``: fused, prepacked on a CPU, the skip adapter merged or low-rank, built once and
+never checked again); every other pass (training, or no weights built) runs the modules themselves, the
+skip adapter only where a segment's adapter mask marks (``skipray.core.lora.masked_lora``).
 
 Callers build the ``Segment`` by field name: the training layout needs only ``tokens``, ``positions``,
 ``plan``, ``real`` (and ``logits_at``, ``adapter``); the engine's ``skipray.core.runner`` adds cache rows
@@ -47,8 +48,8 @@ from torch import nn
 from skipray.core.architectures import FAMILIES, apply_rope, rope_tables
 from skipray.core.cache import KVCache
 from skipray.core.fastpath import layer_kernels, run_layers
-from skipray.core.kernels import PackedLinears
-from skipray.core.lora import AdapterLinears
+from skipray.core.lora import masked_lora
+from skipray.core.weights import InferenceWeights
 
 
 class LayerRun(NamedTuple):
@@ -65,12 +66,12 @@ class SkipModel(nn.Module):
     details are its ``family`` (``skipray.core.architectures``)."""
 
     def __init__(self, hf_model: nn.Module, packed_linears: bool = True) -> None:
-        """Raises ``ValueError`` for an architecture without an adapter (or an unsupported variant)."""
+        """``packed_linears``: inference weights may be prepacked for oneDNN (on a CPU that can). Raises
+        ``ValueError`` for an architecture without an adapter (or an unsupported variant)."""
         super().__init__()
         self.hf = hf_model
-        self.packed_linears = PackedLinears(packed_linears)  # packed_linears(module, x) == module(x)
-        self.adapter_linears = AdapterLinears(self.packed_linears)  # LoRA only where the adapter mask marks
-        self.fast_layers: dict = {}  # skipray.core.fastpath's resolved layers, checked on every pass
+        self.packed_linears = packed_linears
+        self.inference_weights: InferenceWeights | None = None  # build_inference_weights
         cfg = hf_model.config
         self.arch = cfg.model_type
         if self.arch not in FAMILIES:
@@ -82,6 +83,24 @@ class SkipModel(nn.Module):
         self.num_layers = len(self.layers)
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
         self.vocab_size = cfg.vocab_size
+
+    # -- inference weights -----------------------------------------------------------------------
+    def build_inference_weights(self, merge: bool | None = None) -> InferenceWeights:
+        """Build (or rebuild) the weights passes without gradients run (``skipray.core.weights``), from the
+        modules as they are now: call it again after training, loading another adapter or moving the model.
+        ``merge``: hold the skip adapter merged too (default: on a CPU only; on a GPU it would be one more
+        copy of every adapted weight). Returns them (also ``self.inference_weights``)."""
+        self.inference_weights = None  # the old ones go before the new ones are made
+        device = next(self.parameters()).device
+        merge = device.type == "cpu" if merge is None else merge
+        self.inference_weights = InferenceWeights(self, merge=merge, pack=self.packed_linears)
+        return self.inference_weights
+
+    def linears(self):
+        """What runs the linear layers of the current pass: the inference weights in a pass without gradients
+        when they are built, else the modules (``masked_lora``)."""
+        w = self.inference_weights
+        return w if w is not None and not torch.is_grad_enabled() else masked_lora
 
     # -- the pieces forward calls: the family's, with LoRA-aware linears ----------------------------
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -95,17 +114,18 @@ class SkipModel(nn.Module):
 
     def qkv(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None):
         """Normed input -> q, k, v as (b, heads, t, head_dim), plus the attention scale to use."""
-        return self.family.qkv(layer, x, self.adapter_linears, adapter)
+        return self.family.qkv(layer, x, self.linears(), adapter)
 
     def attn_out(self, layer: nn.Module, o: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
-        return self.family.attn_out(layer, o, self.adapter_linears, adapter)
+        return self.family.attn_out(layer, o, self.linears(), adapter)
 
     def mlp(self, layer: nn.Module, x: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
-        return self.family.mlp(layer, x, self.adapter_linears, adapter)
+        return self.family.mlp(layer, x, self.linears(), adapter)
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head: logits."""
-        return self.packed_linears(self.hf.lm_head, self.family.final(h))
+        h, w = self.family.final(h), self.inference_weights
+        return w.head(h) if w is not None and not torch.is_grad_enabled() else self.hf.lm_head(h)
 
     # -- sizes -----------------------------------------------------------------------------------
     def cost_model(self):
@@ -363,8 +383,8 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             use = s.adapter_flags[0] if s.adapter_flags is not None else bool(s.adapter.any())
             if use:
                 st.adapter = s.adapter
-                if s.adapter_flags is not None:
-                    model.adapter_linears.remember(s.adapter, *s.adapter_flags)
+                if s.adapter_flags is not None and model.inference_weights is not None:
+                    model.inference_weights.remember(s.adapter, *s.adapter_flags)
         if prefix is not None:
             st.prefix_len = int(prefix.filled[:, :b].max())
         if cache is not None:
@@ -382,17 +402,13 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
     kernels = layer_kernels(model, segs, states, cache)  # the lean loop where the pass allows (fastpath)
     if kernels is not None:
         s, st = segs[0], states[0]
-        try:
-            st.h = run_layers(
-                kernels,
-                st.h,
-                lambda l, q, k, v, scale: _attend(
-                    l, s, st, slice(None), s.tokens.shape[1], True, q, k, v, scale, cache, None
-                ),
-            )
-        except RuntimeError:  # as PackedLinears._guarded: packing off, and the generic loop reruns the
-            model.packed_linears.disable()  # layers (same cache writes; it raises what is not oneDNN's)
-            kernels = None
+        st.h = run_layers(
+            kernels,
+            st.h,
+            lambda l, q, k, v, scale: _attend(
+                l, s, st, slice(None), s.tokens.shape[1], True, q, k, v, scale, cache, None
+            ),
+        )
     for l, layer in enumerate(model.layers if kernels is None else ()):
         runs = []  # (segment, rows, cols, whole) of the segments that run this layer; whole: all rows and columns
         for i, s in enumerate(segs):
@@ -417,10 +433,10 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         if all(a is None for a in ams):
             am = None
         elif len(ams) == 1:
-            am = ams[0]  # the same tensor for every layer on all rows: SkipModel.adapter_linears reads its flags once
+            am = ams[0]  # the same tensor for every layer on all rows: the inference weights read its flags once
             flags = getattr(segs[runs[0][0]].plan[l], "adapter_flags", None)
-            if flags is not None and not runs[0][3]:  # a slice of the mask whose flags the host knows
-                model.adapter_linears.remember(am, *flags)
+            if flags is not None and not runs[0][3] and model.inference_weights is not None:
+                model.inference_weights.remember(am, *flags)  # a slice of the mask whose flags the host knows
         else:
             am = _join(
                 [

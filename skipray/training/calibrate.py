@@ -141,6 +141,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     m = load(args.model, device=args.device)
     model = m.model
+    model.build_inference_weights()  # every pass here is without gradients: fused, prepacked products
     seqs = calibration_sequences(args.data, args.n + args.heldout, args.length)
     calib, held = seqs[: args.n], seqs[args.n :]
     t0 = time.perf_counter()

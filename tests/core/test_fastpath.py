@@ -65,10 +65,15 @@ def passes(model: SkipModel, adapter: bool, layers=None):
     return out, seen
 
 
+def built(model: SkipModel) -> SkipModel:
+    model.build_inference_weights()
+    return model
+
+
 def test_fast_loop_equals_generic_loop_with_merged_adapter():
     hf = tiny_llama()
     with_random_lora(hf)
-    fast, generic = SkipModel(hf), SkipModel(hf, packed_linears=False)  # no packing: the generic loop
+    fast, generic = built(SkipModel(hf)), SkipModel(hf)  # no inference weights: the modules, generic loop
     L = fast.num_layers
     got, seen = passes(fast, adapter=True, layers=[0, 2, L - 1])
     want, seen_generic = passes(generic, adapter=True, layers=[0, 2, L - 1])
@@ -80,7 +85,7 @@ def test_fast_loop_equals_generic_loop_with_merged_adapter():
 
 @pytest.mark.parametrize("make", [tiny_opt, lambda: tiny_other("qwen2")], ids=["opt", "qwen2"])
 def test_other_families_and_grad_take_the_generic_loop(make):
-    model = SkipModel(make())
+    model = built(SkipModel(make()))
     _, seen = passes(model, adapter=False)
     qwen2 = model.arch == "qwen2"
     assert all((k is not None) == qwen2 for k in seen)  # Qwen2 (q/k/v bias) is Llama-family; OPT is not
@@ -95,75 +100,50 @@ def test_other_families_and_grad_take_the_generic_loop(make):
         assert fastpath.layer_kernels(model, [seg], [st], KVCache(model.num_layers, 1, 1, 4, 1)) is None
 
 
-def test_fast_loop_follows_peft_toggles_and_weight_updates():
-    hf = tiny_llama()
-    peft_model = with_random_lora(hf)
-    model = SkipModel(hf)
-    base = SkipModel(tiny_llama())  # the same random init, without LoRA
-    with_adapter, _ = passes(model, adapter=True)
-    with peft_model.disable_adapter():
-        disabled, seen = passes(model, adapter=True)
-    plain, _ = passes(base, adapter=True)
-    assert all(k is not None for k in seen)
-    for d, p in zip(disabled, plain):
-        torch.testing.assert_close(d, p, atol=2e-5, rtol=1e-4)
-    assert not torch.allclose(with_adapter[-1], plain[-1], atol=1e-3)
-    with torch.no_grad():
-        hf.model.layers[0].mlp.down_proj.base_layer.weight.mul_(0.0)  # in place
-        base.hf.model.layers[0].mlp.down_proj.weight.mul_(0.0)
-    with peft_model.disable_adapter():
-        after, _ = passes(model, adapter=True)
-    plain_after, _ = passes(base, adapter=True)
-    for a, p in zip(after, plain_after):
-        torch.testing.assert_close(a, p, atol=2e-5, rtol=1e-4)
-
-
-def test_fast_loop_follows_peft_merge_replaced_layers_and_adapters_and_cleared_packs():
-    """Writes peft makes through ``.data`` (merge), a replaced decoder layer, a replaced adapter module
-    and ``PackedLinears.clear()``: the fast loop's next pass reads the model as it is now."""
+def test_weights_are_read_once_and_a_rebuild_reads_the_model_as_it_is_now():
+    """Disabling the adapter, an in-place weight update, peft's merge (writes through ``.data``), a replaced
+    decoder layer and a replaced adapter module: the built weights keep what they read; after
+    ``build_inference_weights`` the fast loop gives what the modules give now."""
     import copy
 
     hf = tiny_llama()
     peft_model = with_random_lora(hf)
-    model = SkipModel(hf)
+    model = built(SkipModel(hf))
 
-    def check(adapter: bool):
+    def check(adapter: bool, rebuild: bool = True):
+        if rebuild:
+            model.build_inference_weights()
         got, seen = passes(model, adapter)
-        want, _ = passes(SkipModel(hf, packed_linears=False), adapter)
+        want, _ = passes(SkipModel(hf), adapter)
         assert all(k is not None for k in seen)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+        return all(torch.allclose(g, w, atol=2e-5, rtol=1e-4) for g, w in zip(got, want))
 
-    check(False)
-    check(True)
+    assert check(False) and check(True)
+    with peft_model.disable_adapter():
+        assert not check(True, rebuild=False)  # still the adapter it was built with
+        assert check(True)
+    model.build_inference_weights()
+    with torch.no_grad():
+        hf.model.layers[0].mlp.down_proj.base_layer.weight.mul_(0.5)  # in place
+    assert not check(False, rebuild=False) and check(False)
     peft_model.merge_adapter()  # base weights += delta through .data: no version bump
-    check(False)
+    assert check(False)
     peft_model.unmerge_adapter()
-    check(True)
+    assert check(True)
     layers = hf.model.layers
     layers[1] = copy.deepcopy(layers[2])  # a replaced decoder layer
-    check(False)
+    assert check(False)
     q = layers[0].self_attn.q_proj
     name = q.active_adapters[0]
     q.lora_B[name] = torch.nn.Linear(q.lora_B[name].in_features, q.lora_B[name].out_features, bias=False)
-    check(True)  # a replaced adapter module
-    nbytes = model.packed_linears.nbytes
-    model.packed_linears.clear()
-    check(True)
-    assert 0 < model.packed_linears.nbytes <= nbytes  # repacked once (without the replaced layer's), not held twice
+    assert check(True)  # a replaced adapter module
 
 
-def test_a_failing_onednn_product_in_the_fast_loop_falls_back_to_the_generic_loop(monkeypatch):
-    hf = tiny_llama()
-    model, generic = SkipModel(hf), SkipModel(hf, packed_linears=False)
-    want, _ = passes(generic, adapter=False)
-    passes(model, adapter=False)  # packs made, fast kernels resolved
+def test_a_replaced_layer_without_a_rebuild_is_an_error_not_stale_output():
+    import copy
 
-    def refuse(x, packed):
-        raise RuntimeError("oneDNN cannot run here")
-
-    monkeypatch.setattr(fastpath.PackedLinears, "apply", staticmethod(refuse))
-    got, seen = passes(model, adapter=False)
-    assert seen[0] is not None and not model.packed_linears.enabled and not model.packed_linears.nbytes
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+    hf = tiny_opt()  # the generic loop, which looks each layer's weights up by its modules
+    model = built(SkipModel(hf))
+    hf.model.decoder.layers[1] = copy.deepcopy(hf.model.decoder.layers[2])
+    with pytest.raises(KeyError, match="rebuild"):
+        passes(model, adapter=False)

@@ -231,8 +231,9 @@ def test_answer_logits_after_cached_prompt_equal_the_parallel_forward(make):
             torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
-def test_merged_inference_weights_follow_adapter_updates():
-    """Decode steps use base + LoRA merged once; an optimizer step on the adapter remakes the merge."""
+def test_inference_weights_are_built_once_and_rebuilt_on_request():
+    """Decode steps use base + LoRA merged when the engine is created; an optimizer step on the adapter
+    changes nothing until ``Engine.refresh_weights``, which rebuilds them from the adapter as it is now."""
     hf = tiny_llama()
     peft_model = with_random_lora(hf)
     model = SkipModel(hf)
@@ -240,15 +241,16 @@ def test_merged_inference_weights_follow_adapter_updates():
     sched = SkipSchedule(L, L - 1, 2, decay_tokens=4, drop_order=shuffled_order(L))
     engine = Engine(model, sched, max_batch=4, max_len=64)
     before = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
-    assert model.adapter_linears.merges  # the merged path ran
+    assert any(g.merged is not None for g in model.inference_weights.groups.values())  # merged on a CPU
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
                 p.mul_(-3.0)
+    stale = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
+    assert [c.token_ids for c in stale] == [c.token_ids for c in before]  # built once: not re-read
+    engine.refresh_weights()
     after = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
-    # the same tokens the unmerged path gives for the updated adapter (training forward, grad on)
-    prompt, prompt_real = pad_prompts(PROMPTS)
-    n = 8
+    # the same tokens the module path gives for the updated adapter (training forward, grad on)
     for c, p in zip(after, PROMPTS):
         toks = torch.tensor([p + c.token_ids[:-1]])
         real = torch.ones_like(toks, dtype=torch.bool)
@@ -268,9 +270,10 @@ def test_merged_inference_weights_follow_adapter_updates():
     assert [c.token_ids for c in before] != [c.token_ids for c in after]
 
 
-def test_inference_linears_follow_peft_flags_and_replaced_adapter_weights():
-    """The cached choice of merged or base weights (``AdapterLinears.resolve``) follows peft's
-    ``disable_adapter`` and an adapter weight assigned anew, not only in-place updates."""
+@pytest.mark.parametrize("merge", [True, False])
+def test_inference_weights_equal_peft_for_the_adapter_state_they_were_built_in(merge):
+    """Merged, low-rank (a partial mask) and base-only answers equal peft's own layers, for the adapter
+    as it was at build time: enabled, disabled (``disable_adapter``), or with a weight assigned anew."""
     hf = tiny_llama()
     peft_model = with_random_lora(hf)
     model = SkipModel(hf)
@@ -278,20 +281,31 @@ def test_inference_linears_follow_peft_flags_and_replaced_adapter_weights():
     mods = (attn.q_proj, attn.k_proj, attn.v_proj)
     x = torch.randn(2, 3, hf.config.hidden_size)
     every = torch.ones(2, 3, dtype=torch.bool)
+    some = torch.tensor([[True, False, True], [False, False, True]])
 
-    def expected():
+    def check(expected_every, expected_base):
+        weights = model.build_inference_weights(merge=merge)
+        with torch.no_grad():
+            for got, want in zip(weights(mods, x, every), expected_every()):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for got, e, base in zip(weights(mods, x, some), expected_every(), expected_base()):
+                torch.testing.assert_close(got, torch.where(some[..., None], e, base), atol=1e-5, rtol=1e-5)
+            for got, base in zip(weights(mods, x, None), expected_base()):
+                torch.testing.assert_close(got, base, atol=1e-5, rtol=1e-5)
+
+    def peft_out():
         return [m(x) for m in mods]  # peft's own forward: base plus LoRA where enabled
 
-    with torch.no_grad():
-        for got, want in zip(model.adapter_linears(mods, x, every), expected()):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        with peft_model.disable_adapter():
-            for got, m in zip(model.adapter_linears(mods, x, every), mods):
-                torch.testing.assert_close(got, m.base_layer(x), atol=1e-5, rtol=1e-5)
-        name = mods[0].active_adapters[0]
-        mods[0].lora_B[name].weight = torch.nn.Parameter(torch.randn_like(mods[0].lora_B[name].weight))
-        for got, want in zip(model.adapter_linears(mods, x, every), expected()):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    def base_out():
+        return [m.base_layer(x) for m in mods]
+
+    check(peft_out, base_out)
+    with peft_model.disable_adapter():
+        check(base_out, base_out)
+    name = mods[0].active_adapters[0]
+    mods[0].lora_B[name].weight = torch.nn.Parameter(torch.randn_like(mods[0].lora_B[name].weight))
+    check(peft_out, base_out)
+    assert (model.inference_weights.groups[mods].merged is not None) == merge
 
 
 def test_on_policy_rollouts_are_the_skip_models_tokens_scored_by_the_base_model():
@@ -349,7 +363,7 @@ def test_bf16_greedy_tokens_alone_equal_batched_with_one_adapter_path():
 
     want = [alone(p, sched if i % 2 else other) for i, p in enumerate(PROMPTS)]
     eng = Engine(model, max_batch=4, max_len=64, merge_adapter=False)
-    assert model.adapter_linears.merge is False
+    assert all(g.merged is None for g in model.inference_weights.groups.values())  # no merged copy of any weight
     ids, got = {}, {i: [] for i in range(len(PROMPTS))}
 
     def step():
@@ -362,6 +376,5 @@ def test_bf16_greedy_tokens_alone_equal_batched_with_one_adapter_path():
     while eng.has_work():
         step()
     assert [got[i] for i in range(len(PROMPTS))] == want  # tokens and their log-probs, bit for bit
-    assert not model.adapter_linears.merges  # no merged copy of any weight was made
     Engine(model, max_batch=1, max_len=8)
-    assert model.adapter_linears.merge is True  # the CPU default
+    assert any(g.merged is not None for g in model.inference_weights.groups.values())  # the CPU default
