@@ -379,6 +379,48 @@ def test_include_stop_str_and_continuous_usage(app):
     assert counts and counts == sorted(counts) and counts[-1] == chunks[-1]["usage"]["completion_tokens"]
 
 
+def test_guidellm_request_shapes_are_answered(app):
+    """guidellm 0.8.1's default requests (bench/bench_guidellm.py runs the real client): streaming chat and
+    completions with ``stream_options`` {include_usage, continuous_usage_stats}, ``ignore_eos``, ``stop: null``,
+    ``max_completion_tokens`` and text content parts, as its ``openai_http`` backend sends them; it reads the
+    usage of every chunk and the last usage-only chunk."""
+    import json
+
+    import requests
+
+    base = app["base"]
+    assert requests.get(f"{base}/health", timeout=30).status_code == 200  # its backend check
+    assert "tiny" in [m["id"] for m in requests.get(f"{base}/v1/models", timeout=30).json()["data"]]
+    stream = {
+        "model": "tiny",
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "stop": None,
+        "ignore_eos": True,
+    }
+    words = "Finish medical want almost away until. Its culture song reveal return finally affect."
+    bodies = {
+        "chat/completions": {
+            **stream,
+            "max_completion_tokens": 7,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": words}]}],
+        },
+        "completions": {**stream, "max_tokens": 7, "prompt": words},
+    }
+    for route, body in bodies.items():
+        with requests.post(f"{base}/v1/{route}", json=body, stream=True, timeout=60) as r:
+            assert r.status_code == 200, r.text
+            lines = [ln for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+        assert all("usage" in c and c["usage"] for c in chunks), route  # continuous usage: in every chunk
+        last = chunks[-1]
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] == 7, route  # ignore_eos: all 7
+        assert last["usage"]["prompt_tokens"] > 0
+        finish = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch.get("finish_reason")]
+        assert finish == ["length"], route
+
+
 # -- structured output ---------------------------------------------------------------------------------------
 class Answer(BaseModel):
     ok: bool
