@@ -133,7 +133,7 @@ def time_skipray(engine, prompts, new_tokens: int, schedule, repeats: int):
         t0, first = time.perf_counter(), None
         for ev in engine.stream(prompts, SamplingParams(max_tokens=new_tokens), schedule):
             first = first or time.perf_counter()
-            ids[ev.row].append(ev.token_id)
+            ids[ev.index].append(ev.token_id)
         run = (ids, first - t0, time.perf_counter() - t0)
         best = run if best is None or run[2] < best[2] else best
     return best

@@ -7,16 +7,20 @@ admission, which rows run which layer, retirement), a ``ModelRunner`` (the forwa
 rows) and the batched sampler (``skipray.core.sampling.sample_rows``); both get the config whole.
 
 * ``add_request`` / ``abort`` may be called from any thread; ``step`` is called by one loop thread and
-  does one iteration: apply aborts; admit waiting requests into free rows and prefill them at full
-  depth (their first token comes from that pass); one decode step for every live row, each row
-  running *its own* step's layers of *its own* schedule (rows at different steps and schedules
-  share the batch; see ``skipray.core.scheduler`` for the row order that keeps each layer's rows one
-  slice); sample; retire finished rows (``"stop"`` / ``"length"``, ``skipray.core.requests.finish_reason``).
-  A freed row is refilled at the next iteration: a request never waits for another to finish.
-* Chunked prefill (``max_num_batched_tokens``, vLLM's per-iteration token budget): each iteration is
-  one forward pass carrying the decode step of every decoding row and prompt chunks that fill the
-  rest of the budget (at most ``max_prefill_tokens`` of it); a long prompt is prefilled over several
-  iterations while the decoding rows keep producing a token at every iteration.
+  does one iteration in three parts: ``plan = scheduler.schedule()`` (apply aborts, admit waiting requests
+  into free rows, list the decoding rows and the prompt work), ``out = runner.execute(plan)`` (newcomers'
+  prompts at full depth, their first token coming from that pass; one decode step for every row that
+  already has a token, each row running *its own* step's layers of *its own* schedule: rows at different
+  steps and schedules share the batch, see ``skipray.core.scheduler`` for the row order that keeps each
+  layer's rows one slice) and ``_postprocess(plan, out)`` (sample, retire finished rows: ``"stop"`` /
+  ``"length"``, ``skipray.core.requests.finish_reason``). A freed row is refilled at the next iteration:
+  a request never waits for another to finish.
+* Prompt work: without a token budget, the newcomers' whole prompts (as many as fit ``max_prefill_tokens``
+  padded) run in one right-padded pass before the decode pass. With chunked prefill
+  (``max_num_batched_tokens``, vLLM's per-iteration token budget) the same plan holds prompt chunks that
+  fill the rest of the budget (at most ``max_prefill_tokens`` of it), and the decode step and the chunks
+  share one forward pass; a long prompt is prefilled over several iterations while the decoding rows
+  keep producing a token at every iteration.
 * ``generate`` / ``stream`` (a batch of prompts on an idle engine) are loops over ``step``: every prompt
   is queued as ``add_request`` queues it (without its size limits and queue bound: the cache grows first
   when the call needs more slots than it has), rows are refilled as they finish. They raise what a
@@ -33,9 +37,9 @@ rows) and the batched sampler (``skipray.core.sampling.sample_rows``); both get 
   fused, prepacked on a CPU, the skip adapter merged where ``merge_adapter`` allows); they are never checked
   again, so after training the model or changing its adapter call ``refresh_weights``.
 * Faults stay with their request: anything raised for one row (sampling, non-finite logits, the stop
-  check) ends that request alone with ``finish_reason="error"`` and ``Event.error``; a failing prefill
-  ends the requests it was admitting; a failing decode pass ends every live request (with chunked
-  prefill the parts of a failing pass are rerun one by one, so a failing chunk ends only its request).
+  check) ends that request alone with ``finish_reason="error"`` and ``Event.error``; a failing prompt
+  pass ends the requests it was admitting; a failing decode pass ends every decoding request (the parts
+  of a failing shared pass are rerun one by one, so a failing chunk ends only its request).
   ``step`` never raises for these and returns every event produced before the failure.
 
 With greedy sampling, and with seeded sampling, each request produces the tokens it would produce
@@ -54,11 +58,11 @@ from skipray.core.cache import KVCache
 from skipray.core.config import EngineConfig, check_length
 from skipray.core.memory import layer_slots
 from skipray.core.model import SkipModel
-from skipray.core.requests import Completion, Event, SamplingParams, TokenEvent, finish_reason, validate_request
-from skipray.core.runner import ModelRunner
+from skipray.core.requests import Completion, Event, SamplingParams, finish_reason, validate_request
+from skipray.core.runner import ModelRunner, StepOutput
 from skipray.core.sampling import sample_rows
 from skipray.core.schedule import SkipSchedule
-from skipray.core.scheduler import Request, Scheduler
+from skipray.core.scheduler import Request, Scheduler, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +133,7 @@ class Engine:
     @property
     def num_running(self) -> int:
         """Requests holding a row (decoding or being prefilled)."""
-        return len(self.scheduler.live) + len(self.scheduler.prefilling)
+        return len(self.scheduler.running)
 
     @property
     def num_waiting(self) -> int:
@@ -138,8 +142,7 @@ class Engine:
 
     def cache_usage(self) -> float:
         """The share of the cache's slots (rows x slots per row) that hold live requests' tokens, 0-1."""
-        s = self.scheduler
-        used = sum(r.slots for r in s.live + s.prefilling)
+        used = sum(r.slots for r in self.scheduler.running)
         c = self.runner.cache
         return min(used / max(c.max_batch * c.max_len, 1), 1.0)
 
@@ -228,7 +231,7 @@ class Engine:
         """Generate for a batch of token-id prompts; one ``Completion`` per prompt, in order (see ``stream``)."""
         out = [Completion(prompt_len=len(p)) for p in prompts]
         for ev in self.stream(prompts, params, schedule, raise_errors):
-            c = out[ev.row]
+            c = out[ev.index]
             c.finish_reason, c.error = ev.finish_reason, ev.error
             if ev.token_id is not None:
                 c.token_ids.append(ev.token_id)
@@ -243,8 +246,8 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         schedule: SkipSchedule | Sequence[SkipSchedule | None] | None = None,
         raise_errors: bool = True,
-    ) -> Iterator[TokenEvent]:
-        """Yield one ``TokenEvent`` per generated token as soon as it is sampled (rows by prompt index).
+    ) -> Iterator[Event]:
+        """Yield one ``Event`` per generated token as soon as it is sampled, ``index`` its prompt's index.
         ``params`` and ``schedule``: one for every prompt, or one each. Prompts wait for free rows (at most
         ``max_num_seqs`` run at once, admitted in order) and take the row a finished one leaves.
 
@@ -262,9 +265,10 @@ class Engine:
         reqs = []
         for i, (p, sp, s) in enumerate(zip(prompts, plist, slist)):
             try:
-                reqs.append(self._request(p, sp, s, f"row-{i}"))
+                reqs.append(self._request(p, sp, s, None))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
+        index = {r.request_id: i for i, r in enumerate(reqs)}
         if not reqs:
             return
         need = [max(x) for x in zip(*(layer_slots(r.schedule, len(r.prompt), r.params.max_tokens) for r in reqs))]
@@ -276,74 +280,58 @@ class Engine:
                 for ev in self.step():
                     if raise_errors and ev.finish_reason in ("error", "abort"):
                         raise ev.error or RuntimeError(f"request {ev.request_id} was aborted")
-                    yield TokenEvent(
-                        int(ev.request_id[4:]), ev.token_id, ev.layers, ev.finish_reason, ev.logprobs, ev.error
-                    )
+                    ev.index = index[ev.request_id]
+                    yield ev
         finally:
             self.scheduler.reset()  # a consumer that stops early, or a failure, leaves no request behind
 
     # -- the loop body -------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """One iteration: aborts, admissions (prefill), one decode step for all live rows, retirement."""
+        """One iteration: ``plan = scheduler.schedule()`` (aborts, admissions, decode rows and prompt chunks),
+        ``out = runner.execute(plan)`` (the passes), ``events = self._postprocess(plan, out)`` (sample, emit,
+        retire). A failure outside one request's part (a row move, the sampler's batch) ends every running
+        request; the events made before it are kept."""
         events: list[Event] = []
-        admit: list[Request] = []
-        s = self.scheduler
         try:
-            waiting, running = s.take_aborts()
-            events += [Event(r.request_id, None, 0, "abort") for r in waiting + running]
-            self._retire(running)
-            if self.config.max_num_batched_tokens is not None:
-                self._chunked_iteration(events)
-            else:
-                admit = s.take_admissions()
-                if admit:
-                    self._admit(admit, events)
-                if s.live:
-                    logits, layers = self._decode()
-                    self._retire(self._emit(s.live, logits, layers, events))
-                    self.steps += 1
-        except Exception as e:  # the batch pass itself failed: it ends every request it held
-            logger.exception("engine step failed; ending %d live requests", len(s.live) + len(s.prefilling))
+            plan = self.scheduler.schedule()
+            events += [Event(r.request_id, None, 0, "abort") for r in plan.aborted]
+            out = self.runner.execute(plan)
+            self._postprocess(plan, out, events)
+        except Exception as e:  # beyond one request: it ends every request holding a row
+            logger.exception("engine step failed; ending %d running requests", len(self.scheduler.running))
             ended = {ev.request_id for ev in events if ev.finish_reason is not None}
-            failed = {id(r): r for r in s.live + s.prefilling + admit if r.request_id not in ended}
-            events += [Event(r.request_id, None, 0, "error", error=e) for r in failed.values()]
-            s.live, s.prefilling, s.groups = [], [], []
+            failed = [r for r in self.scheduler.fail_running() if r.request_id not in ended]
+            events += [Event(r.request_id, None, 0, "error", error=e) for r in failed]
         return events
 
-    def _retire(self, reqs: Sequence[Request]) -> None:
-        self.runner.move_rows(self.scheduler.retire(reqs))
-
-    def _admit(self, admit: list[Request], events: list[Event]) -> None:
-        """Place the newcomers in the row order, then one full-depth pass for all of them."""
-        s = self.scheduler
-        self.runner.move_rows(s.arrange(s.live + admit))
-        row = {id(r): i for i, r in enumerate(s.live)}
-        admit.sort(key=lambda r: row[id(r)])
-        try:
-            logits = self.runner.prefill([r.prompt for r in admit], [row[id(r)] for r in admit])
-        except Exception as e:  # the newcomers' pass failed: it ends them, not the rows decoding
-            logger.exception("prefill of %d requests failed", len(admit))
-            events += [Event(r.request_id, None, 0, "error", error=e) for r in admit]
-            self._retire(admit)
-            return
-        self._retire(self._emit(admit, logits, [self.model.num_layers] * len(admit), events))
-
-    def _decode_segment(self):
-        live = self.scheduler.live
-        rows, layers = self.scheduler.layer_rows()
-        seg = self.runner.decode_segment(
-            [r.generated[-1] for r in live],
-            [len(r.prompt) + r.step for r in live],
-            rows,
-            [r.schedule.skips(r.step) for r in live],
-        )  # adapter where the step skips
-        return seg, layers
-
-    def _decode(self) -> tuple[torch.Tensor, list[int]]:
-        """The decode step of every live row; -> logits ``(n, vocab)`` and the layers each row ran."""
-        seg, layers = self._decode_segment()
-        return self.runner.run([seg])[0][:, 0].float(), layers
+    def _postprocess(self, plan: StepPlan, out: StepOutput, events: list[Event]) -> None:
+        """Sample the decode rows' tokens and the first tokens of prompts this step completed; end the
+        requests whose part failed; let the scheduler promote and retire rows (``settle``)."""
+        gone: list[Request] = []
+        if plan.decode:
+            if isinstance(out.decode, BaseException):
+                logger.error("decode step failed; ending %d requests", len(plan.decode), exc_info=out.decode)
+                events += [Event(r.request_id, None, 0, "error", error=out.decode) for r in plan.decode]
+                gone += plan.decode
+            else:
+                gone += self._emit(plan.decode, out.decode, plan.layers, events)
+                self.steps += 1
+        ready, logits = [], []
+        for chunk, o in zip(plan.chunks, out.chunks):
+            req = chunk.request
+            if isinstance(o, BaseException):
+                logger.error("prompt pass of request %s failed", req.request_id, exc_info=o)
+                events.append(Event(req.request_id, None, 0, "error", error=o))
+                gone.append(req)
+                continue
+            req.prefilled = chunk.start + chunk.tokens
+            if req.prefilled == len(req.prompt):
+                ready.append(req)
+                logits.append(o)
+        if ready:
+            gone += self._emit(ready, torch.cat(logits), [self.model.num_layers] * len(ready), events)
+        self.runner.move_rows(self.scheduler.settle(ready, gone))
 
     def _emit(self, reqs: list[Request], logits: torch.Tensor, layers: list[int], events: list[Event]) -> list[Request]:
         """Sample one token per request (row ``i`` of ``logits``); -> the requests that finished."""
@@ -386,54 +374,3 @@ class Engine:
             if reason is not None:
                 done.append(req)
         return done
-
-    def _chunked_iteration(self, events: list[Event]) -> None:
-        """One pass: the decode step of every decoding row plus this iteration's prompt chunks."""
-        s = self.scheduler
-        chunks, new = s.plan_chunks()
-        if new:
-            self.runner.move_rows(s.arrange(s.live, s.prefilling + new))
-            self.runner.reset_rows(len(s.live) + len(s.prefilling) - len(new), len(new))
-        segments, layers = [], []
-        if s.live:
-            seg, layers = self._decode_segment()
-            segments.append(seg)
-        for c in chunks:
-            prompt, end = c.request.prompt, c.start + c.tokens
-            segments.append(
-                self.runner.chunk_segment(prompt[c.start : end], s.row(c.request), c.start, end == len(prompt))
-            )
-        if not segments:
-            return
-        outs = self.runner.run_isolated(segments)
-        gone: list[Request] = []
-        if s.live:
-            out, outs = outs[0], outs[1:]
-            if isinstance(out, BaseException):
-                logger.error("decode step failed; ending %d decoding requests", len(s.live), exc_info=out)
-                events += [Event(r.request_id, None, 0, "error", error=out) for r in s.live]
-                gone += s.live
-            else:
-                gone += self._emit(s.live, out[:, 0].float(), layers, events)
-                self.steps += 1
-        ready, logits = [], []
-        for chunk, out in zip(chunks, outs):
-            req = chunk.request
-            if isinstance(out, BaseException):
-                logger.error("prefill chunk of request %s failed", req.request_id, exc_info=out)
-                events.append(Event(req.request_id, None, 0, "error", error=out))
-                gone.append(req)
-                continue
-            req.prefilled = chunk.start + chunk.tokens
-            if req.prefilled == len(req.prompt):
-                ready.append(req)
-                logits.append(out[:, 0].float())
-        if ready:
-            gone += self._emit(ready, torch.cat(logits), [self.model.num_layers] * len(ready), events)
-        out_ids = {id(r) for r in gone}
-        self.runner.move_rows(
-            s.arrange(
-                [r for r in s.live + ready if id(r) not in out_ids],
-                [r for r in s.prefilling if id(r) not in out_ids and r.prefilled < len(r.prompt)],
-            )
-        )

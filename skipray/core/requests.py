@@ -11,8 +11,8 @@ Contract:
   for settings no engine can serve.
 * ``finish_reason`` decides when a request ends: ``"stop"`` (a stop token, EOS, a stop string or
   ``stop_fn``), ``"length"`` (``max_tokens`` reached); the engine adds ``"abort"`` and ``"error"``.
-* ``Event`` is what ``Engine.step`` returns per request and token; ``TokenEvent`` and ``Completion``
-  are what ``Engine.stream`` / ``Engine.generate`` return for a batch of prompts (rows by index).
+* ``Event`` is what ``Engine.step`` returns per request and token, and what ``Engine.stream`` yields (with
+  ``index``, the prompt's place in the call); ``Completion`` is what ``Engine.generate`` returns per prompt.
 """
 
 from __future__ import annotations
@@ -119,18 +119,7 @@ class Event:
     # on a request's first event when it asked for prompt_logprobs: None for the first prompt token (nothing
     # predicts it), then each prompt token's log-prob and the top prompt_logprobs (full depth)
     prompt_logprobs: list[TopLogprobs | None] | None = None
-
-
-@dataclass
-class TokenEvent:
-    """One generated token of row ``row`` of an ``Engine.stream`` call."""
-
-    row: int
-    token_id: int | None  # None only for a failed row (finish_reason "error")
-    layers: int
-    finish_reason: str | None  # set on the row's last token
-    logprobs: TopLogprobs | None = None  # when the request asked for logprobs
-    error: BaseException | None = None  # why the row failed (``Engine.stream(raise_errors=False)``)
+    index: int | None = None  # the prompt's index in an ``Engine.generate`` / ``Engine.stream`` call
 
 
 @dataclass

@@ -16,6 +16,10 @@ rows (``skipray.core.config.EngineConfig``); layer ``l`` holds ``min(max_model_l
   depth, no adapter; logits of the last token when ``last``;
 * ``run(segments)`` one pass -> each segment's logits; ``run_isolated`` reruns the parts of a failing
   pass one by one (cache writes are idempotent), so a failure lands on its own part;
+* ``execute(plan)`` runs a scheduler ``StepPlan``: its row moves and row resets, then the decode step of its
+  decode rows and its prompt chunks, in one pass (``plan.one_pass``: a token budget) or as a right-padded
+  pass of whole prompts (``prefill``) followed by the decode pass; -> a ``StepOutput`` (each part's logits,
+  or the exception its pass raised);
 * ``move_rows(row_moves)`` (the scheduler's ``RowMoves``), ``reset_rows``, ``ensure_cache`` (grow to fit
   rows and per-layer slots).
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -33,7 +38,7 @@ from skipray.core.config import EngineConfig
 from skipray.core.memory import layer_slots
 from skipray.core.model import LayerRun, Segment, SkipModel, forward, forward_segments, full_plan
 from skipray.core.schedule import SkipSchedule
-from skipray.core.scheduler import RowMoves
+from skipray.core.scheduler import RowMoves, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +59,13 @@ def pad_prompts(
         tokens[b, cols] = torch.tensor(p, dtype=torch.long)
         real[b, cols] = True
     return tokens, real
+
+
+class StepOutput(NamedTuple):
+    """What ``ModelRunner.execute`` made of a ``StepPlan``: float32 logits, or the exception of the part's pass."""
+
+    decode: torch.Tensor | BaseException | None  # (n, vocab) for the decode rows; None: no decode rows
+    chunks: list[torch.Tensor | BaseException | None]  # per chunk (1, vocab) when it ends its prompt, else None
 
 
 def as_rows(rows: Sequence[int], device: torch.device | str = "cpu") -> slice | torch.Tensor:
@@ -119,6 +131,44 @@ class ModelRunner:
             except Exception as e:
                 outs.append(e)
         return outs
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Run ``plan`` (module docstring): row moves and resets first, then its passes."""
+        for moves in plan.moves:
+            self.move_rows(moves)
+        if plan.new_rows is not None:
+            self.reset_rows(*plan.new_rows)
+        decode = None
+        if plan.decode:
+            live = plan.decode
+            decode = self.decode_segment(
+                [r.generated[-1] for r in live],
+                [len(r.prompt) + r.step for r in live],
+                plan.layer_rows,
+                [r.schedule.skips(r.step) for r in live],  # the adapter where the step skips
+            )
+        first = len(plan.decode)  # the chunks' rows follow the decode rows, in order
+        if plan.one_pass:
+            segments = [decode] if decode is not None else []
+            for i, c in enumerate(plan.chunks):
+                prompt, end = c.request.prompt, c.start + c.tokens
+                segments.append(self.chunk_segment(prompt[c.start : end], first + i, c.start, end == len(prompt)))
+            outs = self.run_isolated(segments) if segments else []
+            dec = outs.pop(0) if decode is not None else None
+            chunks = [o if isinstance(o, BaseException) or o.shape[1] else None for o in outs]
+            return StepOutput(_last_token(dec), [_last_token(o) for o in chunks])
+        chunks: list = []
+        if plan.chunks:  # whole prompts: one right-padded pass
+            try:
+                logits = self.prefill(
+                    [c.request.prompt for c in plan.chunks], list(range(first, first + len(plan.chunks)))
+                )
+                chunks = list(logits.split(1))
+            except Exception as e:  # noqa: BLE001 - the newcomers' failure, not the decoding rows'
+                logger.exception("prefill of %d requests failed", len(plan.chunks))
+                chunks = [e] * len(plan.chunks)
+        dec = self.run_isolated([decode])[0] if decode is not None else None
+        return StepOutput(_last_token(dec), chunks)
 
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> torch.Tensor:
         """Right-padded ``prompts`` at full depth into cache ``rows`` (default ``0..k-1``), which are
@@ -202,3 +252,8 @@ class ModelRunner:
         for entry, rank in zip(out, ranks):
             entry.rank = rank
         return [None, *out]
+
+
+def _last_token(out: torch.Tensor | BaseException | None) -> torch.Tensor | BaseException | None:
+    """A pass's ``(b, 1, vocab)`` logits as float32 ``(b, vocab)``; exceptions and ``None`` as they are."""
+    return out[:, 0].float() if isinstance(out, torch.Tensor) else out

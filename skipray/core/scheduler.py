@@ -22,6 +22,13 @@ Contract (no torch; ``skipray.core.engine.Engine`` drives it and applies its dec
   ``RowMoves`` the cache must make: ``moves`` (``Move(src, dst)`` each) and ``upto``, the slots to copy.
 * Plan: ``layer_rows()`` -> for each layer the live rows that run it at their own step, and for
   each live row the number of layers it runs.
+* One iteration: ``schedule()`` -> a ``StepPlan`` (aborts applied, admissions placed in the rows after the
+  decoding ones, this step's decode rows and prompt chunks, the row moves the cache must make first);
+  the engine runs it and hands back what finished and what completed its prompt to ``settle``, which
+  returns the row moves that promote finished prompts to decoding rows and drop finished requests.
+  Without a token budget (``max_num_batched_tokens`` unset) a chunk is a whole prompt, admitted under
+  ``max_prefill_tokens``; with one, prompts are cut into chunks that fill the budget. ``fail_running``
+  forgets every running request (a pass that failed beyond one request).
 """
 
 from __future__ import annotations
@@ -58,6 +65,20 @@ class Chunk(NamedTuple):
     request: Request
     start: int
     tokens: int
+
+
+@dataclass
+class StepPlan:
+    """One iteration's work (``Scheduler.schedule``), in the order the engine applies it."""
+
+    aborted: list[Request]  # requests dropped by ``abort`` (waiting or running): each gets an "abort" event
+    moves: list[RowMoves]  # cache row moves, applied in order before the pass
+    new_rows: tuple[int, int] | None  # (first row, count) of the newcomers, reset before their prompt
+    decode: list[Request]  # the decoding rows 0..n-1: one token each at its own step
+    layer_rows: list[list[int]]  # per layer the decode rows that run it (``layer_rows``)
+    layers: list[int]  # per decode row the layers it runs
+    chunks: list[Chunk]  # prompt parts to prefill, in rows after the decode rows
+    one_pass: bool  # chunks and the decode step share one pass (a token budget); else prompts pass first
 
 
 @dataclass(eq=False)
@@ -125,6 +146,17 @@ class Scheduler:
         with self._lock:
             return bool(self.live or self.prefilling or self.waiting or self.offline_waiting or self._aborts)
 
+    @property
+    def running(self) -> list[Request]:
+        """Requests holding a row: decoding, then being prefilled (row order)."""
+        return self.live + self.prefilling
+
+    def fail_running(self) -> list[Request]:
+        """Forget every request holding a row (the pass that held them failed); -> them."""
+        gone = self.live + self.prefilling
+        self.live, self.prefilling, self.groups = [], [], []
+        return gone
+
     def reset(self) -> list[Request]:
         """Forget every request; -> them."""
         with self._lock:
@@ -146,6 +178,36 @@ class Scheduler:
                 self.offline_waiting = deque(r for r in self.offline_waiting if r.request_id not in aborts)
         return waiting, [r for r in self.live + self.prefilling if r.request_id in aborts]
 
+    def schedule(self) -> StepPlan:
+        """This iteration's ``StepPlan``: aborts applied, newcomers admitted (whole prompts within
+        ``max_prefill_tokens``, or chunks within ``max_num_batched_tokens``) into the rows after the
+        decoding ones, and the decoding rows' layers."""
+        waiting, running = self.take_aborts()
+        moves = [self.retire(running)]
+        one_pass = self.config.max_num_batched_tokens is not None
+        if one_pass:
+            chunks, new = self.plan_chunks()
+        else:
+            new = self.take_admissions()
+            chunks = [Chunk(r, 0, len(r.prompt)) for r in new]
+        new_rows = None
+        if new:
+            moves.append(self.arrange(self.live, self.prefilling + new))
+            new_rows = (len(self.live) + len(self.prefilling) - len(new), len(new))
+        layer_rows, layers = self.layer_rows()
+        return StepPlan(waiting + running, moves, new_rows, list(self.live), layer_rows, layers, chunks, one_pass)
+
+    def settle(self, ready: Sequence[Request], gone: Sequence[Request]) -> RowMoves:
+        """After a step: ``ready`` requests (prompt complete, first token made) become decoding rows,
+        ``gone`` ones (finished or failed) leave; -> the row moves that keep the order (``arrange``)."""
+        out = {id(r) for r in gone}
+        if not ready and not out:
+            return RowMoves([], 0)
+        return self.arrange(
+            [r for r in self.live + list(ready) if id(r) not in out],
+            [r for r in self.prefilling if id(r) not in out and r.prefilled < len(r.prompt)],
+        )
+
     def _next_queue(self, offline_taken: int = 0) -> deque | None:
         """The queue the next admission comes from (lock held): online first; offline while offline rows
         (live, prefilling and ``offline_taken`` being admitted) are below ``max_offline_rows``."""
@@ -162,7 +224,7 @@ class Scheduler:
         with self._lock:
             admit: list[Request] = []
             width = 0  # the longest prompt admitted: the padded pass's width
-            while len(self.live) + len(admit) < self.config.max_num_seqs:
+            while len(self.live) + len(self.prefilling) + len(admit) < self.config.max_num_seqs:
                 queue = self._next_queue(sum(r.offline for r in admit))
                 if queue is None:
                     break

@@ -166,10 +166,10 @@ def test_stream_yields_tokens_in_order(llama):
     engine = Engine(SkipModel(llama), max_batch=2, max_len=64)
     events = list(engine.stream([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=5)))
     assert len(events) == 10
-    per_row = {0: [e.token_id for e in events if e.row == 0], 1: [e.token_id for e in events if e.row == 1]}
+    per_row = {0: [e.token_id for e in events if e.index == 0], 1: [e.token_id for e in events if e.index == 1]}
     ref = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=5))
     assert per_row[0] == ref[0].token_ids and per_row[1] == ref[1].token_ids
-    assert [e.finish_reason for e in events if e.row == 0][-1] == "length"
+    assert [e.finish_reason for e in events if e.index == 0][-1] == "length"
 
 
 @pytest.mark.parametrize(

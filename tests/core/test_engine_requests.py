@@ -75,7 +75,8 @@ def test_rows_at_different_steps_run_different_layers():
     sched = SkipSchedule(8, max_layers=8, min_layers=2, decay_tokens=6, warmup_layers=1)
     eng = Engine(model, sched, max_batch=4, max_len=64)
     a = eng.add_request([5, 6, 7], SamplingParams(max_tokens=12))
-    eng.step(), eng.step(), eng.step()  # a is at step 3 now
+    for _ in range(4):  # its prompt pass (token 0), then decode steps 0, 1, 2: a is at step 3 now
+        eng.step()
     b = eng.add_request([8, 9], SamplingParams(max_tokens=12))
     evs = eng.step()
     plan, layers = eng.scheduler.layer_rows()
@@ -89,7 +90,7 @@ def test_rows_at_different_steps_run_different_layers():
     for ev in evs:
         by.setdefault(ev.request_id, []).append(ev.layers)
     assert by[a] == [sched.num_active(3)]  # a's decode step 3
-    assert by[b] == [8, sched.num_active(0)]  # b's prefill token, then its step 0
+    assert by[b] == [8]  # b's prompt-pass token; its step 0 runs at the next iteration
     # per-token layers recorded by the engine match the schedule for each request
     eng2 = Engine(model, sched, max_batch=4, max_len=64)
     got = run_staggered(
@@ -154,10 +155,10 @@ def test_abort_frees_row_and_queue_bound():
     a = eng.add_request([3, 4], SamplingParams(max_tokens=50))
     assert eng.cache_usage() == 0.0
     eng.step()
-    assert eng.cache_usage() == pytest.approx(4 / (2 * 64))  # a: prompt 2 + tokens 2 (prefill, one decode)
+    assert eng.cache_usage() == pytest.approx(3 / (2 * 64))  # a: prompt 2 + the token of its prompt pass
     b = eng.add_request([5, 6], SamplingParams(max_tokens=50))
     eng.step()
-    assert eng.cache_usage() == pytest.approx((5 + 4) / (2 * 64))
+    assert eng.cache_usage() == pytest.approx((4 + 3) / (2 * 64))  # a: 2 + 2 tokens; b: 2 + its prompt-pass token
     c = eng.add_request([7, 8], SamplingParams(max_tokens=3))
     with pytest.raises(QueueFull):
         eng.add_request([7, 8], SamplingParams(max_tokens=3))
@@ -290,9 +291,9 @@ def test_a_failing_prefill_ends_only_its_newcomers():
     eng.add_request([5, 6], SamplingParams(max_tokens=6), request_id="new")
     runner.fail_prefill = True
     evs = eng.step()
-    assert [(e.request_id, e.finish_reason) for e in evs] == [("new", "error"), ("old", None)]
+    assert [(e.request_id, e.finish_reason) for e in evs] == [("old", None), ("new", "error")]  # decode rows first
     runner.fail_prefill = False
-    toks.append(evs[1].token_id)
+    toks.append(evs[0].token_id)
     while eng.has_work():
         toks += [e.token_id for e in eng.step()]
     assert toks == alone(model, [3, 4], SamplingParams(max_tokens=6), SkipSchedule.full(6))[0]
