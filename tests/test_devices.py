@@ -176,7 +176,7 @@ def test_expanded_kv_attention_equals_grouped_query_attention():
     same numbers as the CPU's ``enable_gqa`` form."""
     import torch.nn.functional as F
 
-    from skipray.core.model import expand_kv
+    from skipray.core.attention import expand_kv
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 8, 5, 16, generator=g)

@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from skipray.core.architectures import FAMILIES, apply_rope, rope_tables
+from skipray.core.architectures import FAMILIES, rope_tables
+from skipray.core.attention import attend
 from skipray.core.cache import KVCache
 from skipray.core.fastpath import layer_kernels, run_layers
 from skipray.core.lora import masked_lora
@@ -160,15 +160,6 @@ def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun | 
     return [LayerRun(slice(None), prompt_len + schedule.steps_running(l, horizon)) for l in range(schedule.num_layers)]
 
 
-def _compose(outer: slice | torch.Tensor, inner: slice | torch.Tensor, n: int, dev) -> slice | torch.Tensor:
-    """Cache rows of forward rows ``inner`` when forward row ``i`` is cache row ``outer[i]``."""
-    if isinstance(outer, slice) and isinstance(inner, slice) and outer.step is None and inner.step is None:
-        o0, (i0, i1, _) = outer.start or 0, inner.indices(n)
-        return slice(o0 + i0, o0 + i1)
-    outer_t = torch.arange(n, device=dev) + (outer.start or 0) if isinstance(outer, slice) else outer
-    return outer_t[inner]
-
-
 @dataclass
 class Segment:
     """One batch and its layout: what a pass (``forward``, ``forward_segments``) needs to know about it.
@@ -247,58 +238,8 @@ class _State:
     diag: torch.Tensor | None = None
     end: int = 0
     prefix_len: int = 0
-    masks: dict = field(default_factory=dict)  # cache path: (rows, n) -> _KeptMask, see _mask
+    masks: dict = field(default_factory=dict)  # cache path: (rows, n) -> KeptMask, see attention.cached_mask
     adapter: torch.Tensor | None = None  # the segment's adapter mask; None when it marks nothing
-
-
-class _KeptMask(NamedTuple):
-    rows: slice | torch.Tensor  # kept alive, so its id (in the key) stays unique during the pass
-    mask: torch.Tensor
-
-
-def _mask(
-    st: _State, cache: KVCache, rows: slice | torch.Tensor, cache_rows: slice | torch.Tensor, n: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """The ``(b, 1, t, n)`` additive attention mask (0 or -inf, in ``dtype``) of a cached pass's ``rows``
-    over their first ``n`` slots: slots that hold real tokens (``valid``) up to each query's slot, and the
-    query's own slot. Every layer that runs these rows in this pass gets the same mask (a layer that runs
-    a row has just written it through the query slots, and ran at every earlier slot since schedules only
-    ever drop layers), so it is made once per pass per ``(rows, n)``, not once per layer."""
-    key = (rows.start, rows.stop, rows.step, n) if isinstance(rows, slice) else (id(rows), n)
-    hit = st.masks.get(key)
-    if hit is None:
-        m = (cache.valid[cache_rows, :n][:, None, :] & st.causal[rows][..., :n]) | st.diag[rows][..., :n]
-        additive = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
-        hit = st.masks[key] = _KeptMask(rows, additive[:, None])
-    return hit.mask
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scaled_dot_product_attention`` (grouped-query when ``k`` has fewer heads than ``q``: ``enable_gqa``
-    on a CPU, K/V expanded on a GPU so that a fused kernel runs with the mask). bf16 on the CPU runs it in
-    fp32: faster there than this torch's bf16 CPU kernel (docs/benchmarks/performance.md), and more exact."""
-    gqa = k.shape[1] != q.shape[1]
-    if gqa and q.device.type != "cpu":  # a GPU: K/V expanded to the query heads, so the fused
-        k, v = expand_kv(k, v, q.shape[1])  # memory-efficient kernel takes the mask (with enable_gqa it
-        gqa = False  # falls back to the unfused math kernel)
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        o = F.scaled_dot_product_attention(
-            q.float(),
-            k.float(),
-            v.float(),
-            attn_mask=mask.float() if mask.is_floating_point() else mask,
-            scale=scale,
-            enable_gqa=gqa,
-        )
-        return o.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-
-
-def expand_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grouped K/V ``(b, kv_heads, s, d)`` repeated to ``heads`` query heads (query head ``h`` reads K/V head
-    ``h // (heads // kv_heads)``, as ``enable_gqa`` does)."""
-    group = heads // k.shape[1]
-    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
 
 
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -324,47 +265,6 @@ def _heads_part(x: torch.Tensor, sizes: list[tuple[int, int]], j: int) -> torch.
     off = sum(b * t for b, t in sizes[:j])
     b, t = sizes[j]
     return x[0, :, off : off + b * t].reshape(x.shape[1], b, t, x.shape[-1]).transpose(0, 1)
-
-
-def _attend(
-    l: int,
-    s: Segment,
-    st: _State,
-    rows,
-    cols: int,
-    whole: bool,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    cache: KVCache | None,
-    prefix: KVCache | None,
-) -> torch.Tensor:
-    """Layer ``l``'s attention for rows ``rows`` and columns ``:cols`` of segment ``s`` (``whole``: all of
-    them): RoPE, then with a cache the write of ``k``/``v`` and attention over the rows' slots, without one
-    causal attention over the columns (after ``prefix``'s prompt). -> ``(b, heads, cols, head_dim)``."""
-    dev = q.device
-    if st.rope is not None:
-        cos, sin = st.rope if whole else (st.rope[0][rows, :, :cols], st.rope[1][rows, :, :cols])
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    b = s.tokens.shape[0]
-    if cache is not None:
-        cr = _compose(s.cache_rows, rows, b, dev)
-        start = s.start if isinstance(s.start, int) else s.start[rows]
-        cache.write(l, cr, start, k, v, end=st.end if whole else None)  # on every row the pass's end is these rows'
-        k, v = cache.buffers(l, cr, st.end)  # a layer's cache may be shorter than the pass's span
-        cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # see _attention
-        mask = _mask(st, cache, rows, cr, k.shape[2], torch.float32 if cpu_bf16 else q.dtype)
-    else:
-        idx = torch.arange(cols, device=dev)
-        causal_t = idx[None, :, None] >= idx[None, None, :]
-        mask = (s.real[rows, None, :cols] & causal_t) | torch.eye(cols, dtype=torch.bool, device=dev)
-        if prefix is not None:
-            pk, pv, readable = prefix.keys(l, _compose(slice(None), rows, b, dev), st.prefix_len)
-            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-            mask = torch.cat([readable[:, None, :].expand(-1, cols, -1), mask], -1)
-        mask = mask[:, None]
-    return _attention(q, k, v, mask, scale)
 
 
 def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: KVCache | None) -> list[torch.Tensor]:
@@ -405,7 +305,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         st.h = run_layers(
             kernels,
             st.h,
-            lambda l, q, k, v, scale: _attend(
+            lambda l, q, k, v, scale: attend(
                 l, s, st, slice(None), s.tokens.shape[1], True, q, k, v, scale, cache, None
             ),
         )
@@ -449,7 +349,7 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         outs = []
         for j, (i, rows, cols, whole) in enumerate(runs):
             qj, kj, vj = (_heads_part(y, sizes, j) for y in (q, k, v))
-            o = _attend(l, segs[i], states[i], rows, cols, whole, qj, kj, vj, scale, cache, prefix)
+            o = attend(l, segs[i], states[i], rows, cols, whole, qj, kj, vj, scale, cache, prefix)
             outs.append(o.transpose(1, 2).reshape(sizes[j][0], cols, -1))
         x = x + model.attn_out(layer, _join(outs), am)
         x = x + model.mlp(layer, x, am)
