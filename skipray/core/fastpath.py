@@ -6,9 +6,9 @@ each layer of a pass its kernels (``None`` where the pass skips the layer), or `
 not qualify; ``run_layers(kernels, h, attend)`` -> the hidden state after those layers. The arithmetic is
 the generic loop's (``skipray.core.model._run``): the same norms, the same products (base weights, or the
 merged skip-adapter weights where every position uses the adapter) and attention through the caller's
-``attend`` (the generic loop's skipray.core.attention.attend: RoPE, cache write, mask, ``scaled_dot_product_attention``). So
-both loops give the same logits (tests compare them); this one is shorter per layer: a dozen tensor ops
-(its gain is measured in docs/benchmarks/performance.md).
+``attend`` (the generic loop's ``skipray.core.attention.attend``: RoPE, cache write, mask,
+``scaled_dot_product_attention``). So both loops give the same logits (tests compare them); this one is
+shorter per layer: a dozen tensor ops (its gain is measured in docs/benchmarks/performance.md).
 
 A pass qualifies when it has a cache, one segment, no autograd, every running layer on all its rows and
 columns, an adapter mask that marks all positions or none, and a Llama-family model (Llama, SmolLM2,
