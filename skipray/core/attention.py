@@ -106,7 +106,8 @@ def attend(
     if cache is not None:
         cr = compose_rows(s.cache_rows, rows, b, dev)
         start = s.start if isinstance(s.start, int) else s.start[rows]
-        cache.write(l, cr, start, k, v, end=st.end if whole else None)  # on every row the pass's end is these rows'
+        end = st.end if whole else getattr(s.plan[l], "end", None)  # the pass's end, or these rows' when known
+        cache.write(l, cr, start, k, v, end=end)
         k, v = cache.buffers(l, cr, st.end)  # a layer's cache may be shorter than the pass's span
         cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # see attention
         mask = cached_mask(st, cache, rows, cr, k.shape[2], torch.float32 if cpu_bf16 else q.dtype)

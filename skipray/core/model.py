@@ -54,11 +54,13 @@ from skipray.core.weights import InferenceWeights
 
 class LayerRun(NamedTuple):
     """Where a plan runs a layer: on ``hidden[rows, :cols]`` (``cols=None``: every column); ``adapter_flags``:
-    (any, all) of the segment's adapter mask on those rows, when the host knows them (no device read)."""
+    (any, all) of the segment's adapter mask on those rows, and ``end``, one past the last cache slot they
+    write, when the host knows them (no device read)."""
 
     rows: slice | torch.Tensor
     cols: int | None
     adapter_flags: tuple[bool, bool] | None = None
+    end: int | None = None
 
 
 class SkipModel(nn.Module):

@@ -197,7 +197,8 @@ class ModelRunner:
         for r in layer_rows:
             if r and tuple(r) not in made:
                 on = [adapter[i] for i in r]
-                made[tuple(r)] = LayerRun(as_rows(r, self.device), None, (any(on), all(on)))
+                end = max(slots[i] for i in r) + 1  # the host knows the rows' last slot: no read-back per layer
+                made[tuple(r)] = LayerRun(as_rows(r, self.device), None, (any(on), all(on)), end)
             plan.append(made[tuple(r)] if r else None)
         am = torch.tensor(adapter, device=self.device)[:, None]
         same = all(x == slots[0] for x in slots)  # one shared slot (a static batch, batch 1): plain slices
