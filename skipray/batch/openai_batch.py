@@ -139,8 +139,8 @@ def check_flags(chat: bool, prompt_column: str, id_column: str) -> None:
     given += ["--id-column"] if id_column != "id" else []
     if given:
         raise InputError(
-            f"{', '.join(given)} do not apply to OpenAI batch files: each line's url says chat or completions, "
-            "and custom_id is the id"
+            f"{', '.join(given)}: not for OpenAI batch files (each line's url says chat or completions, "
+            "and custom_id is the id)"
         )
 
 

@@ -200,6 +200,34 @@ def test_output_lines_are_openai_batch_output(tmp_path, tiny_dir):
     assert bad["response"] is None and bad["error"]["code"] == "invalid_json" and "line 5" in bad["error"]["message"]
 
 
+def test_engine_faults_are_500_lines_that_a_rerun_redoes(tmp_path, tiny_dir):
+    """A row the engine fails on after its retries is a 500 line with code ``engine_error``: counted as an engine
+    error by the summary and not done for resume."""
+    from skipray.batch.actor import SkipDecodeEngineStage
+
+    inp = write_lines(tmp_path / "in.jsonl", [chat("a", max_tokens=2), completion("b", max_tokens=2)])
+    p = batch.plan(str(inp), str(tmp_path / "out"), config(tiny_dir, engine_retries=0))
+    block = batch.prepare_rows(ob.read_lines(pa.Table.from_pylist(p.units), None), p.processor.row_context)
+    gen = SkipDecodeEngineStage(p.processor.actor_spec)
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory (injected by the test)")
+
+    gen.m.model.embed = oom
+    ctx = oo.LineContext(p.processor.row_context.tokenizer, "m", "fp")
+    lines = oo.to_lines(gen(block), ctx).column("line").to_pylist()
+    (tmp_path / "out").mkdir()
+    part = tmp_path / "out" / f"skipray-{'a' * 32}_000000.jsonl"
+    part.write_text("".join(x + "\n" for x in lines))
+    for x in map(json.loads, lines):
+        assert x["response"]["status_code"] == 500 and x["error"]["code"] == "engine_error"
+        assert x["response"]["body"]["error"]["type"] == "server_error"
+    s = oo.summarize([str(part)], None, 1.0, 0)
+    assert (s.rows, s.errors, s.engine_errors) == (2, 2, 2)
+    done = oo.read_done([str(part)], None, p.check, None)
+    assert done.ids is None and done.engine_files == [str(part)]
+
+
 def test_prompt_logprobs_column_in_batch_rows(tiny_dir):
     """``sampling_params.prompt_logprobs`` k: the row's ``prompt_logprobs`` holds null for the first prompt token,
     then each prompt token's id, log-prob and rank and the k most likely tokens; rows without it hold null."""
@@ -269,7 +297,7 @@ def test_an_output_holds_one_format_and_row_flags_do_not_apply(tmp_path, tiny_di
     write_text(None, str(out / MANIFEST), manifest_for(str(tmp_path / "in.parquet"), config(tiny_dir)).to_json())
     with pytest.raises(OutputError, match="holds parquet results and this job writes openai-batch"):
         batch.plan(str(tmp_path / "in.jsonl"), str(out), config(tiny_dir, allow_changed_settings=True))
-    with pytest.raises(batch.InputError, match="--chat do not apply"):
+    with pytest.raises(batch.InputError, match="--chat: not for OpenAI batch files"):
         batch.plan(str(tmp_path / "in.jsonl"), str(tmp_path / "o2"), config(tiny_dir, chat=True))
     with pytest.raises(batch.InputError, match="overlap"):
         batch.plan(str(tmp_path / "**" / "*.jsonl"), str(tmp_path / "o3"), config(tiny_dir))
