@@ -1,4 +1,4 @@
-"""Offline batch generation on Ray Data: the skip-decoding processor and the Parquet file job built on it.
+"""Offline batch generation on Ray Data: the skip-decoding processor and the file job built on it.
 
 Contract: importing this package imports neither Ray nor torch (Ray is imported inside the functions and
 actors that need it). Modules, in the order a row meets them:
@@ -14,6 +14,8 @@ actors that need it). Modules, in the order a row meets them:
 * ``files`` (input checks, filesystems, the summary), ``paths`` (globs, overlap), ``output`` (what the job
   owns in its output: manifest, recovery without deletion), ``lock`` (one job per output) and ``resume``
   (skip work a re-run already did);
+* ``openai_batch`` (OpenAI batch files in: JSON lines of requests as rows) and ``openai_output`` (OpenAI
+  batch output lines out, their writes and their resume by ``custom_id``);
 * ``job``: the file job (``plan``, ``execute``, ``run``); ``cli``: its command line
   (``python -m skipray.batch``, ``jobs/generate.py``).
 

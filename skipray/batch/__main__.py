@@ -1,4 +1,4 @@
-"""``python -m skipray.batch ...``: the Parquet file job (see ``skipray.batch.cli``)."""
+"""``python -m skipray.batch ...``: the file job (Parquet or OpenAI batch files) (see ``skipray.batch.cli``)."""
 
 from skipray.batch.cli import main
 

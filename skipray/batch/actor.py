@@ -3,8 +3,9 @@
 Contract: ``SkipDecodeEngineStage(spec)`` loads the model once and builds one ``Engine`` with the spec's
 ``EngineConfig`` (``max_num_seqs``: the processor's ``engine_rows``; its KV cache is reused across calls).
 ``__call__(block)`` takes one window of rows from ``skipray.batch.rows.prepare_rows`` and returns it with
-``generated_text``, ``generated_tokens``, ``num_generated_tokens``, ``avg_layers`` and ``finish_reason``
-added and the internal columns dropped.
+``generated_text``, ``generated_tokens``, ``num_generated_tokens``, ``avg_layers``, ``logprobs``,
+``prompt_logprobs`` (one full-depth pass over the prompt of a row that asks, ``ModelRunner.prompt_logprobs``,
+as the engine computes them for the Serve app) and ``finish_reason`` added and the internal columns dropped.
 The window's good rows go into the engine together (continuous batching): each with its own sampling
 params, seed and schedule (a row's ``skip`` flags, else the config's), admitted shortest prompt first
 when ``bucket`` (rows prefilled together then have similar lengths), and a row that finishes frees its
@@ -29,7 +30,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from skipray.batch.params import LOGPROBS_TYPE, logprobs_value, sampling_params
+from skipray.batch.params import (
+    LOGPROBS_TYPE,
+    PROMPT_LOGPROBS_TYPE,
+    logprobs_value,
+    prompt_logprobs_value,
+    sampling_params,
+)
 from skipray.batch.rows import ERROR_KIND, GENERATED_COLUMNS, INTERNAL_COLUMNS, PARAMS, TOKENS, schedule_for
 from skipray.core.config import EngineConfig
 
@@ -121,6 +128,13 @@ class SkipDecodeEngineStage:
             self._schedules[flags] = schedule_for(flags, self.m.model.num_layers, self.trained)
         return self._schedules[flags]
 
+    def _prompt_logprobs(self, prompt: list[int], top: int) -> list[dict | None]:
+        """A row's ``prompt_logprobs`` value: one full-depth pass over its prompt (``ModelRunner.prompt_logprobs``)."""
+        import torch
+
+        with torch.inference_mode():
+            return prompt_logprobs_value(prompt, self.engine.runner.prompt_logprobs(prompt, top), top)
+
     def _alone(self, prompt: list[int], params, schedule):
         """One row run by itself; -> its ``Completion`` or what it failed with."""
         try:
@@ -203,6 +217,7 @@ class SkipDecodeEngineStage:
         avg: list[float | None] = [None] * n
         reason: list[str | None] = [None] * n
         lps: list[list[dict] | None] = [None] * n
+        plps: list[list[dict | None] | None] = [None] * n
         errors = block.column("error").to_pylist()
         kinds = ["input" if e is not None else None for e in errors]
         toks = block.column(TOKENS).to_pylist()
@@ -227,6 +242,15 @@ class SkipDecodeEngineStage:
             tokens[r], gen[r] = list(c.token_ids), len(c.token_ids)
             avg[r], reason[r] = round(c.avg_layers, 3), c.finish_reason
             lps[r] = logprobs_value(c.token_ids, c.logprobs, params[r]["logprobs"])
+            top = params[r].get("prompt_logprobs")
+            if top is not None:
+                try:
+                    plps[r] = self._prompt_logprobs(toks[r], top)
+                except Exception as e:  # noqa: BLE001 - this row's failure, not its window's
+                    kinds[r] = fault_kind(e)
+                    errors[r] = f"{'engine fault' if kinds[r] == 'engine' else 'generation failed'}: {e!r}"
+                    text[r] = tokens[r] = avg[r] = reason[r] = lps[r] = None
+                    gen[r] = 0
         out = block.drop_columns([c for c in INTERNAL_COLUMNS if c in block.column_names] + ["error"])
         for name, values, typ in (
             ("generated_text", text, pa.string()),
@@ -234,6 +258,7 @@ class SkipDecodeEngineStage:
             ("num_generated_tokens", gen, pa.int32()),
             ("avg_layers", avg, pa.float32()),
             ("logprobs", lps, LOGPROBS_TYPE),
+            ("prompt_logprobs", plps, PROMPT_LOGPROBS_TYPE),
             ("finish_reason", reason, pa.string()),
             ("error", errors, pa.string()),
             (ERROR_KIND, kinds, pa.string()),

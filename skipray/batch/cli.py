@@ -1,4 +1,4 @@
-"""The file job's command line: Parquet prompts in, skip-decoded generations out (Ray Data).
+"""The file job's command line: Parquet prompts or OpenAI batch files in, skip-decoded generations out (Ray Data).
 
 Contract: argument parsing, Ray start-up and the summary line only; the pipeline is
 ``skipray.batch.job``. Run it as ``python -m skipray.batch ...`` or ``python jobs/generate.py ...``
@@ -22,8 +22,19 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from skipray.options import add_sampling_args, add_schedule_args
 
-    p = argparse.ArgumentParser(prog="generate", description="skip-decoded batch generation over Parquet on Ray Data")
-    p.add_argument("--input", required=True, help="Parquet file, directory or glob; local or s3://")
+    p = argparse.ArgumentParser(
+        prog="generate", description="skip-decoded batch generation over Parquet or OpenAI batch files on Ray Data"
+    )
+    p.add_argument(
+        "--input", required=True, help="Parquet or OpenAI batch (.jsonl) file, directory or glob; local or s3://"
+    )
+    p.add_argument(
+        "--input-format",
+        choices=("auto", "parquet", "openai-batch"),
+        default="auto",
+        help="auto: OpenAI batch files (JSON lines of custom_id/method/url/body, written back as OpenAI's batch "
+        "output lines) for a .jsonl path or a directory of .jsonl files, else Parquet",
+    )
     p.add_argument("--output", required=True, help="output directory, local or s3:// (re-runs resume)")
     p.add_argument("--model", default="default", help="'default', 'smollm2-base', a model dir or a .gguf file")
     p.add_argument("--prompt-column", default="prompt")
@@ -99,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         schedule, cost, max_positions = model_facts(args.model, args)
         cfg = JobConfig(
             model=args.model,
+            input_format=args.input_format,
             prompt_column=args.prompt_column,
             id_column=args.id_column,
             chat=args.chat,

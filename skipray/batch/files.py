@@ -49,9 +49,9 @@ def uri(fs, path: str) -> str:
     return path if fs is None or fs.type_name == "local" else f"{fs.type_name}://{path}"
 
 
-def list_files(fs, path: str) -> list[str]:
-    """Parquet files of a file, directory (recursive, skipping ``.``/``_`` names) or glob (Python's
-    ``glob(recursive=True)``: ``skipray.batch.paths.glob_match``), sorted."""
+def list_files(fs, path: str, suffix: str = ".parquet") -> list[str]:
+    """Input files of a file, directory (its files ending in ``suffix``, recursive, skipping ``.``/``_``
+    names) or glob (Python's ``glob(recursive=True)``: ``skipray.batch.paths.glob_match``), sorted."""
     from pyarrow import fs as pafs
 
     fs = fs or pafs.LocalFileSystem()
@@ -67,7 +67,7 @@ def list_files(fs, path: str) -> list[str]:
             i.path
             for i in infos
             if i.type == pafs.FileType.File
-            and i.path.endswith(".parquet")
+            and i.path.endswith(suffix)
             and not any(part.startswith((".", "_")) for part in i.path[len(path) :].split("/"))
         )
     return []
@@ -149,6 +149,9 @@ class InputCheck:
     schema: pa.Schema | None = None  # the input's columns, one type each (files cast to it when read)
     row_groups: list[list[int]] = field(default_factory=list)  # rows of each row group, per file
     identities: list[tuple[int | None, int | None]] = field(default_factory=list)  # file_identity, per file
+    # JSON-lines input (skipray.batch.openai_batch): per file, per row group (a run of lines) its
+    # (byte offset, byte length, first line number)
+    ranges: list[list[tuple[int, int, int]]] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -233,11 +236,15 @@ def check_input(path: str, fs, prompt_column: str, id_column: str) -> InputCheck
             raise InputError(f"cannot read input {uri(fs, f)!r}: {e}") from e
 
     ids = pa.chunked_array(map_files(ids_of, files), id_type)
-    counts = pc.value_counts(ids.drop_null()) if len(ids) else pa.array([], pa.struct([("values", id_type)]))
-    dups = (
-        counts.filter(pc.greater(counts.field("counts"), 1)).field("values") if len(counts) else pa.array([], id_type)
-    )
-    return InputCheck(files, ids, dups, schema, [rg for _, rg, _ in footers], [i for _, _, i in footers])
+    return InputCheck(files, ids, duplicates(ids), schema, [rg for _, rg, _ in footers], [i for _, _, i in footers])
+
+
+def duplicates(ids: pa.ChunkedArray) -> pa.Array:
+    """The non-null ids that occur more than once."""
+    counts = pc.value_counts(ids.drop_null()) if len(ids) else pa.array([], pa.struct([("values", ids.type)]))
+    if not len(counts):
+        return pa.array([], ids.type)
+    return counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
 
 
 @dataclass

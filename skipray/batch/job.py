@@ -1,4 +1,4 @@
-"""The Parquet file job (``python -m skipray.batch``, ``jobs/generate.py``), built on the processor.
+"""The file job (``python -m skipray.batch``, ``jobs/generate.py``), built on the processor.
 
 Contract:
 
@@ -25,6 +25,11 @@ Contract:
   ``max_task_retries=-1``; an actor that dies in ``__init__`` is replaced by the autoscaler), so a
   killed actor loses no rows and duplicates none; each write is a new file named by Ray's write id, and
   a re-run skips every row already in the output (by id; null ids by input file and row).
+* OpenAI batch files (``input_format``: ``openai-batch``, or ``auto`` and ``.jsonl`` input;
+  ``skipray.batch.openai_batch``): the same plan, checks, resume, lock and manifest, keyed by ``custom_id``;
+  the read step is ``openai_batch.read_lines`` and the output JSON-lines part files of OpenAI's batch
+  output lines (``skipray.batch.openai_output``) instead of Parquet. ``--chat``, ``--prompt-column`` and
+  ``--id-column`` do not apply to them (each line's ``url`` says chat or completions).
 * Seeds: with ``--seed``, each row's random stream is seeded from (seed, its id) (``skipray.batch.rows``).
 * ``summarize`` reads back the files this run wrote and returns the counts for the final summary line.
 * GPU jobs cap Ray Data's resources (``gpu_job_limits``): GPUs at ``MAX x gpus_per_actor``, CPUs at
@@ -44,9 +49,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from skipray.batch import openai_batch, openai_output
 from skipray.batch.files import InputCheck, InputError, Summary, check_input, filesystem_for, summarize, uri
 from skipray.batch.lock import OutputLock
 from skipray.batch.output import (
+    FORMAT_PATTERNS,
     MANIFEST,
     Claim,
     JobFiles,
@@ -70,6 +77,7 @@ class JobConfig:
     ``batch_size``); ``actors`` is the pool's ``(min, max)``."""
 
     model: str = "default"
+    input_format: str = "auto"  # "parquet", "openai-batch" (JSON lines), or "auto": by the input's names
     prompt_column: str = "prompt"
     id_column: str = "id"
     chat: bool = False
@@ -188,9 +196,15 @@ class Plan:
     s3_endpoint: str | None = None
     local_input: bool = False  # Ray's local:// form: read tasks run on the driver's node
     local_output: bool = False
+    format: str = openai_batch.PARQUET  # "parquet" or "openai-batch" (openai_batch.input_format)
+
+    @property
+    def lines(self) -> bool:
+        """Whether the job reads OpenAI batch files and writes JSON lines."""
+        return self.format == openai_batch.OPENAI_BATCH
 
 
-def manifest_for(input_path: str, cfg: JobConfig) -> Manifest:
+def manifest_for(input_path: str, cfg: JobConfig, fmt: str = openai_batch.PARQUET) -> Manifest:
     """The settings this run records in (and compares with) the output's manifest."""
     from skipray import __version__
 
@@ -203,13 +217,15 @@ def manifest_for(input_path: str, cfg: JobConfig) -> Manifest:
         prompt_column=cfg.prompt_column,
         id_column=cfg.id_column,
         skipray_version=__version__,
+        format=fmt,
+        file_patterns=[FORMAT_PATTERNS[fmt]],
     )
 
 
 def check_paths(input_path: str, output: str, cfg: JobConfig, joined: bool) -> None:
     """Refuse (``InputError``) an input and output that overlap, and local paths on a cluster the job
     joined unless declared a shared mount (``shared_mount``) or in Ray's ``local://`` form."""
-    why = overlap(input_path, output)
+    why = overlap(input_path, output) or overlap(input_path, output, "skipray-probe.jsonl")
     if why:
         raise InputError(f"--input and --output overlap: {why}; write the output elsewhere")
     if joined and not cfg.shared_mount:
@@ -235,18 +251,27 @@ def plan(
     local_out, output = split_scheme(output)
     in_fs, in_path = filesystem_for(input_path, s3_endpoint)
     out_fs, out_path = filesystem_for(output, s3_endpoint)
-    check = check_input(in_path, in_fs, cfg.prompt_column, cfg.id_column)
+    fmt = openai_batch.input_format(in_path, in_fs, cfg.input_format)
+    if fmt == openai_batch.OPENAI_BATCH:
+        openai_batch.check_flags(cfg.chat, cfg.prompt_column, cfg.id_column)
+        check = openai_batch.check_input(in_path, in_fs)
+    else:
+        check = check_input(in_path, in_fs, cfg.prompt_column, cfg.id_column)
     where = lambda p: uri(out_fs, p)  # noqa: E731
     claimed = claim(
         out_fs,
         out_path,
-        manifest_for(uri(in_fs, in_path), cfg),
+        manifest_for(uri(in_fs, in_path), cfg, fmt),
         cfg.allow_foreign_files,
         cfg.allow_changed_settings,
         where=uri(out_fs, out_path),
     )
     cut = inspect(out_fs, claimed.files, where)
-    done = read_done([f for f in claimed.files if f not in cut], out_fs, where)
+    kept = [f for f in claimed.files if f not in cut]
+    if fmt == openai_batch.OPENAI_BATCH:
+        done = openai_output.read_done(kept, out_fs, check, in_fs, where)
+    else:
+        done = read_done(kept, out_fs, where)
     units, pending = plan_units(check, done, in_fs)
     processor = SkipDecodeProcessor(cfg.processor_config()) if pending else None
     return Plan(
@@ -266,6 +291,7 @@ def plan(
         s3_endpoint,
         local_in,
         local_out,
+        fmt,
     )
 
 
@@ -280,20 +306,22 @@ def build_pipeline(p: Plan):
 
         pin["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
-    ds = ds.map_batches(
-        read_units,
-        batch_format="pyarrow",
-        batch_size=1,
-        num_cpus=0.25,
-        fn_kwargs={
-            "fs": p.in_fs,
-            "schema": p.check.schema,
-            "prompt_column": cfg.prompt_column,
-            "id_column": cfg.id_column,
-        },
-        **pin,
-    )
+    if p.lines:
+        read, kw = openai_batch.read_lines, {"fs": p.in_fs}
+    else:
+        kw = {"fs": p.in_fs, "schema": p.check.schema, "prompt_column": cfg.prompt_column, "id_column": cfg.id_column}
+        read = read_units
+    ds = ds.map_batches(read, batch_format="pyarrow", batch_size=1, num_cpus=0.25, fn_kwargs=kw, **pin)
     ds = p.processor.generate(ds)
+    if p.lines:
+        from skipray import __version__
+
+        ctx = openai_output.LineContext(
+            p.processor.row_context.tokenizer, cfg.model, f"skipray-{__version__}-{cfg.model}"
+        )
+        return ds.map_batches(
+            openai_output.to_lines, batch_format="pyarrow", batch_size=None, num_cpus=0.25, fn_kwargs={"ctx": ctx}
+        )
     return ds.map_batches(job_columns, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
 
 
@@ -312,9 +340,12 @@ def _write(p: Plan) -> None:
         os.environ.setdefault("RAY_DATA_CLUSTER_AUTOSCALER", "V2")
     target = LOCAL_SCHEME + p.out_path if p.local_output else p.out_path
     try:
-        build_pipeline(p).write_parquet(
-            target, filesystem=None if p.local_output else p.out_fs, filename_provider=JobFiles()
-        )
+        if p.lines:
+            build_pipeline(p).write_datasink(openai_output.lines_sink(p.out_fs, p.out_path, p.local_output))
+        else:
+            build_pipeline(p).write_parquet(
+                target, filesystem=None if p.local_output else p.out_fs, filename_provider=JobFiles()
+            )
     finally:
         options.resource_limits = before
 
@@ -339,12 +370,14 @@ def execute(p: Plan) -> Summary:
             _write(p)
         lock.check()  # another job took the output over meanwhile: rewrite nothing
         new = [f for f in claim(p.out_fs, p.out_path, p.claim.manifest, True, True).files if f not in set(p.before)]
-        dropped = supersede(p.out_fs, p.out_path, p.done, new) if p.done else 0
+        drop = openai_output.supersede if p.lines else supersede
+        dropped = drop(p.out_fs, p.out_path, p.done, new) if p.done else 0
         if dropped:
             print(
                 f"[skipray] replaced {dropped} engine-error rows of earlier runs with this run's rows", file=sys.stderr
             )
-    return summarize(new, p.out_fs, time.perf_counter() - t0, p.check.num_rows - p.pending)
+    count = openai_output.summarize if p.lines else summarize
+    return count(new, p.out_fs, time.perf_counter() - t0, p.check.num_rows - p.pending)
 
 
 def run(

@@ -3,23 +3,27 @@
 Contract:
 
 * Ownership. The job records itself in ``_skipray_manifest.json`` at the output's top (``Manifest``: the
-  input, model, resolved schedule, sampling defaults, chat and column options, the name patterns of its
-  files, and the skipray version, which is recorded but not compared). ``claim`` reads it and returns
-  the job's own files: top-level files whose names match the manifest's patterns. Files the job did
-  not write are never read as results, never moved and never deleted.
+  input, model, resolved schedule, sampling defaults, chat and column options, the output's format
+  (``parquet``, or ``openai-batch``: JSON lines, ``skipray.batch.openai_output``; a manifest without one
+  is Parquet's), the name patterns of its files, and the skipray version, which is recorded but not
+  compared). ``claim`` reads it and returns the job's own files: top-level files whose names match the
+  manifest's patterns. Files the job did not write are never read as results, never moved and never
+  deleted.
 * Refusals (``OutputError``, exit 2 at the CLI, before anything is moved or written): ``--output`` names
   a file; the directory holds anything and no manifest (unless ``allow_foreign``); the manifest's
   compared settings differ from this run's (unless ``allow_changed``; the manifest then records the new
-  settings). A directory whose every entry is a Parquet file named as Ray Data names its writes and whose
-  footer holds the job's columns (the output of skipray versions before the manifest) is adopted with a
-  message.
-* Recovery without deletion. ``inspect`` checks each own file: one shorter than 12 bytes or not ending
-  with Parquet's ``PAR1`` marker was cut short by a crash and is listed for ``quarantine``, which moves
-  it to ``_skipray_quarantine/`` under the output. Any other error (network, throttling, permission)
+  settings); its format differs from this run's (always: one output holds one format). A directory
+  whose every entry is a Parquet file named as Ray Data names its writes and whose footer holds the
+  job's columns (the output of skipray versions before the manifest) is adopted with a message by a
+  Parquet job.
+* Recovery without deletion. ``inspect`` checks each own file: a Parquet file shorter than 12 bytes or not
+  ending with Parquet's ``PAR1`` marker, or a JSON-lines file that is empty or does not end with a newline,
+  was cut short by a crash and is listed for ``quarantine``, which moves it to ``_skipray_quarantine/``
+  under the output. Any other error (network, throttling, permission)
   raises ``OutputError`` before anything is moved.
 * ``replace_file(fs, path, table)`` rewrites one of the job's own files in place (a temporary file under
   ``_skipray_tmp/``, then a move over the original: atomic on local disks, and on S3 a copy that
-  replaces the object whole).
+  replaces the object whole); ``replace_bytes`` writes any file of the job's so (on S3, one PUT).
 * The lock (one job per output) is ``skipray.batch.lock``.
 """
 
@@ -39,6 +43,8 @@ MANIFEST = "_skipray_manifest.json"
 QUARANTINE = "_skipray_quarantine"
 TMP = "_skipray_tmp"
 OWN_PATTERN = r"skipray-[0-9a-f]{32}_\d{6,}(-\d+)?\.parquet"  # JobFiles' names (Ray appends -N)
+JSONL_PATTERN = r"skipray-[0-9a-f]{32}_\d{6,}\.jsonl"  # the JSON-lines part files (skipray.batch.openai_output)
+FORMAT_PATTERNS = {"parquet": OWN_PATTERN, "openai-batch": JSONL_PATTERN}
 LEGACY_PATTERN = r"[0-9A-Za-z]+_[0-9a-f]{32}_\d{6,}(-\d+)?\.parquet"  # Ray Data's default names
 JOB_COLUMNS = {"generated_text", "finish_reason", "avg_layers"}  # what makes an adopted file a skipray output
 COMPARED = ("input", "model", "schedule", "sampling", "chat", "prompt_column", "id_column")
@@ -69,6 +75,7 @@ class Manifest:
     id_column: str
     file_patterns: list[str] = field(default_factory=lambda: [OWN_PATTERN])
     skipray_version: str = ""
+    format: str = "parquet"  # the output's: "parquet" or "openai-batch" (JSON lines)
     updated: str = ""
 
     def compared(self) -> dict[str, Any]:
@@ -154,6 +161,11 @@ def claim(
         except ValueError as e:
             raise OutputError(f"{where}/{MANIFEST} is not a skipray manifest ({e}); use a new --output") from e
         diff = {k: (v, want.compared()[k]) for k, v in manifest.compared().items() if v != want.compared()[k]}
+        if manifest.format != want.format:
+            raise OutputError(
+                f"the output {where!r} holds {manifest.format} results and this job writes {want.format}: "
+                "use a new --output (one output holds one format)"
+            )
         if diff and not allow_changed:
             lines = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
             raise OutputError(
@@ -167,7 +179,10 @@ def claim(
         existing = True
     else:
         legacy = re.compile(f"(?:{LEGACY_PATTERN})|(?:{OWN_PATTERN})")
-        named = [e.type == pafs.FileType.File and bool(legacy.fullmatch(_name(e.path))) for e in others]
+        named = [  # outputs of versions before the manifest are Parquet: a JSON-lines job adopts none
+            want.format == "parquet" and e.type == pafs.FileType.File and bool(legacy.fullmatch(_name(e.path)))
+            for e in others
+        ]
         # named as the job names its files is not enough: the footer must hold the job's columns
         ours = map_files(lambda e: _holds_job_columns(fs, e.path), [e for e, n in zip(others, named) if n])
         it = iter(ours)
@@ -180,7 +195,8 @@ def claim(
                 "skipray job's output; use a new --output, or pass --allow-foreign-files to write "
                 "beside those files (they are never read or touched)"
             )
-        manifest = Manifest(**{**asdict(want), "file_patterns": [OWN_PATTERN] + ([LEGACY_PATTERN] if adopt else [])})
+        patterns = [FORMAT_PATTERNS[want.format]] + ([LEGACY_PATTERN] if adopt else [])
+        manifest = Manifest(**{**asdict(want), "file_patterns": patterns})
         if adopt:
             messages.append(f"adopting {len(others)} output files of an earlier skipray version in {where!r}")
         elif others:
@@ -202,18 +218,20 @@ def _holds_job_columns(fs, path: str) -> bool:
 
 
 def inspect(fs, files: list[str], where=lambda p: p) -> list[str]:
-    """The own files that a crash cut short (shorter than 12 bytes, or no ``PAR1`` at the end); raises
-    ``OutputError`` for any file that cannot be checked (nothing is moved then)."""
+    """The own files that a crash cut short (Parquet: shorter than 12 bytes, or no ``PAR1`` at the end; JSON
+    lines: empty, or no newline at the end); raises ``OutputError`` for any file that cannot be checked
+    (nothing is moved then)."""
     fs = local(fs)
 
     def cut_short(path: str) -> bool:
         try:
             size = fs.get_file_info(path).size
-            if size is None or size < 12:
+            end = b"\n" if path.endswith(".jsonl") else PARQUET_MAGIC
+            if size is None or size < (1 if end == b"\n" else 12):
                 return True
             with fs.open_input_file(path) as f:
-                f.seek(size - 4)
-                return f.read(4) != PARQUET_MAGIC
+                f.seek(size - len(end))
+                return f.read(len(end)) != end
         except Exception as e:  # noqa: BLE001 - throttling, permission, network: never a reason to move
             raise OutputError(
                 f"cannot check output file {where(path)!r}: {e}; nothing was moved or written; "
@@ -249,4 +267,19 @@ def replace_file(fs, out: str, path: str, table) -> None:
     fs.create_dir(f"{out}/{TMP}", recursive=True)
     tmp = f"{out}/{TMP}/{uuid.uuid4().hex}-{_name(path)}"
     pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, path)
+
+
+def replace_bytes(fs, out: str, path: str, data: bytes) -> None:
+    """Write ``data`` as the job's own file ``path`` whole: locally a temporary file under ``_skipray_tmp/``
+    renamed over ``path``, on S3 one PUT (an object appears, or is replaced, only when complete)."""
+    fs = local(fs)
+    if fs.type_name != "local":
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    fs.create_dir(f"{out}/{TMP}", recursive=True)
+    tmp = f"{out}/{TMP}/{uuid.uuid4().hex}-{_name(path)}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
     fs.move(tmp, path)

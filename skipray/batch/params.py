@@ -7,13 +7,16 @@ Contract:
   cannot change what a row's output holds here, accepted with any value (``detokenize``: the job always
   writes text and token ids; ``output_kind``: rows are always final) or only at the value that changes
   nothing (``n`` 1: one row per id, so a row with ``n`` > 1 is an error row; ``skip_special_tokens``
-  true, ``spaces_between_special_tokens`` true, ``prompt_logprobs`` none or 0). Any other
-  field is refused by name (an error row). ``guided_decoding`` (Ray Data LLM's name) and
-  ``structured_outputs`` (vLLM's) take ``json`` (a schema), ``regex``, ``choice``, ``grammar`` (Lark) or
-  ``json_object: true`` (``skipray.structured``); vLLM's backend options in them are accepted without effect.
+  true, ``spaces_between_special_tokens`` true). Any other field is refused by name (an error row).
+  ``guided_decoding`` (Ray Data LLM's name) and ``structured_outputs`` (vLLM's) take ``json`` (a schema),
+  ``regex``, ``choice``, ``grammar`` (Lark) or ``json_object: true`` (``skipray.structured``); vLLM's
+  backend options in them are accepted without effect.
 * ``logprobs`` (0-20) fills the row's ``logprobs`` column (``LOGPROBS_TYPE``): per generated token its id,
   its log-prob and the ``logprobs`` most likely tokens with theirs (the step's log-softmax, as vLLM returns
-  it); rows without it hold null there.
+  it); rows without it hold null there. ``prompt_logprobs`` (0-20) fills the row's ``prompt_logprobs``
+  column (``PROMPT_LOGPROBS_TYPE``, vLLM's: null for the first prompt token, then per prompt token its id,
+  log-prob and rank and the ``prompt_logprobs`` most likely tokens with theirs, from one full-depth pass
+  over the prompt); rows without it hold null there.
 * ``resolve(row_params, defaults)`` merges a row's dict over the config's defaults (null = default) and
   checks every value (``ValueError`` naming the field): integers within their Arrow column's range,
   finite floats, the right types, and the ranges ``SamplingParams.validate`` enforces.
@@ -48,6 +51,7 @@ IMPLEMENTED: dict[str, Any] = {
     "guided_decoding": None,
     "structured_outputs": None,
     "logprobs": None,  # vLLM's: the sampled token's log-prob and the top-k's per token (the row's ``logprobs``)
+    "prompt_logprobs": None,  # vLLM's: each prompt token's log-prob, rank and top-k (``prompt_logprobs``)
 }
 MAX_LOGPROBS = 20
 STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
@@ -65,7 +69,6 @@ NO_OP: dict[str, Any] = {  # field -> predicate of the values that change nothin
     "output_kind": lambda v: True,
     "skip_special_tokens": lambda v: v is True,
     "spaces_between_special_tokens": lambda v: v is True,
-    "prompt_logprobs": lambda v: v in (0, None),
 }
 INT_RANGES = {
     "max_tokens": (1, 2**31 - 1),
@@ -73,6 +76,7 @@ INT_RANGES = {
     "seed": (-(2**63), 2**63 - 1),
     "min_tokens": (0, 2**31 - 1),
     "logprobs": (0, MAX_LOGPROBS),
+    "prompt_logprobs": (0, MAX_LOGPROBS),
 }
 FLOAT_RANGES = {
     "temperature": (0.0, math.inf),
@@ -104,6 +108,7 @@ PARAMS_TYPE = pa.struct(
         ("include_stop", pa.bool_()),
         ("grammar", pa.string()),
         ("logprobs", pa.int32()),
+        ("prompt_logprobs", pa.int32()),
     ]
 )
 
@@ -111,6 +116,11 @@ PARAMS_TYPE = pa.struct(
 _TOP = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])
 LOGPROBS_TYPE = pa.list_(
     pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()), ("top_logprobs", pa.list_(_TOP))])
+)
+PROMPT_LOGPROBS_TYPE = pa.list_(
+    pa.struct(
+        [("token_id", pa.int32()), ("logprob", pa.float32()), ("rank", pa.int32()), ("top_logprobs", pa.list_(_TOP))]
+    )
 )
 
 
@@ -126,6 +136,22 @@ def logprobs_value(token_ids: list[int], logprobs: list, top: int | None) -> lis
             "top_logprobs": [{"token_id": i, "logprob": v} for i, v in zip(lp.top_ids[:top], lp.top_logprobs[:top])],
         }
         for t, lp in zip(token_ids, logprobs)
+    ]
+
+
+def prompt_logprobs_value(prompt: list[int], entries: list, top: int) -> list[dict | None]:
+    """A row's ``prompt_logprobs`` column value from ``ModelRunner.prompt_logprobs`` (``TopLogprobs`` per
+    prompt token, None for the first)."""
+    return [
+        None
+        if lp is None
+        else {
+            "token_id": t,
+            "logprob": lp.logprob,
+            "rank": lp.rank,
+            "top_logprobs": [{"token_id": i, "logprob": v} for i, v in zip(lp.top_ids[:top], lp.top_logprobs[:top])],
+        }
+        for t, lp in zip(prompt, entries)
     ]
 
 
@@ -255,6 +281,7 @@ def to_row(
         "include_stop": p["include_stop_str_in_output"],
         "grammar": grammar,  # the compiled structured output (skipray.structured), or None
         "logprobs": p["logprobs"],
+        "prompt_logprobs": p["prompt_logprobs"],
     }
 
 

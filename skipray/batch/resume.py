@@ -165,7 +165,8 @@ def _to_numpy(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def plan_units(check: InputCheck, done: Done, fs) -> tuple[list[dict[str, Any]], int]:
     """-> (one dict per input row group with rows left: ``file``, ``uri``, ``row_group``, ``first_row``,
-    ``num_rows``, ``done`` and ``dup`` bitmaps or None; number of input rows pending)."""
+    ``num_rows``, ``done`` and ``dup`` bitmaps or None, ``identity``, and ``range``: the row group's bytes in
+    a JSON-lines file, else None; number of input rows pending)."""
     n = check.num_rows
     done_mask = np.zeros(n, dtype=bool)
     if done.ids is not None and len(done.ids):
@@ -204,6 +205,7 @@ def plan_units(check: InputCheck, done: Done, fs) -> tuple[list[dict[str, Any]],
                         "done": _bits(done_mask[span]),
                         "dup": _bits(dup_mask[span]),
                         "identity": list(check.identities[fi]),
+                        "range": list(check.ranges[fi][g]) if check.ranges else None,  # JSON lines: bytes
                     }
                 )
             first += rows
@@ -224,7 +226,7 @@ class InputChanged(RuntimeError):
     """An input file changed after the job planned it: its rows cannot be matched to the plan."""
 
 
-def _check_identity(fs, u: dict) -> None:
+def check_identity(fs, u: dict) -> None:
     if file_identity(fs, u["file"]) != tuple(u["identity"]):
         raise InputChanged(
             f"input {u['uri']} changed after the job planned it (size or modification time): "
@@ -240,9 +242,9 @@ def read_units(units: pa.Table, fs, schema: pa.Schema, prompt_column: str, id_co
     schema = pa.schema(list(schema))  # without file metadata
     out = []
     for u in units.to_pylist():
-        _check_identity(fs, u)
+        check_identity(fs, u)
         t = conform(pq.ParquetFile(u["file"], filesystem=fs).read_row_group(u["row_group"]), schema)
-        _check_identity(fs, u)
+        check_identity(fs, u)
         n = t.num_rows
         if n != u["num_rows"]:
             raise InputChanged(

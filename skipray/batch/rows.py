@@ -52,6 +52,7 @@ GENERATED_COLUMNS = (
     "num_generated_tokens",
     "avg_layers",
     "logprobs",
+    "prompt_logprobs",
     "finish_reason",
     "error",
     ERROR_KIND,
