@@ -147,28 +147,23 @@ class ModelRunner:
                 plan.layer_rows,
                 [r.schedule.skips(r.step) for r in live],  # the adapter where the step skips
             )
-        first = len(plan.decode)  # the chunks' rows follow the decode rows, in order
         if plan.one_pass:
             segments = [decode] if decode is not None else []
-            for i, c in enumerate(plan.chunks):
+            for c, row in zip(plan.chunks, plan.chunk_rows):
                 prompt, end = c.request.prompt, c.start + c.tokens
-                segments.append(self.chunk_segment(prompt[c.start : end], first + i, c.start, end == len(prompt)))
+                segments.append(self.chunk_segment(prompt[c.start : end], row, c.start, end == len(prompt)))
             outs = self.run_isolated(segments) if segments else []
             dec = outs.pop(0) if decode is not None else None
-            chunks = [o if isinstance(o, BaseException) or o.shape[1] else None for o in outs]
-            return StepOutput(_last_token(dec), [_last_token(o) for o in chunks])
-        chunks: list = []
+            ends = [o if isinstance(o, BaseException) else _last_token(o) if o.shape[1] else None for o in outs]
+            return StepOutput(_last_token(dec), ends)
+        ends: list = []
         if plan.chunks:  # whole prompts: one right-padded pass
             try:
-                logits = self.prefill(
-                    [c.request.prompt for c in plan.chunks], list(range(first, first + len(plan.chunks)))
-                )
-                chunks = list(logits.split(1))
-            except Exception as e:  # noqa: BLE001 - the newcomers' failure, not the decoding rows'
-                logger.exception("prefill of %d requests failed", len(plan.chunks))
-                chunks = [e] * len(plan.chunks)
+                ends = list(self.prefill([c.request.prompt for c in plan.chunks], plan.chunk_rows).split(1))
+            except Exception as e:  # noqa: BLE001 - the newcomers' failure (the engine logs it), not the decode rows'
+                ends = [e] * len(plan.chunks)
         dec = self.run_isolated([decode])[0] if decode is not None else None
-        return StepOutput(_last_token(dec), chunks)
+        return StepOutput(_last_token(dec), ends)
 
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> torch.Tensor:
         """Right-padded ``prompts`` at full depth into cache ``rows`` (default ``0..k-1``), which are

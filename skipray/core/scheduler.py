@@ -78,6 +78,7 @@ class StepPlan:
     layer_rows: list[list[int]]  # per layer the decode rows that run it (``layer_rows``)
     layers: list[int]  # per decode row the layers it runs
     chunks: list[Chunk]  # prompt parts to prefill, in rows after the decode rows
+    chunk_rows: list[int]  # each chunk's cache row
     one_pass: bool  # chunks and the decode step share one pass (a token budget); else prompts pass first
 
 
@@ -153,19 +154,18 @@ class Scheduler:
 
     def fail_running(self) -> list[Request]:
         """Forget every request holding a row (the pass that held them failed); -> them."""
-        gone = self.live + self.prefilling
+        gone = self.running
         self.live, self.prefilling, self.groups = [], [], []
         return gone
 
     def reset(self) -> list[Request]:
         """Forget every request; -> them."""
         with self._lock:
-            gone = self.live + self.prefilling + list(self.waiting) + list(self.offline_waiting)
+            gone = list(self.waiting) + list(self.offline_waiting)
             self.waiting.clear()
             self.offline_waiting.clear()
             self._aborts.clear()
-        self.live, self.prefilling, self.groups = [], [], []
-        return gone
+        return self.fail_running() + gone
 
     # -- one iteration (the loop thread) -----------------------------------------------------------
     def take_aborts(self) -> tuple[list[Request], list[Request]]:
@@ -176,7 +176,7 @@ class Scheduler:
             if waiting:
                 self.waiting = deque(r for r in self.waiting if r.request_id not in aborts)
                 self.offline_waiting = deque(r for r in self.offline_waiting if r.request_id not in aborts)
-        return waiting, [r for r in self.live + self.prefilling if r.request_id in aborts]
+        return waiting, [r for r in self.running if r.request_id in aborts]
 
     def schedule(self) -> StepPlan:
         """This iteration's ``StepPlan``: aborts applied, newcomers admitted (whole prompts within
@@ -195,7 +195,8 @@ class Scheduler:
             moves.append(self.arrange(self.live, self.prefilling + new))
             new_rows = (len(self.live) + len(self.prefilling) - len(new), len(new))
         layer_rows, layers = self.layer_rows()
-        return StepPlan(waiting + running, moves, new_rows, list(self.live), layer_rows, layers, chunks, one_pass)
+        rows = [self.row(c.request) for c in chunks]
+        return StepPlan(waiting + running, moves, new_rows, list(self.live), layer_rows, layers, chunks, rows, one_pass)
 
     def settle(self, ready: Sequence[Request], gone: Sequence[Request]) -> RowMoves:
         """After a step: ``ready`` requests (prompt complete, first token made) become decoding rows,
@@ -214,7 +215,7 @@ class Scheduler:
         if self.waiting:
             return self.waiting
         if self.offline_waiting:
-            held = sum(r.offline for r in self.live + self.prefilling) + offline_taken
+            held = sum(r.offline for r in self.running) + offline_taken
             if held < self.config.offline_limit:
                 return self.offline_waiting
         return None
@@ -267,7 +268,7 @@ class Scheduler:
 
     def row(self, req: Request) -> int:
         """The cache row ``req`` holds."""
-        for i, r in enumerate(self.live + self.prefilling):
+        for i, r in enumerate(self.running):
             if r is req:
                 return i
         raise KeyError(req.request_id)
@@ -284,7 +285,7 @@ class Scheduler:
             by_group[r.schedule].append(r)
         order = [r for g, s in enumerate(self.groups) for r in (by_group[s] if g % 2 == 0 else by_group[s][::-1])]
         rows = order + list(prefilling)
-        old = {id(r): i for i, r in enumerate(self.live + self.prefilling)}
+        old = {id(r): i for i, r in enumerate(self.running)}
         moves = [Move(old[id(r)], i) for i, r in enumerate(rows) if id(r) in old and old[id(r)] != i]
         upto = max((rows[m.dst].slots for m in moves), default=0)
         self.live, self.prefilling = order, list(prefilling)
