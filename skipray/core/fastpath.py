@@ -55,15 +55,21 @@ def build_layer_kernels(model, products: dict) -> list[LayerKernels] | None:
         return None
     out = []
     for l, layer in enumerate(model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj))
-        qkv, o, gate_up, down = (products[g] for g in (*groups, (mlp.down_proj,)))
+        qkv, o, gate_up, down = (products[g] for g in fam.linear_groups(layer))  # q/k/v, o, gate/up, down
         if not all(p.packed for p in (qkv, o, gate_up, down)):
             return None
         heads = (model.num_heads, model.kv_heads, model.head_dim)
         out.append(
             LayerKernels(
-                l, layer.input_layernorm, qkv, o, layer.post_attention_layernorm, gate_up, down, heads, attn.scaling
+                l,
+                layer.input_layernorm,
+                qkv,
+                o,
+                layer.post_attention_layernorm,
+                gate_up,
+                down,
+                heads,
+                layer.self_attn.scaling,
             )
         )
     return out
@@ -73,8 +79,8 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
     """``model``: a ``SkipModel``; ``segs``/``states``: the pass's segments and their ``_State`` (hidden state
     and adapter mask). -> per layer its kernels (``None``: skipped), or ``None`` when the pass does not
     qualify (module docstring)."""
-    weights = model.inference_weights
-    if weights is None or weights.layers is None or cache is None or len(segs) != 1 or torch.is_grad_enabled():
+    weights = model.active_weights()
+    if weights is None or weights.layers is None or cache is None or len(segs) != 1:
         return None
     s, st = segs[0], states[0]
     if st.h.device.type != "cpu":

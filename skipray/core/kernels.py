@@ -98,7 +98,7 @@ def product(weights: list[torch.Tensor], biases: list[torch.Tensor | None], pack
         parts = tuple((w.detach(), _detach(b)) for w, b in zip(weights, biases))
         return Product(None, None, None, False, parts, owned=False)
     with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable in any mode
-        w = torch.cat([t.detach() for t in weights]) if len(weights) > 1 else weights[0].detach().clone()
+        w = torch.cat([t.detach() for t in weights]) if len(weights) > 1 else weights[0].detach()
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat(
@@ -108,7 +108,9 @@ def product(weights: list[torch.Tensor], biases: list[torch.Tensor | None], pack
                 ]
             )
         if pack:
-            w = torch.ops.mkldnn._reorder_linear_weight(w)
+            w = torch.ops.mkldnn._reorder_linear_weight(w)  # a new tensor in oneDNN's layout
+        elif len(weights) == 1:
+            w = w.clone()  # a copy, as for several layers (their concatenation)
     splits = tuple(t.shape[0] for t in weights) if len(weights) > 1 else None
     return Product(w, bias, splits, pack)
 

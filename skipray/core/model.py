@@ -98,11 +98,17 @@ class SkipModel(nn.Module):
         self.inference_weights = InferenceWeights(self, merge=merge, pack=self.packed_linears)
         return self.inference_weights
 
-    def linears(self):
-        """What runs the linear layers of the current pass: the inference weights in a pass without gradients
-        when they are built, else the modules (``masked_lora``)."""
+    def active_weights(self) -> InferenceWeights | None:
+        """The inference weights, when they are built and the current pass needs no gradients; else ``None``
+        (the pass runs the modules)."""
         w = self.inference_weights
-        return w if w is not None and not torch.is_grad_enabled() else masked_lora
+        return w if w is not None and not torch.is_grad_enabled() else None
+
+    def linears(self):
+        """What runs the linear layers of the current pass: ``active_weights()``, else the modules
+        (``masked_lora``)."""
+        w = self.active_weights()
+        return w if w is not None else masked_lora
 
     # -- the pieces forward calls: the family's, with LoRA-aware linears ----------------------------
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -126,8 +132,8 @@ class SkipModel(nn.Module):
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head: logits."""
-        h, w = self.family.final(h), self.inference_weights
-        return w.head(h) if w is not None and not torch.is_grad_enabled() else self.hf.lm_head(h)
+        h, w = self.family.final(h), self.active_weights()
+        return w.head(h) if w is not None else self.hf.lm_head(h)
 
     # -- sizes -----------------------------------------------------------------------------------
     def cost_model(self):
