@@ -11,9 +11,10 @@ Contract (the tokenizer's side of structured output; the engine only sees ``Toke
   ~1 s) and a cache of checked grammars; ``factory(grammar)`` checks a grammar against the tokenizer once
   (``ValueError`` with llguidance's message when it is invalid) and returns a factory of fresh
   ``GrammarConstraint`` s, one per request (``SamplingParams.structured``).
-* ``GrammarConstraint`` masks a row's logits to the tokens the grammar allows next (``mask_logits``, in
-  place, ``-inf`` elsewhere), consumes the sampled token (``accept``; False for a token the grammar does
-  not allow) and says when the grammar is complete (``finished``: the request then ends with "stop").
+* ``GrammarConstraint`` fills its row of the sampler's token bitmask with the tokens the grammar allows next
+  (``fill_bitmask``; the sampler copies the batch's bitmask to the device once and masks the rest),
+  consumes the sampled token (``accept``; False for a token the grammar does not allow) and says when the
+  grammar is complete (``finished``: the request then ends with "stop").
 
 Why llguidance: it compiles JSON schemas, regexes and Lark grammars lazily (no per-schema precompute, so a
 new schema costs microseconds to start), computes a token mask in tens of microseconds on the CPU for
@@ -70,14 +71,11 @@ class GrammarConstraint:
 
         self.matcher = matcher
         self._lt = lt
-        self._bitmask = None
 
-    def mask_logits(self, row: torch.Tensor) -> None:
-        """Set the logits of tokens the grammar does not allow next to ``-inf`` (``row``: ``(1, vocab)``)."""
-        if self._bitmask is None:
-            self._bitmask = self._lt.allocate_token_bitmask(1, row.shape[-1])
-        self._lt.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-        self._lt.apply_token_bitmask_inplace(row, self._bitmask.to(row.device, non_blocking=True))
+    def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        """Row ``index`` of ``bitmask`` (int32 ``(n, ceil(vocab / 32))``, on the CPU): bit ``b`` of word ``w`` set
+        where token ``32 w + b`` is allowed next, clear elsewhere."""
+        self._lt.fill_next_token_bitmask(self.matcher, bitmask, index)
 
     def accept(self, token_id: int) -> bool:
         return bool(self.matcher.consume_token(int(token_id)))

@@ -130,15 +130,46 @@ def test_host_syncs_are_counted_on_the_cpu_too():
     assert h.counts["scalar"] == 3 and h.counts["data_dependent"] == 1 and h.syncs == 4 and h.counts["ops"] >= 5
 
 
+class _EvenTokens:
+    """A grammar that allows the even token ids only (the sampler's bitmask protocol, no tokenizer)."""
+
+    def fill_bitmask(self, bitmask, index):
+        bitmask[index] = 0x55555555  # bits 0, 2, 4, ...: the even ids of each word
+
+    def accept(self, token_id):
+        return token_id % 2 == 0
+
+    def finished(self):
+        return False
+
+
+ROWS = {
+    "greedy": dict(),
+    "seeded": dict(temperature=0.8, seed=3),
+    "filtered": dict(temperature=1.0, top_k=5, top_p=0.9, min_p=0.05, seed=4),
+    "unseeded": dict(temperature=0.7),
+    "penalties": dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2, logit_bias={3: 2.0}),
+    "grammar": dict(structured=_EvenTokens),
+}
+
+
 @pytest.mark.parametrize(
-    "skip,logprobs,budget",
-    [(False, 0, 1), (True, 0, 1), (True, 3, 2)],
-    ids=["full-depth", "skip", "skip-logprobs"],
+    "skip,logprobs,rows",
+    [
+        (False, 0, ["greedy"]),
+        (True, 0, ["greedy"]),
+        (True, 3, ["greedy"]),
+        (True, 0, ["seeded", "filtered", "unseeded"]),
+        (True, 2, ["greedy", "seeded", "penalties", "grammar"]),
+    ],
+    ids=["full-depth", "skip", "skip-logprobs", "sampled", "mixed-controls-logprobs"],
 )
-def test_a_greedy_decode_step_reads_the_device_once(skip, logprobs, budget):
-    """What the host already knows (adapter rows, cache ends) is passed as plain values, and the greedy sampler
-    reads its argmax and finiteness checks in one go: a decode-only step syncs once (twice with log-probs),
-    also with rows at different steps and depths in one batch. Counted on CPU the way a GPU would sync."""
+def test_a_decode_step_reads_the_device_once(skip, logprobs, rows):
+    """What the host already knows (adapter rows, cache ends, row indices, sampling parameters) is passed as plain
+    values, and the sampler runs batched on the device (argmax, the exponential race with each request's generator,
+    top-k/top-p/min-p, penalties, grammar bitmasks) and reads the tokens, the checks and the log-probs in one go: a
+    decode-only step syncs once, also with rows at different steps and depths in one batch. Counted on CPU the way
+    a GPU would sync."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from skipray.core.engine import Engine
@@ -158,17 +189,20 @@ def test_a_greedy_decode_step_reads_the_device_once(skip, logprobs, budget):
         max_position_embeddings=256,
     )
     model = SkipModel(LlamaForCausalLM(cfg))
-    eng = Engine(model, SkipSchedule(6, 6, 2, 3) if skip else None, max_batch=4, max_len=64)
-    params = SamplingParams(max_tokens=30, logprobs=logprobs, ignore_eos=True)
-    eng.add_request([1, 2, 3], params)
+    eng = Engine(model, SkipSchedule(6, 6, 2, 3) if skip else None, max_batch=8, max_len=64)
+    params = [SamplingParams(max_tokens=30, logprobs=logprobs, ignore_eos=True, **ROWS[r]) for r in rows]
+    ids = [eng.add_request([1, 2, 3], p) for p in params]
     eng.step()
     eng.step()
-    eng.add_request([4, 5, 6, 7, 8], params)  # a row two steps behind, at another depth
+    ids += [eng.add_request([4, 5, 6, 7, 8], p) for p in params]  # rows two steps behind, at another depth
+    constrained = {i for i, r in zip(ids, rows * 2) if r == "grammar"}
     eng.step()
     for _ in range(3):
         with HostSyncs() as h:
-            eng.step()
-        assert h.syncs <= budget, dict(h.counts)
+            events = eng.step()
+        assert h.syncs <= 1, dict(h.counts)
+        assert len(events) == 2 * len(rows) and not [e for e in events if e.error is not None]
+        assert all(e.token_id % 2 == 0 for e in events if e.request_id in constrained)
 
 
 def test_expanded_kv_attention_equals_grouped_query_attention():

@@ -176,7 +176,7 @@ class Engine:
         if any(s for s in params.stop) and self.detokenize is None:
             raise ValueError("stop strings need an engine built with a detokenizer (Engine(detokenize=...))")
         try:
-            gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+            gen = torch.Generator(self.runner.device).manual_seed(params.seed) if params.seed is not None else None
         except (RuntimeError, OverflowError) as e:
             raise ValueError(f"invalid seed {params.seed}: {e}") from None
         constraint = params.structured() if params.structured is not None else None
@@ -343,6 +343,7 @@ class Engine:
             [r.generated for r in reqs],
             self.eos_token_ids,
             [r.constraint for r in reqs],
+            self.runner.to_device,
         )
         done = []
         for i, req in enumerate(reqs):

@@ -13,7 +13,7 @@ costs one Python check per row). The controls, per row (``SamplingParams`` field
   as Hugging Face and vLLM apply it).
 * ``presence_penalty`` / ``frequency_penalty``: ``logit -= presence * [count > 0] + frequency * count``
   over the tokens of the output (OpenAI's formula, as vLLM).
-* ``min_p`` (applied by ``skipray.core.sampling.sample``, after temperature): tokens whose probability is
+* ``min_p`` (``min_p_filter``, applied by the sampler after temperature): tokens whose probability is
   below ``min_p`` times the top token's are dropped (Nguyen et al. 2024, arXiv 2407.01082).
 
 Banning sets a logit to ``-inf``; a row whose every token is banned raises in the sampler for that row
@@ -22,7 +22,7 @@ alone. Log-probs reported to clients are those of the raw logits, before these c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -50,56 +50,80 @@ def _banned_by_bad_words(bad: Sequence[Sequence[int]], output: Sequence[int]) ->
     return out
 
 
-def process_row(
-    row: torch.Tensor, p: SamplingParams, prompt: Sequence[int], output: Sequence[int], eos_token_ids: Sequence[int]
-) -> torch.Tensor:
-    """One row's ``(vocab,)`` logits (float32) with ``p``'s controls applied (module contract)."""
-    row = row.clone()
-    vocab, dev = row.shape[-1], row.device  # index tensors on the row's device (a CUDA row wants CUDA indices)
-    if p.logit_bias:
-        ids = torch.tensor([int(t) for t in p.logit_bias], dtype=torch.long, device=dev)
-        bias = torch.tensor([float(v) for v in p.logit_bias.values()], dtype=row.dtype, device=dev)
-        row.index_add_(0, ids, bias)
-    banned = _banned_by_bad_words(p.bad_words_ids, output) if p.bad_words_ids else []
-    if p.min_tokens and len(output) < p.min_tokens:
-        banned += [*eos_token_ids, *p.stop_token_ids]
-    banned = [t for t in banned if 0 <= t < vocab]
-    if banned:
-        row[torch.tensor(banned, dtype=torch.long, device=dev)] = float("-inf")
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=dev)
-        if len(seen):
-            vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and output:
-        out_ids = torch.tensor(list(output), dtype=torch.long, device=dev)
-        # scatter_add, not bincount: a fixed output shape (bincount's depends on the data: a sync on CUDA)
-        counts = torch.zeros(vocab, dtype=row.dtype, device=dev).scatter_add_(
-            0, out_ids, torch.ones(len(output), dtype=row.dtype, device=dev)
-        )
-        row -= p.presence_penalty * (counts > 0).to(row.dtype) + p.frequency_penalty * counts
-    return row
-
-
 def process(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     prompts: Sequence[Sequence[int]],
     outputs: Sequence[Sequence[int]],
     eos_token_ids: Sequence[int] = (),
+    to_device: Callable[[Sequence, torch.dtype], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``logits`` ``(n, vocab)`` with each row's controls applied (module contract); the same tensor when
-    no row asks for any."""
+    """``logits`` ``(n, vocab)`` with each row's controls applied (module contract); the same tensor when no row
+    asks for any. Batched: the host lists every (row, token) pair each control touches, ``to_device`` (default
+    ``torch.as_tensor`` on the logits' device; the engine's pinned staging) copies the lists once per control, and
+    each control is one indexed op over all rows. Raises nothing for valid ``SamplingParams``."""
     rows = [i for i, p in enumerate(params) if needs_processing(p)]
     if not rows:
         return logits
+    dev, n, vocab = logits.device, logits.shape[0], logits.shape[-1]
+    if to_device is None:
+
+        def to_device(values: Sequence, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(values, dtype=dtype, device=dev)
+
     out = logits.float().clone()
+    bias: list[list] = [[], [], []]  # rows, tokens, values
+    banned: list[list] = [[], []]
+    seen: list[list] = [[], [], []]  # rows, tokens, penalty
+    counted: list[list] = [[], []]  # rows, tokens of the outputs (with repeats)
+    presence, frequency = [0.0] * n, [0.0] * n
     for i in rows:
-        out[i] = process_row(out[i], params[i], prompts[i], outputs[i], eos_token_ids)
+        p, output = params[i], outputs[i]
+        for t, v in (p.logit_bias or {}).items():
+            bias[0].append(i), bias[1].append(int(t)), bias[2].append(float(v))
+        ban = _banned_by_bad_words(p.bad_words_ids, output) if p.bad_words_ids else []
+        if p.min_tokens and len(output) < p.min_tokens:
+            ban += [*eos_token_ids, *p.stop_token_ids]
+        ban = sorted({t for t in ban if 0 <= t < vocab})
+        banned[0] += [i] * len(ban)
+        banned[1] += ban
+        if p.repetition_penalty != 1.0:
+            toks = sorted(set(prompts[i]) | set(output))
+            seen[0] += [i] * len(toks)
+            seen[1] += toks
+            seen[2] += [p.repetition_penalty] * len(toks)
+        if (p.presence_penalty or p.frequency_penalty) and output:
+            counted[0] += [i] * len(output)
+            counted[1] += list(output)
+            presence[i], frequency[i] = p.presence_penalty, p.frequency_penalty
+    if bias[0]:
+        out.index_put_(
+            (to_device(bias[0], torch.long), to_device(bias[1], torch.long)),
+            to_device(bias[2], torch.float32),
+            accumulate=True,
+        )
+    if banned[0]:
+        out.index_put_(
+            (to_device(banned[0], torch.long), to_device(banned[1], torch.long)),
+            torch.tensor(float("-inf"), device=dev),
+        )
+    if seen[0]:
+        at = (to_device(seen[0], torch.long), to_device(seen[1], torch.long))
+        vals, pen = out[at], to_device(seen[2], torch.float32)
+        out[at] = torch.where(vals > 0, vals / pen, vals * pen)
+    if counted[0]:
+        at = (to_device(counted[0], torch.long), to_device(counted[1], torch.long))
+        # index_put_ with accumulate, not bincount: a fixed output shape (bincount's depends on the data: a sync)
+        counts = torch.zeros_like(out).index_put_(at, torch.ones((), device=dev), accumulate=True)
+        out -= (
+            to_device(presence, torch.float32)[:, None] * (counts > 0)
+            + to_device(frequency, torch.float32)[:, None] * counts
+        )
     return out
 
 
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Temperature-scaled ``(vocab,)`` logits with the tokens below ``min_p`` x the top probability at ``-inf``."""
+def min_p_filter(logits: torch.Tensor, min_p: float | torch.Tensor) -> torch.Tensor:
+    """Temperature-scaled ``(..., vocab)`` logits with the tokens below ``min_p`` (a float, or per row ``(n, 1)``)
+    x the top probability at ``-inf`` (Nguyen et al. 2024, arXiv 2407.01082)."""
     probs = torch.softmax(logits, dim=-1)
-    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))

@@ -30,7 +30,8 @@ STOP_WINDOW_SPARE = 8  # tokens decoded beyond the longest stop string (tokens a
 class TokenConstraint(Protocol):
     """What the engine asks of a per-request constraint (``skipray.structured.GrammarConstraint``)."""
 
-    def mask_logits(self, row: Any) -> None: ...  # (1, vocab) logits: disallowed tokens to -inf, in place
+    def fill_bitmask(self, bitmask: Any, index: int) -> None: ...  # row `index` of an int32 (n, ceil(vocab/32))
+    # bitmask: bit b of word w set where token 32w + b is allowed next (llguidance's and xgrammar's layout)
     def accept(self, token_id: int) -> bool: ...  # False: the token breaks the constraint
     def finished(self) -> bool: ...  # complete: the request ends with "stop"
 

@@ -37,8 +37,10 @@ import torch
 from skipray.core.config import EngineConfig
 from skipray.core.memory import layer_slots
 from skipray.core.model import LayerRun, Segment, SkipModel, forward, forward_segments, full_plan
+from skipray.core.sampling import ToDevice
 from skipray.core.schedule import SkipSchedule
 from skipray.core.scheduler import RowMoves, StepPlan
+from skipray.core.staging import HostStaging
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +70,11 @@ class StepOutput(NamedTuple):
     chunks: list[torch.Tensor | BaseException | None]  # per chunk (1, vocab) when it ends its prompt, else None
 
 
-def as_rows(rows: Sequence[int], device: torch.device | str = "cpu") -> slice | torch.Tensor:
+def as_rows(rows: Sequence[int], to_device: ToDevice) -> slice | torch.Tensor:
     """Row indices as a slice when contiguous (the cache is then read in place), else an index tensor."""
     if rows[-1] - rows[0] + 1 == len(rows):
         return slice(rows[0], rows[-1] + 1)
-    return torch.tensor(list(rows), device=device)
+    return to_device(rows, torch.long)
 
 
 class ModelRunner:
@@ -80,6 +82,8 @@ class ModelRunner:
         """The passes of ``model`` over a new cache sized by ``config`` and ``cache_schedule`` (module contract)."""
         self.model, self.config = model, config
         self.device = next(model.parameters()).device
+        self.staging = HostStaging(self.device)  # the step's small inputs, through pinned memory on CUDA
+        self.to_device = self.staging.to_device
         n = config.max_model_len
         lens = layer_slots(
             cache_schedule or SkipSchedule.full(model.num_layers), config.prompt_limit, config.max_tokens or n
@@ -108,8 +112,8 @@ class ModelRunner:
     def move_rows(self, row_moves: RowMoves) -> None:
         """Copy cache row ``src`` to ``dst`` for each move, slots ``[0, upto)``."""
         if row_moves.moves:
-            src = torch.tensor([m.src for m in row_moves.moves], device=self.device)
-            dst = torch.tensor([m.dst for m in row_moves.moves], device=self.device)
+            src = self.to_device([m.src for m in row_moves.moves], torch.long)
+            dst = self.to_device([m.dst for m in row_moves.moves], torch.long)
             self.cache.move_rows(src, dst, upto=row_moves.upto)
 
     def run(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
@@ -134,6 +138,7 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run ``plan`` (module docstring): row moves and resets first, then its passes."""
+        self.staging.new_step()
         for moves in plan.moves:
             self.move_rows(moves)
         if plan.new_rows is not None:
@@ -168,11 +173,12 @@ class ModelRunner:
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> torch.Tensor:
         """Right-padded ``prompts`` at full depth into cache ``rows`` (default ``0..k-1``), which are
         reset first; -> last-prompt-token logits ``(k, vocab)``, float32."""
-        tokens, real = (t.to(self.device) for t in pad_prompts(prompts, side="right"))
+        tokens, real = pad_prompts(prompts, side="right")
+        tokens, real = self.to_device(tokens, torch.long), self.to_device(real, torch.bool)
         k, width = tokens.shape
-        cache_rows = as_rows(list(range(k)) if rows is None else rows, self.device)
+        cache_rows = as_rows(list(range(k)) if rows is None else rows, self.to_device)
         positions = torch.arange(width, device=self.device)[None].expand(k, width)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        last = self.to_device([len(p) - 1 for p in prompts], torch.long)
         self.cache.reset_rows(cache_rows)
         seg = Segment(
             tokens, positions, full_plan(self.model.num_layers), real, cache_rows=cache_rows, start=0, logits_at=last
@@ -185,17 +191,17 @@ class ModelRunner:
         """One token per live row ``i`` (cache row ``i``) at slot ``slots[i]`` (its position too), layer
         ``l`` on rows ``layer_rows[l]``, the skip adapter where ``adapter[i]``."""
         n = len(tokens)
-        tok = torch.tensor(tokens, device=self.device)[:, None]
-        start = torch.tensor(slots, device=self.device)
+        tok = self.to_device(tokens, torch.long)[:, None]
+        start = self.to_device(slots, torch.long)
         made: dict[tuple[int, ...], LayerRun] = {}  # layers on the same rows share one (and its attention mask)
         plan = []
         for r in layer_rows:
             if r and tuple(r) not in made:
                 on = [adapter[i] for i in r]
                 end = max(slots[i] for i in r) + 1  # the host knows the rows' last slot: no read-back per layer
-                made[tuple(r)] = LayerRun(as_rows(r, self.device), None, (any(on), all(on)), end)
+                made[tuple(r)] = LayerRun(as_rows(r, self.to_device), None, (any(on), all(on)), end)
             plan.append(made[tuple(r)] if r else None)
-        am = torch.tensor(adapter, device=self.device)[:, None]
+        am = self.to_device(adapter, torch.bool)[:, None]
         same = all(x == slots[0] for x in slots)  # one shared slot (a static batch, batch 1): plain slices
         return Segment(
             tok,
@@ -213,7 +219,7 @@ class ModelRunner:
         """Prompt ``tokens`` at slots ``start..`` of cache ``row``, full depth; the last token's logits
         when ``last`` (else none)."""
         n = len(tokens)
-        tok = torch.tensor([list(tokens)], device=self.device)
+        tok = self.to_device([list(tokens)], torch.long)
         positions = torch.arange(start, start + n, device=self.device)[None]
         return Segment(
             tok,

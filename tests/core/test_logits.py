@@ -120,8 +120,6 @@ def test_engine_applies_controls_per_row():
 def test_controls_run_on_the_rows_device():
     """Index and count tensors are made on the row's device (a CUDA row wants CUDA indices); the meta
     device checks it on a CPU, as a device mismatch raises there too."""
-    from skipray.core.logits import process_row
-
     p = SamplingParams(
         logit_bias={1: 1.0},
         repetition_penalty=1.2,
@@ -131,7 +129,8 @@ def test_controls_run_on_the_rows_device():
         min_tokens=5,
         max_tokens=9,
     )
-    assert process_row(torch.zeros(V, device="meta"), p, PROMPT, OUT, (2,)).device.type == "meta"
+    got = process(torch.zeros(2, V, device="meta"), [p, SamplingParams()], [PROMPT] * 2, [OUT] * 2, (2,))
+    assert got.device.type == "meta"
 
 
 def test_a_row_with_every_token_banned_is_its_own_input_error():
