@@ -1,5 +1,5 @@
-"""The probes of scripts/gpu_check.sh: fused attention, CUDA-graph capture of a decode step, and a short decode
-benchmark that counts host syncs and dispatched ops per step.
+"""The probes of scripts/gpu_check.sh: fused attention, decode steps replayed as CUDA graphs against eager ones,
+and a short decode benchmark that counts host syncs and dispatched ops per step.
 
 Contract: ``python scripts/gpu_probes.py --device cuda|cpu [--model default] [--out FILE]`` prints one line per
 probe and writes the results as JSON (default ``bench/results/gpu_check_<device>.json``). The GPU-only probes
@@ -49,22 +49,33 @@ def attention_probe(device: str) -> dict:
     return out
 
 
-def graph_probe(engine, prompts, params, device: str) -> dict:
-    """Try to capture one decode step in a CUDA graph (it needs a step without host syncs)."""
+def graph_probe(model, schedule, prompts, params, device: str) -> dict:
+    """Decode steps replayed as CUDA graphs (``enforce_eager=False``: static shapes, ``skipray.core.graphs``)
+    against eager steps on the same prompts: the same greedy tokens, and seconds per ``generate`` (best of two)."""
     if device != "cuda":
         return {"status": "skipped: no GPU"}
-    for p in prompts:
-        engine.add_request(p, params)
-    engine.step()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            engine.step()
-        result = {"status": "captured"}
-    except Exception as e:  # noqa: BLE001 - the probe reports why
-        result = {"status": f"not capturable: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-    engine.reset()
-    return result
+    from skipray.core.engine import Engine
+
+    out: dict = {}
+    tokens = {}
+    for name, eager in (("eager", True), ("graphs", False)):
+        try:
+            eng = Engine(model, schedule, max_batch=8, max_len=256, enforce_eager=eager)
+            best = 1e9
+            for _ in range(2):  # the first run captures the graphs
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                done = eng.generate(prompts, params)
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            tokens[name] = [c.token_ids for c in done]
+            out[name] = {"seconds": best, "tokens_per_s": sum(len(t) for t in tokens[name]) / best}
+            if not eager:
+                out["graphs_captured"] = len(eng.runner.graphs.graphs)
+        except Exception as e:  # noqa: BLE001 - the probe reports why
+            out[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    out["same_tokens"] = len(tokens) == 2 and tokens["eager"] == tokens["graphs"]
+    return out
 
 
 def decode_bench(engine, prompts, params, device: str, steps: int = 8) -> dict:
@@ -104,8 +115,8 @@ def main() -> int:
     prompts = [encode_prompt(m.tokenizer, f"Tell me about the number {i}.", chat=True) for i in range(8)]
     params = SamplingParams(max_tokens=64, ignore_eos=True)
     engine = Engine(m.model, m.schedule, max_batch=8, max_len=256, eos_token_ids=m.eos_token_ids)
-    result["cuda_graph"] = graph_probe(engine, prompts, params, a.device)
-    print(f"CUDA graph of a decode step: {result['cuda_graph']}")
+    result["cuda_graph"] = graph_probe(m.model, m.schedule, prompts, params, a.device)
+    print(f"decode steps as CUDA graphs against eager: {result['cuda_graph']}")
     result["decode"] = [decode_bench(engine, prompts[:b], params, a.device) for b in (1, 8)]
     from skipray.diagnostics import SYNC_KINDS
 

@@ -134,3 +134,58 @@ def test_the_engine_sizes_its_cache_to_the_devices_memory():
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="not one cache row"):
             Engine(dev, config=EngineConfig(max_num_seqs=4, max_model_len=64, gpu_memory_utilization=1e-6))
+
+
+def test_static_decode_and_its_cuda_graphs_give_the_eager_tokens():
+    """``enforce_eager=False``: decode-only steps in static shapes (5 rows padded to 8, past one slot bucket),
+    replayed as CUDA graphs on CUDA (run eagerly on the CPU dry run), give the eager engine's greedy tokens with a
+    skip schedule and its adapter."""
+    from test_skip_adapter import with_random_lora
+
+    hf = tiny_llama()
+    with_random_lora(hf)
+    _, dev = on_both(hf)
+    sched = schedule(dev.num_layers)
+    prompts = [*PROMPTS, [7, 7, 7]]
+    params = SamplingParams(max_tokens=140, ignore_eos=True)
+    want = [c.token_ids for c in Engine(dev, sched, max_batch=8, max_len=160).generate(prompts, params)]
+    eng = Engine(dev, sched, max_batch=8, max_len=160, enforce_eager=False)
+    assert [c.token_ids for c in eng.generate(prompts, params)] == want
+    if DEVICE == "cuda":
+        assert eng.runner.graphs.graphs, "no decode step was captured"
+
+
+def test_a_decode_step_on_the_device_syncs_once():
+    """Greedy, seeded, filtered and penalized rows with log-probs: one read of the device per decode-only step, with
+    the copies to the device counted too (pinned staging, ``skipray.core.staging``)."""
+    from skipray.diagnostics import HostSyncs
+
+    _, dev = on_both(tiny_llama())
+    eng = Engine(dev, schedule(dev.num_layers), max_batch=8, max_len=64)
+    kinds = [
+        {},
+        {"temperature": 0.8, "seed": 3},
+        {"temperature": 1.0, "top_k": 5, "top_p": 0.9, "min_p": 0.05, "seed": 4},
+        {"repetition_penalty": 1.3, "presence_penalty": 0.5, "logit_bias": {3: 2.0}},
+    ]
+    for i, kw in enumerate(kinds):
+        eng.add_request(PROMPTS[i], SamplingParams(max_tokens=30, ignore_eos=True, logprobs=2, **kw))
+    eng.step()
+    eng.step()
+    for _ in range(3):
+        with HostSyncs() as h:
+            eng.step()
+        assert h.syncs <= 1, dict(h.counts)
+
+
+def test_the_steps_inputs_reach_the_device_through_the_staging_arenas():
+    """Values staged over several steps, past the first arena's size, arrive intact (pinned arenas on CUDA)."""
+    from skipray.core.staging import HostStaging
+
+    staging = HostStaging(DEVICE)
+    for step in range(4):
+        staging.new_step()
+        got = [staging.to_device(list(range(step + i, step + i + 3000)), torch.long) for i in range(3)]
+        for i, t in enumerate(got):
+            assert t.device.type == torch.device(DEVICE).type
+            assert t.tolist() == list(range(step + i, step + i + 3000))

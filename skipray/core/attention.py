@@ -106,7 +106,8 @@ def attend(
     if cache is not None:
         cr = compose_rows(s.cache_rows, rows, b, dev)
         start = s.start if isinstance(s.start, int) else s.start[rows]
-        end = st.end if whole else getattr(s.plan[l], "end", None)  # the pass's end, or these rows' when known
+        end = getattr(s.plan[l], "end", None)  # these rows' last slot + 1 when the host knows it
+        end = st.end if end is None and whole else end  # else the pass's end (None: read from the slots)
         cache.write(l, cr, start, k, v, end=end)
         k, v = cache.buffers(l, cr, st.end)  # a layer's cache may be shorter than the pass's span
         cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # see attention

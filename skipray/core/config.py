@@ -50,7 +50,10 @@ class EngineConfig:
     ``gpu_memory_utilization`` (vLLM's name and meaning, GPUs only): the share of the GPU's memory the engine
     may use; after loading, it profiles one full-depth prompt pass and keeps ``max_num_seqs`` to the rows
     that fit what the weights and that peak leave (``skipray.core.memory.cache_rows_for_memory``), refusing
-    to start when not one row of ``max_model_len`` fits."""
+    to start when not one row of ``max_model_len`` fits. ``enforce_eager`` (vLLM's name): True runs every pass
+    eagerly; False lets decode-only steps take static shapes (``skipray.core.graphs``: batch sizes and slot
+    buckets) and, on CUDA, replay one CUDA graph per shape. True by default, unlike vLLM, until the GPU check
+    (``scripts/gpu_check.sh``) has run on a GPU; on a CPU static shapes only add padding."""
 
     max_num_seqs: int = 32
     max_model_len: int = 512
@@ -62,6 +65,7 @@ class EngineConfig:
     max_prompt_len: int | None = None
     merge_adapter: bool | None = None
     gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = True
 
     def __post_init__(self) -> None:
         n, length = self.max_num_seqs, self.max_model_len

@@ -119,6 +119,8 @@ class Engine:
         after training the model or changing its adapter, decoding reads the weights built when the engine
         was created (or last refreshed) until this is called."""
         self.model.build_inference_weights(merge=self.config.merge_adapter)
+        if self.runner.graphs is not None:
+            self.runner.graphs.clear()  # they replay the old weights' addresses
 
     @property
     def cache(self) -> KVCache:

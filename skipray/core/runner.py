@@ -17,9 +17,10 @@ rows (``skipray.core.config.EngineConfig``); layer ``l`` holds ``min(max_model_l
 * ``run(segments)`` one pass -> each segment's logits; ``run_isolated`` reruns the parts of a failing
   pass one by one (cache writes are idempotent), so a failure lands on its own part;
 * ``execute(plan)`` runs a scheduler ``StepPlan``: its row moves and row resets, then the decode step of its
-  decode rows and its prompt chunks, in one pass (``plan.one_pass``: a token budget) or as a right-padded
-  pass of whole prompts (``prefill``) followed by the decode pass; -> a ``StepOutput`` (each part's logits,
-  or the exception its pass raised);
+  decode rows (with ``config.enforce_eager`` False, a decode-only step in static shapes, replayed as a CUDA graph
+  on CUDA: ``skipray.core.graphs``) and its prompt chunks, in one pass (``plan.one_pass``: a token budget) or as
+  a right-padded pass of whole prompts (``prefill``) followed by the decode pass; -> a ``StepOutput`` (each
+  part's logits, or the exception its pass raised);
 * ``move_rows(row_moves)`` (the scheduler's ``RowMoves``), ``reset_rows``, ``ensure_cache`` (grow to fit
   rows and per-layer slots).
 
@@ -35,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from skipray.core.config import EngineConfig
+from skipray.core.graphs import DecodeGraphs, static_decode
 from skipray.core.memory import layer_slots
 from skipray.core.model import LayerRun, Segment, SkipModel, forward, forward_segments, full_plan
 from skipray.core.sampling import ToDevice
@@ -89,6 +91,8 @@ class ModelRunner:
             cache_schedule or SkipSchedule.full(model.num_layers), config.prompt_limit, config.max_tokens or n
         )
         self.cache = model.new_cache(config.max_num_seqs, n, [min(n, k) for k in lens])
+        cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
+        self.graphs = DecodeGraphs(model, self.cache) if cuda_graphs else None  # per static decode shape
 
     def ensure_cache(self, rows: int, layer_lens: Sequence[int]) -> None:
         """Reallocate the cache (empty) when ``rows`` rows of ``layer_lens[l]`` slots do not fit it; the old
@@ -99,11 +103,16 @@ class ModelRunner:
             shape = (max(rows, c.max_batch), max(lens), lens)
             old_shape = (c.max_batch, c.max_len, c.layer_lens)
             self.cache = c = None  # the old cache goes first: growth never holds two caches at once
+            if self.graphs is not None:
+                self.graphs.clear()  # they replay the old cache's addresses
             try:
                 self.cache = self.model.new_cache(*shape)
             except BaseException:  # e.g. out of memory: keep serving with a cache of the old size
                 self.cache = self.model.new_cache(*old_shape)
                 raise
+            finally:
+                if self.graphs is not None:
+                    self.graphs.cache = self.cache
 
     def reset_rows(self, first: int, n: int) -> None:
         """Forget cache rows ``first .. first + n - 1`` (before a new request's prompt goes there)."""
@@ -143,6 +152,24 @@ class ModelRunner:
             self.move_rows(moves)
         if plan.new_rows is not None:
             self.reset_rows(*plan.new_rows)
+        if plan.decode and not plan.chunks and not self.config.enforce_eager:
+            live = plan.decode
+            try:
+                static = static_decode(
+                    [r.generated[-1] for r in live],
+                    [len(r.prompt) + r.step for r in live],
+                    [r.schedule.skips(r.step) for r in live],
+                    plan.layer_rows,
+                    plan.rows_in_use,
+                    self.cache.layer_lens,
+                    self.cache.max_batch,
+                    self.to_device,
+                )
+                if static is not None:
+                    out = self.graphs.run(static) if self.graphs is not None else self.run([static.segment])[0]
+                    return StepOutput(_last_token(out[: static.n]), [])
+            except Exception as e:  # noqa: BLE001 - the decode rows' failure, as the eager pass's would be
+                return StepOutput(e, [])
         decode = None
         if plan.decode:
             live = plan.decode

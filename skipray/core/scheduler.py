@@ -80,6 +80,7 @@ class StepPlan:
     chunks: list[Chunk]  # prompt parts to prefill, in rows after the decode rows
     chunk_rows: list[int]  # each chunk's cache row
     one_pass: bool  # chunks and the decode step share one pass (a token budget); else prompts pass first
+    rows_in_use: int = 0  # cache rows 0.. that hold requests (decoding and prefilling); the rest are free
 
 
 @dataclass(eq=False)
@@ -196,7 +197,18 @@ class Scheduler:
             new_rows = (len(self.live) + len(self.prefilling) - len(new), len(new))
         layer_rows, layers = self.layer_rows()
         rows = [self.row(c.request) for c in chunks]
-        return StepPlan(waiting + running, moves, new_rows, list(self.live), layer_rows, layers, chunks, rows, one_pass)
+        return StepPlan(
+            waiting + running,
+            moves,
+            new_rows,
+            list(self.live),
+            layer_rows,
+            layers,
+            chunks,
+            rows,
+            one_pass,
+            len(self.live) + len(self.prefilling),
+        )
 
     def settle(self, ready: Sequence[Request], gone: Sequence[Request]) -> RowMoves:
         """After a step: ``ready`` requests (prompt complete, first token made) become decoding rows,
