@@ -52,3 +52,27 @@ def test_sample_rows_batches_rows_with_their_own_params_and_isolates_faults():
     assert [x is None for x in lps] == [True, False, True, True]
     want = torch.log_softmax(logits[1], -1)
     assert lps[1].top_ids == want.topk(3).indices.tolist() and lps[1].logprob == pytest.approx(float(want[picked[1]]))
+
+
+def test_the_exponential_race_draws_from_the_filtered_distribution():
+    """4,000 rows, each with its own seeded generator, in one batched call: the tokens' frequencies follow the
+    softmax (within 0.03), and top-k / top-p / min-p rows never draw a token their filter removed."""
+    from skipray.core.requests import SamplingParams
+    from skipray.core.sampling import sample_rows
+
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -6.0])
+    n = 4000
+    logits = base.expand(n, -1).clone()
+    gens = [torch.Generator().manual_seed(s) for s in range(n)]
+    picked, _ = sample_rows(logits, [SamplingParams(temperature=1.0)] * n, gens)
+    freq = torch.bincount(torch.tensor(picked), minlength=8).float() / n
+    assert (freq - torch.softmax(base, -1)).abs().max() < 0.03, freq
+    probs = torch.softmax(base, -1)
+    nucleus = int((probs.cumsum(-1) - probs < 0.7).sum())  # the tokens top_p=0.7 keeps
+    for params, allowed in (
+        (SamplingParams(temperature=1.0, top_k=3), 3),
+        (SamplingParams(temperature=1.0, top_p=0.7), nucleus),
+        (SamplingParams(temperature=1.0, min_p=0.2), int((probs >= 0.2 * probs.max()).sum())),
+    ):
+        got, _ = sample_rows(logits[:500], [params] * 500, gens[:500])
+        assert max(got) < allowed and len(set(got)) == allowed, (params, sorted(set(got)))
