@@ -8,7 +8,8 @@
 #                                                 # train15p eval15p policy15b hold train15h eval15h train2x
 #                                                 # eval2x hold2x data128 fast trainfast evalfast
 #                                                 # static trainstatic evalstatic trainrkl evalrkl
-#                                                 # trainjsd evaljsd package
+#                                                 # trainjsd evaljsd hold5 trainhold5 evalhold5
+#                                                 # factsdata package
 # The shipped ~1.5x default is runs/skip15h: skip15 (1100 steps) -> skip15p (+500 steps with on-policy
 # rollouts) -> skip15h (+400 steps on the hold schedule: full depth for the first 12 steps, then 11 layers).
 set -euo pipefail
@@ -52,6 +53,10 @@ evaluate() {  # MODEL OUT
     $SK eval --model "$1" --prompts examples/heldout_prompts.parquet --limit 64 \
         --questions examples/fact_questions.parquet --schedule trained --schedule full \
         --schedule ref:bf16 --schedule ref:t0.3 --out "$2"
+}
+evaluate_lever() {  # MODEL OUT: the levers' evaluation (32 held-out prompts, every fact question)
+    $SK eval --model "$1" --prompts examples/heldout_prompts.parquet --limit 32 \
+        --questions examples/fact_questions.parquet --schedule trained --schedule full --out "$2"
 }
 stage train15 && train runs/skip15 runs/calibrate/skip15.json "$STEPS15"
 stage eval15 && evaluate runs/skip15 runs/eval-skip15
@@ -126,8 +131,23 @@ for div in rkl:reverse jsd:jsd; do
     stage "train$name" && train "runs/fast-$name" runs/calibrate/skip-fast.json "${STEPSF:-400}" --lr 2e-4 \
         --warmup-steps 20 --data runs/data/self128 --divergence "${div#*:}" \
         $( [ -f "runs/fast-$name/checkpoint/trainer_state.pt" ] || echo --init-adapter runs/skip15h )
-    stage "eval$name" && evaluate "runs/fast-$name" "runs/eval-fast-$name"
+    stage "eval$name" && evaluate_lever "runs/fast-$name" "runs/eval-fast-$name"
 done
+if stage hold5; then  # a five-step hold: full depth for steps 0-4, then down to 11 layers by step 7 (power 6),
+    # the default's drop order (19.75 layers per token over 16 tokens, 13.19 over 64, first token included)
+    $PY -c 'import json; s = json.load(open("runs/calibrate/skip-fast.json")); s.update(min_layers=11, decay_tokens=7, shape="power", power=6.0); json.dump(s, open("runs/calibrate/hold5.json", "w"))'
+fi
+stage trainhold5 && train runs/hold5 runs/calibrate/hold5.json "${STEPSF:-400}" --lr 2e-4 --warmup-steps 20 \
+    --data runs/data/self128 $( [ -f runs/hold5/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15h )
+stage evalhold5 && evaluate_lever runs/hold5 runs/eval-hold5
+if stage factsdata; then  # facts in the data: short factual questions the model writes itself from openings
+    # ("Who", "What year", ...), none close to a held-out prompt or question, with the base model's greedy short
+    # answers and its top-16 log-probs per token
+    $SK distill-data --model smollm2-base --self-prompts "${FACT_PROMPTS:-8000}" "${HELD[@]}" \
+        --self-prompt-starts "Who,Who was,What year,Which,What is the capital of,How many,Where is,When did,What is the name of,Which country" \
+        --out runs/data/facts --shard-size 500 --samples 1 --temperature 0 --topk 16 --max-new-tokens 48 \
+        --batch-size 32 --seed 120000
+fi
 if stage package; then  # fp16 adapter + skipray.json into the package
     $PY scripts/package_adapter.py runs/skip15h skipray/assets/smollm2-skip
     [ -d runs/skip2x ] && $PY scripts/package_adapter.py runs/skip2x skipray/assets/smollm2-skip-2x \

@@ -69,9 +69,12 @@ def self_prompts(
     exclude: Iterable[str] = (),
     progress: bool = True,
     seen: set[str] | None = None,
+    starts: Sequence[str] = (),
 ) -> list[str]:
     """Up to ``n`` distinct user prompts written by the model itself (Magpie, arXiv 2406.08464, section 2),
-    none of them in ``seen`` or close to a text of ``exclude``."""
+    none of them in ``seen`` or close to a text of ``exclude``. ``starts``: openings the model continues (row
+    ``i`` of a batch takes ``starts[i % len(starts)]``), e.g. "Who", "What year" for short factual questions;
+    the prompt keeps its opening."""
     from tqdm import tqdm
 
     from skipray.core.config import EngineConfig
@@ -81,7 +84,9 @@ def self_prompts(
     tok = loaded.tokenizer
     query = user_header_ids(tok)
     held = [set(_norm(x).split()) for x in exclude]
-    config = EngineConfig(max_num_seqs=batch_size, max_model_len=len(query) + max_new_tokens)
+    openings = [s.strip() for s in starts] or [""]
+    queries = [query + (tok(o, add_special_tokens=False)["input_ids"] if o else []) for o in openings]
+    config = EngineConfig(max_num_seqs=batch_size, max_model_len=max(map(len, queries)) + max_new_tokens)
     engine = Engine(loaded.model, config=config, eos_token_ids=loaded.eos_token_ids)
     seen = set() if seen is None else seen  # normalized prompts already taken (updated in place)
     out: list[str] = []
@@ -93,10 +98,11 @@ def self_prompts(
             for i in range(batch_size)
         ]
         tries += batch_size
-        for c in engine.generate([query] * batch_size, params):
+        rows = [i % len(openings) for i in range(batch_size)]
+        for j, c in zip(rows, engine.generate([queries[j] for j in rows], params)):
             if c.finish_reason != "stop":  # cut off mid-sentence: not a whole prompt
                 continue
-            text = decode(tok, c.token_ids).strip()
+            text = (openings[j] + decode(tok, c.token_ids)).strip()
             key = _norm(text)
             if len(key) < 12 or key in seen or too_close(text, held):
                 continue
@@ -254,10 +260,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if not args.topk:
             raise ValueError("--policy needs --topk K: the full model's top-K scores are the training signal")
     distill_args = (args.chat, args.max_new_tokens, args.batch_size, args.temperature, args.top_p)
+    starts = [s for s in args.self_prompt_starts.split(",") if s.strip()]
     t0 = time.perf_counter()
     if args.out.endswith(".parquet") and not args.shard_size:  # one file
         if args.self_prompts:
-            prompts += self_prompts(loaded, args.self_prompts, seed=args.seed, exclude=_held_out_texts(args.exclude))
+            prompts += self_prompts(
+                loaded, args.self_prompts, seed=args.seed, exclude=_held_out_texts(args.exclude), starts=starts
+            )
         rows = distill(
             loaded, prompts, *distill_args, seed=args.seed, samples=args.samples, topk=args.topk, policy=policy
         )
@@ -294,7 +303,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
             if shard.exists():
                 seen |= {_norm(p) for p in pq.read_table(shard, columns=["prompt"]).column("prompt").to_pylist()}
                 continue
-            made = self_prompts(loaded, size, seed=args.seed + 10**6 * (k + 1), exclude=exclude, seen=seen)
+            made = self_prompts(
+                loaded, size, seed=args.seed + 10**6 * (k + 1), exclude=exclude, seen=seen, starts=starts
+            )
             rows = distill(
                 loaded,
                 made,
@@ -324,6 +335,12 @@ def register(sub) -> None:
         action="append",
         default=[],
         help="Parquet of held-out prompts/questions: model-written prompts close to them are dropped",
+    )
+    p.add_argument(
+        "--self-prompt-starts",
+        default="",
+        help="comma-separated openings the model-written prompts continue (e.g. 'Who,What year,Which country'):"
+        " short factual questions",
     )
     p.add_argument("--out", required=True, help="a .parquet file, or a directory of resumable shards")
     p.add_argument("--shard-size", type=int, default=0, help="prompts per shard (directory output)")
