@@ -51,6 +51,8 @@ class TrainConfig:
     warmup_steps: int = 30
     kl_weight: float = 1.0
     divergence: str = "forward"  # forward KL, reverse KL or JSD between teacher and student (see `divergence`)
+    early_tokens: int = 0  # the first answer tokens whose loss is weighted by early_weight (0: none)
+    early_weight: float = 1.0  # e.g. 4.0: facts, decided in the first tokens, weigh four times as much
     ce_weight: float = 0.0
     clip: float = 1.0
     max_len: int = 256
@@ -62,6 +64,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.early_tokens < 0 or self.early_weight <= 0:
+            raise ValueError(
+                f"early_tokens must be >= 0 and early_weight > 0, got {self.early_tokens}, {self.early_weight}"
+            )
 
 
 # -- loss -----------------------------------------------------------------------------------------
@@ -143,9 +149,12 @@ def skip_loss(
     ce_weight: float,
     cached_prompt: bool | None = None,
     divergence_kind: str = "forward",
+    early: tuple[int, float] = (0, 1.0),
 ) -> tuple[torch.Tensor, dict]:
     """Distillation (+ optional CE) loss of the skip student against the full-depth teacher; the
     distillation term is ``divergence_kind`` (``divergence``), logged as ``kl`` whatever its kind.
+    ``early = (n, w)``: the first ``n`` answer tokens weigh ``w`` times the others in the loss's token mean
+    (the logged ``agree`` stays an unweighted share).
     ``cached_prompt`` (default: when the student is a LoRA skip adapter, which never touches the prompt)
     runs the prompt once without gradients (``answer_logits``); else one forward covers everything."""
     from skipray.core.model import Segment, forward, full_plan, training_plan
@@ -163,13 +172,17 @@ def skip_loss(
         adapter = adapter_mask(schedule, B, P, T, tokens.device)
         student = forward(model, Segment(tokens, positions, plan, real, logits_at=cols, adapter=adapter)).float()
     logp = F.log_softmax(student, -1)
-    n = mask.sum().clamp(min=1)
+    count = mask.sum().clamp(min=1)
+    weight = mask.float()
+    if early[0] > 0 and early[1] != 1.0:
+        weight[:, : early[0]] *= early[1]
+    n = weight.sum().clamp(min=1e-6)
     stats = {}
     loss = torch.zeros((), device=student.device)
     if kl_weight > 0 and batch.teacher_ids is not None:
         kl = topk_kl(batch.teacher_logprobs, batch.teacher_ids, logp, divergence_kind)
-        kl = (kl * mask).sum() / n
-        agree = ((student.argmax(-1) == batch.teacher_ids[..., 0]) & mask).sum() / n
+        kl = (kl * weight).sum() / n
+        agree = ((student.argmax(-1) == batch.teacher_ids[..., 0]) & mask).sum() / count
         loss = loss + kl_weight * kl
         stats.update(kl=float(kl), agree=float(agree))
     elif kl_weight > 0:
@@ -178,14 +191,14 @@ def skip_loss(
             t_logits = forward(tmodel, full).float()
         t_logp = F.log_softmax(t_logits, -1)
         kl = divergence(t_logp, logp, divergence_kind)
-        kl = (kl * mask).sum() / n
-        agree = ((student.argmax(-1) == t_logits.argmax(-1)) & mask).sum() / n
+        kl = (kl * weight).sum() / n
+        agree = ((student.argmax(-1) == t_logits.argmax(-1)) & mask).sum() / count
         loss = loss + kl_weight * kl
         stats.update(kl=float(kl), agree=float(agree))
     if ce_weight > 0:
         targets = tokens[:, P:]
         ce = F.cross_entropy(logp.transpose(1, 2), targets, reduction="none")
-        ce = (ce * mask).sum() / n
+        ce = (ce * weight).sum() / n
         loss = loss + ce_weight * ce
         stats["ce"] = float(ce)
     stats["loss"] = float(loss)
@@ -306,7 +319,14 @@ def train(
         for _ in range(cfg.grad_accum):
             batch = collate(next(data), pad).to(model.hf.device)
             loss, stats = skip_loss(
-                model, teacher, batch, schedule, cfg.kl_weight, cfg.ce_weight, divergence_kind=cfg.divergence
+                model,
+                teacher,
+                batch,
+                schedule,
+                cfg.kl_weight,
+                cfg.ce_weight,
+                divergence_kind=cfg.divergence,
+                early=(cfg.early_tokens, cfg.early_weight),
             )
             (loss / cfg.grad_accum).backward()
             for k, v in stats.items():

@@ -79,6 +79,8 @@ def register(sub) -> None:
         ("max-len", int),
         ("save-every", int),
         ("seed", int),
+        ("early-tokens", int),
+        ("early-weight", float),
     ):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--device", default=None)

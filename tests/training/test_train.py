@@ -190,3 +190,35 @@ def test_train_command_line_builds_the_config():
     assert cfg.steps == 3 and cfg.schedule == {"max_layers": 20, "min_layers": 8, "decay_tokens": 64}
     with pytest.raises(ValueError, match="--max-layers"):
         config_from_args(build_parser().parse_args(["train", "--data", "d", "--out", "o"]))
+
+
+def test_early_tokens_weigh_more_in_the_loss():
+    """``early=(n, w)``: a weighted token mean; weighting every token alike changes nothing, and a huge weight on
+    the first two answer tokens gives the loss of the answers cut to those two tokens (causal: the same logits)."""
+    from conftest import tiny_llama
+
+    from skipray.core.model import SkipModel
+    from skipray.core.schedule import SkipSchedule
+    from skipray.training.train import skip_loss
+
+    model = SkipModel(tiny_llama())
+    g = torch.Generator().manual_seed(0)
+
+    def example(r: int) -> Example:
+        ids = torch.randint(3, 90, (r, 3), generator=g).tolist()
+        lps = torch.log_softmax(torch.randn(r, 3, generator=g), -1).tolist()
+        return Example([5, 6, 7], list(range(10, 10 + r)), ids, lps)
+
+    exs = [example(6), example(6)]
+    cut = [Example(e.prompt_ids, e.response_ids[:2], e.teacher_ids[:2], e.teacher_logprobs[:2]) for e in exs]
+    sched = SkipSchedule(6, 6, 2, decay_tokens=4)
+
+    def loss(examples, early):
+        with torch.no_grad():
+            out, _ = skip_loss(model, None, collate(examples, 0), sched, 1.0, 0.0, cached_prompt=False, early=early)
+        return float(out)
+
+    plain = loss(exs, (0, 1.0))
+    assert loss(exs, (6, 5.0)) == pytest.approx(plain, rel=1e-5)
+    assert loss(exs, (2, 1e6)) == pytest.approx(loss(cut, (0, 1.0)), rel=1e-4)
+    assert loss(exs, (2, 1e6)) != pytest.approx(plain, rel=1e-3)
