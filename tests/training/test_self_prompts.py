@@ -11,9 +11,7 @@ def test_self_prompts_continue_their_openings_and_skip_held_out_questions():
     loaded = load("default")
     starts = ["Who was", "What year"]
     held = ["Who was the first president of the United States?"]
-    got = self_prompts(
-        loaded, 6, seed=0, batch_size=8, max_new_tokens=32, exclude=held, progress=False, starts=starts
-    )
+    got = self_prompts(loaded, 6, seed=0, batch_size=8, max_new_tokens=32, exclude=held, progress=False, starts=starts)
     assert got, "no question ended within 32 tokens"
     assert all(p.startswith(tuple(starts)) for p in got), got
     assert len({_norm(p) for p in got}) == len(got)
