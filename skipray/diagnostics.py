@@ -9,7 +9,9 @@ make the host wait for the device or that a GPU decode step should not have:
 * ``data_dependent``: ops whose output shape depends on the data (``nonzero``, ``masked_select``,
   ``unique``), which must read the device's result before allocating;
 * ``device_to_host``: copies from a CUDA tensor to the CPU;
-* ``host_to_device_unpinned``: copies from pageable (not pinned) host memory to CUDA;
+* ``host_to_device_unpinned``: copies from pageable (not pinned) host memory to CUDA, ``torch.tensor`` /
+  ``torch.as_tensor`` of Python data onto a device included (seen at the Python level: their copy bypasses the
+  dispatch mode);
 * ``ops``: every dispatched op, a proxy for kernel launches.
 
 ``HostSyncs.syncs`` is the sum of the first four. On a CPU the copy kinds stay 0 (there is no device), but
@@ -38,7 +40,14 @@ class _Reads(TorchFunctionMode):
         self.owner = owner
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") not in READS:
+        name = getattr(func, "__name__", "")
+        if name in ("tensor", "as_tensor") and func in (torch.tensor, torch.as_tensor):
+            device = (kwargs or {}).get("device")
+            data = args[0] if args else None
+            if device is not None and torch.device(device).type != "cpu" and not isinstance(data, torch.Tensor):
+                self.owner.counts["host_to_device_unpinned"] += 1  # Python data: copied from pageable memory
+            return func(*args, **(kwargs or {}))
+        if name not in READS:
             return func(*args, **(kwargs or {}))
         self.owner.counts["scalar"] += 1
         self.owner.reading += 1

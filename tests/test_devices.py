@@ -127,7 +127,10 @@ def test_host_syncs_are_counted_on_the_cpu_too():
         bool(t[1] > 0)
         torch.nonzero(t)
         t * 2
-    assert h.counts["scalar"] == 3 and h.counts["data_dependent"] == 1 and h.syncs == 4 and h.counts["ops"] >= 5
+        torch.tensor([1, 2], device="meta")  # Python data onto a device: a copy from pageable memory
+        torch.as_tensor(t, device="cpu")
+    assert h.counts["scalar"] == 3 and h.counts["data_dependent"] == 1 and h.counts["ops"] >= 5
+    assert h.counts["host_to_device_unpinned"] == 1 and h.syncs == 5
 
 
 class _EvenTokens:

@@ -43,7 +43,8 @@ rows) and the batched sampler (``skipray.core.sampling.sample_rows``); both get 
   ``step`` never raises for these and returns every event produced before the failure.
 
 With greedy sampling, and with seeded sampling, each request produces the tokens it would produce
-alone, whatever shares its batch (tested).
+alone, whatever shares its batch (tested on the CPU; on a GPU the batch size changes the matmuls' kernels and so
+the logits' last bits, which can flip near-ties).
 """
 
 from __future__ import annotations

@@ -17,8 +17,10 @@ Contract:
   layer's cache (as ``KVCache.write`` would).
 * ``DecodeGraphs(model, cache)``: ``run(static)`` -> the logits ``(B, 1, vocab)`` of a static decode segment,
   replaying the CUDA graph captured for its ``key`` (captured on first use, after a warm-up pass; every graph
-  shares one memory pool). The graphs hold the cache's and the weights' addresses: ``clear()`` them when either
-  is replaced (``ModelRunner.ensure_cache``, ``Engine.refresh_weights``). CUDA only.
+  shares one memory pool and writes its logits into one buffer, valid until the next ``run``). At most
+  ``MAX_GRAPHS`` graphs are captured; beyond them, and for a shape whose capture failed (logged once; e.g. an op
+  that syncs), the pass runs eagerly. The graphs hold the cache's and the weights' addresses: ``clear()`` them
+  when either is replaced (``ModelRunner.ensure_cache``, ``Engine.refresh_weights``). CUDA only.
 
 The padded pass gives the live rows the logits the unpadded pass gives them (each row's attention reads only its
 own cache row, masked by its own slot), up to the summation order of matmuls over a different batch size.
@@ -26,6 +28,7 @@ own cache row, masked by its own slot), up to the summation order of matmuls ove
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,7 +36,10 @@ import torch
 
 from skipray.core.model import LayerRun, Segment, forward_segments
 
+logger = logging.getLogger(__name__)
+
 SLOT_BUCKET = 128  # attention reads the cache in multiples of this many slots on a static pass
+MAX_GRAPHS = 64  # captured decode shapes per engine; each holds its own activations in the shared pool
 
 
 def batch_sizes(max_num_seqs: int) -> list[int]:
@@ -106,25 +112,37 @@ class DecodeGraphs:
 
     def __init__(self, model, cache) -> None:
         self.model, self.cache = model, cache
-        self.graphs: dict[tuple, tuple] = {}  # key -> (graph, its input segment, its output logits)
+        self.graphs: dict[tuple, tuple] = {}  # key -> (graph, its input segment)
+        self.failed: set[tuple] = set()  # keys whose capture raised: run eagerly
         self.pool = None
+        self.logits: torch.Tensor | None = None  # (rows, 1, vocab): every graph writes its logits here
 
     def clear(self) -> None:
         """Forget every graph (the cache or the weights they read were replaced)."""
         self.graphs.clear()
-        self.pool = None
+        self.failed.clear()
+        self.pool = self.logits = None
 
     def run(self, static: StaticDecode) -> torch.Tensor:
-        """The logits ``(B, 1, vocab)`` of ``static.segment``: its inputs copied into the graph's, one replay."""
-        hit = self.graphs.get(static.key)
+        """The logits ``(B, 1, vocab)`` of ``static.segment``: its inputs copied into the graph's, one replay (or an
+        eager pass: module contract)."""
+        key = static.key
+        hit = self.graphs.get(key)
+        if hit is None and key not in self.failed and len(self.graphs) < MAX_GRAPHS:
+            try:
+                with torch.cuda.device(static.segment.tokens.device):
+                    hit = self.graphs[key] = self._capture(static.segment)
+            except Exception as e:  # noqa: BLE001 - this shape runs eagerly from now on
+                self.failed.add(key)
+                logger.warning("CUDA graph capture failed for decode shape %s (%r); running it eagerly", key, e)
         if hit is None:
-            hit = self.graphs[static.key] = self._capture(static.segment)
-        graph, seg, out = hit
+            return forward_segments(self.model, [static.segment], self.cache)[0]
+        graph, seg = hit
         seg.tokens.copy_(static.segment.tokens, non_blocking=True)
         seg.start.copy_(static.segment.start, non_blocking=True)
         seg.adapter.copy_(static.segment.adapter, non_blocking=True)
         graph.replay()
-        return out
+        return self.logits[: seg.tokens.shape[0]]
 
     def _capture(self, seg: Segment) -> tuple:
         """Capture the pass over ``seg``'s own input tensors (a warm-up pass first, on a side stream, as CUDA graph
@@ -141,9 +159,14 @@ class DecodeGraphs:
             end=seg.end,
         )
         seg.positions = seg.start[:, None]  # a view: the positions follow the slots copied in
+        b = seg.tokens.shape[0]
 
-        def step() -> torch.Tensor:
-            return forward_segments(self.model, [seg], self.cache)[0]
+        if self.logits is None:  # outside the pool, on the current stream: one buffer for every graph's logits
+            shape = (self.cache.max_batch, 1, self.model.vocab_size)
+            self.logits = torch.empty(shape, dtype=self.cache.k[0].dtype, device=seg.tokens.device)
+
+        def step() -> None:
+            self.logits[:b].copy_(forward_segments(self.model, [seg], self.cache)[0])
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -154,5 +177,5 @@ class DecodeGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = step()
-        return graph, seg, out
+            step()
+        return graph, seg

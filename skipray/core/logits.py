@@ -105,7 +105,7 @@ def process(
     if banned[0]:
         out.index_put_(
             (to_device(banned[0], torch.long), to_device(banned[1], torch.long)),
-            torch.tensor(float("-inf"), device=dev),
+            torch.full((), float("-inf"), device=dev),
         )
     if seen[0]:
         at = (to_device(seen[0], torch.long), to_device(seen[1], torch.long))

@@ -167,7 +167,7 @@ class ModelRunner:
                 )
                 if static is not None:
                     out = self.graphs.run(static) if self.graphs is not None else self.run([static.segment])[0]
-                    return StepOutput(_last_token(out[: static.n]), [])
+                    return StepOutput(_last_token(out[: static.n]), [])  # a graph's: valid until the next step
             except Exception as e:  # noqa: BLE001 - the decode rows' failure, as the eager pass's would be
                 return StepOutput(e, [])
         decode = None

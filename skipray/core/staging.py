@@ -37,7 +37,7 @@ class HostStaging:
         if not self.pinned:
             return
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))
         self._events[self._current] = done
         self._current = 1 - self._current
         if self._events[self._current] is not None:

@@ -120,3 +120,33 @@ def test_steps_that_cannot_be_static_are_refused():
     assert static_decode(*args, rows, 2, lens, 1, host) is None  # more rows than the cache has
     with pytest.raises(IndexError, match="layer 1 holds 6 slots"):
         static_decode(*args, rows, 2, [64, 6, 64, 64], 4, host)
+
+
+def test_a_shape_whose_capture_fails_runs_eagerly_and_is_not_retried(monkeypatch, caplog):
+    """A capture that raises (an op that syncs, out of memory) is logged once; that shape then runs eagerly and
+    gives the eager logits. (The capture itself needs CUDA: ``scripts/gpu_check.sh`` replays graphs there.)"""
+    from contextlib import nullcontext
+
+    from skipray.core.graphs import DecodeGraphs
+
+    eng, _ = engines(False)
+    for p in ([5, 6, 7], [8, 9, 10]):
+        eng.add_request(p, SamplingParams(max_tokens=10, ignore_eos=True))
+    eng.step()
+    tokens, slots, adapter, rows = plan_of(eng)
+    static = static_decode(tokens, slots, adapter, rows, 2, eng.cache.layer_lens, 6, host)
+    tries = []
+
+    def refuse(seg):
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = DecodeGraphs(eng.model, eng.cache)
+    monkeypatch.setattr(graphs, "_capture", refuse)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    with torch.inference_mode():
+        want = forward_segments(eng.model, [static.segment], eng.cache)[0]
+        for _ in range(2):
+            torch.testing.assert_close(graphs.run(static), want)
+    assert tries == [1] and static.key in graphs.failed and not graphs.graphs
+    assert "capture failed" in caplog.text
