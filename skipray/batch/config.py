@@ -18,8 +18,8 @@ Contract (pydantic 2; no Ray, no torch):
   ``ProcessorConfig.get_concurrency(autoscaling_enabled=True)``), ``(min, max)`` as given (``pool``).
 * ``engine_kwargs`` keys mapped onto the engine: ``max_num_seqs``, ``max_model_len`` (the context of
   the length check, as the ``max_model_len`` field), ``max_num_batched_tokens`` and
-  ``enable_chunked_prefill`` (``chunked_prefill_tokens``, ``prefill_tokens``), and ``task_type``
-  (must match the field).
+  ``enable_chunked_prefill`` (``chunked_prefill_tokens``, ``prefill_tokens``), ``enforce_eager``
+  (``EngineConfig.enforce_eager``; default True), and ``task_type`` (must match the field).
 * The chat template (``chat_template_stage``: a bool, a dict or Ray's ``ChatTemplateStageConfig``):
   ``enabled`` (False: ``messages`` rows are error rows), ``chat_template`` (a Jinja template that
   replaces the model's) and ``chat_template_kwargs`` (the template's variables, e.g.
@@ -75,7 +75,14 @@ OWN_FIELDS = (
     "max_model_len",
     "engine_retries",
 )
-ENGINE_KWARGS = ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "enable_chunked_prefill", "task_type")
+ENGINE_KWARGS = (
+    "max_num_seqs",
+    "max_model_len",
+    "max_num_batched_tokens",
+    "enable_chunked_prefill",
+    "enforce_eager",
+    "task_type",
+)
 
 # Ray's stage configs' fields (ray.llm._internal.batch.stages.configs), stage -> its own fields
 STAGE_BASE = ("enabled", "batch_size", "concurrency", "runtime_env", "num_cpus", "memory")
@@ -238,10 +245,9 @@ class SkipDecodeProcessorConfig(BaseModel):
             v = kw.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"engine_kwargs[{key!r}] must be an int >= 1, got {v!r}")
-        if kw.get("enable_chunked_prefill") not in (None, True, False):
-            raise ValueError(
-                f"engine_kwargs['enable_chunked_prefill'] must be a bool, got {kw['enable_chunked_prefill']!r}"
-            )
+        for key in ("enable_chunked_prefill", "enforce_eager"):
+            if kw.get(key) not in (None, True, False):
+                raise ValueError(f"engine_kwargs[{key!r}] must be a bool, got {kw[key]!r}")
         if kw.get("task_type", self.task_type) != self.task_type:
             raise ValueError(
                 f"engine_kwargs['task_type'] {kw['task_type']!r} differs from task_type {self.task_type!r}"
@@ -282,7 +288,7 @@ class SkipDecodeProcessorConfig(BaseModel):
             out.append("prepare_multimodal_stage (the models take text only: a row with image parts is an error row)")
         extra = sorted(k for k in self.engine_kwargs if k not in ENGINE_KWARGS)
         if extra:
-            out.append(f"engine_kwargs {extra} (skipray maps only {list(ENGINE_KWARGS[:4])})")
+            out.append(f"engine_kwargs {extra} (skipray maps only {list(ENGINE_KWARGS[:-1])})")
         return out
 
     @property

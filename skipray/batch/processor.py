@@ -153,6 +153,7 @@ class SkipDecodeProcessor:
                 max_model_len=min(context, 256 + max_tokens),
                 max_num_batched_tokens=config.chunked_prefill_tokens,
                 max_prefill_tokens=config.prefill_tokens or EngineConfig.max_prefill_tokens,
+                enforce_eager=config.engine_kwargs.get("enforce_eager", EngineConfig.enforce_eager) is not False,
             ),
             bucket=config.bucket_window > 1,
             threads=config.torch_threads,

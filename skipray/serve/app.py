@@ -61,9 +61,19 @@ ENGINE_ARGS = (
     "max_prefill_tokens",
     "max_num_batched_tokens",
     "max_offline_rows",
+    "enforce_eager",
 )
 # the Serve app's own sizes, where they differ from EngineConfig's defaults
 SERVE_ENGINE_CONFIG = EngineConfig(max_num_seqs=16, max_model_len=1024, max_waiting=32)
+
+
+def _boolean(v: Any) -> bool:
+    """A YAML or command-line boolean (``true``/``false``, also as strings); raises ``ValueError`` otherwise."""
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("true", "false"):
+        return str(v).lower() == "true"
+    raise ValueError(f"expected true or false, got {v!r}")
 
 
 def engine_config(args: dict[str, Any], max_positions: int) -> EngineConfig:
@@ -74,8 +84,8 @@ def engine_config(args: dict[str, Any], max_positions: int) -> EngineConfig:
     given = {k: args[k] for k in ENGINE_ARGS if args.get(k) is not None}
     if not given.get("max_num_batched_tokens"):
         given.pop("max_num_batched_tokens", None)
-    floats = {"gpu_memory_utilization"}
-    config = SERVE_ENGINE_CONFIG.replace(**{k: float(v) if k in floats else int(v) for k, v in given.items()})
+    kinds = {"gpu_memory_utilization": float, "enforce_eager": _boolean}
+    config = SERVE_ENGINE_CONFIG.replace(**{k: kinds.get(k, int)(v) for k, v in given.items()})
     return config.replace(max_model_len=min(config.max_model_len, max_positions))
 
 

@@ -218,6 +218,10 @@ def test_the_processor_sizes_its_engine_through_engine_config(tiny_dir):
     p = SkipDecodeProcessor(proc_config(tiny_dir))
     assert p.row_context.max_model_len == p.facts.max_positions == 96  # no max_model_len: the model's context
     assert p.actor_spec.engine == EngineConfig(max_num_seqs=2, max_model_len=96)  # min(context, 256 + max_tokens)
+    eager = SkipDecodeProcessor(proc_config(tiny_dir, engine_kwargs={"max_num_seqs": 2, "enforce_eager": False}))
+    assert not eager.actor_spec.engine.enforce_eager  # vLLM's engine kwarg: CUDA graphs on a GPU
+    with pytest.raises(ValueError, match="enforce_eager"):
+        proc_config(tiny_dir, engine_kwargs={"enforce_eager": "no"})
     p = SkipDecodeProcessor(proc_config(tiny_dir, max_model_len=80, sampling_params={"max_tokens": 4}))
     assert p.row_context.max_model_len == context_length(80, 96) == 80
     assert p.actor_spec.engine.max_model_len == 80

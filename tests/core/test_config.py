@@ -201,6 +201,10 @@ def test_the_serve_app_builds_its_engine_config():
     for off in (None, 0):
         assert engine_config({"max_num_batched_tokens": off}, 2048).max_num_batched_tokens is None
     assert engine_config({"max_num_batched_tokens": 32}, 2048).max_num_batched_tokens == 32
+    assert engine_config({}, 2048).enforce_eager and not engine_config({"enforce_eager": "false"}, 2048).enforce_eager
+    assert not engine_config({"enforce_eager": False}, 2048).enforce_eager
+    with pytest.raises(ValueError, match="true or false"):
+        engine_config({"enforce_eager": "maybe"}, 2048)
     with pytest.raises(TypeError, match="given twice"):
         engine_config({"max_batch": 8, "max_num_seqs": 8}, 2048)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
