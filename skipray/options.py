@@ -31,6 +31,13 @@ def add_schedule_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated layers in the order they stop running (default: SkipDecode's)",
     )
     g.add_argument(
+        "--sublayers",
+        action="store_true",
+        default=None,
+        help="attention and MLP blocks drop separately (--drop-order then lists units: 2l attention, 2l+1 MLP)",
+    )
+    g.add_argument("--attn-share", type=float, help="with --sublayers: an attention block's share of a layer's FLOPs")
+    g.add_argument(
         "--schedule-file",
         help="a schedule JSON (from `skipray calibrate`, or a model's skipray.json); "
         "the flags above override its fields",

@@ -10,7 +10,8 @@ Contract:
 
 * ``static_decode(tokens, slots, adapter, layer_rows, rows_in_use, layer_lens, max_rows, to_device)`` -> a
   ``StaticDecode`` (its ``Segment`` over cache rows ``0..B-1`` and the shape ``key``), or ``None`` when the step
-  cannot take static shapes: rows at different depths (a layer that runs on some rows only), more rows than the
+  cannot take static shapes: rows at different depths (a layer that runs on some rows only), sublayer skipping
+  (attention and MLP of a layer on different rows), more rows than the
   largest batch size or the cache, or rows past the decoding ones in use (a prompt being prefilled there). Padding
   rows ``n..B-1`` are free cache rows: they decode token 0 at slot 0 (which a new request's prompt overwrites
   before anything reads it) and their logits are dropped. Raises ``IndexError`` when a row's slot lies past a
@@ -71,7 +72,7 @@ def static_decode(
     """The decode step of rows ``0..n-1`` (``tokens``, ``slots``, ``adapter`` per row; ``layer_rows[l]``: the rows
     that run layer ``l``) in static shapes, or ``None`` where it cannot be (module contract)."""
     n = len(tokens)
-    if n == 0 or rows_in_use != n or any(r and len(r) != n for r in layer_rows):
+    if n == 0 or rows_in_use != n or any(isinstance(r, tuple) or (r and len(r) != n) for r in layer_rows):
         return None
     size = next((s for s in batch_sizes(max_rows) if s >= n), None)
     if size is None:

@@ -46,6 +46,7 @@ from torch import nn
 
 from skipray.core.architectures import FAMILIES, rope_tables
 from skipray.core.attention import attend
+from skipray.core.blocks import join, layer_pass, part
 from skipray.core.cache import KVCache
 from skipray.core.fastpath import layer_kernels, run_layers
 from skipray.core.lora import masked_lora
@@ -61,6 +62,18 @@ class LayerRun(NamedTuple):
     cols: int | None
     adapter_flags: tuple[bool, bool] | None = None
     end: int | None = None
+
+
+class SplitRun(NamedTuple):
+    """Sublayer skipping: where a plan runs a layer's attention block and where its MLP block (``LayerRun`` each,
+    ``None``: that block is skipped); ``end`` is the attention's (what writes the cache)."""
+
+    attn: LayerRun | None
+    mlp: LayerRun | None
+
+    @property
+    def end(self) -> int | None:
+        return None if self.attn is None else self.attn.end
 
 
 class SkipModel(nn.Module):
@@ -143,6 +156,13 @@ class SkipModel(nn.Module):
         head = self.hf.lm_head.weight.numel()
         return CostModel(layer_params, self.num_heads * self.head_dim, head, self.body.embed_tokens.weight.numel())
 
+    def attention_share(self) -> float:
+        """An attention block's share of a decoder layer's weights (the FLOP weight of sublayer skipping's
+        attention units, ``SkipSchedule.attn_share``; the MLP has the rest). 0.25 for SmolLM2-135M."""
+        named = list(self.layers[0].named_parameters())
+        attn = sum(p.numel() for n, p in named if "attn" in n and "norm" not in n)
+        return attn / sum(p.numel() for n, p in named if "norm" not in n)
+
     def new_cache(self, max_batch: int, max_len: int, layer_lens: Sequence[int] | None = None) -> KVCache:
         """A ``KVCache`` in the model's dtype and device; ``layer_lens`` as in ``KVCache`` (default:
         ``max_len`` slots for every layer; ``skipray.core.memory.layer_slots`` sizes them for a schedule)."""
@@ -161,11 +181,21 @@ def step_plan(
     return [LayerRun(rows, None) if l in on else None for l in range(num_layers)]
 
 
-def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun | None]:
+def training_plan(schedule, prompt_len: int, total_len: int) -> list[LayerRun | SplitRun | None]:
     """Columns ``[0, prompt_len)`` hold the (left-padded) prompt, column ``prompt_len + i`` the token
-    consumed at generation step ``i``. Layer ``l`` runs on the prompt plus the steps that include it."""
+    consumed at generation step ``i``. Layer ``l`` runs on the prompt plus the steps that include it (with
+    sublayers, its attention and its MLP each on the prompt plus the steps that run them: a ``SplitRun``)."""
     horizon = max(total_len - prompt_len, 0)
-    return [LayerRun(slice(None), prompt_len + schedule.steps_running(l, horizon)) for l in range(schedule.num_layers)]
+    plan: list[LayerRun | SplitRun | None] = []
+    for l in range(schedule.num_layers):
+        attn = LayerRun(slice(None), prompt_len + schedule.steps_running(l, horizon))
+        mlp = (
+            LayerRun(slice(None), prompt_len + schedule.steps_running(l, horizon, "mlp"))
+            if schedule.sublayers
+            else attn
+        )
+        plan.append(attn if mlp == attn else SplitRun(attn, mlp))
+    return plan
 
 
 @dataclass
@@ -250,31 +280,6 @@ class _State:
     adapter: torch.Tensor | None = None  # the segment's adapter mask; None when it marks nothing
 
 
-def _join(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``(b_i, t_i, d)`` parts -> one ``(1, sum b_i t_i, d)`` token row (one part: itself)."""
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([p.reshape(1, p.shape[0] * p.shape[1], p.shape[-1]) for p in parts], 1)
-
-
-def _part(x: torch.Tensor, sizes: list[tuple[int, int]], j: int) -> torch.Tensor:
-    """Part ``j`` of a joined ``(1, N, d)`` tensor as ``(b_j, t_j, d)`` (one part: ``x`` itself)."""
-    if len(sizes) == 1:
-        return x
-    off = sum(b * t for b, t in sizes[:j])
-    b, t = sizes[j]
-    return x[0, off : off + b * t].view(b, t, x.shape[-1])
-
-
-def _heads_part(x: torch.Tensor, sizes: list[tuple[int, int]], j: int) -> torch.Tensor:
-    """Part ``j`` of a joined ``(1, heads, N, d)`` tensor as ``(b_j, heads, t_j, d)``."""
-    if len(sizes) == 1:
-        return x
-    off = sum(b * t for b, t in sizes[:j])
-    b, t = sizes[j]
-    return x[0, :, off : off + b * t].reshape(x.shape[1], b, t, x.shape[-1]).transpose(0, 1)
-
-
 def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: KVCache | None) -> list[torch.Tensor]:
     """The layer loop behind ``forward`` and ``forward_segments``."""
     for s in segs:
@@ -318,57 +323,32 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
             ),
         )
     for l, layer in enumerate(model.layers if kernels is None else ()):
-        runs = []  # (segment, rows, cols, whole) of the segments that run this layer; whole: all rows and columns
-        for i, s in enumerate(segs):
-            if s.plan[l] is None:
-                continue
-            rows, cols = s.plan[l][0], s.plan[l][1]  # a LayerRun, or a plain (rows, cols) pair
-            t = s.tokens.shape[1]
-            cols = t if cols is None else min(cols, t)
-            if cols <= 0:
-                continue
-            if cache is not None and cols != t:
-                raise ValueError("column-limited layers are for training; the cache path takes whole columns")
-            runs.append((i, rows, cols, isinstance(rows, slice) and rows == slice(None) and cols == t))
-        if not runs:
-            continue
-        xs = [states[i].h if whole else states[i].h[rows, :cols] for i, rows, cols, whole in runs]
-        sizes = [(x.shape[0], x.shape[1]) for x in xs]
-        ams = [
-            None if states[i].adapter is None else states[i].adapter if whole else states[i].adapter[rows, :cols]
-            for i, rows, cols, whole in runs
-        ]
-        if all(a is None for a in ams):
-            am = None
-        elif len(ams) == 1:
-            am = ams[0]  # the same tensor for every layer on all rows: the inference weights read its flags once
-            flags = getattr(segs[runs[0][0]].plan[l], "adapter_flags", None)
-            if flags is not None and not runs[0][3] and model.inference_weights is not None:
-                model.inference_weights.remember(am, *flags)  # a slice of the mask whose flags the host knows
+        entries = [s.plan[l] for s in segs]
+        if any(isinstance(e, SplitRun) for e in entries):  # sublayers: attention rows, then MLP rows
+            layer_pass(
+                model,
+                l,
+                layer,
+                segs,
+                states,
+                [e.attn if isinstance(e, SplitRun) else e for e in entries],
+                cache,
+                prefix,
+                "attn",
+            )
+            layer_pass(
+                model,
+                l,
+                layer,
+                segs,
+                states,
+                [e.mlp if isinstance(e, SplitRun) else e for e in entries],
+                cache,
+                prefix,
+                "mlp",
+            )
         else:
-            am = _join(
-                [
-                    (a if a is not None else torch.zeros(sz, dtype=torch.bool, device=dev))[..., None]
-                    for a, sz in zip(ams, sizes)
-                ]
-            )[..., 0]
-        x = _join(xs)
-        q, k, v, scale = model.qkv(layer, model.attn_norm(layer, x), am)
-        outs = []
-        for j, (i, rows, cols, whole) in enumerate(runs):
-            qj, kj, vj = (_heads_part(y, sizes, j) for y in (q, k, v))
-            o = attend(l, segs[i], states[i], rows, cols, whole, qj, kj, vj, scale, cache, prefix)
-            outs.append(o.transpose(1, 2).reshape(sizes[j][0], cols, -1))
-        x = x + model.attn_out(layer, _join(outs), am)
-        x = x + model.mlp(layer, x, am)
-        for j, (i, rows, cols, whole) in enumerate(runs):
-            st, part = states[i], _part(x, sizes, j)
-            if whole:
-                st.h = part  # the whole batch ran the layer: no copy
-                continue
-            if torch.is_grad_enabled():
-                st.h = st.h.clone()  # keep autograd's saved views of the old h intact
-            st.h[rows, :cols] = part
+            layer_pass(model, l, layer, segs, states, entries, cache, prefix, "both")
     picked = []
     for s, st in zip(segs, states):
         h = st.h
@@ -377,6 +357,6 @@ def _run(model: SkipModel, segs: list[Segment], cache: KVCache | None, prefix: K
         elif s.logits_at is not None:
             h = h[:, s.logits_at]
         picked.append(h)
-    logits = model.final(_join(picked))
+    logits = model.final(join(picked))
     sizes = [(p.shape[0], p.shape[1]) for p in picked]
-    return [_part(logits, sizes, j) for j in range(len(picked))]
+    return [part(logits, sizes, j) for j in range(len(picked))]

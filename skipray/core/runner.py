@@ -38,7 +38,7 @@ import torch
 from skipray.core.config import EngineConfig
 from skipray.core.graphs import DecodeGraphs, static_decode
 from skipray.core.memory import layer_slots
-from skipray.core.model import LayerRun, Segment, SkipModel, forward, forward_segments, full_plan
+from skipray.core.model import LayerRun, Segment, SkipModel, SplitRun, forward, forward_segments, full_plan
 from skipray.core.sampling import ToDevice
 from skipray.core.schedule import SkipSchedule
 from skipray.core.scheduler import RowMoves, StepPlan
@@ -216,18 +216,21 @@ class ModelRunner:
         self, tokens: Sequence[int], slots: Sequence[int], layer_rows: Sequence[Sequence[int]], adapter: Sequence[bool]
     ) -> Segment:
         """One token per live row ``i`` (cache row ``i``) at slot ``slots[i]`` (its position too), layer
-        ``l`` on rows ``layer_rows[l]``, the skip adapter where ``adapter[i]``."""
+        ``l`` on rows ``layer_rows[l]`` (a pair: its attention on the first rows, its MLP on the second), the skip
+        adapter where ``adapter[i]``."""
         n = len(tokens)
         tok = self.to_device(tokens, torch.long)[:, None]
         start = self.to_device(slots, torch.long)
         made: dict[tuple[int, ...], LayerRun] = {}  # layers on the same rows share one (and its attention mask)
-        plan = []
-        for r in layer_rows:
+
+        def run_on(r: Sequence[int]) -> LayerRun | None:
             if r and tuple(r) not in made:
                 on = [adapter[i] for i in r]
                 end = max(slots[i] for i in r) + 1  # the host knows the rows' last slot: no read-back per layer
                 made[tuple(r)] = LayerRun(as_rows(r, self.to_device), None, (any(on), all(on)), end)
-            plan.append(made[tuple(r)] if r else None)
+            return made[tuple(r)] if r else None
+
+        plan = [SplitRun(run_on(r[0]), run_on(r[1])) if isinstance(r, tuple) else run_on(r) for r in layer_rows]
         am = self.to_device(adapter, torch.bool)[:, None]
         same = all(x == slots[0] for x in slots)  # one shared slot (a static batch, batch 1): plain slices
         return Segment(

@@ -16,6 +16,14 @@ Pure Python (no torch). Contract:
   ``active_layers(i)``: every layer a later token computes was computed by all earlier tokens, so the
   KV cache never needs recomputing.
 * Every row of a batch at the same step shares the same layers.
+* Sublayers (``sublayers=True``): a layer's attention block and its MLP block drop out separately. Unit
+  ``2 l`` is layer ``l``'s attention, ``2 l + 1`` its MLP; ``drop_order`` lists units (default: SkipDecode's
+  layer order, each layer's MLP before its attention). ``n(i)`` is then a FLOP budget in layer equivalents
+  (unrounded): step ``i`` drops the longest prefix of the order whose remaining units weigh at least ``n(i)``,
+  an attention block weighing ``attn_share`` of a layer and an MLP ``1 - attn_share`` (their shares of a layer's
+  weights; ``SkipModel.attention_share``). Monotone as before, so a step's attention blocks are a subset of the
+  previous step's (the KV cache invariant: only attention writes the cache; MLP blocks never touch it), and
+  ``layers_per_token`` reports FLOP-weighted layer equivalents (floats).
 * ``to_dict``/``from_dict`` round-trip every field; ``from_dict`` refuses keys it does not know, so a
   schedule file never loses its drop order silently.
 * ``resolve_schedule`` is the one place skip flags (the CLI's ``--max-layers`` ... as a mapping, the
@@ -32,7 +40,17 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
 SHAPES = ("linear", "power")
-SCHEDULE_FLAGS = ("max_layers", "min_layers", "decay_tokens", "warmup_layers", "shape", "power", "drop_order")
+SCHEDULE_FLAGS = (
+    "max_layers",
+    "min_layers",
+    "decay_tokens",
+    "warmup_layers",
+    "shape",
+    "power",
+    "drop_order",
+    "sublayers",
+    "attn_share",
+)
 UNTRAINED_WARNING = (
     "this model was not trained for skipping: its output under a skip schedule will be poor "
     "(train it with `skipray train`, or use --full)"
@@ -51,10 +69,14 @@ class SkipSchedule:
     shape: str = "linear"
     power: float = 2.0  # only for shape="power": n(i) = max - (max-min) * (i/decay)^power
     drop_order: tuple[int, ...] | None = None  # layers in the order they stop running; None: SkipDecode's
+    sublayers: bool = False  # attention and MLP blocks drop separately; drop_order then lists units (contract)
+    attn_share: float = 0.25  # sublayers: an attention block's share of a layer's weight FLOPs
 
     def __post_init__(self) -> None:
         L, W = self.num_layers, self.warmup_layers
-        if self.drop_order is not None:
+        if self.sublayers:
+            self._check_units()
+        elif self.drop_order is not None:
             order = tuple(int(x) for x in self.drop_order)
             object.__setattr__(self, "drop_order", order)
             if len(set(order)) != len(order) or any(not 0 <= x < L for x in order):
@@ -85,6 +107,20 @@ class SkipSchedule:
         if self.shape == "power" and not self.power > 0:
             raise ValueError(f"power must be > 0, got {self.power}")
 
+    def _check_units(self) -> None:
+        if not 0 < self.attn_share < 1:
+            raise ValueError(f"attn_share must be in (0, 1), got {self.attn_share}")
+        if self.drop_order is not None:
+            order = tuple(int(x) for x in self.drop_order)
+            object.__setattr__(self, "drop_order", order)
+            if len(set(order)) != len(order) or any(not 0 <= x < 2 * self.num_layers for x in order):
+                raise ValueError(f"a sublayer drop_order lists distinct units in [0, {2 * self.num_layers})")
+        left = self.num_layers - sum(self.unit_weight(u) for u in self.order)
+        if left > self.min_layers + 1e-9:
+            raise ValueError(
+                f"the drop order can drop only down to {left:.2f} layer equivalents, above min_layers={self.min_layers}"
+            )
+
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def full(cls, num_layers: int) -> SkipSchedule:
@@ -111,27 +147,67 @@ class SkipSchedule:
 
     @property
     def order(self) -> tuple[int, ...]:
-        """The effective drop order: ``drop_order``, or SkipDecode's ``warmup_layers .. num_layers-1``."""
+        """The effective drop order: ``drop_order``, or SkipDecode's ``warmup_layers .. num_layers-1`` (with
+        sublayers: each of those layers' MLP unit, then its attention unit)."""
         if self.drop_order is not None:
             return self.drop_order
+        if self.sublayers:
+            return tuple(u for l in range(self.warmup_layers, self.num_layers) for u in (2 * l + 1, 2 * l))
         return tuple(range(self.warmup_layers, self.num_layers))
+
+    def unit_weight(self, unit: int) -> float:
+        """Sublayers: a unit's share of a layer's weight FLOPs (attention ``attn_share``, MLP the rest)."""
+        return self.attn_share if unit % 2 == 0 else 1.0 - self.attn_share
 
     @property
     def is_full(self) -> bool:
         return self.min_layers == self.num_layers
 
     # -- queries ------------------------------------------------------------------------------
-    def num_active(self, step: int) -> int:
-        """n(step): how many layers run at generation step ``step`` (warm-up included)."""
+    def _frac(self, step: int) -> float:
+        """How far ``step`` is along the decay, in [0, 1] (after the power shape)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         if self.decay_tokens == 0:
-            return self.min_layers
+            return 1.0
         frac = min(step, self.decay_tokens) / self.decay_tokens
-        if self.shape == "power":
-            frac = frac**self.power
+        return frac**self.power if self.shape == "power" else frac
+
+    def budget(self, step: int) -> float:
+        """n(step) before rounding: the layer equivalents step ``step`` may run."""
+        return self.max_layers - (self.max_layers - self.min_layers) * self._frac(step)
+
+    def num_active(self, step: int) -> int | float:
+        """n(step): how many layers run at generation step ``step`` (warm-up included); with sublayers, the
+        FLOP-weighted layer equivalents of the units that run."""
+        if self.sublayers:
+            return float(round(self.num_layers - sum(self.unit_weight(u) for u in self._dropped_units(step)), 9))
         # floor(x + 0.5) is monotone in x, so n is non-increasing in step.
-        return self.max_layers - math.floor((self.max_layers - self.min_layers) * frac + 0.5)
+        return self.max_layers - math.floor((self.max_layers - self.min_layers) * self._frac(step) + 0.5)
+
+    def _dropped_units(self, step: int) -> tuple[int, ...]:
+        """Sublayers: the longest prefix of the order whose remaining units weigh at least ``budget(step)``."""
+        need, left, k = self.budget(step), float(self.num_layers), 0
+        for u in self.order:
+            if left - self.unit_weight(u) < need - 1e-9:
+                break
+            left -= self.unit_weight(u)
+            k += 1
+        return self.order[:k]
+
+    def runs(self, step: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(layers whose attention runs, layers whose MLP runs) at ``step``, ascending; the same tuple twice
+        without sublayers."""
+        if not self.sublayers:
+            on = self.active_layers(step)
+            return on, on
+        dropped = set(self._dropped_units(step))
+        L = range(self.num_layers)
+        return tuple(l for l in L if 2 * l not in dropped), tuple(l for l in L if 2 * l + 1 not in dropped)
+
+    def num_attention(self, step: int) -> int:
+        """Attention blocks that run at ``step`` (each attends over the context)."""
+        return len(self.runs(step)[0]) if self.sublayers else self.num_active(step)
 
     def skips(self, step: int) -> bool:
         """True when generation step ``step`` drops at least one layer: only then does a skip adapter
@@ -140,15 +216,29 @@ class SkipSchedule:
 
     def active_layers(self, step: int) -> tuple[int, ...]:
         """Indices of the layers that run at ``step``, ascending: all but the first ``L - n(step)`` of the
-        drop order."""
+        drop order (with sublayers: the layers with a unit that runs)."""
+        if self.sublayers:
+            attn, mlp = self.runs(step)
+            return tuple(sorted(set(attn) | set(mlp)))
         dropped = set(self.order[: self.num_layers - self.num_active(step)])
         return tuple(l for l in range(self.num_layers) if l not in dropped)
 
-    def steps_running(self, layer: int, horizon: int) -> int:
-        """How many of the steps ``0 .. horizon-1`` run ``layer``; by monotonicity they are the first ones."""
+    def steps_running(self, layer: int, horizon: int, part: str = "attn") -> int:
+        """How many of the steps ``0 .. horizon-1`` run ``layer`` (with sublayers: its ``part``, ``"attn"`` (what
+        the cache holds) or ``"mlp"``); by monotonicity they are the first ones."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
         order = self.order
+        if self.sublayers:
+            unit = 2 * layer + (part == "mlp")
+            if unit not in order:
+                return horizon
+            count = 0
+            while count < horizon and unit not in self._dropped_units(count):
+                count += 1
+                if count > self.decay_tokens:
+                    return horizon
+            return count
         if layer not in order:
             return horizon
         need = self.num_layers - order.index(layer)  # n(i) >= need  <=>  layer runs
@@ -159,8 +249,9 @@ class SkipSchedule:
                 return horizon
         return count
 
-    def layers_per_token(self, new_tokens: int) -> list[int]:
-        """Layers computed to produce each of ``new_tokens`` generated tokens (token 0: full depth)."""
+    def layers_per_token(self, new_tokens: int) -> list[int | float]:
+        """Layers computed to produce each of ``new_tokens`` generated tokens (token 0: full depth); floats
+        (FLOP-weighted layer equivalents) with sublayers."""
         if new_tokens <= 0:
             return []
         return [self.num_layers] + [self.num_active(i) for i in range(new_tokens - 1)]
@@ -174,6 +265,8 @@ class SkipSchedule:
         if self.is_full:
             return f"full depth ({self.num_layers} layers)"
         how = f"warm-up {self.warmup_layers}" if self.drop_order is None else f"drop order {list(self.drop_order)}"
+        if self.sublayers:
+            how = f"attention and MLP separately, {how}"
         return (
             f"{self.shape} {self.max_layers}->{self.min_layers} of {self.num_layers} layers over "
             f"{self.decay_tokens} tokens, {how}"
@@ -197,8 +290,11 @@ class CostModel:
     def layer_flops(self, context: int) -> float:
         return 2.0 * self.layer_params + 4.0 * self.attn_dim * context
 
-    def token_flops(self, num_layers_run: int, context: int) -> float:
-        return num_layers_run * self.layer_flops(context) + 2.0 * self.head_params
+    def token_flops(self, num_layers_run: float, context: int, attention_run: int | None = None) -> float:
+        """One token's FLOPs: ``num_layers_run`` layers' (or layer equivalents') matmuls, the attention over
+        ``context`` of ``attention_run`` blocks (default: one per layer run), and the lm_head."""
+        attn = num_layers_run if attention_run is None else attention_run
+        return 2.0 * self.layer_params * num_layers_run + 4.0 * self.attn_dim * context * attn + 2.0 * self.head_params
 
 
 def theoretical_speedup(schedule: SkipSchedule, cost: CostModel, prompt_len: int, new_tokens: int) -> float:
@@ -213,7 +309,7 @@ def theoretical_speedup(schedule: SkipSchedule, cost: CostModel, prompt_len: int
     for i in range(new_tokens - 1):
         ctx = prompt_len + i + 1
         full += cost.token_flops(schedule.num_layers, ctx)
-        skip += cost.token_flops(schedule.num_active(i), ctx)
+        skip += cost.token_flops(schedule.num_active(i), ctx, schedule.num_attention(i))
     return full / skip
 
 

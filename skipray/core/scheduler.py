@@ -75,8 +75,8 @@ class StepPlan:
     moves: list[RowMoves]  # cache row moves, applied in order before the pass
     new_rows: tuple[int, int] | None  # (first row, count) of the newcomers, reset before their prompt
     decode: list[Request]  # the decoding rows 0..n-1: one token each at its own step
-    layer_rows: list[list[int]]  # per layer the decode rows that run it (``layer_rows``)
-    layers: list[int]  # per decode row the layers it runs
+    layer_rows: list  # per layer the decode rows that run it (``layer_rows``; a pair with sublayers)
+    layers: list[int | float]  # per decode row the layers it runs (layer equivalents with sublayers)
     chunks: list[Chunk]  # prompt parts to prefill, in rows after the decode rows
     chunk_rows: list[int]  # each chunk's cache row
     one_pass: bool  # chunks and the decode step share one pass (a token budget); else prompts pass first
@@ -312,9 +312,17 @@ class Scheduler:
             [r for r in self.live if id(r) not in gone], [r for r in self.prefilling if id(r) not in gone]
         )
 
-    def layer_rows(self) -> tuple[list[list[int]], list[int]]:
-        """-> (for each layer, the live rows that run it at their own step; layers run per live row)."""
-        active = [set(r.schedule.active_layers(r.step)) for r in self.live]
+    def layer_rows(self) -> tuple[list, list[int | float]]:
+        """-> (for each layer, the live rows that run it at their own step, or with sublayer skipping a pair
+        (rows that run its attention, rows that run its MLP) where the two differ; per live row the layers it
+        runs, FLOP-weighted layer equivalents with sublayers)."""
+        runs = [r.schedule.runs(r.step) for r in self.live]
+        attn = [set(a) for a, _ in runs]
+        mlp = [a if m is a else set(m) for a, (_, m) in zip(attn, runs)]
         num_layers = self.live[0].schedule.num_layers if self.live else 0
-        rows = [[i for i, a in enumerate(active) if l in a] for l in range(num_layers)]
-        return rows, [len(a) for a in active]
+        rows: list = []
+        for l in range(num_layers):
+            a = [i for i, on in enumerate(attn) if l in on]
+            m = [i for i, on in enumerate(mlp) if l in on]
+            rows.append(a if a == m else (a, m))
+        return rows, [r.schedule.num_active(r.step) for r in self.live]

@@ -60,6 +60,13 @@ def register(sub) -> None:
         help="comma-separated layers in the order they stop running (default: SkipDecode's)",
     )
     p.add_argument(
+        "--sublayers",
+        action="store_true",
+        default=None,
+        help="attention and MLP blocks drop separately (--drop-order then lists units: 2l attention, 2l+1 MLP)",
+    )
+    p.add_argument("--attn-share", type=float, help="with --sublayers: an attention block's share of a layer's FLOPs")
+    p.add_argument(
         "--divergence",
         choices=["forward", "reverse", "jsd"],
         help="teacher-student divergence: forward KL (default), reverse KL or Jensen-Shannon",

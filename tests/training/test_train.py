@@ -222,3 +222,19 @@ def test_early_tokens_weigh_more_in_the_loss():
     assert loss(exs, (6, 5.0)) == pytest.approx(plain, rel=1e-5)
     assert loss(exs, (2, 1e6)) == pytest.approx(loss(cut, (0, 1.0)), rel=1e-4)
     assert loss(exs, (2, 1e6)) != pytest.approx(plain, rel=1e-3)
+
+
+def test_training_under_a_sublayer_schedule_lowers_the_loss_and_loads_back(
+    tmp_path, data_path, strong_model_dir, monkeypatch
+):
+    """Attention and MLP blocks dropping separately: the skip adapter learns it (the loss falls) and the saved
+    model decodes with the same sublayer schedule."""
+    monkeypatch.setenv("SKIPRAY_CACHE", str(tmp_path / "cache"))
+    sched = {"max_layers": 4, "min_layers": 2, "decay_tokens": 6, "shape": "linear", "sublayers": True}
+    out = train(cfg(tmp_path, data_path, strong_model_dir, schedule=sched, steps=15, lr=1e-2), progress=False)
+    log = losses(out)
+    assert sum(r["loss"] for r in log[-3:]) < 0.8 * sum(r["loss"] for r in log[:3])
+    from skipray.loading import load
+
+    loaded = load(str(out), device="cpu")
+    assert loaded.schedule.sublayers and isinstance(loaded.schedule.num_active(10), float)
