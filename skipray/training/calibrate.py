@@ -106,6 +106,70 @@ def greedy_kl_order(
     return order, kls
 
 
+def unit_plan(dropped: set[int], num_layers: int) -> list:
+    """The plan of a pass that skips the sublayer ``dropped`` units (``2l`` attention, ``2l + 1`` MLP of layer
+    ``l``) on every row and column."""
+    from skipray.core.model import LayerRun, SplitRun
+
+    every = LayerRun(slice(None), None)
+    plan = []
+    for l in range(num_layers):
+        attn, mlp = (None if u in dropped else every for u in (2 * l, 2 * l + 1))
+        plan.append(every if attn and mlp else None if not (attn or mlp) else SplitRun(attn, mlp))
+    return plan
+
+
+@torch.inference_mode()
+def greedy_kl_units(
+    model, seqs, length: int = 32, min_layers: float = 1.0, attn_share: float = 0.25, progress: bool = True
+) -> tuple[list[int], list[float]]:
+    """Sublayer drop order: greedily drops the attention or MLP block (unit ``2l`` or ``2l + 1``) whose removal
+    costs the least teacher-forced KL per layer equivalent saved (an attention block weighs ``attn_share`` of a
+    layer, an MLP the rest), prompt at full depth, until at most ``min_layers`` layer equivalents are left;
+    -> (every unit, dropped ones first; the KL after each drop)."""
+    from tqdm import tqdm
+
+    from skipray.core.model import Segment, forward, full_plan
+
+    tokens, real, positions, P = _batch(seqs, length)
+    B, L = tokens.shape[0], model.num_layers
+    cache = model.new_cache(B, P + length)
+    forward(
+        model,
+        Segment(tokens[:, :P], positions[:, :P], full_plan(L), real[:, :P], logits_at=slice(P - 1, P)),
+        cache=cache,
+    )
+
+    def answer_logp(dropped: set[int]) -> torch.Tensor:
+        answer = Segment(tokens[:, P:], positions[:, P:], unit_plan(dropped, L), real[:, P:], start=P)
+        return F.log_softmax(forward(model, answer, cache=cache).float(), -1)
+
+    def weight(u: int) -> float:
+        return attn_share if u % 2 == 0 else 1.0 - attn_share
+
+    teacher = answer_logp(set())
+    p_t = teacher.exp()
+    order: list[int] = []
+    kls: list[float] = []
+    left, kl_now = float(L), 0.0
+    bar = tqdm(desc="greedy KL (sublayers)", disable=not progress)
+    while left > min_layers + 1e-9:
+        best: tuple[float, int, float] | None = None  # (KL added per layer equivalent, unit, KL)
+        for u in (u for u in range(2 * L) if u not in order):
+            kl = float((p_t * (teacher - answer_logp({*order, u}))).sum(-1).mean())
+            score = (kl - kl_now) / weight(u)
+            if best is None or score < best[0]:
+                best = (score, u, kl)
+        _, unit, kl_now = best
+        order.append(unit)
+        kls.append(kl_now)
+        left -= weight(unit)
+        bar.update(1)
+        bar.set_postfix(unit=unit, left=f"{left:.2f}", kl=f"{kl_now:.3f}")
+    bar.close()
+    return order + [u for u in range(2 * L) if u not in order], kls
+
+
 @torch.no_grad()
 def zero_shot_agreement(model, seqs, schedule, length: int = 32) -> float:
     """Teacher-forced top-1 agreement of ``schedule`` with full depth on the answer tokens."""
@@ -145,19 +209,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     seqs = calibration_sequences(args.data, args.n + args.heldout, args.length)
     calib, held = seqs[: args.n], seqs[args.n :]
     t0 = time.perf_counter()
-    orders = {"skipdecode": list(range(args.warmup_layers, model.num_layers))}
     report: dict = {}
-    bi, scores = block_influence_order(model, calib, args.length)
-    orders["block-influence"] = bi
-    if args.method == "greedy-kl":
-        start: list[int] = []
-        if args.from_order:  # the searched part of an earlier order: its first L - min_layers drops
-            prev = json.loads(Path(args.from_order).read_text())
-            start = prev["drop_order"][: model.num_layers - prev["min_layers"]]
-        orders["greedy-kl"], kls = greedy_kl_order(
-            model, calib, args.length, start=start, min_layers=args.search_min_layers or args.min_layers
-        )
-        report["greedy_kl"] = kls
+    share = args.attn_share or model.attention_share()
     base = SkipSchedule(
         model.num_layers,
         args.max_layers,
@@ -166,7 +219,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         warmup_layers=args.warmup_layers,
         shape=args.shape,
         power=args.power,
+        sublayers=args.sublayers,
+        attn_share=share,
     )
+    orders = {"skipdecode": list(base.order)}
+    scores: list[float] = []
+    if args.sublayers:  # units: 2l attention, 2l + 1 MLP of layer l
+        if args.method != "greedy-kl":
+            raise ValueError("--sublayers searches by greedy KL (block influence ranks whole layers)")
+        if args.from_order:  # a whole-layer order, each layer's MLP dropping before its attention
+            prev = json.loads(Path(args.from_order).read_text())
+            orders["expanded"] = [u for l in prev["drop_order"] for u in (2 * l + 1, 2 * l)]
+        orders["greedy-kl"], report["greedy_kl"] = greedy_kl_units(
+            model, calib, args.length, min_layers=args.search_min_layers or args.min_layers, attn_share=share
+        )
+    else:
+        bi, scores = block_influence_order(model, calib, args.length)
+        orders["block-influence"] = bi
+    if args.method == "greedy-kl" and not args.sublayers:
+        start: list[int] = []
+        if args.from_order:  # the searched part of an earlier order: its first L - min_layers drops
+            prev = json.loads(Path(args.from_order).read_text())
+            start = prev["drop_order"][: model.num_layers - prev["min_layers"]]
+        orders["greedy-kl"], kls = greedy_kl_order(
+            model, calib, args.length, start=start, min_layers=args.search_min_layers or args.min_layers
+        )
+        report["greedy_kl"] = kls
     report.update(
         {
             "model": args.model,
@@ -214,6 +292,16 @@ def register(sub) -> None:
         default=None,
         help="depth the greedy search goes down to (default: --min-layers)",
     )
-    p.add_argument("--from-order", help="a schedule file from an earlier greedy search: continue it deeper")
+    p.add_argument(
+        "--from-order",
+        help="a schedule file from an earlier greedy search: continue it deeper (with --sublayers: compare its"
+        " layer order expanded to units)",
+    )
+    p.add_argument(
+        "--sublayers", action="store_true", help="search the order of attention and MLP blocks (units) by greedy KL"
+    )
+    p.add_argument(
+        "--attn-share", type=float, default=None, help="an attention block's FLOP share (default: the model's)"
+    )
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_calibrate)

@@ -55,3 +55,36 @@ def test_greedy_kl_continues_from_a_started_order():
     whole, kls = greedy_kl_order(model, SEQS, length=8, min_layers=2, progress=False)
     resumed, kls2 = greedy_kl_order(model, SEQS, length=8, min_layers=2, progress=False, start=whole[:2])
     assert resumed == whole and kls2 == kls[2:]
+
+
+def test_greedy_kl_over_sublayers_first_drops_the_cheapest_block_per_flop():
+    """Units ``2l`` (attention) and ``2l + 1`` (MLP): the first drop minimizes the KL per layer equivalent saved
+    (brute force over every single block), and the order covers every unit down to the budget."""
+    from skipray.core.model import LayerRun, Segment, SplitRun, forward, full_plan
+    from skipray.training.calibrate import _batch, greedy_kl_units, unit_plan
+
+    model = SkipModel(tiny_llama())
+    L, share = model.num_layers, model.attention_share()
+    order, kls = greedy_kl_units(model, SEQS, length=8, min_layers=3.0, attn_share=share, progress=False)
+    assert sorted(order) == list(range(2 * L))
+    dropped = order[: len(kls)]
+    assert L - sum(share if u % 2 == 0 else 1 - share for u in dropped) <= 3.0 + 1e-9
+    tokens, real, pos, P = _batch(SEQS, 8)
+    cols = slice(P, tokens.shape[1])
+
+    def logp(units):
+        plan = list(full_plan(L))
+        if units:  # the blocks skipped on the answer only: the prompt runs them (as its full-depth pass does)
+            for l in range(L):
+                a = LayerRun(slice(None), P) if 2 * l in units else LayerRun(slice(None), None)
+                m = LayerRun(slice(None), P) if 2 * l + 1 in units else LayerRun(slice(None), None)
+                plan[l] = SplitRun(a, m)
+        with torch.no_grad():
+            return torch.log_softmax(forward(model, Segment(tokens, pos, plan, real, logits_at=cols)).float(), -1)
+
+    t = logp(set())
+    cost = [
+        float((t.exp() * (t - logp({u}))).sum(-1).mean()) / (share if u % 2 == 0 else 1 - share) for u in range(2 * L)
+    ]
+    assert order[0] == min(range(2 * L), key=cost.__getitem__)
+    assert unit_plan(set(), L) == full_plan(L)
