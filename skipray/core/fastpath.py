@@ -98,6 +98,8 @@ def layer_kernels(model, segs: list, states: list, cache) -> list[LayerKernels |
         if run is None:
             out.append(None)
             continue
+        if hasattr(run, "mlp"):  # a SplitRun (sublayer skipping): the generic loop runs the blocks apart
+            return None
         rows, cols = run[0], run[1]
         if (
             (cols is not None and cols < t)

@@ -64,6 +64,7 @@ def test_greedy_kl_over_sublayers_first_drops_the_cheapest_block_per_flop():
     from skipray.training.calibrate import _batch, greedy_kl_units, unit_plan
 
     model = SkipModel(tiny_llama())
+    model.build_inference_weights()  # as the command does: the passes meet the fast loop's checks
     L, share = model.num_layers, model.attention_share()
     order, kls = greedy_kl_units(model, SEQS, length=8, min_layers=3.0, attn_share=share, progress=False)
     assert sorted(order) == list(range(2 * L))
