@@ -9,7 +9,7 @@
 #                                                 # eval2x hold2x data128 fast trainfast evalfast
 #                                                 # static trainstatic evalstatic trainrkl evalrkl
 #                                                 # trainjsd evaljsd hold5 trainhold5 evalhold5
-#                                                 # factsdata package
+#                                                 # factsdata subcal trainsub evalsub package
 # The shipped ~1.5x default is runs/skip15h: skip15 (1100 steps) -> skip15p (+500 steps with on-policy
 # rollouts) -> skip15h (+400 steps on the hold schedule: full depth for the first 12 steps, then 11 layers).
 set -euo pipefail
@@ -140,6 +140,15 @@ fi
 stage trainhold5 && train runs/hold5 runs/calibrate/hold5.json "${STEPSF:-400}" --lr 2e-4 --warmup-steps 20 \
     --data runs/data/self128 $( [ -f runs/hold5/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15h )
 stage evalhold5 && evaluate_lever runs/hold5 runs/eval-hold5
+if stage subcal; then  # the sublayer lever: attention and MLP blocks drop separately; greedy teacher-forced KL
+    # over the 60 blocks per layer equivalent saved (6 answers of 24 tokens, ~20 min), the fast-start budget
+    $SK calibrate --data runs/data/self128/self-00000.parquet --out runs/calibrate/sub-fast.json --sublayers \
+        --from-order runs/calibrate/skip15.json --max-layers 30 --min-layers 12 --decay-tokens 10 --shape linear \
+        --search-min-layers 11 --n 6 --length 24
+fi
+stage trainsub && train runs/fast-sub runs/calibrate/sub-fast.json "${STEPSF:-400}" --lr 2e-4 --warmup-steps 20 \
+    --data runs/data/self128 $( [ -f runs/fast-sub/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15h )
+stage evalsub && evaluate_lever runs/fast-sub runs/eval-fast-sub
 if stage factsdata; then  # facts in the data: short factual questions the model writes itself from openings
     # ("Who", "What year", ...), none close to a held-out prompt or question, with the base model's greedy short
     # answers and its top-16 log-probs per token
