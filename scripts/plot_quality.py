@@ -35,7 +35,10 @@ def main(src: str = "docs/eval", out: str = "docs/quality_vs_speedup.png") -> No
     floors: dict[str, dict[str, float]] = {}
     for path in reports:
         rep = json.loads(path.read_text())
-        for row in rep["results"]:
+        rows = rep.get("results") if isinstance(rep, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "schedule" in r for r in rows):
+            continue  # not a `skipray eval` report (e.g. an offline lever's measurements)
+        for row in rows:
             if row["schedule"].startswith("ref:"):
                 floors.setdefault(
                     row["schedule"], {"facts": row.get("fact_retention"), "rouge": row.get("rouge_l_ids_vs_full")}
