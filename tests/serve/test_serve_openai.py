@@ -228,18 +228,21 @@ MARK = 0.123  # the temperature of the request made to fail
 
 @pytest.fixture
 def broken_sampling(app, monkeypatch):
-    """Sampling raises for requests with temperature MARK after their first ``after`` tokens."""
-    real, seen, engine = skipray.core.sampling.sample, {"n": 0, "after": 0}, app["engine"]
+    """Sampling fails for the rows of requests with temperature MARK after their first ``after`` tokens (a row's
+    own fault in the batched sampler, as a failing generator would be)."""
+    real, seen, engine = skipray.core.sampling._draw, {"n": 0, "after": 0}, app["engine"]
 
-    def sample(logits, temperature, *a, **kw):
-        if temperature == MARK:
-            seen["n"] += 1
-            if seen["n"] > seen["after"]:
-                seen["batch"] = max(seen.get("batch", 0), engine.num_running)
-                raise FloatingPointError("injected sampling fault")
-        return real(logits, temperature, *a, **kw)
+    def draw(x, params, generators, to_device):
+        drawn, ok, errors = real(x, params, generators, to_device)
+        for j, p in enumerate(params):
+            if p.temperature == MARK:
+                seen["n"] += 1
+                if seen["n"] > seen["after"]:
+                    seen["batch"] = max(seen.get("batch", 0), engine.num_running)
+                    errors[j] = FloatingPointError("injected sampling fault")
+        return drawn, ok, errors
 
-    monkeypatch.setattr(skipray.core.sampling, "sample", sample)
+    monkeypatch.setattr(skipray.core.sampling, "_draw", draw)
     return seen
 
 
