@@ -4,7 +4,9 @@ Contract: ``forward(model, seg, cache=None, prefix=None)`` runs one batch (``seg
 tokens, positions, real mask, plan, and in a cached pass its cache rows, first slot(s), logit columns
 and adapter mask) through the decoder layers that ``seg.plan`` names, then the final norm and
 lm_head. ``plan[l]`` is ``None`` (layer ``l`` skipped: it neither writes nor reads the cache) or a
-``LayerRun(rows, cols)``: the layer runs on ``hidden[rows, :cols]`` (``cols=None``: all columns).
+``LayerRun(rows, cols)``: the layer runs on ``hidden[rows, :cols]`` (``cols=None``: all columns), or a
+``SplitRun(attn, mlp)`` (sublayer skipping): its attention block where ``attn`` says, then its MLP block where
+``mlp`` says (each a ``LayerRun`` or ``None``; the layer pass is ``skipray.core.blocks.layer_pass``).
 Entries it does not run keep their hidden state, which is exactly what skipping a residual block means.
 
 * prefill: every layer on every row and column, writing the cache;
