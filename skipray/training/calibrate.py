@@ -61,6 +61,25 @@ def block_influence_order(model, seqs, length: int = 32) -> tuple[list[int], lis
     return sorted(range(model.num_layers), key=lambda l: scores[l]), scores
 
 
+def answer_scorer(model, seqs, length: int):
+    """Prefill ``seqs``' prompts at full depth into a cache once; -> ``score(plan)``: the answers' teacher-forced
+    log-probs ``(B, length, vocab)`` (float32) through the layers or blocks ``plan`` runs (the SkipDecode setting)."""
+    from skipray.core.model import Segment, forward, full_plan
+
+    tokens, real, positions, P = _batch(seqs, length)
+    cache = model.new_cache(tokens.shape[0], P + length)
+    prompt = Segment(
+        tokens[:, :P], positions[:, :P], full_plan(model.num_layers), real[:, :P], logits_at=slice(P - 1, P)
+    )
+    forward(model, prompt, cache=cache)
+
+    def score(plan) -> torch.Tensor:
+        answer = Segment(tokens[:, P:], positions[:, P:], plan, real[:, P:], start=P)
+        return F.log_softmax(forward(model, answer, cache=cache).float(), -1)
+
+    return score
+
+
 @torch.inference_mode()
 def greedy_kl_order(
     model, seqs, length: int = 32, min_layers: int = 1, progress: bool = True, start: Sequence[int] = ()
@@ -69,20 +88,13 @@ def greedy_kl_order(
     ``start``: layers already dropped, in order (continue a search that stopped at a gentler depth)."""
     from tqdm import tqdm
 
-    from skipray.core.model import Segment, forward, full_plan, step_plan
+    from skipray.core.model import step_plan
 
-    tokens, real, positions, P = _batch(seqs, length)
-    B, L = tokens.shape[0], model.num_layers
-    cache = model.new_cache(B, P + length)
-    forward(
-        model,
-        Segment(tokens[:, :P], positions[:, :P], full_plan(L), real[:, :P], logits_at=slice(P - 1, P)),
-        cache=cache,
-    )
+    L = model.num_layers
+    logp_of = answer_scorer(model, seqs, length)
 
     def answer_logp(active: Sequence[int]) -> torch.Tensor:
-        answer = Segment(tokens[:, P:], positions[:, P:], step_plan(active, L), real[:, P:], start=P)
-        return F.log_softmax(forward(model, answer, cache=cache).float(), -1)
+        return logp_of(step_plan(active, L))
 
     teacher = answer_logp(range(L))
     p_t = teacher.exp()
@@ -129,20 +141,11 @@ def greedy_kl_units(
     -> (every unit, dropped ones first; the KL after each drop)."""
     from tqdm import tqdm
 
-    from skipray.core.model import Segment, forward, full_plan
-
-    tokens, real, positions, P = _batch(seqs, length)
-    B, L = tokens.shape[0], model.num_layers
-    cache = model.new_cache(B, P + length)
-    forward(
-        model,
-        Segment(tokens[:, :P], positions[:, :P], full_plan(L), real[:, :P], logits_at=slice(P - 1, P)),
-        cache=cache,
-    )
+    L = model.num_layers
+    logp_of = answer_scorer(model, seqs, length)
 
     def answer_logp(dropped: set[int]) -> torch.Tensor:
-        answer = Segment(tokens[:, P:], positions[:, P:], unit_plan(dropped, L), real[:, P:], start=P)
-        return F.log_softmax(forward(model, answer, cache=cache).float(), -1)
+        return logp_of(unit_plan(dropped, L))
 
     def weight(u: int) -> float:
         return attn_share if u % 2 == 0 else 1.0 - attn_share
