@@ -53,6 +53,21 @@ def write_report(report: dict, out: Path) -> None:
             + " / ".join(f"{v:.2f}x" for v in (r.get("measured_speedup_by_length") or {}).values())
             + " |"
         )
+    split = [r for r in report["results"] if r.get("fact_retention_by_position")]
+    if split:
+        keys = list(dict.fromkeys(k for r in split for k in r["fact_retention_by_position"]))
+        first = split[0]["fact_retention_by_position"]
+        lines += [
+            "",
+            "Fact retention by the number of generated tokens the full model takes to complete its answer",
+            "",
+            "| schedule | " + " | ".join(f"{k} ({first.get(k, {}).get('questions', 0)})" for k in keys) + " |",
+            "|---|" + "---:|" * len(keys),
+        ]
+        for r in split:
+            by = r["fact_retention_by_position"]
+            cells = [f"{by[k]['retained']:.1%}" if k in by else "-" for k in keys]
+            lines.append(f"| {r['description']} | " + " | ".join(cells) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

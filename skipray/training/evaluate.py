@@ -3,7 +3,9 @@
 Contract: for each schedule, on held-out prompts (Parquet ``prompt``) and, with ``--questions``, on
 held-out short-answer questions (``question``, ``answers``), greedy with the chat template, it reports
 * fact retention: of the questions the base model at full depth answers right (an accepted answer
-  appears, lower-cased, in its first ``question_tokens`` tokens), the share the schedule still does;
+  appears, lower-cased, in its first ``question_tokens`` tokens), the share the schedule still does, also
+  split by how many generated tokens the full model takes to complete its answer (facts are decided
+  there: a schedule keeps the answers it completes at full depth);
 * ROUGE-L F1 of the greedy output against the base model's greedy full-depth output, over token ids
   and over words (and against the data's ``reference`` column when present);
 * teacher-forced top-1 agreement with full depth and the perplexity of the full-depth output under the
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 from skipray.training.eval_report import write_report
-from skipray.training.text_metrics import answered, lcs_f1, rep_n, rouge_l
+from skipray.training.text_metrics import answer_position, answered, by_position, lcs_f1, rep_n, rouge_l
 
 
 def parse_schedule(spec: str, num_layers: int, trained=None, model: str = "the model"):
@@ -193,6 +195,7 @@ def evaluate(
     full_q_ids, _ = generate_all(base_engine, qs, None, question_tokens, batch)
     full_q = [decode(tok, x) for x in full_q_ids]
     known = [i for i, (t, a) in enumerate(zip(full_q, accepted)) if answered(t, a)]
+    positions = [answer_position(full_q_ids[i], accepted[i], lambda x: decode(tok, x)) for i in known]
     engine = Engine(student.model, config=config, eos_token_ids=student.eos_token_ids)
     rows = []
     for spec in tqdm(schedules, desc="schedules"):
@@ -231,6 +234,7 @@ def evaluate(
             "rouge_l_ids_vs_full": sum(lcs_f1(a, b) for a, b in zip(ids, full_ids)) / len(ids),
             "fact_retention": (sum(answered(q_txt[i], accepted[i]) for i in known) / len(known)) if known else None,
             "facts_known_by_full": len(known),
+            "fact_retention_by_position": by_position(positions, [answered(q_txt[i], accepted[i]) for i in known]),
             "facts_asked": len(qs),
             "top1_agreement": _mean(a for a, _ in tf),
             "perplexity_of_full_output": _mean(p for _, p in tf),

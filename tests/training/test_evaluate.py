@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from skipray.training.evaluate import evaluate, parse_schedule, rouge_l
+from skipray.training.text_metrics import answer_position, by_position
 
 
 def test_rouge_l():
@@ -79,6 +80,7 @@ def test_eval_report(tmp_path, tiny_model_dir):
     assert full["rouge_l_vs_full"] == pytest.approx(1.0) and full["top1_agreement"] == pytest.approx(1.0)
     assert full["rouge_l_ids_vs_full"] == pytest.approx(1.0) and full["on_policy_agreement"] == pytest.approx(1.0)
     assert full["facts_known_by_full"] == 1 and full["fact_retention"] == 1.0 and full["facts_asked"] == 2
+    assert full["fact_retention_by_position"] == {"1-6": {"questions": 1, "retained": 1.0}}  # "" is in any text
     assert sampled["top1_agreement"] is None and 0.0 <= sampled["rouge_l_ids_vs_full"] <= 1.0
     assert sampled["on_policy_agreement"] < 1.0  # temperature 0.3 on a random model leaves the argmax
     assert bf16["description"].startswith("the base model in bfloat16")
@@ -99,6 +101,7 @@ def test_eval_report(tmp_path, tiny_model_dir):
     assert sampled["measured_speedup_by_length"] == dict.fromkeys(["8", "16", "64", "128"], 1.0)
     assert "rep-3" in (tmp_path / "out" / "report.md").read_text()
     assert "| schedule |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| 1-6 (1) |" in (tmp_path / "out" / "report.md").read_text()  # fact retention by answer position
 
 
 def test_rep3_counts_repeated_trigrams_up_to_eos():
@@ -157,3 +160,19 @@ def test_parse_schedule_specs_go_through_the_resolver():
     for bad in ("5,3", "a,b,c", "min-layers=x", "min-layer=2"):
         with pytest.raises(ValueError):
             parse_schedule(bad, 6, trained)
+
+
+def test_answer_position_and_retention_by_position():
+    words = ["The", " capital", " is", " Can", "berra", "."]
+    decode = lambda ids: "".join(words[i] for i in ids)  # noqa: E731
+    assert answer_position([0, 1, 2, 3, 4, 5], ["Canberra"], decode) == 5  # complete with its 5th token
+    assert answer_position([0, 1, 2, 3, 4, 5], ["canberra", "capital"], decode) == 2  # lower-cased, the first one
+    assert answer_position([0, 1, 2], ["Canberra"], decode) is None
+    split = by_position([5, 6, 7, 9, 13, 30], [True, False, True, True, False, True])
+    assert split == {
+        "1-6": {"questions": 2, "retained": 0.5},
+        "7-8": {"questions": 1, "retained": 1.0},
+        "9-12": {"questions": 1, "retained": 1.0},
+        "13+": {"questions": 2, "retained": 0.5},
+    }
+    assert by_position([], []) == {}
