@@ -184,7 +184,7 @@ def skip_loss(
         kl = (kl * weight).sum() / n
         agree = ((student.argmax(-1) == batch.teacher_ids[..., 0]) & mask).sum() / count
         loss = loss + kl_weight * kl
-        stats.update(kl=float(kl), agree=float(agree))
+        stats.update(kl=float(kl.detach()), agree=float(agree))
     elif kl_weight > 0:
         with torch.no_grad(), teacher() as tmodel:  # full depth, base weights (no adapter anywhere)
             full = Segment(tokens, positions, full_plan(model.num_layers), real, logits_at=cols)
@@ -194,7 +194,7 @@ def skip_loss(
         kl = (kl * weight).sum() / n
         agree = ((student.argmax(-1) == t_logits.argmax(-1)) & mask).sum() / count
         loss = loss + kl_weight * kl
-        stats.update(kl=float(kl), agree=float(agree))
+        stats.update(kl=float(kl.detach()), agree=float(agree))
     if ce_weight > 0:
         targets = tokens[:, P:]
         ce = F.cross_entropy(logp.transpose(1, 2), targets, reduction="none")
@@ -240,12 +240,44 @@ def prepare(cfg: TrainConfig):
         model.peft = peft_model
         if cfg.init_adapter:  # warm start, e.g. the ~2x adapter from the ~1.5x one (same drop order)
             from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
 
-            set_peft_model_state_dict(peft_model, load_file(Path(cfg.init_adapter) / "adapter_model.safetensors"))
+            set_peft_model_state_dict(peft_model, grown_adapter(peft_model, Path(cfg.init_adapter), cfg))
         params = [p for p in peft_model.parameters() if p.requires_grad]
     model.train()
     return loaded, model, teacher, params
+
+
+def grown_adapter(peft_model, path: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The LoRA state dict at ``path`` (``adapter_model.safetensors``, ``adapter_config.json``) fitted to
+    ``peft_model``'s rank: the same rank as is, a lower one grown without changing the function: ``A``'s
+    first rows and ``B``'s first columns are the saved ones, ``B`` rescaled by the old over the new scaling
+    (``lora_alpha / r``, Hu et al. 2021, eq. 3), the new columns of ``B`` zero (so the update is unchanged at
+    the start) and the new rows of ``A`` at peft's random init (so they train). Capacity is then added to a
+    trained adapter instead of starting over. Raises ``ValueError`` for a higher saved rank or other targets."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(path / "adapter_model.safetensors")
+    old = json.loads((path / "adapter_config.json").read_text()) if (path / "adapter_config.json").exists() else {}
+    r_old, alpha_old = old.get("r", cfg.lora_r), old.get("lora_alpha", cfg.lora_alpha)
+    if r_old == cfg.lora_r and alpha_old == cfg.lora_alpha:
+        return saved
+    if r_old > cfg.lora_r:
+        raise ValueError(f"{path}: rank {r_old} is above --lora-r {cfg.lora_r}; an adapter can only grow")
+    current = get_peft_model_state_dict(peft_model)
+    if set(current) != set(saved):
+        raise ValueError(f"{path}: its LoRA layers differ from this model's ({len(saved)} vs {len(current)} tensors)")
+    rescale = (alpha_old / r_old) / (cfg.lora_alpha / cfg.lora_r)
+    out = {}
+    for key, now in current.items():
+        grown = now.detach().clone()
+        if "lora_A" in key:
+            grown[:r_old] = saved[key]
+        else:
+            grown.zero_()
+            grown[:, :r_old] = saved[key] * rescale
+        out[key] = grown
+    return out
 
 
 def save(model, loaded, cfg: TrainConfig, out: Path, schedule, step: int, extra: dict | None = None) -> None:

@@ -91,7 +91,9 @@ def register(sub) -> None:
     ):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--init-adapter", help="LoRA adapter directory to start from (same rank and targets)")
+    p.add_argument(
+        "--init-adapter", help="LoRA adapter directory to start from (same targets; a lower rank grows to --lora-r)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--workers", type=int, default=1, help="data-parallel workers on Ray Train")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (nccl)")

@@ -177,6 +177,41 @@ def test_init_adapter_warm_starts_from_saved_weights(tmp_path, data_path, tiny_m
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # not the zero init
 
 
+def test_init_adapter_grows_to_a_higher_rank_without_changing_the_model(tmp_path, data_path, tiny_model_dir):
+    """A rank-4 adapter warm-starts a rank-8 one: the same logits at the start, then it trains."""
+    from skipray.training.train import prepare
+
+    small = train(cfg(tmp_path, data_path, tiny_model_dir, steps=4, lr=1e-2, lora_r=4, lora_alpha=8), progress=False)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    logits = []
+    for r, alpha in ((4, 8), (8, 32)):
+        kw = dict(init_adapter=str(small), lora_r=r, lora_alpha=alpha, out=str(tmp_path / f"r{r}"))
+        _, model, _, _ = prepare(cfg(tmp_path, data_path, tiny_model_dir, **kw))
+        with torch.no_grad():
+            logits.append(model.peft(input_ids=ids).logits)
+            with model.peft.disable_adapter():
+                base = model.peft(input_ids=ids).logits
+    assert not torch.allclose(logits[0], base, atol=1e-3)  # the adapter matters, so equality below says something
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    grown = train(
+        cfg(
+            tmp_path,
+            data_path,
+            tiny_model_dir,
+            steps=4,
+            lr=1e-2,
+            lora_r=8,
+            lora_alpha=32,
+            init_adapter=str(small),
+            out=str(tmp_path / "grown"),
+        ),
+        progress=False,
+    )
+    assert json.loads((grown / "adapter_config.json").read_text())["r"] == 8
+    with pytest.raises(ValueError, match="only grow"):
+        prepare(cfg(tmp_path, data_path, tiny_model_dir, init_adapter=str(grown), lora_r=4, lora_alpha=8))
+
+
 def test_train_command_line_builds_the_config():
     """`skipray train` is ``skipray.training.train_cli``: flags -> ``TrainConfig``, schedule flags required."""
     from skipray.cli import build_parser
