@@ -9,7 +9,9 @@
 #                                                 # eval2x hold2x data128 fast trainfast evalfast
 #                                                 # static trainstatic evalstatic trainrkl evalrkl
 #                                                 # trainjsd evaljsd hold5 trainhold5 evalhold5
-#                                                 # factsdata subcal trainsub evalsub package
+#                                                 # factsdata subcal trainsub evalsub mixfacts
+#                                                 # trainhold5f evalhold5f trainhold5r evalhold5r factpos
+#                                                 # package
 # The shipped ~1.5x default is runs/skip15h: skip15 (1100 steps) -> skip15p (+500 steps with on-policy
 # rollouts) -> skip15h (+400 steps on the hold schedule: full depth for the first 12 steps, then 11 layers).
 set -euo pipefail
@@ -156,6 +158,35 @@ if stage factsdata; then  # facts in the data: short factual questions the model
         --self-prompt-starts "Who,Who was,What year,Which,What is the capital of,How many,Where is,When did,What is the name of,Which country" \
         --out runs/data/facts --shard-size 500 --samples 1 --temperature 0 --topk 16 --max-new-tokens 48 \
         --batch-size 32 --seed 120000
+fi
+if stage mixfacts; then  # the 128-token answers and the short factual answers in one training set
+    mkdir -p runs/data/mixfacts
+    for f in runs/data/self128/*.parquet; do ln -sf "../self128/$(basename "$f")" "runs/data/mixfacts/s128-$(basename "$f")"; done
+    for f in runs/data/facts/*.parquet; do ln -sf "../facts/$(basename "$f")" "runs/data/mixfacts/facts-$(basename "$f")"; done
+fi
+# the facts lever on the five-step hold: +400 steps from the trained hold5 adapter on the mixed set, the first 12
+# answer tokens weighted 4x (the answers complete at tokens 6-9); then the capacity lever: the same run with the
+# adapter grown from rank 32 to 128 (same scaling, so it starts as the rank-32 adapter)
+FACTS=(--data runs/data/mixfacts --lr 2e-4 --warmup-steps 20 --early-tokens 12 --early-weight 4)
+stage trainhold5f && train runs/hold5f runs/calibrate/hold5.json "${STEPSF:-400}" "${FACTS[@]}" \
+    $( [ -f runs/hold5f/checkpoint/trainer_state.pt ] || echo --init-adapter runs/hold5 )
+stage evalhold5f && evaluate_lever runs/hold5f runs/eval-hold5f
+stage trainhold5r && train runs/hold5f-r128 runs/calibrate/hold5.json "${STEPSF:-400}" "${FACTS[@]}" \
+    --lora-r 128 --lora-alpha 256 $( [ -f runs/hold5f-r128/checkpoint/trainer_state.pt ] || echo --init-adapter runs/hold5 )
+stage evalhold5r && evaluate_lever runs/hold5f-r128 runs/eval-hold5f-r128
+if stage factpos; then  # where facts are decided: fact retention by the position at which the full model's
+    # answer completes, for schedules at the short-answer budget, on three adapters (first 200 questions)
+    for m in default:default-adapter runs/skipfast:fast-start-adapter; do
+        $SK eval --model "${m%%:*}" --prompts examples/heldout_prompts.parquet --limit 4 \
+            --questions examples/fact_questions.parquet --question-limit 200 --rep-tokens 64 --schedule trained \
+            --schedule max-layers=30,min-layers=11,decay-tokens=7,shape=power,power=6 \
+            --schedule max-layers=25,min-layers=11,decay-tokens=8,shape=power,power=40 \
+            --schedule max-layers=22,min-layers=11,decay-tokens=10,shape=power,power=40 \
+            --schedule max-layers=19,min-layers=12,decay-tokens=16,shape=power,power=40 --out "runs/factpos-${m#*:}"
+    done
+    $SK eval --model runs/hold5 --prompts examples/heldout_prompts.parquet --limit 4 \
+        --questions examples/fact_questions.parquet --question-limit 200 --rep-tokens 64 --schedule trained \
+        --out runs/factpos-hold5-adapter
 fi
 if stage package; then  # fp16 adapter + skipray.json into the package
     $PY scripts/package_adapter.py runs/skip15h skipray/assets/smollm2-skip
