@@ -201,7 +201,7 @@ def skip_loss(
         ce = (ce * weight).sum() / n
         loss = loss + ce_weight * ce
         stats["ce"] = float(ce)
-    stats["loss"] = float(loss)
+    stats["loss"] = float(loss.detach())
     return loss, stats
 
 
