@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The exact commands that make the shipped skip adapters (skipray/assets/smollm2-skip, ~1.5x, the default;
-# skipray/assets/smollm2-skip-2x). CPU, one torch thread per process (2 threads were no faster on 2 cores
-# and collapse when anything else runs). Every step resumes: data shards that exist are skipped, and
-# `skipray train --resume` continues from OUT/checkpoint (it re-reads the data, so new shards join).
+# skipray/assets/smollm2-skip-2x; skipray/assets/smollm2-skip-fast, the five-step hold). CPU, one torch thread
+# per process (2 threads were no faster on 2 cores and collapse when anything else runs). Every step resumes:
+# data shards that exist are skipped, and `skipray train --resume` continues from OUT/checkpoint (it re-reads the
+# data, so new shards join).
 #   bash scripts/train_default.sh            # everything, in order (tens of core-hours)
 #   STAGE=train15 bash scripts/train_default.sh   # one stage: prompts data calibrate train15 eval15 policy15
 #                                                 # train15p eval15p policy15b hold train15h eval15h train2x
@@ -192,4 +193,6 @@ if stage package; then  # fp16 adapter + skipray.json into the package
     $PY scripts/package_adapter.py runs/skip15h skipray/assets/smollm2-skip
     [ -d runs/skip2x ] && $PY scripts/package_adapter.py runs/skip2x skipray/assets/smollm2-skip-2x \
         runs/calibrate/skip2x-hold.json
+    # default-fast: the five-step hold with facts in the data (trainhold5f)
+    [ -d runs/hold5f ] && $PY scripts/package_adapter.py runs/hold5f skipray/assets/smollm2-skip-fast
 fi

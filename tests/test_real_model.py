@@ -147,6 +147,10 @@ def test_default_model_is_the_shipped_skip_trained_adapter():
     assert decode(m.tokenizer, out.token_ids).strip()  # it says something; quality is measured by `skipray eval`
     fast = load("default-2x", device="cpu")  # the ~2x adapter: a deeper-skipping schedule, same drop order
     assert fast.schedule.min_layers < m.schedule.min_layers and fast.schedule.drop_order is not None
+    # the fast-start adapter pays on short answers: at most 20 of 30 layers over the first 16 tokens, first included
+    short = load("default-fast", device="cpu")
+    assert sum(short.schedule.layers_per_token(16)) / 16 <= 20 < sum(m.schedule.layers_per_token(16)) / 16
+    assert short.schedule.average_layers(64) <= 14.3
 
 
 def test_default_model_at_full_depth_is_the_base_model_exactly(smol):
