@@ -149,6 +149,11 @@ if stage subcal; then  # the sublayer lever: attention and MLP blocks drop separ
         --from-order runs/calibrate/skip15.json --max-layers 30 --min-layers 12 --decay-tokens 10 --shape linear \
         --search-min-layers 11 --n 6 --length 24
 fi
+if stage subcal12; then  # the same search on twice as many answers of 32 tokens (~28 min)
+    $SK calibrate --data runs/data/self128/self-00000.parquet --out runs/calibrate/sub-fast-n12.json --sublayers \
+        --from-order runs/calibrate/skip15.json --max-layers 30 --min-layers 12 --decay-tokens 10 --shape linear \
+        --search-min-layers 11 --n 12 --length 32
+fi
 stage trainsub && train runs/fast-sub runs/calibrate/sub-fast.json "${STEPSF:-400}" --lr 2e-4 --warmup-steps 20 \
     --data runs/data/self128 $( [ -f runs/fast-sub/checkpoint/trainer_state.pt ] || echo --init-adapter runs/skip15h )
 stage evalsub && evaluate_lever runs/fast-sub runs/eval-fast-sub
