@@ -11,7 +11,8 @@
 #                                                 # static trainstatic evalstatic trainrkl evalrkl
 #                                                 # trainjsd evaljsd hold5 trainhold5 evalhold5
 #                                                 # factsdata subcal trainsub evalsub mixfacts
-#                                                 # trainhold5f evalhold5f trainhold5r evalhold5r factpos
+#                                                 # trainhold5f evalhold5f trainhold5f2 evalhold5f2
+#                                                 # trainhold5r evalhold5r subcal12 factpos
 #                                                 # package
 # The shipped ~1.5x default is runs/skip15h: skip15 (1100 steps) -> skip15p (+500 steps with on-policy
 # rollouts) -> skip15h (+400 steps on the hold schedule: full depth for the first 12 steps, then 11 layers).
@@ -177,6 +178,10 @@ FACTS=(--data runs/data/mixfacts --lr 2e-4 --warmup-steps 20 --early-tokens 12 -
 stage trainhold5f && train runs/hold5f runs/calibrate/hold5.json "${STEPSF:-400}" "${FACTS[@]}" \
     $( [ -f runs/hold5f/checkpoint/trainer_state.pt ] || echo --init-adapter runs/hold5 )
 stage evalhold5f && evaluate_lever runs/hold5f runs/eval-hold5f
+# more training: +400 steps more from hold5f on the same mixed set (another data order)
+stage trainhold5f2 && train runs/hold5f2 runs/calibrate/hold5.json "${STEPSF:-400}" "${FACTS[@]}" --seed 1 \
+    $( [ -f runs/hold5f2/checkpoint/trainer_state.pt ] || echo --init-adapter runs/hold5f )
+stage evalhold5f2 && evaluate_lever runs/hold5f2 runs/eval-hold5f2
 stage trainhold5r && train runs/hold5f-r128 runs/calibrate/hold5.json "${STEPSF:-400}" "${FACTS[@]}" \
     --lora-r 128 --lora-alpha 256 $( [ -f runs/hold5f-r128/checkpoint/trainer_state.pt ] || echo --init-adapter runs/hold5 )
 stage evalhold5r && evaluate_lever runs/hold5f-r128 runs/eval-hold5f-r128
@@ -198,6 +203,6 @@ if stage package; then  # fp16 adapter + skipray.json into the package
     $PY scripts/package_adapter.py runs/skip15h skipray/assets/smollm2-skip
     [ -d runs/skip2x ] && $PY scripts/package_adapter.py runs/skip2x skipray/assets/smollm2-skip-2x \
         runs/calibrate/skip2x-hold.json
-    # default-fast: the five-step hold with facts in the data (trainhold5f)
-    [ -d runs/hold5f ] && $PY scripts/package_adapter.py runs/hold5f skipray/assets/smollm2-skip-fast
+    # default-fast: the five-step hold with facts in the data (trainhold5f, then trainhold5f2)
+    [ -d runs/hold5f2 ] && $PY scripts/package_adapter.py runs/hold5f2 skipray/assets/smollm2-skip-fast
 fi
