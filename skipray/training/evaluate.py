@@ -213,6 +213,7 @@ def evaluate(
         txt = [decode(tok, x) for x in ids]
         q_ids, _ = generate_all(gen_engine, qs, sched, question_tokens, batch, temperature)
         q_txt = [decode(tok, x) for x in q_ids]
+        kept = [answered(q_txt[i], accepted[i]) for i in known]
         if spec in REFERENCES:
             tf = []  # the reference rows are the base model itself: nothing to teacher-force
         else:
@@ -232,9 +233,9 @@ def evaluate(
             "schedule_dict": sched.to_dict(),
             "rouge_l_vs_full": sum(rouge_l(a, b) for a, b in zip(txt, full_txt)) / len(txt),
             "rouge_l_ids_vs_full": sum(lcs_f1(a, b) for a, b in zip(ids, full_ids)) / len(ids),
-            "fact_retention": (sum(answered(q_txt[i], accepted[i]) for i in known) / len(known)) if known else None,
+            "fact_retention": sum(kept) / len(known) if known else None,
             "facts_known_by_full": len(known),
-            "fact_retention_by_position": by_position(positions, [answered(q_txt[i], accepted[i]) for i in known]),
+            "fact_retention_by_position": by_position(positions, kept),
             "facts_asked": len(qs),
             "top1_agreement": _mean(a for a, _ in tf),
             "perplexity_of_full_output": _mean(p for _, p in tf),

@@ -200,7 +200,7 @@ def skip_loss(
         ce = F.cross_entropy(logp.transpose(1, 2), targets, reduction="none")
         ce = (ce * weight).sum() / n
         loss = loss + ce_weight * ce
-        stats["ce"] = float(ce)
+        stats["ce"] = float(ce.detach())
     stats["loss"] = float(loss.detach())
     return loss, stats
 
